@@ -1,0 +1,162 @@
+"""Config files and --key=value overrides, shared by train.py, sample.py and the tools.
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+A bare argument is a Python config file, executed in a namespace that starts with the current
+config (so a file may read earlier keys). Each --key=value then overrides one key: the value
+goes through ast.literal_eval, falling back to the raw text, and must have the default's type
+(an int is accepted for a float, True/False for a bool). Unknown keys and wrong types are
+errors that name the key, never silently ignored.
+"""
+import ast
+import difflib
+import inspect
+import io
+import tokenize
+import types
+
+from errors import ConfigError
+
+
+def defaults_of(cls):
+    """The config keys of a defaults class: its public class attributes, in order."""
+    return {k: v for k, v in vars(cls).items() if not k.startswith("_")}
+
+
+def help_of(cls):
+    """One-line help per key, taken from the comment after each assignment in the class body."""
+    source = inspect.getsource(cls)
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    helps = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            helps[node.targets[0].id] = comments.get(node.lineno, "")
+    return helps
+
+
+def _type_name(value):
+    return {bool: "True or False", int: "an int", float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def check_value(key, value, default, choices=None, source=None):
+    """Return value converted to the default's type, or raise ConfigError naming the key."""
+    where = source or key
+    if choices is not None:
+        for choice in choices:
+            if type(choice) is type(value) and choice == value:
+                return value
+        allowed = ", ".join(str(c) for c in choices)
+        raise ConfigError(f"{where}: {key} must be one of {allowed} (got {value!r})")
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{where}: {key} must be {_type_name(default)} (default {default!r}), got {value!r}")
+
+
+def _parse_cli_value(text, default, choices):
+    """--key=value text to a Python value: a literal if it parses, else the raw text."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+    if isinstance(default, str) and not isinstance(value, str) and choices is None:
+        return text  # --wandb_run_name=123 means the string "123"
+    return value
+
+
+def _unknown_key(key, known, where):
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    return ConfigError(f"{where}: unknown config key '{key}'{hint}; see --help for all keys")
+
+
+def _run_config_file(path, config, defaults, choices):
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found: check the path (config files live in config/)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file '{path}': {e}") from None
+    try:
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}, line {e.lineno}: {e.msg}: fix the Python syntax there") from None
+    # Check assignments before running anything, so the error can name the line.
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for target in targets:
+            if isinstance(target, ast.Name) and not target.id.startswith("_") and target.id not in defaults:
+                raise _unknown_key(target.id, list(defaults), f"config file {path}, line {node.lineno}")
+    namespace = dict(config)
+    namespace["__file__"] = path
+    try:
+        exec(compile(tree, path, "exec"), namespace)
+    except Exception as e:
+        line = e.__traceback__.tb_next.tb_lineno if e.__traceback__ and e.__traceback__.tb_next else "?"
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
+    for key, value in namespace.items():
+        if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            continue
+        if key not in defaults:
+            raise _unknown_key(key, list(defaults), f"config file {path}")
+        config[key] = check_value(key, value, defaults[key], choices.get(key), source=f"config file {path}")
+
+
+def format_help(defaults, helps, usage):
+    lines = [usage, "", "keys (default, meaning):"]
+    width = max(len(f"--{k}={v}") for k, v in defaults.items())
+    for key, value in defaults.items():
+        lines.append(f"  {f'--{key}={value}':<{width}}  {helps.get(key, '')}")
+    return "\n".join(lines)
+
+
+def format_config(config):
+    """The final config, one 'key = value' per line, for the top of a run's log."""
+    width = max(len(k) for k in config)
+    return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in config.items())
+
+
+def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="usage: [CONFIG_FILE ...] [--key=value ...]"):
+    """Apply config files and --key=value overrides, in order, on top of defaults.
+
+    Returns (config, cli_keys): cli_keys are the keys given as --key=value.
+    Prints help and exits 0 on --help/-h; raises ConfigError on any bad input.
+    """
+    choices = choices or {}
+    aliases = aliases or {}
+    config = dict(defaults)
+    cli_keys = set()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(format_help(defaults, helps or {}, usage))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            _run_config_file(arg, config, defaults, choices)
+            continue
+        key, sep, text = arg[2:].partition("=")
+        if not sep:
+            raise ConfigError(f"'{arg}' has no value: write --{key}=VALUE")
+        key = aliases.get(key, key)
+        if key not in defaults:
+            raise _unknown_key(key, list(defaults) + list(aliases), arg)
+        value = _parse_cli_value(text, defaults[key], choices.get(key))
+        config[key] = check_value(key, value, defaults[key], choices.get(key), source=arg)
+        cli_keys.add(key)
+    return config, cli_keys

@@ -1,0 +1,24 @@
+"""User-facing errors: bad input becomes one line on stderr and a non-zero exit, never a traceback."""
+import sys
+
+
+class UserError(Exception):
+    """A problem the user can fix. The message names the problem and the fix."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    """Bad command line or config file (exit 2, like argparse)."""
+
+    exit_code = 2
+
+
+def run_main(main, argv=None):
+    """Run an entry point; turn UserError into 'error: ...' and its exit code."""
+    try:
+        code = main(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    sys.exit(code or 0)

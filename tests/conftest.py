@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny-shakespeare prepared once per session in a temp dir, and script runners.
+
+The text comes from data/shakespeare_char/input.txt (.ci/run copies it there; a real user's first
+prepare.py run downloads it). Tests never write into the toolkit's own data/ directory."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dataset import TINY_SHAKESPEARE_URL, build_dataset, download, read_text  # noqa: E402
+
+# A model small enough that a training run takes a couple of seconds on 2 CPU cores.
+TINY_TRAIN = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+              "--batch_size=8", "--gradient_accumulation_steps=1", "--eval_iters=4", "--log_interval=10",
+              "--warmup_iters=5", "--lr_decay_iters=60", "--max_iters=60", "--eval_interval=20",
+              "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--compile=False", "--dtype=float32",
+              "--peak_flops=1e11"]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text():
+    path = ROOT / "data" / "shakespeare_char" / "input.txt"
+    if not path.exists():
+        download(TINY_SHAKESPEARE_URL, path)
+    return read_text(path)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, shakespeare_text):
+    """A data directory holding shakespeare_char (char vocabulary), as prepare.py writes it."""
+    root = tmp_path_factory.mktemp("data")
+    build_dataset(shakespeare_text, root / "shakespeare_char", "char", progress=False)
+    return root
+
+
+def run_script(*args, cwd=ROOT, timeout=300, env=None):
+    """Run one of the toolkit's scripts (path relative to the toolkit root) with this interpreter."""
+    script, rest = args[0], [str(a) for a in args[1:]]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *rest], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def assert_one_line_error(result, *fragments, code=None):
+    """A user error: non-zero exit, one 'error: ...' line on stderr naming the problem, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    if code is not None:
+        assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]

@@ -1,0 +1,136 @@
+"""Config files and --key=value parsing: values, types, and every error message."""
+import re
+
+import pytest
+from conftest import assert_one_line_error, run_script
+
+from configurator import help_of, parse_args
+from errors import ConfigError
+from train import Config, load_config
+
+
+class Defaults:
+    batch_size = 12  # sequences per step
+    dropout = 0.1  # dropout probability
+    bias = False  # use biases
+    out_dir = "out"  # output directory
+    compile = "auto"  # auto | True | False
+
+
+CHOICES = {"compile": ["auto", True, False]}
+
+
+def parse(*argv):
+    config, cli_keys = parse_args(list(argv), {k: v for k, v in vars(Defaults).items() if not k.startswith("_")},
+                                  help_of(Defaults), CHOICES, {"bs": "batch_size"})
+    return config
+
+
+def test_values_are_literals_with_string_fallback():
+    c = parse("--batch_size=32", "--dropout=0.25", "--bias=True", "--out_dir=experiments/exp1")
+    assert c == {"batch_size": 32, "dropout": 0.25, "bias": True, "out_dir": "experiments/exp1", "compile": "auto"}
+
+
+def test_value_may_contain_equals_and_quotes():
+    assert parse("--out_dir=a=b")["out_dir"] == "a=b"
+    assert parse("--out_dir='quoted'")["out_dir"] == "quoted"
+    assert parse("--out_dir=123")["out_dir"] == "123"  # a string key keeps the text
+
+
+def test_int_accepted_for_float_and_bool_spellings():
+    c = parse("--dropout=0")
+    assert c["dropout"] == 0.0 and isinstance(c["dropout"], float)
+    assert parse("--bias=false")["bias"] is False
+    assert parse("--bias=True")["bias"] is True
+
+
+def test_choices_accept_bool_for_an_auto_key():
+    assert parse("--compile=False")["compile"] is False
+    assert parse("--compile=auto")["compile"] == "auto"
+    with pytest.raises(ConfigError, match=r"compile must be one of auto, True, False \(got 'maybe'\)"):
+        parse("--compile=maybe")
+    with pytest.raises(ConfigError, match="compile must be one of"):
+        parse("--compile=1")  # 1 == True in Python, but it is not a bool
+
+
+def test_wrong_types_name_key_and_default():
+    with pytest.raises(ConfigError, match=r"--batch_size=abc: batch_size must be an int \(default 12\), got 'abc'"):
+        parse("--batch_size=abc")
+    with pytest.raises(ConfigError, match="batch_size must be an int"):
+        parse("--batch_size=1.5")
+    with pytest.raises(ConfigError, match="bias must be True or False"):
+        parse("--bias=yes")
+
+
+def test_unknown_key_names_closest_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'batchsize' \(closest: batch_size\)"):
+        parse("--batchsize=3")
+    with pytest.raises(ConfigError, match="has no value"):
+        parse("--batch_size")
+
+
+def test_alias_and_cli_keys():
+    config, cli_keys = parse_args(["--lr=0.01", "--n_layer=2"], *_train_parse_args())
+    assert config["learning_rate"] == 0.01 and cli_keys == {"learning_rate", "n_layer"}
+
+
+def _train_parse_args():
+    from configurator import defaults_of
+    from train import ALIASES, CHOICES
+    return defaults_of(Config), help_of(Config), CHOICES, ALIASES
+
+
+def test_config_file_then_overrides_in_order(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("import math\nbatch_size = 7\ndropout = 0  # int for a float\nout_dir = 'from-file-' + str(batch_size)\n")
+    assert parse(str(f)) == {"batch_size": 7, "dropout": 0.0, "bias": False, "out_dir": "from-file-7", "compile": "auto"}
+    assert parse(str(f), "--batch_size=9")["batch_size"] == 9
+    assert parse("--batch_size=9", str(f))["batch_size"] == 7  # later wins
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*nope.py' not found"):
+        parse(str(tmp_path / "nope.py"))
+    bad = tmp_path / "bad.py"
+    bad.write_text("batch_size = 4\nn_layer = = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.py, line 2: invalid syntax"):
+        parse(str(bad))
+    unknown = tmp_path / "unknown.py"
+    unknown.write_text("batch_size = 4\nlerning_rate = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown.py, line 2: unknown config key 'lerning_rate'"):
+        parse(str(unknown))
+    typed = tmp_path / "typed.py"
+    typed.write_text("batch_size = 'big'\n")
+    with pytest.raises(ConfigError, match="batch_size must be an int"):
+        parse(str(typed))
+    raising = tmp_path / "raising.py"
+    raising.write_text("batch_size = 4\n_x = 1 / 0\n")
+    with pytest.raises(ConfigError, match=r"raising.py, line 2: ZeroDivisionError"):
+        parse(str(raising))
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+    for f in sorted(Path(__file__).resolve().parents[1].glob("config/*.py")):
+        cfg, _ = load_config([str(f)])
+        assert cfg.n_embd % cfg.n_head == 0, f
+
+
+def test_help_lists_every_key_with_default_and_meaning():
+    r = run_script("train.py", "--help")
+    assert r.returncode == 0
+    for key, value in vars(Config).items():
+        if not key.startswith("_"):
+            assert f"--{key}={value}" in r.stdout, key
+    assert re.search(r"\n  --batch_size=12 +sequences per micro-step\n", r.stdout)
+    assert all(help_of(Config)[k] for k in help_of(Config)), "every key needs a help comment"
+
+
+def test_unknown_key_from_command_line_exits_2():
+    r = run_script("train.py", "--lerning_rate=1e-3")
+    assert_one_line_error(r, "unknown config key 'lerning_rate'", "learning_rate", code=2)
+
+
+def test_bad_type_from_command_line_exits_2():
+    assert_one_line_error(run_script("train.py", "--batch_size=abc"), "batch_size must be an int", code=2)
+    assert_one_line_error(run_script("train.py", "--compile=maybe"), "compile must be one of auto, True, False", code=2)
