@@ -1,0 +1,16 @@
+"""Tiny Shakespeare with GPT-2's BPE (tiktoken "gpt2"): train.bin/val.bin (uint16 ids < 50257, 90/10) here.
+
+    python data/shakespeare/prepare.py                  # input.txt beside this file, downloaded if missing
+    python data/shakespeare/prepare.py --input my.txt   # any UTF-8 text instead
+"""
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # the toolkit root, for dataset.py
+
+from dataset import prepare_main  # noqa: E402
+from errors import run_main  # noqa: E402
+
+if __name__ == "__main__":
+    run_main(lambda argv: prepare_main(argv, __doc__.splitlines()[0], HERE, tokenizer="gpt2"))

@@ -1,0 +1,329 @@
+"""Datasets on disk, their tokenizers, and the batches training draws from them.
+
+A dataset is a directory data/<name>/ (nanoGPT's layout) holding
+    train.bin, val.bin   token ids, uint16, end to end
+    meta.json            the vocabulary: {"tokenizer": "char", "vocab_size": N, "itos": [...]}
+                         or {"tokenizer": "gpt2", "vocab_size": 50257}
+    meta.pkl             char datasets only: the same vocabulary as nanoGPT writes it
+                         ({"vocab_size", "itos", "stoi"}), so nanoGPT's scripts read our data too.
+
+Batches are a pure function of (seed, step): the rows of one optimizer step are drawn at once and
+then split into micro-batches (and across DDP ranks), so 64x1 and 16x4 train on the same rows and a
+resumed run continues with the very batches an uninterrupted one would have seen.
+"""
+import json
+import os
+import pickle
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+SPLITS = ("train", "val")
+TOOLKIT_DATA = Path(__file__).resolve().parent / "data"
+GPT2_VOCAB_SIZE = 50257
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, itos):
+        self.itos = list(itos)
+        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+        self.vocab_size = len(self.itos)
+
+    def encode(self, text):
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            shown = "".join(unknown[:20])
+            raise UserError(f"text has {len(unknown)} character(s) outside this dataset's vocabulary: {shown!r}; "
+                            f"use only characters the training text contains")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids):
+        return "".join(self.itos[i] for i in ids)
+
+
+class GPT2Tokenizer:
+    kind = "gpt2"
+    vocab_size = GPT2_VOCAB_SIZE
+
+    def __init__(self):
+        import tiktoken
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise UserError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}: {e}); offline, point "
+                            f"TIKTOKEN_CACHE_DIR at a directory holding its cached files") from None
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def encode_ordinary(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+class _RefuseGlobals(pickle.Unpickler):
+    """Reads only plain data (dicts, lists, str, numbers): a vocabulary never needs more, and
+    refusing every class keeps a hostile meta.pkl from running code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"meta.pkl refers to {module}.{name}; only plain data is allowed")
+
+
+def read_meta(data_dir):
+    """The dataset's vocabulary description (meta.json preferred, else nanoGPT's meta.pkl), or None."""
+    data_dir = Path(data_dir)
+    try:
+        if (data_dir / "meta.json").exists():
+            with open(data_dir / "meta.json", encoding="utf-8") as f:
+                meta = json.load(f)
+        elif (data_dir / "meta.pkl").exists():
+            with open(data_dir / "meta.pkl", "rb") as f:
+                meta = _RefuseGlobals(f).load()
+            if "itos" in meta:
+                itos = meta["itos"]
+                itos = [itos[i] for i in range(len(itos))] if isinstance(itos, dict) else list(itos)
+                meta = {"tokenizer": "char", "vocab_size": meta.get("vocab_size", len(itos)), "itos": itos}
+        else:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError, EOFError) as e:
+        raise UserError(f"vocabulary file in {data_dir} is unreadable ({e}): re-run that dataset's prepare.py") from None
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2"):
+        raise UserError(f"vocabulary file in {data_dir} is not a char or gpt2 description: re-run that dataset's prepare.py")
+    return meta
+
+
+def tokenizer_from_meta(meta):
+    """CharTokenizer for a char vocabulary; GPT-2 BPE when there is no meta (nanoGPT's convention) or it says gpt2."""
+    if meta is not None and meta["tokenizer"] == "char":
+        return CharTokenizer(meta["itos"])
+    return GPT2Tokenizer()
+
+
+# ----------------------------------------------------------------------------- preparing data
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"input file '{path}' not found: check the path") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"input file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read input file '{path}': {e.strerror}") from None
+
+
+def download(url, dest):
+    """Fetch url into dest (written whole or not at all)."""
+    tmp = Path(f"{dest}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+        os.replace(tmp, dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"could not download {url} ({reason}): save the text as {dest} or pass --input PATH") from None
+
+
+def _write_atomically(files):
+    """Write every {path: bytes} to a temp file first, then rename them all into place, so a failure
+    part-way never leaves a mix of old and new dataset files."""
+    tmps = []
+    try:
+        for path, payload in files.items():
+            tmp = Path(f"{path}.tmp")
+            tmp.write_bytes(payload)
+            tmps.append((tmp, path))
+        for tmp, path in tmps:
+            os.replace(tmp, path)
+    except OSError as e:
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write dataset files in {Path(path).parent}: {e.strerror}") from None
+
+
+def _bpe_safe_chunks(text, size=1 << 20):
+    """Pieces of about `size` characters, cut only before a space between an alphanumeric and a letter:
+    GPT-2's pre-tokenizer starts a new piece there anyway, so encoding chunks equals encoding the whole."""
+    start = 0
+    while start < len(text):
+        cut = start + size
+        while cut < len(text) - 1 and not (text[cut] == " " and text[cut - 1].isalnum() and text[cut + 1].isalpha()):
+            cut += 1
+        yield text[start:cut]
+        start = cut
+
+
+def build_dataset(text, out_dir, tokenizer="char", val_fraction=0.1, progress=True):
+    """Tokenize text and write train.bin/val.bin and the vocabulary into out_dir. Returns a summary dict.
+
+    The first (1 - val_fraction) of the text is train, the rest val, as nanoGPT's shakespeare scripts."""
+    from tqdm import tqdm
+
+    if not text:
+        raise UserError("input text is empty: give a file with some text in it")
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cut = int(len(text) * (1 - val_fraction))
+    parts = {"train": text[:cut], "val": text[cut:]}
+    files = {}
+    if tokenizer == "char":
+        chars = sorted(set(text))
+        if len(chars) > 65535:
+            raise UserError(f"text has {len(chars)} distinct characters; uint16 ids allow 65535: use --tokenizer=gpt2")
+        lookup = {ch: i for i, ch in enumerate(chars)}
+        for split, part in parts.items():
+            ids = np.fromiter((lookup[ch] for ch in tqdm(part, desc=f"encode {split}", unit="char", unit_scale=True,
+                                                         disable=not progress, mininterval=0.5)),
+                              dtype=np.uint16, count=len(part))
+            files[out_dir / f"{split}.bin"] = ids.tobytes()
+        meta = {"tokenizer": "char", "vocab_size": len(chars), "itos": chars}
+        nanogpt_meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": lookup}
+        files[out_dir / "meta.pkl"] = pickle.dumps(nanogpt_meta)
+    elif tokenizer == "gpt2":
+        enc = GPT2Tokenizer()
+        for split, part in parts.items():
+            ids = []
+            chunks = _bpe_safe_chunks(part)
+            for chunk in tqdm(chunks, desc=f"encode {split}", unit="chunk", disable=not progress, mininterval=0.5):
+                ids.extend(enc.encode_ordinary(chunk))
+            files[out_dir / f"{split}.bin"] = np.array(ids, dtype=np.uint16).tobytes()
+        meta = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE}
+    else:
+        raise UserError(f"unknown tokenizer '{tokenizer}': use char or gpt2")
+    if len(files[out_dir / "val.bin"]) < 4 or len(files[out_dir / "train.bin"]) < 4:
+        raise UserError("text is too short to split into train and val: give a longer file")
+    files[out_dir / "meta.json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    _write_atomically(files)
+    summary = {split: len(files[out_dir / f"{split}.bin"]) // 2 for split in SPLITS}
+    summary["vocab_size"] = meta["vocab_size"]
+    return summary
+
+
+def prepare_main(argv, description, here, tokenizer):
+    """Command line shared by the data/*/prepare.py scripts: input.txt beside the script, else
+    --input PATH, else download tiny-shakespeare."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--input", help="any UTF-8 text file (default: input.txt beside this script, downloaded if missing)")
+    parser.add_argument("--out_dir", default=str(here), help="where train.bin, val.bin and meta go (default: beside this script)")
+    parser.add_argument("--url", default=TINY_SHAKESPEARE_URL, help="where to download the text from when there is no input file")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="fraction of the text kept for validation (default 0.1)")
+    if tokenizer is None:
+        parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char")
+    args = parser.parse_args(argv)
+    if args.input:
+        source = Path(args.input)
+    else:
+        source = Path(here) / "input.txt"
+        if not source.exists():
+            print(f"downloading {args.url} to {source}")
+            download(args.url, source)
+    text = read_text(source)
+    print(f"read {source}: {len(text):,} characters")
+    summary = build_dataset(text, args.out_dir, tokenizer or args.tokenizer, args.val_fraction)
+    print(f"vocab size {summary['vocab_size']:,}; train has {summary['train']:,} tokens, val has {summary['val']:,} tokens")
+    print(f"wrote {Path(args.out_dir) / 'train.bin'}, val.bin and the vocabulary")
+    return 0
+
+
+# ----------------------------------------------------------------------------- training data
+
+def open_split(path):
+    """A split's token ids as a read-only memmap, opened once per run."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size % 2:
+        raise UserError(f"{path} has an odd byte count ({size}), so it is not whole uint16 ids (truncated?): "
+                        f"re-run the prepare script")
+    if size == 0:
+        raise UserError(f"{path} is empty: re-run the prepare script")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+class Dataset:
+    """The train/val token streams and vocabulary of data/<name>, checked on open."""
+
+    def __init__(self, data_dir, name):
+        self.name = name
+        self.path = Path(data_dir) / name
+        self.prepare_hint = self._prepare_hint()
+        missing = [s for s in SPLITS if not (self.path / f"{s}.bin").exists()]
+        if missing:
+            raise UserError(f"dataset '{name}' is not prepared ({self.path / (missing[0] + '.bin')} is missing): "
+                            f"run {self.prepare_hint} first")
+        self.splits = {s: open_split(self.path / f"{s}.bin") for s in SPLITS}
+        self.meta = read_meta(self.path)
+
+    def _prepare_hint(self):
+        """The command that makes this dataset: its own prepare.py, or the toolkit's one of that name."""
+        if (self.path / "prepare.py").exists():
+            return f"python {self.path / 'prepare.py'}"
+        if (TOOLKIT_DATA / self.name / "prepare.py").exists():
+            return f"python data/{self.name}/prepare.py --out_dir={self.path}"
+        return f"python data/prepare_text.py --input=YOUR.txt --name={self.name}"
+
+    @property
+    def vocab_size(self):
+        """From the vocabulary file, or None when there is none (then nanoGPT assumes GPT-2's 50304)."""
+        return self.meta["vocab_size"] if self.meta else None
+
+    def check_block_size(self, block_size):
+        for split, data in self.splits.items():
+            if len(data) <= block_size:
+                raise UserError(f"block_size={block_size} is too long for the {split} split of '{self.name}' "
+                                f"({len(data)} tokens): use --block_size={len(data) - 1} or less")
+
+    def check_token_ids(self, vocab_size, max_scan=100_000_000):
+        """Fail early if a split holds ids the model cannot embed (the wrong meta, or a corrupt file).
+        Huge splits are checked batch by batch instead (see get_batch)."""
+        for split, data in self.splits.items():
+            if len(data) > max_scan:
+                continue
+            top = int(data.max())
+            if top >= vocab_size:
+                raise UserError(f"{split}.bin of '{self.name}' holds token id {top} but vocab_size is {vocab_size}: "
+                                f"the .bin files do not match the vocabulary; re-run {self.prepare_hint}")
+
+
+def _rng(*key):
+    return np.random.default_rng(np.random.SeedSequence(list(key)))
+
+
+def train_offsets(seed, step, count, split_len, block_size):
+    """Start positions of the `count` rows of optimizer step `step`: depends only on (seed, step)."""
+    return _rng(seed, 0, step).integers(0, split_len - block_size, size=count)
+
+
+def eval_offsets(seed, split, count, split_len, block_size):
+    """A fixed set of rows per split, the same at every eval and in every run with this seed."""
+    return _rng(seed, 1, SPLITS.index(split)).integers(0, split_len - block_size, size=count)
+
+
+def get_batch(data, offsets, block_size, device="cpu", vocab_size=None):
+    """Rows data[o : o+block_size] as inputs X and the same rows shifted by one as targets Y, int64 (B, T)."""
+    rows = data[offsets[:, None] + np.arange(block_size + 1)]
+    if vocab_size is not None and rows.max() >= vocab_size:
+        raise UserError(f"token id {int(rows.max())} in the data is >= vocab_size {vocab_size}: "
+                        f"the .bin files do not match the vocabulary; re-run the dataset's prepare script")
+    t = torch.from_numpy(rows.astype(np.int64))
+    if device != "cpu" and torch.device(device).type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    elif device != "cpu":
+        t = t.to(device)
+    return t[:, :-1], t[:, 1:]
