@@ -1,0 +1,129 @@
+"""Which device, dtype and compile setting a run uses, and the peak FLOP/s that MFU is measured against.
+
+Every choice here has a CPU/MPS-safe path: autocast and GradScaler get the real device type,
+and GradScaler is only enabled for float16.
+"""
+import contextlib
+import time
+
+import torch
+
+from errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Dense (no sparsity) tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name().
+# float32 rows are TF32 peaks, because training enables TF32 matmuls on CUDA. First match wins.
+GPU_PEAK_FLOPS = [
+    ("H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    ("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
+    ("H100", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
+    ("A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
+    ("L40S", {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12}),
+    ("L4", {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
+    ("A10G", {"bfloat16": 70e12, "float16": 70e12, "float32": 35e12}),
+    ("A10", {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),
+    ("RTX 4090", {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12}),
+    ("RTX 3090", {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12}),
+    ("V100", {"float16": 125e12, "float32": 15.7e12}),
+    ("T4", {"float16": 65e12, "float32": 8.1e12}),
+]
+
+
+def resolve_device(name):
+    """'auto' -> cuda, else mps, else cpu. An explicit device must exist on this machine."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device={name} but this machine has no usable CUDA GPU "
+                            f"(torch {torch.__version__}, cuda build: {torch.version.cuda}): use --device=cpu or --device=auto")
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UserError(f"device={name} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                            f"use --device=cuda:0")
+        return name
+    if kind == "mps" and not index:
+        if not torch.backends.mps.is_available():
+            raise UserError("device=mps but MPS is not available here (needs Apple silicon and a torch build with MPS): "
+                            "use --device=cpu")
+        return name
+    if kind == "cpu" and not index:
+        return name
+    raise UserError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+
+
+def device_type(device):
+    return device.partition(":")[0]
+
+
+def cpu_has_native_bf16():
+    """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(name, device):
+    """'auto' -> bfloat16 on CUDA GPUs that support it, else float16 (with GradScaler); float32 on CPU and MPS."""
+    kind = device_type(device)
+    if name == "auto":
+        if kind == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{name}': use auto, float32, bfloat16 or float16")
+    if name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"dtype=bfloat16 is not supported by {torch.cuda.get_device_name()}: use --dtype=float16 or --dtype=auto")
+    return name
+
+
+def resolve_compile(flag, device):
+    """'auto' compiles on CUDA only: on CPU and MPS compile time is rarely won back."""
+    if flag == "auto":
+        return device_type(device) == "cuda"
+    return bool(flag)
+
+
+def autocast(device, dtype):
+    """Mixed-precision context for forward passes; a no-op for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type=device_type(device), dtype=DTYPES[dtype])
+
+
+def grad_scaler(device, dtype):
+    """Loss scaling is only needed (and only enabled) for float16."""
+    return torch.amp.GradScaler(device_type(device), enabled=(dtype == "float16"))
+
+
+def measure_matmul_flops(device, dtype, n=1024, seconds=0.2):
+    """Best observed FLOP/s of an n x n matmul: the practical peak where no spec is known."""
+    a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    sync = torch.cuda.synchronize if device_type(device) == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(device, dtype):
+    """(FLOP/s, where the figure comes from) for MFU: a spec table for known GPUs, else a measured matmul."""
+    if device_type(device) == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAK_FLOPS:
+            if key in name and dtype in peaks:
+                return peaks[dtype], f"{name} {dtype} spec"
+    return measure_matmul_flops(device, dtype), f"measured {dtype} matmul on {device}"

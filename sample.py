@@ -1,0 +1,117 @@
+"""Generate text from a trained model (out_dir/ckpt.pt) or from OpenAI's GPT-2 weights.
+
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py --start=FILE:prompt.txt --out_dir=out-shakespeare-char
+    python sample.py --init_from=gpt2 --start="Once upon a time"
+"""
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import hardware
+from checkpoint import load_checkpoint
+from configurator import defaults_of, help_of, parse_args
+from dataset import GPT2_VOCAB_SIZE, read_meta, tokenizer_from_meta
+from errors import ConfigError, UserError, run_main
+from model import GPT, GPT2_SIZES, GPTConfig
+
+
+class Config:
+    """Defaults. The comment after each key is its --help line."""
+    init_from = "resume"  # resume (the model in out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    out_dir = "out"  # directory holding ckpt.pt
+    start = "\n"  # the prompt; FILE:path reads it from a file
+    num_samples = 10  # how many samples to draw
+    max_new_tokens = 500  # tokens generated per sample
+    temperature = 0.8  # < 1 is more conservative, > 1 more random; must be > 0
+    top_k = 200  # sample only among the k most likely tokens; 0 = all
+    seed = 1337  # random seed
+    device = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
+    dtype = "auto"  # auto | float32 | bfloat16 | float16
+    compile = False  # torch.compile the model (slow to start; pays off only for long generations)
+
+
+CHOICES = {"init_from": ["resume", *GPT2_SIZES], "dtype": ["auto", "float32", "bfloat16", "float16"]}
+USAGE = "usage: python sample.py [CONFIG_FILE ...] [--key=value ...]"
+
+
+def validate(cfg):
+    if cfg.max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be positive")
+    if cfg.num_samples <= 0:
+        raise ConfigError(f"num_samples={cfg.num_samples} must be positive")
+    if cfg.temperature <= 0:
+        raise ConfigError(f"temperature={cfg.temperature} must be > 0 (use a small value like 0.1 for nearly greedy output)")
+    if cfg.top_k < 0:
+        raise ConfigError(f"top_k={cfg.top_k} must be 0 (off) or positive")
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"prompt file '{path}' not found (from --start=FILE:{path}): check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompt file '{path}': {e}") from None
+
+
+def tokenizer_for_checkpoint(ckpt):
+    """The vocabulary the model was trained with: stored in our checkpoints; for nanoGPT's, the dataset's
+    meta.pkl; with neither, GPT-2 BPE when the vocabulary is GPT-2 sized."""
+    meta = ckpt.get("meta")
+    config = ckpt.get("config", {})
+    if meta is None and "dataset" in config:
+        meta = read_meta(Path(config.get("data_dir", "data")) / config["dataset"])
+    if meta is None and ckpt["model_args"]["vocab_size"] < GPT2_VOCAB_SIZE:
+        where = Path(config.get("data_dir", "data")) / config.get("dataset", "?")
+        raise UserError(f"the model has a {ckpt['model_args']['vocab_size']}-token vocabulary but {where} has no meta.pkl "
+                        f"or meta.json to decode it: re-run that dataset's prepare.py")
+    return tokenizer_from_meta(meta)
+
+
+def load_model(cfg, device):
+    if cfg.init_from == "resume":
+        out_dir = Path(cfg.out_dir)
+        if not out_dir.is_dir():
+            raise UserError(f"out_dir '{out_dir}' does not exist: pass the --out_dir you trained with")
+        ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location="cpu")
+        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0}))
+        model.load_state_dict(ckpt["model"])
+        tokenizer = tokenizer_for_checkpoint(ckpt)
+    else:
+        model = GPT.from_pretrained(cfg.init_from, dict(dropout=0.0))
+        tokenizer = tokenizer_from_meta(None)
+    return model.eval().to(device), tokenizer
+
+
+def main(argv):
+    config, _ = parse_args(argv, defaults_of(Config), help_of(Config), CHOICES, usage=USAGE)
+    cfg = SimpleNamespace(**config)
+    validate(cfg)
+    device = hardware.resolve_device(cfg.device)
+    dtype = hardware.resolve_dtype(cfg.dtype, device)
+    prompt = read_prompt(cfg.start)
+    if not prompt:
+        raise UserError("the prompt is empty: give --start some text (the default is a newline)")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg, device)
+    ids = tokenizer.encode(prompt)
+    if cfg.compile:
+        model = torch.compile(model)
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
+    with torch.no_grad(), hardware.autocast(device, dtype):
+        for _ in range(cfg.num_samples):
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
+            print(tokenizer.decode(y[0].tolist()))
+            print("---------------", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

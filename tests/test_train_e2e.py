@@ -1,0 +1,129 @@
+"""End to end: train a tiny model on shakespeare_char, read its logs as the seeds' tools do, sample, resume, DDP."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_TRAIN, run_script
+
+from checkpoint import load_checkpoint, save_checkpoint
+
+SEEDS_EVAL_RE = r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)"  # verbatim from the seeds' parse_log
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    r = run_script("train.py", "config/train_shakespeare_char.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+def parse_log(text):
+    steps, train, val = [], [], []
+    for line in text.splitlines():
+        m = re.search(SEEDS_EVAL_RE, line)
+        if m:
+            steps.append(int(m.group(1)))
+            train.append(float(m.group(2)))
+            val.append(float(m.group(3)))
+    return steps, train, val
+
+
+def test_log_is_parsed_by_the_seeds_regex_and_val_loss_falls(trained):
+    out, stdout = trained
+    steps, _, val = parse_log((out / "training.log").read_text())
+    assert steps == [0, 20, 40, 60]
+    assert all(a > b for a, b in zip(val, val[1:])), val
+    assert val[0] > 4.0 and val[-1] < 3.4
+    assert parse_log(stdout) == parse_log((out / "training.log").read_text())  # the file holds what was printed
+    lines = stdout.strip().splitlines()
+    assert re.fullmatch(r"training took [\d.]+ seconds", lines[-1])
+    assert re.search(r"iter 10: loss [\d.]+, time [\d.]+ms, mfu [\d.]+%", stdout)
+
+
+def test_metrics_config_and_checkpoint_files(trained):
+    out, _ = trained
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["type"] == "eval"]
+    trains = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in evals] == [0, 20, 40, 60]
+    assert [r["iter"] for r in trains] == [0, 10, 20, 30, 40, 50]
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in trains)
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_layer"] == 2 and config["resolved_device"] == "cpu" and config["dataset"] == "shakespeare_char"
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"} <= set(ckpt)
+    assert ckpt["model_args"] == dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=65, dropout=0.2)
+    assert ckpt["iter_num"] == 60 and ckpt["best_val_loss"] == pytest.approx(evals[-1]["val_loss"])
+    assert ckpt["config"]["batch_size"] == 8
+
+
+def test_sample_from_checkpoint(trained, tmp_path):
+    out, _ = trained
+    args = ["sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=3", "--max_new_tokens=60",
+            "--temperature=0.8", "--top_k=200", "--seed=1"]
+    r = run_script(*args)
+    assert r.returncode == 0, r.stderr
+    samples = r.stdout.split("---------------\n")
+    assert len(samples) == 4 and samples[-1] == ""
+    assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 60 + 1 for s in samples[:3])
+    assert run_script(*args).stdout == r.stdout  # same seed, same text
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("JULIET:\n")
+    r = run_script("sample.py", f"--out_dir={out}", f"--start=FILE:{prompt}", "--num_samples=1", "--max_new_tokens=10")
+    assert r.returncode == 0 and r.stdout.startswith("JULIET:\n")
+
+
+def test_resume_continues_from_the_checkpoint(trained, data_dir, tmp_path):
+    out, _ = trained
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("ckpt.pt", "training.log"):
+        (resumed / name).write_bytes((out / name).read_bytes())
+    r = run_script("train.py", "config/train_shakespeare_char.py", *TINY_TRAIN, f"--data_dir={data_dir}",
+                   f"--out_dir={resumed}", "--init_from=resume", "--max_iters=80", "--lr_decay_iters=80")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and "at step 60" in r.stdout
+    steps, _, _ = parse_log((resumed / "training.log").read_text())
+    assert steps == [0, 20, 40, 60, 80]  # appended, and step 60 not evaluated twice
+    assert torch.load(resumed / "ckpt.pt", weights_only=True)["iter_num"] == 80
+
+
+def test_nanogpt_checkpoint_loads_for_sampling_and_resume(trained, data_dir, tmp_path):
+    """A checkpoint as nanoGPT writes it: compiled-model key prefix, no vocabulary inside, meta.pkl in data/."""
+    out, _ = trained
+    ours = load_checkpoint(out / "ckpt.pt")
+    theirs = {"model": {"_orig_mod." + k: v for k, v in ours["model"].items()}, "optimizer": ours["optimizer"],
+              "model_args": ours["model_args"], "iter_num": ours["iter_num"], "best_val_loss": torch.tensor(2.5),
+              "config": {**ours["config"], "data_dir": str(data_dir)}}
+    nano = tmp_path / "nano"
+    nano.mkdir()
+    save_checkpoint(theirs, nano / "ckpt.pt")
+    r = run_script("sample.py", f"--out_dir={nano}", "--num_samples=1", "--max_new_tokens=20", "--start=KING:")
+    assert r.returncode == 0 and r.stdout.startswith("KING:"), r.stderr
+    r = run_script("train.py", "config/train_shakespeare_char.py", *TINY_TRAIN, f"--data_dir={data_dir}",
+                   f"--out_dir={nano}", "--init_from=resume", "--max_iters=70", "--lr_decay_iters=70")
+    assert r.returncode == 0, r.stderr
+    assert "step 70:" in r.stdout
+
+
+def test_ddp_two_processes_on_cpu(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           "config/train_shakespeare_char.py", *TINY_TRAIN, "--gradient_accumulation_steps=2", "--max_iters=20", "--dropout=0",
+           f"--data_dir={data_dir}", f"--out_dir={out}"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("step 0: train loss") == 1, "only rank 0 logs"
+    assert "2 process(es)" in r.stdout
+    steps, _, val = parse_log((out / "training.log").read_text())
+    assert steps == [0, 20] and val[1] < val[0]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 20
+    # same rows, same maths as one process with the same accumulation: the losses agree
+    single = run_script("train.py", "config/train_shakespeare_char.py", *TINY_TRAIN, "--gradient_accumulation_steps=2",
+                        "--max_iters=20", "--dropout=0", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr
+    assert parse_log(single.stdout)[2] == pytest.approx(val, abs=2e-3)

@@ -1,0 +1,78 @@
+"""Impossible settings are refused before any work, each with one line naming the key and the fix."""
+import pytest
+from conftest import TINY_TRAIN, assert_one_line_error, run_script
+
+import train
+from errors import ConfigError, UserError
+
+
+def run(data_dir, tmp_path, *extra):
+    return train.main([*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", *extra])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_embd=384", "--n_head=5"], "n_embd=384 is not divisible by n_head=5"),
+    (["--batch_size=0"], "batch_size=0 must be positive"),
+    (["--n_layer=-1"], "n_layer=-1 must be positive"),
+    (["--block_size=0"], "block_size=0 must be positive"),
+    (["--dropout=1.0"], "dropout=1.0 must be in [0, 1)"),
+    (["--dropout=-0.1"], "dropout=-0.1 must be in [0, 1)"),
+    (["--learning_rate=0"], "learning_rate=0.0 must be positive"),
+    (["--max_iters=-5"], "max_iters=-5 must not be negative"),
+    (["--beta2=1.0"], "beta2=1.0 must be in [0, 1)"),
+])
+def test_bad_values(data_dir, tmp_path, args, message):
+    with pytest.raises(ConfigError) as e:
+        run(data_dir, tmp_path, *args)
+    assert message in str(e.value)
+    assert not (tmp_path / "out").exists(), "nothing is created before validation passes"
+
+
+def test_divisibility_error_suggests_heads(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"use an n_head from \[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64\]"):
+        run(data_dir, tmp_path, "--n_embd=384", "--n_head=5")
+
+
+def test_block_size_longer_than_a_split(data_dir, tmp_path):
+    with pytest.raises(UserError, match=r"block_size=2000000 is too long for the train split .*use --block_size=1003853 or less"):
+        run(data_dir, tmp_path, "--block_size=2000000")
+    with pytest.raises(UserError, match=r"block_size=120000 is too long for the val split of 'shakespeare_char' "
+                                        r"\(111540 tokens\): use --block_size=111539 or less"):
+        run(data_dir, tmp_path, "--block_size=120000")
+
+
+def test_missing_dataset_names_prepare_script(tmp_path):
+    r = run_script("train.py", "config/train_shakespeare_char.py", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}",
+                   "--device=cpu")
+    assert_one_line_error(r, "dataset 'shakespeare_char' is not prepared",
+                          f"run python data/shakespeare_char/prepare.py --out_dir={tmp_path / 'shakespeare_char'} first")
+
+
+def test_missing_dataset_with_its_own_prepare_script(tmp_path):
+    (tmp_path / "mytext").mkdir()
+    (tmp_path / "mytext" / "prepare.py").write_text("")
+    with pytest.raises(UserError, match=r"dataset 'mytext' is not prepared .*run python .*mytext/prepare.py first"):
+        train.Dataset(tmp_path, "mytext")
+    with pytest.raises(UserError, match=r"run python data/prepare_text.py --input=YOUR.txt --name=other first"):
+        train.Dataset(tmp_path, "other")
+
+
+def test_unknown_device_and_dtype(data_dir, tmp_path):
+    with pytest.raises(UserError, match="unknown device 'gpu': use auto, cpu, cuda, cuda:N or mps"):
+        run(data_dir, tmp_path, "--device=gpu")
+    with pytest.raises(ConfigError, match="dtype must be one of auto, float32, bfloat16, float16"):
+        run(data_dir, tmp_path, "--dtype=fp8")
+
+
+def test_cuda_requested_without_cuda(data_dir, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = run_script("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--device=cuda")
+    assert_one_line_error(r, "device=cuda but this machine has no usable CUDA GPU", "--device=cpu")
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_without_checkpoint(data_dir, tmp_path):
+    with pytest.raises(UserError, match=r"init_from=resume but .*ckpt.pt does not exist"):
+        run(data_dir, tmp_path, "--init_from=resume")

@@ -1,0 +1,384 @@
+"""Train a GPT.
+
+One process (CPU, one GPU, or Apple MPS):
+    python train.py config/train_shakespeare_char.py --max_iters=1000 --out_dir=out-test
+Several processes with DDP (gloo on CPU, nccl on CUDA):
+    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char.py
+
+Every key of Config below can be set by a config file or --key=value; `python train.py --help` lists them.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hardware
+from checkpoint import MODEL_ARGS, load_checkpoint, save_checkpoint
+from configurator import defaults_of, format_config, help_of, parse_args
+from dataset import Dataset, eval_offsets, get_batch, train_offsets
+from errors import ConfigError, UserError, run_main
+from model import GPT, GPT2_SIZES, GPTConfig
+from runlog import RunLog, eval_line, iter_line, took_line
+
+
+class Config:
+    """Defaults (nanoGPT's: GPT-2 124M on OpenWebText). The comment after each key is its --help line."""
+    # I/O
+    out_dir = "out"  # where ckpt.pt, training.log, metrics.jsonl and config.json are written
+    eval_interval = 2000  # evaluate train and val loss every N optimizer steps (and after the last)
+    log_interval = 1  # print the training loss every N steps
+    eval_iters = 200  # batches of batch_size per split in each evaluation
+    eval_only = False  # evaluate once and exit
+    always_save_checkpoint = True  # save ckpt.pt at every evaluation, not only when val loss improves
+    init_from = "scratch"  # scratch | resume (continue from out_dir/ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    # logging
+    wandb_log = False  # log evaluations to Weights & Biases (needs: pip install wandb)
+    wandb_project = "owt"  # W&B project name
+    wandb_run_name = "gpt2"  # W&B run name
+    # data
+    dataset = "openwebtext"  # train on data_dir/<dataset>/train.bin and val.bin
+    data_dir = "data"  # directory that holds the datasets
+    gradient_accumulation_steps = 40  # micro-steps per optimizer step (shared out among DDP processes)
+    batch_size = 12  # sequences per micro-step
+    block_size = 1024  # context length in tokens
+    # model
+    n_layer = 12  # transformer blocks
+    n_head = 12  # attention heads per block (must divide n_embd)
+    n_embd = 768  # embedding width
+    dropout = 0.0  # dropout probability in [0, 1): 0 for pretraining, 0.1+ for finetuning
+    bias = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    # AdamW
+    learning_rate = 6e-4  # peak learning rate (also --lr)
+    max_iters = 600000  # optimizer steps to train
+    weight_decay = 1e-1  # AdamW weight decay, on 2-D weights only
+    beta1 = 0.9  # AdamW beta1
+    beta2 = 0.95  # AdamW beta2
+    grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
+    # learning-rate schedule
+    decay_lr = True  # cosine decay after warmup; False holds learning_rate after warmup
+    warmup_iters = 2000  # linear warmup steps
+    lr_decay_iters = 600000  # step at which the cosine reaches min_lr (usually max_iters)
+    min_lr = 6e-5  # learning rate at the end of the decay (usually learning_rate / 10)
+    # system
+    backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    device = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
+    dtype = "auto"  # auto (bfloat16 on capable GPUs, else float16; float32 on CPU/MPS) | float32 | bfloat16 | float16
+    compile = "auto"  # torch.compile the model: auto (on for CUDA only) | True | False
+    seed = 1337  # seed for initialisation, batch sampling and dropout
+    peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = a spec table for known GPUs, else a measured matmul
+
+
+CHOICES = {
+    "init_from": ["scratch", "resume", *GPT2_SIZES],
+    "backend": ["auto", "nccl", "gloo"],
+    "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "compile": ["auto", True, False],
+}
+ALIASES = {"lr": "learning_rate"}
+USAGE = "usage: python train.py [CONFIG_FILE ...] [--key=value ...]"
+
+
+def load_config(argv):
+    """(config namespace, keys given as --key=value) from a command line; ConfigError on bad input."""
+    config, cli_keys = parse_args(argv, defaults_of(Config), help_of(Config), CHOICES, ALIASES, USAGE)
+    return SimpleNamespace(**config), cli_keys
+
+
+def validate(cfg):
+    """Catch impossible settings before any work, each with a message naming the key and a fix."""
+    for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
+                "eval_interval", "eval_iters", "log_interval"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "seed", "peak_flops"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"learning_rate={cfg.learning_rate} must be positive")
+    if cfg.n_embd % cfg.n_head:
+        fits = [h for h in range(1, 65) if cfg.n_embd % h == 0]
+        raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs n_embd/n_head "
+                          f"dimensions; use an n_head from {fits} or change n_embd")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout={cfg.dropout} must be in [0, 1)")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1)")
+
+
+# ----------------------------------------------------------------------------- schedule, batches, evaluation
+
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
+    """Learning rate for optimizer step `it` (0-based): linear warmup from learning_rate/(warmup_iters+1)
+    (never 0), then a cosine from learning_rate at warmup_iters to min_lr at lr_decay_iters, then min_lr.
+    decay_lr=False keeps the warmup and then holds learning_rate."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    if it >= lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def step_batches(data, step, batch_size, accum_steps, block_size, seed, device, rank=0, world_size=1, vocab_size=None):
+    """This process's micro-batches [(X, Y), ...] for optimizer step `step`.
+
+    All batch_size * accum_steps rows of the step are drawn at once from (seed, step), then cut into
+    micro-batches and dealt to DDP ranks in order, so how a step is split never changes its rows."""
+    offsets = train_offsets(seed, step, batch_size * accum_steps, len(data), block_size)
+    per_rank = accum_steps // world_size
+    mine = offsets.reshape(accum_steps, batch_size)[rank * per_rank:(rank + 1) * per_rank].reshape(-1)
+    X, Y = get_batch(data, mine, block_size, device, vocab_size)
+    return list(zip(X.split(batch_size), Y.split(batch_size)))
+
+
+@torch.no_grad()
+def estimate_loss(model, dataset, eval_iters, batch_size, block_size, seed, device, ctx, vocab_size=None):
+    """Mean loss over eval_iters fixed batches per split ({'train': x, 'val': y}), model in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split, data in dataset.splits.items():
+        offsets = eval_offsets(seed, split, eval_iters * batch_size, len(data), block_size)
+        losses = torch.zeros(eval_iters)
+        for k, rows in enumerate(offsets.reshape(eval_iters, batch_size)):
+            X, Y = get_batch(data, rows, block_size, device, vocab_size)
+            with ctx:
+                _, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train(was_training)
+    return out
+
+
+def forward_backward(model, micro_batches, ctx, scaler):
+    """Accumulate the gradient of the mean loss over micro_batches. Returns that mean loss as a tensor
+    (no host sync). Under DDP, gradients are all-reduced only on the last micro-step."""
+    n = len(micro_batches)
+    total = None
+    for i, (X, Y) in enumerate(micro_batches):
+        no_sync = model.no_sync() if isinstance(model, DDP) and i < n - 1 else contextlib.nullcontext()
+        with no_sync:
+            with ctx:
+                _, loss = model(X, Y)
+                loss = loss / n  # gradients add up over micro-steps; this makes them a mean
+            scaler.scale(loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Unscale, clip, step, and zero the gradients. Returns the gradient norm before clipping (tensor) or None."""
+    norm = None
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+# ----------------------------------------------------------------------------- model setup
+
+def build_model(cfg, dataset, log):
+    """(model, model_args, checkpoint or None) for cfg.init_from."""
+    ckpt = None
+    if cfg.init_from == "scratch":
+        vocab_size = dataset.vocab_size
+        if vocab_size is None:
+            log.print("no vocabulary file in the dataset: using GPT-2's vocab_size 50304 (50257 padded to a multiple of 64)")
+            vocab_size = 50304
+        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)
+        model = GPT(GPTConfig(**model_args))
+    elif cfg.init_from == "resume":
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+        model_args = {k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]}
+        model_args["dropout"] = cfg.dropout
+        if dataset.vocab_size is not None and dataset.vocab_size > model_args["vocab_size"]:
+            raise UserError(f"checkpoint has vocab_size {model_args['vocab_size']} but dataset '{cfg.dataset}' has "
+                            f"{dataset.vocab_size} tokens: resume with the dataset it was trained on")
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(ckpt["model"])
+        log.print(f"resuming from {cfg.out_dir}/ckpt.pt at step {ckpt['iter_num']}")
+    else:
+        log.print(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
+        model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
+        model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
+    if dataset.vocab_size is not None and dataset.vocab_size > model_args["vocab_size"]:
+        raise UserError(f"dataset '{cfg.dataset}' has {dataset.vocab_size} tokens but the model's vocab_size is "
+                        f"{model_args['vocab_size']}: use a dataset with that tokenizer")
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+        model_args["block_size"] = cfg.block_size
+    elif cfg.block_size > model.config.block_size:
+        raise UserError(f"block_size={cfg.block_size} is larger than the model's {model.config.block_size}: "
+                        f"use --block_size={model.config.block_size} or less")
+    return model, model_args, ckpt
+
+
+def setup_ddp(cfg):
+    """(rank, local_rank, world_size) and init the process group when launched by torchrun."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 0, 1
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
+                          f"{world_size} DDP processes: each process runs an equal share of the micro-steps")
+    return rank, local_rank, world_size
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv):
+    cfg, cli_keys = load_config(argv)
+    validate(cfg)
+    rank, local_rank, world_size = setup_ddp(cfg)
+    master = rank == 0
+    device = cfg.device
+    if world_size > 1 and cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    device = hardware.resolve_device(device)
+    device_type = hardware.device_type(device)
+    dtype = hardware.resolve_dtype(cfg.dtype, device)
+    use_compile = hardware.resolve_compile(cfg.compile, device)
+    dataset = Dataset(cfg.data_dir, cfg.dataset)
+    dataset.check_block_size(cfg.block_size)
+    if cfg.init_from == "resume" and not (Path(cfg.out_dir) / "ckpt.pt").exists():
+        raise UserError(f"init_from=resume but {cfg.out_dir}/ckpt.pt does not exist: "
+                        f"check --out_dir, or start with --init_from=scratch")
+    if master:
+        try:
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            if not os.access(cfg.out_dir, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as e:
+            raise UserError(f"cannot write to out_dir '{cfg.out_dir}' ({e.strerror}): choose another --out_dir") from None
+    if world_size > 1:
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend)
+        if device_type == "cuda":
+            torch.cuda.set_device(device)
+
+    log = RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=master)
+    log.print("config:\n" + format_config(vars(cfg)))
+    torch.manual_seed(cfg.seed + rank)
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    ctx = hardware.autocast(device, dtype)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    log.print(f"device {device}, dtype {dtype}, compile {use_compile}, {world_size} process(es); "
+              f"tokens per iteration: {tokens_per_iter:,}")
+
+    model, model_args, ckpt = build_model(cfg, dataset, log)
+    vocab_size = model_args["vocab_size"]
+    dataset.check_token_ids(vocab_size)
+    model.to(device)
+    log.print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
+    scaler = hardware.grad_scaler(device, dtype)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        if isinstance(best_val_loss, torch.Tensor):
+            best_val_loss = best_val_loss.item()
+    del ckpt
+    raw_model = model
+    if use_compile:
+        log.print("compiling the model... (takes a minute)")
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    eval_model = model.module if isinstance(model, DDP) else model
+
+    if master:
+        run_info = dict(vars(cfg), resolved_device=device, resolved_dtype=dtype, resolved_compile=use_compile,
+                        world_size=world_size, num_params=raw_model.get_num_params())
+        with open(Path(cfg.out_dir) / "config.json", "w", encoding="utf-8") as f:
+            json.dump(run_info, f, indent=2)
+    if cfg.wandb_log and master:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("wandb_log=True needs the wandb package: pip install wandb (or drop --wandb_log)") from None
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
+
+    peak, peak_source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(device, dtype)
+    log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    per_rank_accum = cfg.gradient_accumulation_steps // world_size
+    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size * per_rank_accum
+    train_data = dataset.splits["train"]
+
+    def evaluate_and_save(step):
+        nonlocal best_val_loss
+        losses = estimate_loss(eval_model, dataset, cfg.eval_iters, cfg.batch_size, cfg.block_size, cfg.seed,
+                               device, ctx, vocab_size)
+        lr_now = get_lr(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
+        log.print(eval_line(step, losses["train"], losses["val"]))
+        log.metrics({"type": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                     "lr": lr_now, "elapsed_s": time.time() - t_start})
+        if cfg.wandb_log:
+            wandb.log({"iter": step, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr_now})
+        improved = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        if step > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
+            ckpt_out = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+                        "iter_num": step, "best_val_loss": best_val_loss, "config": vars(cfg), "scaler": scaler.state_dict(),
+                        "meta": dataset.meta}
+            log.print(f"saving checkpoint to {cfg.out_dir}/ckpt.pt")
+            save_checkpoint(ckpt_out, Path(cfg.out_dir) / "ckpt.pt")
+
+    t_start = time.time()
+    start_iter = iter_num
+    t_window, window_iters, running_mfu = time.time(), 0, -1.0
+    while True:
+        if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only):
+            if cfg.eval_only or iter_num != start_iter or cfg.init_from != "resume":  # a resumed step was evaluated before saving
+                t_eval = time.time()
+                evaluate_and_save(iter_num)
+                t_window += time.time() - t_eval  # keep evaluation out of the iteration time
+        if cfg.eval_only or iter_num >= cfg.max_iters:
+            break
+        lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = step_batches(train_data, iter_num, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.block_size,
+                               cfg.seed, device, rank, world_size, vocab_size)
+        loss = forward_backward(model, batches, ctx, scaler)
+        optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        window_iters += 1
+        if iter_num % cfg.log_interval == 0 and master:
+            lossf = loss.item()  # the one host sync per logged step
+            dt = (time.time() - t_window) / window_iters
+            t_window, window_iters = time.time(), 0
+            if iter_num - start_iter >= 5:  # let the first iterations (allocation, compilation) pass
+                mfu = flops_per_iter / dt / peak
+                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            log.print(iter_line(iter_num, lossf, dt * 1000, running_mfu))
+            log.metrics({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
+                         "mfu": running_mfu, "tokens_per_s": tokens_per_iter / dt})
+        iter_num += 1
+
+    log.print(took_line(time.time() - t_start))
+    log.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
