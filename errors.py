@@ -1,4 +1,5 @@
 """User-facing errors: bad input becomes one line on stderr and a non-zero exit, never a traceback."""
+import importlib
 import sys
 
 
@@ -12,6 +13,14 @@ class ConfigError(UserError):
     """Bad command line or config file (exit 2, like argparse)."""
 
     exit_code = 2
+
+
+def import_optional(module, needed_for):
+    """Import a package the core does not need, or say which setting needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{needed_for} needs the {module} package: pip install {module}") from None
 
 
 def run_main(main, argv=None):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from errors import UserError
+from errors import UserError, import_optional
 
 
 @dataclass
@@ -159,11 +159,13 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):
         """GPT-2 weights from Hugging Face (needs the optional `transformers` package and a download)."""
+        transformers = import_optional("transformers", f"init_from={model_type}")
         try:
-            from transformers import GPT2LMHeadModel
-        except ImportError:
-            raise UserError(f"init_from={model_type} needs the transformers package: pip install transformers") from None
-        hf_model = GPT2LMHeadModel.from_pretrained(model_type)
+            hf_model = transformers.GPT2LMHeadModel.from_pretrained(model_type)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"could not load {model_type} weights from Hugging Face ({first[:150]}): the first use needs "
+                            f"internet; afterwards they come from the Hugging Face cache") from None
         model = cls(config_from_hf(hf_model.config, **(override_args or {})))
         model.load_state_dict(state_dict_from_hf(hf_model.state_dict()))
         return model

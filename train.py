@@ -23,7 +23,7 @@ import hardware
 from checkpoint import MODEL_ARGS, load_checkpoint, save_checkpoint
 from configurator import defaults_of, format_config, help_of, parse_args
 from dataset import Dataset, eval_offsets, get_batch, train_offsets
-from errors import ConfigError, UserError, run_main
+from errors import ConfigError, UserError, import_optional, run_main
 from model import GPT, GPT2_SIZES, GPTConfig
 from runlog import RunLog, eval_line, iter_line, took_line
 
@@ -244,6 +244,9 @@ def setup_ddp(cfg):
 def main(argv):
     cfg, cli_keys = load_config(argv)
     validate(cfg)
+    wandb = import_optional("wandb", "wandb_log=True") if cfg.wandb_log else None
+    if cfg.init_from in GPT2_SIZES:
+        import_optional("transformers", f"init_from={cfg.init_from}")
     rank, local_rank, world_size = setup_ddp(cfg)
     master = rank == 0
     device = cfg.device
@@ -311,10 +314,6 @@ def main(argv):
         with open(Path(cfg.out_dir) / "config.json", "w", encoding="utf-8") as f:
             json.dump(run_info, f, indent=2)
     if cfg.wandb_log and master:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("wandb_log=True needs the wandb package: pip install wandb (or drop --wandb_log)") from None
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
 
     peak, peak_source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(device, dtype)

@@ -76,3 +76,21 @@ def test_cuda_requested_without_cuda(data_dir, tmp_path):
 def test_resume_without_checkpoint(data_dir, tmp_path):
     with pytest.raises(UserError, match=r"init_from=resume but .*ckpt.pt does not exist"):
         run(data_dir, tmp_path, "--init_from=resume")
+
+
+def test_wandb_without_the_package_fails_before_any_work(data_dir, tmp_path):
+    try:  # wandb is not a dependency; where someone installed it this check does not apply
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    r = run_script("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--wandb_log=True")
+    assert_one_line_error(r, "wandb_log=True needs the wandb package: pip install wandb")
+    assert not (tmp_path / "o").exists()
+
+
+def test_gpt2_weights_offline_is_a_clear_error(data_dir, tmp_path):
+    pytest.importorskip("transformers")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_cache")}
+    r = run_script("sample.py", "--init_from=gpt2", "--num_samples=1", "--max_new_tokens=5", "--device=cpu", env=env)
+    assert_one_line_error(r, "could not load gpt2 weights from Hugging Face", "the first use needs internet")
