@@ -44,10 +44,12 @@ class RunLog:
     """print() goes to stdout and training.log; metrics() appends one JSON object to metrics.jsonl.
 
     A resumed run appends to the files; a new run first sets earlier ones aside (training.log.1, ...).
+    Each metrics record also goes to the optional trackers (TensorBoard, W&B).
     With enabled=False (non-zero DDP ranks) every call does nothing."""
 
-    def __init__(self, out_dir, append=False, enabled=True):
+    def __init__(self, out_dir, append=False, enabled=True, trackers=()):
         self.enabled = enabled
+        self.trackers = list(trackers)
         self.text = self.jsonl = None
         if not enabled:
             return
@@ -71,8 +73,151 @@ class RunLog:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def close(self):
         for f in (self.text, self.jsonl):
             if f is not None:
                 f.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def _step_of(record):
+    return record["step"] if record["type"] == "eval" else record["iter"]
+
+
+class TensorBoardTracker:
+    """Every number of every metrics record as a scalar '<type>/<key>' (e.g. eval/val_loss), events in out_dir."""
+
+    def __init__(self, out_dir):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        self.writer = SummaryWriter(log_dir=str(out_dir))
+
+    def log(self, record):
+        for key, value in record.items():
+            if key not in ("type", "step", "iter") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{record['type']}/{key}", value, _step_of(record))
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbTracker:
+    """Evaluations under nanoGPT's W&B names (iter, train/loss, val/loss, lr), iterations as train/iter_loss and mfu."""
+
+    def __init__(self, wandb, project, run_name, config):
+        self.wandb = wandb
+        wandb.init(project=project, name=run_name, config=config)
+
+    def log(self, record):
+        if record["type"] == "eval":
+            self.wandb.log({"iter": record["step"], "train/loss": record["train_loss"], "val/loss": record["val_loss"],
+                            "lr": record["lr"]})
+        else:
+            self.wandb.log({"iter": record["iter"], "train/iter_loss": record["loss"], "mfu": record["mfu"] * 100})
+
+    def close(self):
+        self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------- reading runs back
+
+PARAMS_RE = re.compile(r"number of parameters: ([\d.]+)M")
+TOKENS_PER_ITER_RE = re.compile(r"tokens per iteration: ([\d,]+)")
+
+
+class Run:
+    """What a finished (or running) training run logged: eval curve, iteration losses, time, size."""
+
+    def __init__(self, name, path):
+        self.name, self.path = name, path
+        self.evals = {}  # step -> (train_loss, val_loss); a resumed run's later entry wins
+        self.iters = {}  # iter -> dict(loss, time_ms, mfu, tokens_per_s)
+        self.took = None  # seconds, from "training took N seconds"
+        self.num_params = None
+        self.tokens_per_iter = None
+        self.config = {}
+
+    @property
+    def steps(self):
+        return sorted(self.evals)
+
+    @property
+    def train_losses(self):
+        return [self.evals[s][0] for s in self.steps]
+
+    @property
+    def val_losses(self):
+        return [self.evals[s][1] for s in self.steps]
+
+    def best_val(self):
+        """(step, val_loss) of the lowest val loss."""
+        step = min(self.evals, key=lambda s: self.evals[s][1])
+        return step, self.evals[step][1]
+
+    def tokens_per_s(self):
+        """Median training throughput over the logged iterations (leaving out the first three, warm-up, when
+        there are plenty)."""
+        rates = [it["tokens_per_s"] for _, it in sorted(self.iters.items()) if it.get("tokens_per_s")]
+        if not rates and self.tokens_per_iter:
+            rates = [self.tokens_per_iter / (it["time_ms"] / 1000) for _, it in sorted(self.iters.items()) if it["time_ms"] > 0]
+        if len(rates) > 6:
+            rates = rates[3:]
+        return sorted(rates)[len(rates) // 2] if rates else None
+
+
+def _read_text_log(run, path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if m := EVAL_RE.search(line):
+                run.evals[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+            elif m := ITER_RE.search(line):
+                run.iters[int(m.group(1))] = {"loss": float(m.group(2)), "time_ms": float(m.group(3)),
+                                              "mfu": float(m.group(4)) / 100}
+            elif m := TOOK_RE.search(line):
+                run.took = float(m.group(1))
+            elif m := PARAMS_RE.search(line):
+                run.num_params = round(float(m.group(1)) * 1e6)
+            elif m := TOKENS_PER_ITER_RE.search(line):
+                run.tokens_per_iter = int(m.group(1).replace(",", ""))
+
+
+def _read_metrics(run, path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if record.get("type") == "eval":
+                run.evals[record["step"]] = (record["train_loss"], record["val_loss"])
+            elif record.get("type") == "train":
+                run.iters[record["iter"]] = record
+
+
+def read_run(path, name=None):
+    """A run from a text log (training.log or a `tee`d NAME.log), a metrics.jsonl, or an out_dir.
+
+    An out_dir is read from its metrics.jsonl and training.log (time, size) together. Raises ValueError
+    when nothing parseable is found."""
+    path = Path(path)
+    if path.is_dir():
+        run = Run(name or path.name, path)
+        if (path / "training.log").exists():
+            _read_text_log(run, path / "training.log")
+        if (path / "metrics.jsonl").exists():
+            _read_metrics(run, path / "metrics.jsonl")
+        if (path / "config.json").exists():
+            with open(path / "config.json", encoding="utf-8") as f:
+                run.config = json.load(f)
+            run.num_params = run.config.get("num_params", run.num_params)
+    elif path.exists():
+        run = Run(name or path.name.removesuffix(".log").removesuffix(".jsonl"), path)
+        (_read_metrics if path.suffix == ".jsonl" else _read_text_log)(run, path)
+    else:
+        raise ValueError(f"{path} does not exist")
+    if not run.evals:
+        raise ValueError(f"{path} has no line like 'step N: train loss X, val loss Y' (is it a train.py log?)")
+    return run

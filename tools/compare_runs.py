@@ -1,0 +1,48 @@
+"""Compare two runs' loss curves step by step: the seeds' experiment 2 check that gradient accumulation
+matches a large batch (they predict a difference below 0.01).
+
+    python tools/compare_runs.py experiments/exp2_large_batch experiments/exp2_grad_accum
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from errors import UserError, run_main  # noqa: E402
+from runlog import read_run  # noqa: E402
+
+
+def curve_difference(run_a, run_b, which="val"):
+    """(steps both runs evaluated, mean |a - b|, max |a - b|) of their val (or train) losses."""
+    index = 1 if which == "val" else 0
+    steps = sorted(set(run_a.evals) & set(run_b.evals))
+    if not steps:
+        raise UserError(f"{run_a.name} and {run_b.name} have no evaluation step in common: "
+                        f"compare runs with the same eval_interval")
+    diffs = [abs(run_a.evals[s][index] - run_b.evals[s][index]) for s in steps]
+    return steps, sum(diffs) / len(diffs), max(diffs)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Mean and max absolute difference between two runs' loss curves.")
+    parser.add_argument("run_a", help="out_dir, log or metrics.jsonl")
+    parser.add_argument("run_b", help="out_dir, log or metrics.jsonl")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="difference the seeds call 'the same' (default 0.01)")
+    args = parser.parse_args(argv)
+    try:
+        a, b = read_run(args.run_a), read_run(args.run_b)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for which in ("val", "train"):
+        steps, mean, worst = curve_difference(a, b, which)
+        print(f"{which} loss over {len(steps)} evals (steps {steps[0]}..{steps[-1]}): "
+              f"mean abs diff {mean:.6f}, max abs diff {worst:.6f}")
+    _, _, worst_val = curve_difference(a, b, "val")
+    verdict = "within" if worst_val < args.tolerance else "NOT within"
+    print(f"{a.name} vs {b.name}: val curves {verdict} {args.tolerance} of each other")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

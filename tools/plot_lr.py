@@ -1,0 +1,80 @@
+"""Draw learning-rate schedules, computed by train.py's own get_lr.
+
+    python tools/plot_lr.py config/train_shakespeare_char.py --max_iters=2000 --warmup_iters=0 --decay_lr=False
+    python tools/plot_lr.py experiments/exp4_no_schedule experiments/exp4_warmup_only -o exp4_lr.png
+
+With out_dirs, each run's schedule comes from its config.json, all on one figure.
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from errors import UserError, run_main  # noqa: E402
+from train import get_lr, load_config, validate  # noqa: E402
+
+
+def schedule(cfg):
+    """(steps, learning rates) for every optimizer step of a run with this config (a dict)."""
+    steps = list(range(cfg["max_iters"]))
+    lrs = [get_lr(it, cfg["learning_rate"], cfg["warmup_iters"], cfg["lr_decay_iters"], cfg["min_lr"], cfg["decay_lr"])
+           for it in steps]
+    return steps, lrs
+
+
+def run_config(path):
+    path = Path(path)
+    config_json = path / "config.json" if path.is_dir() else path
+    if not config_json.exists():
+        raise UserError(f"{config_json} not found: pass out_dirs of finished runs, or a config file and --key=value overrides")
+    with open(config_json, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def split_output(argv):
+    """Pull -o FILE / --output=FILE out of argv; the rest is for the configurator."""
+    rest, output = [], "lr_schedule.png"
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-o", "--output"):
+            output = next(it, None)
+            if output is None:
+                raise UserError(f"{arg} needs a file name")
+        elif arg.startswith("--output="):
+            output = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, output
+
+
+def main(argv):
+    argv, output = split_output(argv)
+    if argv and all(Path(a).is_dir() or a.endswith(".json") for a in argv):
+        schedules = {Path(a).name if Path(a).is_dir() else Path(a).parent.name: run_config(a) for a in argv}
+    else:
+        cfg, _ = load_config(argv)
+        validate(cfg)
+        schedules = {"schedule": vars(cfg)}
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for name, cfg in schedules.items():
+        steps, lrs = schedule(cfg)
+        ax.plot(steps, lrs, label=name, linewidth=2)
+        print(f"{name}: lr at step 0 {lrs[0]:.3g}, peak {max(lrs):.3g}, last {lrs[-1]:.3g} over {len(steps)} steps")
+    ax.set(xlabel="Steps", ylabel="Learning Rate", title="Learning Rate Schedule")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    print(f"schedule plot saved to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
