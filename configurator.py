@@ -80,6 +80,11 @@ def _parse_cli_value(text, default, choices):
     return value
 
 
+def parse_value(key, text, default, choices=None, source=None):
+    """The value of `--key=text`: parsed as on the command line and checked against the default's type."""
+    return check_value(key, _parse_cli_value(text, default, choices), default, choices, source=source or f"--{key}={text}")
+
+
 def _unknown_key(key, known, where):
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     hint = f" (closest: {', '.join(close)})" if close else ""
@@ -156,7 +161,6 @@ def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="us
         key = aliases.get(key, key)
         if key not in defaults:
             raise _unknown_key(key, list(defaults) + list(aliases), arg)
-        value = _parse_cli_value(text, defaults[key], choices.get(key))
-        config[key] = check_value(key, value, defaults[key], choices.get(key), source=arg)
+        config[key] = parse_value(key, text, defaults[key], choices.get(key), source=arg)
         cli_keys.add(key)
     return config, cli_keys

@@ -214,6 +214,29 @@ def build_dataset(text, out_dir, tokenizer="char", val_fraction=0.1, progress=Tr
     return summary
 
 
+def write_token_stream(chunks, path):
+    """Write uint16 id arrays one after another into path (via a temp file renamed at the end), for corpora
+    too big to hold in memory. Returns the number of tokens written."""
+    path = Path(path)
+    tmp = Path(f"{path}.tmp")
+    total = 0
+    try:
+        with open(tmp, "wb") as f:
+            for ids in chunks:
+                ids = np.asarray(ids)
+                if ids.size and (ids.min() < 0 or ids.max() > 65535):
+                    raise UserError(f"token id {int(ids.max())} does not fit in uint16: this tokenizer needs a wider format")
+                f.write(ids.astype(np.uint16).tobytes())
+                total += ids.size
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return total
+
+
 def prepare_main(argv, description, here, tokenizer):
     """Command line shared by the data/*/prepare.py scripts: input.txt beside the script, else
     --input PATH, else download tiny-shakespeare."""
@@ -257,9 +280,10 @@ def open_split(path):
 
 
 class Dataset:
-    """The train/val token streams and vocabulary of data/<name>, checked on open."""
+    """The train/val token streams and vocabulary of data/<name>, checked on open. max_train_tokens > 0
+    keeps only the start of the train split (a data-limited run)."""
 
-    def __init__(self, data_dir, name):
+    def __init__(self, data_dir, name, max_train_tokens=0):
         self.name = name
         self.path = Path(data_dir) / name
         self.prepare_hint = self._prepare_hint()
@@ -268,6 +292,8 @@ class Dataset:
             raise UserError(f"dataset '{name}' is not prepared ({self.path / (missing[0] + '.bin')} is missing): "
                             f"run {self.prepare_hint} first")
         self.splits = {s: open_split(self.path / f"{s}.bin") for s in SPLITS}
+        if max_train_tokens:
+            self.splits["train"] = self.splits["train"][:max_train_tokens]
         self.meta = read_meta(self.path)
 
     def _prepare_hint(self):

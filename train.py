@@ -25,7 +25,7 @@ from configurator import defaults_of, format_config, help_of, parse_args
 from dataset import Dataset, eval_offsets, get_batch, train_offsets
 from errors import ConfigError, UserError, import_optional, run_main
 from model import GPT, GPT2_SIZES, GPTConfig
-from runlog import RunLog, eval_line, iter_line, took_line
+from runlog import RunLog, TensorBoardTracker, WandbTracker, eval_line, iter_line, took_line
 
 
 class Config:
@@ -42,9 +42,11 @@ class Config:
     wandb_log = False  # log evaluations to Weights & Biases (needs: pip install wandb)
     wandb_project = "owt"  # W&B project name
     wandb_run_name = "gpt2"  # W&B run name
+    tensorboard_log = False  # write TensorBoard events to out_dir (needs: pip install tensorboard)
     # data
     dataset = "openwebtext"  # train on data_dir/<dataset>/train.bin and val.bin
     data_dir = "data"  # directory that holds the datasets
+    max_train_tokens = 0  # train on only the first N tokens of train.bin (0 = all): a data-limited run overfits sooner
     gradient_accumulation_steps = 40  # micro-steps per optimizer step (shared out among DDP processes)
     batch_size = 12  # sequences per micro-step
     block_size = 1024  # context length in tokens
@@ -97,7 +99,8 @@ def validate(cfg):
                 "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "seed", "peak_flops"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "seed", "peak_flops",
+                "max_train_tokens"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
     if cfg.learning_rate <= 0:
@@ -245,6 +248,8 @@ def main(argv):
     cfg, cli_keys = load_config(argv)
     validate(cfg)
     wandb = import_optional("wandb", "wandb_log=True") if cfg.wandb_log else None
+    if cfg.tensorboard_log:
+        import_optional("tensorboard", "tensorboard_log=True")
     if cfg.init_from in GPT2_SIZES:
         import_optional("transformers", f"init_from={cfg.init_from}")
     rank, local_rank, world_size = setup_ddp(cfg)
@@ -256,7 +261,7 @@ def main(argv):
     device_type = hardware.device_type(device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     use_compile = hardware.resolve_compile(cfg.compile, device)
-    dataset = Dataset(cfg.data_dir, cfg.dataset)
+    dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     dataset.check_block_size(cfg.block_size)
     if cfg.init_from == "resume" and not (Path(cfg.out_dir) / "ckpt.pt").exists():
         raise UserError(f"init_from=resume but {cfg.out_dir}/ckpt.pt does not exist: "
@@ -274,7 +279,12 @@ def main(argv):
         if device_type == "cuda":
             torch.cuda.set_device(device)
 
-    log = RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=master)
+    trackers = []
+    if master and cfg.tensorboard_log:
+        trackers.append(TensorBoardTracker(cfg.out_dir))
+    if master and cfg.wandb_log:
+        trackers.append(WandbTracker(wandb, cfg.wandb_project, cfg.wandb_run_name, vars(cfg)))
+    log = RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=master, trackers=trackers)
     log.print("config:\n" + format_config(vars(cfg)))
     torch.manual_seed(cfg.seed + rank)
     if device_type == "cuda":
@@ -313,8 +323,6 @@ def main(argv):
                         world_size=world_size, num_params=raw_model.get_num_params())
         with open(Path(cfg.out_dir) / "config.json", "w", encoding="utf-8") as f:
             json.dump(run_info, f, indent=2)
-    if cfg.wandb_log and master:
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
 
     peak, peak_source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(device, dtype)
     log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
@@ -330,8 +338,6 @@ def main(argv):
         log.print(eval_line(step, losses["train"], losses["val"]))
         log.metrics({"type": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                      "lr": lr_now, "elapsed_s": time.time() - t_start})
-        if cfg.wandb_log:
-            wandb.log({"iter": step, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr_now})
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         if step > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:

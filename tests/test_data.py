@@ -135,3 +135,33 @@ def test_nanogpt_meta_pkl_is_read(tmp_path):
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 3, "itos": dict(enumerate(chars)),
                                                        "stoi": {c: i for i, c in enumerate(chars)}}))
     assert read_meta(tmp_path) == {"tokenizer": "char", "vocab_size": 3, "itos": chars}
+
+
+def test_token_stream_writer(tmp_path):
+    from dataset import write_token_stream
+    total = write_token_stream(iter([[1, 2, 50256], np.array([7, 50256])]), tmp_path / "train.bin")
+    assert total == 5 and np.fromfile(tmp_path / "train.bin", dtype=np.uint16).tolist() == [1, 2, 50256, 7, 50256]
+    with pytest.raises(UserError, match="does not fit in uint16"):
+        write_token_stream(iter([[1], [70000]]), tmp_path / "val.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin"]  # no partial val.bin or temp file
+
+
+def test_openwebtext_prepare_without_datasets_package(tmp_path):
+    try:
+        import datasets  # noqa: F401
+        pytest.skip("the datasets package is installed here")
+    except ImportError:
+        pass
+    r = run_script("data/openwebtext/prepare.py", "--out_dir", tmp_path)
+    assert_one_line_error(r, "data/openwebtext/prepare.py needs the datasets package: pip install datasets")
+
+
+def test_max_train_tokens_limits_the_train_split(data_dir):
+    ds = Dataset(data_dir, "shakespeare_char", max_train_tokens=5000)
+    assert len(ds.splits["train"]) == 5000 and len(ds.splits["val"]) == 111_540
+    offsets = train.step_batches(ds.splits["train"], 3, 64, 4, 32, 1337, "cpu")
+    full = np.fromfile(data_dir / "shakespeare_char" / "train.bin", dtype=np.uint16)[:5000]
+    rows = {tuple(full[i:i + 32]) for i in range(5000 - 32)}
+    assert all(tuple(x.tolist()) in rows for xs, _ in offsets for x in xs)
+    with pytest.raises(UserError, match=r"block_size=6000 is too long for the train split .*\(5000 tokens\)"):
+        ds.check_block_size(6000)

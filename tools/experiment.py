@@ -1,0 +1,99 @@
+"""Run the seeds' experiments: one train.py run per call, its output tee'd to experiments/NAME.log.
+
+    python tools/experiment.py run exp1_large_lr --max_iters=1000 --learning_rate=5e-3
+    python tools/experiment.py finish exp1 --title "Experiment 1: parameters"
+
+`run` trains `config/train_shakespeare_char.py` plus the given overrides into experiments/NAME, exactly the
+seeds' command. Environment knobs:
+    DEVICE=cpu|cuda|...   passed as --device (default: train.py's auto)
+    SCALE=cpu             shrink the run to finish in minutes on 2 CPU cores, keeping its ratios:
+                          n_embd, block_size and batch_size / 4; max_iters, lr_decay_iters, warmup_iters and
+                          eval_interval / 5; eval_iters / 10 (a 5x larger learning rate stays 5x larger)
+    RERUN=1               train again even if experiments/NAME already finished with these settings
+`finish` writes experiments/FAMILY_comparison.png and FAMILY_summary.md and prints the table.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from errors import UserError, run_main  # noqa: E402
+from train import load_config  # noqa: E402
+
+BASE_CONFIG = "config/train_shakespeare_char.py"
+CPU_SCALE = {"n_embd": 4, "block_size": 4, "batch_size": 4, "max_iters": 5, "lr_decay_iters": 5, "warmup_iters": 5,
+             "eval_interval": 5, "eval_iters": 10}
+
+
+def scaled_overrides(overrides, scale, base_config=BASE_CONFIG):
+    """The overrides for this scale: as given for 'full'; for 'cpu', plus the shrunk value of every CPU_SCALE key."""
+    if scale == "full":
+        return list(overrides)
+    if scale != "cpu":
+        raise UserError(f"unknown SCALE={scale}: use SCALE=cpu, or leave it unset for the seeds' full-size runs")
+    cfg, _ = load_config([str(ROOT / base_config), *overrides])
+    shrunk = {key: max(1, getattr(cfg, key) // factor) for key, factor in CPU_SCALE.items()}
+    return [*overrides, *(f"--{k}={v}" for k, v in shrunk.items())]
+
+
+def already_done(out_dir, overrides):
+    """True when out_dir holds a finished run whose config has every override's value."""
+    config_json, log = out_dir / "config.json", out_dir / "training.log"
+    if not (config_json.exists() and log.exists() and "training took" in log.read_text(errors="replace")):
+        return False
+    done = json.loads(config_json.read_text())
+    wanted, _ = load_config([str(ROOT / BASE_CONFIG), *overrides])
+    return all(done.get(k) == v for k, v in vars(wanted).items() if k != "out_dir")
+
+
+def run(name, overrides, exp_dir="experiments"):
+    exp_dir = Path(exp_dir)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    overrides = scaled_overrides(overrides, os.environ.get("SCALE", "full") or "full")
+    if os.environ.get("DEVICE"):
+        overrides.append(f"--device={os.environ['DEVICE']}")
+    out_dir = exp_dir / name
+    if os.environ.get("RERUN") != "1" and already_done(out_dir, overrides):
+        print(f"{name}: already finished with these settings in {out_dir} (RERUN=1 to train again)")
+        return 0
+    cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / BASE_CONFIG), *overrides, f"--out_dir={out_dir}"]
+    print("$ python train.py " + " ".join([BASE_CONFIG, *overrides, f"--out_dir={out_dir}"]), flush=True)
+    with open(exp_dir / f"{name}.log", "w", encoding="utf-8") as log:  # the seeds' `2>&1 | tee NAME.log`
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        return proc.wait()
+
+
+def finish(family, title, exp_dir="experiments"):
+    """The family's comparison plot and summary table, from every run named FAMILY_*."""
+    from tools.plot_loss import plot_compare
+    from tools.summarize_experiments import find_runs, format_table, summary_row
+
+    runs = find_runs(exp_dir, f"{family}_*")
+    if not runs:
+        raise UserError(f"no {family}_* runs in {exp_dir}: run the experiment script first")
+    png = plot_compare(runs, Path(exp_dir) / f"{family}_comparison.png", title)
+    rows = [summary_row(r) for r in runs]
+    (Path(exp_dir) / f"{family}_summary.md").write_text(format_table(rows, "markdown") + "\n", encoding="utf-8")
+    print(format_table(rows, "grid"))
+    print(f"wrote {png} and {Path(exp_dir) / f'{family}_summary.md'}")
+    return 0
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[0] == "run":
+        return run(argv[1], argv[2:])
+    if len(argv) >= 2 and argv[0] == "finish":
+        title = argv[3] if len(argv) >= 4 and argv[2] == "--title" else f"{argv[1]} comparison"
+        return finish(argv[1], title)
+    raise UserError("usage: experiment.py run NAME [--key=value ...] | experiment.py finish FAMILY [--title TITLE]")
+
+
+if __name__ == "__main__":
+    run_main(main)
