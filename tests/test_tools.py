@@ -1,0 +1,205 @@
+"""Experiment tools: log parsing, summary tables, verdicts, plots, schedules, curve comparison, scaling, report."""
+import csv
+import io
+import json
+import re
+
+import pytest
+from conftest import TINY_TRAIN, assert_one_line_error, run_script
+
+import runlog
+from runlog import read_run
+from tools.compare_runs import curve_difference
+from tools.experiment import scaled_overrides
+from tools.plot_lr import schedule
+from tools.summarize_experiments import HEADERS, find_runs, format_table, overfitting_verdict, summary_row
+from train import get_lr
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_log(path, evals, took=12.5, params="0.80", extra=""):
+    """A log as train.py prints it (and as `tee` captures it)."""
+    lines = ["config:", f"  out_dir = {str(path)!r}", "tokens per iteration: 768", f"number of parameters: {params}M"]
+    for step, (tr, va) in evals.items():
+        lines.append(runlog.eval_line(step, tr, va))
+        lines.append(runlog.iter_line(step, tr + 0.1, 20.0, 0.25))
+    lines.append(extra)
+    lines.append(runlog.took_line(took))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_text_log_parsing(tmp_path):
+    log = write_log(tmp_path / "a.log", {0: (4.2, 4.3), 100: (2.5, 2.6), 200: (2.0, 2.2)})
+    run = read_run(log)
+    assert run.name == "a" and run.steps == [0, 100, 200]
+    assert run.val_losses == [4.3, 2.6, 2.2] and run.train_losses == [4.2, 2.5, 2.0]
+    assert run.took == 12.5 and run.num_params == 800_000 and run.tokens_per_iter == 768
+    assert run.iters[100] == {"loss": 2.6, "time_ms": 20.0, "mfu": 0.25}
+    assert run.best_val() == (200, 2.2)
+
+
+def test_resumed_log_keeps_the_later_entry_per_step(tmp_path):
+    log = tmp_path / "r.log"
+    log.write_text("step 0: train loss 4.0000, val loss 4.1000\nstep 100: train loss 3.0000, val loss 3.1000\n"
+                   "resuming from out/ckpt.pt at step 100\nstep 100: train loss 2.9000, val loss 3.0500\n"
+                   "step 200: train loss 2.0000, val loss 2.1000\n")
+    run = read_run(log)
+    assert run.steps == [0, 100, 200] and run.val_losses == [4.1, 3.05, 2.1]
+
+
+def test_metrics_jsonl_parsing_skips_a_cut_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text(json.dumps({"type": "eval", "step": 0, "train_loss": 4.17, "val_loss": 4.18}) + "\n"
+                 + json.dumps({"type": "train", "iter": 0, "loss": 4.2, "time_ms": 30.0, "mfu": 0.1, "tokens_per_s": 1000.0})
+                 + "\n" + json.dumps({"type": "eval", "step": 50, "train_loss": 2.5, "val_loss": 2.75}) + "\n"
+                 + '{"type": "eval", "step": 10')
+    run = read_run(p)
+    assert run.steps == [0, 50] and run.val_losses == [4.18, 2.75] and run.iters[0]["tokens_per_s"] == 1000.0
+
+
+def test_unparseable_log_is_an_error(tmp_path):
+    bad = tmp_path / "notes.log"
+    bad.write_text("this is not a training log\n")
+    with pytest.raises(ValueError, match="has no line like 'step N: train loss X, val loss Y'"):
+        read_run(bad)
+    r = run_script("tools/plot_loss.py", bad, "-o", tmp_path / "x.png")
+    assert_one_line_error(r, "notes.log has no line like 'step N: train loss X, val loss Y'")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("gap, verdict", [(0.0, "healthy"), (0.0999, "healthy"), (0.1, "slight overfitting"),
+                                          (0.2999, "slight overfitting"), (0.3, "moderate overfitting"),
+                                          (0.4999, "moderate overfitting"), (0.5, "severe overfitting"),
+                                          (1.0, "severe overfitting")])
+def test_verdict_bands(gap, verdict):
+    assert overfitting_verdict(gap) == verdict
+
+
+@pytest.fixture
+def exp_dir(tmp_path):
+    """Two runs as out_dirs (one also tee'd to NAME.log) and one only as a NAME.log."""
+    d = tmp_path / "experiments"
+    d.mkdir()
+    for name, evals in {"exp9_a": {0: (4.2, 4.25), 100: (1.5, 1.55)}, "exp9_b": {0: (4.2, 4.25), 100: (1.0, 1.7)}}.items():
+        (d / name).mkdir()
+        write_log(d / name / "training.log", evals)
+        write_log(d / f"{name}.log", evals)
+        (d / name / "config.json").write_text(json.dumps({"num_params": 795904, "learning_rate": 1e-3}))
+    write_log(d / "exp9_c.log", {0: (4.2, 4.3), 100: (1.2, 1.6)}, took=99.0)
+    (d / "unrelated.txt").write_text("x")
+    return d
+
+
+def test_summary_rows_and_columns(exp_dir):
+    runs = find_runs(exp_dir)
+    assert [r.name for r in runs] == ["exp9_a", "exp9_b", "exp9_c"]
+    rows = [summary_row(r) for r in runs]
+    assert rows[0] == ["exp9_a", "1.5000", "1.5500", "0.0500", "12.5s", "1.5500", 100, "0.80M", "38,400", "healthy"]
+    assert rows[1][3] == "0.7000" and rows[1][-1] == "severe overfitting"
+    assert rows[2][4] == "99.0s" and rows[2][-1] == "moderate overfitting"
+    table = list(csv.reader(io.StringIO(format_table(rows, "csv"))))
+    assert table[0] == HEADERS == ["Experiment", "Train Loss", "Val Loss", "Gap", "Time", "Best Val", "Best Step",
+                                   "Params", "Tokens/s", "Verdict"]
+    markdown = format_table(rows, "markdown")
+    assert markdown.splitlines()[0].startswith("| Experiment ") and "| 1.5000 " in markdown
+
+
+def test_summarize_cli_formats_and_match(exp_dir, tmp_path):
+    r = run_script("tools/summarize_experiments.py", exp_dir)
+    assert r.returncode == 0 and "+===" in r.stdout and "exp9_c" in r.stdout and "severe overfitting" in r.stdout
+    r = run_script("tools/summarize_experiments.py", exp_dir, "--match", "exp9_b", "--format", "csv")
+    assert r.stdout.splitlines()[1].startswith("exp9_b,1.0000,1.7000,0.7000")
+    assert len(r.stdout.splitlines()) == 2
+    r = run_script("tools/summarize_experiments.py", tmp_path / "nowhere")
+    assert_one_line_error(r, "experiments directory", "not found")
+
+
+def test_seeds_summarize_regexes_read_our_logs(exp_dir):
+    """The seeds' extract_final_loss / extract_training_time regexes, unchanged, on a log we write."""
+    content = (exp_dir / "exp9_a" / "training.log").read_text()
+    final = None
+    for line in reversed(content.splitlines()):
+        m = re.search(r'train loss ([\d.]+), val loss ([\d.]+)', line)
+        if m:
+            final = float(m.group(1)), float(m.group(2))
+            break
+    assert final == (1.5, 1.55)
+    assert float(re.search(r'training took ([\d.]+)', content).group(1)) == 12.5
+
+
+def test_plots_are_written_as_png(exp_dir, tmp_path):
+    single = tmp_path / "single.png"
+    r = run_script("tools/plot_loss.py", exp_dir / "exp9_a.log", "-o", single)
+    assert r.returncode == 0, r.stderr
+    compare = tmp_path / "cmp.png"
+    r = run_script("tools/plot_loss.py", "compare", exp_dir / "exp9_a", exp_dir / "exp9_b.log", exp_dir / "exp9_c.log",
+                   "-o", compare)
+    assert r.returncode == 0, r.stderr
+    for png in (single, compare):
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    r = run_script("tools/plot_loss.py", exp_dir / "exp9_a.log", cwd=tmp_path)  # the seeds' default file name
+    assert r.returncode == 0 and (tmp_path / "loss_curve.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_lr_uses_get_lr(tmp_path):
+    cfg = {"max_iters": 300, "learning_rate": 1e-3, "warmup_iters": 20, "lr_decay_iters": 250, "min_lr": 1e-4, "decay_lr": True}
+    steps, lrs = schedule(cfg)
+    assert steps == list(range(300))
+    assert lrs == [get_lr(i, 1e-3, 20, 250, 1e-4, True) for i in range(300)]
+    assert lrs[0] == pytest.approx(1e-3 / 21) and lrs[20] == pytest.approx(1e-3) and lrs[299] == 1e-4
+    out = tmp_path / "lr.png"
+    r = run_script("tools/plot_lr.py", "config/train_shakespeare_char.py", "--max_iters=2000", "--warmup_iters=0",
+                   "--decay_lr=False", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "lr at step 0 0.001, peak 0.001, last 0.001 over 2000 steps" in r.stdout
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    for name, extra in [("a", {"warmup_iters": 0, "decay_lr": False}), ("b", {"warmup_iters": 100, "decay_lr": True})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **extra}))
+    r = run_script("tools/plot_lr.py", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "two.png")
+    assert r.returncode == 0 and "a: lr at step 0 0.001" in r.stdout and "b: lr at step 0 9.9e-06" in r.stdout
+
+
+def test_curve_difference_arithmetic(tmp_path):
+    a = read_run(write_log(tmp_path / "a.log", {0: (4.0, 4.1), 10: (3.0, 3.1), 20: (2.0, 2.1)}))
+    b = read_run(write_log(tmp_path / "b.log", {0: (4.0, 4.1), 10: (3.0, 3.13), 20: (2.01, 2.08), 30: (1.0, 1.0)}))
+    steps, mean, worst = curve_difference(a, b, "val")
+    assert steps == [0, 10, 20]
+    assert mean == pytest.approx((0 + 0.03 + 0.02) / 3) and worst == pytest.approx(0.03)
+    assert curve_difference(a, b, "train")[2] == pytest.approx(0.01)
+    r = run_script("tools/compare_runs.py", tmp_path / "a.log", tmp_path / "b.log")
+    assert "val loss over 3 evals (steps 0..20): mean abs diff 0.016667, max abs diff 0.030000" in r.stdout
+    assert "NOT within 0.01" in r.stdout
+
+
+def test_cpu_scale_keeps_ratios():
+    assert scaled_overrides(["--max_iters=1000", "--learning_rate=5e-3"], "full") == ["--max_iters=1000", "--learning_rate=5e-3"]
+    args = scaled_overrides(["--max_iters=1000", "--learning_rate=5e-3"], "cpu")
+    assert args[:2] == ["--max_iters=1000", "--learning_rate=5e-3"]  # the seeds' overrides stay, the 5x rate included
+    assert args[2:] == ["--n_embd=96", "--block_size=64", "--batch_size=16", "--max_iters=200", "--lr_decay_iters=1000",
+                        "--warmup_iters=20", "--eval_interval=50", "--eval_iters=20"]
+    small = scaled_overrides(["--batch_size=16", "--n_layer=8", "--n_embd=512", "--n_head=8"], "cpu")
+    assert "--batch_size=4" in small and "--n_embd=128" in small  # still 1/4 of the baseline's batch, 512/384 wide
+
+
+def test_report_on_a_tiny_run(data_dir, tmp_path, exp_dir):
+    exp = exp_dir
+    r = run_script("train.py", "config/train_shakespeare_char.py", *TINY_TRAIN, "--max_iters=40", "--lr_decay_iters=40",
+                   f"--data_dir={data_dir}", f"--out_dir={exp / 'exp3_overfit'}")
+    assert r.returncode == 0, r.stderr
+    r = run_script("tools/report.py", exp)
+    assert r.returncode == 0, r.stderr
+    report = (exp / "REPORT.md").read_text()
+    assert "## Experiment 3: overfitting and regularization" in report
+    assert "![exp3 comparison](exp3_comparison.png)" in report
+    assert (exp / "exp3_comparison.png").read_bytes().startswith(PNG_MAGIC)
+    run = read_run(exp / "exp3_overfit")
+    gap = run.val_losses[-1] - run.train_losses[-1]
+    assert f"val {run.val_losses[-1]:.4f}, gap {gap:.4f}: {overfitting_verdict(gap)}" in report
+    assert "## Other runs" in report and "exp9_b" in report  # runs outside the five families still listed
+    sample = report.split("### exp3_overfit\n\n```text\n")[1].split("```")[0]
+    vocabulary = json.loads((data_dir / "shakespeare_char" / "meta.json").read_text())["itos"]
+    assert len(sample) > 100 and set(sample) <= set(vocabulary)

@@ -1,0 +1,192 @@
+"""Write experiments/REPORT.md: per experiment family the summary table, the comparison plots, the seeds'
+analysis templates filled in with measured values, and a short generated sample per run.
+
+    python tools/report.py experiments/
+    python tools/report.py experiments/ --no_samples      # skip generating text (faster)
+"""
+import argparse
+import math
+import sys
+from datetime import date
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from errors import UserError, run_main  # noqa: E402
+from tools.compare_runs import curve_difference  # noqa: E402
+from tools.plot_loss import plot_compare  # noqa: E402
+from tools.summarize_experiments import find_runs, format_table, overfitting_verdict, summary_row  # noqa: E402
+
+FAMILIES = {
+    "exp1": "Experiment 1: configuration parameters (learning rate, batch size, model size)",
+    "exp2": "Experiment 2: gradient accumulation vs a large batch",
+    "exp3": "Experiment 3: overfitting and regularization",
+    "exp4": "Experiment 4: learning-rate schedules",
+    "exp5": "Experiment 5: model size",
+}
+RULES = """How the words below are decided, from each run's evaluations:
+- diverged: a non-finite loss, or the final val loss is not at least 0.1 below the first;
+- oscillating: val loss rose by more than 0.02 between consecutive evaluations at least twice;
+- converged: the last evaluation interval improved val loss by less than 1%; otherwise still improving;
+- initial loss drop: the val-loss fall over the first evaluation interval, "fast" when at least 80% of the
+  family's largest fall, else "slow";
+- overfitting verdict: the seeds' bands on final val - train: < 0.1 healthy, < 0.3 slight, < 0.5 moderate, else severe."""
+
+
+def convergence(run):
+    vals = run.val_losses
+    if not all(math.isfinite(v) for v in vals) or vals[-1] > vals[0] - 0.1:
+        return "diverged"
+    rises = sum(1 for a, b in zip(vals[1:], vals[2:]) if b - a > 0.02)
+    if rises >= 2:
+        return "oscillating"
+    if len(vals) >= 2 and (vals[-2] - vals[-1]) < 0.01 * vals[-1]:
+        return "converged"
+    return "still improving"
+
+
+def first_drop(run):
+    vals = run.val_losses
+    return vals[0] - vals[1] if len(vals) > 1 else 0.0
+
+
+def describe_run(run, fastest_drop):
+    speed = "fast" if fastest_drop > 0 and first_drop(run) >= 0.8 * fastest_drop else "slow"
+    took = f"{run.took:.1f} s" if run.took is not None else "N/A"
+    first_interval = run.steps[1] if len(run.steps) > 1 else 0
+    return (f"- initial loss drop: {speed} ({first_drop(run):.3f} over the first {first_interval} steps)\n"
+            f"- converged: {convergence(run)}\n- final val loss: {run.val_losses[-1]:.4f} "
+            f"(best {run.best_val()[1]:.4f} at step {run.best_val()[0]})\n- training time: {took}")
+
+
+def setting(run, key):
+    return run.config.get(key, "?")
+
+
+def analysis_exp1(runs):
+    by = {r.name: r for r in runs}
+    fastest = max(first_drop(r) for r in runs)
+    out = []
+    for name, label in [("exp1_large_lr", "1A, larger learning rate"), ("exp1_small_lr", "1B, smaller learning rate"),
+                        ("exp1_small_batch", "1C, smaller batch"), ("exp1_large_model", "1D, larger model")]:
+        if name in by:
+            r = by[name]
+            out.append(f"#### {name} ({label}: learning_rate {setting(r, 'learning_rate')}, batch_size "
+                       f"{setting(r, 'batch_size')}, {r.num_params / 1e6:.2f}M parameters)\n{describe_run(r, fastest)}")
+    lr_runs = [by[n] for n in ("exp1_baseline", "exp1_large_lr", "exp1_small_lr") if n in by]
+    if lr_runs:
+        best = min(lr_runs, key=lambda r: r.val_losses[-1])
+        worst = max(lr_runs, key=lambda r: r.val_losses[-1])
+        out.append(f"#### Summary\n- best learning rate: {setting(best, 'learning_rate')} ({best.name}, final val "
+                   f"{best.val_losses[-1]:.4f}); worst: {setting(worst, 'learning_rate')} ({worst.name}, "
+                   f"{worst.val_losses[-1]:.4f}, {convergence(worst)})")
+    return "\n\n".join(out)
+
+
+def analysis_exp2(runs):
+    by = {r.name: r for r in runs}
+    out = []
+    for a, b, what in [("exp2_large_batch", "exp2_grad_accum", "the seeds' config (dropout as configured)"),
+                       ("exp2_large_batch_nodropout", "exp2_grad_accum_nodropout", "dropout off")]:
+        if a in by and b in by:
+            steps, mean, worst = curve_difference(by[a], by[b], "val")
+            verdict = "below" if worst < 0.01 else "above"
+            out.append(f"- {what}: val curves over {len(steps)} evaluations differ by {mean:.6f} on average and "
+                       f"{worst:.6f} at most: {verdict} the seeds' predicted 0.01")
+    return "\n".join(out) or "(the exp2 pairs were not found)"
+
+
+def analysis_exp3(runs):
+    lines = []
+    for r in runs:
+        gap = r.val_losses[-1] - r.train_losses[-1]
+        lines.append(f"- {r.name} (dropout {setting(r, 'dropout')}, weight_decay {setting(r, 'weight_decay')}): "
+                     f"train {r.train_losses[-1]:.4f}, val {r.val_losses[-1]:.4f}, gap {gap:.4f}: "
+                     f"{overfitting_verdict(gap)}; best val {r.best_val()[1]:.4f} at step {r.best_val()[0]}")
+    return "\n".join(lines)
+
+
+def analysis_exp4(runs):
+    fastest = max(first_drop(r) for r in runs)
+    return "\n\n".join(f"#### {r.name} (warmup_iters {setting(r, 'warmup_iters')}, decay_lr {setting(r, 'decay_lr')})\n"
+                       f"{describe_run(r, fastest)}" for r in runs)
+
+
+def analysis_exp5(runs):
+    rows = []
+    for r in sorted(runs, key=lambda r: r.num_params or 0):
+        L, d, V = setting(r, "n_layer"), setting(r, "n_embd"), 65
+        estimate = f"{(L * 16 * d * d + V * d) / 1e6:.2f}M" if isinstance(L, int) and isinstance(d, int) else "?"
+        took = f"{r.took:.1f} s" if r.took is not None else "N/A"
+        rows.append(f"| {r.name} | {(r.num_params or 0) / 1e6:.2f}M | {estimate} | {took} | {r.val_losses[-1]:.4f} |")
+    return ("| model | parameters (exact) | seeds' 16·L·d² + V·d | training time | final val loss |\n"
+            "| --- | --- | --- | --- | --- |\n" + "\n".join(rows))
+
+
+ANALYSES = {"exp1": analysis_exp1, "exp2": analysis_exp2, "exp3": analysis_exp3, "exp4": analysis_exp4, "exp5": analysis_exp5}
+
+
+def generated_sample(out_dir, max_new_tokens=200, seed=1337):
+    """A short sample from a run's checkpoint, or None when it has none."""
+    from sample import load_model
+
+    if not (Path(out_dir) / "ckpt.pt").exists():
+        return None
+    model, tokenizer = load_model(SimpleNamespace(init_from="resume", out_dir=str(out_dir)), "cpu")
+    torch.manual_seed(seed)
+    start = torch.tensor([tokenizer.encode("\n")], dtype=torch.long)
+    return tokenizer.decode(model.generate(start, max_new_tokens, temperature=0.8, top_k=200)[0].tolist())
+
+
+def build_report(exp_dir, samples=True):
+    exp_dir = Path(exp_dir)
+    all_runs = find_runs(exp_dir)
+    if not all_runs:
+        raise UserError(f"no runs with logs in {exp_dir}: run an experiment script first")
+    devices = sorted({f"{r.config.get('resolved_device', '?')}/{r.config.get('resolved_dtype', '?')}" for r in all_runs})
+    parts = [f"# Experiment report\n\nGenerated by `python tools/report.py {exp_dir}` on {date.today()} from "
+             f"{len(all_runs)} runs (device/dtype: {', '.join(devices)}).\n\n{RULES}"]
+    known = [f for f in FAMILIES if any(r.name.startswith(f + "_") for r in all_runs)]
+    others = [r for r in all_runs if not any(r.name.startswith(f + "_") for f in FAMILIES)]
+    for family in known:
+        runs = [r for r in all_runs if r.name.startswith(family + "_")]
+        png = exp_dir / f"{family}_comparison.png"
+        if not png.exists():
+            plot_compare(runs, png, FAMILIES[family])
+        section = [f"## {FAMILIES[family]}", format_table([summary_row(r) for r in runs], "markdown"),
+                   f"![{family} comparison]({png.name})"]
+        if (exp_dir / f"{family}_lr_schedules.png").exists():
+            section.append(f"![{family} learning-rate schedules]({family}_lr_schedules.png)")
+        section += ["### Analysis", ANALYSES[family](runs)]
+        parts.append("\n\n".join(section))
+    if others:
+        parts.append("## Other runs\n\n" + format_table([summary_row(r) for r in others], "markdown"))
+    if samples:
+        texts = []
+        for r in all_runs:
+            text = generated_sample(exp_dir / r.name) if (exp_dir / r.name).is_dir() else None
+            if text is not None:
+                texts.append(f"### {r.name}\n\n```text\n{text.strip()}\n```")
+        if texts:
+            heading = "## Samples (200 tokens from each run's checkpoint, seed 1337, temperature 0.8)"
+            parts.append(heading + "\n\n" + "\n\n".join(texts))
+    report = exp_dir / "REPORT.md"
+    report.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return report
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Write experiments/REPORT.md from the runs in an experiments directory.")
+    parser.add_argument("exp_dir", nargs="?", default="experiments")
+    parser.add_argument("--no_samples", action="store_true", help="do not generate a text sample per run")
+    args = parser.parse_args(argv)
+    report = build_report(args.exp_dir, samples=not args.no_samples)
+    print(f"report written to {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
