@@ -183,6 +183,7 @@ def test_cpu_scale_keeps_ratios():
                         "--warmup_iters=20", "--eval_interval=50", "--eval_iters=20"]
     small = scaled_overrides(["--batch_size=16", "--n_layer=8", "--n_embd=512", "--n_head=8"], "cpu")
     assert "--batch_size=4" in small and "--n_embd=128" in small  # still 1/4 of the baseline's batch, 512/384 wide
+    assert "--warmup_iters=0" in scaled_overrides(["--warmup_iters=0", "--decay_lr=False"], "cpu")  # no warmup stays none
 
 
 def test_report_on_a_tiny_run(data_dir, tmp_path, exp_dir):

@@ -8,7 +8,8 @@ seeds' command. Environment knobs:
     DEVICE=cpu|cuda|...   passed as --device (default: train.py's auto)
     SCALE=cpu             shrink the run to finish in minutes on 2 CPU cores, keeping its ratios:
                           n_embd, block_size and batch_size / 4; max_iters, lr_decay_iters, warmup_iters and
-                          eval_interval / 5; eval_iters / 10 (a 5x larger learning rate stays 5x larger)
+                          eval_interval / 5; eval_iters / 10 (a 5x larger learning rate stays 5x larger;
+                          a 0, like --warmup_iters=0, stays 0)
     RERUN=1               train again even if experiments/NAME already finished with these settings
 `finish` writes experiments/FAMILY_comparison.png and FAMILY_summary.md and prints the table.
 """
@@ -36,7 +37,7 @@ def scaled_overrides(overrides, scale, base_config=BASE_CONFIG):
     if scale != "cpu":
         raise UserError(f"unknown SCALE={scale}: use SCALE=cpu, or leave it unset for the seeds' full-size runs")
     cfg, _ = load_config([str(ROOT / base_config), *overrides])
-    shrunk = {key: max(1, getattr(cfg, key) // factor) for key, factor in CPU_SCALE.items()}
+    shrunk = {key: max(1, getattr(cfg, key) // factor) if getattr(cfg, key) else 0 for key, factor in CPU_SCALE.items()}
     return [*overrides, *(f"--{k}={v}" for k, v in shrunk.items())]
 
 
