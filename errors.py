@@ -30,4 +30,19 @@ def run_main(main, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    except BaseException as e:
+        if not _interrupted(e):
+            raise
+        print("aborted by a second interrupt: nothing more was saved", file=sys.stderr, flush=True)
+        sys.exit(130)
     sys.exit(code or 0)
+
+
+def _interrupted(exc):
+    """True for a KeyboardInterrupt, also one that a library turned into another error while it unwound
+    (torch.save raises RuntimeError when interrupted mid-write)."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__
+    return False
