@@ -21,7 +21,8 @@ from model import GPT, GPT2_SIZES, GPTConfig
 class Config:
     """Defaults. The comment after each key is its --help line."""
     init_from = "resume"  # resume (the model in out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
-    out_dir = "out"  # directory holding ckpt.pt
+    out_dir = "out"  # directory of the trained run
+    checkpoint = "ckpt.pt"  # file in out_dir: ckpt.pt (lowest val loss) | latest.pt (newest) | ckpt_stepNNNNNNNN.pt
     start = "\n"  # the prompt; FILE:path reads it from a file
     num_samples = 10  # how many samples to draw
     max_new_tokens = 500  # tokens generated per sample
@@ -80,7 +81,11 @@ def load_model(cfg, device):
         out_dir = Path(cfg.out_dir)
         if not out_dir.is_dir():
             raise UserError(f"out_dir '{out_dir}' does not exist: pass the --out_dir you trained with")
-        ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location="cpu")
+        path = out_dir / cfg.checkpoint
+        if not path.exists() and (out_dir / "latest.pt").exists():
+            raise UserError(f"no {cfg.checkpoint} in {out_dir} (no evaluation improved on the first yet): "
+                            f"sample the newest state with --checkpoint=latest.pt")
+        ckpt = load_checkpoint(path, map_location="cpu")
         model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0}))
         model.load_state_dict(ckpt["model"])
         tokenizer = tokenizer_for_checkpoint(ckpt)

@@ -11,6 +11,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +22,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hardware
-from checkpoint import MODEL_ARGS, load_checkpoint, save_checkpoint
+from checkpoint import (
+    ARCHITECTURE,
+    BEST,
+    LATEST,
+    MODEL_ARGS,
+    existing_checkpoints,
+    link_checkpoint,
+    load_checkpoint,
+    remove_stale_temps,
+    resume_path,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_name,
+)
 from configurator import defaults_of, format_config, help_of, parse_args
 from dataset import Dataset, eval_offsets, get_batch, train_offsets
 from errors import ConfigError, UserError, import_optional, run_main
@@ -36,7 +52,9 @@ class Config:
     log_interval = 1  # print the training loss every N steps
     eval_iters = 200  # batches of batch_size per split in each evaluation
     eval_only = False  # evaluate once and exit
-    always_save_checkpoint = True  # save ckpt.pt at every evaluation, not only when val loss improves
+    always_save_checkpoint = True  # save latest.pt at every evaluation (False: only when val improves and at the end)
+    keep_last = 0  # also keep the last N saves as ckpt_stepNNNNNNNN.pt (0 = none)
+    overwrite = False  # let init_from=scratch/gpt2* replace the checkpoints already in out_dir (refused otherwise)
     init_from = "scratch"  # scratch | resume (continue from out_dir/ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
     # logging
     wandb_log = False  # log evaluations to Weights & Biases (needs: pip install wandb)
@@ -100,7 +118,7 @@ def validate(cfg):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "seed", "peak_flops",
-                "max_train_tokens"):
+                "max_train_tokens", "keep_last"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
     if cfg.learning_rate <= 0:
@@ -192,47 +210,88 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     return norm
 
 
-# ----------------------------------------------------------------------------- model setup
+# ----------------------------------------------------------------------------- model and run setup
 
-def build_model(cfg, dataset, log):
-    """(model, model_args, checkpoint or None) for cfg.init_from."""
-    ckpt = None
+def check_resume(ckpt, cfg, cli_keys, dataset):
+    """A resume continues the run in the checkpoint: refuse flags and data that contradict it, and take its
+    architecture (so the log and the saved config tell the truth)."""
+    args = ckpt["model_args"]
+    for key in ARCHITECTURE:
+        if key in cli_keys and getattr(cfg, key) != args[key]:
+            raise UserError(f"checkpoint has {key}={args[key]} but --{key}={getattr(cfg, key)} was given: drop --{key} "
+                            f"to resume this run, or train a new model in another --out_dir")
+        setattr(cfg, key, args[key])
+    trained_on = ckpt.get("config", {}).get("dataset")
+    if trained_on and trained_on != cfg.dataset:
+        raise UserError(f"checkpoint was trained on dataset '{trained_on}' but this run uses '{cfg.dataset}': "
+                        f"resume with --dataset={trained_on}, or start a new run in another --out_dir")
+    if ckpt.get("meta") is not None and dataset.meta is not None and ckpt["meta"] != dataset.meta:
+        raise UserError(f"dataset '{cfg.dataset}' vocabulary differs from the checkpoint's (was the data prepared again "
+                        f"from other text?): resume on the data the model was trained on")
+
+
+def build_model(cfg, dataset, ckpt):
+    """(model, model_args, notes to log) for cfg.init_from; ckpt is the loaded checkpoint when resuming."""
+    notes = []
     if cfg.init_from == "scratch":
         vocab_size = dataset.vocab_size
         if vocab_size is None:
-            log.print("no vocabulary file in the dataset: using GPT-2's vocab_size 50304 (50257 padded to a multiple of 64)")
+            notes.append("no vocabulary file in the dataset: using GPT-2's vocab_size 50304 (50257 padded to a multiple of 64)")
             vocab_size = 50304
         model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)
         model = GPT(GPTConfig(**model_args))
     elif cfg.init_from == "resume":
-        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
-        model_args = {k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]}
-        model_args["dropout"] = cfg.dropout
-        if dataset.vocab_size is not None and dataset.vocab_size > model_args["vocab_size"]:
-            raise UserError(f"checkpoint has vocab_size {model_args['vocab_size']} but dataset '{cfg.dataset}' has "
-                            f"{dataset.vocab_size} tokens: resume with the dataset it was trained on")
+        model_args = {**{k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]}, "dropout": cfg.dropout}
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(ckpt["model"])
-        log.print(f"resuming from {cfg.out_dir}/ckpt.pt at step {ckpt['iter_num']}")
     else:
-        log.print(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
+        notes.append(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
         model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
         model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
     if dataset.vocab_size is not None and dataset.vocab_size > model_args["vocab_size"]:
         raise UserError(f"dataset '{cfg.dataset}' has {dataset.vocab_size} tokens but the model's vocab_size is "
-                        f"{model_args['vocab_size']}: use a dataset with that tokenizer")
+                        f"{model_args['vocab_size']}: use a dataset with the model's tokenizer")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
         model_args["block_size"] = cfg.block_size
     elif cfg.block_size > model.config.block_size:
         raise UserError(f"block_size={cfg.block_size} is larger than the model's {model.config.block_size}: "
                         f"use --block_size={model.config.block_size} or less")
-    return model, model_args, ckpt
+    return model, model_args, notes
+
+
+def check_out_dir(cfg):
+    """Refuse to replace an earlier run's checkpoints without --overwrite=True, and an out_dir that cannot be
+    written. Writes nothing."""
+    out_dir = Path(cfg.out_dir)
+    found = existing_checkpoints(out_dir) if out_dir.is_dir() else []
+    if found and cfg.init_from != "resume" and not cfg.eval_only and not cfg.overwrite:
+        raise UserError(f"out_dir '{out_dir}' already holds a checkpoint ({found[-1].name}): continue it with "
+                        f"--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        reason = "a file is in the way" if not existing.is_dir() else "permission denied"
+        raise UserError(f"cannot write to out_dir '{out_dir}' ({reason} at {existing}): choose another --out_dir")
+
+
+def open_out_dir(cfg):
+    """Create out_dir, drop temp files of a killed write, and with --overwrite=True the old checkpoints."""
+    out_dir = Path(cfg.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir '{out_dir}' ({e.strerror}): choose another --out_dir") from None
+    remove_stale_temps(out_dir)
+    if cfg.overwrite and cfg.init_from != "resume" and not cfg.eval_only:
+        for path in existing_checkpoints(out_dir):
+            path.unlink()
 
 
 def setup_ddp(cfg):
-    """(rank, local_rank, world_size) and init the process group when launched by torchrun."""
+    """(rank, local_rank, world_size) when launched by torchrun, else (0, 0, 1)."""
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 0, 1
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -242,9 +301,55 @@ def setup_ddp(cfg):
     return rank, local_rank, world_size
 
 
+def all_rng_states(device, world_size):
+    """Every process's RNG state, in rank order (a collective: all DDP ranks call it at the same step)."""
+    mine = rng_state(device)
+    if world_size == 1:
+        return [mine]
+    states = [None] * world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: the first asks the loop to finish the current step, save and exit 128+signal;
+    a second one aborts at once (KeyboardInterrupt, exit 130)."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            # once a stop is under way the process is saving and exiting: a late signal must not interrupt that
+            signal.signal(sig, signal.SIG_IGN if self.signum else handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        # os.write, not print: a handler can run in the middle of another print
+        os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: finishing this step, then saving "
+                                      f"(send it again to abort without saving)\n".encode())
+
+    def agreed(self, world_size, device):
+        """The stop signal if any process got one: all DDP ranks must stop after the same step."""
+        if world_size == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
 # ----------------------------------------------------------------------------- training
 
 def main(argv):
+    # everything that can fail on bad input is checked before anything is written
     cfg, cli_keys = load_config(argv)
     validate(cfg)
     wandb = import_optional("wandb", "wandb_log=True") if cfg.wandb_log else None
@@ -262,23 +367,26 @@ def main(argv):
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     use_compile = hardware.resolve_compile(cfg.compile, device)
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
+    ckpt = None
+    if cfg.init_from == "resume":
+        ckpt_path = resume_path(cfg.out_dir)
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        check_resume(ckpt, cfg, cli_keys, dataset)
     dataset.check_block_size(cfg.block_size)
-    if cfg.init_from == "resume" and not (Path(cfg.out_dir) / "ckpt.pt").exists():
-        raise UserError(f"init_from=resume but {cfg.out_dir}/ckpt.pt does not exist: "
-                        f"check --out_dir, or start with --init_from=scratch")
+    check_out_dir(cfg)
+    torch.manual_seed(cfg.seed + rank)
+    model, model_args, notes = build_model(cfg, dataset, ckpt)
+    vocab_size = model_args["vocab_size"]
+    dataset.check_token_ids(vocab_size)
+
+    # from here on the run writes to out_dir
     if master:
-        try:
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            if not os.access(cfg.out_dir, os.W_OK):
-                raise PermissionError(13, "Permission denied")
-        except OSError as e:
-            raise UserError(f"cannot write to out_dir '{cfg.out_dir}' ({e.strerror}): choose another --out_dir") from None
+        open_out_dir(cfg)
     if world_size > 1:
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
         dist.init_process_group(backend=backend)
         if device_type == "cuda":
             torch.cuda.set_device(device)
-
     trackers = []
     if master and cfg.tensorboard_log:
         trackers.append(TensorBoardTracker(cfg.out_dir))
@@ -286,29 +394,32 @@ def main(argv):
         trackers.append(WandbTracker(wandb, cfg.wandb_project, cfg.wandb_run_name, vars(cfg)))
     log = RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=master, trackers=trackers)
     log.print("config:\n" + format_config(vars(cfg)))
-    torch.manual_seed(cfg.seed + rank)
+    for note in notes:
+        log.print(note)
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
     ctx = hardware.autocast(device, dtype)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     log.print(f"device {device}, dtype {dtype}, compile {use_compile}, {world_size} process(es); "
               f"tokens per iteration: {tokens_per_iter:,}")
-
-    model, model_args, ckpt = build_model(cfg, dataset, log)
-    vocab_size = model_args["vocab_size"]
-    dataset.check_token_ids(vocab_size)
     model.to(device)
     log.print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     scaler = hardware.grad_scaler(device, dtype)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    iter_num, best_val_loss = 0, float("inf")
+    iter_num, best_val_loss, resumed_at = 0, float("inf"), None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        if isinstance(best_val_loss, torch.Tensor):
-            best_val_loss = best_val_loss.item()
+        iter_num = resumed_at = ckpt["iter_num"]
+        best_val_loss = float(ckpt["best_val_loss"])
+        rng = ckpt.get("rng")
+        if rng and len(rng) == world_size:
+            set_rng_state(rng[rank], device)  # dropout continues exactly where it stopped
+        else:
+            log.print(f"the checkpoint has no RNG state for {world_size} process(es): dropout masks will differ "
+                      f"from an uninterrupted run")
+        log.print(f"resuming from {ckpt_path} at step {iter_num}")
     del ckpt
     raw_model = model
     if use_compile:
@@ -317,72 +428,94 @@ def main(argv):
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     eval_model = model.module if isinstance(model, DDP) else model
+    out_dir = Path(cfg.out_dir)
 
     if master:
         run_info = dict(vars(cfg), resolved_device=device, resolved_dtype=dtype, resolved_compile=use_compile,
                         world_size=world_size, num_params=raw_model.get_num_params())
-        with open(Path(cfg.out_dir) / "config.json", "w", encoding="utf-8") as f:
+        with open(out_dir / "config.json", "w", encoding="utf-8") as f:
             json.dump(run_info, f, indent=2)
-
     peak, peak_source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(device, dtype)
     log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     per_rank_accum = cfg.gradient_accumulation_steps // world_size
     flops_per_iter = raw_model.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size * per_rank_accum
     train_data = dataset.splits["train"]
 
-    def evaluate_and_save(step):
-        nonlocal best_val_loss
-        losses = estimate_loss(eval_model, dataset, cfg.eval_iters, cfg.batch_size, cfg.block_size, cfg.seed,
-                               device, ctx, vocab_size)
-        lr_now = get_lr(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
-        log.print(eval_line(step, losses["train"], losses["val"]))
-        log.metrics({"type": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                     "lr": lr_now, "elapsed_s": time.time() - t_start})
-        improved = losses["val"] < best_val_loss
-        best_val_loss = min(best_val_loss, losses["val"])
-        if step > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
-            ckpt_out = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-                        "iter_num": step, "best_val_loss": best_val_loss, "config": vars(cfg), "scaler": scaler.state_dict(),
-                        "meta": dataset.meta}
-            log.print(f"saving checkpoint to {cfg.out_dir}/ckpt.pt")
-            save_checkpoint(ckpt_out, Path(cfg.out_dir) / "ckpt.pt")
+    def save(step, improved, rng_states):
+        """latest.pt always; ckpt.pt only when val improved; a rolling copy with --keep_last."""
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+                 "iter_num": step, "best_val_loss": best_val_loss, "config": vars(cfg), "scaler": scaler.state_dict(),
+                 "rng": rng_states, "sampler": {"kind": "seed_and_step", "seed": cfg.seed, "next_step": step},
+                 "meta": dataset.meta}
+        save_checkpoint(state, out_dir / LATEST)
+        written = [LATEST]
+        if improved:
+            link_checkpoint(out_dir / LATEST, out_dir / BEST)
+            written.append(BEST)
+        if cfg.keep_last:
+            link_checkpoint(out_dir / LATEST, out_dir / step_name(step))
+            for old in sorted(out_dir.glob("ckpt_step*.pt"))[:-cfg.keep_last]:
+                old.unlink()
+        log.print(f"saving checkpoint to {cfg.out_dir} ({', '.join(written)})")
 
+    exit_code = 0
     t_start = time.time()
-    start_iter = iter_num
     t_window, window_iters, running_mfu = time.time(), 0, -1.0
-    while True:
-        if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only):
-            if cfg.eval_only or iter_num != start_iter or cfg.init_from != "resume":  # a resumed step was evaluated before saving
+    with StopRequest() as stop:
+        while True:
+            at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
+            if at_eval and (iter_num != resumed_at or cfg.eval_only):  # a resumed step was evaluated before its save
                 t_eval = time.time()
-                evaluate_and_save(iter_num)
+                rng_states = all_rng_states(device, world_size)
+                if master:
+                    losses = estimate_loss(eval_model, dataset, cfg.eval_iters, cfg.batch_size, cfg.block_size, cfg.seed,
+                                           device, ctx, vocab_size)
+                    lr_now = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
+                    log.print(eval_line(iter_num, losses["train"], losses["val"]))
+                    log.metrics({"type": "eval", "step": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                 "lr": lr_now, "elapsed_s": time.time() - t_start})
+                    improved = losses["val"] < best_val_loss
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    if not cfg.eval_only and iter_num > 0 and (improved or cfg.always_save_checkpoint
+                                                               or iter_num == cfg.max_iters):
+                        save(iter_num, improved, rng_states)
                 t_window += time.time() - t_eval  # keep evaluation out of the iteration time
-        if cfg.eval_only or iter_num >= cfg.max_iters:
-            break
-        lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches = step_batches(train_data, iter_num, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.block_size,
-                               cfg.seed, device, rank, world_size, vocab_size)
-        loss = forward_backward(model, batches, ctx, scaler)
-        optimizer_step(model, optimizer, scaler, cfg.grad_clip)
-        window_iters += 1
-        if iter_num % cfg.log_interval == 0 and master:
-            lossf = loss.item()  # the one host sync per logged step
-            dt = (time.time() - t_window) / window_iters
-            t_window, window_iters = time.time(), 0
-            if iter_num - start_iter >= 5:  # let the first iterations (allocation, compilation) pass
-                mfu = flops_per_iter / dt / peak
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-            log.print(iter_line(iter_num, lossf, dt * 1000, running_mfu))
-            log.metrics({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
-                         "mfu": running_mfu, "tokens_per_s": tokens_per_iter / dt})
-        iter_num += 1
+            if cfg.eval_only or iter_num >= cfg.max_iters:
+                break
+            lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = step_batches(train_data, iter_num, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.block_size,
+                                   cfg.seed, device, rank, world_size, vocab_size)
+            loss = forward_backward(model, batches, ctx, scaler)
+            optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            window_iters += 1
+            if iter_num % cfg.log_interval == 0 and master:
+                lossf = loss.item()  # the one host sync per logged step
+                dt = (time.time() - t_window) / window_iters
+                t_window, window_iters = time.time(), 0
+                if iter_num - (resumed_at or 0) >= 5:  # let the first iterations (allocation, compilation) pass
+                    mfu = flops_per_iter / dt / peak
+                    running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+                log.print(iter_line(iter_num, lossf, dt * 1000, running_mfu))
+                log.metrics({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
+                             "mfu": running_mfu, "tokens_per_s": tokens_per_iter / dt})
+            iter_num += 1
+            signum = stop.agreed(world_size, device)
+            if signum:
+                rng_states = all_rng_states(device, world_size)
+                if master:
+                    save(iter_num, False, rng_states)
+                log.print(f"interrupted ({signal.Signals(signum).name}) after step {iter_num}: saved {out_dir / LATEST}; "
+                          f"continue with --init_from=resume")
+                exit_code = 128 + signum
+                break
 
     log.print(took_line(time.time() - t_start))
     log.close()
     if world_size > 1:
         dist.destroy_process_group()
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def test_cuda_requested_without_cuda(data_dir, tmp_path):
 
 
 def test_resume_without_checkpoint(data_dir, tmp_path):
-    with pytest.raises(UserError, match=r"init_from=resume but .*ckpt.pt does not exist"):
+    with pytest.raises(UserError, match=r"no checkpoint in .*out \(looked for latest.pt and ckpt.pt\)"):
         run(data_dir, tmp_path, "--init_from=resume")
 
 
