@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from checkpoint import existing_checkpoints  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from train import load_config  # noqa: E402
 
@@ -61,6 +62,9 @@ def run(name, overrides, exp_dir="experiments"):
     if os.environ.get("RERUN") != "1" and already_done(out_dir, overrides):
         print(f"{name}: already finished with these settings in {out_dir} (RERUN=1 to train again)")
         return 0
+    if existing_checkpoints(out_dir):
+        print(f"{name}: training again; the checkpoints of the earlier run in {out_dir} are replaced")
+        overrides.append("--overwrite=True")  # running the experiment script again asks for exactly this
     cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / BASE_CONFIG), *overrides, f"--out_dir={out_dir}"]
     print("$ python train.py " + " ".join([BASE_CONFIG, *overrides, f"--out_dir={out_dir}"]), flush=True)
     with open(exp_dir / f"{name}.log", "w", encoding="utf-8") as log:  # the seeds' `2>&1 | tee NAME.log`

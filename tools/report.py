@@ -106,13 +106,20 @@ def analysis_exp3(runs):
         lines.append(f"- {r.name} (dropout {setting(r, 'dropout')}, weight_decay {setting(r, 'weight_decay')}): "
                      f"train {r.train_losses[-1]:.4f}, val {r.val_losses[-1]:.4f}, gap {gap:.4f}: "
                      f"{overfitting_verdict(gap)}; best val {r.best_val()[1]:.4f} at step {r.best_val()[0]}")
+    gaps = {r.name: r.val_losses[-1] - r.train_losses[-1] for r in runs}
+    widest, narrowest = max(gaps, key=gaps.get), min(gaps, key=gaps.get)
+    lines.append(f"- summary: the gap is widest in {widest} ({gaps[widest]:.4f}) and narrowest in {narrowest} "
+                 f"({gaps[narrowest]:.4f})")
     return "\n".join(lines)
 
 
 def analysis_exp4(runs):
     fastest = max(first_drop(r) for r in runs)
-    return "\n\n".join(f"#### {r.name} (warmup_iters {setting(r, 'warmup_iters')}, decay_lr {setting(r, 'decay_lr')})\n"
-                       f"{describe_run(r, fastest)}" for r in runs)
+    parts = [f"#### {r.name} (warmup_iters {setting(r, 'warmup_iters')}, decay_lr {setting(r, 'decay_lr')})\n"
+             f"{describe_run(r, fastest)}" for r in runs]
+    best = min(runs, key=lambda r: r.val_losses[-1])
+    parts.append(f"#### Summary\n- lowest final val loss: {best.name} ({best.val_losses[-1]:.4f})")
+    return "\n\n".join(parts)
 
 
 def analysis_exp5(runs):
@@ -135,7 +142,7 @@ def generated_sample(out_dir, max_new_tokens=200, seed=1337):
 
     if not (Path(out_dir) / "ckpt.pt").exists():
         return None
-    model, tokenizer = load_model(SimpleNamespace(init_from="resume", out_dir=str(out_dir)), "cpu")
+    model, tokenizer = load_model(SimpleNamespace(init_from="resume", out_dir=str(out_dir), checkpoint="ckpt.pt"), "cpu")
     torch.manual_seed(seed)
     start = torch.tensor([tokenizer.encode("\n")], dtype=torch.long)
     return tokenizer.decode(model.generate(start, max_new_tokens, temperature=0.8, top_k=200)[0].tolist())
