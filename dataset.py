@@ -25,6 +25,7 @@ from errors import UserError
 SPLITS = ("train", "val")
 TOOLKIT_DATA = Path(__file__).resolve().parent / "data"
 GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = 50256  # <|endoftext|>
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
@@ -200,9 +201,9 @@ def build_dataset(text, out_dir, tokenizer="char", val_fraction=0.1, progress=Tr
             ids = []
             chunks = _bpe_safe_chunks(part)
             for chunk in tqdm(chunks, desc=f"encode {split}", unit="chunk", disable=not progress, mininterval=0.5):
-                ids.extend(enc.encode_ordinary(chunk))
+                ids.extend(enc.encode(chunk))  # a literal <|endoftext|> in the text separates documents
             files[out_dir / f"{split}.bin"] = np.array(ids, dtype=np.uint16).tobytes()
-        meta = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE}
+        meta = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT}
     else:
         raise UserError(f"unknown tokenizer '{tokenizer}': use char or gpt2")
     if len(files[out_dir / "val.bin"]) < 4 or len(files[out_dir / "train.bin"]) < 4:
@@ -303,6 +304,13 @@ class Dataset:
         if (TOOLKIT_DATA / self.name / "prepare.py").exists():
             return f"python data/{self.name}/prepare.py --out_dir={self.path}"
         return f"python data/prepare_text.py --input=YOUR.txt --name={self.name}"
+
+    @property
+    def eot_token(self):
+        """The end-of-text id that separates documents: GPT-2's <|endoftext|> for GPT-2 tokenized data, else None."""
+        if self.meta is None or self.meta["tokenizer"] == "gpt2":
+            return (self.meta or {}).get("eot_token", GPT2_EOT)
+        return None
 
     @property
     def vocab_size(self):

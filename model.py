@@ -37,12 +37,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
+        """mask: None for plain causal attention, else a (B, 1, T, T) bool mask (True = may attend)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         dropout = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -67,8 +68,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -107,14 +108,19 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, doc_sep=None):
+        """Logits (and the loss when targets are given). With doc_sep (an end-of-text token id), each row may
+        hold several documents: positions restart after every doc_sep and attention stays inside a document."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        if doc_sep is None:
+            pos, mask = torch.arange(0, T, dtype=torch.long, device=idx.device), None
+        else:
+            pos, mask = document_positions_and_mask(idx, doc_sep)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, mask)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # generation needs only the last position
@@ -177,6 +183,22 @@ GPT2_SIZES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
+
+
+def document_positions_and_mask(idx, doc_sep):
+    """For rows of packed documents: each token's position inside its own document (B, T), and the
+    block-diagonal causal mask (B, 1, T, T) that lets a token attend only to earlier tokens of its document.
+    A doc_sep token ends (belongs to) the document before it."""
+    B, T = idx.size()
+    is_sep = (idx == doc_sep).long()
+    doc = torch.cumsum(is_sep, dim=1) - is_sep  # document number of each token
+    t = torch.arange(T, device=idx.device).expand(B, T)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # where each token's document begins
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return t - first, mask[:, None, :, :]
 
 
 def sample_next(logits, temperature=1.0, top_k=None):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -38,7 +39,8 @@ from checkpoint import (
     step_name,
 )
 from configurator import defaults_of, format_config, help_of, parse_args
-from dataset import Dataset, eval_offsets, get_batch, train_offsets
+from dataset import Dataset, eval_offsets, get_batch, tokenizer_from_meta, train_offsets
+from diagnostics import NAN_DIAGNOSIS, GradMonitor, check_batch, check_init, grad_warnings
 from errors import ConfigError, UserError, import_optional, run_main
 from model import GPT, GPT2_SIZES, GPTConfig
 from runlog import RunLog, TensorBoardTracker, WandbTracker, eval_line, iter_line, took_line
@@ -82,10 +84,22 @@ class Config:
     beta2 = 0.95  # AdamW beta2
     grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
     # learning-rate schedule
-    decay_lr = True  # cosine decay after warmup; False holds learning_rate after warmup
+    decay_lr = True  # decay after warmup; False holds learning_rate after warmup
+    lr_schedule = "cosine"  # cosine (nanoGPT) | wsd (warmup, hold, decay over the last decay_frac) | constant
     warmup_iters = 2000  # linear warmup steps
-    lr_decay_iters = 600000  # step at which the cosine reaches min_lr (usually max_iters)
+    lr_decay_iters = 600000  # cosine: step at which the decay reaches min_lr (usually max_iters)
     min_lr = 6e-5  # learning rate at the end of the decay (usually learning_rate / 10)
+    decay_frac = 0.2  # wsd: the fraction of max_iters spent decaying to min_lr
+    # training features
+    early_stop_patience = 0  # stop after this many evaluations without val improvement (0 = off)
+    early_stop_min_delta = 0.0  # an evaluation improves only if it lowers the best val loss by more than this
+    mask_prob = 0.0  # replace this fraction of training input tokens (never targets, never eval) with mask_token
+    mask_token = -1  # the id masked tokens become; -1 = a random token each time
+    packing = False  # keep attention inside each document of a row (needs an end-of-text token in the data)
+    # diagnostics
+    debug_data = False  # before training: print a batch, decode it, check that Y is X shifted by one
+    check_init = False  # before training: compare the model's loss with ln(vocab_size), check logits for NaN/Inf
+    grad_monitor_interval = 0  # every N steps log gradient norms, per-layer norms and the update ratio (0 = off)
     # system
     backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
@@ -100,6 +114,7 @@ CHOICES = {
     "backend": ["auto", "nccl", "gloo"],
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "compile": ["auto", True, False],
+    "lr_schedule": ["cosine", "wsd", "constant"],
 }
 ALIASES = {"lr": "learning_rate"}
 USAGE = "usage: python train.py [CONFIG_FILE ...] [--key=value ...]"
@@ -118,7 +133,7 @@ def validate(cfg):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "seed", "peak_flops",
-                "max_train_tokens", "keep_last"):
+                "max_train_tokens", "keep_last", "early_stop_patience", "early_stop_min_delta", "grad_monitor_interval"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
     if cfg.learning_rate <= 0:
@@ -129,42 +144,74 @@ def validate(cfg):
                           f"dimensions; use an n_head from {fits} or change n_embd")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout={cfg.dropout} must be in [0, 1)")
-    for key in ("beta1", "beta2"):
+    for key in ("beta1", "beta2", "mask_prob"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1)")
+    if not 0.0 < cfg.decay_frac <= 1.0:
+        raise ConfigError(f"decay_frac={cfg.decay_frac} must be in (0, 1]")
+    if cfg.mask_token < -1:
+        raise ConfigError(f"mask_token={cfg.mask_token} must be a token id, or -1 for a random token")
 
 
 # ----------------------------------------------------------------------------- schedule, batches, evaluation
 
-def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
-    """Learning rate for optimizer step `it` (0-based): linear warmup from learning_rate/(warmup_iters+1)
-    (never 0), then a cosine from learning_rate at warmup_iters to min_lr at lr_decay_iters, then min_lr.
-    decay_lr=False keeps the warmup and then holds learning_rate."""
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True, schedule="cosine",
+           max_iters=None, decay_frac=0.2):
+    """Learning rate for optimizer step `it` (0-based). All schedules start with a linear warmup from
+    learning_rate/(warmup_iters+1) (never 0) to learning_rate at warmup_iters. Then
+      cosine:   nanoGPT's cosine from learning_rate at warmup_iters to min_lr at lr_decay_iters, then min_lr;
+      wsd:      hold learning_rate, then a cosine to min_lr over the last decay_frac of max_iters
+                (warmup-stable-decay, tutorial ch01 4.2);
+      constant: hold learning_rate (also what decay_lr=False gives)."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if not decay_lr:
+    if not decay_lr or schedule == "constant":
         return learning_rate
-    if it >= lr_decay_iters:
-        return min_lr
-    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    if schedule == "wsd":
+        decay_start = max(warmup_iters, max_iters - round(decay_frac * max_iters))
+        if it < decay_start:
+            return learning_rate
+        decay_ratio = min(1.0, (it - decay_start) / max(1, max_iters - decay_start))
+    else:
+        if it >= lr_decay_iters:
+            return min_lr
+        decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def step_batches(data, step, batch_size, accum_steps, block_size, seed, device, rank=0, world_size=1, vocab_size=None):
+def lr_at(cfg, it):
+    """get_lr with a run's config (an object with the Config keys)."""
+    return get_lr(it, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr,
+                  cfg.lr_schedule, cfg.max_iters, cfg.decay_frac)
+
+
+def step_batches(data, step, batch_size, accum_steps, block_size, seed, device, rank=0, world_size=1, vocab_size=None,
+                 mask_prob=0.0, mask_token=-1):
     """This process's micro-batches [(X, Y), ...] for optimizer step `step`.
 
     All batch_size * accum_steps rows of the step are drawn at once from (seed, step), then cut into
-    micro-batches and dealt to DDP ranks in order, so how a step is split never changes its rows."""
+    micro-batches and dealt to DDP ranks in order, so how a step is split never changes its rows.
+    mask_prob > 0 replaces that fraction of the inputs X (never the targets Y) with mask_token, or with a
+    random token when mask_token is -1 (BERT-style augmentation, tutorial's challenge 5)."""
     offsets = train_offsets(seed, step, batch_size * accum_steps, len(data), block_size)
     per_rank = accum_steps // world_size
     mine = offsets.reshape(accum_steps, batch_size)[rank * per_rank:(rank + 1) * per_rank].reshape(-1)
     X, Y = get_batch(data, mine, block_size, device, vocab_size)
+    if mask_prob > 0:
+        X = X.clone()  # X and Y are views of one buffer: masking X in place would change Y
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 2, step, rank]))
+        masked = torch.from_numpy(rng.random(tuple(X.shape)) < mask_prob).to(X.device)
+        if mask_token == -1:
+            fill = torch.from_numpy(rng.integers(0, vocab_size, size=tuple(X.shape))).to(X.device)
+            X = torch.where(masked, fill, X)
+        else:
+            X = X.masked_fill(masked, mask_token)
     return list(zip(X.split(batch_size), Y.split(batch_size)))
 
 
 @torch.no_grad()
-def estimate_loss(model, dataset, eval_iters, batch_size, block_size, seed, device, ctx, vocab_size=None):
+def estimate_loss(model, dataset, eval_iters, batch_size, block_size, seed, device, ctx, vocab_size=None, doc_sep=None):
     """Mean loss over eval_iters fixed batches per split ({'train': x, 'val': y}), model in eval mode."""
     was_training = model.training
     model.eval()
@@ -175,14 +222,14 @@ def estimate_loss(model, dataset, eval_iters, batch_size, block_size, seed, devi
         for k, rows in enumerate(offsets.reshape(eval_iters, batch_size)):
             X, Y = get_batch(data, rows, block_size, device, vocab_size)
             with ctx:
-                _, loss = model(X, Y)
+                _, loss = model(X, Y, doc_sep)
             losses[k] = loss.item()
         out[split] = losses.mean().item()
     model.train(was_training)
     return out
 
 
-def forward_backward(model, micro_batches, ctx, scaler):
+def forward_backward(model, micro_batches, ctx, scaler, doc_sep=None):
     """Accumulate the gradient of the mean loss over micro_batches. Returns that mean loss as a tensor
     (no host sync). Under DDP, gradients are all-reduced only on the last micro-step."""
     n = len(micro_batches)
@@ -191,7 +238,7 @@ def forward_backward(model, micro_batches, ctx, scaler):
         no_sync = model.no_sync() if isinstance(model, DDP) and i < n - 1 else contextlib.nullcontext()
         with no_sync:
             with ctx:
-                _, loss = model(X, Y)
+                _, loss = model(X, Y, doc_sep)
                 loss = loss / n  # gradients add up over micro-steps; this makes them a mean
             scaler.scale(loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
@@ -199,10 +246,10 @@ def forward_backward(model, micro_batches, ctx, scaler):
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
-    """Unscale, clip, step, and zero the gradients. Returns the gradient norm before clipping (tensor) or None."""
+    """Clip, step, and zero the gradients (already unscaled with scaler.unscale_). Returns the gradient norm
+    before clipping (a tensor) or None when grad_clip is 0."""
     norm = None
     if grad_clip > 0:
-        scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
@@ -301,6 +348,13 @@ def setup_ddp(cfg):
     return rank, local_rank, world_size
 
 
+def agree_with_master(flag, device):
+    """Rank 0's decision, on every DDP rank (a collective)."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def all_rng_states(device, world_size):
     """Every process's RNG state, in rank order (a collective: all DDP ranks call it at the same step)."""
     mine = rng_state(device)
@@ -378,6 +432,15 @@ def main(argv):
     model, model_args, notes = build_model(cfg, dataset, ckpt)
     vocab_size = model_args["vocab_size"]
     dataset.check_token_ids(vocab_size)
+    if cfg.mask_token >= vocab_size:
+        raise ConfigError(f"mask_token={cfg.mask_token} must be below the model's vocab_size {vocab_size} (or -1 for random)")
+    doc_sep = None
+    if cfg.packing:
+        doc_sep = dataset.eot_token
+        if doc_sep is None:
+            raise UserError(f"packing=True needs documents separated by an end-of-text token, and '{cfg.dataset}' has none "
+                            f"(character datasets never do): use a GPT-2 tokenized dataset, e.g. data/prepare_text.py "
+                            f"--tokenizer=gpt2 on text with <|endoftext|> between documents")
 
     # from here on the run writes to out_dir
     if master:
@@ -407,12 +470,14 @@ def main(argv):
     scaler = hardware.grad_scaler(device, dtype)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     iter_num, best_val_loss, resumed_at = 0, float("inf"), None
+    early = {"best": float("inf"), "best_step": 0, "evals_without_improvement": 0}  # early-stopping state
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         iter_num = resumed_at = ckpt["iter_num"]
         best_val_loss = float(ckpt["best_val_loss"])
+        early.update(ckpt.get("early_stop", {}))
         rng = ckpt.get("rng")
         if rng and len(rng) == world_size:
             set_rng_state(rng[rank], device)  # dropout continues exactly where it stopped
@@ -441,12 +506,14 @@ def main(argv):
     flops_per_iter = raw_model.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size * per_rank_accum
     train_data = dataset.splits["train"]
 
+    last_saved = {"step": resumed_at}
+
     def save(step, improved, rng_states):
         """latest.pt always; ckpt.pt only when val improved; a rolling copy with --keep_last."""
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
                  "iter_num": step, "best_val_loss": best_val_loss, "config": vars(cfg), "scaler": scaler.state_dict(),
                  "rng": rng_states, "sampler": {"kind": "seed_and_step", "seed": cfg.seed, "next_step": step},
-                 "meta": dataset.meta}
+                 "early_stop": dict(early), "meta": dataset.meta}
         save_checkpoint(state, out_dir / LATEST)
         written = [LATEST]
         if improved:
@@ -456,7 +523,30 @@ def main(argv):
             link_checkpoint(out_dir / LATEST, out_dir / step_name(step))
             for old in sorted(out_dir.glob("ckpt_step*.pt"))[:-cfg.keep_last]:
                 old.unlink()
+        last_saved["step"] = step
         log.print(f"saving checkpoint to {cfg.out_dir} ({', '.join(written)})")
+
+    def stop_for_nonfinite(step):
+        """The NaN/Inf guard: stop before anything broken is evaluated or saved, with the tutorial's diagnosis."""
+        log.print(f"training stopped: the loss or the gradients became NaN/Inf by step {step}")
+        log.print(NAN_DIAGNOSIS)
+        log.close()
+        kept = (f"the last checkpoint ({out_dir / LATEST}, step {last_saved['step']}) is from before and untouched"
+                if last_saved["step"] is not None else "no checkpoint had been saved yet")
+        raise UserError(f"loss or gradients became NaN/Inf by step {step}: {kept}; see the likely causes above "
+                        f"(lower learning_rate, set grad_clip, avoid float16)")
+
+    if master and (cfg.debug_data or cfg.check_init):
+        X, Y = step_batches(train_data, iter_num, cfg.batch_size, 1, cfg.block_size, cfg.seed, device,
+                            vocab_size=vocab_size)[0]
+        if cfg.debug_data:
+            check_batch(X, Y, tokenizer_from_meta(dataset.meta).decode, log.print)
+        if cfg.check_init:
+            Xv, Yv = get_batch(dataset.splits["val"], eval_offsets(cfg.seed, "val", cfg.batch_size, len(dataset.splits["val"]),
+                                                                     cfg.block_size), cfg.block_size, device, vocab_size)
+            check_init(raw_model, Xv, Yv, dataset.vocab_size or vocab_size, ctx, log.print)
+    monitor = GradMonitor(raw_model, cfg.grad_monitor_interval) if cfg.grad_monitor_interval and master else None
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set by any step whose loss or gradient is NaN/Inf
 
     exit_code = 0
     t_start = time.time()
@@ -466,43 +556,79 @@ def main(argv):
             at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
             if at_eval and (iter_num != resumed_at or cfg.eval_only):  # a resumed step was evaluated before its save
                 t_eval = time.time()
+                if nonfinite.item():
+                    stop_for_nonfinite(iter_num)
                 rng_states = all_rng_states(device, world_size)
+                stop_early = False
                 if master:
                     losses = estimate_loss(eval_model, dataset, cfg.eval_iters, cfg.batch_size, cfg.block_size, cfg.seed,
-                                           device, ctx, vocab_size)
-                    lr_now = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
+                                           device, ctx, vocab_size, doc_sep)
                     log.print(eval_line(iter_num, losses["train"], losses["val"]))
                     log.metrics({"type": "eval", "step": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                 "lr": lr_now, "elapsed_s": time.time() - t_start})
+                                 "lr": lr_at(cfg, iter_num), "elapsed_s": time.time() - t_start})
+                    if not all(math.isfinite(v) for v in losses.values()):
+                        stop_for_nonfinite(iter_num)
                     improved = losses["val"] < best_val_loss
                     best_val_loss = min(best_val_loss, losses["val"])
+                    if cfg.early_stop_patience and not cfg.eval_only:
+                        if losses["val"] < early["best"] - cfg.early_stop_min_delta:
+                            early.update(best=losses["val"], best_step=iter_num, evals_without_improvement=0)
+                        else:
+                            early["evals_without_improvement"] += 1
+                        stop_early = early["evals_without_improvement"] >= cfg.early_stop_patience
                     if not cfg.eval_only and iter_num > 0 and (improved or cfg.always_save_checkpoint
-                                                               or iter_num == cfg.max_iters):
+                                                               or iter_num == cfg.max_iters or stop_early):
                         save(iter_num, improved, rng_states)
+                if cfg.early_stop_patience and world_size > 1:
+                    stop_early = agree_with_master(stop_early, device)
+                if stop_early:
+                    log.print(f"early stopping at step {iter_num}: val loss has not improved by more than "
+                              f"{cfg.early_stop_min_delta} for {cfg.early_stop_patience} evaluations (best "
+                              f"{early['best']:.4f} at step {early['best_step']}); the best model is in {out_dir / BEST}")
+                    break
                 t_window += time.time() - t_eval  # keep evaluation out of the iteration time
             if cfg.eval_only or iter_num >= cfg.max_iters:
                 break
-            lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
+            lr = lr_at(cfg, iter_num)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = step_batches(train_data, iter_num, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.block_size,
-                                   cfg.seed, device, rank, world_size, vocab_size)
-            loss = forward_backward(model, batches, ctx, scaler)
-            optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+                                   cfg.seed, device, rank, world_size, vocab_size, cfg.mask_prob, cfg.mask_token)
+            loss = forward_backward(model, batches, ctx, scaler, doc_sep)
+            scaler.unscale_(optimizer)  # true gradients for the monitor, the guard and clipping (no-op unless float16)
+            grad_record = monitor.gradients(iter_num) if monitor and monitor.due(iter_num) else None
+            norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            finite = torch.isfinite(loss)
+            if norm is not None and not scaler.is_enabled():  # with float16 the scaler skips inf-gradient steps itself
+                finite &= torch.isfinite(norm)
+            nonfinite |= ~finite
+            if grad_record is not None:
+                grad_record.update(lr=lr, update_ratio=monitor.update_ratio())
+                log.metrics(grad_record)
+                layers = " ".join(f"{k} {v:.3g}" for k, v in grad_record["layer_norms"].items())
+                log.print(f"grad {iter_num}: norm {grad_record['grad_norm']:.4f}, max {grad_record['grad_max']:.4g}, "
+                          f"update/param {grad_record['update_ratio']:.2e}; layer norms: {layers}")
+                for warning in grad_warnings(grad_record):
+                    log.print(f"WARNING: {warning}")
             window_iters += 1
-            if iter_num % cfg.log_interval == 0 and master:
-                lossf = loss.item()  # the one host sync per logged step
-                dt = (time.time() - t_window) / window_iters
-                t_window, window_iters = time.time(), 0
-                if iter_num - (resumed_at or 0) >= 5:  # let the first iterations (allocation, compilation) pass
-                    mfu = flops_per_iter / dt / peak
-                    running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-                log.print(iter_line(iter_num, lossf, dt * 1000, running_mfu))
-                log.metrics({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
-                             "mfu": running_mfu, "tokens_per_s": tokens_per_iter / dt})
+            if iter_num % cfg.log_interval == 0:
+                if nonfinite.item():  # every rank checks here, so all of them stop at the same step
+                    stop_for_nonfinite(iter_num)
+                if master:
+                    lossf = loss.item()  # the one host sync per logged step
+                    dt = (time.time() - t_window) / window_iters
+                    t_window, window_iters = time.time(), 0
+                    if iter_num - (resumed_at or 0) >= 5:  # let the first iterations (allocation, compilation) pass
+                        mfu = flops_per_iter / dt / peak
+                        running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+                    log.print(iter_line(iter_num, lossf, dt * 1000, running_mfu))
+                    log.metrics({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
+                                 "mfu": running_mfu, "tokens_per_s": tokens_per_iter / dt})
             iter_num += 1
             signum = stop.agreed(world_size, device)
             if signum:
+                if nonfinite.item():
+                    stop_for_nonfinite(iter_num)
                 rng_states = all_rng_states(device, world_size)
                 if master:
                     save(iter_num, False, rng_states)

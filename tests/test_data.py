@@ -32,7 +32,7 @@ def test_gpt2_dataset_matches_nanogpt(tmp_path, shakespeare_text):
     assert (summary["train"], summary["val"]) == (301_966, 36_059)  # nanoGPT's data/shakespeare numbers
     ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
     assert ids.max() < 50257 and not (tmp_path / "meta.pkl").exists()
-    assert read_meta(tmp_path) == {"tokenizer": "gpt2", "vocab_size": 50257}
+    assert read_meta(tmp_path) == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}
     assert tokenizer_from_meta(read_meta(tmp_path)).decode(ids[:3].tolist()) == "First Citizen:"
 
 

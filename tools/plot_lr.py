@@ -8,6 +8,7 @@ With out_dirs, each run's schedule comes from its config.json, all on one figure
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -16,16 +17,17 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from configurator import defaults_of  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from train import get_lr, load_config, validate  # noqa: E402
+from train import Config, load_config, lr_at, validate  # noqa: E402
 
 
 def schedule(cfg):
-    """(steps, learning rates) for every optimizer step of a run with this config (a dict)."""
-    steps = list(range(cfg["max_iters"]))
-    lrs = [get_lr(it, cfg["learning_rate"], cfg["warmup_iters"], cfg["lr_decay_iters"], cfg["min_lr"], cfg["decay_lr"])
-           for it in steps]
-    return steps, lrs
+    """(steps, learning rates) for every optimizer step of a run with this config (a dict; keys it lacks,
+    e.g. from an older run's config.json, take train.py's defaults)."""
+    run = SimpleNamespace(**{**defaults_of(Config), **cfg})
+    steps = list(range(run.max_iters))
+    return steps, [lr_at(run, it) for it in steps]
 
 
 def run_config(path):

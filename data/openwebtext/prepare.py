@@ -48,7 +48,7 @@ def main(argv):
                   for i in tqdm(range(shards), desc=f"writing {name}.bin"))
         total = write_token_stream(chunks, out_dir / f"{name}.bin")
         print(f"{name}.bin: {total:,} tokens")
-    (out_dir / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE}))
+    (out_dir / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": EOT}))
     return 0
 
 

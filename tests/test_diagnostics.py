@@ -1,0 +1,219 @@
+"""The tutorial's debugging tools and training features, built in: data/init checks, gradient monitor, NaN guard,
+early stopping, WSD schedule, token masking, document packing."""
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY_TRAIN
+
+import train
+from diagnostics import GradMonitor, check_batch, grad_warnings
+from errors import UserError, run_main
+from model import GPT, GPTConfig, document_positions_and_mask
+from train import get_lr
+
+
+def run_train(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        run_main(train.main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def metrics(out_dir, kind):
+    return [r for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def test_debug_data_prints_and_checks_the_shift(data_dir, tmp_path, capsys):
+    code, out, _ = run_train(capsys, *TINY_TRAIN, "--max_iters=0", "--debug_data=True", f"--data_dir={data_dir}",
+                             f"--out_dir={tmp_path / 'o'}")
+    assert code == 0
+    assert "data check: X (8, 32) torch.int64 on cpu, Y (8, 32) torch.int64" in out
+    assert "data check: passed, Y is X shifted by one" in out
+    x_text = out.split("data check: X[0] = ")[1].splitlines()[0]
+    y_text = out.split("data check: Y[0] = ")[1].splitlines()[0]
+    assert eval(x_text)[1:] == eval(y_text)[:-1]  # the tutorial's own check on the decoded text
+
+
+def test_data_check_catches_a_broken_shift(data_dir, tmp_path, capsys, monkeypatch):
+    real = train.get_batch
+
+    def unshifted(*args, **kw):
+        X, Y = real(*args, **kw)
+        return X, X.clone()  # the bug the check exists for: targets equal to inputs
+    monkeypatch.setattr(train, "get_batch", unshifted)
+    code, _, err = run_train(capsys, *TINY_TRAIN, "--debug_data=True", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}")
+    assert code == 1 and "data check failed: Y is not X shifted by one token" in err
+    with pytest.raises(UserError, match="not X shifted by one"):
+        check_batch(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 2, 3]]), report=lambda s: None)
+    check_batch(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 7]]), report=lambda s: None)  # shifted: passes
+
+
+def test_check_init_reports_loss_against_ln_vocab(data_dir, tmp_path, capsys):
+    code, out, _ = run_train(capsys, *TINY_TRAIN, "--max_iters=0", "--check_init=True", f"--data_dir={data_dir}",
+                             f"--out_dir={tmp_path / 'o'}")
+    assert code == 0
+    loss = float(out.split("init check: loss ")[1].split(",")[0])
+    assert abs(loss - math.log(65)) < 0.3 and "ln(65) = 4.1744" in out and "WARNING" not in out
+
+
+def test_grad_monitor_records_and_warns(data_dir, tmp_path, capsys):
+    out_dir = tmp_path / "g"
+    code, out, _ = run_train(capsys, *TINY_TRAIN, "--max_iters=21", "--grad_monitor_interval=10", f"--data_dir={data_dir}",
+                             f"--out_dir={out_dir}")
+    assert code == 0
+    records = metrics(out_dir, "grad")
+    assert [r["iter"] for r in records] == [0, 10, 20]
+    r = records[0]
+    assert set(r["layer_norms"]) == {"wte", "wpe", "h.0", "h.1", "ln_f"}
+    assert r["grad_norm"] == pytest.approx(math.sqrt(sum(v * v for v in r["layer_norms"].values())), rel=1e-5)
+    assert len(r["hist"]) == 48 and sum(r["hist"]) > 20_000 and 0 < r["update_ratio"] < 1
+    assert "grad 10: norm" in out and "layer norms: wte" in out
+    # the tutorial's thresholds
+    assert grad_warnings({"grad_norm": 12.0, "grad_max": 150.0, "update_ratio": 0.05}) == [
+        "gradient norm 12.00 > 10: lower the learning rate or clip gradients",
+        "max |gradient| 150.0 > 100: extreme gradients may lead to NaN",
+        "update/parameter ratio 5.00e-02 outside 0.001..0.01: lower the learning rate"]
+    low = grad_warnings({"grad_norm": 1e-4, "grad_max": 1.0, "update_ratio": 1e-4})
+    assert low[0].startswith("gradient norm 1.00e-04 < 0.001") and "raise the learning rate" in low[1]
+    assert grad_warnings({"grad_norm": 1.0, "grad_max": 1.0, "update_ratio": 5e-3}) == []
+
+
+def test_grad_monitor_update_ratio_matches_a_manual_step():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8)))[1].backward()
+    monitor = GradMonitor(model, 1)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    record = monitor.gradients(0)
+    opt.step()
+    assert record["grad_norm"] == pytest.approx(grads.norm().item(), rel=1e-5)
+    assert monitor.update_ratio() == pytest.approx((0.1 * grads).norm().item() / before.norm().item(), rel=1e-4)
+
+
+def test_nan_guard_stops_and_keeps_the_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "nan"
+    assert run_train(capsys, *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out_dir}")[0] == 0
+    saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")}
+    real = train.forward_backward
+
+    def inject_inf(model, batches, ctx, scaler, doc_sep=None):
+        loss = real(model, batches, ctx, scaler, doc_sep)
+        if injected["n"] == 3:  # the 4th step after the resume: step 23
+            next(model.parameters()).grad[0, 0] = float("inf")
+        injected["n"] += 1
+        return loss
+    injected = {"n": 0}
+    monkeypatch.setattr(train, "forward_backward", inject_inf)
+    code, out, err = run_train(capsys, *TINY_TRAIN, "--max_iters=40", "--log_interval=1", "--init_from=resume",
+                               f"--data_dir={data_dir}", f"--out_dir={out_dir}")
+    assert code == 1
+    assert "loss or gradients became NaN/Inf by step 23" in err and "step 20) is from before and untouched" in err
+    assert "learning rate too high" in out and "--grad_clip=1.0" in out and "--dtype=bfloat16" in out
+    assert {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")} == saved
+
+
+def test_early_stopping_stops_at_the_right_eval(data_dir, tmp_path, capsys):
+    out_dir = tmp_path / "early"
+    # 2000 training tokens: the model overfits, val loss turns up, and patience runs out
+    code, out, _ = run_train(capsys, *TINY_TRAIN, "--max_iters=400", "--lr_decay_iters=400", "--eval_interval=10",
+                             "--max_train_tokens=2000", "--learning_rate=1e-2", "--early_stop_patience=3",
+                             f"--data_dir={data_dir}", f"--out_dir={out_dir}")
+    assert code == 0
+    evals = [(r["step"], r["val_loss"]) for r in metrics(out_dir, "eval")]
+    best_step, best_val = min(evals, key=lambda e: e[1])
+    assert evals[-1][0] == best_step + 3 * 10 < 400, evals  # stopped at the third evaluation without improvement
+    assert f"early stopping at step {best_step + 30}: val loss has not improved by more than 0.0 for 3 evaluations" in out
+    assert f"(best {best_val:.4f} at step {best_step})" in out
+    best = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert best["iter_num"] == best_step and torch.load(out_dir / "latest.pt", weights_only=True)["iter_num"] == best_step + 30
+
+
+def test_early_stopping_min_delta(data_dir, tmp_path, capsys):
+    # with min_delta 10 no evaluation after the first counts as an improvement: patience 2 ends the run at step 20
+    code, out, _ = run_train(capsys, *TINY_TRAIN, "--max_iters=60", "--eval_interval=10", "--early_stop_patience=2",
+                             "--early_stop_min_delta=10", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'd'}")
+    assert code == 0 and "early stopping at step 20" in out
+    assert [r["step"] for r in metrics(tmp_path / "d", "eval")] == [0, 10, 20]
+
+
+def test_wsd_schedule_phase_boundaries():
+    def wsd(it):
+        return get_lr(it, 1e-3, 100, 0, 1e-4, schedule="wsd", max_iters=1000, decay_frac=0.2)
+    assert wsd(0) == pytest.approx(1e-3 / 101)            # warmup as always
+    assert wsd(99) == pytest.approx(1e-3 * 100 / 101)
+    assert wsd(100) == 1e-3 and wsd(799) == 1e-3          # stable: held at the peak until the last 20%
+    assert wsd(800) == pytest.approx(1e-3)                # decay starts at max_iters * (1 - decay_frac)
+    assert wsd(900) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
+    assert wsd(1000) == pytest.approx(1e-4) and wsd(1200) == pytest.approx(1e-4)
+    assert get_lr(500, 1e-3, 100, 0, 1e-4, schedule="constant", max_iters=1000) == 1e-3
+
+
+def test_masking_touches_inputs_only(data_dir):
+    data = train.Dataset(data_dir, "shakespeare_char").splits["train"]
+    plain = train.step_batches(data, 5, 16, 2, 32, 1337, "cpu", vocab_size=65)
+    masked = train.step_batches(data, 5, 16, 2, 32, 1337, "cpu", vocab_size=65, mask_prob=0.3, mask_token=0)
+    for (x0, y0), (x1, y1) in zip(plain, masked):
+        assert torch.equal(y0, y1)  # targets untouched
+        changed = x0 != x1
+        assert torch.all(x1[changed] == 0)
+        assert 0.2 < (x1 == 0).float().mean().item() < 0.4
+    again = train.step_batches(data, 5, 16, 2, 32, 1337, "cpu", vocab_size=65, mask_prob=0.3)
+    assert torch.equal(again[0][1], plain[0][1]) and not torch.equal(again[0][0], plain[0][0])
+    assert torch.equal(again[0][0], train.step_batches(data, 5, 16, 2, 32, 1337, "cpu", vocab_size=65, mask_prob=0.3)[0][0])
+
+
+def test_masking_leaves_evaluation_alone(data_dir, tmp_path, capsys):
+    first_eval = []
+    for name, extra in (("plain", []), ("masked", ["--mask_prob=0.5"])):
+        out_dir = tmp_path / name
+        assert run_train(capsys, *TINY_TRAIN, "--max_iters=0", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra)[0] == 0
+        first_eval.append(metrics(out_dir, "eval")[0])
+    assert first_eval[0]["val_loss"] == first_eval[1]["val_loss"] and first_eval[0]["train_loss"] == first_eval[1]["train_loss"]
+
+
+def test_document_positions_and_mask():
+    eot = 9
+    idx = torch.tensor([[1, 2, eot, 3, 4, 5, eot, 6]])
+    pos, mask = document_positions_and_mask(idx, eot)
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
+    assert mask.shape == (1, 1, 8, 8)
+    assert mask[0, 0, 4].tolist() == [False, False, False, True, True, False, False, False]
+    assert mask[0, 0, 2].tolist() == [True, True, True, False, False, False, False, False]
+
+
+def test_packing_equals_each_document_alone():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=20, n_layer=2, n_head=2, n_embd=16, bias=True)).eval()
+    eot = 19
+    docs = [torch.tensor([3, 4, 5, 6, eot]), torch.tensor([7, 1, 2, eot]), torch.tensor([8, 8, 9, 10, 11, 12])]
+    packed = torch.cat(docs)[None]
+    dummy = torch.zeros_like(packed)
+    with torch.no_grad():
+        logits, _ = model(packed, dummy, doc_sep=eot)
+        alone = torch.cat([model(d[None], torch.zeros_like(d)[None])[0] for d in docs], dim=1)
+        unpacked, _ = model(packed, dummy)
+    torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unpacked, alone, atol=1e-3)  # without packing the later documents see the earlier ones
+
+
+def test_packing_needs_an_end_of_text_token(data_dir, tmp_path, capsys):
+    code, _, err = run_train(capsys, *TINY_TRAIN, "--packing=True", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}")
+    assert code == 1 and "packing=True needs documents separated by an end-of-text token" in err
+
+
+def test_packing_trains_on_a_gpt2_dataset(tmp_path, capsys):
+    from dataset import build_dataset
+    docs = ["The cat sat on the mat. " * 30, "A dog ran in the park. " * 30, "Birds fly over the sea. " * 30] * 4
+    build_dataset("<|endoftext|>".join(docs), tmp_path / "data" / "docs", "gpt2", progress=False)
+    ids = torch.from_numpy(__import__("numpy").fromfile(tmp_path / "data" / "docs" / "train.bin", dtype="uint16").astype("int64"))
+    assert (ids == 50256).sum().item() >= 8  # the separators made it into the data
+    code, out, err = run_train(capsys, *TINY_TRAIN, "--dataset=docs", "--packing=True", "--max_iters=20", "--block_size=64",
+                               f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}")
+    assert code == 0, err
+    evals = metrics(tmp_path / "o", "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
