@@ -138,6 +138,34 @@ def format_config(config):
     return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in config.items())
 
 
+def pop_options(argv, spec):
+    """Take a tool's own options out of a train.py-style command line.
+
+    spec maps '--name' to (type, default); type list collects repeated options. Accepts --name=value and
+    --name value. Returns ({name: value}, the remaining arguments)."""
+    values = {name.lstrip("-"): ([] if kind is list else default) for name, (kind, default) in spec.items()}
+    rest, it = [], iter(argv)
+    for arg in it:
+        name, sep, text = arg.partition("=")
+        if name not in spec:
+            rest.append(arg)
+            continue
+        if not sep:
+            text = next(it, None)
+            if text is None:
+                raise ConfigError(f"{name} needs a value: {name}=VALUE")
+        kind = spec[name][0]
+        key = name.lstrip("-")
+        if kind is list:
+            values[key].append(text)
+            continue
+        try:
+            values[key] = kind(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text}: expected {kind.__name__}") from None
+    return values, rest
+
+
 def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="usage: [CONFIG_FILE ...] [--key=value ...]"):
     """Apply config files and --key=value overrides, in order, on top of defaults.
 

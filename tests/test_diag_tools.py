@@ -1,0 +1,95 @@
+"""Tools for the tutorial's challenges: lr_finder, grad_viz, estimate, debug_training."""
+import re
+
+import pytest
+from conftest import TINY_TRAIN, assert_one_line_error, run_script
+
+from model import GPT, GPTConfig
+from tools.estimate import memory_estimate, parse_size
+from train import load_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_lr_finder_suggests_a_sane_rate_for_the_cpu_recipe(data_dir, tmp_path):
+    png = tmp_path / "lrf.png"
+    r = run_script("tools/lr_finder.py", "config/train_shakespeare_char_cpu.py", f"--data_dir={data_dir}", "--steps=150",
+                   "-o", png)
+    assert r.returncode == 0, r.stderr
+    suggested = float(re.search(r"suggested learning_rate: ([\d.e+-]+)", r.stdout).group(1))
+    lowest = float(re.search(r"at learning rate ([\d.e+-]+)", r.stdout).group(1))
+    assert 1e-4 <= suggested <= 1e-2 and suggested == pytest.approx(lowest / 10, rel=1e-2)
+    assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_grad_viz_from_monitor_records(data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run_script("train.py", *TINY_TRAIN, "--max_iters=30", "--grad_monitor_interval=5", f"--data_dir={data_dir}",
+                   f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "g.png"
+    r = run_script("tools/grad_viz.py", out, "--steps", "0,25", "-o", png)
+    assert r.returncode == 0, r.stderr
+    assert "6 gradient records, 5 layers; histograms at steps [0, 25]" in r.stdout
+    assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 20_000
+    assert_one_line_error(run_script("tools/grad_viz.py", out, "--steps", "7"), "no gradient record at step(s) [7]")
+    plain = tmp_path / "plain"
+    assert run_script("train.py", *TINY_TRAIN, "--max_iters=5", f"--data_dir={data_dir}", f"--out_dir={plain}").returncode == 0
+    assert_one_line_error(run_script("tools/grad_viz.py", plain), "no gradient records", "--grad_monitor_interval=N")
+
+
+def test_estimate_counts_exactly_and_explains_the_tutorials_formulas(data_dir):
+    r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", f"--data_dir={data_dir}")
+    assert r.returncode == 0, r.stderr
+    model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False))
+    exact = sum(p.numel() for p in model.parameters())
+    assert f"parameters (exact, sum of p.numel()): {exact:,}" in r.stdout
+    assert f"12 * L * d^2 = {12 * 6 * 384 ** 2:,} (-1.2% vs exact)" in r.stdout
+    assert f"16 * L * d^2 + V * d = {16 * 6 * 384 ** 2 + 65 * 384:,} (+32.0% vs exact)" in r.stdout
+    assert "tokens per iteration: 64 x 256 x 1 = 16,384; over 5,000 iterations: 81,920,000" in r.stdout
+
+
+def test_estimate_memory_parts_add_up():
+    cfg, _ = load_config(["config/train_shakespeare_char.py", "--dropout=0"])
+    parts = memory_estimate(cfg, 10_745_088, 65, "float32", device_type="cpu")
+    assert parts["parameters"] == parts["gradients"] == 4 * 10_745_088 and parts["AdamW state"] == 8 * 10_745_088
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    half = memory_estimate(cfg, 10_745_088, 65, "float32", batch_size=32, device_type="cpu")
+    assert half["activations"] < parts["activations"] / 1.9  # activations scale with the micro-batch
+    assert "attention matrices" not in parts
+    assert "runtime buffers" not in memory_estimate(cfg, 1, 65, "float32", device_type="cuda")
+    assert parse_size("8GB") == 8 * 2**30 and parse_size("512M") == 512 * 2**20
+
+
+def test_estimate_measured_peak_is_within_25_percent_of_the_formula(data_dir):
+    r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", f"--data_dir={data_dir}", "--batch_size=4",
+                   "--block_size=128", "--device=cpu", "--measure=True")
+    assert r.returncode == 0, r.stderr
+    off = float(re.search(r"measured on cpu: peak .* \(([+-][\d.]+)% vs the estimate\)", r.stdout).group(1))
+    assert abs(off) <= 25, r.stdout
+    assert re.search(r"time estimate: 5,000 x [\d.]+ ms = [\d.]+ min of training", r.stdout)
+
+
+def test_estimate_budget_keeps_the_effective_batch(data_dir):
+    r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", f"--data_dir={data_dir}", "--device=cpu",
+                   "--dtype=float32", "--gpu_mem=1GB")
+    assert r.returncode == 0, r.stderr
+    b, accum = map(int, re.search(r"--batch_size=(\d+) --gradient_accumulation_steps=(\d+) \(effective batch 64 kept",
+                                  r.stdout).groups())
+    assert b * accum == 64 and b < 64
+    cfg, _ = load_config(["config/train_shakespeare_char.py", "--device=cpu"])
+    assert memory_estimate(cfg, 10_745_088, 65, "float32", b, "cpu")["total"] <= 2**30
+    assert memory_estimate(cfg, 10_745_088, 65, "float32", 2 * b, "cpu")["total"] > 2**30  # the largest that fits
+    r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", "--gpu_mem=10MB", f"--data_dir={data_dir}")
+    assert "even batch_size=1 needs" in r.stdout and "--block_size=128" in r.stdout
+
+
+def test_debug_training_table():
+    r = run_script("tools/debug_training.py")
+    assert r.returncode == 0, r.stderr
+    loss = float(re.search(r"Loss: ([\d.]+)", r.stdout).group(1))
+    assert abs(loss - 4.1744) < 0.3
+    rows = [line for line in r.stdout.splitlines() if line.startswith("transformer.") or line.startswith("lm_head")]
+    names = [n for n, _ in GPT(GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=64, block_size=16)).named_parameters()]
+    assert [row.split()[0] for row in rows] == names
+    assert all(float(row.split()[3]) > 0 for row in rows)

@@ -1,0 +1,103 @@
+"""Learning-rate range test (Leslie Smith, https://arxiv.org/abs/1506.01186): train a fresh model for a few hundred
+steps while the learning rate grows exponentially, smooth the loss, stop when it diverges, and suggest a rate.
+
+    python tools/lr_finder.py config/train_shakespeare_char_cpu.py [--key=value ...] [--steps=200] [-o lr_finder.png]
+    options: --steps, --lr_start (1e-7), --lr_end (1), --smoothing (EMA factor; default: window of steps/20)
+
+Suggested learning_rate: a tenth of the rate at the lowest smoothed loss (past that point the loss is about to blow up).
+"""
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import hardware  # noqa: E402
+from configurator import pop_options  # noqa: E402
+from errors import ConfigError, run_main  # noqa: E402
+from train import Dataset, build_model, forward_backward, load_config, optimizer_step, step_batches, validate  # noqa: E402
+
+OPTIONS = {"--steps": (int, 200), "--lr_start": (float, 1e-7), "--lr_end": (float, 1.0), "--smoothing": (float, 0.0),
+           "--output": (str, "lr_finder.png"), "-o": (str, None)}
+
+
+def range_test(cfg, steps, lr_start, lr_end, smoothing=0.0, report=print):
+    """[(lr, loss, smoothed loss)] for an exponential sweep from lr_start to lr_end, stopping on divergence.
+    smoothing is the EMA factor; 0 picks one whose window is 1/20 of the sweep (0.98 for 1000 steps), so the
+    smoothed curve does not lag decades of learning rate behind a short sweep."""
+    if not smoothing:
+        smoothing = 1 - 20 / max(steps, 40)
+    device = hardware.resolve_device(cfg.device)
+    dtype = hardware.resolve_dtype(cfg.dtype, device)
+    dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
+    dataset.check_block_size(cfg.block_size)
+    cfg.init_from = "scratch"
+    torch.manual_seed(cfg.seed)
+    model, model_args, _ = build_model(cfg, dataset, None)
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, lr_start, (cfg.beta1, cfg.beta2), hardware.device_type(device))
+    ctx, scaler = hardware.autocast(device, dtype), hardware.grad_scaler(device, dtype)
+    history, avg, best = [], 0.0, float("inf")
+    for step in range(steps):
+        lr = lr_start * (lr_end / lr_start) ** (step / max(1, steps - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = step_batches(dataset.splits["train"], step, cfg.batch_size, cfg.gradient_accumulation_steps,
+                               cfg.block_size, cfg.seed, device, vocab_size=model_args["vocab_size"])
+        loss = forward_backward(model, batches, ctx, scaler).item()
+        scaler.unscale_(optimizer)
+        optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        if not math.isfinite(loss):
+            report(f"step {step}: loss is not finite at lr {lr:.2e}: stopping")
+            break
+        avg = smoothing * avg + (1 - smoothing) * loss
+        smoothed = avg / (1 - smoothing ** (step + 1))  # bias-corrected running mean
+        history.append((lr, loss, smoothed))
+        best = min(best, smoothed)
+        if step > 10 and smoothed > 4 * best:
+            report(f"step {step}: smoothed loss {smoothed:.3f} is over 4x its best ({best:.3f}) at lr {lr:.2e}: diverged")
+            break
+    return history
+
+
+def suggest(history):
+    """(suggested rate, rate at the lowest smoothed loss)."""
+    lr_min = min(history, key=lambda h: h[2])[0]
+    return lr_min / 10, lr_min
+
+
+def main(argv):
+    opts, rest = pop_options(argv, OPTIONS)
+    if opts["steps"] < 20 or not 0 < opts["lr_start"] < opts["lr_end"]:
+        raise ConfigError("need --steps >= 20 and 0 < --lr_start < --lr_end")
+    cfg, _ = load_config(rest)
+    validate(cfg)
+    print(f"range test: {opts['steps']} steps, learning rate {opts['lr_start']:.0e} -> {opts['lr_end']:.0e}")
+    history = range_test(cfg, opts["steps"], opts["lr_start"], opts["lr_end"], opts["smoothing"])
+    suggested, lr_min = suggest(history)
+    output = opts["o"] or opts["output"]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    lrs = [h[0] for h in history]
+    ax.plot(lrs, [h[1] for h in history], alpha=0.3, label="loss")
+    ax.plot(lrs, [h[2] for h in history], linewidth=2, label="smoothed loss")
+    ax.axvline(suggested, color="C2", linestyle="--", label=f"suggested {suggested:.1e}")
+    ax.axvline(lr_min, color="C3", linestyle=":", label=f"lowest loss {lr_min:.1e}")
+    ax.set(xscale="log", xlabel="Learning Rate", ylabel="Loss", title="Learning-rate range test")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    print(f"lowest smoothed loss {min(h[2] for h in history):.4f} at learning rate {lr_min:.2e}")
+    print(f"suggested learning_rate: {suggested:.2e} (a tenth of that)")
+    print(f"plot saved to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
