@@ -19,11 +19,12 @@ sys.path.insert(0, str(ROOT))
 
 from tabulate import tabulate  # noqa: E402
 
-from configurator import parse_value  # noqa: E402
+from configurator import parse_value, pop_options  # noqa: E402
 from errors import ConfigError, UserError, import_optional, run_main  # noqa: E402
 from train import CHOICES, Config, load_config, validate  # noqa: E402
 
-OWN_OPTIONS = {"--trials": int, "--study_dir": str, "--pruner": str, "--sampler_seed": int}
+OPTIONS = {"--trials": (int, 10), "--study_dir": (str, "sweeps/sweep"), "--pruner": (str, "median"),
+           "--sampler_seed": (int, 0), "--search": (list, None)}
 
 
 def parse_search(spec):
@@ -86,44 +87,24 @@ def run_trial(trial, cmd, metrics_path, poll_s=0.5):
     return best
 
 
-def split_argv(argv):
-    """(own options, searches, arguments for train.py)."""
-    own, searches, rest = {"--trials": 10, "--study_dir": "sweeps/sweep", "--pruner": "median", "--sampler_seed": 0}, [], []
-    it = iter(argv)
-    for arg in it:
-        name, sep, value = arg.partition("=")
-        if name == "--search":
-            searches.append(value if sep else next(it, ""))
-        elif name in OWN_OPTIONS:
-            value = value if sep else next(it, None)
-            if value is None:
-                raise ConfigError(f"{name} needs a value")
-            try:
-                own[name] = OWN_OPTIONS[name](value)
-            except ValueError:
-                raise ConfigError(f"{name}={value}: expected {OWN_OPTIONS[name].__name__}") from None
-        else:
-            rest.append(arg)
-    return own, searches, rest
-
-
 def main(argv):
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    own, specs, train_args = split_argv(argv)
+    own, train_args = pop_options(argv, OPTIONS)
+    specs = own["search"]
     if not specs:
         raise ConfigError("nothing to search: add at least one --search KEY=RANGE (e.g. --search learning_rate=log:1e-4:1e-2)")
     searches = [parse_search(s) for s in specs]
     cfg, _ = load_config(train_args)  # fail now, not in every trial
     validate(cfg)
-    if own["--pruner"] not in ("median", "none"):
-        raise ConfigError(f"--pruner={own['--pruner']}: use median or none")
+    if own["pruner"] not in ("median", "none"):
+        raise ConfigError(f"--pruner={own['pruner']}: use median or none")
     optuna = import_optional("optuna", "tools/sweep.py")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study_dir = Path(own["--study_dir"])
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if own["--pruner"] == "median" else optuna.pruners.NopPruner()
-    sampler = optuna.samplers.TPESampler(seed=own["--sampler_seed"])
+    study_dir = Path(own["study_dir"])
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if own["pruner"] == "median" else optuna.pruners.NopPruner()
+    sampler = optuna.samplers.TPESampler(seed=own["sampler_seed"])
     study = optuna.create_study(direction="minimize", pruner=pruner, sampler=sampler)
 
     def objective(trial):
@@ -135,7 +116,7 @@ def main(argv):
         print(f"trial {trial.number}: {' '.join(overrides)}", flush=True)
         return run_trial(trial, cmd, out_dir / "metrics.jsonl")
 
-    study.optimize(objective, n_trials=own["--trials"], catch=())
+    study.optimize(objective, n_trials=own["trials"], catch=())
     rows = []
     for t in study.trials:
         last_step = max(t.intermediate_values) if t.intermediate_values else None
