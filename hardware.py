@@ -4,6 +4,7 @@ Every choice here has a CPU/MPS-safe path: autocast and GradScaler get the real 
 and GradScaler is only enabled for float16.
 """
 import contextlib
+import os
 import time
 
 import torch
@@ -70,11 +71,14 @@ def cpu_has_native_bf16():
 
 
 def resolve_dtype(name, device):
-    """'auto' -> bfloat16 on CUDA GPUs that support it, else float16 (with GradScaler); float32 on CPU and MPS."""
+    """'auto' -> bfloat16 on CUDA GPUs that support it, else float16 (with GradScaler); on CPU bfloat16 where
+    the CPU multiplies bf16 in hardware (AVX512-BF16/AMX), else float32; float32 on MPS."""
     kind = device_type(device)
     if name == "auto":
         if kind == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        if kind == "cpu" and cpu_has_native_bf16():
+            return "bfloat16"
         return "float32"
     if name not in DTYPES:
         raise UserError(f"unknown dtype '{name}': use auto, float32, bfloat16 or float16")
@@ -117,6 +121,37 @@ def measure_matmul_flops(device, dtype, n=1024, seconds=0.2):
         sync()
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
     return best
+
+
+def memory_in_use(device):
+    """Bytes in use now: CUDA's allocator on GPU, the process's resident set on CPU."""
+    if device_type(device) == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_memory(device):
+    """Start a new peak-memory measurement (on CPU: reset Linux's resident-set high-water mark)."""
+    if device_type(device) == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        raise UserError("measuring peak memory on CPU needs Linux's /proc/self/clear_refs") from None
+
+
+def peak_memory(device):
+    """Peak bytes since reset_peak_memory."""
+    if device_type(device) == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise UserError("no VmHWM in /proc/self/status: cannot read the peak memory on this system")
 
 
 def peak_flops(device, dtype):

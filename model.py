@@ -24,6 +24,68 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2; False is a bit faster and better
+    fast_cpu_attention: bool = True  # the CPU attention detours in attention(); not saved in checkpoints
+
+
+class CheapMaskDropout(torch.autograd.Function):
+    """Dropout whose keep-mask comes from torch.rand (about twice as fast on CPU as the bernoulli_ behind
+    F.dropout) and is saved as bool, as F.dropout saves it."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        keep = torch.rand(x.shape, device=x.device) >= p
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x * keep * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None
+
+
+def attention(q, k, v, mask=None, dropout_p=0.0, causal=True, fast_cpu=True):
+    """Softmax attention of q (B, nh, T, hs) over k, v (B, nh, S, hs): causal, or as mask (B, 1, T, S) allows.
+
+    Normally torch's scaled_dot_product_attention. On CPU (fast_cpu) two detours measure much faster with
+    torch 2.13: bfloat16 runs in float32, because the CPU flash kernel's bfloat16 backward is ~4x slower than its
+    float32 one; and with dropout, which sends SDPA to its slow math path anyway, the attention is computed
+    explicitly with cheaper dropout masks."""
+    if fast_cpu and q.device.type == "cpu":
+        if dropout_p > 0:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+            allowed = mask if mask is not None else torch.ones(q.size(-2), k.size(-2), dtype=torch.bool,
+                                                                device=q.device).tril(k.size(-2) - q.size(-2))
+            att = att.float().masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+            return CheapMaskDropout.apply(att, dropout_p).to(v.dtype) @ v
+        if q.dtype == torch.bfloat16 and q.requires_grad:  # the slow kernel is the backward one
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                   is_causal=causal and mask is None)
+            return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental generation. Buffers for
+    block_size positions are allocated on first use, so adding a token writes in place instead of copying."""
+
+    def __init__(self, n_layer, block_size):
+        self.keys, self.values = [None] * n_layer, [None] * n_layer
+        self.block_size, self.length = block_size, 0
+
+    def extend(self, layer, k, v):
+        """Store k, v (B, nh, T, hs) after the cached positions; returns all keys and values so far."""
+        if self.keys[layer] is None:
+            shape = (k.size(0), k.size(1), self.block_size, k.size(3))
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        if layer == len(self.keys) - 1:
+            self.length = end  # every layer has stored this step's tokens
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -36,14 +98,19 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
+        self.config = config  # shared with the model: config.fast_cpu_attention can be switched on it
 
-    def forward(self, x, mask=None):
-        """mask: None for plain causal attention, else a (B, 1, T, T) bool mask (True = may attend)."""
+    def forward(self, x, mask=None, cache=None, layer=0):
+        """mask: None for plain causal attention, else a (B, 1, T, T) bool mask (True = may attend).
+        cache: a KVCache whose keys and values for `layer` are extended with this call's tokens."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs)
+        causal = True
+        if cache is not None:
+            causal = cache.length == 0  # a prompt attends causally; one new token attends to everything before it
+            k, v = cache.extend(layer, k, v)
         dropout = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        y = attention(q, k, v, mask, dropout, causal, self.config.fast_cpu_attention)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -68,8 +135,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None):
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x, mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -108,19 +175,21 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, doc_sep=None):
+    def forward(self, idx, targets=None, doc_sep=None, kv_cache=None):
         """Logits (and the loss when targets are given). With doc_sep (an end-of-text token id), each row may
-        hold several documents: positions restart after every doc_sep and attention stays inside a document."""
+        hold several documents: positions restart after every doc_sep and attention stays inside a document.
+        With kv_cache, idx continues the tokens already in the cache."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
         if doc_sep is None:
-            pos, mask = torch.arange(0, T, dtype=torch.long, device=idx.device), None
+            pos, mask = torch.arange(start, start + T, dtype=torch.long, device=idx.device), None
         else:
             pos, mask = document_positions_and_mask(idx, doc_sep)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x, mask)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, kv_cache, i)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # generation needs only the last position
@@ -154,12 +223,31 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens after idx (B, T). Context longer than block_size is cropped to its end."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True):
+        """Sample max_new_tokens after idx (B, T).
+
+        Without kv_cache every token runs the whole context (its last block_size tokens) through the model.
+        With it, only the new token runs, against cached keys and values: the same tokens while the sequence
+        fits in block_size. When the positions run out, the cache is rebuilt from the last block_size // 2
+        tokens, so from then on the context is the most recent half to full block."""
+        block_size = self.config.block_size
+        if not kv_cache:
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx if idx.size(1) <= block_size else idx[:, -block_size:])
+                idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
+            return idx
+        cache = KVCache(self.config.n_layer, block_size)
+        logits, _ = self(idx[:, -block_size:], kv_cache=cache)
+        for i in range(max_new_tokens):
+            token = sample_next(logits[:, -1, :], temperature, top_k)
+            idx = torch.cat((idx, token), dim=1)
+            if i == max_new_tokens - 1:
+                break
+            if cache.length == block_size:
+                cache.length = 0  # rebuild the cache over the last half block, in the same buffers
+                logits, _ = self(idx[:, -(block_size // 2):], kv_cache=cache)
+            else:
+                logits, _ = self(token, kv_cache=cache)
         return idx
 
     @classmethod
@@ -204,11 +292,13 @@ def document_positions_and_mask(idx, doc_sep):
 def sample_next(logits, temperature=1.0, top_k=None):
     """One token per row from final-position logits (B, vocab): temperature, then top-k, then sample."""
     logits = logits / temperature
-    if top_k:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+    if top_k and top_k < logits.size(-1):  # top-k of the whole vocabulary keeps everything
+        v, _ = torch.topk(logits, top_k)
         logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
     probs = F.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, num_samples=1)
+    # inverse-CDF sampling: the same distribution as torch.multinomial, several times cheaper per call on CPU
+    u = torch.rand(probs.size(0), 1, device=probs.device)
+    return torch.searchsorted(probs.cumsum(dim=-1), u).clamp_(max=probs.size(-1) - 1)
 
 
 def config_from_hf(hf_config, dropout=0.0):
