@@ -32,6 +32,7 @@ class Config:
     device = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     dtype = "auto"  # auto | float32 | bfloat16 | float16
     compile = False  # torch.compile the model (slow to start; pays off only for long generations)
+    kv_cache = True  # reuse the keys and values of earlier tokens (much faster; False recomputes the whole context)
 
 
 CHOICES = {"init_from": ["resume", *GPT2_SIZES], "dtype": ["auto", "float32", "bfloat16", "float16"]}
@@ -109,12 +110,14 @@ def main(argv):
     ids = tokenizer.encode(prompt)
     if cfg.compile:
         model = torch.compile(model)
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
+    # all samples as one batch: each generation step then reads the weights once for every sample
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...].repeat(cfg.num_samples, 1)
     with torch.no_grad(), hardware.autocast(device, dtype):
-        for _ in range(cfg.num_samples):
-            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
-            print(tokenizer.decode(y[0].tolist()))
-            print("---------------", flush=True)
+        y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                           kv_cache=cfg.kv_cache)
+    for row in y.tolist():
+        print(tokenizer.decode(row))
+        print("---------------", flush=True)
     return 0
 
 

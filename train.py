@@ -103,8 +103,10 @@ class Config:
     # system
     backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
-    dtype = "auto"  # auto (bfloat16 on capable GPUs, else float16; float32 on CPU/MPS) | float32 | bfloat16 | float16
+    dtype = "auto"  # auto (bfloat16 on capable GPUs and CPUs, else float16 on GPUs, float32) | float32 | bfloat16 | float16
     compile = "auto"  # torch.compile the model: auto (on for CUDA only) | True | False
+    fused_adamw = True  # the fused AdamW kernel where the device has one (CPU, CUDA, MPS)
+    fast_cpu_attention = True  # on CPU: bf16 attention in float32 and cheaper attention-dropout masks (faster)
     seed = 1337  # seed for initialisation, batch sampling and dropout
     peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = a spec table for known GPUs, else a measured matmul
 
@@ -218,13 +220,13 @@ def estimate_loss(model, dataset, eval_iters, batch_size, block_size, seed, devi
     out = {}
     for split, data in dataset.splits.items():
         offsets = eval_offsets(seed, split, eval_iters * batch_size, len(data), block_size)
-        losses = torch.zeros(eval_iters)
-        for k, rows in enumerate(offsets.reshape(eval_iters, batch_size)):
+        total = torch.zeros((), device=device)
+        for rows in offsets.reshape(eval_iters, batch_size):
             X, Y = get_batch(data, rows, block_size, device, vocab_size)
             with ctx:
                 _, loss = model(X, Y, doc_sep)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            total += loss.float()
+        out[split] = total.item() / eval_iters  # one host sync per split
     model.train(was_training)
     return out
 
@@ -255,6 +257,16 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def train_step(model, optimizer, scaler, micro_batches, ctx, grad_clip, doc_sep=None):
+    """One optimizer step for the tools (lr_finder, estimate, bench): forward-backward over the micro-batches,
+    unscale, clip, step. Returns the mean loss (a tensor). The training loop spells these out, because the
+    gradient monitor looks at the gradients between unscaling and stepping."""
+    loss = forward_backward(model, micro_batches, ctx, scaler, doc_sep)
+    scaler.unscale_(optimizer)
+    optimizer_step(model, optimizer, scaler, grad_clip)
+    return loss
 
 
 # ----------------------------------------------------------------------------- model and run setup
@@ -296,6 +308,7 @@ def build_model(cfg, dataset, ckpt):
         notes.append(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
         model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
         model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
+    model.config.fast_cpu_attention = cfg.fast_cpu_attention
     if dataset.vocab_size is not None and dataset.vocab_size > model_args["vocab_size"]:
         raise UserError(f"dataset '{cfg.dataset}' has {dataset.vocab_size} tokens but the model's vocab_size is "
                         f"{model_args['vocab_size']}: use a dataset with the model's tokenizer")
@@ -468,7 +481,8 @@ def main(argv):
     model.to(device)
     log.print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     scaler = hardware.grad_scaler(device, dtype)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
+                                           fused=None if cfg.fused_adamw else False)
     iter_num, best_val_loss, resumed_at = 0, float("inf"), None
     early = {"best": float("inf"), "best_step": 0, "evals_without_improvement": 0}  # early-stopping state
     if ckpt is not None:
@@ -625,7 +639,8 @@ def main(argv):
                     log.metrics({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
                                  "mfu": running_mfu, "tokens_per_s": tokens_per_iter / dt})
             iter_num += 1
-            signum = stop.agreed(world_size, device)
+            # DDP ranks must agree on stopping; that costs a collective and a host sync, so only at log steps
+            signum = stop.agreed(world_size, device) if world_size == 1 or iter_num % cfg.log_interval == 0 else None
             if signum:
                 if nonfinite.item():
                     stop_for_nonfinite(iter_num)

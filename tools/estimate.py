@@ -6,7 +6,6 @@ for a memory budget the batch_size x gradient_accumulation_steps that keeps the 
 --measure=True runs a few training steps on the configured device to measure the peak memory and the time per
 iteration (needs the dataset prepared); without it everything comes from formulas.
 """
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import hardware  # noqa: E402
 from configurator import pop_options  # noqa: E402
 from errors import ConfigError, UserError, run_main  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from train import Dataset, forward_backward, load_config, optimizer_step, step_batches, validate  # noqa: E402
+from train import Dataset, load_config, step_batches, train_step, validate  # noqa: E402
 
 OPTIONS = {"--gpu_mem": (str, ""), "--mem": (str, ""), "--measure": (str, "False"), "--measure_steps": (int, 3)}
 UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30, "TB": 2**40}
@@ -42,7 +41,7 @@ def fmt_bytes(n):
 
 
 CPU_RUNTIME_BYTES = 85 * 2**20  # kernels' workspaces and buffers a CPU training step allocates (measured, torch 2.13)
-MATH_ATTENTION_BYTES = 17  # per B*h*T*T element: CPU attention with dropout falls back to the math kernel
+MATH_ATTENTION_BYTES = 17  # per B*h*T*T element: on CPU, attention with dropout materializes T x T scores (measured)
 
 
 def block_activation_bytes(cfg, tokens, dtype):
@@ -76,40 +75,14 @@ def memory_estimate(cfg, n_params, vocab_size, dtype, batch_size=None, device_ty
     return parts
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss():
-    """Reset the kernel's high-water mark of this process to its current RSS (Linux 4.0+)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_rss_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
 def measure(cfg, vocab_size, steps, device, dtype):
     """(peak bytes a training step adds, ms per iteration) from a few real steps; memory as CUDA's allocator
     peak on GPU, the process's peak RSS on CPU."""
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     dataset.check_block_size(cfg.block_size)
     kind = hardware.device_type(device)
-    if kind == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        try:
-            reset_peak_rss()
-        except OSError:
-            raise UserError("--measure=True on CPU needs Linux's /proc/self/clear_refs to read the peak memory") from None
-        base = rss_bytes()
+    base = hardware.memory_in_use(device)
+    hardware.reset_peak_memory(device)  # after reading base: the peak can then never be below it
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)).to(device)
@@ -120,13 +93,11 @@ def measure(cfg, vocab_size, steps, device, dtype):
         t0 = time.perf_counter()
         batches = step_batches(dataset.splits["train"], step, cfg.batch_size, cfg.gradient_accumulation_steps,
                                cfg.block_size, cfg.seed, device, vocab_size=vocab_size)
-        forward_backward(model, batches, ctx, scaler).item()
-        scaler.unscale_(optimizer)
-        optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        train_step(model, optimizer, scaler, batches, ctx, cfg.grad_clip).item()
         if kind == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated(device) if kind == "cuda" else peak_rss_bytes()) - base
+    peak = hardware.peak_memory(device) - base
     steady = times[1:] or times  # the first step pays for allocation
     return peak, 1000 * sum(steady) / len(steady)
 

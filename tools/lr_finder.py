@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import hardware  # noqa: E402
 from configurator import pop_options  # noqa: E402
 from errors import ConfigError, run_main  # noqa: E402
-from train import Dataset, build_model, forward_backward, load_config, optimizer_step, step_batches, validate  # noqa: E402
+from train import Dataset, build_model, load_config, step_batches, train_step, validate  # noqa: E402
 
 OPTIONS = {"--steps": (int, 200), "--lr_start": (float, 1e-7), "--lr_end": (float, 1.0), "--smoothing": (float, 0.0),
            "--output": (str, "lr_finder.png"), "-o": (str, None)}
@@ -50,9 +50,7 @@ def range_test(cfg, steps, lr_start, lr_end, smoothing=0.0, report=print):
             group["lr"] = lr
         batches = step_batches(dataset.splits["train"], step, cfg.batch_size, cfg.gradient_accumulation_steps,
                                cfg.block_size, cfg.seed, device, vocab_size=model_args["vocab_size"])
-        loss = forward_backward(model, batches, ctx, scaler).item()
-        scaler.unscale_(optimizer)
-        optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        loss = train_step(model, optimizer, scaler, batches, ctx, cfg.grad_clip).item()
         if not math.isfinite(loss):
             report(f"step {step}: loss is not finite at lr {lr:.2e}: stopping")
             break

@@ -1,0 +1,172 @@
+"""Benchmarks: training speed of a config, with every speed feature on and off; sampling speed with and without
+the KV cache. Figures for README come from here.
+
+    python tools/bench.py config/train_shakespeare_char_cpu.py [--key=value ...] [--iters=20] [--rounds=3] [--compare]
+    python tools/bench.py --sample config/train_shakespeare_char.py [--max_new_tokens=500] [--num_samples=1]
+
+Training: ms per iteration after warm-up (median over rounds), tokens/s, MFU against the peak of the device for
+that dtype (a spec table for known GPUs, else a measured matmul), and peak memory (CUDA allocator peak, or the
+process's peak resident set on CPU). --compare also builds the same config with every speed feature off (float32,
+eager, plain AdamW, torch's own attention everywhere) in the same process, alternates rounds between the two,
+and prints the ratio. Sampling uses random weights: speed does not depend on them.
+"""
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import hardware  # noqa: E402
+from configurator import pop_options  # noqa: E402
+from errors import ConfigError, run_main  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from train import Dataset, load_config, step_batches, train_step, validate  # noqa: E402
+
+OPTIONS = {"--iters": (int, 20), "--warmup": (int, 3), "--rounds": (int, 3), "--compare": (str, "False"),
+           "--sample": (str, "False"), "--max_new_tokens": (int, 500), "--num_samples": (int, 1),
+           "--temperature": (float, 0.8), "--top_k": (int, 200), "--memory_of": (str, "")}
+
+
+def flag(text):
+    return text.lower() in ("true", "1", "yes", "")
+
+
+class Variant:
+    """One way of running the config's training step, built once and timed in rounds."""
+
+    def __init__(self, name, cfg, dataset, vocab_size, device, dtype, use_compile, fused, fast_attention):
+        self.name, self.cfg, self.dataset, self.vocab_size = name, cfg, dataset, vocab_size
+        self.device, self.dtype = device, dtype
+        self.kind = hardware.device_type(device)
+        torch.manual_seed(cfg.seed)
+        raw = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                            bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout, fast_cpu_attention=fast_attention))
+        raw.to(device)
+        self.flops_per_iter = (raw.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size
+                               * cfg.gradient_accumulation_steps)
+        self.optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), self.kind,
+                                                  fused=None if fused else False)
+        self.model = torch.compile(raw) if use_compile else raw
+        self.ctx, self.scaler = hardware.autocast(device, dtype), hardware.grad_scaler(device, dtype)
+        self.features = (f"{dtype}, {'compiled' if use_compile else 'eager'}, {'fused' if fused else 'plain'} AdamW, "
+                         f"{'fast CPU' if fast_attention and self.kind == 'cpu' else 'torch'} attention")
+        self.step_no, self.times = 0, []
+
+    def steps(self, n):
+        """Run n steps; returns seconds per step."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        for _ in range(n):
+            batches = step_batches(self.dataset.splits["train"], self.step_no, cfg.batch_size, cfg.gradient_accumulation_steps,
+                                   cfg.block_size, cfg.seed, self.device, vocab_size=self.vocab_size)
+            train_step(self.model, self.optimizer, self.scaler, batches, self.ctx, cfg.grad_clip).item()
+            self.step_no += 1
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - t0) / n
+
+    def peak_memory(self):
+        """Peak memory two training steps add to what the process holds (model, data) before them."""
+        base = hardware.memory_in_use(self.device)
+        hardware.reset_peak_memory(self.device)  # after reading base: the peak can then never be below it
+        self.steps(2)  # the second step has AdamW's state too
+        return hardware.peak_memory(self.device) - base
+
+
+def variant(which, cfg, dataset, vocab_size, device):
+    if which == "on":
+        return Variant("all features on", cfg, dataset, vocab_size, device, hardware.resolve_dtype(cfg.dtype, device),
+                       hardware.resolve_compile(cfg.compile, device), cfg.fused_adamw, cfg.fast_cpu_attention)
+    return Variant("all features off", cfg, dataset, vocab_size, device, "float32", False, False, False)
+
+
+def peak_memory_in_fresh_process(which, argv):
+    """Each variant's memory in a process of its own: freed memory stays with the process (glibc keeps it), so
+    a second variant measured in the same process would reuse the first one's pages and look smaller."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, f"--memory_of={which}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return int(out.split("peak_bytes ")[1].split()[0])
+
+
+def train_bench(cfg, opts, argv):
+    device = hardware.resolve_device(cfg.device)
+    dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
+    dataset.check_block_size(cfg.block_size)
+    vocab_size = dataset.vocab_size or 50304
+    if opts["memory_of"]:
+        print(f"peak_bytes {variant(opts['memory_of'], cfg, dataset, vocab_size, device).peak_memory()}")
+        return
+    variants = [variant("on", cfg, dataset, vocab_size, device)]
+    if flag(opts["compare"]):
+        variants.append(variant("off", cfg, dataset, vocab_size, device))
+    tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    print(f"{cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x "
+          f"{cfg.gradient_accumulation_steps}: {tokens:,} tokens per iteration on {device}")
+    for v in variants:
+        v.steps(opts["warmup"])  # allocation, autotuning, compilation
+    for _ in range(opts["rounds"]):  # alternate, so a slow patch of the machine hits both alike
+        for v in variants:
+            v.times.append(v.steps(opts["iters"]))
+    rows = []
+    for v, which in zip(variants, ("on", "off")):
+        ms = 1000 * statistics.median(v.times)
+        peak, _ = hardware.peak_flops(device, v.dtype)
+        memory = peak_memory_in_fresh_process(which, [a for a in argv if not a.startswith("--compare")])
+        rows.append((v, ms))
+        mfu = v.flops_per_iter / (ms / 1000) / peak
+        print(f"{v.name:<17} {ms:9.1f} ms/iter  {tokens / ms * 1000:>10,.0f} tokens/s  MFU {mfu:6.1%}"
+              f"  peak memory {memory / 2**20:,.0f} MB  ({v.features})")
+    if len(rows) == 2:
+        print(f"speedup: {rows[1][1] / rows[0][1]:.2f}x faster per iteration with the speed features on")
+
+
+def sample_bench(cfg, opts):
+    device = hardware.resolve_device(cfg.device)
+    dtype = hardware.resolve_dtype(cfg.dtype, device)
+    try:
+        vocab_size = Dataset(cfg.data_dir, cfg.dataset).vocab_size or 50304
+    except Exception:
+        vocab_size = 50304
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          bias=cfg.bias, vocab_size=vocab_size)).to(device).eval()
+    start = torch.zeros((opts["num_samples"], 1), dtype=torch.long, device=device)
+    n = opts["max_new_tokens"]
+    print(f"sampling {opts['num_samples']} x {n} tokens from a {cfg.n_layer} x {cfg.n_embd} model (block {cfg.block_size}) "
+          f"on {device}, {dtype}")
+    rates = {True: [], False: []}
+    with torch.no_grad(), hardware.autocast(device, dtype):
+        for kv_cache in (True, False):
+            model.generate(start, 8, opts["temperature"], opts["top_k"], kv_cache=kv_cache)  # warm-up
+        for _ in range(opts["rounds"]):  # alternate, so a slow patch of the machine hits both alike
+            for kv_cache in (True, False):
+                t0 = time.perf_counter()
+                model.generate(start, n, opts["temperature"], opts["top_k"], kv_cache=kv_cache)
+                if hardware.device_type(device) == "cuda":
+                    torch.cuda.synchronize(device)
+                rates[kv_cache].append(opts["num_samples"] * n / (time.perf_counter() - t0))
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    print(f"KV cache on : {on:8.1f} tokens/s")
+    print(f"KV cache off: {off:8.1f} tokens/s")
+    print(f"speedup: {on / off:.2f}x more tokens/s with the KV cache (median of {opts['rounds']} rounds)")
+
+
+def main(argv):
+    opts, rest = pop_options(argv, OPTIONS)
+    if opts["iters"] < 1 or opts["rounds"] < 1 or opts["max_new_tokens"] < 1:
+        raise ConfigError("--iters, --rounds and --max_new_tokens must be positive")
+    cfg, _ = load_config(rest)
+    validate(cfg)
+    if flag(opts["sample"]):
+        sample_bench(cfg, opts)
+    else:
+        train_bench(cfg, opts, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
