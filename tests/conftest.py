@@ -2,6 +2,9 @@
 
 The text comes from data/shakespeare_char/input.txt (.ci/run copies it there; a real user's first
 prepare.py run downloads it). Tests never write into the toolkit's own data/ directory."""
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -13,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import TINY_SHAKESPEARE_URL, build_dataset, download, read_text  # noqa: E402
+from errors import run_main  # noqa: E402
 
 # A model small enough that a training run takes a couple of seconds on 2 CPU cores.
 TINY_TRAIN = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
@@ -38,12 +42,34 @@ def data_dir(tmp_path_factory, shakespeare_text):
     return root
 
 
-def run_script(*args, cwd=ROOT, timeout=300, env=None):
-    """Run one of the toolkit's scripts (path relative to the toolkit root) with this interpreter."""
+# Entry points run in this process by run_script: the same main() and run_main() as `python SCRIPT`, without
+# an interpreter start-up (and torch import) per call.
+IN_PROCESS = {"train.py": "train", "sample.py": "sample", **{f"tools/{name}.py": f"tools.{name}" for name in (
+    "plot_loss", "summarize_experiments", "compare_runs", "plot_lr", "report", "sweep", "lr_finder", "grad_viz",
+    "estimate", "debug_training", "bench")}}
+
+
+def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False):
+    """Run one of the toolkit's scripts (path relative to the toolkit root) as `python SCRIPT ARGS` would:
+    in this process when it has a main() (listed above), else, or with env or subprocess_only, in a new one."""
     script, rest = args[0], [str(a) for a in args[1:]]
+    if script in IN_PROCESS and env is None and not subprocess_only:
+        return _run_in_process(IN_PROCESS[script], rest, cwd)
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *rest], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def _run_in_process(module_name, argv, cwd):
+    main = importlib.import_module(module_name).main
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_main(main, argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess([module_name, *argv], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(result, *fragments, code=None):

@@ -1,0 +1,152 @@
+"""Correctness of the speed features (never their timings): KV cache, CPU attention paths, dtype choice,
+batches without memory growth, and the benchmark tool running."""
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_TRAIN, run_script
+
+import hardware
+from dataset import Dataset, get_batch, train_offsets
+from model import GPT, CheapMaskDropout, GPTConfig, attention
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=True)).eval()
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_kv_cache_gives_the_same_tokens_in_float32(small_model, top_k):
+    idx = torch.tensor([[1, 2, 3, 4], [9, 8, 7, 6]])
+    torch.manual_seed(11)
+    cached = small_model.generate(idx, 28, temperature=0.9, top_k=top_k, kv_cache=True)  # up to block_size exactly
+    torch.manual_seed(11)
+    plain = small_model.generate(idx, 28, temperature=0.9, top_k=top_k, kv_cache=False)
+    assert cached.shape == (2, 32) and torch.equal(cached, plain)
+
+
+def test_kv_cache_logits_match_full_forward(small_model):
+    from model import KVCache
+    idx = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(3))
+    cache = KVCache(2, 32)
+    with torch.no_grad():
+        small_model(idx[:, :12], kv_cache=cache)
+        for t in range(12, 20):
+            step_logits, _ = small_model(idx[:, t:t + 1], kv_cache=cache)
+            full_logits, _ = small_model(idx[:, :t + 1])
+            torch.testing.assert_close(step_logits, full_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_past_block_size_uses_the_last_half_block(small_model):
+    """Past block_size the cache is rebuilt from the last block_size // 2 tokens: every greedy token must be
+    what a full forward over exactly that window predicts."""
+    idx = torch.tensor([[5, 6, 7]])
+    out = small_model.generate(idx, 70, top_k=1, kv_cache=True)
+    assert out.shape == (1, 73)
+    tokens, window_start = out[0].tolist(), 0
+    with torch.no_grad():
+        for pos in range(3, 73):
+            if pos - window_start > 32:  # the model's positions ran out: the window restarts half a block back
+                window_start = pos - 1 - 16
+            window = torch.tensor([tokens[window_start:pos]])
+            assert small_model(window)[0][0, -1].argmax().item() == tokens[pos], pos
+
+
+def test_sample_kv_cache_switch(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *TINY_TRAIN, "--max_iters=10", f"--data_dir={data_dir}", f"--out_dir={out}").returncode == 0
+    args = ["sample.py", f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=20", "--dtype=float32", "--seed=5"]
+    on, off = run_script(*args), run_script(*args, "--kv_cache=False")
+    assert on.returncode == off.returncode == 0
+    assert on.stdout == off.stdout and on.stdout.count("---------------") == 2
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert hardware.resolve_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert hardware.resolve_dtype("auto", "cpu") == "float32"
+    assert hardware.resolve_dtype("auto", "mps") == "float32"
+    assert hardware.resolve_dtype("float16", "cpu") == "float16"  # asked for: given (and slow)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert hardware.resolve_dtype("auto", "cuda") == "float16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert hardware.resolve_dtype("auto", "cuda") == "bfloat16"
+    assert hardware.grad_scaler("cpu", "bfloat16").is_enabled() is False
+    assert hardware.grad_scaler("cpu", "float16").is_enabled() is True
+
+
+def test_fast_cpu_attention_matches_sdpa_without_dropout():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    fast = attention(q, k, v, fast_cpu=True)  # runs in float32
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), reference, rtol=1e-2, atol=1e-2)
+    fast.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad.float()).all()
+
+
+def test_fast_cpu_attention_with_dropout_is_attention_with_that_mask():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=g) for _ in range(3))
+    torch.manual_seed(42)
+    out = attention(q, k, v, dropout_p=0.25, fast_cpu=True)
+    torch.manual_seed(42)
+    keep = torch.rand(2, 3, 16, 16) >= 0.25  # the same draw CheapMaskDropout makes
+    att = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), -math.inf)
+    expected = (att.softmax(-1) * keep / 0.75) @ v
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cheap_mask_dropout_statistics_and_backward():
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = CheapMaskDropout.apply(x, 0.2)
+    kept = (y > 0).float().mean().item()
+    assert abs(kept - 0.8) < 0.005 and torch.allclose(y[y > 0], torch.tensor(1.25))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient flows through exactly the kept entries, scaled alike
+
+
+def test_training_with_and_without_fast_attention_agree_without_dropout(data_dir, tmp_path):
+    losses = []
+    for fast in (True, False):
+        out = tmp_path / f"fast{fast}"
+        r = run_script("train.py", *TINY_TRAIN, "--max_iters=10", "--dropout=0", f"--fast_cpu_attention={fast}",
+                       f"--data_dir={data_dir}", f"--out_dir={out}")
+        assert r.returncode == 0, r.stderr
+        losses.append(re.findall(r"step 10: train loss ([\d.]+), val loss ([\d.]+)", r.stdout))
+    assert losses[0] == losses[1]  # float32 without dropout: the fast path is SDPA itself
+
+
+def test_get_batch_does_not_grow_memory(data_dir):
+    data = Dataset(data_dir, "shakespeare_char").splits["train"]
+    before = hardware.memory_in_use("cpu")
+    for step in range(10_000):
+        get_batch(data, train_offsets(1337, step, 12, len(data), 64), 64)
+    grown = hardware.memory_in_use("cpu") - before
+    assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB"  # the 2 MB file's pages at most, plus noise
+
+
+def test_memmap_is_opened_once(data_dir):
+    ds = Dataset(data_dir, "shakespeare_char")
+    assert isinstance(ds.splits["train"], np.memmap)
+    assert ds.splits["train"] is ds.splits["train"]
+
+
+def test_bench_runs_both_modes(data_dir):
+    r = run_script("tools/bench.py", "config/train_shakespeare_char_cpu.py", f"--data_dir={data_dir}", "--n_layer=1",
+                   "--iters=1", "--rounds=1", "--warmup=1", "--compare=True")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"all features on +[\d.]+ ms/iter .* tokens/s +MFU .* peak memory [\d,]+ MB +\((bfloat16|float32)", r.stdout)
+    assert "all features off" in r.stdout and re.search(r"speedup: [\d.]+x faster per iteration", r.stdout)
+    r = run_script("tools/bench.py", "--sample=True", "config/train_shakespeare_char_cpu.py", f"--data_dir={data_dir}",
+                   "--max_new_tokens=20", "--rounds=1")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"speedup: [\d.]+x more tokens/s with the KV cache", r.stdout)
