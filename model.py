@@ -48,9 +48,9 @@ def attention(q, k, v, mask=None, dropout_p=0.0, causal=True, fast_cpu=True):
     """Softmax attention of q (B, nh, T, hs) over k, v (B, nh, S, hs): causal, or as mask (B, 1, T, S) allows.
 
     Normally torch's scaled_dot_product_attention. On CPU (fast_cpu) two detours measure much faster with
-    torch 2.13: bfloat16 runs in float32, because the CPU flash kernel's bfloat16 backward is ~4x slower than its
-    float32 one; and with dropout, which sends SDPA to its slow math path anyway, the attention is computed
-    explicitly with cheaper dropout masks."""
+    torch 2.13: bfloat16 runs in float32, because the CPU kernels are slower in bfloat16 (the flash backward ~4x,
+    a single query during generation ~5x); and with dropout, which sends SDPA to its slow math path anyway, the
+    attention is computed explicitly with cheaper dropout masks."""
     if fast_cpu and q.device.type == "cpu":
         if dropout_p > 0:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
@@ -58,7 +58,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0, causal=True, fast_cpu=True):
                                                                 device=q.device).tril(k.size(-2) - q.size(-2))
             att = att.float().masked_fill(~allowed, float("-inf")).softmax(dim=-1)
             return CheapMaskDropout.apply(att, dropout_p).to(v.dtype) @ v
-        if q.dtype == torch.bfloat16 and q.requires_grad:  # the slow kernel is the backward one
+        if q.dtype == torch.bfloat16:
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                    is_causal=causal and mask is None)
@@ -68,7 +68,8 @@ def attention(q, k, v, mask=None, dropout_p=0.0, causal=True, fast_cpu=True):
 
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for incremental generation. Buffers for
-    block_size positions are allocated on first use, so adding a token writes in place instead of copying."""
+    block_size positions are allocated on first use, so adding a token writes in place instead of copying.
+    On CPU they are float32, the precision attention() runs in there, so they are not cast at every step."""
 
     def __init__(self, n_layer, block_size):
         self.keys, self.values = [None] * n_layer, [None] * n_layer
@@ -78,8 +79,9 @@ class KVCache:
         """Store k, v (B, nh, T, hs) after the cached positions; returns all keys and values so far."""
         if self.keys[layer] is None:
             shape = (k.size(0), k.size(1), self.block_size, k.size(3))
-            self.keys[layer] = k.new_empty(shape)
-            self.values[layer] = v.new_empty(shape)
+            dtype = torch.float32 if k.device.type == "cpu" else k.dtype
+            self.keys[layer] = k.new_empty(shape, dtype=dtype)
+            self.values[layer] = v.new_empty(shape, dtype=dtype)
         end = self.length + k.size(2)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
