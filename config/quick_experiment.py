@@ -1,5 +1,5 @@
 # Quick experiment (seeds ch01 7.1): does the pipeline run, does the loss fall? A 2-layer, 128-wide model.
-# Expected time: about 15 seconds on a 2-core CPU, a few seconds on a GPU. Loss should fall from ~4.2 to ~2.3.
+# Expected time: about 20 seconds on a 2-core CPU, a few seconds on a GPU. Loss should fall from ~4.2 to ~2.3.
 #   python train.py config/quick_experiment.py
 out_dir = "out-quick"
 dataset = "shakespeare_char"
