@@ -57,7 +57,7 @@ class Config:
     always_save_checkpoint = True  # save latest.pt at every evaluation (False: only when val improves and at the end)
     keep_last = 0  # also keep the last N saves as ckpt_stepNNNNNNNN.pt (0 = none)
     overwrite = False  # let init_from=scratch/gpt2* replace the checkpoints already in out_dir (refused otherwise)
-    init_from = "scratch"  # scratch | resume (continue from out_dir/ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    init_from = "scratch"  # scratch | resume (from out_dir/latest.pt, else ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
     # logging
     wandb_log = False  # log evaluations to Weights & Biases (needs: pip install wandb)
     wandb_project = "owt"  # W&B project name
@@ -514,8 +514,10 @@ def main(argv):
                         world_size=world_size, num_params=raw_model.get_num_params())
         with open(out_dir / "config.json", "w", encoding="utf-8") as f:
             json.dump(run_info, f, indent=2)
-    peak, peak_source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(device, dtype)
-    log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    peak = cfg.peak_flops or 1.0  # only rank 0 logs MFU, so only it measures the peak
+    if master:
+        peak, peak_source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(device, dtype)
+        log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     per_rank_accum = cfg.gradient_accumulation_steps // world_size
     flops_per_iter = raw_model.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size * per_rank_accum
     train_data = dataset.splits["train"]
