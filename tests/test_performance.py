@@ -150,3 +150,5 @@ def test_bench_runs_both_modes(data_dir):
                    "--max_new_tokens=20", "--rounds=1")
     assert r.returncode == 0, r.stderr
     assert re.search(r"speedup: [\d.]+x more tokens/s with the KV cache", r.stdout)
+    assert re.search(r"all features off *: +[\d.]+ tokens/s  \(float32\)", r.stdout)
+    assert re.search(r"speedup: [\d.]+x more tokens/s with every sampling feature on than with all off", r.stdout)

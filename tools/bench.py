@@ -8,7 +8,8 @@ Training: ms per iteration after warm-up (median over rounds), tokens/s, MFU aga
 that dtype (a spec table for known GPUs, else a measured matmul), and peak memory (CUDA allocator peak, or the
 process's peak resident set on CPU). --compare also builds the same config with every speed feature off (float32,
 eager, plain AdamW, torch's own attention everywhere) in the same process, alternates rounds between the two,
-and prints the ratio. Sampling uses random weights: speed does not depend on them.
+and prints the ratio. Sampling times the KV cache on and off, and all sampling features off (float32, no cache,
+torch's attention: what nanoGPT's sample.py does on CPU); it uses random weights: speed does not depend on them.
 """
 import statistics
 import subprocess
@@ -138,21 +139,32 @@ def sample_bench(cfg, opts):
     n = opts["max_new_tokens"]
     print(f"sampling {opts['num_samples']} x {n} tokens from a {cfg.n_layer} x {cfg.n_embd} model (block {cfg.block_size}) "
           f"on {device}, {dtype}")
-    rates = {True: [], False: []}
-    with torch.no_grad(), hardware.autocast(device, dtype):
-        for kv_cache in (True, False):
-            model.generate(start, 8, opts["temperature"], opts["top_k"], kv_cache=kv_cache)  # warm-up
-        for _ in range(opts["rounds"]):  # alternate, so a slow patch of the machine hits both alike
-            for kv_cache in (True, False):
-                t0 = time.perf_counter()
-                model.generate(start, n, opts["temperature"], opts["top_k"], kv_cache=kv_cache)
-                if hardware.device_type(device) == "cuda":
-                    torch.cuda.synchronize(device)
-                rates[kv_cache].append(opts["num_samples"] * n / (time.perf_counter() - t0))
-    on, off = statistics.median(rates[True]), statistics.median(rates[False])
-    print(f"KV cache on : {on:8.1f} tokens/s")
-    print(f"KV cache off: {off:8.1f} tokens/s")
+    # (label, dtype, KV cache, CPU attention detours); the last is nanoGPT's sample.py on CPU: float32, no cache
+    variants = [("KV cache on", dtype, True, cfg.fast_cpu_attention), ("KV cache off", dtype, False, cfg.fast_cpu_attention),
+                ("all features off", "float32", False, False)]
+    rates = {v: [] for v in variants}
+
+    def generate(v, n):
+        _, v_dtype, kv_cache, fast_attention = v
+        model.config.fast_cpu_attention = fast_attention
+        with torch.no_grad(), hardware.autocast(device, v_dtype):
+            model.generate(start, n, opts["temperature"], opts["top_k"], kv_cache=kv_cache)
+
+    for v in variants:
+        generate(v, 8)  # warm-up
+    for _ in range(opts["rounds"]):  # alternate, so a slow patch of the machine hits all alike
+        for v in variants:
+            t0 = time.perf_counter()
+            generate(v, n)
+            if hardware.device_type(device) == "cuda":
+                torch.cuda.synchronize(device)
+            rates[v].append(opts["num_samples"] * n / (time.perf_counter() - t0))
+    on, off, all_off = (statistics.median(rates[v]) for v in variants)
+    for v, rate in zip(variants, (on, off, all_off)):
+        detours = ", fast CPU attention" if v[3] and hardware.device_type(device) == "cpu" else ""
+        print(f"{v[0]:<16}: {rate:8.1f} tokens/s  ({v[1]}{detours})")
     print(f"speedup: {on / off:.2f}x more tokens/s with the KV cache (median of {opts['rounds']} rounds)")
+    print(f"speedup: {on / all_off:.2f}x more tokens/s with every sampling feature on than with all off")
 
 
 def main(argv):
