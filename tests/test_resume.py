@@ -58,7 +58,7 @@ def test_stop_and_resume_is_bit_exact(data_dir, tmp_path, reference):
     r = run_script(*train_args(data_dir, out, "--max_iters=200", "--init_from=resume"))
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout and "at step 100" in r.stdout
-    assert_same_as_reference(reference, out, 30)
+    assert_same_as_reference(reference, out, 100)
 
 
 def test_checkpoint_holds_the_full_training_state(data_dir, tmp_path, reference):
