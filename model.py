@@ -14,11 +14,13 @@ from torch.nn import functional as F
 
 from errors import UserError, import_optional
 
+GPT2_PADDED_VOCAB = 50304  # GPT-2's 50257 tokens padded up to a multiple of 64 for speed
+
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    vocab_size: int = GPT2_PADDED_VOCAB
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768

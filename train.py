@@ -42,7 +42,7 @@ from configurator import defaults_of, format_config, help_of, parse_args
 from dataset import Dataset, eval_offsets, get_batch, tokenizer_from_meta, train_offsets
 from diagnostics import NAN_DIAGNOSIS, GradMonitor, check_batch, check_init, grad_warnings
 from errors import ConfigError, UserError, import_optional, run_main
-from model import GPT, GPT2_SIZES, GPTConfig
+from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
 from runlog import RunLog, TensorBoardTracker, WandbTracker, eval_line, iter_line, took_line
 
 
@@ -289,16 +289,22 @@ def check_resume(ckpt, cfg, cli_keys, dataset):
                         f"from other text?): resume on the data the model was trained on")
 
 
+def scratch_model_args(cfg, vocab_size):
+    """GPTConfig fields of a fresh model with cfg's architecture: what init_from=scratch trains."""
+    return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size, bias=cfg.bias,
+                vocab_size=vocab_size, dropout=cfg.dropout)
+
+
 def build_model(cfg, dataset, ckpt):
     """(model, model_args, notes to log) for cfg.init_from; ckpt is the loaded checkpoint when resuming."""
     notes = []
     if cfg.init_from == "scratch":
         vocab_size = dataset.vocab_size
         if vocab_size is None:
-            notes.append("no vocabulary file in the dataset: using GPT-2's vocab_size 50304 (50257 padded to a multiple of 64)")
-            vocab_size = 50304
-        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)
+            vocab_size = GPT2_PADDED_VOCAB
+            notes.append(f"no vocabulary file in the dataset: using GPT-2's vocab_size {vocab_size} (50257 padded to a "
+                         f"multiple of 64)")
+        model_args = scratch_model_args(cfg, vocab_size)
         model = GPT(GPTConfig(**model_args))
     elif cfg.init_from == "resume":
         model_args = {**{k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]}, "dropout": cfg.dropout}

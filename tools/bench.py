@@ -23,9 +23,9 @@ import torch  # noqa: E402
 
 import hardware  # noqa: E402
 from configurator import pop_options  # noqa: E402
-from errors import ConfigError, run_main  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from train import Dataset, load_config, step_batches, train_step, validate  # noqa: E402
+from errors import ConfigError, UserError, run_main  # noqa: E402
+from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
+from train import Dataset, load_config, scratch_model_args, step_batches, train_step, validate  # noqa: E402
 
 OPTIONS = {"--iters": (int, 20), "--warmup": (int, 3), "--rounds": (int, 3), "--compare": (str, "False"),
            "--sample": (str, "False"), "--max_new_tokens": (int, 500), "--num_samples": (int, 1),
@@ -44,8 +44,7 @@ class Variant:
         self.device, self.dtype = device, dtype
         self.kind = hardware.device_type(device)
         torch.manual_seed(cfg.seed)
-        raw = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                            bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout, fast_cpu_attention=fast_attention))
+        raw = GPT(GPTConfig(**scratch_model_args(cfg, vocab_size), fast_cpu_attention=fast_attention))
         raw.to(device)
         self.flops_per_iter = (raw.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size
                                * cfg.gradient_accumulation_steps)
@@ -97,7 +96,7 @@ def train_bench(cfg, opts, argv):
     device = hardware.resolve_device(cfg.device)
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     dataset.check_block_size(cfg.block_size)
-    vocab_size = dataset.vocab_size or 50304
+    vocab_size = dataset.vocab_size or GPT2_PADDED_VOCAB
     if opts["memory_of"]:
         print(f"peak_bytes {variant(opts['memory_of'], cfg, dataset, vocab_size, device).peak_memory()}")
         return
@@ -129,12 +128,11 @@ def sample_bench(cfg, opts):
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     try:
-        vocab_size = Dataset(cfg.data_dir, cfg.dataset).vocab_size or 50304
-    except Exception:
-        vocab_size = 50304
+        vocab_size = Dataset(cfg.data_dir, cfg.dataset).vocab_size or GPT2_PADDED_VOCAB
+    except UserError:  # speed needs no data: a dataset not prepared means GPT-2's vocabulary
+        vocab_size = GPT2_PADDED_VOCAB
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          bias=cfg.bias, vocab_size=vocab_size)).to(device).eval()
+    model = GPT(GPTConfig(**scratch_model_args(cfg, vocab_size))).to(device).eval()
     start = torch.zeros((opts["num_samples"], 1), dtype=torch.long, device=device)
     n = opts["max_new_tokens"]
     print(f"sampling {opts['num_samples']} x {n} tokens from a {cfg.n_layer} x {cfg.n_embd} model (block {cfg.block_size}) "

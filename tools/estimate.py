@@ -17,8 +17,8 @@ import torch  # noqa: E402
 import hardware  # noqa: E402
 from configurator import pop_options  # noqa: E402
 from errors import ConfigError, UserError, run_main  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from train import Dataset, load_config, step_batches, train_step, validate  # noqa: E402
+from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
+from train import Dataset, load_config, scratch_model_args, step_batches, train_step, validate  # noqa: E402
 
 OPTIONS = {"--gpu_mem": (str, ""), "--mem": (str, ""), "--measure": (str, "False"), "--measure_steps": (int, 3)}
 UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30, "TB": 2**40}
@@ -84,8 +84,7 @@ def measure(cfg, vocab_size, steps, device, dtype):
     base = hardware.memory_in_use(device)
     hardware.reset_peak_memory(device)  # after reading base: the peak can then never be below it
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)).to(device)
+    model = GPT(GPTConfig(**scratch_model_args(cfg, vocab_size))).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), kind)
     ctx, scaler = hardware.autocast(device, dtype), hardware.grad_scaler(device, dtype)
     times = []
@@ -122,9 +121,9 @@ def main(argv):
         meta_vocab = Dataset(cfg.data_dir, cfg.dataset).vocab_size
     except UserError:
         pass  # the formulas need no data; the vocabulary then is GPT-2's
-    vocab_size = meta_vocab or 50304
+    vocab_size = meta_vocab or GPT2_PADDED_VOCAB
     L, d, V, T = cfg.n_layer, cfg.n_embd, vocab_size, cfg.block_size
-    model = GPT(GPTConfig(n_layer=L, n_head=cfg.n_head, n_embd=d, block_size=T, bias=cfg.bias, vocab_size=V))
+    model = GPT(GPTConfig(**scratch_model_args(cfg, V)))
     exact = sum(p.numel() for p in model.parameters())
     vocab_note = "" if meta_vocab else " (dataset not prepared: GPT-2's)"
     print(f"model: {L} layers x {cfg.n_head} heads x {d} wide, block {T}, vocab {V}{vocab_note}")
