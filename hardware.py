@@ -106,19 +106,24 @@ def grad_scaler(device, dtype):
     return torch.amp.GradScaler(device_type(device), enabled=(dtype == "float16"))
 
 
+def synchronize(device):
+    """Wait for the device's queued work, so a timer reads its end (CUDA runs asynchronously; CPU never does)."""
+    if device_type(device) == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_matmul_flops(device, dtype, n=1024, seconds=0.2):
     """Best observed FLOP/s of an n x n matmul: the practical peak where no spec is known."""
     a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
     b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
-    sync = torch.cuda.synchronize if device_type(device) == "cuda" else (lambda: None)
     a @ b
-    sync()
+    synchronize(device)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b
-        sync()
+        synchronize(device)
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
     return best
 

@@ -65,8 +65,7 @@ class Variant:
                                    cfg.block_size, cfg.seed, self.device, vocab_size=self.vocab_size)
             train_step(self.model, self.optimizer, self.scaler, batches, self.ctx, cfg.grad_clip).item()
             self.step_no += 1
-        if self.kind == "cuda":
-            torch.cuda.synchronize(self.device)
+        hardware.synchronize(self.device)
         return (time.perf_counter() - t0) / n
 
     def peak_memory(self):
@@ -154,8 +153,7 @@ def sample_bench(cfg, opts):
         for v in variants:
             t0 = time.perf_counter()
             generate(v, n)
-            if hardware.device_type(device) == "cuda":
-                torch.cuda.synchronize(device)
+            hardware.synchronize(device)
             rates[v].append(opts["num_samples"] * n / (time.perf_counter() - t0))
     on, off, all_off = (statistics.median(rates[v]) for v in variants)
     for v, rate in zip(variants, (on, off, all_off)):

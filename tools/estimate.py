@@ -93,8 +93,7 @@ def measure(cfg, vocab_size, steps, device, dtype):
         batches = step_batches(dataset.splits["train"], step, cfg.batch_size, cfg.gradient_accumulation_steps,
                                cfg.block_size, cfg.seed, device, vocab_size=vocab_size)
         train_step(model, optimizer, scaler, batches, ctx, cfg.grad_clip).item()
-        if kind == "cuda":
-            torch.cuda.synchronize(device)
+        hardware.synchronize(device)
         times.append(time.perf_counter() - t0)
     peak = hardware.peak_memory(device) - base
     steady = times[1:] or times  # the first step pays for allocation
