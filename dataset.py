@@ -97,7 +97,7 @@ def read_meta(data_dir):
                 meta = {"tokenizer": "char", "vocab_size": meta.get("vocab_size", len(itos)), "itos": itos}
         else:
             return None
-    except (OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError, EOFError) as e:
+    except Exception as e:  # an unpickler fed damaged bytes can raise nearly anything (IndexError, OverflowError, ...)
         raise UserError(f"vocabulary file in {data_dir} is unreadable ({e}): re-run that dataset's prepare.py") from None
     if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2"):
         raise UserError(f"vocabulary file in {data_dir} is not a char or gpt2 description: re-run that dataset's prepare.py")
@@ -113,16 +113,17 @@ def tokenizer_from_meta(meta):
 
 # ----------------------------------------------------------------------------- preparing data
 
-def read_text(path):
+def read_text(path, what="input file"):
+    """A UTF-8 text file's contents; `what` names the file in the one-line errors."""
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
-        raise UserError(f"input file '{path}' not found: check the path") from None
+        raise UserError(f"{what} '{path}' not found: check the path") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"input file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+        raise UserError(f"{what} '{path}' is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
     except OSError as e:
-        raise UserError(f"cannot read input file '{path}': {e.strerror}") from None
+        raise UserError(f"cannot read {what} '{path}': {e.strerror}") from None
 
 
 def download(url, dest):

@@ -13,7 +13,7 @@ import torch
 import hardware
 from checkpoint import load_checkpoint
 from configurator import defaults_of, help_of, parse_args
-from dataset import GPT2_VOCAB_SIZE, read_meta, tokenizer_from_meta
+from dataset import GPT2_VOCAB_SIZE, read_meta, read_text, tokenizer_from_meta
 from errors import ConfigError, UserError, run_main
 from model import GPT, GPT2_SIZES, GPTConfig
 
@@ -53,14 +53,7 @@ def validate(cfg):
 def read_prompt(start):
     if not start.startswith("FILE:"):
         return start
-    path = start[len("FILE:"):]
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise UserError(f"prompt file '{path}' not found (from --start=FILE:{path}): check the path") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read prompt file '{path}': {e}") from None
+    return read_text(start[len("FILE:"):], what="prompt file")
 
 
 def tokenizer_for_checkpoint(ckpt):

@@ -2,7 +2,7 @@
 and leaves every file on disk as it was."""
 import hashlib
 import json
-import os
+import random
 import resource
 import shutil
 import signal
@@ -16,7 +16,9 @@ from conftest import ROOT, TINY_TRAIN, run_script
 
 import sample
 import train
-from errors import run_main
+from checkpoint import load_checkpoint
+from dataset import read_meta
+from errors import UserError, run_main
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,8 @@ def corrupt_truncate(ws):
 def corrupt_random(ws):
     for name in ("latest.pt", "ckpt.pt"):
         (ws / "out" / name).unlink()
-    (ws / "out" / "latest.pt").write_bytes(os.urandom(5000))
+    # seed 2's bytes made torch's unpickler raise IndexError, which once escaped as a traceback
+    (ws / "out" / "latest.pt").write_bytes(random.Random(2).randbytes(5000))
 
 
 def odd_train_bin(ws):
@@ -209,3 +212,16 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(ws):
     assert "the previous checkpoint is intact" in lines[0]
     assert {n: (ws / "out" / n).read_bytes() for n in before} == before
     assert not list((ws / "out").glob(".*.tmp*"))
+
+
+def test_random_bytes_for_a_checkpoint_or_vocabulary_are_one_line_errors(tmp_path):
+    """Unpicklers fed damaged bytes raise all sorts of exceptions (IndexError, OverflowError, ...): 300 seeded
+    random files in place of latest.pt and of meta.pkl each come out as the one-line error, never a traceback."""
+    for seed in range(300):
+        data = random.Random(seed).randbytes(5000)
+        (tmp_path / "latest.pt").write_bytes(data)
+        with pytest.raises(UserError, match="is damaged or not a checkpoint|is not a nanoGPT-style checkpoint"):
+            load_checkpoint(tmp_path / "latest.pt")
+        (tmp_path / "meta.pkl").write_bytes(data[:200])
+        with pytest.raises(UserError, match="vocabulary file in .* (is unreadable|is not a char or gpt2)"):
+            read_meta(tmp_path)
