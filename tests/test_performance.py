@@ -151,4 +151,9 @@ def test_bench_runs_both_modes(data_dir):
     assert r.returncode == 0, r.stderr
     assert re.search(r"speedup: [\d.]+x more tokens/s with the KV cache", r.stdout)
     assert re.search(r"all features off *: +[\d.]+ tokens/s  \(float32\)", r.stdout)
+    cache_in_float32 = re.search(r"speedup in float32: [\d.]+x more tokens/s with the KV cache", r.stdout)
+    if re.search(r"KV cache on *: +[\d.]+ tokens/s  \(bfloat16", r.stdout):  # a CPU with native bf16
+        assert cache_in_float32 and re.search(r"KV cache on *: +[\d.]+ tokens/s  \(float32", r.stdout), r.stdout
+    else:
+        assert not cache_in_float32, r.stdout  # already float32: the first ratio is that one
     assert re.search(r"speedup: [\d.]+x more tokens/s with every sampling feature on than with all off", r.stdout)

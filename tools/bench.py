@@ -8,8 +8,9 @@ Training: ms per iteration after warm-up (median over rounds), tokens/s, MFU aga
 that dtype (a spec table for known GPUs, else a measured matmul), and peak memory (CUDA allocator peak, or the
 process's peak resident set on CPU). --compare also builds the same config with every speed feature off (float32,
 eager, plain AdamW, torch's own attention everywhere) in the same process, alternates rounds between the two,
-and prints the ratio. Sampling times the KV cache on and off, and all sampling features off (float32, no cache,
-torch's attention: what nanoGPT's sample.py does on CPU); it uses random weights: speed does not depend on them.
+and prints the ratio. Sampling times the KV cache on and off, all sampling features off (float32, no cache,
+torch's attention: what nanoGPT's sample.py does on CPU), and, when the dtype is not float32, the cache in float32
+(its gain against all off); it uses random weights: speed does not depend on them.
 """
 import statistics
 import subprocess
@@ -139,6 +140,8 @@ def sample_bench(cfg, opts):
     # (label, dtype, KV cache, CPU attention detours); the last is nanoGPT's sample.py on CPU: float32, no cache
     variants = [("KV cache on", dtype, True, cfg.fast_cpu_attention), ("KV cache off", dtype, False, cfg.fast_cpu_attention),
                 ("all features off", "float32", False, False)]
+    if dtype != "float32":  # the cache's gain in float32 too: all off is float32 without it (no dropout: same attention)
+        variants.append(("KV cache on", "float32", True, cfg.fast_cpu_attention))
     rates = {v: [] for v in variants}
 
     def generate(v, n):
@@ -155,11 +158,14 @@ def sample_bench(cfg, opts):
             generate(v, n)
             hardware.synchronize(device)
             rates[v].append(opts["num_samples"] * n / (time.perf_counter() - t0))
-    on, off, all_off = (statistics.median(rates[v]) for v in variants)
-    for v, rate in zip(variants, (on, off, all_off)):
+    medians = [statistics.median(rates[v]) for v in variants]
+    for v, rate in zip(variants, medians):
         detours = ", fast CPU attention" if v[3] and hardware.device_type(device) == "cpu" else ""
         print(f"{v[0]:<16}: {rate:8.1f} tokens/s  ({v[1]}{detours})")
+    on, off, all_off = medians[:3]
     print(f"speedup: {on / off:.2f}x more tokens/s with the KV cache (median of {opts['rounds']} rounds)")
+    if len(medians) == 4:
+        print(f"speedup in float32: {medians[3] / all_off:.2f}x more tokens/s with the KV cache")
     print(f"speedup: {on / all_off:.2f}x more tokens/s with every sampling feature on than with all off")
 
 
