@@ -50,22 +50,37 @@ def attention(q, k, v, mask=None, dropout_p=0.0, causal=True, fast_cpu=True):
     """Softmax attention of q (B, nh, T, hs) over k, v (B, nh, S, hs): causal, or as mask (B, 1, T, S) allows.
 
     Normally torch's scaled_dot_product_attention. On CPU (fast_cpu) two detours measure much faster with
-    torch 2.13: bfloat16 runs in float32, because the CPU kernels are slower in bfloat16 (the flash backward ~4x,
-    a single query during generation ~5x); and with dropout, which sends SDPA to its slow math path anyway, the
-    attention is computed explicitly with cheaper dropout masks."""
+    torch 2.13: bfloat16 attention, and any attention with dropout (which sends SDPA to its slow math path), are
+    computed explicitly (explicit_attention); a bfloat16 query over the float32 KV cache runs SDPA in float32,
+    because its CPU kernel is ~5x slower for a single query in bfloat16."""
     if fast_cpu and q.device.type == "cpu":
-        if dropout_p > 0:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-            allowed = mask if mask is not None else torch.ones(q.size(-2), k.size(-2), dtype=torch.bool,
-                                                                device=q.device).tril(k.size(-2) - q.size(-2))
-            att = att.float().masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-            return CheapMaskDropout.apply(att, dropout_p).to(v.dtype) @ v
+        if dropout_p > 0 or (q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16):
+            return explicit_attention(q, k, v, mask, dropout_p, causal)
         if q.dtype == torch.bfloat16:
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                    is_causal=causal and mask is None)
             return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None)
+
+
+def explicit_attention(q, k, v, mask, dropout_p, causal):
+    """softmax(q k^T / sqrt(hs) + bias) v in three batched ops, the bias (-inf where attention is not allowed) added
+    inside the first matmul, with dropout masks from torch.rand (CheapMaskDropout). Forward and backward in bfloat16
+    on CPU, this measured 1.75x faster than SDPA run in float32 (block 64), 5x faster than SDPA in bfloat16, and 1.8x
+    faster than these ops with a float32 softmax (block 256, dropout 0.2)."""
+    B, nh, T, hs = q.shape
+    S = k.size(-2)
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        bias = bias.expand(B, nh, T, S).reshape(B * nh, T, S)
+    else:
+        bias = torch.full((T, S), float("-inf") if causal else 0.0, dtype=q.dtype, device=q.device).triu_(S - T + 1)
+    att = torch.baddbmm(bias, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
+                        alpha=1.0 / math.sqrt(hs)).softmax(dim=-1)
+    if dropout_p > 0:
+        att = CheapMaskDropout.apply(att, dropout_p)
+    return torch.bmm(att, v.reshape(B * nh, S, hs)).view(B, nh, T, hs)
 
 
 class KVCache:

@@ -106,7 +106,7 @@ class Config:
     dtype = "auto"  # auto (bfloat16 on capable GPUs and CPUs, else float16 on GPUs, float32) | float32 | bfloat16 | float16
     compile = "auto"  # torch.compile the model: auto (on for CUDA only) | True | False
     fused_adamw = True  # the fused AdamW kernel where the device has one (CPU, CUDA, MPS)
-    fast_cpu_attention = True  # on CPU: bf16 attention in float32 and cheaper attention-dropout masks (faster)
+    fast_cpu_attention = True  # on CPU: explicit attention for bf16 and dropout, float32 for cached decoding (faster)
     seed = 1337  # seed for initialisation, batch sampling and dropout
     peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = a spec table for known GPUs, else a measured matmul
 

@@ -11,7 +11,7 @@ from conftest import TINY_TRAIN, run_script
 
 import hardware
 from dataset import Dataset, get_batch, train_offsets
-from model import GPT, CheapMaskDropout, GPTConfig, attention
+from model import GPT, CheapMaskDropout, GPTConfig, attention, explicit_attention
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +81,51 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     assert hardware.grad_scaler("cpu", "float16").is_enabled() is True
 
 
-def test_fast_cpu_attention_matches_sdpa_without_dropout():
+def test_fast_cpu_attention_in_bf16_is_the_explicit_path_and_matches_sdpa():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 16, 8, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3))
-    fast = attention(q, k, v, fast_cpu=True)  # runs in float32
-    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-    assert fast.dtype == torch.bfloat16
-    torch.testing.assert_close(fast.float(), reference, rtol=1e-2, atol=1e-2)
-    fast.float().sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad.float()).all()
+    fast = attention(q, k, v, fast_cpu=True)
+    assert fast.dtype == torch.bfloat16 and torch.equal(fast, explicit_attention(q, k, v, None, 0.0, True))
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    reference = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True)
+    torch.testing.assert_close(fast.float(), reference, rtol=2e-2, atol=2e-2)
+    grad = torch.randn(reference.shape, generator=g)
+    fast.float().backward(grad)
+    reference.backward(grad)
+    for ours, exact in ((q, qf), (k, kf), (v, vf)):
+        torch.testing.assert_close(ours.grad.float(), exact.grad, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("case", ["causal", "causal over a longer key", "not causal", "document mask"])
+def test_explicit_attention_matches_sdpa_in_float32(case):
+    g = torch.Generator().manual_seed(1)
+    T, S = 12, (20 if case == "causal over a longer key" else 12)
+    q = torch.randn(2, 3, T, 8, generator=g)
+    k, v = (torch.randn(2, 3, S, 8, generator=g) for _ in range(2))
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # a query sees its own position and all before it
+    mask = None
+    if case == "not causal":
+        allowed = torch.ones(T, S, dtype=torch.bool)
+    if case == "document mask":
+        mask = (allowed & (torch.arange(T)[:, None] // 5 == torch.arange(S)[None, :] // 5)).expand(2, 1, T, S)
+        allowed = mask
+    ours = explicit_attention(q, k, v, mask, 0.0, case != "not causal")
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_cached_decoding_matches_the_full_forward(small_model):
+    """Under bf16 autocast the full forward takes the explicit path and a cached token the float32 SDPA over the
+    float32 cache: both must predict the same logits to bf16 precision."""
+    from model import KVCache
+    idx = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(3))
+    cache = KVCache(2, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        small_model(idx[:, :12], kv_cache=cache)
+        for t in range(12, 20):
+            step_logits, _ = small_model(idx[:, t:t + 1], kv_cache=cache)
+            full_logits, _ = small_model(idx[:, :t + 1])
+            torch.testing.assert_close(step_logits.float(), full_logits.float(), rtol=3e-2, atol=3e-2)
 
 
 def test_fast_cpu_attention_with_dropout_is_attention_with_that_mask():
