@@ -137,7 +137,7 @@ def sample_bench(cfg, opts):
     n = opts["max_new_tokens"]
     print(f"sampling {opts['num_samples']} x {n} tokens from a {cfg.n_layer} x {cfg.n_embd} model (block {cfg.block_size}) "
           f"on {device}, {dtype}")
-    # (label, dtype, KV cache, CPU attention detours); the last is nanoGPT's sample.py on CPU: float32, no cache
+    # (label, dtype, KV cache, CPU attention detours); the third is nanoGPT's sample.py on CPU: float32, no cache
     variants = [("KV cache on", dtype, True, cfg.fast_cpu_attention), ("KV cache off", dtype, False, cfg.fast_cpu_attention),
                 ("all features off", "float32", False, False)]
     if dtype != "float32":  # the cache's gain in float32 too: all off is float32 without it (no dropout: same attention)
