@@ -60,6 +60,18 @@ def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False):
                           timeout=timeout, env=full_env)
 
 
+def run_torchrun(*args, nproc=2, timeout=300):
+    """`torchrun --standalone --nproc_per_node=NPROC ARGS` from the toolkit root; fails the test on a non-zero exit
+    with the exit code and every line of stderr that names an error first (a tail alone can cut off the cause)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        named = [line for line in r.stderr.splitlines() if "Error" in line or "error:" in line]
+        pytest.fail(f"torchrun exited {r.returncode}\nerror lines:\n" + "\n".join(named[-20:])
+                    + f"\n--- stderr tail ---\n{r.stderr[-3000:]}")
+    return r
+
+
 def _run_in_process(module_name, argv, cwd):
     main = importlib.import_module(module_name).main
     out, err = io.StringIO(), io.StringIO()

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY_TRAIN, run_script
+from conftest import ROOT, TINY_TRAIN, run_script, run_torchrun
 
 from checkpoint import load_checkpoint
 
@@ -172,10 +172,7 @@ def test_resume_refuses_conflicting_architecture_flags(data_dir, tmp_path):
 
 def test_ddp_resume_is_bit_exact(data_dir, tmp_path):
     def ddp(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               *train_args(data_dir, out, "--lr_decay_iters=40", *extra)]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
+        run_torchrun(*train_args(data_dir, out, "--lr_decay_iters=40", *extra))
     ddp(tmp_path / "a", "--max_iters=40")
     ddp(tmp_path / "b", "--max_iters=20")
     assert len(load_checkpoint(tmp_path / "b" / "latest.pt")["rng"]) == 2

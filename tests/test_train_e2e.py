@@ -1,12 +1,10 @@
 """End to end: train a tiny model on shakespeare_char, read its logs as the seeds' tools do, sample, resume, DDP."""
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_TRAIN, run_script
+from conftest import ROOT, TINY_TRAIN, run_script, run_torchrun
 
 from checkpoint import load_checkpoint, save_checkpoint
 
@@ -112,11 +110,8 @@ def test_nanogpt_checkpoint_loads_for_sampling_and_resume(trained, data_dir, tmp
 
 def test_ddp_two_processes_on_cpu(data_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           "config/train_shakespeare_char.py", *TINY_TRAIN, "--gradient_accumulation_steps=2", "--max_iters=20", "--dropout=0",
-           f"--data_dir={data_dir}", f"--out_dir={out}"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_torchrun(ROOT / "train.py", "config/train_shakespeare_char.py", *TINY_TRAIN, "--gradient_accumulation_steps=2",
+                     "--max_iters=20", "--dropout=0", f"--data_dir={data_dir}", f"--out_dir={out}")
     assert r.stdout.count("step 0: train loss") == 1, "only rank 0 logs"
     assert "2 process(es)" in r.stdout
     steps, _, val = parse_log((out / "training.log").read_text())
