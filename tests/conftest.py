@@ -61,8 +61,8 @@ def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False):
 
 
 def run_torchrun(*args, nproc=2, timeout=300):
-    """`torchrun --standalone --nproc_per_node=NPROC ARGS` from the toolkit root; fails the test on a non-zero exit
-    with the exit code and every line of stderr that names an error first (a tail alone can cut off the cause)."""
+    """`torchrun --standalone --nproc_per_node=NPROC ARGS` from the toolkit root. A non-zero exit fails the test with
+    the exit code, the (last 20) stderr lines that name an error, then stderr's tail: a tail alone can cut off the cause."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
