@@ -142,7 +142,8 @@ def pop_options(argv, spec):
     """Take a tool's own options out of a train.py-style command line.
 
     spec maps '--name' to (type, default); type list collects repeated options. Accepts --name=value and
-    --name value. Returns ({name: value}, the remaining arguments)."""
+    --name value; a bool option alone (--compare) means True and never takes the next argument as its value.
+    Returns ({name: value}, the remaining arguments)."""
     values = {name.lstrip("-"): ([] if kind is list else default) for name, (kind, default) in spec.items()}
     rest, it = [], iter(argv)
     for arg in it:
@@ -150,12 +151,15 @@ def pop_options(argv, spec):
         if name not in spec:
             rest.append(arg)
             continue
+        kind = spec[name][0]
+        key = name.lstrip("-")
+        if kind is bool:
+            values[key] = check_value(key, text, False, source=arg) if sep else True
+            continue
         if not sep:
             text = next(it, None)
             if text is None:
                 raise ConfigError(f"{name} needs a value: {name}=VALUE")
-        kind = spec[name][0]
-        key = name.lstrip("-")
         if kind is list:
             values[key].append(text)
             continue

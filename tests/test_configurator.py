@@ -4,7 +4,7 @@ import re
 import pytest
 from conftest import assert_one_line_error, run_script
 
-from configurator import help_of, parse_args
+from configurator import help_of, parse_args, pop_options
 from errors import ConfigError
 from train import Config, load_config
 
@@ -134,3 +134,21 @@ def test_unknown_key_from_command_line_exits_2():
 def test_bad_type_from_command_line_exits_2():
     assert_one_line_error(run_script("train.py", "--batch_size=abc"), "batch_size must be an int", code=2)
     assert_one_line_error(run_script("train.py", "--compile=maybe"), "compile must be one of auto, True, False", code=2)
+
+
+TOOL_OPTIONS = {"--compare": (bool, False), "--iters": (int, 20)}
+
+
+def test_tool_bool_option_alone_is_true_and_leaves_the_next_argument():
+    opts, rest = pop_options(["--compare", "config/x.py", "--iters", "5", "--lr=1"], TOOL_OPTIONS)
+    assert opts == {"compare": True, "iters": 5} and rest == ["config/x.py", "--lr=1"]
+    assert pop_options(["--compare=False"], TOOL_OPTIONS)[0]["compare"] is False
+    assert pop_options(["--compare=true"], TOOL_OPTIONS)[0]["compare"] is True
+    assert pop_options([], TOOL_OPTIONS)[0]["compare"] is False
+
+
+def test_tool_bool_option_rejects_other_values():
+    with pytest.raises(ConfigError, match=r"--compare=yes: compare must be True or False"):
+        pop_options(["--compare=yes"], TOOL_OPTIONS)
+    with pytest.raises(ConfigError, match=r"--iters needs a value"):
+        pop_options(["--iters"], TOOL_OPTIONS)

@@ -28,13 +28,9 @@ from errors import ConfigError, UserError, run_main  # noqa: E402
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
 from train import Dataset, load_config, scratch_model_args, step_batches, train_step, validate  # noqa: E402
 
-OPTIONS = {"--iters": (int, 20), "--warmup": (int, 3), "--rounds": (int, 3), "--compare": (str, "False"),
-           "--sample": (str, "False"), "--max_new_tokens": (int, 500), "--num_samples": (int, 1),
+OPTIONS = {"--iters": (int, 20), "--warmup": (int, 3), "--rounds": (int, 3), "--compare": (bool, False),
+           "--sample": (bool, False), "--max_new_tokens": (int, 500), "--num_samples": (int, 1),
            "--temperature": (float, 0.8), "--top_k": (int, 200), "--memory_of": (str, "")}
-
-
-def flag(text):
-    return text.lower() in ("true", "1", "yes", "")
 
 
 class Variant:
@@ -101,7 +97,7 @@ def train_bench(cfg, opts, argv):
         print(f"peak_bytes {variant(opts['memory_of'], cfg, dataset, vocab_size, device).peak_memory()}")
         return
     variants = [variant("on", cfg, dataset, vocab_size, device)]
-    if flag(opts["compare"]):
+    if opts["compare"]:
         variants.append(variant("off", cfg, dataset, vocab_size, device))
     tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     print(f"{cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x "
@@ -175,7 +171,7 @@ def main(argv):
         raise ConfigError("--iters, --rounds and --max_new_tokens must be positive")
     cfg, _ = load_config(rest)
     validate(cfg)
-    if flag(opts["sample"]):
+    if opts["sample"]:
         sample_bench(cfg, opts)
     else:
         train_bench(cfg, opts, argv)

@@ -20,7 +20,7 @@ from errors import ConfigError, UserError, run_main  # noqa: E402
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
 from train import Dataset, load_config, scratch_model_args, step_batches, train_step, validate  # noqa: E402
 
-OPTIONS = {"--gpu_mem": (str, ""), "--mem": (str, ""), "--measure": (str, "False"), "--measure_steps": (int, 3)}
+OPTIONS = {"--gpu_mem": (str, ""), "--mem": (str, ""), "--measure": (bool, False), "--measure_steps": (int, 3)}
 UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30, "TB": 2**40}
 
 
@@ -143,7 +143,7 @@ def main(argv):
     print(f"memory estimate ({kind}, {dtype}, micro-batch {cfg.batch_size}):")
     for name, value in parts.items():
         print(f"  {name:<24} {fmt_bytes(value)}")
-    if opts["measure"] not in ("False", "false", "0", ""):
+    if opts["measure"]:
         peak, ms = measure(cfg, V, max(2, opts["measure_steps"]), device, dtype)
         print(f"measured on {device}: peak {fmt_bytes(peak)} ({(peak - parts['total']) / parts['total']:+.1%} vs the "
               f"estimate), {ms:.1f} ms per iteration")
