@@ -66,6 +66,29 @@ def test_sample_kv_cache_switch(data_dir, tmp_path):
     assert on.stdout == off.stdout and on.stdout.count("---------------") == 2
 
 
+def test_measured_peak_is_the_best_of_its_matmul_sizes(monkeypatch):
+    """No single square size is fastest everywhere (here float32 512 beat 1024 by ~30%): the peak is the best."""
+    assert hardware.square_matmul_flops("cpu", "float32", 64, 0.01) > 0  # the real one runs
+    tried = []
+
+    def fake(device, dtype, n, seconds):
+        tried.append((n, seconds))
+        return {512: 2.0e11, 1024: 1.4e11}[n]
+
+    monkeypatch.setattr(hardware, "square_matmul_flops", fake)
+    assert hardware.measure_matmul_flops("cpu", "float32", seconds=0.2) == 2.0e11
+    assert tried == [(512, 0.1), (1024, 0.1)]  # the time budget is shared, not doubled
+
+
+def test_timers_wait_for_asynchronous_devices(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("cuda"))
+    for device in ("cpu", "mps", "cuda:0"):
+        hardware.synchronize(device)
+    assert calls == ["mps", "cuda"]
+
+
 def test_auto_dtype_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
     assert hardware.resolve_dtype("auto", "cpu") == "bfloat16"
