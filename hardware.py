@@ -4,6 +4,7 @@ Every choice here has a CPU/MPS-safe path: autocast and GradScaler get the real 
 and GradScaler is only enabled for float16.
 """
 import contextlib
+import functools
 import os
 import time
 
@@ -115,20 +116,31 @@ def synchronize(device):
 
 
 def measure_matmul_flops(device, dtype, seconds=0.2):
-    """Best observed FLOP/s of square matmuls: the practical peak where no spec is known. The best of two sizes,
-    since no single size is the fastest everywhere (on a 2-core AVX512 CPU, float32 512 x 512 ran at ~180 GFLOP/s
-    and 1024 x 1024 at ~140)."""
-    sizes = (512, 1024) if device_type(device) == "cpu" else (2048, 4096)
-    return max(square_matmul_flops(device, dtype, n, seconds / len(sizes)) for n in sizes)
+    """Best observed FLOP/s of square matmuls: the practical peak where no spec is known. The best of several
+    sizes, since no single size is the fastest everywhere; smallest first, and no larger size once one matmul takes
+    more than its share of the time (float16 on a CPU without it in hardware: a 1024 x 1024 matmul took seconds)."""
+    sizes = (256, 512, 1024) if device_type(device) == "cpu" else (2048, 4096)
+    best = 0.0
+    for n in sizes:
+        flops = square_matmul_flops(device, dtype, n, seconds / len(sizes))
+        best = max(best, flops)
+        if 2 * n**3 / flops > seconds / len(sizes) / 8:  # one matmul of the next size does 8x the work
+            break
+    return best
 
 
 def square_matmul_flops(device, dtype, n, seconds):
-    """Best FLOP/s of an n x n matmul seen in `seconds` of repeats."""
-    a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
-    b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    """Best FLOP/s of an n x n matmul seen in `seconds` of repeats (at least one). The operands come
+    from a private generator: a draw from the global RNG here would change the dropout masks of the run that
+    measures (and break its exact resume)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=DTYPES[dtype], generator=gen)
+    b = torch.randn(n, n, device=device, dtype=DTYPES[dtype], generator=gen)
+    deadline = time.perf_counter() + seconds
+    t0 = time.perf_counter()
     a @ b
     synchronize(device)
-    best, deadline = 0.0, time.perf_counter() + seconds
+    best = 2 * n**3 / (time.perf_counter() - t0)
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
         for _ in range(4):
@@ -169,6 +181,7 @@ def peak_memory(device):
     raise UserError("no VmHWM in /proc/self/status: cannot read the peak memory on this system")
 
 
+@functools.cache  # measured once per process
 def peak_flops(device, dtype):
     """(FLOP/s, where the figure comes from) for MFU: a spec table for known GPUs, else a measured matmul."""
     if device_type(device) == "cuda":

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hardware
+import memory
 from checkpoint import (
     ARCHITECTURE,
     BEST,
@@ -39,7 +40,7 @@ from checkpoint import (
     step_name,
 )
 from configurator import defaults_of, format_config, help_of, parse_args
-from dataset import Dataset, eval_offsets, get_batch, tokenizer_from_meta, train_offsets
+from dataset import GPT2_VOCAB_SIZE, Dataset, eval_offsets, get_batch, tokenizer_from_meta, train_offsets
 from diagnostics import NAN_DIAGNOSIS, GradMonitor, check_batch, check_init, grad_warnings
 from errors import ConfigError, UserError, import_optional, run_main
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
@@ -108,6 +109,7 @@ class Config:
     fused_adamw = True  # the fused AdamW kernel where the device has one (CPU, CUDA, MPS)
     fast_cpu_attention = True  # on CPU: explicit attention for bf16 and dropout, float32 for cached decoding (faster)
     seed = 1337  # seed for initialisation, batch sampling and dropout
+    check_memory = True  # before any work, refuse a run whose memory estimate cannot fit the device (with the fix)
     peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = a spec table for known GPUs, else a measured matmul
 
 
@@ -119,6 +121,9 @@ CHOICES = {
     "lr_schedule": ["cosine", "wsd", "constant"],
 }
 ALIASES = {"lr": "learning_rate"}
+# float16: the GradScaler halves its scale and skips the step at each inf/NaN gradient. A few skips are normal
+# (the scale starts at 2**16 and finds its level); this many in a row mean the gradients themselves are broken.
+MAX_SKIPPED_STEPS = 25
 USAGE = "usage: python train.py [CONFIG_FILE ...] [--key=value ...]"
 
 
@@ -248,15 +253,17 @@ def forward_backward(model, micro_batches, ctx, scaler, doc_sep=None):
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
-    """Clip, step, and zero the gradients (already unscaled with scaler.unscale_). Returns the gradient norm
-    before clipping (a tensor) or None when grad_clip is 0."""
+    """Clip, step, and zero the gradients (already unscaled with scaler.unscale_). Returns (the gradient norm
+    before clipping, a tensor, or None when grad_clip is 0; whether the float16 GradScaler skipped the step for
+    inf/NaN gradients, a bool tensor, or None without a scaler)."""
     norm = None
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scale = scaler._scale.clone() if scaler.is_enabled() else None  # the scaler lowers its scale when it skips
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return norm, (scaler._scale < scale if scale is not None else None)
 
 
 def train_step(model, optimizer, scaler, micro_batches, ctx, grad_clip, doc_sep=None):
@@ -325,6 +332,27 @@ def build_model(cfg, dataset, ckpt):
         raise UserError(f"block_size={cfg.block_size} is larger than the model's {model.config.block_size}: "
                         f"use --block_size={model.config.block_size} or less")
     return model, model_args, notes
+
+
+def planned_model_args(cfg, dataset, ckpt):
+    """The GPTConfig fields build_model will use, known before building it."""
+    if cfg.init_from == "scratch":
+        return scratch_model_args(cfg, dataset.vocab_size or GPT2_PADDED_VOCAB)
+    if cfg.init_from == "resume":
+        return {**ckpt["model_args"], "dropout": cfg.dropout}
+    return dict(GPT2_SIZES[cfg.init_from], block_size=min(cfg.block_size, 1024), bias=True, vocab_size=GPT2_VOCAB_SIZE,
+                dropout=cfg.dropout)
+
+
+def check_memory(cfg, dataset, ckpt, device, dtype, world_size):
+    """Refuse a run that cannot fit before the model is built (building it alone can take minutes or fail)."""
+    args = planned_model_args(cfg, dataset, ckpt)
+    shape = SimpleNamespace(**{**vars(cfg), **args})
+    n_params = memory.param_count(n_layer=args["n_layer"], n_embd=args["n_embd"], block_size=args["block_size"],
+                                  vocab_size=args["vocab_size"], bias=args["bias"])
+    sharing = memory.processes_on_this_machine() if hardware.device_type(device) == "cpu" else 1
+    memory.check_fits(shape, n_params=n_params, vocab_size=args["vocab_size"], dtype=dtype, device=device,
+                      processes=min(sharing, world_size))
 
 
 def check_out_dir(cfg):
@@ -446,6 +474,8 @@ def main(argv):
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         check_resume(ckpt, cfg, cli_keys, dataset)
     dataset.check_block_size(cfg.block_size)
+    if cfg.check_memory:
+        check_memory(cfg, dataset, ckpt, device, dtype, world_size)
     check_out_dir(cfg)
     torch.manual_seed(cfg.seed + rank)
     model, model_args, notes = build_model(cfg, dataset, ckpt)
@@ -489,7 +519,7 @@ def main(argv):
     scaler = hardware.grad_scaler(device, dtype)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
                                            fused=None if cfg.fused_adamw else False)
-    iter_num, best_val_loss, resumed_at = 0, float("inf"), None
+    iter_num, best_val_loss, resumed_at, saved_rng = 0, float("inf"), None, None
     early = {"best": float("inf"), "best_step": 0, "evals_without_improvement": 0}  # early-stopping state
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -498,10 +528,9 @@ def main(argv):
         iter_num = resumed_at = ckpt["iter_num"]
         best_val_loss = float(ckpt["best_val_loss"])
         early.update(ckpt.get("early_stop", {}))
-        rng = ckpt.get("rng")
-        if rng and len(rng) == world_size:
-            set_rng_state(rng[rank], device)  # dropout continues exactly where it stopped
-        else:
+        saved_rng = ckpt.get("rng")
+        if not saved_rng or len(saved_rng) != world_size:
+            saved_rng = None
             log.print(f"the checkpoint has no RNG state for {world_size} process(es): dropout masks will differ "
                       f"from an uninterrupted run")
         log.print(f"resuming from {ckpt_path} at step {iter_num}")
@@ -548,15 +577,29 @@ def main(argv):
         last_saved["step"] = step
         log.print(f"saving checkpoint to {cfg.out_dir} ({', '.join(written)})")
 
+    def kept_checkpoint():
+        return (f"the last checkpoint ({out_dir / LATEST}, step {last_saved['step']}) is from before and untouched"
+                if last_saved["step"] is not None else "no checkpoint had been saved yet")
+
     def stop_for_nonfinite(step):
         """The NaN/Inf guard: stop before anything broken is evaluated or saved, with the tutorial's diagnosis."""
         log.print(f"training stopped: the loss or the gradients became NaN/Inf by step {step}")
+        if scaler.is_enabled() and skipped_in_a_row.item():
+            log.print(f"float16: the GradScaler skipped the last {skipped_in_a_row.item()} steps for inf/NaN gradients")
         log.print(NAN_DIAGNOSIS)
         log.close()
-        kept = (f"the last checkpoint ({out_dir / LATEST}, step {last_saved['step']}) is from before and untouched"
-                if last_saved["step"] is not None else "no checkpoint had been saved yet")
-        raise UserError(f"loss or gradients became NaN/Inf by step {step}: {kept}; see the likely causes above "
-                        f"(lower learning_rate, set grad_clip, avoid float16)")
+        raise UserError(f"loss or gradients became NaN/Inf by step {step}: {kept_checkpoint()}; see the likely causes "
+                        f"above (lower learning_rate, set grad_clip, avoid float16)")
+
+    def out_of_memory_advice():
+        """The next step of the tutorial's decision tree, for the memory the device has (at most half of what
+        the estimate said this run needs, since the estimate was too low)."""
+        shape = SimpleNamespace(**{**vars(cfg), **model_args})
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        need = memory.memory_estimate(shape, n_params, vocab_size, dtype, device_type=device_type)["total"]
+        have, _ = memory.available_memory(device)
+        fix = memory.fit_advice(shape, n_params, vocab_size, dtype, min(need / 2, have or need), device_type)
+        return f"{fix}; {kept_checkpoint()}"
 
     if master and (cfg.debug_data or cfg.check_init):
         X, Y = step_batches(train_data, iter_num, cfg.batch_size, 1, cfg.block_size, cfg.seed, device,
@@ -569,11 +612,15 @@ def main(argv):
             check_init(raw_model, Xv, Yv, dataset.vocab_size or vocab_size, ctx, log.print)
     monitor = GradMonitor(raw_model, cfg.grad_monitor_interval) if cfg.grad_monitor_interval and master else None
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set by any step whose loss or gradient is NaN/Inf
+    skipped_in_a_row = torch.zeros((), dtype=torch.long, device=device)  # float16 steps the GradScaler skipped
 
+    if saved_rng is not None:
+        # the last thing before the loop, so no setup step can draw from the restored state
+        set_rng_state(saved_rng[rank], device)  # dropout continues exactly where it stopped
     exit_code = 0
     t_start = time.time()
     t_window, window_iters, running_mfu = time.time(), 0, -1.0
-    with StopRequest() as stop:
+    with StopRequest() as stop, memory.explain_out_of_memory(lambda: f"at step {iter_num}", out_of_memory_advice):
         while True:
             at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
             if at_eval and (iter_num != resumed_at or cfg.eval_only):  # a resumed step was evaluated before its save
@@ -619,9 +666,12 @@ def main(argv):
             loss = forward_backward(model, batches, ctx, scaler, doc_sep)
             scaler.unscale_(optimizer)  # true gradients for the monitor, the guard and clipping (no-op unless float16)
             grad_record = monitor.gradients(iter_num) if monitor and monitor.due(iter_num) else None
-            norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            norm, skipped = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
             finite = torch.isfinite(loss)
-            if norm is not None and not scaler.is_enabled():  # with float16 the scaler skips inf-gradient steps itself
+            if skipped is not None:  # float16: the scaler skips an inf-gradient step; only a long run of them is fatal
+                skipped_in_a_row = (skipped_in_a_row + 1) * skipped
+                finite &= skipped_in_a_row < MAX_SKIPPED_STEPS
+            elif norm is not None:
                 finite &= torch.isfinite(norm)
             nonfinite |= ~finite
             if grad_record is not None:

@@ -4,8 +4,8 @@ import re
 import pytest
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
+from memory import memory_estimate, parse_size
 from model import GPT, GPTConfig
-from tools.estimate import memory_estimate, parse_size
 from train import load_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,14 +76,17 @@ def test_estimate_budget_keeps_the_effective_batch(data_dir):
     r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", f"--data_dir={data_dir}", "--device=cpu",
                    "--dtype=float32", "--gpu_mem=1GB")
     assert r.returncode == 0, r.stderr
-    b, accum = map(int, re.search(r"--batch_size=(\d+) --gradient_accumulation_steps=(\d+) \(effective batch 64 kept",
+    b, accum = map(int, re.search(r"--batch_size=(\d+) --gradient_accumulation_steps=(\d+) \(the same effective batch of 64\)",
                                   r.stdout).groups())
     assert b * accum == 64 and b < 64
     cfg, _ = load_config(["config/train_shakespeare_char.py", "--device=cpu"])
     assert memory_estimate(cfg, 10_745_088, 65, "float32", b, "cpu")["total"] <= 2**30
     assert memory_estimate(cfg, 10_745_088, 65, "float32", 2 * b, "cpu")["total"] > 2**30  # the largest that fits
+    r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", "--gpu_mem=100MB", f"--data_dir={data_dir}",
+                   "--n_layer=2", "--n_embd=128", "--n_head=2", "--batch_size=1")
+    assert "even batch_size=1 does not fit at block_size=256: use --batch_size=1 --block_size=128" in r.stdout, r.stdout
     r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", "--gpu_mem=10MB", f"--data_dir={data_dir}")
-    assert "even batch_size=1 needs" in r.stdout and "--block_size=128" in r.stdout
+    assert "weights, gradients and AdamW state alone need 163.96 MB: use a smaller model" in r.stdout, r.stdout
 
 
 def test_debug_training_table():

@@ -67,17 +67,24 @@ def test_sample_kv_cache_switch(data_dir, tmp_path):
 
 
 def test_measured_peak_is_the_best_of_its_matmul_sizes(monkeypatch):
-    """No single square size is fastest everywhere (here float32 512 beat 1024 by ~30%): the peak is the best."""
+    """No single square size is fastest everywhere (on a Zen 4 float32 512 beat 1024 by ~30%): the peak is the best.
+    A size whose one matmul takes more than its share of the time ends the search (float16 on most CPUs)."""
     assert hardware.square_matmul_flops("cpu", "float32", 64, 0.01) > 0  # the real one runs
     tried = []
 
-    def fake(device, dtype, n, seconds):
-        tried.append((n, seconds))
-        return {512: 2.0e11, 1024: 1.4e11}[n]
+    def fake(speeds):
+        def measure(device, dtype, n, seconds):
+            tried.append((n, round(seconds, 4)))
+            return speeds[n]
+        return measure
 
-    monkeypatch.setattr(hardware, "square_matmul_flops", fake)
-    assert hardware.measure_matmul_flops("cpu", "float32", seconds=0.2) == 2.0e11
-    assert tried == [(512, 0.1), (1024, 0.1)]  # the time budget is shared, not doubled
+    monkeypatch.setattr(hardware, "square_matmul_flops", fake({256: 1e11, 512: 2.0e11, 1024: 1.4e11}))
+    assert hardware.measure_matmul_flops("cpu", "float32", seconds=0.3) == 2.0e11
+    assert tried == [(256, 0.1), (512, 0.1), (1024, 0.1)]  # the time budget is shared, not tripled
+    tried.clear()
+    monkeypatch.setattr(hardware, "square_matmul_flops", fake({256: 1e9, 512: 1e9, 1024: 1e9}))  # 256^3: 34 ms
+    assert hardware.measure_matmul_flops("cpu", "float16", seconds=0.3) == 1e9
+    assert tried == [(256, 0.1)]  # a 1024 matmul would have taken 2 s
 
 
 def test_timers_wait_for_asynchronous_devices(monkeypatch):

@@ -16,63 +16,12 @@ import torch  # noqa: E402
 
 import hardware  # noqa: E402
 from configurator import pop_options  # noqa: E402
-from errors import ConfigError, UserError, run_main  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
+from memory import fit_advice, fmt_bytes, memory_estimate, parse_size  # noqa: E402
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
 from train import Dataset, load_config, scratch_model_args, step_batches, train_step, validate  # noqa: E402
 
 OPTIONS = {"--gpu_mem": (str, ""), "--mem": (str, ""), "--measure": (bool, False), "--measure_steps": (int, 3)}
-UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30, "TB": 2**40}
-
-
-def parse_size(text):
-    number = text.rstrip("BKMGTbkmgt").strip()
-    unit = text[len(number):].strip().upper()
-    try:
-        return float(number) * UNITS[unit]
-    except (ValueError, KeyError):
-        raise ConfigError(f"memory size '{text}': write it like 8GB, 512MB or 24G") from None
-
-
-def fmt_bytes(n):
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-CPU_RUNTIME_BYTES = 85 * 2**20  # kernels' workspaces and buffers a CPU training step allocates (measured, torch 2.13)
-MATH_ATTENTION_BYTES = 17  # per B*h*T*T element: on CPU, attention with dropout materializes T x T scores (measured)
-
-
-def block_activation_bytes(cfg, tokens, dtype):
-    """What autograd keeps for one transformer block, counted from this model's code. Per token: the two
-    LayerNorm inputs (2d, float32 even under autocast), attention input d, q/k/v 3d, attention output d and its
-    re-laid-out copy d, MLP input d, GELU input 4d and output 4d (15d more, in the compute dtype), plus 1-byte
-    masks for the two dropouts when dropout > 0."""
-    width = 4 if dtype == "float32" else 2
-    per_token = 2 * cfg.n_embd * 4 + 15 * cfg.n_embd * width + (2 * cfg.n_embd if cfg.dropout > 0 else 0)
-    return tokens * per_token
-
-
-def memory_estimate(cfg, n_params, vocab_size, dtype, batch_size=None, device_type="cpu"):
-    """Bytes by kind for one training step at micro-batch batch_size. float32 weights, gradients and AdamW's
-    two moments take 16 bytes per parameter; autocast adds a cached half-precision copy of the weights."""
-    tokens = (batch_size or cfg.batch_size) * cfg.block_size
-    block = block_activation_bytes(cfg, tokens, dtype)
-    parts = {"parameters": 4 * n_params, "gradients": 4 * n_params, "AdamW state": 8 * n_params}
-    if dtype != "float32":
-        parts["autocast weight copies"] = 2 * n_params
-    # around the blocks: embedding sum, final LayerNorm input and output, and the logits, their log-softmax
-    # and its gradient, which are float32
-    parts["activations"] = cfg.n_layer * block + tokens * (3 * cfg.n_embd * 4 + 3 * vocab_size * 4)
-    if cfg.dropout > 0 and device_type != "cuda":  # CUDA's flash attention does dropout without T x T matrices
-        parts["attention matrices"] = (cfg.n_layer * (batch_size or cfg.batch_size) * cfg.n_head * cfg.block_size ** 2
-                                       * MATH_ATTENTION_BYTES)
-    parts["backward working memory"] = block  # gradients in flight: about one block's activations
-    if device_type != "cuda":
-        parts["runtime buffers"] = CPU_RUNTIME_BYTES
-    parts["total"] = sum(parts.values())
-    return parts
 
 
 def measure(cfg, vocab_size, steps, device, dtype):
@@ -98,15 +47,6 @@ def measure(cfg, vocab_size, steps, device, dtype):
     peak = hardware.peak_memory(device) - base
     steady = times[1:] or times  # the first step pays for allocation
     return peak, 1000 * sum(steady) / len(steady)
-
-
-def best_split(cfg, n_params, vocab_size, dtype, budget, device_type):
-    """The largest micro-batch whose estimate fits the budget, keeping batch_size * accumulation; or None."""
-    effective = cfg.batch_size * cfg.gradient_accumulation_steps
-    for b in range(effective, 0, -1):
-        if effective % b == 0 and memory_estimate(cfg, n_params, vocab_size, dtype, b, device_type)["total"] <= budget:
-            return b, effective // b
-    return None
 
 
 def main(argv):
@@ -154,19 +94,11 @@ def main(argv):
     budget_text = opts["gpu_mem"] or opts["mem"]
     if budget_text:
         budget = parse_size(budget_text)
-        split = best_split(cfg, exact, V, dtype, budget, kind)
         print(f"for {fmt_bytes(budget)}:")
-        if split and split[0] == cfg.batch_size:
+        if parts["total"] <= budget:
             print(f"  batch_size={cfg.batch_size} gradient_accumulation_steps={cfg.gradient_accumulation_steps} fits as is")
-        elif split:
-            b, accum = split
-            estimate = memory_estimate(cfg, exact, V, dtype, b, kind)["total"]
-            print(f"  use --batch_size={b} --gradient_accumulation_steps={accum} (effective batch {effective} kept; "
-                  f"estimate {fmt_bytes(estimate)})")
         else:
-            one = memory_estimate(cfg, exact, V, dtype, 1, kind)["total"]
-            print(f"  even batch_size=1 needs {fmt_bytes(one)}: following the tutorial's decision tree, next try "
-                  f"--block_size={T // 2}, a smaller model, or --dtype=bfloat16")
+            print(f"  {fit_advice(cfg, exact, V, dtype, budget, kind)}")
     return 0
 
 

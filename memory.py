@@ -1,0 +1,191 @@
+"""How much memory a training run needs, how much the device has, and what to do when it does not fit
+(the tutorial's ch01 6.1 decision tree: smaller micro-batch with more accumulation, then a shorter context or a
+smaller model). tools/estimate.py prints these figures; train.py checks them before building the model and
+turns an out-of-memory error during training into the same advice."""
+import contextlib
+import os
+import re
+
+import torch
+
+from errors import ConfigError, UserError
+
+UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30, "TB": 2**40}
+CPU_RUNTIME_BYTES = 85 * 2**20  # kernels' workspaces and buffers a CPU training step allocates (measured, torch 2.13)
+MATH_ATTENTION_BYTES = 17  # per B*h*T*T element: on CPU, attention with dropout materializes T x T scores (measured)
+# The estimate is calibrated to within ~25% of measured peaks: a run is refused only when even 0.8x of it exceeds
+# what the device has, so a run that might fit always starts.
+MIGHT_FIT = 0.8
+
+
+def parse_size(text):
+    """'8GB', '512MB', '24G' -> bytes."""
+    number = text.rstrip("BKMGTbkmgt").strip()
+    unit = text[len(number):].strip().upper()
+    try:
+        return float(number) * UNITS[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"memory size '{text}': write it like 8GB, 512MB or 24G") from None
+
+
+def fmt_bytes(n):
+    for unit, size in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def param_count(*, n_layer, n_embd, block_size, vocab_size, bias):
+    """Exact parameter count of model.GPT (sum of p.numel(), the tied embedding once), without building it."""
+    d = n_embd
+    per_block = 12 * d * d + (13 * d if bias else 4 * d)  # attention 4d^2, MLP 8d^2; two LayerNorms, biases
+    return vocab_size * d + block_size * d + n_layer * per_block + (2 * d if bias else d)
+
+
+def block_activation_bytes(cfg, tokens, dtype):
+    """What autograd keeps for one transformer block, counted from this model's code. Per token: the two
+    LayerNorm inputs (2d, float32 even under autocast), attention input d, q/k/v 3d, attention output d and its
+    re-laid-out copy d, MLP input d, GELU input 4d and output 4d (15d more, in the compute dtype), plus 1-byte
+    masks for the two dropouts when dropout > 0."""
+    width = 4 if dtype == "float32" else 2
+    per_token = 2 * cfg.n_embd * 4 + 15 * cfg.n_embd * width + (2 * cfg.n_embd if cfg.dropout > 0 else 0)
+    return tokens * per_token
+
+
+def memory_estimate(cfg, n_params, vocab_size, dtype, batch_size=None, device_type="cpu", block_size=None):
+    """Bytes by kind for one training step at micro-batch batch_size (default cfg's) and context block_size
+    (default cfg's). float32 weights, gradients and AdamW's two moments take 16 bytes per parameter; autocast adds
+    a cached half-precision copy of the weights."""
+    batch_size = batch_size or cfg.batch_size
+    block_size = block_size or cfg.block_size
+    tokens = batch_size * block_size
+    block = block_activation_bytes(cfg, tokens, dtype)
+    parts = {"parameters": 4 * n_params, "gradients": 4 * n_params, "AdamW state": 8 * n_params}
+    if dtype != "float32":
+        parts["autocast weight copies"] = 2 * n_params
+    # around the blocks: embedding sum, final LayerNorm input and output, and the logits, their log-softmax
+    # and its gradient, which are float32
+    parts["activations"] = cfg.n_layer * block + tokens * (3 * cfg.n_embd * 4 + 3 * vocab_size * 4)
+    if cfg.dropout > 0 and device_type != "cuda":  # CUDA's flash attention does dropout without T x T matrices
+        parts["attention matrices"] = cfg.n_layer * batch_size * cfg.n_head * block_size ** 2 * MATH_ATTENTION_BYTES
+    parts["backward working memory"] = block  # gradients in flight: about one block's activations
+    if device_type != "cuda":
+        parts["runtime buffers"] = CPU_RUNTIME_BYTES
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def best_split(cfg, n_params, vocab_size, dtype, budget, device_type):
+    """The largest micro-batch whose estimate fits the budget, keeping batch_size * accumulation; or None."""
+    effective = cfg.batch_size * cfg.gradient_accumulation_steps
+    for b in range(effective, 0, -1):
+        if effective % b == 0 and memory_estimate(cfg, n_params, vocab_size, dtype, b, device_type)["total"] <= budget:
+            return b, effective // b
+    return None
+
+
+def _cgroup_free():
+    """Memory left under this process's cgroup (v2) limit, or None where there is no limit."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as f:
+            return int(limit) - int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory(device):
+    """(bytes this run can still allocate on device, what that figure is), or (None, reason) where it cannot
+    be known. CPU: Linux's MemAvailable (and the container's limit, if lower); CUDA: the free device memory;
+    MPS: Metal's recommended working set."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free, f"free memory on {torch.cuda.get_device_name(torch.device(device))}"
+    if kind == "mps":
+        return torch.mps.recommended_max_memory(), "Metal's recommended working set"
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None, "no /proc/meminfo"
+    cgroup = _cgroup_free()
+    if cgroup is not None and cgroup < free:
+        return cgroup, "memory left under this container's limit"
+    return free, "available RAM"
+
+
+def fit_advice(cfg, n_params, vocab_size, dtype, budget, device_type):
+    """The tutorial's next step for a run that does not fit `budget` bytes: a batch_size x accumulation with the
+    same effective batch, else the longest context that fits at batch_size=1, else a smaller model."""
+    split = best_split(cfg, n_params, vocab_size, dtype, budget, device_type)
+    if split:
+        b, accum = split
+        return (f"use --batch_size={b} --gradient_accumulation_steps={accum} (the same effective batch of "
+                f"{cfg.batch_size * cfg.gradient_accumulation_steps}), which the estimate puts at "
+                f"{fmt_bytes(memory_estimate(cfg, n_params, vocab_size, dtype, b, device_type)['total'])}")
+    block_size = cfg.block_size // 2
+    while block_size >= 8:
+        need = memory_estimate(cfg, n_params, vocab_size, dtype, 1, device_type, block_size)["total"]
+        if need <= budget:
+            return (f"even batch_size=1 does not fit at block_size={cfg.block_size}: use --batch_size=1 "
+                    f"--block_size={block_size} (estimate {fmt_bytes(need)}), or a smaller model")
+        block_size //= 2
+    weights = memory_estimate(cfg, n_params, vocab_size, dtype, 1, device_type, 1)
+    held = weights["parameters"] + weights["gradients"] + weights["AdamW state"]
+    return (f"the model's weights, gradients and AdamW state alone need {fmt_bytes(held)}: use a smaller model "
+            f"(fewer --n_layer, a smaller --n_embd)")
+
+
+def check_fits(cfg, *, n_params, vocab_size, dtype, device, processes=1):
+    """Refuse, before any work, a run whose estimate cannot fit the device (a UserError with the estimate, the
+    limit and the fix); return the (estimate, available) bytes otherwise. `processes` sharing the device's memory
+    (DDP ranks on one CPU) each need the estimate."""
+    kind = torch.device(device).type
+    need = memory_estimate(cfg, n_params, vocab_size, dtype, device_type=kind)["total"] * processes
+    have, what = available_memory(device)
+    if have is None or MIGHT_FIT * need <= have:
+        return need, have
+    shared = f" ({processes} processes)" if processes > 1 else ""
+    advice = fit_advice(cfg, n_params, vocab_size, dtype, have / processes, kind)
+    raise UserError(f"this run needs about {fmt_bytes(need)}{shared} but {device} has {fmt_bytes(have)} ({what}): "
+                    f"{advice}; or --check_memory=False to try anyway")
+
+
+_CPU_ALLOC_RE = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
+_CUDA_ALLOC_RE = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
+
+
+def out_of_memory_request(exc):
+    """For an out-of-memory error (torch.OutOfMemoryError on CUDA/MPS, the CPU allocator's RuntimeError): what it
+    asked for, as text ('' where the message does not say). None for any other exception."""
+    text = str(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and (
+            "can't allocate memory" in text or "out of memory" in text.lower())):
+        if m := _CPU_ALLOC_RE.search(text):
+            return fmt_bytes(int(m.group(1)))
+        if m := _CUDA_ALLOC_RE.search(text):
+            return m.group(1).replace("iB", "B")
+        return ""
+    return None
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(where, advice):
+    """Inside the block, an out-of-memory error becomes a UserError: 'out of memory {where()} (asked for X):
+    {advice()}'. Both are called only then, so they describe the moment it happened."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        asked = out_of_memory_request(e)
+        if asked is None:
+            raise
+        raise UserError(f"out of memory {where()}{f' (asked for {asked} more)' if asked else ''}: {advice()}") from None
+
+
+def processes_on_this_machine():
+    """How many training processes share this machine's memory (torchrun's LOCAL_WORLD_SIZE; 1 alone)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
