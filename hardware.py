@@ -15,7 +15,8 @@ from errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name().
-# float32 rows are TF32 peaks, because training enables TF32 matmuls on CUDA. First match wins.
+# float32 rows are TF32 peaks, because training enables TF32 matmuls on CUDA. The longest matching name wins
+# ("H100 PCIe" over "H100", "A10G" over "A10"), whatever the order of the list.
 GPU_PEAK_FLOPS = [
     ("H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
     ("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
@@ -181,12 +182,18 @@ def peak_memory(device):
     raise UserError("no VmHWM in /proc/self/status: cannot read the peak memory on this system")
 
 
+def gpu_spec_peaks(name):
+    """{dtype: FLOP/s} of the longest GPU_PEAK_FLOPS key in the device name; {} for an unknown GPU."""
+    matches = [(key, peaks) for key, peaks in GPU_PEAK_FLOPS if key in name]
+    return max(matches, key=lambda m: len(m[0]))[1] if matches else {}
+
+
 @functools.cache  # measured once per process
 def peak_flops(device, dtype):
     """(FLOP/s, where the figure comes from) for MFU: a spec table for known GPUs, else a measured matmul."""
     if device_type(device) == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAK_FLOPS:
-            if key in name and dtype in peaks:
-                return peaks[dtype], f"{name} {dtype} spec"
+        peaks = gpu_spec_peaks(name)
+        if dtype in peaks:
+            return peaks[dtype], f"{name} {dtype} spec"
     return measure_matmul_flops(device, dtype), f"measured {dtype} matmul on {device}"

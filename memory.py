@@ -38,7 +38,7 @@ def fmt_bytes(n):
 def param_count(*, n_layer, n_embd, block_size, vocab_size, bias):
     """Exact parameter count of model.GPT (sum of p.numel(), the tied embedding once), without building it."""
     d = n_embd
-    per_block = 12 * d * d + (13 * d if bias else 4 * d)  # attention 4d^2, MLP 8d^2; two LayerNorms, biases
+    per_block = 12 * d * d + (13 * d if bias else 2 * d)  # attention 4d^2, MLP 8d^2; LayerNorms, biases
     return vocab_size * d + block_size * d + n_layer * per_block + (2 * d if bias else d)
 
 
@@ -140,6 +140,19 @@ def fit_advice(cfg, n_params, vocab_size, dtype, budget, device_type):
             f"(fewer --n_layer, a smaller --n_embd)")
 
 
+def smaller_step_advice(cfg):
+    """The tutorial's next step after a run ran out of memory: half the micro-batch with twice the accumulation
+    (the same effective batch), else half the context, else a smaller model."""
+    if cfg.batch_size > 1:
+        b = max(d for d in range(1, cfg.batch_size // 2 + 1) if cfg.batch_size % d == 0)
+        accum = cfg.gradient_accumulation_steps * cfg.batch_size // b
+        return (f"use --batch_size={b} --gradient_accumulation_steps={accum} (the same effective batch of "
+                f"{cfg.batch_size * cfg.gradient_accumulation_steps})")
+    if cfg.block_size > 8:
+        return f"batch_size is 1 already: use --block_size={cfg.block_size // 2}, or a smaller model"
+    return "use a smaller model (fewer --n_layer, a smaller --n_embd)"
+
+
 def check_fits(cfg, *, n_params, vocab_size, dtype, device, processes=1):
     """Refuse, before any work, a run whose estimate cannot fit the device (a UserError with the estimate, the
     limit and the fix); return the (estimate, available) bytes otherwise. `processes` sharing the device's memory
@@ -160,9 +173,12 @@ _CUDA_ALLOC_RE = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
 
 
 def out_of_memory_request(exc):
-    """For an out-of-memory error (torch.OutOfMemoryError on CUDA/MPS, the CPU allocator's RuntimeError): what it
+    """For an out-of-memory error (torch.OutOfMemoryError on CUDA/MPS, the CPU allocator's RuntimeError, Python's
+    MemoryError): what it
     asked for, as text ('' where the message does not say). None for any other exception."""
     text = str(exc)
+    if isinstance(exc, MemoryError):  # numpy's and Python's own allocations
+        return ""
     if isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and (
             "can't allocate memory" in text or "out of memory" in text.lower())):
         if m := _CPU_ALLOC_RE.search(text):
@@ -179,7 +195,7 @@ def explain_out_of_memory(where, advice):
     {advice()}'. Both are called only then, so they describe the moment it happened."""
     try:
         yield
-    except (torch.OutOfMemoryError, RuntimeError) as e:
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
         asked = out_of_memory_request(e)
         if asked is None:
             raise

@@ -592,14 +592,7 @@ def main(argv):
                         f"above (lower learning_rate, set grad_clip, avoid float16)")
 
     def out_of_memory_advice():
-        """The next step of the tutorial's decision tree, for the memory the device has (at most half of what
-        the estimate said this run needs, since the estimate was too low)."""
-        shape = SimpleNamespace(**{**vars(cfg), **model_args})
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        need = memory.memory_estimate(shape, n_params, vocab_size, dtype, device_type=device_type)["total"]
-        have, _ = memory.available_memory(device)
-        fix = memory.fit_advice(shape, n_params, vocab_size, dtype, min(need / 2, have or need), device_type)
-        return f"{fix}; {kept_checkpoint()}"
+        return f"{memory.smaller_step_advice(cfg)}; {kept_checkpoint()}"
 
     if master and (cfg.debug_data or cfg.check_init):
         X, Y = step_batches(train_data, iter_num, cfg.batch_size, 1, cfg.block_size, cfg.seed, device,

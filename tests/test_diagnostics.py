@@ -217,3 +217,75 @@ def test_packing_trains_on_a_gpt2_dataset(tmp_path, capsys):
     assert code == 0, err
     evals = metrics(tmp_path / "o", "eval")
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def inject_inf_gradients(monkeypatch, at_calls):
+    """Make the gradient of the first parameter inf after the given forward_backward calls (0-based)."""
+    real = train.forward_backward
+    calls = {"n": 0}
+
+    def inject(model, batches, ctx, scaler, doc_sep=None):
+        loss = real(model, batches, ctx, scaler, doc_sep)
+        if calls["n"] in at_calls:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        calls["n"] += 1
+        return loss
+    monkeypatch.setattr(train, "forward_backward", inject)
+
+
+def test_float16_scaler_skips_an_inf_step_and_training_goes_on(data_dir, tmp_path, capsys, monkeypatch):
+    """float16's GradScaler skips a step whose gradients overflowed and halves its scale: that is normal, not a NaN."""
+    args = [*TINY_TRAIN, "--dtype=float16", "--max_iters=20", "--log_interval=1", f"--data_dir={data_dir}"]
+    assert run_train(capsys, *args, f"--out_dir={tmp_path / 'plain'}")[0] == 0
+    inject_inf_gradients(monkeypatch, at_calls={5})
+    code, out, err = run_train(capsys, *args, f"--out_dir={tmp_path / 'skipped'}")
+    assert code == 0, err
+    assert "NaN/Inf" not in out and "step 20: train loss" in out
+    plain = torch.load(tmp_path / "plain" / "latest.pt", weights_only=True)["scaler"]
+    skipped = torch.load(tmp_path / "skipped" / "latest.pt", weights_only=True)["scaler"]
+    assert skipped["scale"] == plain["scale"] / 2  # exactly one step was skipped
+
+
+def test_float16_guard_stops_a_run_of_skipped_steps(data_dir, tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "fp16"
+    args = [*TINY_TRAIN, "--dtype=float16", f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
+    assert run_train(capsys, *args, "--max_iters=20")[0] == 0
+    saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")}
+    inject_inf_gradients(monkeypatch, at_calls=range(3, 10_000))  # broken from step 23 on
+    code, out, err = run_train(capsys, *args, "--max_iters=100", "--lr_decay_iters=100", "--log_interval=1",
+                               "--eval_interval=100", "--init_from=resume")
+    assert code == 1
+    assert f"the GradScaler skipped the last {train.MAX_SKIPPED_STEPS} steps for inf/NaN gradients" in out
+    assert f"loss or gradients became NaN/Inf by step {23 + train.MAX_SKIPPED_STEPS - 1}" in err
+    assert "step 20) is from before and untouched" in err
+    assert {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")} == saved
+
+
+def test_eval_only_evaluates_once_and_writes_no_checkpoint(data_dir, tmp_path, capsys):
+    """The eval_gpt2* configs' mode: one evaluation of the loaded model, nothing trained or saved."""
+    out_dir = tmp_path / "ev"
+    assert run_train(capsys, *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out_dir}")[0] == 0
+    saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")}
+    last = metrics(out_dir, "eval")[-1]
+    code, out, _ = run_train(capsys, *TINY_TRAIN, "--eval_only=True", "--init_from=resume", f"--data_dir={data_dir}",
+                             f"--out_dir={out_dir}")
+    assert code == 0
+    evals = [line for line in out.splitlines() if line.startswith("step ")]
+    assert evals == [f"step 20: train loss {last['train_loss']:.4f}, val loss {last['val_loss']:.4f}"]
+    assert "iter " not in out and "saving checkpoint" not in out
+    assert {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")} == saved
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "constant"])
+def test_lr_schedule_from_the_config_reaches_training(data_dir, tmp_path, capsys, schedule):
+    out_dir = tmp_path / schedule
+    code, _, _ = run_train(capsys, *TINY_TRAIN, f"--lr_schedule={schedule}", "--max_iters=50", "--warmup_iters=5",
+                           "--learning_rate=1e-3", "--min_lr=1e-4", "--decay_frac=0.4", "--log_interval=1",
+                           f"--data_dir={data_dir}", f"--out_dir={out_dir}")
+    assert code == 0
+    lr = {r["iter"]: r["lr"] for r in metrics(out_dir, "train")}
+    assert lr[0] == pytest.approx(1e-3 / 6) and lr[5] == lr[29] == 1e-3
+    if schedule == "wsd":  # held until the last 40% (step 30), then a cosine to min_lr at step 50
+        assert lr[30] == 1e-3 and lr[40] == pytest.approx(1e-4 + 0.5 * 9e-4) and lr[49] < 1.1e-4
+    else:
+        assert lr[49] == 1e-3

@@ -112,6 +112,11 @@ def nanogpt_checkpoint_without_meta(ws):
         torch.save(ckpt, ws / "out" / name)
 
 
+def another_dataset(ws):
+    """A second prepared dataset with the same vocabulary, so only its name differs from the checkpoint's."""
+    shutil.copytree(ws / "data" / "shakespeare_char", ws / "data" / "other")
+
+
 nothing = None
 TRAIN_CASES = [
     ("config file missing", nothing, lambda ws: [ROOT / "config" / "nope.py"], "config file", "not found"),
@@ -137,8 +142,14 @@ TRAIN_CASES = [
     ("scratch over a checkpoint", nothing, in_out(), "already holds a checkpoint", "--overwrite=True"),
     ("resume with another vocabulary", other_vocabulary, in_out("--init_from=resume"),
      "vocabulary differs from the checkpoint's", ""),
-    ("resume with another dataset", nothing, in_out("--init_from=resume", "--dataset=shakespeare_gpt"),
-     "dataset 'shakespeare_gpt' is not prepared", ""),
+    ("resume with another dataset", another_dataset, in_out("--init_from=resume", "--dataset=other"),
+     "checkpoint was trained on dataset 'shakespeare_char' but this run uses 'other'", "--dataset=shakespeare_char"),
+    ("mask_token outside the vocabulary", nothing, lambda ws: ["--mask_prob=0.1", "--mask_token=65"],
+     "mask_token=65 must be below the model's vocab_size 65", "-1 for random"),
+    ("a model that cannot fit in memory", nothing, lambda ws: ["--n_layer=1000", "--n_embd=4096", "--n_head=32"],
+     "the model's weights, gradients and AdamW state alone need", "use a smaller model"),
+    ("a context that cannot fit in memory", nothing, lambda ws: ["--block_size=100000", "--dropout=0.1"],
+     "even batch_size=1 does not fit at block_size=100000: use --batch_size=1 --block_size=", "--check_memory=False"),
     ("unwritable out_dir", file_as_parent, lambda ws: [f"--out_dir={ws / 'afile' / 'run'}"], "cannot write to out_dir", ""),
 ]
 if not torch.cuda.is_available():

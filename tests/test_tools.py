@@ -13,7 +13,6 @@ from tools.compare_runs import curve_difference
 from tools.experiment import scaled_overrides
 from tools.plot_lr import schedule
 from tools.summarize_experiments import HEADERS, find_runs, format_table, overfitting_verdict, summary_row
-from train import get_lr
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -144,12 +143,16 @@ def test_plots_are_written_as_png(exp_dir, tmp_path):
     assert r.returncode == 0 and (tmp_path / "loss_curve.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_plot_lr_uses_get_lr(tmp_path):
+def test_plot_lr_draws_the_schedule_training_uses(tmp_path):
     cfg = {"max_iters": 300, "learning_rate": 1e-3, "warmup_iters": 20, "lr_decay_iters": 250, "min_lr": 1e-4, "decay_lr": True}
     steps, lrs = schedule(cfg)
     assert steps == list(range(300))
-    assert lrs == [get_lr(i, 1e-3, 20, 250, 1e-4, True) for i in range(300)]
-    assert lrs[0] == pytest.approx(1e-3 / 21) and lrs[20] == pytest.approx(1e-3) and lrs[299] == 1e-4
+    # nanoGPT's warmup and cosine, worked out by hand: linear to the peak, halfway down at the middle of the decay
+    assert lrs[0] == pytest.approx(1e-3 / 21) and lrs[10] == pytest.approx(1e-3 * 11 / 21) and lrs[20] == pytest.approx(1e-3)
+    assert lrs[135] == pytest.approx(1e-4 + 0.5 * 9e-4) and lrs[250] == lrs[299] == 1e-4
+    wsd = schedule({**cfg, "lr_schedule": "wsd", "decay_frac": 0.2})[1]
+    assert wsd[239] == 1e-3 and wsd[270] == pytest.approx(1e-4 + 0.5 * 9e-4) and wsd[299] < 1.01e-4
+    assert set(schedule({**cfg, "lr_schedule": "constant"})[1][20:]) == {1e-3}
     out = tmp_path / "lr.png"
     r = run_script("tools/plot_lr.py", "config/train_shakespeare_char.py", "--max_iters=2000", "--warmup_iters=0",
                    "--decay_lr=False", "-o", out)

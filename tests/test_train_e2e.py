@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import ROOT, TINY_TRAIN, run_script, run_torchrun
+from conftest import AUTO_DTYPE, OTHER_DTYPE, ROOT, TINY_TRAIN, run_script, run_torchrun
 
 from checkpoint import load_checkpoint, save_checkpoint
 
@@ -122,3 +122,21 @@ def test_ddp_two_processes_on_cpu(data_dir, tmp_path):
                         "--max_iters=20", "--dropout=0", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr
     assert parse_log(single.stdout)[2] == pytest.approx(val, abs=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [AUTO_DTYPE, OTHER_DTYPE])
+def test_accumulation_trains_like_one_big_batch(data_dir, tmp_path, dtype):
+    """16 rows in one micro-batch or 8 x 2 accumulated: the same rows (a function of seed and step) and the same
+    mean gradient, so the same losses, up to the precision's rounding."""
+    losses = []
+    for batch, accum in ((16, 1), (8, 2)):
+        out = tmp_path / f"{batch}x{accum}"
+        r = run_script("train.py", *TINY_TRAIN, f"--dtype={dtype}", f"--batch_size={batch}",
+                       f"--gradient_accumulation_steps={accum}", "--max_iters=20", "--dropout=0", "--log_interval=1",
+                       f"--data_dir={data_dir}", f"--out_dir={out}")
+        assert r.returncode == 0, r.stderr
+        losses.append([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                       if '"train"' in line])
+    assert len(losses[0]) == 20
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4 if dtype == "float32" else 2e-2)
+    assert losses[0][-1] < losses[0][0] - 0.3  # and it trained
