@@ -17,12 +17,14 @@ so nanoGPT's train.py/sample.py load ours and we load theirs. nanoGPT ignores ou
 """
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from errors import UserError
+from files import atomic_write, fsync_dir, remove_stale_temps, temp_path
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # what a resume may not change
@@ -51,65 +53,98 @@ def existing_checkpoints(out_dir):
     return sorted(p for p in out_dir.glob("*.pt") if p.name in (BEST, LATEST) or p.name.startswith("ckpt_step"))
 
 
-def _temp_name(path):
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def remove_stale_temps(out_dir):
-    """Delete temp files left by a write that was killed part-way (never read: the rename never happened)."""
-    for p in Path(out_dir).glob(".*.pt.tmp*"):
-        p.unlink(missing_ok=True)
-
-
 def save_checkpoint(ckpt, path):
-    """Write to a temp file in the same directory, fsync, then rename over path: a crash at any
-    moment leaves either the old file or the new one, never a torn one. A failed write (disk full)
-    leaves the old file untouched and is reported as a UserError."""
+    """Write whole or not at all (files.atomic_write). A failed write (disk full) leaves the old file untouched and
+    is reported as a UserError."""
     path = Path(path)
-    tmp = _temp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(ckpt, f))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not save the checkpoint to {path} ({e.strerror or e}): the previous checkpoint is "
                         f"intact; free disk space and continue with --init_from=resume") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def link_checkpoint(src, dst):
     """Make dst the same file as src (a hard link, or a copy where links are not supported), atomically."""
     src, dst = Path(src), Path(dst)
-    tmp = _temp_name(dst)
+    tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         try:
             os.link(src, tmp)
         except OSError:
-            import shutil
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {dst} ({e.strerror or e}): {src} holds the same checkpoint") from None
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
-def _fsync_dir(directory):
-    try:  # make the rename itself durable
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+def training_state(*, model, optimizer, scaler, model_args, iter_num, best_val_loss, config, rng_states, early_stop,
+                   meta):
+    """Everything a checkpoint holds: nanoGPT's keys, then ours (see the module docstring)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config, "scaler": scaler.state_dict(),
+            "rng": rng_states, "sampler": {"kind": "seed_and_step", "seed": config["seed"], "next_step": iter_num},
+            "early_stop": early_stop, "meta": meta}
+
+
+def restore_training_state(ckpt, *, optimizer, scaler, rank, world_size):
+    """Load the optimizer and GradScaler state of a resumed run. Returns {iter_num, best_val_loss, early_stop, rng}:
+    rng is this process's RNG state, or None when the checkpoint has none for this many processes (nanoGPT's
+    checkpoints, another world size)."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt.get("rng")
+    return {"iter_num": ckpt["iter_num"], "best_val_loss": float(ckpt["best_val_loss"]),
+            "early_stop": ckpt.get("early_stop", {}), "rng": rng[rank] if rng and len(rng) == world_size else None}
+
+
+def save_run(state, out_dir, *, improved, keep_last):
+    """A run's save: latest.pt always; ckpt.pt (a link to it) only when val improved; with keep_last, a rolling
+    ckpt_stepNNNNNNNN.pt and the older ones beyond keep_last removed. Returns the names written."""
+    out_dir = Path(out_dir)
+    save_checkpoint(state, out_dir / LATEST)
+    written = [LATEST]
+    if improved:
+        link_checkpoint(out_dir / LATEST, out_dir / BEST)
+        written.append(BEST)
+    if keep_last:
+        link_checkpoint(out_dir / LATEST, out_dir / step_name(state["iter_num"]))
+        for old in sorted(out_dir.glob("ckpt_step*.pt"))[:-keep_last]:
+            old.unlink()
+    return written
+
+
+def check_out_dir(cfg):
+    """Refuse to replace an earlier run's checkpoints without --overwrite=True, and an out_dir that cannot be
+    written. Writes nothing."""
+    out_dir = Path(cfg.out_dir)
+    found = existing_checkpoints(out_dir) if out_dir.is_dir() else []
+    if found and cfg.init_from != "resume" and not cfg.eval_only and not cfg.overwrite:
+        raise UserError(f"out_dir '{out_dir}' already holds a checkpoint ({found[-1].name}): continue it with "
+                        f"--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        reason = "a file is in the way" if not existing.is_dir() else "permission denied"
+        raise UserError(f"cannot write to out_dir '{out_dir}' ({reason} at {existing}): choose another --out_dir")
+
+
+def open_out_dir(cfg):
+    """Create out_dir, drop temp files of a killed write, and with --overwrite=True the old checkpoints."""
+    out_dir = Path(cfg.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir '{out_dir}' ({e.strerror}): choose another --out_dir") from None
+    remove_stale_temps(out_dir)
+    if cfg.overwrite and cfg.init_from != "resume" and not cfg.eval_only:
+        for path in existing_checkpoints(out_dir):
+            path.unlink()
 
 
 def load_checkpoint(path, map_location="cpu"):

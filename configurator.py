@@ -138,12 +138,18 @@ def format_config(config):
     return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in config.items())
 
 
-def pop_options(argv, spec):
+def pop_options(argv, spec, usage=None):
     """Take a tool's own options out of a train.py-style command line.
 
     spec maps '--name' to (type, default); type list collects repeated options. Accepts --name=value and
     --name value; a bool option alone (--compare) means True and never takes the next argument as its value.
-    Returns ({name: value}, the remaining arguments)."""
+    Returns ({name: value}, the remaining arguments). With -h/--help, prints usage (the tool's docstring) and its
+    options first; --help stays in the remaining arguments, so load_config then lists the training keys and exits."""
+    if usage and any(a in ("-h", "--help") for a in argv):
+        print(usage.strip() + "\n\nthis tool's options (default):")
+        for name, (kind, default) in spec.items():
+            print(f"  {name}={default if kind is not list else 'VALUE (repeatable)'}")
+        print()
     values = {name.lstrip("-"): ([] if kind is list else default) for name, (kind, default) in spec.items()}
     rest, it = [], iter(argv)
     for arg in it:

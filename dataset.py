@@ -12,7 +12,6 @@ then split into micro-batches (and across DDP ranks), so 64x1 and 16x4 train on 
 resumed run continues with the very batches an uninterrupted one would have seen.
 """
 import json
-import os
 import pickle
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 
 from errors import UserError
+from files import atomic_write, remove_stale_temps, replace_all
+from model import GPT2_PADDED_VOCAB
 
 SPLITS = ("train", "val")
 TOOLKIT_DATA = Path(__file__).resolve().parent / "data"
@@ -128,32 +129,12 @@ def read_text(path, what="input file"):
 
 def download(url, dest):
     """Fetch url into dest (written whole or not at all)."""
-    tmp = Path(f"{dest}.part")
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            f.write(r.read())
-        os.replace(tmp, dest)
+        with urllib.request.urlopen(url, timeout=30) as r:
+            atomic_write(dest, lambda f: f.write(r.read()))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise UserError(f"could not download {url} ({reason}): save the text as {dest} or pass --input PATH") from None
-
-
-def _write_atomically(files):
-    """Write every {path: bytes} to a temp file first, then rename them all into place, so a failure
-    part-way never leaves a mix of old and new dataset files."""
-    tmps = []
-    try:
-        for path, payload in files.items():
-            tmp = Path(f"{path}.tmp")
-            tmp.write_bytes(payload)
-            tmps.append((tmp, path))
-        for tmp, path in tmps:
-            os.replace(tmp, path)
-    except OSError as e:
-        for tmp, _ in tmps:
-            tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write dataset files in {Path(path).parent}: {e.strerror}") from None
 
 
 def _bpe_safe_chunks(text, size=1 << 20):
@@ -210,32 +191,30 @@ def build_dataset(text, out_dir, tokenizer="char", val_fraction=0.1, progress=Tr
     if len(files[out_dir / "val.bin"]) < 4 or len(files[out_dir / "train.bin"]) < 4:
         raise UserError("text is too short to split into train and val: give a longer file")
     files[out_dir / "meta.json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-    _write_atomically(files)
+    remove_stale_temps(out_dir)
+    try:
+        replace_all(files)
+    except OSError as e:
+        raise UserError(f"cannot write dataset files in {out_dir}: {e.strerror}") from None
     summary = {split: len(files[out_dir / f"{split}.bin"]) // 2 for split in SPLITS}
     summary["vocab_size"] = meta["vocab_size"]
     return summary
 
 
 def write_token_stream(chunks, path):
-    """Write uint16 id arrays one after another into path (via a temp file renamed at the end), for corpora
-    too big to hold in memory. Returns the number of tokens written."""
-    path = Path(path)
-    tmp = Path(f"{path}.tmp")
+    """Write uint16 id arrays one after another into path (whole or not at all), for corpora too big to hold in
+    memory. Returns the number of tokens written."""
     total = 0
-    try:
-        with open(tmp, "wb") as f:
-            for ids in chunks:
-                ids = np.asarray(ids)
-                if ids.size and (ids.min() < 0 or ids.max() > 65535):
-                    raise UserError(f"token id {int(ids.max())} does not fit in uint16: this tokenizer needs a wider format")
-                f.write(ids.astype(np.uint16).tobytes())
-                total += ids.size
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(f):
+        nonlocal total
+        for ids in chunks:
+            ids = np.asarray(ids)
+            if ids.size and (ids.min() < 0 or ids.max() > 65535):
+                raise UserError(f"token id {int(ids.max())} does not fit in uint16: this tokenizer needs a wider format")
+            f.write(ids.astype(np.uint16).tobytes())
+            total += ids.size
+    atomic_write(path, write)
     return total
 
 
@@ -315,8 +294,14 @@ class Dataset:
 
     @property
     def vocab_size(self):
-        """From the vocabulary file, or None when there is none (then nanoGPT assumes GPT-2's 50304)."""
+        """From the vocabulary file, or None when there is none."""
         return self.meta["vocab_size"] if self.meta else None
+
+    @property
+    def model_vocab_size(self):
+        """The vocab_size a new model for this data gets: the vocabulary's, or without a vocabulary file GPT-2's
+        50257 padded to 50304 (nanoGPT's convention)."""
+        return self.vocab_size or GPT2_PADDED_VOCAB
 
     def check_block_size(self, block_size):
         for split, data in self.splits.items():
@@ -340,17 +325,17 @@ def _rng(*key):
     return np.random.default_rng(np.random.SeedSequence(list(key)))
 
 
-def train_offsets(seed, step, count, split_len, block_size):
+def train_offsets(*, seed, step, count, split_len, block_size):
     """Start positions of the `count` rows of optimizer step `step`: depends only on (seed, step)."""
     return _rng(seed, 0, step).integers(0, split_len - block_size, size=count)
 
 
-def eval_offsets(seed, split, count, split_len, block_size):
+def eval_offsets(*, seed, split, count, split_len, block_size):
     """A fixed set of rows per split, the same at every eval and in every run with this seed."""
     return _rng(seed, 1, SPLITS.index(split)).integers(0, split_len - block_size, size=count)
 
 
-def get_batch(data, offsets, block_size, device="cpu", vocab_size=None):
+def get_batch(data, offsets, *, block_size, device="cpu", vocab_size=None):
     """Rows data[o : o+block_size] as inputs X and the same rows shifted by one as targets Y, int64 (B, T)."""
     rows = data[offsets[:, None] + np.arange(block_size + 1)]
     if vocab_size is not None and rows.max() >= vocab_size:
@@ -362,3 +347,35 @@ def get_batch(data, offsets, block_size, device="cpu", vocab_size=None):
     elif device != "cpu":
         t = t.to(device)
     return t[:, :-1], t[:, 1:]
+
+
+def step_batches(data, step, *, batch_size, accum_steps, block_size, seed, device, rank=0, world_size=1,
+                 vocab_size=None, mask_prob=0.0, mask_token=-1):
+    """This process's micro-batches [(X, Y), ...] for optimizer step `step`.
+
+    All batch_size * accum_steps rows of the step are drawn at once from (seed, step), then cut into
+    micro-batches and dealt to DDP ranks in order, so how a step is split never changes its rows.
+    mask_prob > 0 replaces that fraction of the inputs X (never the targets Y) with mask_token, or with a
+    random token when mask_token is -1 (BERT-style augmentation, tutorial's challenge 5)."""
+    offsets = train_offsets(seed=seed, step=step, count=batch_size * accum_steps, split_len=len(data),
+                            block_size=block_size)
+    per_rank = accum_steps // world_size
+    mine = offsets.reshape(accum_steps, batch_size)[rank * per_rank:(rank + 1) * per_rank].reshape(-1)
+    X, Y = get_batch(data, mine, block_size=block_size, device=device, vocab_size=vocab_size)
+    if mask_prob > 0:
+        X = X.clone()  # X and Y are views of one buffer: masking X in place would change Y
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 2, step, rank]))
+        masked = torch.from_numpy(rng.random(tuple(X.shape)) < mask_prob).to(X.device)
+        if mask_token == -1:
+            fill = torch.from_numpy(rng.integers(0, vocab_size, size=tuple(X.shape))).to(X.device)
+            X = torch.where(masked, fill, X)
+        else:
+            X = X.masked_fill(masked, mask_token)
+    return list(zip(X.split(batch_size), Y.split(batch_size)))
+
+
+def run_batches(cfg, data, step, device, *, rank=0, world_size=1, vocab_size=None):
+    """step_batches with a run's config: its batch size, accumulation, block size, seed and masking."""
+    return step_batches(data, step, batch_size=cfg.batch_size, accum_steps=cfg.gradient_accumulation_steps,
+                        block_size=cfg.block_size, seed=cfg.seed, device=device, rank=rank, world_size=world_size,
+                        vocab_size=vocab_size, mask_prob=cfg.mask_prob, mask_token=cfg.mask_token)

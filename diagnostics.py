@@ -118,3 +118,11 @@ def grad_warnings(record):
         out.append(f"update/parameter ratio {ratio:.2e} outside {UPDATE_RATIO_LOW:g}..{UPDATE_RATIO_HIGH:g}: "
                    f"{'raise' if ratio < UPDATE_RATIO_LOW else 'lower'} the learning rate")
     return out
+
+
+def grad_record_lines(record):
+    """The log lines for one gradient-monitor record: its summary, then the tutorial's warnings."""
+    layers = " ".join(f"{k} {v:.3g}" for k, v in record["layer_norms"].items())
+    lines = [f"grad {record['iter']}: norm {record['grad_norm']:.4f}, max {record['grad_max']:.4g}, "
+             f"update/param {record['update_ratio']:.2e}; layer norms: {layers}"]
+    return lines + [f"WARNING: {warning}" for warning in grad_warnings(record)]

@@ -12,8 +12,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from errors import UserError, import_optional
-
 GPT2_PADDED_VOCAB = 50304  # GPT-2's 50257 tokens padded up to a multiple of 64 for speed
 
 
@@ -219,8 +217,8 @@ class GPT(nn.Module):
     def crop_block_size(self, block_size):
         """Shrink the context window, e.g. to fine-tune GPT-2 (1024) with a smaller block_size."""
         if block_size > self.config.block_size:
-            raise UserError(f"block_size {block_size} is larger than the model's {self.config.block_size}: "
-                            f"a context window can only be cropped")
+            raise ValueError(f"block_size {block_size} is larger than the model's {self.config.block_size}: "
+                             f"a context window can only be cropped")
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
@@ -271,14 +269,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):
-        """GPT-2 weights from Hugging Face (needs the optional `transformers` package and a download)."""
-        transformers = import_optional("transformers", f"init_from={model_type}")
-        try:
-            hf_model = transformers.GPT2LMHeadModel.from_pretrained(model_type)
-        except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not load {model_type} weights from Hugging Face ({first[:150]}): the first use needs "
-                            f"internet; afterwards they come from the Hugging Face cache") from None
+        """GPT-2 weights from Hugging Face (needs the `transformers` package, and a download on first use)."""
+        from transformers import GPT2LMHeadModel
+        hf_model = GPT2LMHeadModel.from_pretrained(model_type)
         model = cls(config_from_hf(hf_model.config, **(override_args or {})))
         model.load_state_dict(state_dict_from_hf(hf_model.state_dict()))
         return model

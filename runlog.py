@@ -184,17 +184,26 @@ def _read_text_log(run, path):
                 run.tokens_per_iter = int(m.group(1).replace(",", ""))
 
 
+def read_metrics(path, start=0):
+    """(records of metrics.jsonl from line `start` on, the line to continue from). A line cut short by a crash is
+    skipped; the last line, when it does not parse, may still be being written: reading stops before it."""
+    records = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True) if Path(path).exists() else []
+    for i in range(start, len(lines)):
+        try:
+            records.append(json.loads(lines[i]))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return records, i
+    return records, len(lines)
+
+
 def _read_metrics(run, path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if record.get("type") == "eval":
-                run.evals[record["step"]] = (record["train_loss"], record["val_loss"])
-            elif record.get("type") == "train":
-                run.iters[record["iter"]] = record
+    for record in read_metrics(path)[0]:
+        if record.get("type") == "eval":
+            run.evals[record["step"]] = (record["train_loss"], record["val_loss"])
+        elif record.get("type") == "train":
+            run.iters[record["iter"]] = record
 
 
 def read_run(path, name=None):

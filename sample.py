@@ -5,24 +5,23 @@
     python sample.py --init_from=gpt2 --start="Once upon a time"
 """
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 import hardware
-from checkpoint import load_checkpoint
+from checkpoint import BEST
 from configurator import defaults_of, help_of, parse_args
-from dataset import GPT2_VOCAB_SIZE, read_meta, read_text, tokenizer_from_meta
 from errors import ConfigError, UserError, run_main
-from model import GPT, GPT2_SIZES, GPTConfig
+from model import GPT2_SIZES
+from sampling import load_model, read_prompt
 
 
 class Config:
     """Defaults. The comment after each key is its --help line."""
     init_from = "resume"  # resume (the model in out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
     out_dir = "out"  # directory of the trained run
-    checkpoint = "ckpt.pt"  # file in out_dir: ckpt.pt (lowest val loss) | latest.pt (newest) | ckpt_stepNNNNNNNN.pt
+    checkpoint = BEST  # file in out_dir: ckpt.pt (lowest val loss) | latest.pt (newest) | ckpt_stepNNNNNNNN.pt
     start = "\n"  # the prompt; FILE:path reads it from a file
     num_samples = 10  # how many samples to draw
     max_new_tokens = 500  # tokens generated per sample
@@ -48,45 +47,6 @@ def validate(cfg):
         raise ConfigError(f"temperature={cfg.temperature} must be > 0 (use a small value like 0.1 for nearly greedy output)")
     if cfg.top_k < 0:
         raise ConfigError(f"top_k={cfg.top_k} must be 0 (off) or positive")
-
-
-def read_prompt(start):
-    if not start.startswith("FILE:"):
-        return start
-    return read_text(start[len("FILE:"):], what="prompt file")
-
-
-def tokenizer_for_checkpoint(ckpt):
-    """The vocabulary the model was trained with: stored in our checkpoints; for nanoGPT's, the dataset's
-    meta.pkl; with neither, GPT-2 BPE when the vocabulary is GPT-2 sized."""
-    meta = ckpt.get("meta")
-    config = ckpt.get("config", {})
-    if meta is None and "dataset" in config:
-        meta = read_meta(Path(config.get("data_dir", "data")) / config["dataset"])
-    if meta is None and ckpt["model_args"]["vocab_size"] < GPT2_VOCAB_SIZE:
-        where = Path(config.get("data_dir", "data")) / config.get("dataset", "?")
-        raise UserError(f"the model has a {ckpt['model_args']['vocab_size']}-token vocabulary but {where} has no meta.pkl "
-                        f"or meta.json to decode it: re-run that dataset's prepare.py")
-    return tokenizer_from_meta(meta)
-
-
-def load_model(cfg, device):
-    if cfg.init_from == "resume":
-        out_dir = Path(cfg.out_dir)
-        if not out_dir.is_dir():
-            raise UserError(f"out_dir '{out_dir}' does not exist: pass the --out_dir you trained with")
-        path = out_dir / cfg.checkpoint
-        if not path.exists() and (out_dir / "latest.pt").exists():
-            raise UserError(f"no {cfg.checkpoint} in {out_dir} (no evaluation improved on the first yet): "
-                            f"sample the newest state with --checkpoint=latest.pt")
-        ckpt = load_checkpoint(path, map_location="cpu")
-        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0}))
-        model.load_state_dict(ckpt["model"])
-        tokenizer = tokenizer_for_checkpoint(ckpt)
-    else:
-        model = GPT.from_pretrained(cfg.init_from, dict(dropout=0.0))
-        tokenizer = tokenizer_from_meta(None)
-    return model.eval().to(device), tokenizer
 
 
 def main(argv):

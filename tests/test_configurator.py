@@ -6,7 +6,7 @@ from conftest import assert_one_line_error, run_script
 
 from configurator import help_of, parse_args, pop_options
 from errors import ConfigError
-from train import Config, load_config
+from train_config import Config, load_config
 
 
 class Defaults:
@@ -76,7 +76,7 @@ def test_alias_and_cli_keys():
 
 def _train_parse_args():
     from configurator import defaults_of
-    from train import ALIASES, CHOICES
+    from train_config import ALIASES, CHOICES
     return defaults_of(Config), help_of(Config), CHOICES, ALIASES
 
 
@@ -112,7 +112,7 @@ def test_config_file_errors(tmp_path):
 def test_shipped_configs_pass_validation():
     from pathlib import Path
 
-    from train import validate
+    from train_config import validate
     shipped = sorted(Path(__file__).resolve().parents[1].glob("config/*.py"))
     assert len(shipped) >= 12
     for f in shipped:

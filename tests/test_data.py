@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_script
 
-import train
-from dataset import CharTokenizer, Dataset, build_dataset, get_batch, prepare_main, read_meta, tokenizer_from_meta
+from dataset import CharTokenizer, Dataset, build_dataset, get_batch, prepare_main, read_meta, step_batches, tokenizer_from_meta
 from errors import UserError
 
 
@@ -77,7 +76,7 @@ def test_get_batch_shapes_dtype_and_shift(data_dir):
     ds = Dataset(data_dir, "shakespeare_char")
     data = ds.splits["train"]
     offsets = np.array([0, 5, 1000])
-    X, Y = get_batch(data, offsets, 16)
+    X, Y = get_batch(data, offsets, block_size=16)
     assert X.shape == Y.shape == (3, 16) and X.dtype == Y.dtype == torch.int64
     assert torch.equal(X[:, 1:], Y[:, :-1])
     assert X[1].tolist() == data[5:21].tolist() and Y[1].tolist() == data[6:22].tolist()
@@ -85,16 +84,18 @@ def test_get_batch_shapes_dtype_and_shift(data_dir):
 
 def test_step_rows_do_not_depend_on_micro_split(data_dir):
     data = Dataset(data_dir, "shakespeare_char").splits["train"]
-    one = train.step_batches(data, 7, 64, 1, 32, 1337, "cpu")
-    four = train.step_batches(data, 7, 16, 4, 32, 1337, "cpu")
+    one = step_batches(data, 7, batch_size=64, accum_steps=1, block_size=32, seed=1337, device="cpu")
+    four = step_batches(data, 7, batch_size=16, accum_steps=4, block_size=32, seed=1337, device="cpu")
     assert len(one) == 1 and len(four) == 4 and four[0][0].shape == (16, 32)
     assert torch.equal(one[0][0], torch.cat([x for x, _ in four]))
     assert torch.equal(one[0][1], torch.cat([y for _, y in four]))
     # DDP ranks take consecutive shares of the same rows
-    rank0 = train.step_batches(data, 7, 16, 4, 32, 1337, "cpu", rank=0, world_size=2)
-    rank1 = train.step_batches(data, 7, 16, 4, 32, 1337, "cpu", rank=1, world_size=2)
+    rank0 = step_batches(data, 7, batch_size=16, accum_steps=4, block_size=32, seed=1337, device="cpu", rank=0,
+                         world_size=2)
+    rank1 = step_batches(data, 7, batch_size=16, accum_steps=4, block_size=32, seed=1337, device="cpu", rank=1,
+                         world_size=2)
     assert torch.equal(torch.cat([x for x, _ in rank0 + rank1]), one[0][0])
-    other_step = train.step_batches(data, 8, 64, 1, 32, 1337, "cpu")
+    other_step = step_batches(data, 8, batch_size=64, accum_steps=1, block_size=32, seed=1337, device="cpu")
     assert not torch.equal(other_step[0][0], one[0][0])
 
 
@@ -159,7 +160,7 @@ def test_openwebtext_prepare_without_datasets_package(tmp_path):
 def test_max_train_tokens_limits_the_train_split(data_dir):
     ds = Dataset(data_dir, "shakespeare_char", max_train_tokens=5000)
     assert len(ds.splits["train"]) == 5000 and len(ds.splits["val"]) == 111_540
-    offsets = train.step_batches(ds.splits["train"], 3, 64, 4, 32, 1337, "cpu")
+    offsets = step_batches(ds.splits["train"], 3, batch_size=64, accum_steps=4, block_size=32, seed=1337, device="cpu")
     full = np.fromfile(data_dir / "shakespeare_char" / "train.bin", dtype=np.uint16)[:5000]
     rows = {tuple(full[i:i + 32]) for i in range(5000 - 32)}
     assert all(tuple(x.tolist()) in rows for xs, _ in offsets for x in xs)

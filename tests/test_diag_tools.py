@@ -6,7 +6,7 @@ from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 from memory import memory_estimate, parse_size
 from model import GPT, GPTConfig
-from train import load_config
+from train_config import load_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

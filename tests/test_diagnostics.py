@@ -8,11 +8,13 @@ import pytest
 import torch
 from conftest import TINY_TRAIN
 
+import dataset
 import train
+from dataset import Dataset, step_batches
 from diagnostics import GradMonitor, check_batch, grad_warnings
 from errors import UserError, run_main
 from model import GPT, GPTConfig, document_positions_and_mask
-from train import get_lr
+from schedule import get_lr
 
 
 def run_train(capsys, *argv):
@@ -38,12 +40,12 @@ def test_debug_data_prints_and_checks_the_shift(data_dir, tmp_path, capsys):
 
 
 def test_data_check_catches_a_broken_shift(data_dir, tmp_path, capsys, monkeypatch):
-    real = train.get_batch
+    real = dataset.get_batch
 
     def unshifted(*args, **kw):
         X, Y = real(*args, **kw)
         return X, X.clone()  # the bug the check exists for: targets equal to inputs
-    monkeypatch.setattr(train, "get_batch", unshifted)
+    monkeypatch.setattr(dataset, "get_batch", unshifted)
     code, _, err = run_train(capsys, *TINY_TRAIN, "--debug_data=True", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}")
     assert code == 1 and "data check failed: Y is not X shifted by one token" in err
     with pytest.raises(UserError, match="not X shifted by one"):
@@ -143,28 +145,31 @@ def test_early_stopping_min_delta(data_dir, tmp_path, capsys):
 
 def test_wsd_schedule_phase_boundaries():
     def wsd(it):
-        return get_lr(it, 1e-3, 100, 0, 1e-4, schedule="wsd", max_iters=1000, decay_frac=0.2)
+        return get_lr(it, learning_rate=1e-3, warmup_iters=100, lr_decay_iters=0, min_lr=1e-4, schedule="wsd", max_iters=1000,
+                      decay_frac=0.2)
     assert wsd(0) == pytest.approx(1e-3 / 101)            # warmup as always
     assert wsd(99) == pytest.approx(1e-3 * 100 / 101)
     assert wsd(100) == 1e-3 and wsd(799) == 1e-3          # stable: held at the peak until the last 20%
     assert wsd(800) == pytest.approx(1e-3)                # decay starts at max_iters * (1 - decay_frac)
     assert wsd(900) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
     assert wsd(1000) == pytest.approx(1e-4) and wsd(1200) == pytest.approx(1e-4)
-    assert get_lr(500, 1e-3, 100, 0, 1e-4, schedule="constant", max_iters=1000) == 1e-3
+    assert get_lr(500, learning_rate=1e-3, warmup_iters=100, lr_decay_iters=0, min_lr=1e-4, schedule="constant",
+                  max_iters=1000) == 1e-3
 
 
 def test_masking_touches_inputs_only(data_dir):
-    data = train.Dataset(data_dir, "shakespeare_char").splits["train"]
-    plain = train.step_batches(data, 5, 16, 2, 32, 1337, "cpu", vocab_size=65)
-    masked = train.step_batches(data, 5, 16, 2, 32, 1337, "cpu", vocab_size=65, mask_prob=0.3, mask_token=0)
+    data = Dataset(data_dir, "shakespeare_char").splits["train"]
+    rows = dict(batch_size=16, accum_steps=2, block_size=32, seed=1337, device="cpu", vocab_size=65)
+    plain = step_batches(data, 5, **rows)
+    masked = step_batches(data, 5, **rows, mask_prob=0.3, mask_token=0)
     for (x0, y0), (x1, y1) in zip(plain, masked):
         assert torch.equal(y0, y1)  # targets untouched
         changed = x0 != x1
         assert torch.all(x1[changed] == 0)
         assert 0.2 < (x1 == 0).float().mean().item() < 0.4
-    again = train.step_batches(data, 5, 16, 2, 32, 1337, "cpu", vocab_size=65, mask_prob=0.3)
+    again = step_batches(data, 5, **rows, mask_prob=0.3)
     assert torch.equal(again[0][1], plain[0][1]) and not torch.equal(again[0][0], plain[0][0])
-    assert torch.equal(again[0][0], train.step_batches(data, 5, 16, 2, 32, 1337, "cpu", vocab_size=65, mask_prob=0.3)[0][0])
+    assert torch.equal(again[0][0], step_batches(data, 5, **rows, mask_prob=0.3)[0][0])
 
 
 def test_masking_leaves_evaluation_alone(data_dir, tmp_path, capsys):

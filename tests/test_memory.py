@@ -14,7 +14,7 @@ import memory
 import train
 from errors import UserError
 from model import GPT, GPTConfig
-from train import load_config
+from train_config import load_config
 
 
 @pytest.mark.parametrize("bias", [True, False])

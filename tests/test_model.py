@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hardware
-import train
+import trainer
 from model import GPT, GPTConfig, state_dict_from_hf
 
 SMALL = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
@@ -37,10 +37,10 @@ def test_accumulated_gradients_equal_one_big_batch():
     model = GPT(SMALL)
     X, Y = batch()
     ctx, scaler = hardware.autocast("cpu", "float32"), hardware.grad_scaler("cpu", "float32")
-    loss_one = train.forward_backward(model, [(X, Y)], ctx, scaler)
+    loss_one = trainer.forward_backward(model, [(X, Y)], ctx, scaler)
     grads_one = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    loss_two = train.forward_backward(model, [(X[:4], Y[:4]), (X[4:], Y[4:])], ctx, scaler)
+    loss_two = trainer.forward_backward(model, [(X[:4], Y[:4]), (X[4:], Y[4:])], ctx, scaler)
     grads_two = [p.grad.clone() for p in model.parameters()]
     assert loss_one.item() == pytest.approx(loss_two.item(), abs=1e-6)
     for a, b in zip(grads_one, grads_two):

@@ -205,7 +205,7 @@ def test_get_batch_does_not_grow_memory(data_dir):
     data = Dataset(data_dir, "shakespeare_char").splits["train"]
     before = hardware.memory_in_use("cpu")
     for step in range(10_000):
-        get_batch(data, train_offsets(1337, step, 12, len(data), 64), 64)
+        get_batch(data, train_offsets(seed=1337, step=step, count=12, split_len=len(data), block_size=64), block_size=64)
     grown = hardware.memory_in_use("cpu") - before
     assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB"  # the 2 MB file's pages at most, plus noise
 
@@ -218,8 +218,9 @@ def test_memmap_is_opened_once(data_dir, monkeypatch):
     monkeypatch.setattr(dataset.np, "memmap", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
     ds = Dataset(data_dir, "shakespeare_char")
     for step in range(50):
-        get_batch(ds.splits["train"], train_offsets(1337, step, 4, len(ds.splits["train"]), 32), 32)
-        get_batch(ds.splits["val"], train_offsets(1337, step, 4, len(ds.splits["val"]), 32), 32)
+        for split in ("train", "val"):
+            data = ds.splits[split]
+            get_batch(data, train_offsets(seed=1337, step=step, count=4, split_len=len(data), block_size=32), block_size=32)
     assert sorted(p.name for p in opened) == ["train.bin", "val.bin"]
     assert not ds.splits["train"].flags.writeable
 

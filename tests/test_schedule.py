@@ -3,18 +3,18 @@ import math
 
 import pytest
 
-from train import get_lr
+from schedule import get_lr
 
 LR, WARMUP, DECAY, MIN = 1e-3, 100, 5000, 1e-4
 
 
 def lr(it, decay_lr=True):
-    return get_lr(it, LR, WARMUP, DECAY, MIN, decay_lr)
+    return get_lr(it, learning_rate=LR, warmup_iters=WARMUP, lr_decay_iters=DECAY, min_lr=MIN, decay_lr=decay_lr)
 
 
 def test_first_step_is_not_zero():
     assert lr(0) == pytest.approx(LR / (WARMUP + 1))
-    assert get_lr(0, LR, 0, DECAY, MIN) == pytest.approx(LR)
+    assert get_lr(0, learning_rate=LR, warmup_iters=0, lr_decay_iters=DECAY, min_lr=MIN) == pytest.approx(LR)
 
 
 def test_warmup_is_linear_and_ends_at_peak():
@@ -35,7 +35,7 @@ def test_decay_off_keeps_warmup_then_holds():
     assert lr(0, decay_lr=False) == pytest.approx(LR / (WARMUP + 1))
     assert lr(WARMUP, decay_lr=False) == LR
     assert lr(DECAY + 10, decay_lr=False) == LR
-    assert get_lr(0, LR, 0, DECAY, MIN, decay_lr=False) == LR
+    assert get_lr(0, learning_rate=LR, warmup_iters=0, lr_decay_iters=DECAY, min_lr=MIN, decay_lr=False) == LR
 
 
 def test_schedule_is_monotone_after_warmup():
@@ -44,4 +44,4 @@ def test_schedule_is_monotone_after_warmup():
 
 
 def test_warmup_equal_to_decay_does_not_divide_by_zero():
-    assert get_lr(100, LR, 100, 100, MIN) == MIN
+    assert get_lr(100, learning_rate=LR, warmup_iters=100, lr_decay_iters=100, min_lr=MIN) == MIN

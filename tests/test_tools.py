@@ -9,10 +9,9 @@ from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 import runlog
 from runlog import read_run
-from tools.compare_runs import curve_difference
+from summary import HEADERS, curve_difference, find_runs, format_table, overfitting_verdict, summary_row
 from tools.experiment import scaled_overrides
 from tools.plot_lr import schedule
-from tools.summarize_experiments import HEADERS, find_runs, format_table, overfitting_verdict, summary_row
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

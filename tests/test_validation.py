@@ -3,6 +3,7 @@ import pytest
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 import train
+from dataset import Dataset
 from errors import ConfigError, UserError
 
 
@@ -52,9 +53,9 @@ def test_missing_dataset_with_its_own_prepare_script(tmp_path):
     (tmp_path / "mytext").mkdir()
     (tmp_path / "mytext" / "prepare.py").write_text("")
     with pytest.raises(UserError, match=r"dataset 'mytext' is not prepared .*run python .*mytext/prepare.py first"):
-        train.Dataset(tmp_path, "mytext")
+        Dataset(tmp_path, "mytext")
     with pytest.raises(UserError, match=r"run python data/prepare_text.py --input=YOUR.txt --name=other first"):
-        train.Dataset(tmp_path, "other")
+        Dataset(tmp_path, "other")
 
 
 def test_unknown_device_and_dtype(data_dir, tmp_path):

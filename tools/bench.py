@@ -24,9 +24,11 @@ import torch  # noqa: E402
 
 import hardware  # noqa: E402
 from configurator import pop_options  # noqa: E402
+from dataset import Dataset, run_batches  # noqa: E402
 from errors import ConfigError, UserError, run_main  # noqa: E402
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
-from train import Dataset, load_config, scratch_model_args, step_batches, train_step, validate  # noqa: E402
+from train_config import load_config, validate  # noqa: E402
+from trainer import build_training, scratch_model_args, train_step  # noqa: E402
 
 OPTIONS = {"--iters": (int, 20), "--warmup": (int, 3), "--rounds": (int, 3), "--compare": (bool, False),
            "--sample": (bool, False), "--max_new_tokens": (int, 500), "--num_samples": (int, 1),
@@ -42,13 +44,11 @@ class Variant:
         self.kind = hardware.device_type(device)
         torch.manual_seed(cfg.seed)
         raw = GPT(GPTConfig(**scratch_model_args(cfg, vocab_size), fast_cpu_attention=fast_attention))
-        raw.to(device)
         self.flops_per_iter = (raw.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size
                                * cfg.gradient_accumulation_steps)
-        self.optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), self.kind,
-                                                  fused=None if fused else False)
-        self.model = torch.compile(raw) if use_compile else raw
-        self.ctx, self.scaler = hardware.autocast(device, dtype), hardware.grad_scaler(device, dtype)
+        self.training = build_training(raw, cfg, device=device, dtype=dtype, fused=fused)
+        if use_compile:
+            self.training.model = torch.compile(raw)
         self.features = (f"{dtype}, {'compiled' if use_compile else 'eager'}, {'fused' if fused else 'plain'} AdamW, "
                          f"{'fast CPU' if fast_attention and self.kind == 'cpu' else 'torch'} attention")
         self.step_no, self.times = 0, []
@@ -58,9 +58,8 @@ class Variant:
         cfg = self.cfg
         t0 = time.perf_counter()
         for _ in range(n):
-            batches = step_batches(self.dataset.splits["train"], self.step_no, cfg.batch_size, cfg.gradient_accumulation_steps,
-                                   cfg.block_size, cfg.seed, self.device, vocab_size=self.vocab_size)
-            train_step(self.model, self.optimizer, self.scaler, batches, self.ctx, cfg.grad_clip).item()
+            batches = run_batches(cfg, self.dataset.splits["train"], self.step_no, self.device, vocab_size=self.vocab_size)
+            train_step(self.training, batches, cfg.grad_clip).item()
             self.step_no += 1
         hardware.synchronize(self.device)
         return (time.perf_counter() - t0) / n
@@ -92,7 +91,7 @@ def train_bench(cfg, opts, argv):
     device = hardware.resolve_device(cfg.device)
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     dataset.check_block_size(cfg.block_size)
-    vocab_size = dataset.vocab_size or GPT2_PADDED_VOCAB
+    vocab_size = dataset.model_vocab_size
     if opts["memory_of"]:
         print(f"peak_bytes {variant(opts['memory_of'], cfg, dataset, vocab_size, device).peak_memory()}")
         return
@@ -124,7 +123,7 @@ def sample_bench(cfg, opts):
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     try:
-        vocab_size = Dataset(cfg.data_dir, cfg.dataset).vocab_size or GPT2_PADDED_VOCAB
+        vocab_size = Dataset(cfg.data_dir, cfg.dataset).model_vocab_size
     except UserError:  # speed needs no data: a dataset not prepared means GPT-2's vocabulary
         vocab_size = GPT2_PADDED_VOCAB
     torch.manual_seed(cfg.seed)
@@ -166,7 +165,7 @@ def sample_bench(cfg, opts):
 
 
 def main(argv):
-    opts, rest = pop_options(argv, OPTIONS)
+    opts, rest = pop_options(argv, OPTIONS, usage=__doc__)
     if opts["iters"] < 1 or opts["rounds"] < 1 or opts["max_new_tokens"] < 1:
         raise ConfigError("--iters, --rounds and --max_new_tokens must be positive")
     cfg, _ = load_config(rest)

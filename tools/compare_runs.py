@@ -11,17 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from errors import UserError, run_main  # noqa: E402
 from runlog import read_run  # noqa: E402
-
-
-def curve_difference(run_a, run_b, which="val"):
-    """(steps both runs evaluated, mean |a - b|, max |a - b|) of their val (or train) losses."""
-    index = 1 if which == "val" else 0
-    steps = sorted(set(run_a.evals) & set(run_b.evals))
-    if not steps:
-        raise UserError(f"{run_a.name} and {run_b.name} have no evaluation step in common: "
-                        f"compare runs with the same eval_interval")
-    diffs = [abs(run_a.evals[s][index] - run_b.evals[s][index]) for s in steps]
-    return steps, sum(diffs) / len(diffs), max(diffs)
+from summary import curve_difference  # noqa: E402
 
 
 def main(argv):

@@ -16,10 +16,12 @@ import torch  # noqa: E402
 
 import hardware  # noqa: E402
 from configurator import pop_options  # noqa: E402
+from dataset import Dataset, run_batches  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from memory import fit_advice, fmt_bytes, memory_estimate, parse_size  # noqa: E402
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
-from train import Dataset, load_config, scratch_model_args, step_batches, train_step, validate  # noqa: E402
+from train_config import load_config, validate  # noqa: E402
+from trainer import build_training, scratch_model_args, train_step  # noqa: E402
 
 OPTIONS = {"--gpu_mem": (str, ""), "--mem": (str, ""), "--measure": (bool, False), "--measure_steps": (int, 3)}
 
@@ -29,19 +31,15 @@ def measure(cfg, vocab_size, steps, device, dtype):
     peak on GPU, the process's peak RSS on CPU."""
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     dataset.check_block_size(cfg.block_size)
-    kind = hardware.device_type(device)
     base = hardware.memory_in_use(device)
     hardware.reset_peak_memory(device)  # after reading base: the peak can then never be below it
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**scratch_model_args(cfg, vocab_size))).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), kind)
-    ctx, scaler = hardware.autocast(device, dtype), hardware.grad_scaler(device, dtype)
+    training = build_training(GPT(GPTConfig(**scratch_model_args(cfg, vocab_size))), cfg, device=device, dtype=dtype)
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
-        batches = step_batches(dataset.splits["train"], step, cfg.batch_size, cfg.gradient_accumulation_steps,
-                               cfg.block_size, cfg.seed, device, vocab_size=vocab_size)
-        train_step(model, optimizer, scaler, batches, ctx, cfg.grad_clip).item()
+        batches = run_batches(cfg, dataset.splits["train"], step, device, vocab_size=vocab_size)
+        train_step(training, batches, cfg.grad_clip).item()
         hardware.synchronize(device)
         times.append(time.perf_counter() - t0)
     peak = hardware.peak_memory(device) - base
@@ -50,7 +48,7 @@ def measure(cfg, vocab_size, steps, device, dtype):
 
 
 def main(argv):
-    opts, rest = pop_options(argv, OPTIONS)
+    opts, rest = pop_options(argv, OPTIONS, usage=__doc__)
     cfg, _ = load_config(rest)
     validate(cfg)
     device = hardware.resolve_device(cfg.device)
@@ -59,7 +57,7 @@ def main(argv):
     try:
         meta_vocab = Dataset(cfg.data_dir, cfg.dataset).vocab_size
     except UserError:
-        pass  # the formulas need no data; the vocabulary then is GPT-2's
+        pass  # the formulas need no data; the vocabulary then is GPT-2's (padded)
     vocab_size = meta_vocab or GPT2_PADDED_VOCAB
     L, d, V, T = cfg.n_layer, cfg.n_embd, vocab_size, cfg.block_size
     model = GPT(GPTConfig(**scratch_model_args(cfg, V)))

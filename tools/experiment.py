@@ -13,6 +13,7 @@ seeds' command. Environment knobs:
     RERUN=1               train again even if experiments/NAME already finished with these settings
 `finish` writes experiments/FAMILY_comparison.png and FAMILY_summary.md and prints the table.
 """
+import argparse
 import json
 import os
 import subprocess
@@ -24,7 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 from checkpoint import existing_checkpoints  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from train import load_config  # noqa: E402
+from files import atomic_write_text  # noqa: E402
+from plots import plot_compare  # noqa: E402
+from summary import find_runs, format_table, summary_row  # noqa: E402
+from train_config import load_config  # noqa: E402
 
 BASE_CONFIG = "config/train_shakespeare_char.py"
 CPU_SCALE = {"n_embd": 4, "block_size": 4, "batch_size": 4, "max_iters": 5, "lr_decay_iters": 5, "warmup_iters": 5,
@@ -77,27 +81,31 @@ def run(name, overrides, exp_dir="experiments"):
 
 def finish(family, title, exp_dir="experiments"):
     """The family's comparison plot and summary table, from every run named FAMILY_*."""
-    from tools.plot_loss import plot_compare
-    from tools.summarize_experiments import find_runs, format_table, summary_row
-
     runs = find_runs(exp_dir, f"{family}_*")
     if not runs:
         raise UserError(f"no {family}_* runs in {exp_dir}: run the experiment script first")
     png = plot_compare(runs, Path(exp_dir) / f"{family}_comparison.png", title)
     rows = [summary_row(r) for r in runs]
-    (Path(exp_dir) / f"{family}_summary.md").write_text(format_table(rows, "markdown") + "\n", encoding="utf-8")
+    atomic_write_text(Path(exp_dir) / f"{family}_summary.md", format_table(rows, "markdown") + "\n")
     print(format_table(rows, "grid"))
     print(f"wrote {png} and {Path(exp_dir) / f'{family}_summary.md'}")
     return 0
 
 
 def main(argv):
-    if len(argv) >= 2 and argv[0] == "run":
-        return run(argv[1], argv[2:])
-    if len(argv) >= 2 and argv[0] == "finish":
-        title = argv[3] if len(argv) >= 4 and argv[2] == "--title" else f"{argv[1]} comparison"
-        return finish(argv[1], title)
-    raise UserError("usage: experiment.py run NAME [--key=value ...] | experiment.py finish FAMILY [--title TITLE]")
+    parser = argparse.ArgumentParser(description="Run one of the seeds' experiments, or finish an experiment family.",
+                                     epilog="Environment: DEVICE, SCALE=cpu, RERUN=1 (see the module docstring).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="train config/train_shakespeare_char.py + overrides into experiments/NAME")
+    run_parser.add_argument("name")
+    run_parser.add_argument("overrides", nargs=argparse.REMAINDER, help="train.py --key=value overrides")
+    finish_parser = commands.add_parser("finish", help="FAMILY_comparison.png and FAMILY_summary.md from FAMILY_* runs")
+    finish_parser.add_argument("family")
+    finish_parser.add_argument("--title")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args.name, args.overrides)
+    return finish(args.family, args.title or f"{args.family} comparison")
 
 
 if __name__ == "__main__":

@@ -5,20 +5,17 @@ heatmap over training, and histograms of log10|gradient| at chosen steps, to spo
     python tools/grad_viz.py out-shakespeare-char-cpu [--steps 0,1000,1950] [-o grad_viz.png]
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diagnostics import HIST_EDGES  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
+from plots import plt, save_figure  # noqa: E402
+from runlog import read_metrics  # noqa: E402
 
 
 def read_grad_records(out_dir):
@@ -26,11 +23,7 @@ def read_grad_records(out_dir):
     if not path.exists():
         raise UserError(f"{path} not found: pass the out_dir of a run")
     by_step = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in read_metrics(path)[0]:
         if record.get("type") == "grad":
             by_step[record["iter"]] = record  # a resumed run's later record wins
     if not by_step:
@@ -60,9 +53,7 @@ def plot(records, steps, output):
     bottom.set(xlabel="log10 |gradient|", ylabel="count", yscale="log", title="Gradient histograms")
     bottom.legend()
     bottom.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
+    save_figure(fig, output)
 
 
 def main(argv):

@@ -12,16 +12,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import hardware  # noqa: E402
 from configurator import pop_options  # noqa: E402
+from dataset import Dataset, run_batches  # noqa: E402
 from errors import ConfigError, run_main  # noqa: E402
-from train import Dataset, build_model, load_config, step_batches, train_step, validate  # noqa: E402
+from plots import plt, save_figure  # noqa: E402
+from train_config import load_config, validate  # noqa: E402
+from trainer import build_model, build_training, train_step  # noqa: E402
 
 OPTIONS = {"--steps": (int, 200), "--lr_start": (float, 1e-7), "--lr_end": (float, 1.0), "--smoothing": (float, 0.0),
            "--output": (str, "lr_finder.png"), "-o": (str, None)}
@@ -40,17 +39,14 @@ def range_test(cfg, steps, lr_start, lr_end, smoothing=0.0, report=print):
     cfg.init_from = "scratch"
     torch.manual_seed(cfg.seed)
     model, model_args, _ = build_model(cfg, dataset, None)
-    model.to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, lr_start, (cfg.beta1, cfg.beta2), hardware.device_type(device))
-    ctx, scaler = hardware.autocast(device, dtype), hardware.grad_scaler(device, dtype)
+    training = build_training(model, cfg, device=device, dtype=dtype, learning_rate=lr_start)
     history, avg, best = [], 0.0, float("inf")
     for step in range(steps):
         lr = lr_start * (lr_end / lr_start) ** (step / max(1, steps - 1))
-        for group in optimizer.param_groups:
+        for group in training.optimizer.param_groups:
             group["lr"] = lr
-        batches = step_batches(dataset.splits["train"], step, cfg.batch_size, cfg.gradient_accumulation_steps,
-                               cfg.block_size, cfg.seed, device, vocab_size=model_args["vocab_size"])
-        loss = train_step(model, optimizer, scaler, batches, ctx, cfg.grad_clip).item()
+        batches = run_batches(cfg, dataset.splits["train"], step, device, vocab_size=model_args["vocab_size"])
+        loss = train_step(training, batches, cfg.grad_clip).item()
         if not math.isfinite(loss):
             report(f"step {step}: loss is not finite at lr {lr:.2e}: stopping")
             break
@@ -71,7 +67,7 @@ def suggest(history):
 
 
 def main(argv):
-    opts, rest = pop_options(argv, OPTIONS)
+    opts, rest = pop_options(argv, OPTIONS, usage=__doc__)
     if opts["steps"] < 20 or not 0 < opts["lr_start"] < opts["lr_end"]:
         raise ConfigError("need --steps >= 20 and 0 < --lr_start < --lr_end")
     cfg, _ = load_config(rest)
@@ -89,8 +85,7 @@ def main(argv):
     ax.set(xscale="log", xlabel="Learning Rate", ylabel="Loss", title="Learning-rate range test")
     ax.legend()
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(output, dpi=120)
+    save_figure(fig, output)
     print(f"lowest smoothed loss {min(h[2] for h in history):.4f} at learning rate {lr_min:.2e}")
     print(f"suggested learning_rate: {suggested:.2e} (a tenth of that)")
     print(f"plot saved to {output}")

@@ -12,55 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")  # files only: works without a display and never blocks
-import matplotlib.pyplot as plt  # noqa: E402
-
 from errors import UserError, run_main  # noqa: E402
-from runlog import read_run  # noqa: E402
-
-
-def load_runs(paths):
-    runs = []
-    for p in paths:
-        try:
-            runs.append(read_run(p))
-        except ValueError as e:
-            raise UserError(f"{e}: pass a train.py log, a metrics.jsonl or an out_dir") from None
-    return runs
-
-
-def plot_single(run, output):
-    fig, ax = plt.subplots(figsize=(12, 6))
-    ax.plot(run.steps, run.train_losses, label="Train Loss", linewidth=2)
-    ax.plot(run.steps, run.val_losses, label="Val Loss", linewidth=2)
-    ax.set(xlabel="Steps", ylabel="Loss", title=f"Training Progress: {run.name}")
-    ax.legend()
-    ax.grid(True, alpha=0.3)
-    return _save(fig, output)
-
-
-def plot_compare(runs, output, title="Experiment Comparison"):
-    """Val loss solid and train loss dashed, one colour per run."""
-    fig, ax = plt.subplots(figsize=(14, 7))
-    for i, run in enumerate(runs):
-        color = f"C{i % 10}"
-        ax.plot(run.steps, run.val_losses, color=color, linewidth=2, marker="o", markersize=3, label=f"{run.name} (val)")
-        ax.plot(run.steps, run.train_losses, color=color, linewidth=1, linestyle="--", alpha=0.7, label=f"{run.name} (train)")
-    ax.set(xlabel="Steps", ylabel="Loss", title=title)
-    ax.legend(fontsize=9)
-    ax.grid(True, alpha=0.3)
-    return _save(fig, output)
-
-
-def _save(fig, output):
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
-    return output
+from plots import plot_compare, plot_single  # noqa: E402
+from summary import load_runs  # noqa: E402
 
 
 def main(argv):

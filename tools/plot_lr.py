@@ -8,26 +8,21 @@ With out_dirs, each run's schedule comes from its config.json, all on one figure
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from configurator import defaults_of  # noqa: E402
+from configurator import defaults_of, pop_options  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from train import Config, load_config, lr_at, validate  # noqa: E402
+from plots import plt, save_figure  # noqa: E402
+from schedule import schedule_of  # noqa: E402
+from train_config import Config, load_config, validate  # noqa: E402
+
+OPTIONS = {"--output": (str, "lr_schedule.png"), "-o": (str, None)}
 
 
 def schedule(cfg):
-    """(steps, learning rates) for every optimizer step of a run with this config (a dict; keys it lacks,
-    e.g. from an older run's config.json, take train.py's defaults)."""
-    run = SimpleNamespace(**{**defaults_of(Config), **cfg})
-    steps = list(range(run.max_iters))
-    return steps, [lr_at(run, it) for it in steps]
+    """(steps, learning rates) of a run with this config (a dict), train.py's defaults for the keys it lacks."""
+    return schedule_of(cfg, defaults_of(Config))
 
 
 def run_config(path):
@@ -39,24 +34,9 @@ def run_config(path):
         return json.load(f)
 
 
-def split_output(argv):
-    """Pull -o FILE / --output=FILE out of argv; the rest is for the configurator."""
-    rest, output = [], "lr_schedule.png"
-    it = iter(argv)
-    for arg in it:
-        if arg in ("-o", "--output"):
-            output = next(it, None)
-            if output is None:
-                raise UserError(f"{arg} needs a file name")
-        elif arg.startswith("--output="):
-            output = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return rest, output
-
-
 def main(argv):
-    argv, output = split_output(argv)
+    opts, argv = pop_options(argv, OPTIONS, usage=__doc__)
+    output = opts["o"] or opts["output"]
     if argv and all(Path(a).is_dir() or a.endswith(".json") for a in argv):
         schedules = {Path(a).name if Path(a).is_dir() else Path(a).parent.name: run_config(a) for a in argv}
     else:
@@ -71,9 +51,7 @@ def main(argv):
     ax.set(xlabel="Steps", ylabel="Learning Rate", title="Learning Rate Schedule")
     ax.legend()
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
+    save_figure(fig, output)
     print(f"schedule plot saved to {output}")
     return 0
 

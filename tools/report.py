@@ -15,10 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from checkpoint import BEST  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from tools.compare_runs import curve_difference  # noqa: E402
-from tools.plot_loss import plot_compare  # noqa: E402
-from tools.summarize_experiments import find_runs, format_table, overfitting_verdict, summary_row  # noqa: E402
+from files import atomic_write_text  # noqa: E402
+from plots import plot_compare  # noqa: E402
+from sampling import load_model  # noqa: E402
+from summary import curve_difference, find_runs, format_table, overfitting_verdict, summary_row  # noqa: E402
 
 FAMILIES = {
     "exp1": "Experiment 1: configuration parameters (learning rate, batch size, model size)",
@@ -138,11 +140,9 @@ ANALYSES = {"exp1": analysis_exp1, "exp2": analysis_exp2, "exp3": analysis_exp3,
 
 def generated_sample(out_dir, max_new_tokens=200, seed=1337):
     """A short sample from a run's checkpoint, or None when it has none."""
-    from sample import load_model
-
-    if not (Path(out_dir) / "ckpt.pt").exists():
+    if not (Path(out_dir) / BEST).exists():
         return None
-    model, tokenizer = load_model(SimpleNamespace(init_from="resume", out_dir=str(out_dir), checkpoint="ckpt.pt"), "cpu")
+    model, tokenizer = load_model(SimpleNamespace(init_from="resume", out_dir=str(out_dir), checkpoint=BEST), "cpu")
     torch.manual_seed(seed)
     start = torch.tensor([tokenizer.encode("\n")], dtype=torch.long)
     return tokenizer.decode(model.generate(start, max_new_tokens, temperature=0.8, top_k=200)[0].tolist())
@@ -181,7 +181,7 @@ def build_report(exp_dir, samples=True):
             heading = "## Samples (200 tokens from each run's checkpoint, seed 1337, temperature 0.8)"
             parts.append(heading + "\n\n" + "\n\n".join(texts))
     report = exp_dir / "REPORT.md"
-    report.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    atomic_write_text(report, "\n\n".join(parts) + "\n")
     return report
 
 

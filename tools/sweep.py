@@ -8,7 +8,6 @@ Search spaces:  KEY=LOW:HIGH (uniform float)  KEY=log:LOW:HIGH  KEY=int:LOW:HIGH
 Everything else (config files, --key=value) is passed to every trial. Trials run in --study_dir/trial_N;
 the end prints a table of all trials and the command that reproduces the best one.
 """
-import json
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ from tabulate import tabulate  # noqa: E402
 
 from configurator import parse_value, pop_options  # noqa: E402
 from errors import ConfigError, UserError, import_optional, run_main  # noqa: E402
-from train import CHOICES, Config, load_config, validate  # noqa: E402
+from runlog import read_metrics  # noqa: E402
+from train_config import CHOICES, Config, load_config, validate  # noqa: E402
 
 OPTIONS = {"--trials": (int, 10), "--study_dir": (str, "sweeps/sweep"), "--pruner": (str, "median"),
            "--sampler_seed": (int, 0), "--search": (list, None)}
@@ -62,13 +62,8 @@ def run_trial(trial, cmd, metrics_path, poll_s=0.5):
     try:
         while True:
             finished = proc.poll() is not None
-            records = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            for line in records[seen:]:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line still being written: read it next time
-                seen += 1
+            records, seen = read_metrics(metrics_path, seen)  # a line still being written is read next time
+            for record in records:
                 if record.get("type") == "eval":
                     best = min(best, record["val_loss"])
                     trial.report(record["val_loss"], record["step"])
@@ -88,10 +83,9 @@ def run_trial(trial, cmd, metrics_path, poll_s=0.5):
 
 
 def main(argv):
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    own, train_args = pop_options(argv, OPTIONS)
+    own, train_args = pop_options(argv, OPTIONS, usage=__doc__)
+    if any(a in ("-h", "--help") for a in train_args):
+        load_config(train_args)  # lists the training keys a --search may name, and exits
     specs = own["search"]
     if not specs:
         raise ConfigError("nothing to search: add at least one --search KEY=RANGE (e.g. --search learning_rate=log:1e-4:1e-2)")

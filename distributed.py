@@ -1,0 +1,70 @@
+"""Several training processes under torchrun (DDP): which process this is, its device, the process group, and
+decisions every rank must take together."""
+import os
+
+import torch
+import torch.distributed as dist
+
+from checkpoint import rng_state
+from errors import ConfigError
+
+
+def ranks(cfg):
+    """(rank, local_rank, world_size) when launched by torchrun, else (0, 0, 1)."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 0, 1
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
+                          f"{world_size} DDP processes: each process runs an equal share of the micro-steps")
+    return rank, local_rank, world_size
+
+
+def process_device(device, local_rank, world_size):
+    """The device this process trains on: with several processes on CUDA, GPU number local_rank."""
+    if world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return device
+
+
+def init_process_group(backend, device, world_size):
+    """Join the torchrun job: nccl on CUDA, gloo elsewhere, unless backend names one."""
+    if world_size == 1:
+        return
+    kind = torch.device(device).type
+    dist.init_process_group(backend=backend if backend != "auto" else ("nccl" if kind == "cuda" else "gloo"))
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+
+
+def destroy_process_group(world_size):
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def agree_with_master(flag, device, world_size):
+    """Rank 0's decision, on every rank (a collective)."""
+    if world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def largest_signal(signum, device, world_size):
+    """The stop signal if any process got one, so that all ranks stop after the same step (a collective)."""
+    if world_size == 1:
+        return signum
+    flag = torch.tensor([signum or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+def all_rng_states(device, world_size):
+    """Every process's RNG state, in rank order (a collective: all ranks call it at the same step)."""
+    mine = rng_state(device)
+    if world_size == 1:
+        return [mine]
+    states = [None] * world_size
+    dist.all_gather_object(states, mine)
+    return states

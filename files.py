@@ -1,0 +1,77 @@
+"""Files the toolkit writes in place (checkpoints, datasets, configs, tables, plots), written whole or not at all:
+into a temp file beside the target, fsynced, then renamed over it. A crash or kill at any moment leaves the old
+file or the new one, never a torn one; the temp file a killed write leaves behind is removed by the next run."""
+import os
+from pathlib import Path
+
+
+def temp_path(path):
+    """Where `path` is written before it is renamed into place: hidden, beside it, named for this process."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write(path, write):
+    """Call write(f) on a binary file that becomes `path` only once it is complete and on disk. Any error
+    (a full disk, an interrupt) leaves `path` as it was and no temp file."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data):
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_all(files):
+    """Write every {path: bytes} to its temp file first, then rename them all into place, so a failure part-way
+    never leaves a mix of old and new files (a dataset's .bin files and vocabulary)."""
+    written = []
+    try:
+        for path, payload in files.items():
+            tmp = temp_path(path)
+            written.append((tmp, Path(path)))
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in written:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for directory in {path.parent for _, path in written}:
+        fsync_dir(directory)
+
+
+def remove_stale_temps(directory):
+    """Delete temp files left in `directory` by a write that was killed part-way (never read: the rename never
+    happened)."""
+    for p in Path(directory).glob(".*.tmp*"):
+        p.unlink(missing_ok=True)
+
+
+def fsync_dir(directory):
+    """Make a rename in `directory` itself durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,46 @@
+"""Plots, always written as PNG files (matplotlib's Agg backend, never a window, so they work over SSH), each
+written whole or not at all."""
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from files import atomic_write_bytes  # noqa: E402
+
+
+def plot_single(run, output):
+    fig, ax = plt.subplots(figsize=(12, 6))
+    ax.plot(run.steps, run.train_losses, label="Train Loss", linewidth=2)
+    ax.plot(run.steps, run.val_losses, label="Val Loss", linewidth=2)
+    ax.set(xlabel="Steps", ylabel="Loss", title=f"Training Progress: {run.name}")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    return save_figure(fig, output)
+
+
+def plot_compare(runs, output, title="Experiment Comparison"):
+    """Val loss solid and train loss dashed, one colour per run."""
+    fig, ax = plt.subplots(figsize=(14, 7))
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        ax.plot(run.steps, run.val_losses, color=color, linewidth=2, marker="o", markersize=3, label=f"{run.name} (val)")
+        ax.plot(run.steps, run.train_losses, color=color, linewidth=1, linestyle="--", alpha=0.7, label=f"{run.name} (train)")
+    ax.set(xlabel="Steps", ylabel="Loss", title=title)
+    ax.legend(fontsize=9)
+    ax.grid(True, alpha=0.3)
+    return save_figure(fig, output)
+
+
+def save_figure(fig, output):
+    """Write fig as a PNG at output (its directory made if needed) and close it. Returns the path."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(output, png.getvalue())
+    return output

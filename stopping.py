@@ -1,0 +1,62 @@
+"""When a run stops before max_iters: on Ctrl-C or SIGTERM (StopRequest), or when val loss stops improving
+(EarlyStopping)."""
+import os
+import signal
+import sys
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: the first asks the loop to finish the current step, save and exit 128+signal;
+    a second one aborts at once (KeyboardInterrupt, exit 130)."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            # once a stop is under way the process is saving and exiting: a late signal must not interrupt that
+            signal.signal(sig, signal.SIG_IGN if self.signum else handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        # os.write, not print: a handler can run in the middle of another print
+        os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: finishing this step, then saving "
+                                      f"(send it again to abort without saving)\n".encode())
+
+
+class EarlyStopping:
+    """Stop after `patience` evaluations in a row that do not lower the best val loss by more than min_delta.
+    Its state goes into checkpoints, so a resumed run keeps counting."""
+
+    def __init__(self, patience, min_delta, state=None):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.best_step, self.evals_without_improvement = float("inf"), 0, 0
+        if state:
+            self.best, self.best_step = state["best"], state["best_step"]
+            self.evals_without_improvement = state["evals_without_improvement"]
+
+    def state(self):
+        return {"best": self.best, "best_step": self.best_step, "evals_without_improvement": self.evals_without_improvement}
+
+    def update(self, val_loss, step):
+        """Record an evaluation; True when patience has run out (never with patience 0)."""
+        if not self.patience:
+            return False
+        if val_loss < self.best - self.min_delta:
+            self.best, self.best_step, self.evals_without_improvement = val_loss, step, 0
+        else:
+            self.evals_without_improvement += 1
+        return self.evals_without_improvement >= self.patience
+
+    def message(self, step, best_path):
+        return (f"early stopping at step {step}: val loss has not improved by more than {self.min_delta} for "
+                f"{self.patience} evaluations (best {self.best:.4f} at step {self.best_step}); the best model is in "
+                f"{best_path}")

@@ -1,0 +1,84 @@
+"""Finished runs side by side: the summary table of an experiments directory (the seeds' columns plus best val
+loss, parameters, tokens/s and the overfitting verdict), and how far two runs' loss curves are apart."""
+import csv
+import fnmatch
+import io
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from errors import UserError
+from runlog import read_run
+
+HEADERS = ["Experiment", "Train Loss", "Val Loss", "Gap", "Time", "Best Val", "Best Step", "Params", "Tokens/s", "Verdict"]
+BANDS = [(0.1, "healthy"), (0.3, "slight overfitting"), (0.5, "moderate overfitting")]  # seeds ch04 2.3
+
+
+def overfitting_verdict(gap):
+    """The seeds' bands on val - train: < 0.1 healthy, < 0.3 slight, < 0.5 moderate, else severe."""
+    for limit, verdict in BANDS:
+        if gap < limit:
+            return verdict
+    return "severe overfitting"
+
+
+def find_runs(exp_dir, match="*"):
+    """Runs in exp_dir by name: a directory wins over a same-named NAME.log (it has more in it)."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        raise UserError(f"experiments directory '{exp_dir}' not found: run an experiment first or pass its path")
+    found = {}
+    for entry in sorted(exp_dir.iterdir()):
+        if entry.is_dir() and any((entry / f).exists() for f in ("training.log", "metrics.jsonl")):
+            found[entry.name] = entry
+        elif entry.suffix == ".log" and entry.is_file():
+            found.setdefault(entry.stem, entry)
+    runs = []
+    for name, path in sorted(found.items()):
+        if not fnmatch.fnmatch(name, match):
+            continue
+        try:
+            runs.append(read_run(path, name))
+        except ValueError as e:
+            print(f"skipping {path}: {e}", file=sys.stderr)
+    return runs
+
+
+def summary_row(run):
+    train, val = run.train_losses[-1], run.val_losses[-1]
+    best_step, best_val = run.best_val()
+    rate = run.tokens_per_s()
+    return [run.name, f"{train:.4f}", f"{val:.4f}", f"{val - train:.4f}",
+            f"{run.took:.1f}s" if run.took is not None else "N/A", f"{best_val:.4f}", best_step,
+            f"{run.num_params / 1e6:.2f}M" if run.num_params else "N/A", f"{rate:,.0f}" if rate else "N/A",
+            overfitting_verdict(val - train)]
+
+
+def format_table(rows, fmt):
+    if fmt == "csv":
+        out = io.StringIO()
+        csv.writer(out).writerows([HEADERS, *rows])
+        return out.getvalue()
+    return tabulate(rows, headers=HEADERS, tablefmt={"grid": "grid", "markdown": "github"}[fmt], disable_numparse=True)
+
+
+def curve_difference(run_a, run_b, which="val"):
+    """(steps both runs evaluated, mean |a - b|, max |a - b|) of their val (or train) losses."""
+    index = 1 if which == "val" else 0
+    steps = sorted(set(run_a.evals) & set(run_b.evals))
+    if not steps:
+        raise UserError(f"{run_a.name} and {run_b.name} have no evaluation step in common: "
+                        f"compare runs with the same eval_interval")
+    diffs = [abs(run_a.evals[s][index] - run_b.evals[s][index]) for s in steps]
+    return steps, sum(diffs) / len(diffs), max(diffs)
+
+
+def load_runs(paths):
+    runs = []
+    for p in paths:
+        try:
+            runs.append(read_run(p))
+        except ValueError as e:
+            raise UserError(f"{e}: pass a train.py log, a metrics.jsonl or an out_dir") from None
+    return runs

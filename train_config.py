@@ -1,0 +1,120 @@
+"""A training run's config: every key with its default and --help line (Config), reading config files and
+--key=value overrides into it (load_config), and refusing impossible settings before any work (validate).
+
+train.py and every tool that takes a training config read it here, so `--key=value` means the same everywhere.
+"""
+from types import SimpleNamespace
+
+from configurator import defaults_of, help_of, parse_args
+from errors import ConfigError
+from model import GPT2_SIZES
+
+
+class Config:
+    """Defaults (nanoGPT's: GPT-2 124M on OpenWebText). The comment after each key is its --help line."""
+    # I/O
+    out_dir = "out"  # where ckpt.pt, training.log, metrics.jsonl and config.json are written
+    eval_interval = 2000  # evaluate train and val loss every N optimizer steps (and after the last)
+    log_interval = 1  # print the training loss every N steps
+    eval_iters = 200  # batches of batch_size per split in each evaluation
+    eval_only = False  # evaluate once and exit
+    always_save_checkpoint = True  # save latest.pt at every evaluation (False: only when val improves and at the end)
+    keep_last = 0  # also keep the last N saves as ckpt_stepNNNNNNNN.pt (0 = none)
+    overwrite = False  # let init_from=scratch/gpt2* replace the checkpoints already in out_dir (refused otherwise)
+    init_from = "scratch"  # scratch | resume (from out_dir/latest.pt, else ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    # logging
+    wandb_log = False  # log evaluations to Weights & Biases (needs: pip install wandb)
+    wandb_project = "owt"  # W&B project name
+    wandb_run_name = "gpt2"  # W&B run name
+    tensorboard_log = False  # write TensorBoard events to out_dir (needs: pip install tensorboard)
+    # data
+    dataset = "openwebtext"  # train on data_dir/<dataset>/train.bin and val.bin
+    data_dir = "data"  # directory that holds the datasets
+    max_train_tokens = 0  # train on only the first N tokens of train.bin (0 = all): a data-limited run overfits sooner
+    gradient_accumulation_steps = 40  # micro-steps per optimizer step (shared out among DDP processes)
+    batch_size = 12  # sequences per micro-step
+    block_size = 1024  # context length in tokens
+    # model
+    n_layer = 12  # transformer blocks
+    n_head = 12  # attention heads per block (must divide n_embd)
+    n_embd = 768  # embedding width
+    dropout = 0.0  # dropout probability in [0, 1): 0 for pretraining, 0.1+ for finetuning
+    bias = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    # AdamW
+    learning_rate = 6e-4  # peak learning rate (also --lr)
+    max_iters = 600000  # optimizer steps to train
+    weight_decay = 1e-1  # AdamW weight decay, on 2-D weights only
+    beta1 = 0.9  # AdamW beta1
+    beta2 = 0.95  # AdamW beta2
+    grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
+    # learning-rate schedule
+    decay_lr = True  # decay after warmup; False holds learning_rate after warmup
+    lr_schedule = "cosine"  # cosine (nanoGPT) | wsd (warmup, hold, decay over the last decay_frac) | constant
+    warmup_iters = 2000  # linear warmup steps
+    lr_decay_iters = 600000  # cosine: step at which the decay reaches min_lr (usually max_iters)
+    min_lr = 6e-5  # learning rate at the end of the decay (usually learning_rate / 10)
+    decay_frac = 0.2  # wsd: the fraction of max_iters spent decaying to min_lr
+    # training features
+    early_stop_patience = 0  # stop after this many evaluations without val improvement (0 = off)
+    early_stop_min_delta = 0.0  # an evaluation improves only if it lowers the best val loss by more than this
+    mask_prob = 0.0  # replace this fraction of training input tokens (never targets, never eval) with mask_token
+    mask_token = -1  # the id masked tokens become; -1 = a random token each time
+    packing = False  # keep attention inside each document of a row (needs an end-of-text token in the data)
+    # diagnostics
+    debug_data = False  # before training: print a batch, decode it, check that Y is X shifted by one
+    check_init = False  # before training: compare the model's loss with ln(vocab_size), check logits for NaN/Inf
+    grad_monitor_interval = 0  # every N steps log gradient norms, per-layer norms and the update ratio (0 = off)
+    # system
+    backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    device = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
+    dtype = "auto"  # auto (bfloat16 on capable GPUs and CPUs, else float16 on GPUs, float32) | float32 | bfloat16 | float16
+    compile = "auto"  # torch.compile the model: auto (on for CUDA only) | True | False
+    fused_adamw = True  # the fused AdamW kernel where the device has one (CPU, CUDA, MPS)
+    fast_cpu_attention = True  # on CPU: explicit attention for bf16 and dropout, float32 for cached decoding (faster)
+    seed = 1337  # seed for initialisation, batch sampling and dropout
+    check_memory = True  # before any work, refuse a run whose memory estimate cannot fit the device (with the fix)
+    peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = a spec table for known GPUs, else a measured matmul
+
+
+CHOICES = {
+    "init_from": ["scratch", "resume", *GPT2_SIZES],
+    "backend": ["auto", "nccl", "gloo"],
+    "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "compile": ["auto", True, False],
+    "lr_schedule": ["cosine", "wsd", "constant"],
+}
+ALIASES = {"lr": "learning_rate"}
+USAGE = "usage: python train.py [CONFIG_FILE ...] [--key=value ...]"
+
+
+def load_config(argv):
+    """(config namespace, keys given as --key=value) from a command line; ConfigError on bad input."""
+    config, cli_keys = parse_args(argv, defaults_of(Config), help_of(Config), CHOICES, ALIASES, USAGE)
+    return SimpleNamespace(**config), cli_keys
+
+
+def validate(cfg):
+    """Catch impossible settings before any work, each with a message naming the key and a fix."""
+    for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
+                "eval_interval", "eval_iters", "log_interval"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "seed", "peak_flops",
+                "max_train_tokens", "keep_last", "early_stop_patience", "early_stop_min_delta", "grad_monitor_interval"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"learning_rate={cfg.learning_rate} must be positive")
+    if cfg.n_embd % cfg.n_head:
+        fits = [h for h in range(1, 65) if cfg.n_embd % h == 0]
+        raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs n_embd/n_head "
+                          f"dimensions; use an n_head from {fits} or change n_embd")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout={cfg.dropout} must be in [0, 1)")
+    for key in ("beta1", "beta2", "mask_prob"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1)")
+    if not 0.0 < cfg.decay_frac <= 1.0:
+        raise ConfigError(f"decay_frac={cfg.decay_frac} must be in (0, 1]")
+    if cfg.mask_token < -1:
+        raise ConfigError(f"mask_token={cfg.mask_token} must be a token id, or -1 for a random token")

@@ -1,0 +1,188 @@
+"""What a run trains and one step of it: the model for init_from (build_model), the model on its device with its
+optimizer, autocast context and GradScaler (build_training: train.py, tools/bench.py, tools/estimate.py and
+tools/lr_finder.py all train what this builds), the forward-backward over micro-batches, the optimizer step, and the
+evaluation of both splits."""
+import contextlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hardware
+import memory
+from checkpoint import ARCHITECTURE, MODEL_ARGS
+from dataset import GPT2_VOCAB_SIZE, eval_offsets, get_batch
+from errors import UserError
+from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
+from pretrained import load_gpt2
+
+# float16: the GradScaler halves its scale and skips the step at each inf/NaN gradient. A few skips are normal
+# (the scale starts at 2**16 and finds its level); this many in a row mean the gradients themselves are broken.
+MAX_SKIPPED_STEPS = 25
+
+
+# ----------------------------------------------------------------------------- the model
+
+def scratch_model_args(cfg, vocab_size):
+    """GPTConfig fields of a fresh model with cfg's architecture: what init_from=scratch trains."""
+    return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size, bias=cfg.bias,
+                vocab_size=vocab_size, dropout=cfg.dropout)
+
+
+def planned_model_args(cfg, dataset, ckpt):
+    """The GPTConfig fields build_model will use, known before building it."""
+    if cfg.init_from == "scratch":
+        return scratch_model_args(cfg, dataset.model_vocab_size)
+    if cfg.init_from == "resume":
+        return {**ckpt["model_args"], "dropout": cfg.dropout}
+    return dict(GPT2_SIZES[cfg.init_from], block_size=min(cfg.block_size, 1024), bias=True, vocab_size=GPT2_VOCAB_SIZE,
+                dropout=cfg.dropout)
+
+
+def check_resume(ckpt, cfg, cli_keys, dataset):
+    """A resume continues the run in the checkpoint: refuse flags and data that contradict it, and take its
+    architecture (so the log and the saved config tell the truth)."""
+    args = ckpt["model_args"]
+    for key in ARCHITECTURE:
+        if key in cli_keys and getattr(cfg, key) != args[key]:
+            raise UserError(f"checkpoint has {key}={args[key]} but --{key}={getattr(cfg, key)} was given: drop --{key} "
+                            f"to resume this run, or train a new model in another --out_dir")
+        setattr(cfg, key, args[key])
+    trained_on = ckpt.get("config", {}).get("dataset")
+    if trained_on and trained_on != cfg.dataset:
+        raise UserError(f"checkpoint was trained on dataset '{trained_on}' but this run uses '{cfg.dataset}': "
+                        f"resume with --dataset={trained_on}, or start a new run in another --out_dir")
+    if ckpt.get("meta") is not None and dataset.meta is not None and ckpt["meta"] != dataset.meta:
+        raise UserError(f"dataset '{cfg.dataset}' vocabulary differs from the checkpoint's (was the data prepared again "
+                        f"from other text?): resume on the data the model was trained on")
+
+
+def check_memory(cfg, dataset, ckpt, device, dtype, world_size):
+    """Refuse a run that cannot fit before the model is built (building it alone can take minutes or fail)."""
+    args = planned_model_args(cfg, dataset, ckpt)
+    shape = SimpleNamespace(**{**vars(cfg), **args})
+    n_params = memory.param_count(n_layer=args["n_layer"], n_embd=args["n_embd"], block_size=args["block_size"],
+                                  vocab_size=args["vocab_size"], bias=args["bias"])
+    sharing = memory.processes_on_this_machine() if hardware.device_type(device) == "cpu" else 1
+    memory.check_fits(shape, n_params=n_params, vocab_size=args["vocab_size"], dtype=dtype, device=device,
+                      processes=min(sharing, world_size))
+
+
+def build_model(cfg, dataset, ckpt):
+    """(model, model_args, notes to log) for cfg.init_from; ckpt is the loaded checkpoint when resuming."""
+    notes = []
+    if cfg.init_from == "scratch":
+        if dataset.vocab_size is None:
+            notes.append(f"no vocabulary file in the dataset: using GPT-2's vocab_size {GPT2_PADDED_VOCAB} "
+                         f"({GPT2_VOCAB_SIZE} padded to a multiple of 64)")
+        model_args = scratch_model_args(cfg, dataset.model_vocab_size)
+        model = GPT(GPTConfig(**model_args))
+    elif cfg.init_from == "resume":
+        model_args = {**{k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]}, "dropout": cfg.dropout}
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(ckpt["model"])
+    else:
+        notes.append(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
+        model = load_gpt2(cfg.init_from, cfg.dropout)
+        model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
+    model.config.fast_cpu_attention = cfg.fast_cpu_attention
+    if dataset.vocab_size is not None and dataset.vocab_size > model_args["vocab_size"]:
+        raise UserError(f"dataset '{cfg.dataset}' has {dataset.vocab_size} tokens but the model's vocab_size is "
+                        f"{model_args['vocab_size']}: use a dataset with the model's tokenizer")
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+        model_args["block_size"] = cfg.block_size
+    elif cfg.block_size > model.config.block_size:
+        raise UserError(f"block_size={cfg.block_size} is larger than the model's {model.config.block_size}: "
+                        f"use --block_size={model.config.block_size} or less")
+    return model, model_args, notes
+
+
+# ----------------------------------------------------------------------------- model, optimizer, precision
+
+@dataclass
+class Training:
+    """What a training step needs: the model (on its device), its optimizer, the autocast context, the GradScaler."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ctx: contextlib.AbstractContextManager
+    scaler: torch.amp.GradScaler
+
+
+def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None):
+    """Move model to device and build what trains it: AdamW (weight decay on 2-D weights only; fused where the device
+    has the kernel unless fused=False or cfg.fused_adamw is off), autocast for dtype, a GradScaler for float16, and
+    TF32 matmuls on CUDA (the GPU peak table's float32 figures assume them)."""
+    kind = hardware.device_type(device)
+    if kind == "cuda":
+        torch.set_float32_matmul_precision("high")
+    model.to(device)
+    fused = cfg.fused_adamw if fused is None else fused
+    optimizer = model.configure_optimizers(cfg.weight_decay, learning_rate or cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           kind, fused=None if fused else False)
+    return Training(model, optimizer, hardware.autocast(device, dtype), hardware.grad_scaler(device, dtype))
+
+
+# ----------------------------------------------------------------------------- one step, and evaluation
+
+def forward_backward(model, micro_batches, ctx, scaler, doc_sep=None):
+    """Accumulate the gradient of the mean loss over micro_batches. Returns that mean loss as a tensor
+    (no host sync). Under DDP, gradients are all-reduced only on the last micro-step."""
+    n = len(micro_batches)
+    total = None
+    for i, (X, Y) in enumerate(micro_batches):
+        no_sync = model.no_sync() if isinstance(model, DDP) and i < n - 1 else contextlib.nullcontext()
+        with no_sync:
+            with ctx:
+                _, loss = model(X, Y, doc_sep)
+                loss = loss / n  # gradients add up over micro-steps; this makes them a mean
+            scaler.scale(loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Clip, step, and zero the gradients (already unscaled with scaler.unscale_). Returns (the gradient norm
+    before clipping, a tensor, or None when grad_clip is 0; whether the float16 GradScaler skipped the step for
+    inf/NaN gradients, a bool tensor, or None without a scaler)."""
+    norm = None
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scale = scaler._scale.clone() if scaler.is_enabled() else None  # the scaler lowers its scale when it skips
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, (scaler._scale < scale if scale is not None else None)
+
+
+def train_step(training, micro_batches, grad_clip, doc_sep=None):
+    """One optimizer step for the tools (lr_finder, estimate, bench): forward-backward over the micro-batches,
+    unscale, clip, step. Returns the mean loss (a tensor). The training loop spells these out, because the
+    gradient monitor looks at the gradients between unscaling and stepping."""
+    t = training
+    loss = forward_backward(t.model, micro_batches, t.ctx, t.scaler, doc_sep)
+    t.scaler.unscale_(t.optimizer)
+    optimizer_step(t.model, t.optimizer, t.scaler, grad_clip)
+    return loss
+
+
+@torch.no_grad()
+def estimate_loss(model, dataset, *, eval_iters, batch_size, block_size, seed, device, ctx, vocab_size=None,
+                  doc_sep=None):
+    """Mean loss over eval_iters fixed batches per split ({'train': x, 'val': y}), model in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split, data in dataset.splits.items():
+        offsets = eval_offsets(seed=seed, split=split, count=eval_iters * batch_size, split_len=len(data),
+                               block_size=block_size)
+        total = torch.zeros((), device=device)
+        for rows in offsets.reshape(eval_iters, batch_size):
+            X, Y = get_batch(data, rows, block_size=block_size, device=device, vocab_size=vocab_size)
+            with ctx:
+                _, loss = model(X, Y, doc_sep)
+            total += loss.float()
+        out[split] = total.item() / eval_iters  # one host sync per split
+    model.train(was_training)
+    return out
