@@ -149,7 +149,7 @@ def pop_options(argv, spec, usage=None):
         print(usage.strip() + "\n\nthis tool's options (default):")
         for name, (kind, default) in spec.items():
             print(f"  {name}={default if kind is not list else 'VALUE (repeatable)'}")
-        print()
+        print("\nand the training config, as train.py takes it:")
     values = {name.lstrip("-"): ([] if kind is list else default) for name, (kind, default) in spec.items()}
     rest, it = [], iter(argv)
     for arg in it:

@@ -52,7 +52,7 @@ def block_activation_bytes(cfg, tokens, dtype):
     return tokens * per_token
 
 
-def memory_estimate(cfg, n_params, vocab_size, dtype, batch_size=None, device_type="cpu", block_size=None):
+def memory_estimate(cfg, *, n_params, vocab_size, dtype, batch_size=None, device_type="cpu", block_size=None):
     """Bytes by kind for one training step at micro-batch batch_size (default cfg's) and context block_size
     (default cfg's). float32 weights, gradients and AdamW's two moments take 16 bytes per parameter; autocast adds
     a cached half-precision copy of the weights."""
@@ -75,11 +75,12 @@ def memory_estimate(cfg, n_params, vocab_size, dtype, batch_size=None, device_ty
     return parts
 
 
-def best_split(cfg, n_params, vocab_size, dtype, budget, device_type):
+def best_split(cfg, *, n_params, vocab_size, dtype, budget, device_type):
     """The largest micro-batch whose estimate fits the budget, keeping batch_size * accumulation; or None."""
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
     for b in range(effective, 0, -1):
-        if effective % b == 0 and memory_estimate(cfg, n_params, vocab_size, dtype, b, device_type)["total"] <= budget:
+        if effective % b == 0 and memory_estimate(cfg, n_params=n_params, vocab_size=vocab_size, dtype=dtype, batch_size=b,
+                                                  device_type=device_type)["total"] <= budget:
             return b, effective // b
     return None
 
@@ -118,23 +119,24 @@ def available_memory(device):
     return free, "available RAM"
 
 
-def fit_advice(cfg, n_params, vocab_size, dtype, budget, device_type):
+def fit_advice(cfg, *, n_params, vocab_size, dtype, budget, device_type):
     """The tutorial's next step for a run that does not fit `budget` bytes: a batch_size x accumulation with the
     same effective batch, else the longest context that fits at batch_size=1, else a smaller model."""
-    split = best_split(cfg, n_params, vocab_size, dtype, budget, device_type)
+    sizes = dict(n_params=n_params, vocab_size=vocab_size, dtype=dtype, device_type=device_type)
+    split = best_split(cfg, budget=budget, **sizes)
     if split:
         b, accum = split
         return (f"use --batch_size={b} --gradient_accumulation_steps={accum} (the same effective batch of "
                 f"{cfg.batch_size * cfg.gradient_accumulation_steps}), which the estimate puts at "
-                f"{fmt_bytes(memory_estimate(cfg, n_params, vocab_size, dtype, b, device_type)['total'])}")
+                f"{fmt_bytes(memory_estimate(cfg, batch_size=b, **sizes)['total'])}")
     block_size = cfg.block_size // 2
     while block_size >= 8:
-        need = memory_estimate(cfg, n_params, vocab_size, dtype, 1, device_type, block_size)["total"]
+        need = memory_estimate(cfg, batch_size=1, block_size=block_size, **sizes)["total"]
         if need <= budget:
             return (f"even batch_size=1 does not fit at block_size={cfg.block_size}: use --batch_size=1 "
                     f"--block_size={block_size} (estimate {fmt_bytes(need)}), or a smaller model")
         block_size //= 2
-    weights = memory_estimate(cfg, n_params, vocab_size, dtype, 1, device_type, 1)
+    weights = memory_estimate(cfg, batch_size=1, block_size=1, **sizes)
     held = weights["parameters"] + weights["gradients"] + weights["AdamW state"]
     return (f"the model's weights, gradients and AdamW state alone need {fmt_bytes(held)}: use a smaller model "
             f"(fewer --n_layer, a smaller --n_embd)")
@@ -158,12 +160,13 @@ def check_fits(cfg, *, n_params, vocab_size, dtype, device, processes=1):
     limit and the fix); return the (estimate, available) bytes otherwise. `processes` sharing the device's memory
     (DDP ranks on one CPU) each need the estimate."""
     kind = torch.device(device).type
-    need = memory_estimate(cfg, n_params, vocab_size, dtype, device_type=kind)["total"] * processes
+    sizes = dict(n_params=n_params, vocab_size=vocab_size, dtype=dtype, device_type=kind)
+    need = memory_estimate(cfg, **sizes)["total"] * processes
     have, what = available_memory(device)
     if have is None or MIGHT_FIT * need <= have:
         return need, have
     shared = f" ({processes} processes)" if processes > 1 else ""
-    advice = fit_advice(cfg, n_params, vocab_size, dtype, have / processes, kind)
+    advice = fit_advice(cfg, budget=have / processes, **sizes)
     raise UserError(f"this run needs about {fmt_bytes(need)}{shared} but {device} has {fmt_bytes(have)} ({what}): "
                     f"{advice}; or --check_memory=False to try anyway")
 

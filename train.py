@@ -136,7 +136,7 @@ def main(argv):
 
     if master:
         run_info = dict(vars(cfg), resolved_device=device, resolved_dtype=dtype, resolved_compile=use_compile,
-                        world_size=world_size, num_params=raw_model.get_num_params())
+                        world_size=world_size, num_params=raw_model.get_num_params(), vocab_size=vocab_size)
         atomic_write_text(out_dir / "config.json", json.dumps(run_info, indent=2))
     peak = cfg.peak_flops or 1.0  # only rank 0 logs MFU, so only it measures the peak
     if master:

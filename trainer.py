@@ -119,8 +119,8 @@ def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None)
         torch.set_float32_matmul_precision("high")
     model.to(device)
     fused = cfg.fused_adamw if fused is None else fused
-    optimizer = model.configure_optimizers(cfg.weight_decay, learning_rate or cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           kind, fused=None if fused else False)
+    optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=learning_rate or cfg.learning_rate,
+                                           betas=(cfg.beta1, cfg.beta2), device_type=kind, fused=None if fused else False)
     return Training(model, optimizer, hardware.autocast(device, dtype), hardware.grad_scaler(device, dtype))
 
 

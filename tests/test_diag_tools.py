@@ -53,22 +53,23 @@ def test_estimate_counts_exactly_and_explains_the_tutorials_formulas(data_dir):
 def test_estimate_memory_parts():
     """The parts, worked out by hand for the shakespeare_char model (L=6, d=384, T=256, B=64, V=65, float32)."""
     cfg, _ = load_config(["config/train_shakespeare_char.py", "--dropout=0"])
-    parts = memory_estimate(cfg, 10_745_088, 65, "float32", device_type="cpu")
+    parts = memory_estimate(cfg, n_params=10_745_088, vocab_size=65, dtype="float32", device_type="cpu")
     assert parts["parameters"] == parts["gradients"] == 4 * 10_745_088 and parts["AdamW state"] == 8 * 10_745_088
     block = 64 * 256 * (2 * 384 * 4 + 15 * 384 * 4)  # per token: two float32 LayerNorm inputs, 15d saved tensors
     assert parts["backward working memory"] == block == 427_819_008
     assert parts["activations"] == 6 * block + 64 * 256 * (3 * 384 * 4 + 3 * 65 * 4)
     assert parts["total"] == 16 * 10_745_088 + 7 * block + 64 * 256 * 5388 + 85 * 2**20
-    half = memory_estimate(cfg, 10_745_088, 65, "float32", batch_size=32, device_type="cpu")
+    half = memory_estimate(cfg, n_params=10_745_088, vocab_size=65, dtype="float32", batch_size=32, device_type="cpu")
     assert half["activations"] * 2 == parts["activations"]  # activations scale with the micro-batch
     assert "attention matrices" not in parts  # no dropout: SDPA's fused kernel keeps no T x T matrix
     cfg.dropout = 0.2
-    with_dropout = memory_estimate(cfg, 10_745_088, 65, "float32", device_type="cpu")
+    with_dropout = memory_estimate(cfg, n_params=10_745_088, vocab_size=65, dtype="float32", device_type="cpu")
     assert with_dropout["attention matrices"] == 6 * 64 * 6 * 256 ** 2 * 17
-    assert "attention matrices" not in memory_estimate(cfg, 10_745_088, 65, "float32", device_type="cuda")
-    bf16 = memory_estimate(cfg, 10_745_088, 65, "bfloat16", device_type="cpu")
+    on_cuda = memory_estimate(cfg, n_params=10_745_088, vocab_size=65, dtype="float32", device_type="cuda")
+    assert "attention matrices" not in on_cuda
+    bf16 = memory_estimate(cfg, n_params=10_745_088, vocab_size=65, dtype="bfloat16", device_type="cpu")
     assert bf16["autocast weight copies"] == 2 * 10_745_088 and bf16["activations"] < with_dropout["activations"]
-    assert "runtime buffers" not in memory_estimate(cfg, 1, 65, "float32", device_type="cuda")
+    assert "runtime buffers" not in memory_estimate(cfg, n_params=1, vocab_size=65, dtype="float32", device_type="cuda")
     assert parse_size("8GB") == 8 * 2**30 and parse_size("512M") == 512 * 2**20
 
 
@@ -90,8 +91,9 @@ def test_estimate_budget_keeps_the_effective_batch(data_dir):
                                   r.stdout).groups())
     assert b * accum == 64 and b < 64
     cfg, _ = load_config(["config/train_shakespeare_char.py", "--device=cpu"])
-    assert memory_estimate(cfg, 10_745_088, 65, "float32", b, "cpu")["total"] <= 2**30
-    assert memory_estimate(cfg, 10_745_088, 65, "float32", 2 * b, "cpu")["total"] > 2**30  # the largest that fits
+    sizes = dict(n_params=10_745_088, vocab_size=65, dtype="float32")
+    assert memory_estimate(cfg, **sizes, batch_size=b)["total"] <= 2**30
+    assert memory_estimate(cfg, **sizes, batch_size=2 * b)["total"] > 2**30  # the largest that fits
     r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", "--gpu_mem=100MB", f"--data_dir={data_dir}",
                    "--n_layer=2", "--n_embd=128", "--n_head=2", "--batch_size=1")
     assert "even batch_size=1 does not fit at block_size=256: use --batch_size=1 --block_size=128" in r.stdout, r.stdout

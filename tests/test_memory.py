@@ -40,7 +40,7 @@ def test_a_run_that_cannot_fit_gets_the_split_that_keeps_the_effective_batch(mon
                     r"--gradient_accumulation_steps=(\d+) \(the same effective batch of 64\)", message), message
     b, accum = map(int, re.search(r"--batch_size=(\d+) --gradient_accumulation_steps=(\d+)", message).groups())
     assert b * accum == 64
-    assert memory.memory_estimate(cfg, 10_745_088, 65, "float32", b)["total"] <= 2**30
+    assert memory.memory_estimate(cfg, n_params=10_745_088, vocab_size=65, dtype="float32", batch_size=b)["total"] <= 2**30
     fake_memory(monkeypatch, 3.0)  # within the estimate's margin: it might fit, so it starts
     need, have = memory.check_fits(cfg, n_params=10_745_088, vocab_size=65, dtype="float32", device="cpu")
     assert need > have and 0.8 * need <= have

@@ -52,6 +52,7 @@ def test_metrics_config_and_checkpoint_files(trained):
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in trains)
     config = json.loads((out / "config.json").read_text())
     assert config["n_layer"] == 2 and config["resolved_device"] == "cpu" and config["dataset"] == "shakespeare_char"
+    assert config["vocab_size"] == 65
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"} <= set(ckpt)
     assert ckpt["model_args"] == dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=65, dropout=0.2)

@@ -77,7 +77,8 @@ def main(argv):
     print(f"tokens per iteration: {cfg.batch_size} x {T} x {cfg.gradient_accumulation_steps} = {tokens:,}; "
           f"over {cfg.max_iters:,} iterations: {tokens * cfg.max_iters:,}")
     kind = hardware.device_type(device)
-    parts = memory_estimate(cfg, exact, V, dtype, device_type=kind)
+    sizes = dict(n_params=exact, vocab_size=V, dtype=dtype, device_type=kind)
+    parts = memory_estimate(cfg, **sizes)
     print(f"memory estimate ({kind}, {dtype}, micro-batch {cfg.batch_size}):")
     for name, value in parts.items():
         print(f"  {name:<24} {fmt_bytes(value)}")
@@ -96,7 +97,7 @@ def main(argv):
         if parts["total"] <= budget:
             print(f"  batch_size={cfg.batch_size} gradient_accumulation_steps={cfg.gradient_accumulation_steps} fits as is")
         else:
-            print(f"  {fit_advice(cfg, exact, V, dtype, budget, kind)}")
+            print(f"  {fit_advice(cfg, budget=budget, **sizes)}")
     return 0
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from checkpoint import existing_checkpoints  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from files import atomic_write_text  # noqa: E402
+from files import atomic_write_text, remove_stale_temps  # noqa: E402
 from plots import plot_compare  # noqa: E402
 from summary import find_runs, format_table, summary_row  # noqa: E402
 from train_config import load_config  # noqa: E402
@@ -59,6 +59,7 @@ def already_done(out_dir, overrides):
 def run(name, overrides, exp_dir="experiments"):
     exp_dir = Path(exp_dir)
     exp_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(exp_dir)  # plots and tables a killed finish or report left half-written
     overrides = scaled_overrides(overrides, os.environ.get("SCALE", "full") or "full")
     if os.environ.get("DEVICE"):
         overrides.append(f"--device={os.environ['DEVICE']}")

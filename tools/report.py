@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from checkpoint import BEST  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from files import atomic_write_text  # noqa: E402
+from files import atomic_write_text, remove_stale_temps  # noqa: E402
 from plots import plot_compare  # noqa: E402
 from sampling import load_model  # noqa: E402
 from summary import curve_difference, find_runs, format_table, overfitting_verdict, summary_row  # noqa: E402
@@ -127,8 +127,8 @@ def analysis_exp4(runs):
 def analysis_exp5(runs):
     rows = []
     for r in sorted(runs, key=lambda r: r.num_params or 0):
-        L, d, V = setting(r, "n_layer"), setting(r, "n_embd"), 65
-        estimate = f"{(L * 16 * d * d + V * d) / 1e6:.2f}M" if isinstance(L, int) and isinstance(d, int) else "?"
+        L, d, V = setting(r, "n_layer"), setting(r, "n_embd"), setting(r, "vocab_size")
+        estimate = f"{(L * 16 * d * d + V * d) / 1e6:.2f}M" if all(isinstance(x, int) for x in (L, d, V)) else "?"
         took = f"{r.took:.1f} s" if r.took is not None else "N/A"
         rows.append(f"| {r.name} | {(r.num_params or 0) / 1e6:.2f}M | {estimate} | {took} | {r.val_losses[-1]:.4f} |")
     return ("| model | parameters (exact) | seeds' 16·L·d² + V·d | training time | final val loss |\n"
@@ -151,6 +151,7 @@ def generated_sample(out_dir, max_new_tokens=200, seed=1337):
 def build_report(exp_dir, samples=True):
     exp_dir = Path(exp_dir)
     all_runs = find_runs(exp_dir)
+    remove_stale_temps(exp_dir)  # plots and tables a killed run of this tool left half-written
     if not all_runs:
         raise UserError(f"no runs with logs in {exp_dir}: run an experiment script first")
     devices = sorted({f"{r.config.get('resolved_device', '?')}/{r.config.get('resolved_dtype', '?')}" for r in all_runs})

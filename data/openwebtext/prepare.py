@@ -16,10 +16,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the toolkit root
 
+from dataset import GPT2_EOT as EOT  # noqa: E402
 from dataset import GPT2_VOCAB_SIZE, GPT2Tokenizer, write_token_stream  # noqa: E402
 from errors import import_optional, run_main  # noqa: E402
-
-EOT = 50256
+from files import atomic_write_text  # noqa: E402
 
 
 def main(argv):
@@ -48,7 +48,7 @@ def main(argv):
                   for i in tqdm(range(shards), desc=f"writing {name}.bin"))
         total = write_token_stream(chunks, out_dir / f"{name}.bin")
         print(f"{name}.bin: {total:,} tokens")
-    (out_dir / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": EOT}))
+    atomic_write_text(out_dir / "meta.json", json.dumps({"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": EOT}))
     return 0
 
 
