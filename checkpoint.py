@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import sharding
 from errors import UserError
 from files import atomic_write, fsync_dir, remove_stale_temps, temp_path
 
@@ -83,8 +84,10 @@ def link_checkpoint(src, dst):
 
 def training_state(*, model, optimizer, scaler, model_args, iter_num, best_val_loss, config, rng_states, early_stop,
                    meta):
-    """Everything a checkpoint holds: nanoGPT's keys, then ours (see the module docstring)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+    """Everything a checkpoint holds: nanoGPT's keys, then ours (see the module docstring). With an FSDP-sharded
+    model the full tensors are gathered (a collective: every process calls it), so the file is the same as ever."""
+    model_state, optimizer_state = sharding.state_dicts(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state, "model_args": model_args,
             "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config, "scaler": scaler.state_dict(),
             "rng": rng_states, "sampler": {"kind": "seed_and_step", "seed": config["seed"], "next_step": iter_num},
             "early_stop": early_stop, "meta": meta}
@@ -94,7 +97,7 @@ def restore_training_state(ckpt, *, optimizer, scaler, rank, world_size):
     """Load the optimizer and GradScaler state of a resumed run. Returns {iter_num, best_val_loss, early_stop, rng}:
     rng is this process's RNG state, or None when the checkpoint has none for this many processes (nanoGPT's
     checkpoints, another world size)."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+    sharding.load_optimizer_state(optimizer, ckpt["optimizer"])  # cut into shards under FSDP
     if "scaler" in ckpt and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
     rng = ckpt.get("rng")

@@ -20,6 +20,20 @@ def ranks(cfg):
     return rank, local_rank, world_size
 
 
+def check_fsdp(cfg, world_size):
+    """Refuse, before any work, what FSDP cannot do here."""
+    for key in ("grad_monitor_interval", "check_init"):
+        if getattr(cfg, key):
+            raise ConfigError(f"{key} looks at the whole model in one process, and parallel=fsdp shards it: "
+                              f"use --parallel=ddp for that run, or drop --{key}")
+    if cfg.device == "mps":
+        raise ConfigError("parallel=fsdp needs CUDA (nccl) or CPU (gloo) processes; MPS has no process group: "
+                          "use --device=cpu")
+    if world_size == 1:
+        raise ConfigError("parallel=fsdp shards the model across torchrun processes: launch it with torchrun "
+                          "--nproc_per_node=N train.py ..., or train one process without --parallel=fsdp")
+
+
 def process_device(device, local_rank, world_size):
     """The device this process trains on: with several processes on CUDA, GPU number local_rank."""
     if world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
@@ -38,7 +52,11 @@ def init_process_group(backend, device, world_size):
 
 
 def destroy_process_group(world_size):
+    """Leave the job. The barrier first lets gloo's worker thread finish with the last collective: destroying the
+    group while it still holds that collective's Python tensors deadlocked a rank at exit (it waits for the GIL
+    that the exiting main thread holds)."""
     if world_size > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 

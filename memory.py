@@ -138,8 +138,8 @@ def fit_advice(cfg, *, n_params, vocab_size, dtype, budget, device_type):
         block_size //= 2
     weights = memory_estimate(cfg, batch_size=1, block_size=1, **sizes)
     held = weights["parameters"] + weights["gradients"] + weights["AdamW state"]
-    return (f"the model's weights, gradients and AdamW state alone need {fmt_bytes(held)}: use a smaller model "
-            f"(fewer --n_layer, a smaller --n_embd)")
+    return (f"the model's weights, gradients and AdamW state alone need {fmt_bytes(held)}: shard them over several "
+            f"GPUs with torchrun and --parallel=fsdp, or use a smaller model (fewer --n_layer, a smaller --n_embd)")
 
 
 def smaller_step_advice(cfg):

@@ -41,6 +41,7 @@ from files import atomic_write_text
 from model import GPT2_SIZES
 from runlog import RunLog, TensorBoardTracker, WandbTracker, eval_line, iter_line, took_line
 from schedule import lr_at
+from sharding import local_numel
 from stopping import EarlyStopping, StopRequest
 from train_config import load_config, validate
 from trainer import (
@@ -66,6 +67,9 @@ def main(argv):
         import_optional("transformers", f"init_from={cfg.init_from}")
     rank, local_rank, world_size = distributed.ranks(cfg)
     master = rank == 0
+    sharded = cfg.parallel == "fsdp"
+    if sharded:
+        distributed.check_fsdp(cfg, world_size)
     device = hardware.resolve_device(distributed.process_device(cfg.device, local_rank, world_size))
     device_type = hardware.device_type(device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
@@ -110,9 +114,12 @@ def main(argv):
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     log.print(f"device {device}, dtype {dtype}, compile {use_compile}, {world_size} process(es); "
               f"tokens per iteration: {tokens_per_iter:,}")
-    training = build_training(model, cfg, device=device, dtype=dtype)
+    training = build_training(model, cfg, device=device, dtype=dtype, shard=sharded)
     optimizer, ctx, scaler = training.optimizer, training.ctx, training.scaler
     log.print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
+    if world_size > 1:  # float32 weights, gradients and AdamW's two moments: 16 bytes per parameter held
+        log.print(f"{cfg.parallel}: weights, gradients and AdamW state take {16 * local_numel(model) / 2**20:.1f} MB "
+                  f"per process")
     iter_num, best_val_loss, resumed_at, saved_rng = 0, float("inf"), None, None
     early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
     if ckpt is not None:
@@ -129,7 +136,7 @@ def main(argv):
     if use_compile:
         log.print("compiling the model... (takes a minute)")
         model = torch.compile(model)
-    if world_size > 1:
+    if world_size > 1 and not sharded:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     eval_model = model.module if isinstance(model, DDP) else model
     out_dir = Path(cfg.out_dir)
@@ -149,9 +156,12 @@ def main(argv):
     last_saved = {"step": resumed_at}
 
     def save(step, improved, rng_states):
+        """Rank 0 writes; under FSDP every process calls this, since gathering the shards takes them all."""
         state = training_state(model=raw_model, optimizer=optimizer, scaler=scaler, model_args=model_args, iter_num=step,
                                best_val_loss=best_val_loss, config=vars(cfg), rng_states=rng_states,
                                early_stop=early.state(), meta=dataset.meta)
+        if not master:
+            return
         written = save_run(state, out_dir, improved=improved, keep_last=cfg.keep_last)
         last_saved["step"] = step
         log.print(f"saving checkpoint to {cfg.out_dir} ({', '.join(written)})")
@@ -203,7 +213,7 @@ def main(argv):
                     stop_for_nonfinite(iter_num)
                 rng_states = distributed.all_rng_states(device, world_size)
                 stop_early = False
-                if master:
+                if master or sharded:  # a sharded model's forward takes every process; only rank 0 logs
                     losses = estimate_loss(eval_model, dataset, eval_iters=cfg.eval_iters, batch_size=cfg.batch_size,
                                            block_size=cfg.block_size, seed=cfg.seed, device=device, ctx=ctx,
                                            vocab_size=vocab_size, doc_sep=doc_sep)
@@ -268,7 +278,7 @@ def main(argv):
                 if nonfinite.item():
                     stop_for_nonfinite(iter_num)
                 rng_states = distributed.all_rng_states(device, world_size)
-                if master:
+                if master or sharded:
                     save(iter_num, False, rng_states)
                 log.print(f"interrupted ({signal.Signals(signum).name}) after step {iter_num}: saved {out_dir / LATEST}; "
                           f"continue with --init_from=resume")

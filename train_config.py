@@ -65,6 +65,7 @@ class Config:
     check_init = False  # before training: compare the model's loss with ln(vocab_size), check logits for NaN/Inf
     grad_monitor_interval = 0  # every N steps log gradient norms, per-layer norms and the update ratio (0 = off)
     # system
+    parallel = "ddp"  # under torchrun: ddp (each process holds the whole model) | fsdp (weights, gradients, AdamW state sharded)
     backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     dtype = "auto"  # auto (bfloat16 on capable GPUs and CPUs, else float16 on GPUs, float32) | float32 | bfloat16 | float16
@@ -79,6 +80,7 @@ class Config:
 CHOICES = {
     "init_from": ["scratch", "resume", *GPT2_SIZES],
     "backend": ["auto", "nccl", "gloo"],
+    "parallel": ["ddp", "fsdp"],
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "compile": ["auto", True, False],
     "lr_schedule": ["cosine", "wsd", "constant"],

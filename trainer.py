@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hardware
 import memory
+import sharding
 from checkpoint import ARCHITECTURE, MODEL_ARGS
 from dataset import GPT2_VOCAB_SIZE, eval_offsets, get_batch
 from errors import UserError
@@ -65,6 +66,8 @@ def check_memory(cfg, dataset, ckpt, device, dtype, world_size):
     n_params = memory.param_count(n_layer=args["n_layer"], n_embd=args["n_embd"], block_size=args["block_size"],
                                   vocab_size=args["vocab_size"], bias=args["bias"])
     sharing = memory.processes_on_this_machine() if hardware.device_type(device) == "cpu" else 1
+    if cfg.parallel == "fsdp" and world_size > 1:
+        n_params = -(-n_params // world_size)  # each process holds its shard of the weights and their state
     memory.check_fits(shape, n_params=n_params, vocab_size=args["vocab_size"], dtype=dtype, device=device,
                       processes=min(sharing, world_size))
 
@@ -110,14 +113,17 @@ class Training:
     scaler: torch.amp.GradScaler
 
 
-def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None):
+def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None, shard=False):
     """Move model to device and build what trains it: AdamW (weight decay on 2-D weights only; fused where the device
     has the kernel unless fused=False or cfg.fused_adamw is off), autocast for dtype, a GradScaler for float16, and
-    TF32 matmuls on CUDA (the GPU peak table's float32 figures assume them)."""
+    TF32 matmuls on CUDA (the GPU peak table's float32 figures assume them). shard=True shards the model with FSDP
+    first (under torchrun), so the optimizer's state is sharded too."""
     kind = hardware.device_type(device)
     if kind == "cuda":
         torch.set_float32_matmul_precision("high")
     model.to(device)
+    if shard:
+        sharding.shard_model(model)
     fused = cfg.fused_adamw if fused is None else fused
     optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=learning_rate or cfg.learning_rate,
                                            betas=(cfg.beta1, cfg.beta2), device_type=kind, fused=None if fused else False)
@@ -128,10 +134,12 @@ def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None)
 
 def forward_backward(model, micro_batches, ctx, scaler, doc_sep=None):
     """Accumulate the gradient of the mean loss over micro_batches. Returns that mean loss as a tensor
-    (no host sync). Under DDP, gradients are all-reduced only on the last micro-step."""
+    (no host sync). Under DDP and FSDP, gradients are reduced across processes only on the last micro-step."""
     n = len(micro_batches)
     total = None
     for i, (X, Y) in enumerate(micro_batches):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP
+            model.set_requires_gradient_sync(i == n - 1)
         no_sync = model.no_sync() if isinstance(model, DDP) and i < n - 1 else contextlib.nullcontext()
         with no_sync:
             with ctx:
@@ -147,8 +155,8 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     before clipping, a tensor, or None when grad_clip is 0; whether the float16 GradScaler skipped the step for
     inf/NaN gradients, a bool tensor, or None without a scaler)."""
     norm = None
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if grad_clip > 0:  # with FSDP, the norm over every shard
+        norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     scale = scaler._scale.clone() if scaler.is_enabled() else None  # the scaler lowers its scale when it skips
     scaler.step(optimizer)
     scaler.update()

@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,16 +69,41 @@ def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False):
                           timeout=timeout, env=full_env)
 
 
-def run_torchrun(*args, nproc=2, timeout=300):
-    """`torchrun --standalone --nproc_per_node=NPROC ARGS` from the toolkit root. A non-zero exit fails the test with
-    the exit code, the (last 20) stderr lines that name an error, then stderr's tail: a tail alone can cut off the cause."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        named = [line for line in r.stderr.splitlines() if "Error" in line or "error:" in line]
-        pytest.fail(f"torchrun exited {r.returncode}\nerror lines:\n" + "\n".join(named[-20:])
-                    + f"\n--- stderr tail ---\n{r.stderr[-3000:]}")
-    return r
+def run_torchrun(*args, nproc=2, nodes=1, timeout=300):
+    """`torchrun --standalone --nproc_per_node=NPROC ARGS` from the toolkit root; with nodes=2, two torchrun "nodes"
+    of nproc processes each on 127.0.0.1 (--nnodes=2 --node_rank=0|1 --master_addr --master_port), as a two-machine
+    job is launched. Returns node 0's result; a failure fails the test (see _wait_all)."""
+    base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nodes == 1:
+        return _wait_all([[*base, "--standalone", *map(str, args)]], timeout)[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return _wait_all([[*base, f"--nnodes={nodes}", f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                       *map(str, args)] for i in range(nodes)], timeout)[0]
+
+
+def run_torchrun_together(*jobs, nproc=2, timeout=300):
+    """Several independent standalone torchrun jobs (each a list of arguments) at once: their start-up (an interpreter
+    and torch per process) overlaps. Returns their results in order."""
+    base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+    return _wait_all([[*base, *map(str, job)] for job in jobs], timeout)
+
+
+def _wait_all(commands, timeout):
+    """Run the commands at once and wait for all. A non-zero exit fails the test with the exit code, the (last 20)
+    stderr lines that name an error, then stderr's tail: a tail alone can cut off the cause."""
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in commands]
+    results = []
+    for cmd, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    for r in results:
+        if r.returncode != 0:
+            named = [line for line in r.stderr.splitlines() if "Error" in line or "error:" in line]
+            pytest.fail(f"torchrun exited {r.returncode}\nerror lines:\n" + "\n".join(named[-20:])
+                        + f"\n--- stderr tail ---\n{r.stderr[-3000:]}")
+    return results
 
 
 def _run_in_process(module_name, argv, cwd):

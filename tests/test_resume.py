@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import AUTO_DTYPE, OTHER_DTYPE, ROOT, TINY_TRAIN, run_script, run_torchrun
+from conftest import AUTO_DTYPE, OTHER_DTYPE, ROOT, TINY_TRAIN, run_script, run_torchrun, run_torchrun_together
 
 import hardware
 from checkpoint import load_checkpoint, rng_state
@@ -211,12 +211,12 @@ def test_resume_refuses_conflicting_architecture_flags(data_dir, tmp_path):
 
 
 def test_ddp_resume_is_bit_exact(data_dir, tmp_path):
-    def ddp(out, *extra):
-        run_torchrun(*train_args(data_dir, out, "--lr_decay_iters=40", *extra))
-    ddp(tmp_path / "a", "--max_iters=40")
-    ddp(tmp_path / "b", "--max_iters=20")
-    assert len(load_checkpoint(tmp_path / "b" / "latest.pt")["rng"]) == 2
-    ddp(tmp_path / "b", "--max_iters=40", "--init_from=resume")
+    def args(out, *extra):
+        return train_args(data_dir, out, "--lr_decay_iters=40", *extra)
+    run_torchrun_together(args(tmp_path / "a", "--max_iters=40"), args(tmp_path / "b", "--max_iters=20"))
+    rng = load_checkpoint(tmp_path / "b" / "latest.pt")["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # each process's own dropout stream
+    run_torchrun(*args(tmp_path / "b", "--max_iters=40", "--init_from=resume"))
     assert_same_as_reference(records(tmp_path / "a"), tmp_path / "b", 20)
 
 
