@@ -1,16 +1,25 @@
 """FSDP (--parallel=fsdp): PyTorch's FSDP2 (fully_shard) shards parameters, gradients and AdamW state across the
 torchrun processes, one unit per transformer block plus the root. Checkpoints stay in the one format every other run
 writes (full tensors, nanoGPT's keys): the shards are gathered for a save and cut again on resume."""
+import sys
+
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def is_sharded(t):
+    """True for a DTensor. Its module (1.3 s to import) is loaded only once something shards: until then nothing
+    can be one, and runs that do not shard never pay for the import."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def shard_model(model):
     """Shard model in place: each transformer block is a unit (its parameters gathered only while it runs), the
     embeddings, final LayerNorm and tied head form the root unit. Every process starts from rank 0's weights, as
     DDP makes them (each process initialised its own from seed + rank)."""
+    from torch.distributed.fsdp import fully_shard
+
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t, src=0)
@@ -22,7 +31,7 @@ def shard_model(model):
 
 def full_tensor(t):
     """The whole tensor (a collective for a sharded one: every process must call it)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def state_dicts(model, optimizer):
@@ -32,7 +41,7 @@ def state_dicts(model, optimizer):
     gathered = {}
 
     def full(t):
-        if isinstance(t, DTensor):
+        if is_sharded(t):
             key = t.to_local().data_ptr()
             if key not in gathered:
                 gathered[key] = t.full_tensor().cpu()
@@ -51,7 +60,8 @@ def load_optimizer_state(optimizer, state):
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def shard_like(value, p):
-        if isinstance(p, DTensor) and torch.is_tensor(value) and value.shape == p.shape:
+        if is_sharded(p) and torch.is_tensor(value) and value.shape == p.shape:
+            from torch.distributed.tensor import distribute_tensor
             return distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
         return value
 
@@ -65,5 +75,5 @@ def local_numel(model):
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            total += (p.to_local() if isinstance(p, DTensor) else p).numel()
+            total += (p.to_local() if is_sharded(p) else p).numel()
     return total

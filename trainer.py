@@ -6,7 +6,9 @@ import contextlib
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hardware
@@ -194,3 +196,28 @@ def estimate_loss(model, dataset, *, eval_iters, batch_size, block_size, seed, d
         out[split] = total.item() / eval_iters  # one host sync per split
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def whole_split_loss(model, data, *, block_size, batch_size, device, ctx, progress=None):
+    """(mean loss, tokens scored) over every token of a split: non-overlapping windows of block_size (the last one
+    shorter), each token predicted once from the tokens before it in its window. Reads the split batch by batch
+    (memory stays bounded for any size of val.bin); progress(n) is called with the tokens of each batch."""
+    was_training = model.training
+    model.eval()
+    scored = len(data) - 1
+    starts = np.arange(0, scored, block_size)
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for length, group in ((block_size, starts[starts + block_size <= scored]), (None, starts[starts + block_size > scored])):
+        for i in range(0, len(group), batch_size):
+            rows = group[i:i + batch_size]
+            T = length or scored - int(rows[0])
+            X, Y = get_batch(data, rows, block_size=T, device=device)
+            with ctx:
+                logits, _ = model(X, Y)
+            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), Y.reshape(-1), reduction="sum").double()
+            count += Y.numel()
+            if progress:
+                progress(Y.numel())
+    model.train(was_training)
+    return total.item() / count, count

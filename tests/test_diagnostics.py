@@ -217,7 +217,7 @@ def test_packing_trains_on_a_gpt2_dataset(tmp_path, capsys):
     build_dataset("<|endoftext|>".join(docs), tmp_path / "data" / "docs", "gpt2", progress=False)
     ids = torch.from_numpy(__import__("numpy").fromfile(tmp_path / "data" / "docs" / "train.bin", dtype="uint16").astype("int64"))
     assert (ids == 50256).sum().item() >= 8  # the separators made it into the data
-    code, out, err = run_train(capsys, *TINY_TRAIN, "--dataset=docs", "--packing=True", "--max_iters=20", "--block_size=64",
+    code, out, err = run_train(capsys, *TINY_TRAIN, "--dataset=docs", "--packing=True", "--max_iters=10", "--block_size=64",
                                f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}")
     assert code == 0, err
     evals = metrics(tmp_path / "o", "eval")

@@ -1,0 +1,62 @@
+"""Loss and perplexity of a trained model over every token of a split (not the 20-batch sample in the training log,
+which moves by +-0.03 with the rows it happens to draw): the figure to compare models by.
+
+    python tools/evaluate.py --out_dir=out-shakespeare-char [--checkpoint=ckpt.pt] [--split=val] [--dataset=NAME]
+
+The split is read in non-overlapping windows of the model's block_size (the last one shorter); each token is
+predicted once, from the tokens before it in its window. Works for this toolkit's checkpoints and nanoGPT's.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm  # noqa: E402
+
+import hardware  # noqa: E402
+from checkpoint import BEST, load_checkpoint  # noqa: E402
+from dataset import SPLITS, Dataset  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from trainer import whole_split_loss  # noqa: E402
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Loss and perplexity over every token of a split.")
+    parser.add_argument("--out_dir", required=True, help="the trained run's directory")
+    parser.add_argument("--checkpoint", default=BEST, help=f"file in out_dir (default {BEST}, the lowest val loss)")
+    parser.add_argument("--split", default="val", choices=SPLITS)
+    parser.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
+    parser.add_argument("--data_dir", help="directory holding the datasets (default: the checkpoint's, else data)")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    if args.batch_size <= 0:
+        raise UserError(f"--batch_size={args.batch_size} must be positive")
+    ckpt = load_checkpoint(Path(args.out_dir) / args.checkpoint)
+    config = ckpt.get("config", {})
+    name = args.dataset or config.get("dataset")
+    if not name:
+        raise UserError("the checkpoint does not say which dataset it was trained on: pass --dataset=NAME")
+    dataset = Dataset(args.data_dir or config.get("data_dir", "data"), name)
+    device = hardware.resolve_device(args.device)
+    dtype = hardware.resolve_dtype(args.dtype, device)
+    model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0}))
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    vocab_size = ckpt["model_args"]["vocab_size"]
+    dataset.check_token_ids(vocab_size)
+    data = dataset.splits[args.split]
+    with tqdm(total=len(data) - 1, unit="tok", unit_scale=True, desc=f"{name} {args.split}", mininterval=0.5,
+              file=sys.stderr) as bar:
+        loss, count = whole_split_loss(model, data, block_size=model.config.block_size, batch_size=args.batch_size,
+                                       device=device, ctx=hardware.autocast(device, dtype), progress=bar.update)
+    print(f"{args.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {count:,} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
