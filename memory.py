@@ -121,7 +121,8 @@ def available_memory(device):
 
 def fit_advice(cfg, *, n_params, vocab_size, dtype, budget, device_type):
     """The tutorial's next step for a run that does not fit `budget` bytes: a batch_size x accumulation with the
-    same effective batch, else the longest context that fits at batch_size=1, else a smaller model."""
+    same effective batch; else, when the weights, gradients and AdamW state take half the budget or more, sharding
+    them with FSDP (or a smaller model); else the longest context that fits at batch_size=1."""
     sizes = dict(n_params=n_params, vocab_size=vocab_size, dtype=dtype, device_type=device_type)
     split = best_split(cfg, budget=budget, **sizes)
     if split:
@@ -129,15 +130,15 @@ def fit_advice(cfg, *, n_params, vocab_size, dtype, budget, device_type):
         return (f"use --batch_size={b} --gradient_accumulation_steps={accum} (the same effective batch of "
                 f"{cfg.batch_size * cfg.gradient_accumulation_steps}), which the estimate puts at "
                 f"{fmt_bytes(memory_estimate(cfg, batch_size=b, **sizes)['total'])}")
+    weights = memory_estimate(cfg, batch_size=1, block_size=1, **sizes)
+    held = weights["parameters"] + weights["gradients"] + weights["AdamW state"]
     block_size = cfg.block_size // 2
-    while block_size >= 8:
+    while held < budget / 2 and block_size >= 8:
         need = memory_estimate(cfg, batch_size=1, block_size=block_size, **sizes)["total"]
         if need <= budget:
             return (f"even batch_size=1 does not fit at block_size={cfg.block_size}: use --batch_size=1 "
                     f"--block_size={block_size} (estimate {fmt_bytes(need)}), or a smaller model")
         block_size //= 2
-    weights = memory_estimate(cfg, batch_size=1, block_size=1, **sizes)
-    held = weights["parameters"] + weights["gradients"] + weights["AdamW state"]
     return (f"the model's weights, gradients and AdamW state alone need {fmt_bytes(held)}: shard them over several "
             f"GPUs with torchrun and --parallel=fsdp, or use a smaller model (fewer --n_layer, a smaller --n_embd)")
 

@@ -110,3 +110,18 @@ def test_out_of_memory_messages_are_recognised():
     assert memory.out_of_memory_request(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert memory.out_of_memory_request(ValueError("out of memory")) is None
     assert memory.out_of_memory_request(MemoryError()) == ""
+
+
+def test_fsdp_comes_before_a_shorter_context_when_the_weights_are_the_problem():
+    cfg, _ = load_config(["config/train_shakespeare_char.py", "--dropout=0"])
+    sizes = dict(n_params=10_745_088, vocab_size=65, dtype="float32", device_type="cpu")
+    one_row = memory.memory_estimate(cfg, batch_size=1, **sizes)["total"]
+    budget = one_row - 2**20  # batch_size=1 at block 256 does not fit, a shorter block would
+    assert memory.memory_estimate(cfg, batch_size=1, block_size=128, **sizes)["total"] <= budget
+    assert 16 * 10_745_088 >= budget / 2  # the weights, gradients and AdamW state are most of it
+    advice = memory.fit_advice(cfg, budget=budget, **sizes)
+    assert advice.startswith("the model's weights, gradients and AdamW state alone need 163.96 MB: shard them over "
+                             "several GPUs with torchrun and --parallel=fsdp"), advice
+    small = dict(sizes, n_params=100_000)  # a small model with a long context: the context is the problem
+    budget = memory.memory_estimate(cfg, batch_size=1, **small)["total"] - 2**20
+    assert memory.fit_advice(cfg, budget=budget, **small).startswith("even batch_size=1 does not fit at block_size=256")
