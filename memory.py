@@ -1,7 +1,7 @@
-"""How much memory a training run needs, how much the device has, and what to do when it does not fit
-(the tutorial's ch01 6.1 decision tree: smaller micro-batch with more accumulation, then a shorter context or a
-smaller model). tools/estimate.py prints these figures; train.py checks them before building the model and
-turns an out-of-memory error during training into the same advice."""
+"""How much memory a training run needs, how much the device has, and what to do when it does not fit (the
+tutorial's ch01 6.1 decision tree: smaller micro-batch with more accumulation, then a shorter context or a smaller
+model; FSDP sharding when the weights themselves are the problem). tools/estimate.py prints these figures; train.py
+checks them before building the model and turns an out-of-memory error during training into the same advice."""
 import contextlib
 import os
 import re
@@ -178,8 +178,7 @@ _CUDA_ALLOC_RE = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
 
 def out_of_memory_request(exc):
     """For an out-of-memory error (torch.OutOfMemoryError on CUDA/MPS, the CPU allocator's RuntimeError, Python's
-    MemoryError): what it
-    asked for, as text ('' where the message does not say). None for any other exception."""
+    MemoryError): what it asked for, as text ('' where the message does not say). None for any other exception."""
     text = str(exc)
     if isinstance(exc, MemoryError):  # numpy's and Python's own allocations
         return ""

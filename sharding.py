@@ -70,10 +70,6 @@ def load_optimizer_state(optimizer, state):
 
 
 def local_numel(model):
-    """Parameter elements this process holds (its shards, or everything when not sharded), tied weights once."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += (p.to_local() if is_sharded(p) else p).numel()
-    return total
+    """Parameter elements this process holds (its shards, or everything when not sharded); parameters() yields the
+    tied embedding once."""
+    return sum((p.to_local() if is_sharded(p) else p).numel() for p in model.parameters())

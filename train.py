@@ -120,18 +120,17 @@ def main(argv):
     if world_size > 1:  # float32 weights, gradients and AdamW's two moments: 16 bytes per parameter held
         log.print(f"{cfg.parallel}: weights, gradients and AdamW state take {16 * local_numel(model) / 2**20:.1f} MB "
                   f"per process")
-    iter_num, best_val_loss, resumed_at, saved_rng = 0, float("inf"), None, None
-    early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
+    iter_num, best_val_loss, resumed_at, saved_rng, early_state = 0, float("inf"), None, None, None
     if ckpt is not None:
         state = restore_training_state(ckpt, optimizer=optimizer, scaler=scaler, rank=rank, world_size=world_size)
         iter_num = resumed_at = state["iter_num"]
-        best_val_loss, saved_rng = state["best_val_loss"], state["rng"]
-        early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, state["early_stop"])
+        best_val_loss, saved_rng, early_state = state["best_val_loss"], state["rng"], state["early_stop"]
         if saved_rng is None:
             log.print(f"the checkpoint has no RNG state for {world_size} process(es): dropout masks will differ "
                       f"from an uninterrupted run")
         log.print(f"resuming from {ckpt_path} at step {iter_num}")
     del ckpt
+    early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, early_state)
     raw_model = model
     if use_compile:
         log.print("compiling the model... (takes a minute)")
