@@ -26,6 +26,7 @@ import torch
 import sharding
 from errors import UserError
 from files import atomic_write, fsync_dir, remove_stale_temps, temp_path
+from model import GPT, GPTConfig
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # what a resume may not change
@@ -165,6 +166,14 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{path} is not a nanoGPT-style checkpoint (no 'model'/'model_args'): check the path")
     ckpt["model"] = clean_state_dict(ckpt["model"])
     return ckpt
+
+
+def model_from_checkpoint(ckpt, dropout=0.0):
+    """The GPT a loaded checkpoint holds (ours or nanoGPT's), on the CPU."""
+    args = {k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]}
+    model = GPT(GPTConfig(**{**args, "dropout": dropout}))
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 def clean_state_dict(state):

@@ -51,6 +51,9 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.itos[i] for i in ids)
 
+    def token_bytes(self, i):
+        return self.itos[i].encode("utf-8")
+
 
 class GPT2Tokenizer:
     kind = "gpt2"
@@ -72,6 +75,10 @@ class GPT2Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(ids)
+
+    def token_bytes(self, i):
+        """A token's bytes: a piece of a UTF-8 character for some tokens (decode whole texts, or see TextStream)."""
+        return self.enc.decode_single_token_bytes(i)
 
 
 class _RefuseGlobals(pickle.Unpickler):

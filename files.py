@@ -2,6 +2,7 @@
 into a temp file beside the target, fsynced, then renamed over it. A crash or kill at any moment leaves the old
 file or the new one, never a torn one; the temp file a killed write leaves behind is removed by the next run."""
 import os
+import shutil
 from pathlib import Path
 
 
@@ -58,11 +59,33 @@ def replace_all(files):
         fsync_dir(directory)
 
 
+def write_directory(path, fill):
+    """Call fill(directory) on a new directory that becomes `path` only once it is complete and on disk; `path` must
+    not exist or be empty. Any error leaves `path` as it was and no temp directory."""
+    path = Path(path)
+    tmp = temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def remove_stale_temps(directory):
-    """Delete temp files left in `directory` by a write that was killed part-way (never read: the rename never
-    happened)."""
+    """Delete temp files (and directories) left in `directory` by a write that was killed part-way (never read:
+    the rename never happened)."""
     for p in Path(directory).glob(".*.tmp*"):
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def fsync_dir(directory):

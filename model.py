@@ -241,7 +241,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True):
-        """Sample max_new_tokens after idx (B, T).
+        """idx (B, T) followed by max_new_tokens sampled tokens (see stream)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, kv_cache)], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True):
+        """Sample max_new_tokens after idx (B, T), yielding each new (B, 1) token as soon as it is drawn.
 
         Without kv_cache every token runs the whole context (its last block_size tokens) through the model.
         With it, only the new token runs, against cached keys and values: the same tokens while the sequence
@@ -251,13 +256,16 @@ class GPT(nn.Module):
         if not kv_cache:
             for _ in range(max_new_tokens):
                 logits, _ = self(idx if idx.size(1) <= block_size else idx[:, -block_size:])
-                idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
-            return idx
+                token = sample_next(logits[:, -1, :], temperature, top_k)
+                idx = torch.cat((idx, token), dim=1)
+                yield token
+            return
         cache = KVCache(self.config.n_layer, block_size)
         logits, _ = self(idx[:, -block_size:], kv_cache=cache)
         for i in range(max_new_tokens):
             token = sample_next(logits[:, -1, :], temperature, top_k)
             idx = torch.cat((idx, token), dim=1)
+            yield token
             if i == max_new_tokens - 1:
                 break
             if cache.length == block_size:
@@ -265,7 +273,6 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -(block_size // 2):], kv_cache=cache)
             else:
                 logits, _ = self(token, kv_cache=cache)
-        return idx
 
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):

@@ -3,6 +3,9 @@
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt --out_dir=out-shakespeare-char
     python sample.py --init_from=gpt2 --start="Once upon a time"
+    python sample.py --out_dir=out-shakespeare-char --interactive=True     (a prompt per line; empty line quits)
+
+One sample is printed as it is generated; several are generated as one batch and printed at the end.
 """
 import sys
 from types import SimpleNamespace
@@ -13,13 +16,13 @@ import hardware
 from checkpoint import BEST
 from configurator import defaults_of, help_of, parse_args
 from errors import ConfigError, UserError, run_main
-from model import GPT2_SIZES
-from sampling import load_model, read_prompt
+from sampling import load_model, read_prompt, write_samples
+from train_config import check_init_from
 
 
 class Config:
     """Defaults. The comment after each key is its --help line."""
-    init_from = "resume"  # resume (the model in out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    init_from = "resume"  # resume (the model in out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | an HF GPT-2 dir
     out_dir = "out"  # directory of the trained run
     checkpoint = BEST  # file in out_dir: ckpt.pt (lowest val loss) | latest.pt (newest) | ckpt_stepNNNNNNNN.pt
     start = "\n"  # the prompt; FILE:path reads it from a file
@@ -32,13 +35,15 @@ class Config:
     dtype = "auto"  # auto | float32 | bfloat16 | float16
     compile = False  # torch.compile the model (slow to start; pays off only for long generations)
     kv_cache = True  # reuse the keys and values of earlier tokens (much faster; False recomputes the whole context)
+    interactive = False  # read prompts from stdin, one per line, and answer each (empty line or EOF quits)
 
 
-CHOICES = {"init_from": ["resume", *GPT2_SIZES], "dtype": ["auto", "float32", "bfloat16", "float16"]}
+CHOICES = {"dtype": ["auto", "float32", "bfloat16", "float16"]}
 USAGE = "usage: python sample.py [CONFIG_FILE ...] [--key=value ...]"
 
 
 def validate(cfg):
+    check_init_from(cfg.init_from, ("resume",))
     if cfg.max_new_tokens <= 0:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be positive")
     if cfg.num_samples <= 0:
@@ -50,28 +55,45 @@ def validate(cfg):
 
 
 def main(argv):
-    config, _ = parse_args(argv, defaults_of(Config), help_of(Config), CHOICES, usage=USAGE)
+    config, cli_keys = parse_args(argv, defaults_of(Config), help_of(Config), CHOICES, usage=USAGE)
     cfg = SimpleNamespace(**config)
     validate(cfg)
+    if cfg.interactive and "num_samples" not in cli_keys:
+        cfg.num_samples = 1  # a conversation: one streamed answer per prompt
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
-    prompt = read_prompt(cfg.start)
-    if not prompt:
+    prompt = None if cfg.interactive else read_prompt(cfg.start)
+    if prompt == "":
         raise UserError("the prompt is empty: give --start some text (the default is a newline)")
-    torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg, device)
-    ids = tokenizer.encode(prompt)
     if cfg.compile:
         model = torch.compile(model)
-    # all samples as one batch: each generation step then reads the weights once for every sample
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...].repeat(cfg.num_samples, 1)
-    with torch.no_grad(), hardware.autocast(device, dtype):
-        y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                           kv_cache=cfg.kv_cache)
-    for row in y.tolist():
-        print(tokenizer.decode(row))
-        print("---------------", flush=True)
-    return 0
+    torch.manual_seed(cfg.seed)  # after loading: the samples depend on the seed, not on how the model was read
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def sample(text, echo_prompt):
+        write_samples(model, tokenizer, text, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, top_k=cfg.top_k, kv_cache=cfg.kv_cache, device=device,
+                      ctx=hardware.autocast(device, dtype), write=write, echo_prompt=echo_prompt)
+
+    if not cfg.interactive:
+        sample(prompt, echo_prompt=True)
+        return 0
+    if sys.stdin.isatty():
+        print("type a prompt and press Enter; an empty line or Ctrl-D quits", file=sys.stderr)
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        try:
+            sample(line.rstrip("\n"), echo_prompt=False)
+        except UserError as e:  # a character the model never saw: say so and take the next prompt
+            print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

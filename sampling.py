@@ -1,12 +1,15 @@
 """Loading a trained model for generation: from an out_dir's checkpoint (ours or nanoGPT's) with the vocabulary it
-was trained on, or OpenAI's GPT-2 weights; and reading the prompt. sample.py and tools/report.py generate with it."""
+was trained on, a local Hugging Face GPT-2 directory, or OpenAI's GPT-2 weights; and reading the prompt.
+sample.py and tools/report.py generate with it."""
+import codecs
 from pathlib import Path
 
-from checkpoint import LATEST, load_checkpoint
+import torch
+
+from checkpoint import LATEST, load_checkpoint, model_from_checkpoint
 from dataset import GPT2_VOCAB_SIZE, read_meta, read_text, tokenizer_from_meta
 from errors import UserError
-from model import GPT, GPTConfig
-from pretrained import load_gpt2
+from huggingface import is_hf_dir, load_gpt2, load_hf_dir, tokenizer_for_hf_dir
 
 
 def read_prompt(start):
@@ -39,10 +42,48 @@ def load_model(cfg, device):
             raise UserError(f"no {cfg.checkpoint} in {out_dir} (no evaluation improved on the first yet): "
                             f"sample the newest state with --checkpoint={LATEST}")
         ckpt = load_checkpoint(path, map_location="cpu")
-        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0}))
-        model.load_state_dict(ckpt["model"])
+        model = model_from_checkpoint(ckpt)
         tokenizer = tokenizer_for_checkpoint(ckpt)
+    elif is_hf_dir(cfg.init_from):
+        model, tokenizer = load_hf_dir(cfg.init_from), tokenizer_for_hf_dir(cfg.init_from)
     else:
         model = load_gpt2(cfg.init_from)
         tokenizer = tokenizer_from_meta(None)
     return model.eval().to(device), tokenizer
+
+
+class TextStream:
+    """Text of tokens that arrive one at a time: each push returns the characters now complete, holding back the
+    bytes of a character that a BPE token splits until the rest arrives. Joined, the pieces equal decode(all ids)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token):
+        return self.decoder.decode(self.tokenizer.token_bytes(token))
+
+    def end(self):
+        return self.decoder.decode(b"", final=True)
+
+
+def write_samples(model, tokenizer, prompt, *, num_samples, max_new_tokens, temperature, top_k, kv_cache, device, ctx,
+                  write, echo_prompt=True):
+    """Generate num_samples continuations of prompt, each written with write(text) and ended by a separator line.
+    One sample streams (its text is written as its tokens are drawn); several run as one batch (each generation
+    step then reads the weights once for every sample) and are written at the end."""
+    ids = tokenizer.encode(prompt)
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...].repeat(num_samples, 1)
+    top_k = top_k or None
+    with torch.no_grad(), ctx:
+        if num_samples == 1:
+            text = TextStream(tokenizer)
+            if echo_prompt:
+                write(tokenizer.decode(ids))
+            for token in model.stream(x, max_new_tokens, temperature=temperature, top_k=top_k, kv_cache=kv_cache):
+                write(text.push(token.item()))
+            write(text.end() + "\n---------------\n")
+            return
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, kv_cache=kv_cache)
+    for row in y.tolist():
+        write(tokenizer.decode(row if echo_prompt else row[len(ids):]) + "\n---------------\n")

@@ -38,7 +38,6 @@ from dataset import Dataset, eval_offsets, get_batch, run_batches, step_batches,
 from diagnostics import NAN_DIAGNOSIS, GradMonitor, check_batch, check_init, grad_record_lines
 from errors import ConfigError, UserError, import_optional, run_main
 from files import atomic_write_text
-from model import GPT2_SIZES
 from runlog import RunLog, TensorBoardTracker, WandbTracker, eval_line, iter_line, took_line
 from schedule import lr_at
 from sharding import local_numel
@@ -63,7 +62,7 @@ def main(argv):
     wandb = import_optional("wandb", "wandb_log=True") if cfg.wandb_log else None
     if cfg.tensorboard_log:
         import_optional("tensorboard", "tensorboard_log=True")
-    if cfg.init_from in GPT2_SIZES:
+    if cfg.init_from not in ("scratch", "resume"):
         import_optional("transformers", f"init_from={cfg.init_from}")
     rank, local_rank, world_size = distributed.ranks(cfg)
     master = rank == 0

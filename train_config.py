@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 from configurator import defaults_of, help_of, parse_args
 from errors import ConfigError
+from huggingface import is_init_source
 from model import GPT2_SIZES
 
 
@@ -21,7 +22,7 @@ class Config:
     always_save_checkpoint = True  # save latest.pt at every evaluation (False: only when val improves and at the end)
     keep_last = 0  # also keep the last N saves as ckpt_stepNNNNNNNN.pt (0 = none)
     overwrite = False  # let init_from=scratch/gpt2* replace the checkpoints already in out_dir (refused otherwise)
-    init_from = "scratch"  # scratch | resume (from out_dir/latest.pt, else ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    init_from = "scratch"  # scratch | resume (out_dir/latest.pt, else ckpt.pt) | gpt2, gpt2-medium, -large, -xl | an HF GPT-2 dir
     # logging
     wandb_log = False  # log evaluations to Weights & Biases (needs: pip install wandb)
     wandb_project = "owt"  # W&B project name
@@ -78,7 +79,6 @@ class Config:
 
 
 CHOICES = {
-    "init_from": ["scratch", "resume", *GPT2_SIZES],
     "backend": ["auto", "nccl", "gloo"],
     "parallel": ["ddp", "fsdp"],
     "dtype": ["auto", "float32", "bfloat16", "float16"],
@@ -95,6 +95,14 @@ def load_config(argv):
     return SimpleNamespace(**config), cli_keys
 
 
+def check_init_from(init_from, keywords):
+    """init_from is one of keywords, a GPT-2 size, or a local transformers directory (train.py and sample.py)."""
+    if init_from not in keywords and not is_init_source(init_from):
+        named = ", ".join([*keywords, *GPT2_SIZES])
+        raise ConfigError(f"init_from={init_from!r} is not one of {named}, nor a directory with a Hugging Face "
+                          f"config.json: check the name or the path")
+
+
 def validate(cfg):
     """Catch impossible settings before any work, each with a message naming the key and a fix."""
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
@@ -105,6 +113,7 @@ def validate(cfg):
                 "max_train_tokens", "keep_last", "early_stop_patience", "early_stop_min_delta", "grad_monitor_interval"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
+    check_init_from(cfg.init_from, ("scratch", "resume"))
     if cfg.learning_rate <= 0:
         raise ConfigError(f"learning_rate={cfg.learning_rate} must be positive")
     if cfg.n_embd % cfg.n_head:

@@ -14,11 +14,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hardware
 import memory
 import sharding
-from checkpoint import ARCHITECTURE, MODEL_ARGS
+from checkpoint import ARCHITECTURE, MODEL_ARGS, model_from_checkpoint
 from dataset import GPT2_VOCAB_SIZE, eval_offsets, get_batch
 from errors import UserError
+from huggingface import hf_dir_model_args, is_hf_dir, load_pretrained
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
-from pretrained import load_gpt2
 
 # float16: the GradScaler halves its scale and skips the step at each inf/NaN gradient. A few skips are normal
 # (the scale starts at 2**16 and finds its level); this many in a row mean the gradients themselves are broken.
@@ -39,6 +39,9 @@ def planned_model_args(cfg, dataset, ckpt):
         return scratch_model_args(cfg, dataset.model_vocab_size)
     if cfg.init_from == "resume":
         return {**ckpt["model_args"], "dropout": cfg.dropout}
+    if is_hf_dir(cfg.init_from):
+        args = hf_dir_model_args(cfg.init_from, cfg.dropout)
+        return {**args, "block_size": min(cfg.block_size, args["block_size"])}
     return dict(GPT2_SIZES[cfg.init_from], block_size=min(cfg.block_size, 1024), bias=True, vocab_size=GPT2_VOCAB_SIZE,
                 dropout=cfg.dropout)
 
@@ -84,12 +87,12 @@ def build_model(cfg, dataset, ckpt):
         model_args = scratch_model_args(cfg, dataset.model_vocab_size)
         model = GPT(GPTConfig(**model_args))
     elif cfg.init_from == "resume":
-        model_args = {**{k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]}, "dropout": cfg.dropout}
-        model = GPT(GPTConfig(**model_args))
-        model.load_state_dict(ckpt["model"])
+        model = model_from_checkpoint(ckpt, cfg.dropout)
+        model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
     else:
-        notes.append(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
-        model = load_gpt2(cfg.init_from, cfg.dropout)
+        source = "the Hugging Face model in" if is_hf_dir(cfg.init_from) else "OpenAI GPT-2 weights:"
+        notes.append(f"initializing from {source} {cfg.init_from}")
+        model = load_pretrained(cfg.init_from, cfg.dropout)
         model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
     model.config.fast_cpu_attention = cfg.fast_cpu_attention
     if dataset.vocab_size is not None and dataset.vocab_size > model_args["vocab_size"]:

@@ -55,7 +55,7 @@ def data_dir(tmp_path_factory, shakespeare_text):
 # an interpreter start-up (and torch import) per call.
 IN_PROCESS = {"train.py": "train", "sample.py": "sample", **{f"tools/{name}.py": f"tools.{name}" for name in (
     "plot_loss", "summarize_experiments", "compare_runs", "plot_lr", "report", "sweep", "lr_finder", "grad_viz",
-    "estimate", "debug_training", "bench", "experiment", "evaluate")}}
+    "estimate", "debug_training", "bench", "experiment", "evaluate", "export_hf")}}
 
 
 def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False):

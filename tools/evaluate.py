@@ -16,10 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 import hardware  # noqa: E402
-from checkpoint import BEST, load_checkpoint  # noqa: E402
+from checkpoint import BEST, load_checkpoint, model_from_checkpoint  # noqa: E402
 from dataset import SPLITS, Dataset  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
 from trainer import whole_split_loss  # noqa: E402
 
 
@@ -44,9 +43,7 @@ def main(argv):
     dataset = Dataset(args.data_dir or config.get("data_dir", "data"), name)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
-    model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": 0.0}))
-    model.load_state_dict(ckpt["model"])
-    model.to(device)
+    model = model_from_checkpoint(ckpt).to(device)
     vocab_size = ckpt["model_args"]["vocab_size"]
     dataset.check_token_ids(vocab_size)
     data = dataset.splits[args.split]

@@ -1,0 +1,188 @@
+"""GPT-2 weights in Hugging Face's format, both ways, through the optional transformers package: OpenAI's gpt2*
+(a download on first use, then its cache), a local transformers GPT-2 directory (someone's fine-tuned model, or one
+we exported; offline), and our checkpoints exported as such a directory (GPT2LMHeadModel + tokenizer files)."""
+import json
+from pathlib import Path
+
+import torch
+
+from dataset import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer
+from errors import UserError, import_optional
+from files import write_directory
+from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, config_from_hf, state_dict_from_hf
+
+CHAR_VOCAB = "char_vocab.json"  # an exported character model's vocabulary: {"tokenizer": "char", "itos": [...]}
+# What tiktoken's gpt2 encoding is built from: byte for byte the vocab.json and merges.txt transformers reads.
+GPT2_BPE_FILES = {
+    "vocab.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "merges.txt": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+# GELU variants close enough to our exact GELU (nanoGPT loads OpenAI's gelu_new weights the same way)
+GELUS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def is_init_source(name):
+    """True for what init_from may name besides scratch/resume: a gpt2* size or a local transformers directory."""
+    return name in GPT2_SIZES or is_hf_dir(name)
+
+
+def is_hf_dir(path):
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def load_pretrained(source, dropout=0.0):
+    """GPT with the weights init_from names: a local transformers directory, else OpenAI's gpt2* (transformers'
+    own order: a directory of that name comes first)."""
+    return load_hf_dir(source, dropout) if is_hf_dir(source) else load_gpt2(source, dropout)
+
+
+def load_gpt2(model_type, dropout=0.0):
+    """GPT(model_type) with OpenAI's weights; a missing package or an offline first use is a one-line UserError."""
+    import_optional("transformers", f"init_from={model_type}")
+    try:
+        return GPT.from_pretrained(model_type, dict(dropout=dropout))
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load {model_type} weights from Hugging Face ({first[:150]}): the first use needs "
+                        f"internet; afterwards they come from the Hugging Face cache") from None
+
+
+def _transformers(needed_for):
+    transformers = import_optional("transformers", needed_for)
+    transformers.utils.logging.disable_progress_bar()  # a bar per file of a few small files is noise
+    return transformers
+
+
+def hf_dir_config(path):
+    """The directory's config.json, checked to describe a GPT-2 this model can hold (read without transformers)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"init_from={path}: its config.json is unreadable ({e}): point init_from at a transformers "
+                        f"model directory") from None
+    where = f"init_from={path}"
+    if config.get("model_type") != "gpt2":
+        raise UserError(f"{where} holds a '{config.get('model_type')}' model: only GPT-2 directories "
+                        f"(GPT2LMHeadModel) load into this GPT")
+    if config.get("activation_function", "gelu_new") not in GELUS:
+        raise UserError(f"{where} uses activation {config['activation_function']}: this GPT has GELU only")
+    if config.get("n_inner") not in (None, 4 * config.get("n_embd", 768)):
+        raise UserError(f"{where} has an MLP of width n_inner={config['n_inner']}: this GPT's is 4 * n_embd")
+    if config.get("scale_attn_by_inverse_layer_idx") or config.get("add_cross_attention"):
+        raise UserError(f"{where} uses attention options this GPT does not have (scale_attn_by_inverse_layer_idx, "
+                        f"add_cross_attention)")
+    if config.get("tie_word_embeddings", True) is False:
+        raise UserError(f"{where} has an output layer separate from its token embedding: this GPT ties them")
+    if abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise UserError(f"{where} has layer_norm_epsilon={config['layer_norm_epsilon']}: this GPT's is 1e-5")
+    return config
+
+
+def hf_dir_model_args(path, dropout=0.0):
+    """GPTConfig fields of the model in a transformers directory, known before loading its weights."""
+    c = hf_dir_config(path)
+    return dict(n_layer=c.get("n_layer", 12), n_head=c.get("n_head", 12), n_embd=c.get("n_embd", 768),
+                block_size=c.get("n_positions", 1024), bias=True, vocab_size=c.get("vocab_size", GPT2_VOCAB_SIZE),
+                dropout=dropout)
+
+
+def load_hf_dir(path, dropout=0.0):
+    """GPT with the weights of a local transformers GPT-2 directory, offline."""
+    hf_dir_config(path)
+    transformers = _transformers(f"init_from={path}")
+    try:
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"init_from={path}: could not load its weights ({first[:150]})") from None
+    model = GPT(config_from_hf(hf_model.config, dropout=dropout))
+    model.load_state_dict({k: v.float() for k, v in state_dict_from_hf(hf_model.state_dict()).items()})
+    return model
+
+
+def tokenizer_for_hf_dir(path):
+    """How to decode a transformers directory's tokens: an exported character vocabulary, else GPT-2 BPE."""
+    path = Path(path)
+    if (path / CHAR_VOCAB).is_file():
+        try:
+            meta = json.loads((path / CHAR_VOCAB).read_text(encoding="utf-8"))
+            return CharTokenizer(meta["itos"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path / CHAR_VOCAB} is unreadable ({e}): export the model again") from None
+    vocab_size = hf_dir_model_args(path)["vocab_size"]
+    if vocab_size not in (GPT2_VOCAB_SIZE, GPT2_PADDED_VOCAB):
+        raise UserError(f"{path} has a {vocab_size}-token vocabulary and no {CHAR_VOCAB}: sample.py decodes GPT-2 BPE "
+                        f"and this toolkit's character vocabularies only")
+    return GPT2Tokenizer()
+
+
+# ----------------------------------------------------------------------------- export
+
+def hf_state_dict(model, hf_keys, vocab_size):
+    """Our state dict under transformers' names and shapes: Conv1D weights transposed, the token embedding cut to
+    vocab_size rows (dropping the padding), zero biases where the model has none (bias=False)."""
+    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    out = {}
+    for key, shape in hf_keys.items():
+        if key in ours:
+            value = ours.pop(key)
+            value = value.t() if key.endswith(CONV1D) else value
+            out[key] = value[:vocab_size].contiguous() if key in ("transformer.wte.weight", "lm_head.weight") else value
+        elif key.endswith(".bias"):
+            out[key] = torch.zeros(shape)
+    if ours:
+        raise ValueError(f"parameters with no place in GPT2LMHeadModel: {sorted(ours)[:5]}")
+    return out
+
+
+def export_hf(model, tokenizer, to, *, dropout=0.0):
+    """Write `model` (our GPT, float32) with its tokenizer as a transformers GPT-2 directory at `to`: all of it
+    or nothing (built beside it, then renamed into place). Returns the names of the files written."""
+    transformers = _transformers("tools/export_hf.py")
+    cfg = model.config
+    char = isinstance(tokenizer, CharTokenizer)
+    vocab_size = tokenizer.vocab_size if char else GPT2_VOCAB_SIZE
+    if vocab_size > cfg.vocab_size:
+        raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {cfg.vocab_size}")
+    eot = None if char else GPT2_VOCAB_SIZE - 1
+    hf_config = transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        activation_function="gelu",  # ours is the exact GELU, not GPT-2's tanh approximation
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, layer_norm_epsilon=1e-5,
+        bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True)
+    hf_model = transformers.GPT2LMHeadModel(hf_config)
+    hf_keys = {k: v.shape for k, v in hf_model.state_dict().items()}
+    missing, unexpected = hf_model.load_state_dict(hf_state_dict(model, hf_keys, vocab_size), strict=False)
+    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise ValueError(f"export left GPT2LMHeadModel's {missing or unexpected} unset")
+
+    def fill(directory):
+        hf_model.save_pretrained(directory)
+        if char:
+            meta = {"tokenizer": "char", "vocab_size": vocab_size, "itos": tokenizer.itos}
+            (directory / CHAR_VOCAB).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        else:
+            write_gpt2_tokenizer(directory, cfg.block_size)
+
+    write_directory(to, fill)
+    return sorted(p.name for p in Path(to).iterdir())
+
+
+def write_gpt2_tokenizer(directory, max_length):
+    """vocab.json and merges.txt (from tiktoken's cache: no network when it is filled) and the config that makes
+    AutoTokenizer read them as GPT-2's tokenizer."""
+    import tiktoken.load
+    for name, (url, sha256) in GPT2_BPE_FILES.items():
+        try:
+            (directory / name).write_bytes(tiktoken.load.read_file_cached(url, sha256))
+        except Exception as e:
+            raise UserError(f"cannot read GPT-2's {name} ({type(e).__name__}: {e}); offline, point TIKTOKEN_CACHE_DIR "
+                            f"at a directory holding tiktoken's cached gpt2 files") from None
+    eot = "<|endoftext|>"
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "bos_token": eot, "eos_token": eot,
+              "unk_token": eot, "add_prefix_space": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -1,0 +1,44 @@
+"""Export a trained model (ours or nanoGPT's checkpoint) as a Hugging Face transformers GPT-2 directory.
+
+    python tools/export_hf.py --out_dir=out-shakespeare-char --to=hf-shakespeare-char [--checkpoint=ckpt.pt]
+
+The directory holds config.json and model.safetensors (GPT2LMHeadModel.from_pretrained(DIR) loads it, offline),
+and the tokenizer: GPT-2 BPE models get vocab.json, merges.txt and tokenizer_config.json (AutoTokenizer reads
+them); character models get char_vocab.json ({"itos": [...]}: token i is the character itos[i]).
+`--init_from=DIR` in train.py and sample.py loads it back.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoint import BEST, load_checkpoint, model_from_checkpoint  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
+from huggingface import export_hf  # noqa: E402
+from sampling import tokenizer_for_checkpoint  # noqa: E402
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face GPT-2 directory.")
+    parser.add_argument("--out_dir", required=True, help="the trained run's directory")
+    parser.add_argument("--to", required=True, help="the directory to create (must not exist, or be empty)")
+    parser.add_argument("--checkpoint", default=BEST, help=f"file in out_dir (default {BEST}, the lowest val loss)")
+    args = parser.parse_args(argv)
+    to = Path(args.to)
+    if to.exists() and (not to.is_dir() or any(to.iterdir())):
+        raise UserError(f"--to={to} already exists and is not an empty directory: choose a new --to (nothing is "
+                        f"overwritten)")
+    ckpt = load_checkpoint(Path(args.out_dir) / args.checkpoint)
+    model = model_from_checkpoint(ckpt)
+    tokenizer = tokenizer_for_checkpoint(ckpt)
+    files = export_hf(model, tokenizer, to, dropout=ckpt["model_args"].get("dropout", 0.0))
+    step = ckpt.get("iter_num", "?")
+    print(f"exported {Path(args.out_dir) / args.checkpoint} (step {step}, {tokenizer.kind} tokenizer) to {to}: "
+          f"{', '.join(files)}")
+    print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(to)!r}), or --init_from={to}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
