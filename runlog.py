@@ -5,10 +5,13 @@ here and nowhere else, next to the patterns that read them back:
     step {n}: train loss {:.4f}, val loss {:.4f}
     iter {n}: loss {:.4f}, time {:.2f}ms, mfu {:.2f}%
     training took {:.2f} seconds
+and, read by no tool, at each evaluation between the first and the last:
+    progress: {n}/{max_iters} steps ({:.0f}%), {elapsed} elapsed, about {left} left (ends ~HH:MM)
 """
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 EVAL_RE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
@@ -26,6 +29,26 @@ def iter_line(step, loss, time_ms, mfu):
 
 def took_line(seconds):
     return f"training took {seconds:.2f} seconds"
+
+
+def duration(seconds):
+    """12s, 3m05s, 2h07m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def progress_line(step, max_iters, elapsed, left, now=None):
+    """The log line at an evaluation; worded so that no tutorial regex ("step N:", "train loss", "training took")
+    matches it."""
+    line = f"progress: {step}/{max_iters} steps ({100 * step / max_iters:.0f}%), {duration(elapsed)} elapsed"
+    if left is None:
+        return line
+    ends = time.strftime("%H:%M", time.localtime((now or time.time()) + left))
+    return f"{line}, about {duration(left)} left (ends ~{ends})"
 
 
 def _set_aside(path):

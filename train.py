@@ -38,7 +38,8 @@ from dataset import Dataset, eval_offsets, get_batch, run_batches, step_batches,
 from diagnostics import NAN_DIAGNOSIS, GradMonitor, check_batch, check_init, grad_record_lines
 from errors import ConfigError, UserError, import_optional, run_main
 from files import atomic_write_text
-from runlog import RunLog, TensorBoardTracker, WandbTracker, eval_line, iter_line, took_line
+from progress import Eta
+from runlog import RunLog, TensorBoardTracker, WandbTracker, eval_line, iter_line, progress_line, took_line
 from schedule import lr_at
 from sharding import local_numel
 from stopping import EarlyStopping, StopRequest
@@ -202,6 +203,7 @@ def main(argv):
     exit_code = 0
     t_start = time.time()
     t_window, window_iters, running_mfu = time.time(), 0, -1.0
+    eta = Eta(max_iters=cfg.max_iters, eval_interval=cfg.eval_interval)
     with StopRequest() as stop, memory.explain_out_of_memory(lambda: f"at step {iter_num}", out_of_memory_advice):
         while True:
             at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
@@ -215,9 +217,14 @@ def main(argv):
                     losses = estimate_loss(eval_model, dataset, eval_iters=cfg.eval_iters, batch_size=cfg.batch_size,
                                            block_size=cfg.block_size, seed=cfg.seed, device=device, ctx=ctx,
                                            vocab_size=vocab_size, doc_sep=doc_sep)
+                    now = time.time()
+                    left = eta.seconds_left(iter_num, t_eval, now)
                     log.print(eval_line(iter_num, losses["train"], losses["val"]))
+                    if not cfg.eval_only and 0 < iter_num < cfg.max_iters:
+                        log.print(progress_line(iter_num, cfg.max_iters, now - t_start, left, now))
                     log.metrics({"type": "eval", "step": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                 "lr": lr_at(cfg, iter_num), "elapsed_s": time.time() - t_start})
+                                 "lr": lr_at(cfg, iter_num), "elapsed_s": now - t_start, "eta_s": left,
+                                 "progress": iter_num / cfg.max_iters if cfg.max_iters else 1.0})
                     if not all(math.isfinite(v) for v in losses.values()):
                         stop_for_nonfinite(iter_num)
                     improved = losses["val"] < best_val_loss
@@ -232,6 +239,7 @@ def main(argv):
                     log.print(early.message(iter_num, out_dir / BEST))
                     break
                 t_window += time.time() - t_eval  # keep evaluation out of the iteration time
+                eta.evaluation_done(t_eval, time.time())
             if cfg.eval_only or iter_num >= cfg.max_iters:
                 break
             lr = lr_at(cfg, iter_num)
@@ -255,6 +263,7 @@ def main(argv):
                 for line in grad_record_lines(grad_record):
                     log.print(line)
             window_iters += 1
+            eta.step_done(iter_num + 1, time.time())
             if iter_num % cfg.log_interval == 0:
                 if nonfinite.item():  # every rank checks here, so all of them stop at the same step
                     stop_for_nonfinite(iter_num)

@@ -1,0 +1,39 @@
+"""How far a training run is and when it will end: an estimate from the measured time per step and per evaluation
+(with its checkpoint save), made at each evaluation."""
+
+
+class Eta:
+    """Seconds a run still needs. The clock starts after the first step of this process, so start-up costs that
+    happen once (allocation, compilation) do not inflate the rate; evaluations are timed apart from the steps."""
+
+    def __init__(self, *, max_iters, eval_interval):
+        self.max_iters, self.eval_interval = max_iters, eval_interval
+        self.t0 = self.step0 = None
+        self.eval_seconds = 0.0  # evaluation time since the clock started
+        self.last_eval = None  # the latest whole evaluation's duration
+
+    def step_done(self, step, now):
+        """Called after each training step (step = steps completed)."""
+        if self.t0 is None:
+            self.t0, self.step0 = now, step
+
+    def evaluation_done(self, started, now):
+        """An evaluation (with its save) ran from started to now."""
+        self.last_eval = now - started
+        if self.t0 is not None:
+            self.eval_seconds += self.last_eval
+
+    def evals_after(self, step):
+        """Evaluations still to come after step: every eval_interval, and at max_iters."""
+        n = self.max_iters // self.eval_interval - step // self.eval_interval
+        return n + (1 if self.max_iters % self.eval_interval else 0) if step < self.max_iters else 0
+
+    def seconds_left(self, step, eval_started, now):
+        """The estimate during the evaluation of `step` (begun at eval_started); None until a rate is measured.
+        Before a whole evaluation has been timed, this one's time so far stands for each evaluation to come."""
+        if self.t0 is None or step <= self.step0:
+            return None
+        per_step = max(0.0, eval_started - self.t0 - self.eval_seconds) / (step - self.step0)
+        per_eval = self.last_eval if self.last_eval is not None else now - eval_started
+        return per_step * (self.max_iters - step) + per_eval * self.evals_after(step)
+
