@@ -6,6 +6,7 @@ and GradScaler is only enabled for float16.
 import contextlib
 import functools
 import os
+import re
 import time
 
 import torch
@@ -14,22 +15,64 @@ from errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Dense (no sparsity) tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name().
-# float32 rows are TF32 peaks, because training enables TF32 matmuls on CUDA. The longest matching name wins
-# ("H100 PCIe" over "H100", "A10G" over "A10"), whatever the order of the list.
+# Dense (no sparsity) tensor-core peaks in FLOP/s, by the name torch.cuda.get_device_name() reports. Matched as whole
+# words, the longest matching name wins ("H100 PCIe" over "H100", "RTX 3060 Ti" over "RTX 3060", "L40S" over "L40"),
+# whatever the order of the list. bfloat16/float16 are the peaks with float32 accumulation (what PyTorch's matmuls
+# use); float32 rows are TF32 peaks, since training enables TF32 matmuls on CUDA (plain FP32 where there is no TF32).
+# Sources: NVIDIA's datasheets and architecture whitepapers (Turing TU102, Ampere GA100/GA102, Ada AD102, Hopper
+# H100/GH200, Blackwell DGX B200). GeForce cards run float16/bfloat16 with float32 accumulation at half the rate of
+# the workstation and datacenter cards; cards a whitepaper does not list are worked out the way the whitepapers do,
+# tensor cores x boost clock x dense FLOPs per tensor core per clock: Turing GeForce 64 (fp16), Ampere and Ada
+# GeForce 128 (bf16/fp16) and 64 (tf32), workstation Ampere and Ada 256 and 128. Laptop variants clock lower.
 GPU_PEAK_FLOPS = [
+    # datacenter
+    ("B200", {"bfloat16": 2250e12, "float16": 2250e12, "float32": 1100e12}),
+    ("GH200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
     ("H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
     ("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
     ("H100", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
     ("A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
     ("L40S", {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12}),
+    ("L40", {"bfloat16": 181e12, "float16": 181e12, "float32": 90.5e12}),
     ("L4", {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
     ("A10G", {"bfloat16": 70e12, "float16": 70e12, "float32": 35e12}),
     ("A10", {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),
-    ("RTX 4090", {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12}),
-    ("RTX 3090", {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12}),
     ("V100", {"float16": 125e12, "float32": 15.7e12}),
     ("T4", {"float16": 65e12, "float32": 8.1e12}),
+    # workstation: Ampere RTX A-series, Ada
+    ("RTX 6000 Ada", {"bfloat16": 364e12, "float16": 364e12, "float32": 182e12}),
+    ("A6000", {"bfloat16": 154.8e12, "float16": 154.8e12, "float32": 77.4e12}),
+    ("A5500", {"bfloat16": 136.4e12, "float16": 136.4e12, "float32": 68.2e12}),
+    ("A5000", {"bfloat16": 111.1e12, "float16": 111.1e12, "float32": 55.6e12}),
+    ("A4500", {"bfloat16": 94.6e12, "float16": 94.6e12, "float32": 47.3e12}),
+    ("A4000", {"bfloat16": 76.7e12, "float16": 76.7e12, "float32": 38.4e12}),
+    # GeForce RTX 40 (Ada)
+    ("RTX 4090", {"bfloat16": 165.2e12, "float16": 165.2e12, "float32": 82.6e12}),
+    ("RTX 4080 SUPER", {"bfloat16": 104.4e12, "float16": 104.4e12, "float32": 52.2e12}),
+    ("RTX 4080", {"bfloat16": 97.5e12, "float16": 97.5e12, "float32": 48.7e12}),
+    ("RTX 4070 Ti SUPER", {"bfloat16": 88.2e12, "float16": 88.2e12, "float32": 44.1e12}),
+    ("RTX 4070 Ti", {"bfloat16": 80.2e12, "float16": 80.2e12, "float32": 40.1e12}),
+    ("RTX 4070 SUPER", {"bfloat16": 71.0e12, "float16": 71.0e12, "float32": 35.5e12}),
+    ("RTX 4070", {"bfloat16": 58.3e12, "float16": 58.3e12, "float32": 29.1e12}),
+    ("RTX 4060 Ti", {"bfloat16": 44.1e12, "float16": 44.1e12, "float32": 22.1e12}),
+    ("RTX 4060", {"bfloat16": 30.2e12, "float16": 30.2e12, "float32": 15.1e12}),
+    # GeForce RTX 30 (Ampere)
+    ("RTX 3090 Ti", {"bfloat16": 80.0e12, "float16": 80.0e12, "float32": 40.0e12}),
+    ("RTX 3090", {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12}),
+    ("RTX 3080 Ti", {"bfloat16": 68.2e12, "float16": 68.2e12, "float32": 34.1e12}),
+    ("RTX 3080", {"bfloat16": 59.5e12, "float16": 59.5e12, "float32": 29.8e12}),
+    ("RTX 3070 Ti", {"bfloat16": 43.5e12, "float16": 43.5e12, "float32": 21.7e12}),
+    ("RTX 3070", {"bfloat16": 40.6e12, "float16": 40.6e12, "float32": 20.3e12}),
+    ("RTX 3060 Ti", {"bfloat16": 32.4e12, "float16": 32.4e12, "float32": 16.2e12}),
+    ("RTX 3060", {"bfloat16": 25.5e12, "float16": 25.5e12, "float32": 12.7e12}),  # the tutorial's card
+    # GeForce RTX 20 (Turing: float16 tensor cores, no bfloat16, no TF32)
+    ("RTX 2080 Ti", {"float16": 53.8e12, "float32": 13.4e12}),
+    ("RTX 2080 SUPER", {"float16": 44.6e12, "float32": 11.2e12}),
+    ("RTX 2080", {"float16": 40.3e12, "float32": 10.1e12}),
+    ("RTX 2070 SUPER", {"float16": 36.2e12, "float32": 9.1e12}),
+    ("RTX 2070", {"float16": 29.9e12, "float32": 7.5e12}),
+    ("RTX 2060 SUPER", {"float16": 28.7e12, "float32": 7.2e12}),
+    ("RTX 2060", {"float16": 25.8e12, "float32": 6.5e12}),
 ]
 
 
@@ -183,8 +226,10 @@ def peak_memory(device):
 
 
 def gpu_spec_peaks(name):
-    """{dtype: FLOP/s} of the longest GPU_PEAK_FLOPS key in the device name; {} for an unknown GPU."""
-    matches = [(key, peaks) for key, peaks in GPU_PEAK_FLOPS if key in name]
+    """{dtype: FLOP/s} of the longest GPU_PEAK_FLOPS name found as whole words in the device name ("A100" is not in
+    "RTX A1000", "H200" not in "GH200"); {} for an unknown GPU."""
+    matches = [(key, peaks) for key, peaks in GPU_PEAK_FLOPS
+               if re.search(rf"(?<![\w]){re.escape(key)}(?![\w])", name, flags=re.IGNORECASE)]
     return max(matches, key=lambda m: len(m[0]))[1] if matches else {}
 
 

@@ -227,11 +227,26 @@ def test_memmap_is_opened_once(data_dir, monkeypatch):
 
 def test_gpu_peak_table_longest_name_wins(monkeypatch):
     spec = hardware.gpu_spec_peaks
-    assert spec("NVIDIA H100 PCIe")["bfloat16"] == 756e12 and spec("NVIDIA H100 80GB HBM3")["bfloat16"] == 989e12
-    assert spec("NVIDIA A10G")["float32"] == 35e12 and spec("NVIDIA A10")["float32"] == 62.5e12
-    assert spec("NVIDIA GeForce GTX 1080") == {}  # unknown: the measured matmul is used
+    cases = {  # device name as torch reports it -> dense bf16 (else fp16) and TF32/FP32 peaks, in TFLOP/s
+        "NVIDIA GeForce RTX 3060": (25.5, 12.7), "NVIDIA GeForce RTX 3060 Ti": (32.4, 16.2),
+        "NVIDIA GeForce RTX 4070 Ti SUPER": (88.2, 44.1), "NVIDIA GeForce RTX 4070 Ti": (80.2, 40.1),
+        "NVIDIA GeForce RTX 4090": (165.2, 82.6), "NVIDIA GeForce RTX 2080 Ti": (53.8, 13.4),
+        "NVIDIA RTX A6000": (154.8, 77.4), "NVIDIA RTX 6000 Ada Generation": (364, 182), "NVIDIA L40": (181, 90.5),
+        "NVIDIA L40S": (362, 183), "NVIDIA L4": (121, 60), "NVIDIA H100 PCIe": (756, 378),
+        "NVIDIA H100 80GB HBM3": (989, 494), "NVIDIA GH200 480GB": (989, 494), "NVIDIA B200": (2250, 1100),
+        "NVIDIA A10G": (70, 35), "NVIDIA A10": (125, 62.5), "NVIDIA A100-SXM4-80GB": (312, 156), "Tesla T4": (65, 8.1),
+    }
+
+    def peaks(name):
+        found = spec(name)
+        return (round(found.get("bfloat16", found.get("float16", 0)) / 1e12, 1), round(found["float32"] / 1e12, 1))
+
+    assert {name: peaks(name) for name in cases} == cases
+    assert "bfloat16" not in spec("NVIDIA GeForce RTX 2080 Ti")  # Turing: no bf16 tensor cores, so it is measured
+    for unknown in ("NVIDIA GeForce GTX 1080", "NVIDIA RTX A1000", "NVIDIA RTX A400"):  # no whole-word match
+        assert spec(unknown) == {}, unknown
     monkeypatch.setattr(hardware, "GPU_PEAK_FLOPS", hardware.GPU_PEAK_FLOPS[::-1])  # the order must not matter
-    assert spec("NVIDIA H100 PCIe")["bfloat16"] == 756e12 and spec("NVIDIA A10G")["float32"] == 35e12
+    assert {name: peaks(name) for name in cases} == cases
 
 
 def test_bench_runs_both_modes(data_dir):
