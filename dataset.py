@@ -283,6 +283,7 @@ class Dataset:
         if max_train_tokens:
             self.splits["train"] = self.splits["train"][:max_train_tokens]
         self.meta = read_meta(self.path)
+        self._documents = {}
 
     def _prepare_hint(self):
         """The command that makes this dataset: its own prepare.py, or the toolkit's one of that name."""
@@ -309,6 +310,17 @@ class Dataset:
         """The vocab_size a new model for this data gets: the vocabulary's, or without a vocabulary file GPT-2's
         50257 padded to 50304 (nanoGPT's convention)."""
         return self.vocab_size or GPT2_PADDED_VOCAB
+
+    def documents(self, split, block_size):
+        """document_segments of a split (computed once per split and block size): what padded batches draw."""
+        key = (split, block_size)
+        if key not in self._documents:
+            if self.eot_token is None:
+                raise UserError(f"dataset '{self.name}' has no end-of-text token between documents")
+            self._documents[key] = document_segments(self.splits[split], self.eot_token, block_size)
+            if not len(self._documents[key][0]):
+                raise UserError(f"the {split} split of '{self.name}' has no document of two tokens or more")
+        return self._documents[key]
 
     def check_block_size(self, block_size):
         for split, data in self.splits.items():
@@ -345,44 +357,92 @@ def eval_offsets(*, seed, split, count, split_len, block_size):
 def get_batch(data, offsets, *, block_size, device="cpu", vocab_size=None):
     """Rows data[o : o+block_size] as inputs X and the same rows shifted by one as targets Y, int64 (B, T)."""
     rows = data[offsets[:, None] + np.arange(block_size + 1)]
-    if vocab_size is not None and rows.max() >= vocab_size:
-        raise UserError(f"token id {int(rows.max())} in the data is >= vocab_size {vocab_size}: "
-                        f"the .bin files do not match the vocabulary; re-run the dataset's prepare script")
-    t = torch.from_numpy(rows.astype(np.int64))
-    if device != "cpu" and torch.device(device).type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    elif device != "cpu":
-        t = t.to(device)
+    _check_ids(rows, vocab_size)
+    t = _to_device(torch.from_numpy(rows.astype(np.int64)), device)
     return t[:, :-1], t[:, 1:]
 
 
+def document_segments(data, eot, block_size, chunk=1 << 26):
+    """(starts, lengths) of the rows dynamic padding draws from: every document (its tokens and the end-of-text
+    token after it; text after the last one is a document too), and documents longer than block_size + 1 tokens cut
+    into pieces that start every block_size tokens, so each token is a target exactly once. The split is scanned in
+    chunks: memory stays bounded by the number of documents."""
+    n = len(data)
+    ends = [np.flatnonzero(np.asarray(data[i:i + chunk]) == eot) + i for i in range(0, n, chunk)]
+    ends = np.concatenate(ends).astype(np.int64)
+    starts = np.concatenate(([0], ends + 1))
+    lengths = np.concatenate((ends + 1, [n])) - starts
+    keep = lengths >= 2  # a lone end-of-text token has nothing to predict from
+    starts, lengths = starts[keep], lengths[keep]
+    pieces = np.maximum(1, -(-(lengths - 1) // block_size))
+    doc = np.repeat(np.arange(len(starts)), pieces)
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # piece number inside its document
+    return starts[doc] + k * block_size, np.minimum(block_size + 1, lengths[doc] - k * block_size)
+
+
+def padded_batch(data, starts, lengths, *, pad, device="cpu", vocab_size=None):
+    """One row per segment, padded on the right to the longest in the batch (not to block_size): X with the pad
+    id, Y with -1, which the loss ignores. Causal attention never lets a real token see the padding after it."""
+    width = int(lengths.max())
+    idx = starts[:, None] + np.arange(width)
+    valid = np.arange(width) < lengths[:, None]
+    rows = np.where(valid, data[np.minimum(idx, len(data) - 1)].astype(np.int64), 0)
+    _check_ids(rows, vocab_size)
+    X = np.where(valid[:, :-1], rows[:, :-1], pad)
+    Y = np.where(valid[:, 1:], rows[:, 1:], -1)
+    return _to_device(torch.from_numpy(X), device), _to_device(torch.from_numpy(Y), device)
+
+
+def _check_ids(rows, vocab_size):
+    if vocab_size is not None and rows.max() >= vocab_size:
+        raise UserError(f"token id {int(rows.max())} in the data is >= vocab_size {vocab_size}: "
+                        f"the .bin files do not match the vocabulary; re-run the dataset's prepare script")
+
+
+def _to_device(t, device):
+    if device != "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device) if device != "cpu" else t
+
+
 def step_batches(data, step, *, batch_size, accum_steps, block_size, seed, device, rank=0, world_size=1,
-                 vocab_size=None, mask_prob=0.0, mask_token=-1):
+                 vocab_size=None, mask_prob=0.0, mask_token=-1, segments=None, pad=0):
     """This process's micro-batches [(X, Y), ...] for optimizer step `step`.
 
     All batch_size * accum_steps rows of the step are drawn at once from (seed, step), then cut into
     micro-batches and dealt to DDP ranks in order, so how a step is split never changes its rows.
+    With segments (document_segments), the rows are whole documents, each micro-batch padded to its longest.
     mask_prob > 0 replaces that fraction of the inputs X (never the targets Y) with mask_token, or with a
     random token when mask_token is -1 (BERT-style augmentation, tutorial's challenge 5)."""
-    offsets = train_offsets(seed=seed, step=step, count=batch_size * accum_steps, split_len=len(data),
-                            block_size=block_size)
+    split_len, span = (len(data), block_size) if segments is None else (len(segments[0]), 0)
+    offsets = train_offsets(seed=seed, step=step, count=batch_size * accum_steps, split_len=split_len, block_size=span)
     per_rank = accum_steps // world_size
-    mine = offsets.reshape(accum_steps, batch_size)[rank * per_rank:(rank + 1) * per_rank].reshape(-1)
-    X, Y = get_batch(data, mine, block_size=block_size, device=device, vocab_size=vocab_size)
-    if mask_prob > 0:
-        X = X.clone()  # X and Y are views of one buffer: masking X in place would change Y
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 2, step, rank]))
-        masked = torch.from_numpy(rng.random(tuple(X.shape)) < mask_prob).to(X.device)
-        if mask_token == -1:
-            fill = torch.from_numpy(rng.integers(0, vocab_size, size=tuple(X.shape))).to(X.device)
-            X = torch.where(masked, fill, X)
-        else:
-            X = X.masked_fill(masked, mask_token)
+    mine = offsets.reshape(accum_steps, batch_size)[rank * per_rank:(rank + 1) * per_rank]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2, step, rank])) if mask_prob > 0 else None
+    if segments is not None:
+        batches = [padded_batch(data, segments[0][rows], segments[1][rows], pad=pad, device=device,
+                                vocab_size=vocab_size) for rows in mine]
+        return [(_masked(X, rng, mask_prob, mask_token, vocab_size) if rng is not None else X, Y) for X, Y in batches]
+    X, Y = get_batch(data, mine.reshape(-1), block_size=block_size, device=device, vocab_size=vocab_size)
+    if rng is not None:
+        X = _masked(X, rng, mask_prob, mask_token, vocab_size)
     return list(zip(X.split(batch_size), Y.split(batch_size)))
 
 
-def run_batches(cfg, data, step, device, *, rank=0, world_size=1, vocab_size=None):
-    """step_batches with a run's config: its batch size, accumulation, block size, seed and masking."""
-    return step_batches(data, step, batch_size=cfg.batch_size, accum_steps=cfg.gradient_accumulation_steps,
-                        block_size=cfg.block_size, seed=cfg.seed, device=device, rank=rank, world_size=world_size,
-                        vocab_size=vocab_size, mask_prob=cfg.mask_prob, mask_token=cfg.mask_token)
+def _masked(X, rng, mask_prob, mask_token, vocab_size):
+    X = X.clone()  # X and Y are views of one buffer: masking X in place would change Y
+    masked = torch.from_numpy(rng.random(tuple(X.shape)) < mask_prob).to(X.device)
+    if mask_token == -1:
+        fill = torch.from_numpy(rng.integers(0, vocab_size, size=tuple(X.shape))).to(X.device)
+        return torch.where(masked, fill, X)
+    return X.masked_fill(masked, mask_token)
+
+
+def run_batches(cfg, dataset, step, device, *, rank=0, world_size=1, vocab_size=None):
+    """step_batches of the train split with a run's config: its batch size, accumulation, block size, seed,
+    masking and batching (padded documents with --padding=True)."""
+    segments = dataset.documents("train", cfg.block_size) if cfg.padding else None
+    return step_batches(dataset.splits["train"], step, batch_size=cfg.batch_size,
+                        accum_steps=cfg.gradient_accumulation_steps, block_size=cfg.block_size, seed=cfg.seed,
+                        device=device, rank=rank, world_size=world_size, vocab_size=vocab_size,
+                        mask_prob=cfg.mask_prob, mask_token=cfg.mask_token, segments=segments, pad=dataset.eot_token or 0)

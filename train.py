@@ -90,11 +90,11 @@ def main(argv):
     dataset.check_token_ids(vocab_size)
     if cfg.mask_token >= vocab_size:
         raise ConfigError(f"mask_token={cfg.mask_token} must be below the model's vocab_size {vocab_size} (or -1 for random)")
-    doc_sep = None
-    if cfg.packing:
-        doc_sep = dataset.eot_token
-        if doc_sep is None:
-            raise UserError(f"packing=True needs documents separated by an end-of-text token, and '{cfg.dataset}' has none "
+    doc_sep = dataset.eot_token if cfg.packing else None
+    if cfg.packing or cfg.padding:
+        if dataset.eot_token is None:
+            flag = "packing" if cfg.packing else "padding"
+            raise UserError(f"{flag}=True needs documents separated by an end-of-text token, and '{cfg.dataset}' has none "
                             f"(character datasets never do): use a GPT-2 tokenized dataset, e.g. data/prepare_text.py "
                             f"--tokenizer=gpt2 on text with <|endoftext|> between documents")
 
@@ -216,7 +216,7 @@ def main(argv):
                 if master or sharded:  # a sharded model's forward takes every process; only rank 0 logs
                     losses = estimate_loss(eval_model, dataset, eval_iters=cfg.eval_iters, batch_size=cfg.batch_size,
                                            block_size=cfg.block_size, seed=cfg.seed, device=device, ctx=ctx,
-                                           vocab_size=vocab_size, doc_sep=doc_sep)
+                                           vocab_size=vocab_size, doc_sep=doc_sep, padding=cfg.padding)
                     now = time.time()
                     left = eta.seconds_left(iter_num, t_eval, now)
                     log.print(eval_line(iter_num, losses["train"], losses["val"]))
@@ -245,7 +245,7 @@ def main(argv):
             lr = lr_at(cfg, iter_num)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = run_batches(cfg, train_data, iter_num, device, rank=rank, world_size=world_size, vocab_size=vocab_size)
+            batches = run_batches(cfg, dataset, iter_num, device, rank=rank, world_size=world_size, vocab_size=vocab_size)
             loss = forward_backward(model, batches, ctx, scaler, doc_sep)
             scaler.unscale_(optimizer)  # true gradients for the monitor, the guard and clipping (no-op unless float16)
             grad_record = monitor.gradients(iter_num) if monitor and monitor.due(iter_num) else None

@@ -61,6 +61,7 @@ class Config:
     mask_prob = 0.0  # replace this fraction of training input tokens (never targets, never eval) with mask_token
     mask_token = -1  # the id masked tokens become; -1 = a random token each time
     packing = False  # keep attention inside each document of a row (needs an end-of-text token in the data)
+    padding = False  # rows of whole documents padded to the batch's longest, padding out of the loss (needs an end-of-text token)
     # diagnostics
     debug_data = False  # before training: print a batch, decode it, check that Y is X shifted by one
     check_init = False  # before training: compare the model's loss with ln(vocab_size), check logits for NaN/Inf
@@ -127,5 +128,7 @@ def validate(cfg):
             raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1)")
     if not 0.0 < cfg.decay_frac <= 1.0:
         raise ConfigError(f"decay_frac={cfg.decay_frac} must be in (0, 1]")
+    if cfg.packing and cfg.padding:
+        raise ConfigError("packing=True and padding=True are two ways of batching documents: choose one")
     if cfg.mask_token < -1:
         raise ConfigError(f"mask_token={cfg.mask_token} must be a token id, or -1 for a random token")

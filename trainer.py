@@ -15,7 +15,7 @@ import hardware
 import memory
 import sharding
 from checkpoint import ARCHITECTURE, MODEL_ARGS, model_from_checkpoint
-from dataset import GPT2_VOCAB_SIZE, eval_offsets, get_batch
+from dataset import GPT2_VOCAB_SIZE, eval_offsets, get_batch, padded_batch
 from errors import UserError
 from huggingface import hf_dir_model_args, is_hf_dir, load_pretrained
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
@@ -182,17 +182,24 @@ def train_step(training, micro_batches, grad_clip, doc_sep=None):
 
 @torch.no_grad()
 def estimate_loss(model, dataset, *, eval_iters, batch_size, block_size, seed, device, ctx, vocab_size=None,
-                  doc_sep=None):
-    """Mean loss over eval_iters fixed batches per split ({'train': x, 'val': y}), model in eval mode."""
+                  doc_sep=None, padding=False):
+    """Mean loss over eval_iters fixed batches per split ({'train': x, 'val': y}), model in eval mode; with padding,
+    batches of whole documents as training draws them."""
     was_training = model.training
     model.eval()
     out = {}
     for split, data in dataset.splits.items():
-        offsets = eval_offsets(seed=seed, split=split, count=eval_iters * batch_size, split_len=len(data),
-                               block_size=block_size)
+        segments = dataset.documents(split, block_size) if padding else None
+        offsets = eval_offsets(seed=seed, split=split, count=eval_iters * batch_size,
+                               split_len=len(data) if segments is None else len(segments[0]),
+                               block_size=block_size if segments is None else 0)
         total = torch.zeros((), device=device)
         for rows in offsets.reshape(eval_iters, batch_size):
-            X, Y = get_batch(data, rows, block_size=block_size, device=device, vocab_size=vocab_size)
+            if segments is None:
+                X, Y = get_batch(data, rows, block_size=block_size, device=device, vocab_size=vocab_size)
+            else:
+                X, Y = padded_batch(data, segments[0][rows], segments[1][rows], pad=dataset.eot_token, device=device,
+                                    vocab_size=vocab_size)
             with ctx:
                 _, loss = model(X, Y, doc_sep)
             total += loss.float()

@@ -1,5 +1,5 @@
 """The tutorial's debugging tools and training features, built in: data/init checks, gradient monitor, NaN guard,
-early stopping, WSD schedule, token masking, document packing."""
+early stopping, WSD schedule, token masking, document packing and padding."""
 import hashlib
 import json
 import math
@@ -222,6 +222,68 @@ def test_packing_trains_on_a_gpt2_dataset(tmp_path, capsys):
     assert code == 0, err
     evals = metrics(tmp_path / "o", "eval")
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_document_segments_cover_every_target_once():
+    import numpy as np
+    data = np.array([1, 2, 9, 3, 9, 9, 4, 5, 6, 7, 8, 9, 1, 2], dtype=np.uint16)
+    for chunk in (1 << 26, 4):  # scanned whole, or in chunks that cut documents
+        starts, lengths = dataset.document_segments(data, 9, block_size=3, chunk=chunk)
+        # [1 2 9] [3 9], a lone 9 dropped, [4 5 6 7 8 9] cut into [4 5 6 7] and [7 8 9], the unterminated [1 2]
+        assert starts.tolist() == [0, 3, 6, 9, 12] and lengths.tolist() == [3, 2, 4, 3, 2]
+
+
+def test_padded_batch_equals_each_document_alone():
+    import numpy as np
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16, bias=True)).eval()
+    eot = 19
+    data = np.array([3, 4, 5, 6, eot, 7, 1, eot, 8, 8, 9, 10, 11, 12, 13, 2, 5, eot], dtype=np.uint16)
+    starts, lengths = dataset.document_segments(data, eot, block_size=8)
+    assert lengths.tolist() == [5, 3, 9, 2]  # the third document is cut at block_size
+    X, Y = dataset.padded_batch(data, starts, lengths, pad=eot)
+    assert X.shape == (4, 8) and (Y == -1).sum().item() == 4 * 8 - (5 + 3 + 9 + 2 - 4)
+    with torch.no_grad():
+        logits, loss = model(X, Y)
+        total, count = 0.0, 0
+        for i, (s, n) in enumerate(zip(starts, lengths)):
+            doc = torch.from_numpy(data[s:s + n].astype(np.int64))[None]
+            alone_logits, alone_loss = model(doc[:, :-1], doc[:, 1:])
+            torch.testing.assert_close(logits[i, :n - 1], alone_logits[0], rtol=1e-5, atol=1e-5)
+            total, count = total + alone_loss.item() * (n - 1), count + n - 1
+    assert loss.item() == pytest.approx(total / count, abs=1e-6)  # each real target once, padding ignored
+
+
+def test_padding_trains_on_whole_documents(tmp_path, capsys, monkeypatch):
+    from dataset import build_dataset
+    docs = ["The cat sat on the mat. " * (2 + i % 5) for i in range(40)]
+    build_dataset("<|endoftext|>".join(docs), tmp_path / "data" / "docs", "gpt2", progress=False)
+    widths = []
+    real = dataset.padded_batch
+
+    def spy(*args, **kwargs):
+        X, Y = real(*args, **kwargs)
+        widths.append(X.shape[1])
+        return X, Y
+
+    monkeypatch.setattr(dataset, "padded_batch", spy)
+    code, out, err = run_train(capsys, *TINY_TRAIN, "--dataset=docs", "--padding=True", "--max_iters=6", "--block_size=64",
+                               "--eval_interval=3", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}")
+    assert code == 0, err
+    train_ids = Dataset(tmp_path / "data", "docs").splits["train"]
+    longest = dataset.document_segments(train_ids, 50256, block_size=64)[1].max() - 1
+    assert max(widths) <= longest < 50 and min(widths) < longest  # padded to the batch's longest, never to 64
+    evals = metrics(tmp_path / "o", "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    code, _, err = run_train(capsys, *TINY_TRAIN, "--dataset=docs", "--padding=True", "--packing=True",
+                             f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'p'}")
+    assert code == 2 and "packing=True and padding=True are two ways of batching documents: choose one" in err
+
+
+def test_padding_needs_an_end_of_text_token(data_dir, tmp_path, capsys):
+    code, _, err = run_train(capsys, *TINY_TRAIN, "--padding=True", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}")
+    assert code == 1 and "padding=True needs documents separated by an end-of-text token" in err
+    assert not (tmp_path / "o").exists()
 
 
 def inject_inf_gradients(monkeypatch, at_calls):

@@ -249,6 +249,22 @@ def test_gpu_peak_table_longest_name_wins(monkeypatch):
     assert {name: peaks(name) for name in cases} == cases
 
 
+def test_bench_compares_packed_and_padded_batches(tmp_path, data_dir):
+    from dataset import build_dataset
+    docs = ["To be or not to be. " * (1 + i % 4) for i in range(120)]
+    build_dataset("<|endoftext|>".join(docs), tmp_path / "docs", "gpt2", progress=False)
+    r = run_script("tools/bench.py", "--batching", "config/train_shakespeare_char_cpu.py", f"--data_dir={tmp_path}",
+                   "--dataset=docs", "--n_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=4", "--iters=1",
+                   "--rounds=1", "--warmup=1")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"docs: \d+ train documents .* \d+ targets each on average", r.stdout), r.stdout
+    assert re.search(r"packing=True +[\d.]+ ms/iter +[\d,]+ real tokens/s", r.stdout)
+    assert re.search(r"padding=True +[\d.]+ ms/iter +[\d,]+ real tokens/s", r.stdout)
+    assert re.search(r"padded documents train on [\d.]+x the real tokens per second of packed rows", r.stdout)
+    r = run_script("tools/bench.py", "--batching", "config/train_shakespeare_char_cpu.py", f"--data_dir={data_dir}")
+    assert r.returncode == 1 and "--batching needs a dataset of documents" in r.stderr
+
+
 def test_bench_runs_both_modes(data_dir):
     r = run_script("tools/bench.py", "--compare", "config/train_shakespeare_char_cpu.py", f"--data_dir={data_dir}",
                    "--n_layer=1", "--iters=1", "--rounds=1", "--warmup=1")  # a bare flag: the config stays an argument

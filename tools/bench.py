@@ -3,6 +3,7 @@ the KV cache. Figures for README come from here.
 
     python tools/bench.py config/train_shakespeare_char_cpu.py [--key=value ...] [--iters=20] [--rounds=3] [--compare]
     python tools/bench.py --sample config/train_shakespeare_char.py [--max_new_tokens=500] [--num_samples=1]
+    python tools/bench.py --batching config/train_shakespeare.py --dataset=DOCS [--key=value ...]
 
 Training: ms per iteration after warm-up (median over rounds), tokens/s, MFU against the peak of the device for
 that dtype (a spec table for known GPUs, else a measured matmul), and peak memory (CUDA allocator peak, or the
@@ -11,7 +12,11 @@ eager, plain AdamW, torch's own attention everywhere) in the same process, alter
 and prints the ratio. Sampling times the KV cache on and off, all sampling features off (float32, no cache,
 torch's attention: what nanoGPT's sample.py does on CPU), and, when the dtype is not float32, the cache in float32
 (its gain against all off); it uses random weights: speed does not depend on them.
+--batching times the two ways of batching a dataset of documents (separated by an end-of-text token): packed rows
+of block_size (--packing=True) and whole documents padded to each batch's longest (--padding=True), counting only
+real tokens (targets that are not padding) in tokens/s.
 """
+import copy
 import statistics
 import subprocess
 import sys
@@ -32,7 +37,7 @@ from trainer import build_training, scratch_model_args, train_step  # noqa: E402
 
 OPTIONS = {"--iters": (int, 20), "--warmup": (int, 3), "--rounds": (int, 3), "--compare": (bool, False),
            "--sample": (bool, False), "--max_new_tokens": (int, 500), "--num_samples": (int, 1),
-           "--temperature": (float, 0.8), "--top_k": (int, 200), "--memory_of": (str, "")}
+           "--temperature": (float, 0.8), "--top_k": (int, 200), "--memory_of": (str, ""), "--batching": (bool, False)}
 
 
 class Variant:
@@ -51,18 +56,23 @@ class Variant:
             self.training.model = torch.compile(raw)
         self.features = (f"{dtype}, {'compiled' if use_compile else 'eager'}, {'fused' if fused else 'plain'} AdamW, "
                          f"{'fast CPU' if fast_attention and self.kind == 'cpu' else 'torch'} attention")
-        self.step_no, self.times = 0, []
+        self.doc_sep = dataset.eot_token if cfg.packing else None
+        self.step_no, self.times, self.rates = 0, [], []
 
     def steps(self, n):
-        """Run n steps; returns seconds per step."""
+        """Run n steps; returns seconds per step (and adds the real tokens per second to self.rates)."""
         cfg = self.cfg
+        real = 0
         t0 = time.perf_counter()
         for _ in range(n):
-            batches = run_batches(cfg, self.dataset.splits["train"], self.step_no, self.device, vocab_size=self.vocab_size)
-            train_step(self.training, batches, cfg.grad_clip).item()
+            batches = run_batches(cfg, self.dataset, self.step_no, self.device, vocab_size=self.vocab_size)
+            train_step(self.training, batches, cfg.grad_clip, self.doc_sep).item()
+            real += sum(int((Y >= 0).sum()) for _, Y in batches)  # padding targets are -1
             self.step_no += 1
         hardware.synchronize(self.device)
-        return (time.perf_counter() - t0) / n
+        seconds = time.perf_counter() - t0
+        self.rates.append(real / seconds)
+        return seconds / n
 
     def peak_memory(self):
         """Peak memory two training steps add to what the process holds (model, data) before them."""
@@ -119,6 +129,37 @@ def train_bench(cfg, opts, argv):
         print(f"speedup: {rows[1][1] / rows[0][1]:.2f}x faster per iteration with the speed features on")
 
 
+def batching_bench(cfg, opts):
+    """Packed rows against padded documents, same model and settings otherwise, alternating rounds."""
+    device = hardware.resolve_device(cfg.device)
+    dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
+    if dataset.eot_token is None:
+        raise UserError(f"--batching needs a dataset of documents separated by an end-of-text token; '{cfg.dataset}' "
+                        f"has none: prepare one with data/prepare_text.py --tokenizer=gpt2 (see README)")
+    dataset.check_block_size(cfg.block_size)
+    lengths = dataset.documents("train", cfg.block_size)[1]
+    print(f"{cfg.dataset}: {len(lengths):,} train documents (pieces of at most block_size {cfg.block_size}), "
+          f"{lengths.mean() - 1:.0f} targets each on average; {cfg.n_layer} layers x {cfg.n_embd}, batch "
+          f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}, on {device}")
+    variants = []
+    for flag in ("packing", "padding"):
+        c = copy.copy(cfg)
+        c.packing, c.padding = flag == "packing", flag == "padding"
+        variants.append(variant("on", c, dataset, dataset.model_vocab_size, device))
+        variants[-1].name = f"{flag}=True"
+    for v in variants:
+        v.steps(opts["warmup"])
+        v.rates.clear()
+    for _ in range(opts["rounds"]):
+        for v in variants:
+            v.times.append(v.steps(opts["iters"]))
+    for v in variants:
+        print(f"{v.name:<13} {1000 * statistics.median(v.times):9.1f} ms/iter  "
+              f"{statistics.median(v.rates):>10,.0f} real tokens/s  ({v.features})")
+    packed, padded = (statistics.median(v.rates) for v in variants)
+    print(f"padded documents train on {padded / packed:.2f}x the real tokens per second of packed rows")
+
+
 def sample_bench(cfg, opts):
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
@@ -172,6 +213,8 @@ def main(argv):
     validate(cfg)
     if opts["sample"]:
         sample_bench(cfg, opts)
+    elif opts["batching"]:
+        batching_bench(cfg, opts)
     else:
         train_bench(cfg, opts, argv)
     return 0

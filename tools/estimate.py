@@ -38,7 +38,7 @@ def measure(cfg, vocab_size, steps, device, dtype):
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
-        batches = run_batches(cfg, dataset.splits["train"], step, device, vocab_size=vocab_size)
+        batches = run_batches(cfg, dataset, step, device, vocab_size=vocab_size)
         train_step(training, batches, cfg.grad_clip).item()
         hardware.synchronize(device)
         times.append(time.perf_counter() - t0)

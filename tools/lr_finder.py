@@ -45,7 +45,7 @@ def range_test(cfg, steps, lr_start, lr_end, smoothing=0.0, report=print):
         lr = lr_start * (lr_end / lr_start) ** (step / max(1, steps - 1))
         for group in training.optimizer.param_groups:
             group["lr"] = lr
-        batches = run_batches(cfg, dataset.splits["train"], step, device, vocab_size=model_args["vocab_size"])
+        batches = run_batches(cfg, dataset, step, device, vocab_size=model_args["vocab_size"])
         loss = train_step(training, batches, cfg.grad_clip).item()
         if not math.isfinite(loss):
             report(f"step {step}: loss is not finite at lr {lr:.2e}: stopping")
