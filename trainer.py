@@ -15,7 +15,7 @@ import hardware
 import memory
 import sharding
 from checkpoint import ARCHITECTURE, MODEL_ARGS, model_from_checkpoint
-from dataset import GPT2_VOCAB_SIZE, eval_offsets, get_batch, padded_batch
+from dataset import GPT2_VOCAB_SIZE, Dataset, eval_offsets, get_batch, padded_batch
 from errors import UserError
 from huggingface import hf_dir_model_args, is_hf_dir, load_pretrained
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
@@ -231,3 +231,15 @@ def whole_split_loss(model, data, *, block_size, batch_size, device, ctx, progre
                 progress(Y.numel())
     model.train(was_training)
     return total.item() / count, count
+
+
+def checkpoint_split(ckpt, *, split="val", dataset=None, data_dir=None):
+    """(model on the CPU, the split's tokens, dataset name) for scoring a loaded checkpoint (ours or nanoGPT's) with
+    whole_split_loss: the dataset it was trained on, or `dataset`."""
+    config = ckpt.get("config", {})
+    name = dataset or config.get("dataset")
+    if not name:
+        raise UserError("the checkpoint does not say which dataset it was trained on: pass --dataset=NAME")
+    data = Dataset(data_dir or config.get("data_dir", "data"), name)
+    data.check_token_ids(ckpt["model_args"]["vocab_size"])
+    return model_from_checkpoint(ckpt), data.splits[split], name

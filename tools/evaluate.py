@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 import hardware  # noqa: E402
-from checkpoint import BEST, load_checkpoint, model_from_checkpoint  # noqa: E402
-from dataset import SPLITS, Dataset  # noqa: E402
+from checkpoint import BEST, load_checkpoint  # noqa: E402
+from dataset import SPLITS  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from trainer import whole_split_loss  # noqa: E402
+from trainer import checkpoint_split, whole_split_loss  # noqa: E402
 
 
 def main(argv):
@@ -36,21 +36,14 @@ def main(argv):
     if args.batch_size <= 0:
         raise UserError(f"--batch_size={args.batch_size} must be positive")
     ckpt = load_checkpoint(Path(args.out_dir) / args.checkpoint)
-    config = ckpt.get("config", {})
-    name = args.dataset or config.get("dataset")
-    if not name:
-        raise UserError("the checkpoint does not say which dataset it was trained on: pass --dataset=NAME")
-    dataset = Dataset(args.data_dir or config.get("data_dir", "data"), name)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
-    model = model_from_checkpoint(ckpt).to(device)
-    vocab_size = ckpt["model_args"]["vocab_size"]
-    dataset.check_token_ids(vocab_size)
-    data = dataset.splits[args.split]
+    model, data, name = checkpoint_split(ckpt, split=args.split, dataset=args.dataset, data_dir=args.data_dir)
     with tqdm(total=len(data) - 1, unit="tok", unit_scale=True, desc=f"{name} {args.split}", mininterval=0.5,
               file=sys.stderr) as bar:
-        loss, count = whole_split_loss(model, data, block_size=model.config.block_size, batch_size=args.batch_size,
-                                       device=device, ctx=hardware.autocast(device, dtype), progress=bar.update)
+        loss, count = whole_split_loss(model.to(device), data, block_size=model.config.block_size,
+                                       batch_size=args.batch_size, device=device, ctx=hardware.autocast(device, dtype),
+                                       progress=bar.update)
     print(f"{args.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {count:,} tokens")
     return 0
 

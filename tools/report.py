@@ -1,10 +1,13 @@
 """Write experiments/REPORT.md: per experiment family the summary table, the comparison plots, the seeds'
-analysis templates filled in with measured values, and a short generated sample per run.
+analysis templates filled in with measured values, each run's whole-split val loss, and a short generated sample
+per run.
 
     python tools/report.py experiments/
     python tools/report.py experiments/ --no_samples      # skip generating text (faster)
+    python tools/report.py experiments/ --no_whole_split  # skip scoring each checkpoint on its whole val split
 """
 import argparse
+import contextlib
 import math
 import sys
 from datetime import date
@@ -15,12 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from checkpoint import BEST  # noqa: E402
+from checkpoint import BEST, load_checkpoint  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from files import atomic_write_text, remove_stale_temps  # noqa: E402
 from plots import plot_compare  # noqa: E402
 from sampling import load_model  # noqa: E402
 from summary import curve_difference, find_runs, format_table, overfitting_verdict, summary_row  # noqa: E402
+from trainer import checkpoint_split, whole_split_loss  # noqa: E402
 
 FAMILIES = {
     "exp1": "Experiment 1: configuration parameters (learning rate, batch size, model size)",
@@ -148,7 +152,28 @@ def generated_sample(out_dir, max_new_tokens=200, seed=1337):
     return tokenizer.decode(model.generate(start, max_new_tokens, temperature=0.8, top_k=200)[0].tolist())
 
 
-def build_report(exp_dir, samples=True):
+def whole_split_table(exp_dir, runs):
+    """Markdown table of each run's best checkpoint scored on every token of its val split (tools/evaluate.py),
+    beside the 20-batch figure its log ends with; None when no run has a checkpoint."""
+    rows = []
+    for r in runs:
+        path = exp_dir / r.name / BEST
+        if not path.exists():
+            continue
+        model, data, _ = checkpoint_split(load_checkpoint(path), split="val")
+        loss, count = whole_split_loss(model, data, block_size=model.config.block_size, batch_size=8, device="cpu",
+                                       ctx=contextlib.nullcontext())
+        rows.append(f"| {r.name} | {loss:.4f} | {math.exp(loss):.2f} | {count:,} | {r.best_val()[1]:.4f} |")
+    if not rows:
+        return None
+    return ("## Whole-split val loss\n\nEach run's best checkpoint (ckpt.pt) scored on every token of its val split "
+            "(float32, as `python tools/evaluate.py --out_dir=RUN` prints it). Compare runs by this column: the "
+            "training log's figure is 20 sampled batches and moves by about +-0.03 with the rows it draws.\n\n"
+            "| run | whole-split val loss | perplexity | tokens | best val in the log (20 batches) |\n"
+            "| --- | --- | --- | --- | --- |\n" + "\n".join(rows))
+
+
+def build_report(exp_dir, samples=True, whole_split=True):
     exp_dir = Path(exp_dir)
     all_runs = find_runs(exp_dir)
     remove_stale_temps(exp_dir)  # plots and tables a killed run of this tool left half-written
@@ -172,6 +197,9 @@ def build_report(exp_dir, samples=True):
         parts.append("\n\n".join(section))
     if others:
         parts.append("## Other runs\n\n" + format_table([summary_row(r) for r in others], "markdown"))
+    table = whole_split_table(exp_dir, all_runs) if whole_split else None
+    if table:
+        parts.append(table)
     if samples:
         texts = []
         for r in all_runs:
@@ -190,8 +218,10 @@ def main(argv):
     parser = argparse.ArgumentParser(description="Write experiments/REPORT.md from the runs in an experiments directory.")
     parser.add_argument("exp_dir", nargs="?", default="experiments")
     parser.add_argument("--no_samples", action="store_true", help="do not generate a text sample per run")
+    parser.add_argument("--no_whole_split", action="store_true",
+                        help="do not score each run's checkpoint on its whole val split (faster)")
     args = parser.parse_args(argv)
-    report = build_report(args.exp_dir, samples=not args.no_samples)
+    report = build_report(args.exp_dir, samples=not args.no_samples, whole_split=not args.no_whole_split)
     print(f"report written to {report}")
     return 0
 
