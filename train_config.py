@@ -44,6 +44,7 @@ class Config:
     # AdamW
     learning_rate = 6e-4  # peak learning rate (also --lr)
     max_iters = 600000  # optimizer steps to train
+    optimizer = "adamw"  # adamw | muon (Muon for the blocks' 2-D weights, AdamW for embeddings, head, biases, gains)
     weight_decay = 1e-1  # AdamW weight decay, on 2-D weights only
     beta1 = 0.9  # AdamW beta1
     beta2 = 0.95  # AdamW beta2
@@ -82,6 +83,7 @@ class Config:
 CHOICES = {
     "backend": ["auto", "nccl", "gloo"],
     "parallel": ["ddp", "fsdp"],
+    "optimizer": ["adamw", "muon"],
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "compile": ["auto", True, False],
     "lr_schedule": ["cosine", "wsd", "constant"],
@@ -128,6 +130,9 @@ def validate(cfg):
             raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1)")
     if not 0.0 < cfg.decay_frac <= 1.0:
         raise ConfigError(f"decay_frac={cfg.decay_frac} must be in (0, 1]")
+    if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
+        raise ConfigError("optimizer=muon needs each weight matrix whole, and parallel=fsdp shards them: use "
+                          "--parallel=ddp with Muon, or AdamW with FSDP")
     if cfg.packing and cfg.padding:
         raise ConfigError("packing=True and padding=True are two ways of batching documents: choose one")
     if cfg.mask_token < -1:

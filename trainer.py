@@ -19,6 +19,7 @@ from dataset import GPT2_VOCAB_SIZE, Dataset, eval_offsets, get_batch, padded_ba
 from errors import UserError
 from huggingface import hf_dir_model_args, is_hf_dir, load_pretrained
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
+from optimizers import muon_with_adamw
 
 # float16: the GradScaler halves its scale and skips the step at each inf/NaN gradient. A few skips are normal
 # (the scale starts at 2**16 and finds its level); this many in a row mean the gradients themselves are broken.
@@ -55,6 +56,11 @@ def check_resume(ckpt, cfg, cli_keys, dataset):
             raise UserError(f"checkpoint has {key}={args[key]} but --{key}={getattr(cfg, key)} was given: drop --{key} "
                             f"to resume this run, or train a new model in another --out_dir")
         setattr(cfg, key, args[key])
+    trained_with = ckpt.get("config", {}).get("optimizer", "adamw")
+    if "optimizer" in cli_keys and cfg.optimizer != trained_with:
+        raise UserError(f"checkpoint was trained with optimizer={trained_with} but --optimizer={cfg.optimizer} was given: "
+                        f"drop --optimizer to resume this run, or start a new one in another --out_dir")
+    cfg.optimizer = trained_with
     trained_on = ckpt.get("config", {}).get("dataset")
     if trained_on and trained_on != cfg.dataset:
         raise UserError(f"checkpoint was trained on dataset '{trained_on}' but this run uses '{cfg.dataset}': "
@@ -120,7 +126,8 @@ class Training:
 
 def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None, shard=False):
     """Move model to device and build what trains it: AdamW (weight decay on 2-D weights only; fused where the device
-    has the kernel unless fused=False or cfg.fused_adamw is off), autocast for dtype, a GradScaler for float16, and
+    has the kernel unless fused=False or cfg.fused_adamw is off), or with cfg.optimizer=muon Muon for the blocks'
+    matrices and that AdamW for the rest, autocast for dtype, a GradScaler for float16, and
     TF32 matmuls on CUDA (the GPU peak table's float32 figures assume them). shard=True shards the model with FSDP
     first (under torchrun), so the optimizer's state is sharded too."""
     kind = hardware.device_type(device)
@@ -130,8 +137,16 @@ def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None,
     if shard:
         sharding.shard_model(model)
     fused = cfg.fused_adamw if fused is None else fused
-    optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=learning_rate or cfg.learning_rate,
-                                           betas=(cfg.beta1, cfg.beta2), device_type=kind, fused=None if fused else False)
+    lr = learning_rate or cfg.learning_rate
+    if getattr(cfg, "optimizer", "adamw") == "muon":
+        # Newton-Schulz in bfloat16 where the device multiplies it fast (where auto picks it), else in float32
+        fast_bf16 = hardware.resolve_dtype("auto", device) == "bfloat16"
+        optimizer = muon_with_adamw(model, weight_decay=cfg.weight_decay, learning_rate=lr, betas=(cfg.beta1, cfg.beta2),
+                                    fused=None if fused else False, ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
+    else:
+        optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=lr,
+                                               betas=(cfg.beta1, cfg.beta2), device_type=kind,
+                                               fused=None if fused else False)
     return Training(model, optimizer, hardware.autocast(device, dtype), hardware.grad_scaler(device, dtype))
 
 

@@ -1,0 +1,67 @@
+"""--optimizer=muon: Muon for the blocks' matrices, AdamW for the rest; the same update as torch.optim.Muon; its state
+survives a checkpoint (exact resume); bad combinations are one-line errors."""
+import copy
+
+import torch
+from conftest import TINY_TRAIN, assert_one_line_error, run_script
+from test_resume import assert_same_as_reference, records, train_args
+
+from checkpoint import load_checkpoint
+from model import GPT, GPTConfig
+from optimizers import Muon, muon_parameters, muon_with_adamw
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16, bias=True))
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = tiny_model()
+    opt = muon_with_adamw(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), fused=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = sorted(names[id(p)] for g in opt.muon.param_groups for p in g["params"])
+    assert muon == sorted(f"transformer.h.{i}.{m}.weight" for i in range(2)
+                          for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    decay, no_decay = ([names[id(p)] for p in g["params"]] for g in opt.adamw.param_groups)
+    assert sorted(decay) == ["transformer.wpe.weight", "transformer.wte.weight"]  # wte is lm_head too (tied)
+    assert len(no_decay) == 2 * 8 + 2 and all(names[id(p)].endswith((".bias", "ln_1.weight", "ln_2.weight",
+                                                                      "ln_f.weight")) for p in opt.adamw.param_groups[1]["params"])
+    assert len(muon) + len(decay) + len(no_decay) == len(list(model.parameters()))
+    opt.param_groups[0]["lr"] = 0.5  # the training loop sets each group's lr: it must reach the owning optimizer
+    assert opt.muon.param_groups[0]["lr"] == 0.5
+
+
+def test_our_muon_steps_as_torch_muon():
+    model = tiny_model()
+    twin = copy.deepcopy(model)
+    ours = Muon(muon_parameters(model), lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_dtype=torch.bfloat16)
+    theirs = torch.optim.Muon(muon_parameters(twin), lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    x = torch.randint(0, 30, (4, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for m, opt in ((model, ours), (twin, theirs)):
+            m(x, x)[1].backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+    assert ours.state_dict()["state"][0]["momentum_buffer"].shape == (48, 16)
+    f32 = Muon(muon_parameters(copy.deepcopy(model)), lr=0.02, ns_dtype=torch.float32)  # the CPU fallback runs too
+    assert f32.ns_dtype == torch.float32
+
+
+def test_muon_resume_is_bit_exact_and_its_state_is_checked(data_dir, tmp_path):
+    muon = ["--optimizer=muon", "--max_iters=60", "--lr_decay_iters=60"]
+    ref = tmp_path / "ref"
+    assert run_script(*train_args(data_dir, ref, *muon)).returncode == 0
+    out = tmp_path / "b"
+    assert run_script(*train_args(data_dir, out, *muon, "--max_iters=30")).returncode == 0
+    state = load_checkpoint(out / "latest.pt")["optimizer"]
+    assert [g["kind"] for g in state["param_groups"]] == ["muon", "adamw", "adamw"]
+    r = run_script(*train_args(data_dir, out, "--max_iters=60", "--lr_decay_iters=60", "--init_from=resume"))
+    assert r.returncode == 0, r.stderr
+    assert_same_as_reference(records(ref), out, 30)
+    assert_one_line_error(run_script(*train_args(data_dir, out, "--optimizer=adamw", "--max_iters=90",
+                                                  "--init_from=resume")), "trained with optimizer=muon")
+    assert_one_line_error(run_script("train.py", *TINY_TRAIN, "--optimizer=muon", "--parallel=fsdp"),
+                          "optimizer=muon needs each weight matrix whole", code=2)
