@@ -21,14 +21,19 @@ def plot_single(run, output):
     return save_figure(fig, output)
 
 
-def plot_compare(runs, output, title="Experiment Comparison"):
-    """Val loss solid and train loss dashed, one colour per run."""
+def plot_compare(runs, output, title="Experiment Comparison", by_time=False):
+    """Val loss solid and train loss dashed, one colour per run; against steps, or with by_time against the seconds
+    since each run started (the evaluations metrics.jsonl timed)."""
     fig, ax = plt.subplots(figsize=(14, 7))
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
-        ax.plot(run.steps, run.val_losses, color=color, linewidth=2, marker="o", markersize=3, label=f"{run.name} (val)")
-        ax.plot(run.steps, run.train_losses, color=color, linewidth=1, linestyle="--", alpha=0.7, label=f"{run.name} (train)")
-    ax.set(xlabel="Steps", ylabel="Loss", title=title)
+        steps = [s for s in run.steps if s in run.elapsed] if by_time else run.steps
+        xs = [run.elapsed[s] for s in steps] if by_time else steps
+        ax.plot(xs, [run.evals[s][1] for s in steps], color=color, linewidth=2, marker="o", markersize=3,
+                label=f"{run.name} (val)")
+        ax.plot(xs, [run.evals[s][0] for s in steps], color=color, linewidth=1, linestyle="--", alpha=0.7,
+                label=f"{run.name} (train)")
+    ax.set(xlabel="Seconds" if by_time else "Steps", ylabel="Loss", title=title)
     ax.legend(fontsize=9)
     ax.grid(True, alpha=0.3)
     return save_figure(fig, output)

@@ -157,6 +157,7 @@ class Run:
     def __init__(self, name, path):
         self.name, self.path = name, path
         self.evals = {}  # step -> (train_loss, val_loss); a resumed run's later entry wins
+        self.elapsed = {}  # step -> seconds since the run (or its latest resume) started, from metrics.jsonl
         self.iters = {}  # iter -> dict(loss, time_ms, mfu, tokens_per_s)
         self.took = None  # seconds, from "training took N seconds"
         self.num_params = None
@@ -225,6 +226,8 @@ def _read_metrics(run, path):
     for record in read_metrics(path)[0]:
         if record.get("type") == "eval":
             run.evals[record["step"]] = (record["train_loss"], record["val_loss"])
+            if record.get("elapsed_s") is not None:
+                run.elapsed[record["step"]] = record["elapsed_s"]
         elif record.get("type") == "train":
             run.iters[record["iter"]] = record
 

@@ -209,3 +209,22 @@ def test_report_on_a_tiny_run(data_dir, tmp_path, exp_dir):
     sample = report.split("### exp3_overfit\n\n```text\n")[1].split("```")[0]
     vocabulary = json.loads((data_dir / "shakespeare_char" / "meta.json").read_text())["itos"]
     assert len(sample) > 100 and set(sample) <= set(vocabulary)
+
+
+def test_optimizer_family_compares_at_equal_steps_and_equal_time(tmp_path):
+    """Experiment 6: the same steps, Muon slower per step; the report reads both runs at the same second too."""
+    from tools.experiment import finish
+    from tools.report import analysis_exp6
+    exp = tmp_path / "experiments"
+    for name, per_step, vals in (("exp6_adamw", 1.0, [4.2, 2.0, 1.8]), ("exp6_muon", 1.5, [4.2, 1.7, 1.6])):
+        (exp / name).mkdir(parents=True)
+        lines = [json.dumps({"type": "eval", "step": s, "train_loss": v - 0.05, "val_loss": v, "elapsed_s": s * per_step})
+                 for s, v in zip((0, 100, 200), vals)]
+        (exp / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert finish("exp6", "Experiment 6", exp_dir=exp, by_time=True) == 0
+    assert (exp / "exp6_comparison_time.png").read_bytes().startswith(PNG_MAGIC)
+    analysis = analysis_exp6(find_runs(exp, "exp6_*"))
+    assert "equal steps (200): exp6_adamw final val 1.8000" in analysis and "exp6_muon final val 1.6000" in analysis
+    # AdamW's last evaluation is at 200 s; by then Muon had evaluated step 100 (at 150 s), not step 200 (300 s)
+    assert "equal time (200 s, the shorter run's last evaluation): exp6_adamw val 1.8000 at step 200; " \
+           "exp6_muon val 1.7000 at step 100" in analysis

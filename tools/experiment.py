@@ -80,12 +80,15 @@ def run(name, overrides, exp_dir="experiments"):
         return proc.wait()
 
 
-def finish(family, title, exp_dir="experiments"):
-    """The family's comparison plot and summary table, from every run named FAMILY_*."""
+def finish(family, title, exp_dir="experiments", by_time=False):
+    """The family's comparison plot (and with by_time one against seconds) and summary table, from every run named
+    FAMILY_*."""
     runs = find_runs(exp_dir, f"{family}_*")
     if not runs:
         raise UserError(f"no {family}_* runs in {exp_dir}: run the experiment script first")
     png = plot_compare(runs, Path(exp_dir) / f"{family}_comparison.png", title)
+    if by_time:
+        print(f"wrote {plot_compare(runs, Path(exp_dir) / f'{family}_comparison_time.png', title + ' (by time)', True)}")
     rows = [summary_row(r) for r in runs]
     atomic_write_text(Path(exp_dir) / f"{family}_summary.md", format_table(rows, "markdown") + "\n")
     print(format_table(rows, "grid"))
@@ -103,10 +106,11 @@ def main(argv):
     finish_parser = commands.add_parser("finish", help="FAMILY_comparison.png and FAMILY_summary.md from FAMILY_* runs")
     finish_parser.add_argument("family")
     finish_parser.add_argument("--title")
+    finish_parser.add_argument("--by_time", action="store_true", help="also plot the curves against seconds")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.name, args.overrides)
-    return finish(args.family, args.title or f"{args.family} comparison")
+    return finish(args.family, args.title or f"{args.family} comparison", by_time=args.by_time)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ FAMILIES = {
     "exp3": "Experiment 3: overfitting and regularization",
     "exp4": "Experiment 4: learning-rate schedules",
     "exp5": "Experiment 5: model size",
+    "exp6": "Experiment 6: AdamW vs Muon",
 }
 RULES = """How the words below are decided, from each run's evaluations:
 - diverged: a non-finite loss, or the final val loss is not at least 0.1 below the first;
@@ -139,7 +140,29 @@ def analysis_exp5(runs):
             "| --- | --- | --- | --- | --- |\n" + "\n".join(rows))
 
 
-ANALYSES = {"exp1": analysis_exp1, "exp2": analysis_exp2, "exp3": analysis_exp3, "exp4": analysis_exp4, "exp5": analysis_exp5}
+def val_at_time(run, seconds):
+    """(step, val loss) of the last evaluation the run had made by `seconds` after it started, or None."""
+    steps = [s for s in run.steps if run.elapsed.get(s, float("inf")) <= seconds]
+    return (steps[-1], run.evals[steps[-1]][1]) if steps else None
+
+
+def analysis_exp6(runs):
+    by = {r.name: r for r in runs}
+    if "exp6_adamw" not in by or "exp6_muon" not in by:
+        return "(exp6_adamw and exp6_muon were not both found)"
+    adamw, muon = by["exp6_adamw"], by["exp6_muon"]
+    lines = [f"- equal steps ({r.steps[-1]}): {r.name} final val {r.val_losses[-1]:.4f}, best {r.best_val()[1]:.4f}, "
+             f"{r.took or 0:.1f} s" for r in (adamw, muon)]
+    if adamw.elapsed and muon.elapsed:
+        t = min(max(adamw.elapsed.values()), max(muon.elapsed.values()))
+        at = {r.name: val_at_time(r, t) for r in (adamw, muon)}
+        lines.append(f"- equal time ({t:.0f} s, the shorter run's last evaluation): " + "; ".join(
+            f"{name} val {v[1]:.4f} at step {v[0]}" for name, v in at.items() if v))
+    return "\n".join(lines)
+
+
+ANALYSES = {"exp1": analysis_exp1, "exp2": analysis_exp2, "exp3": analysis_exp3, "exp4": analysis_exp4, "exp5": analysis_exp5,
+            "exp6": analysis_exp6}
 
 
 def generated_sample(out_dir, max_new_tokens=200, seed=1337):
@@ -191,6 +214,8 @@ def build_report(exp_dir, samples=True, whole_split=True):
             plot_compare(runs, png, FAMILIES[family])
         section = [f"## {FAMILIES[family]}", format_table([summary_row(r) for r in runs], "markdown"),
                    f"![{family} comparison]({png.name})"]
+        if (exp_dir / f"{family}_comparison_time.png").exists():
+            section.append(f"![{family} comparison by time]({family}_comparison_time.png)")
         if (exp_dir / f"{family}_lr_schedules.png").exists():
             section.append(f"![{family} learning-rate schedules]({family}_lr_schedules.png)")
         section += ["### Analysis", ANALYSES[family](runs)]

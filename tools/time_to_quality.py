@@ -1,0 +1,115 @@
+"""Time to quality: whole training runs side by side, each timed from start to exit and scored on every token of
+the val split (its ckpt.pt, float32). The figures behind README's Performance section.
+
+    python tools/time_to_quality.py [--nanogpt=PATH] [--rounds=1] [--runs=NAME,NAME] [--data_dir=data]
+
+Runs (alternated round by round, so the machine's drift hits all alike; --runs picks some):
+  nanogpt          nanoGPT's own train.py (a checkout at --nanogpt) with its README's CPU recipe
+  recipe           this toolkit's train.py with exactly those hyperparameters
+  main             the README's main job: config/train_shakespeare_char_cpu.py
+  main_muon        the main job with --optimizer=muon
+  fast             config/train_shakespeare_char_fast.py: the main job cut to reach nanoGPT's quality sooner
+Each run writes to a temp directory; nothing in the toolkit's out dirs is touched.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from checkpoint import BEST, load_checkpoint  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
+from trainer import checkpoint_split, whole_split_loss  # noqa: E402
+
+# nanoGPT's README: "python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
+# --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
+# --lr_decay_iters=2000 --dropout=0.0"
+NANOGPT_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                  "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+                  "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+RUNS = {
+    "nanogpt": None,
+    "recipe": NANOGPT_RECIPE + ["--dtype=float32"],  # nanoGPT's recipe on CPU runs float32 (its float16 would be slow)
+    "main": ["config/train_shakespeare_char_cpu.py"],
+    "main_muon": ["config/train_shakespeare_char_cpu.py", "--optimizer=muon"],
+    "fast": ["config/train_shakespeare_char_fast.py"],
+}
+
+
+def run_once(name, work, data_dir, nanogpt):
+    """(wall seconds, out_dir) of one whole run, started as a user starts it."""
+    out = work / f"{name}-{time.time_ns()}"
+    if name == "nanogpt":
+        # nanoGPT reads data/<dataset> under its working directory: give it ours
+        cwd = work / "nanogpt-cwd"
+        (cwd / "data").mkdir(parents=True, exist_ok=True)
+        link = cwd / "data" / "shakespeare_char"
+        if not link.exists():
+            link.symlink_to(Path(data_dir).resolve() / "shakespeare_char")
+        (cwd / "config").mkdir(exist_ok=True)
+        (cwd / "config" / "train_shakespeare_char.py").write_bytes(
+            (Path(nanogpt) / "config" / "train_shakespeare_char.py").read_bytes())
+        cmd = [sys.executable, str(Path(nanogpt) / "train.py"), *NANOGPT_RECIPE, f"--out_dir={out}"]
+        env = dict(os.environ, PYTHONPATH=str(Path(nanogpt)))
+    else:
+        cwd, env = ROOT, None
+        cmd = [sys.executable, str(ROOT / "train.py"), *RUNS[name], f"--out_dir={out}", f"--data_dir={data_dir}"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise UserError(f"run {name} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1] if r.stderr else ''}")
+    return wall, out
+
+
+def score(out_dir, data_dir):
+    ckpt = load_checkpoint(out_dir / BEST)
+    model, data, _ = checkpoint_split(ckpt, split="val", dataset="shakespeare_char", data_dir=data_dir)
+    loss, _ = whole_split_loss(model, data, block_size=model.config.block_size, batch_size=32, device="cpu",
+                               ctx=torch.autocast("cpu", enabled=False))
+    return loss
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Whole runs side by side: wall time and whole-split val loss.")
+    parser.add_argument("--nanogpt", help="a nanoGPT checkout (git archive of karpathy/nanoGPT); without it, no "
+                                          "nanogpt run")
+    parser.add_argument("--runs", default="nanogpt,recipe,main,main_muon,fast", help="comma-separated runs")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of all runs (default 1)")
+    parser.add_argument("--data_dir", default=str(ROOT / "data"), help="where shakespeare_char is prepared")
+    args = parser.parse_args(argv)
+    names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise UserError(f"unknown run {unknown[0]}: choose from {', '.join(RUNS)}")
+    if "nanogpt" in names and not args.nanogpt:
+        names.remove("nanogpt")
+    if not (Path(args.data_dir) / "shakespeare_char" / "val.bin").exists():
+        raise UserError(f"no shakespeare_char in {args.data_dir}: run python data/shakespeare_char/prepare.py")
+    walls, losses = {n: [] for n in names}, {n: [] for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for name in names:
+                wall, out = run_once(name, Path(tmp), args.data_dir, args.nanogpt)
+                walls[name].append(wall)
+                losses[name].append(score(out, args.data_dir))
+                print(f"{name:<10} {wall:7.1f} s  whole-split val loss {losses[name][-1]:.4f}", flush=True)
+    print(f"\n{'run':<10} {'wall (median)':>14} {'val loss (whole split)':>24}   vs nanoGPT")
+    base = statistics.median(walls["nanogpt"]) if "nanogpt" in walls else None
+    for name in names:
+        wall = statistics.median(walls[name])
+        ratio = f"{base / wall:.2f}x faster" if base else ""
+        print(f"{name:<10} {wall:12.1f} s {statistics.median(losses[name]):24.4f}   {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
