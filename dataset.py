@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from errors import UserError
-from files import atomic_write, remove_stale_temps, replace_all
+from files import atomic_write
 from model import GPT2_PADDED_VOCAB
 
 SPLITS = ("train", "val")
@@ -142,115 +142,6 @@ def download(url, dest):
     except OSError as e:
         reason = getattr(e, "reason", None) or e
         raise UserError(f"could not download {url} ({reason}): save the text as {dest} or pass --input PATH") from None
-
-
-def _bpe_safe_chunks(text, size=1 << 20):
-    """Pieces of about `size` characters, cut only before a space between an alphanumeric and a letter:
-    GPT-2's pre-tokenizer starts a new piece there anyway, so encoding chunks equals encoding the whole."""
-    start = 0
-    while start < len(text):
-        cut = start + size
-        while cut < len(text) - 1 and not (text[cut] == " " and text[cut - 1].isalnum() and text[cut + 1].isalpha()):
-            cut += 1
-        yield text[start:cut]
-        start = cut
-
-
-def build_dataset(text, out_dir, tokenizer="char", val_fraction=0.1, progress=True):
-    """Tokenize text and write train.bin/val.bin and the vocabulary into out_dir. Returns a summary dict.
-
-    The first (1 - val_fraction) of the text is train, the rest val, as nanoGPT's shakespeare scripts."""
-    from tqdm import tqdm
-
-    if not text:
-        raise UserError("input text is empty: give a file with some text in it")
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cut = int(len(text) * (1 - val_fraction))
-    parts = {"train": text[:cut], "val": text[cut:]}
-    files = {}
-    if tokenizer == "char":
-        chars = sorted(set(text))
-        if len(chars) > 65535:
-            raise UserError(f"text has {len(chars)} distinct characters; uint16 ids allow 65535: use --tokenizer=gpt2")
-        lookup = {ch: i for i, ch in enumerate(chars)}
-        for split, part in parts.items():
-            ids = np.fromiter((lookup[ch] for ch in tqdm(part, desc=f"encode {split}", unit="char", unit_scale=True,
-                                                         disable=not progress, mininterval=0.5)),
-                              dtype=np.uint16, count=len(part))
-            files[out_dir / f"{split}.bin"] = ids.tobytes()
-        meta = {"tokenizer": "char", "vocab_size": len(chars), "itos": chars}
-        nanogpt_meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": lookup}
-        files[out_dir / "meta.pkl"] = pickle.dumps(nanogpt_meta)
-    elif tokenizer == "gpt2":
-        enc = GPT2Tokenizer()
-        for split, part in parts.items():
-            ids = []
-            chunks = _bpe_safe_chunks(part)
-            for chunk in tqdm(chunks, desc=f"encode {split}", unit="chunk", disable=not progress, mininterval=0.5):
-                ids.extend(enc.encode(chunk))  # a literal <|endoftext|> in the text separates documents
-            files[out_dir / f"{split}.bin"] = np.array(ids, dtype=np.uint16).tobytes()
-        meta = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT}
-    else:
-        raise UserError(f"unknown tokenizer '{tokenizer}': use char or gpt2")
-    if len(files[out_dir / "val.bin"]) < 4 or len(files[out_dir / "train.bin"]) < 4:
-        raise UserError("text is too short to split into train and val: give a longer file")
-    files[out_dir / "meta.json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-    remove_stale_temps(out_dir)
-    try:
-        replace_all(files)
-    except OSError as e:
-        raise UserError(f"cannot write dataset files in {out_dir}: {e.strerror}") from None
-    summary = {split: len(files[out_dir / f"{split}.bin"]) // 2 for split in SPLITS}
-    summary["vocab_size"] = meta["vocab_size"]
-    return summary
-
-
-def write_token_stream(chunks, path):
-    """Write uint16 id arrays one after another into path (whole or not at all), for corpora too big to hold in
-    memory. Returns the number of tokens written."""
-    total = 0
-
-    def write(f):
-        nonlocal total
-        for ids in chunks:
-            ids = np.asarray(ids)
-            if ids.size and (ids.min() < 0 or ids.max() > 65535):
-                raise UserError(f"token id {int(ids.max())} does not fit in uint16: this tokenizer needs a wider format")
-            f.write(ids.astype(np.uint16).tobytes())
-            total += ids.size
-    atomic_write(path, write)
-    return total
-
-
-def prepare_main(argv, description, here, tokenizer):
-    """Command line shared by the data/*/prepare.py scripts: input.txt beside the script, else
-    --input PATH, else download tiny-shakespeare."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--input", help="any UTF-8 text file (default: input.txt beside this script, downloaded if missing)")
-    parser.add_argument("--out_dir", default=str(here), help="where train.bin, val.bin and meta go (default: beside this script)")
-    parser.add_argument("--url", default=TINY_SHAKESPEARE_URL, help="where to download the text from when there is no input file")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="fraction of the text kept for validation (default 0.1)")
-    if tokenizer is None:
-        parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char")
-    args = parser.parse_args(argv)
-    if args.input:
-        source = Path(args.input)
-    else:
-        source = Path(here) / "input.txt"
-        if not source.exists():
-            print(f"downloading {args.url} to {source}")
-            download(args.url, source)
-    text = read_text(source)
-    print(f"read {source}: {len(text):,} characters")
-    summary = build_dataset(text, args.out_dir, tokenizer or args.tokenizer, args.val_fraction)
-    print(f"vocab size {summary['vocab_size']:,}; train has {summary['train']:,} tokens, val has {summary['val']:,} tokens")
-    print(f"wrote {Path(args.out_dir) / 'train.bin'}, val.bin and the vocabulary")
-    return 0
 
 
 # ----------------------------------------------------------------------------- training data

@@ -78,6 +78,32 @@ def write_directory(path, fill):
     fsync_dir(path.parent)
 
 
+def replace_together(paths, write):
+    """Call write({path: binary file}) on temp files beside paths, then fsync them and rename them all into place:
+    files written piece by piece (a dataset bigger than memory) replace the old ones together or not at all. Any
+    error (a full disk, a bad input found half-way, an interrupt) leaves the old files and no temp file."""
+    temps = {Path(p): temp_path(p) for p in paths}
+    opened = {}
+    try:
+        for path, tmp in temps.items():
+            opened[path] = open(tmp, "wb")
+        write(opened)
+        for f in opened.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for f in opened.values():
+            f.close()
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for directory in {path.parent for path in temps}:
+        fsync_dir(directory)
+
+
 def remove_stale_temps(directory):
     """Delete temp files (and directories) left in `directory` by a write that was killed part-way (never read:
     the rename never happened)."""

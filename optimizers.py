@@ -72,28 +72,37 @@ class Muon(torch.optim.Muon):
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
             lr, momentum = group["lr"], group["momentum"]
-            for p, grad, buf in zip(params, grads, buffers):
+            updates = []
+            for grad, buf in zip(grads, buffers):
                 buf.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
-                A, B = p.shape[:2]
+                updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            # matrices of one shape are orthogonalized together: a few batched matmuls instead of many small ones
+            by_shape = {}
+            for i, u in enumerate(updates):
+                by_shape.setdefault(tuple(u.shape), []).append(i)
+            for shape, idx in by_shape.items():
+                ortho = orthogonalize(torch.stack([updates[i] for i in idx]), group["ns_coefficients"], group["ns_steps"],
+                                      group["eps"], self.ns_dtype)
+                A, B = shape
                 scale = 0.2 * math.sqrt(max(A, B)) if group["adjust_lr_fn"] == "match_rms_adamw" else math.sqrt(max(1, A / B))
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * scale)
+                for i, o in zip(idx, ortho):
+                    params[i].mul_(1 - lr * group["weight_decay"])
+                    params[i].add_(o.to(params[i].dtype), alpha=-lr * scale)
 
 
-def orthogonalize(grad, coefficients, steps, eps, dtype):
-    """Muon's quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix (as torch.optim.Muon)."""
+def orthogonalize(grads, coefficients, steps, eps, dtype):
+    """Muon's quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix (as torch.optim.Muon), for
+    a stack of same-shaped matrices (k, A, B) at once."""
     a, b, c = coefficients
-    x = grad.to(dtype)
-    tall = grad.size(0) > grad.size(1)
+    x = grads.to(dtype)
+    tall = grads.size(1) > grads.size(2)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+        x = x.mT
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 def muon_with_adamw(model, *, weight_decay, learning_rate, betas, fused, ns_dtype=torch.bfloat16):

@@ -1,31 +1,42 @@
-"""Turn any UTF-8 text file into a dataset that train.py trains on with --dataset=NAME.
+"""Turn your own text into a dataset that train.py trains on with --dataset=NAME: one text file, a directory of text
+files (each a document, in sorted order) or a JSON Lines export (.jsonl, the text under --text_field), of any size.
 
     python data/prepare_text.py --input=notes.txt --name=notes                    # characters (like shakespeare_char)
     python data/prepare_text.py --input=notes.txt --name=notes --tokenizer=gpt2   # GPT-2 BPE (like shakespeare)
+    python data/prepare_text.py --input=corpus/ --name=corpus --tokenizer=gpt2    # a directory of documents
+    python data/prepare_text.py --input=dump.jsonl --name=dump --tokenizer=gpt2 --text_field=content
     python train.py config/train_shakespeare_char.py --dataset=notes
+
+The input is read, tokenized (on every core: --num_proc) and written in chunks, so memory stays bounded; the files of
+a dataset of that name are replaced only once the new ones are complete.
 """
 import argparse
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # the toolkit root, for dataset.py
+sys.path.insert(0, str(HERE.parent))  # the toolkit root, for the library modules
 
-from dataset import build_dataset, read_text  # noqa: E402
-from errors import run_main  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
+from preparing import open_source, prepare_dataset  # noqa: E402
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="the UTF-8 text file")
+    parser.add_argument("--input", required=True, help="a UTF-8 text file, a directory of them, or a .jsonl file")
     parser.add_argument("--name", required=True, help="dataset name: files go to data/NAME/")
     parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char", help="char (default) or gpt2 BPE")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="fraction kept for validation (default 0.1)")
+    parser.add_argument("--text_field", default="text", help="JSONL: the key holding each document's text (default text)")
+    parser.add_argument("--num_proc", type=int, default=0, help="tokenizer processes (default: one per core)")
     parser.add_argument("--data_dir", default=str(HERE), help="where dataset directories live (default: this data/ dir)")
     args = parser.parse_args(argv)
-    text = read_text(args.input)
+    if args.num_proc < 0:
+        raise UserError(f"--num_proc={args.num_proc} must be positive (or 0 for one per core)")
+    source = open_source(args.input, args.text_field)
     out_dir = Path(args.data_dir) / args.name
-    summary = build_dataset(text, out_dir, args.tokenizer, args.val_fraction)
+    summary = prepare_dataset(source, out_dir, args.tokenizer, val_fraction=args.val_fraction,
+                              num_proc=args.num_proc or None)
     print(f"{args.tokenizer} vocab size {summary['vocab_size']:,}; "
           f"train {summary['train']:,} tokens, val {summary['val']:,} tokens")
     print(f"wrote {out_dir}: train with  python train.py config/train_shakespeare_char.py --dataset={args.name}")

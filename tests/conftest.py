@@ -16,9 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import TINY_SHAKESPEARE_URL, build_dataset, download, read_text  # noqa: E402
+from dataset import TINY_SHAKESPEARE_URL, download, read_text  # noqa: E402
 from errors import run_main  # noqa: E402
 from hardware import resolve_dtype  # noqa: E402
+from preparing import build_dataset  # noqa: E402
 
 # A model small enough that a training run takes a couple of seconds on 2 CPU cores. It pins the size of the run
 # only: dtype, compile, the MFU peak and the speed features stay at the defaults a user gets (a suite that pinned
@@ -55,7 +56,8 @@ def data_dir(tmp_path_factory, shakespeare_text):
 # an interpreter start-up (and torch import) per call.
 IN_PROCESS = {"train.py": "train", "sample.py": "sample", **{f"tools/{name}.py": f"tools.{name}" for name in (
     "plot_loss", "summarize_experiments", "compare_runs", "plot_lr", "report", "sweep", "lr_finder", "grad_viz",
-    "estimate", "debug_training", "bench", "experiment", "evaluate", "export_hf")}}
+    "estimate", "debug_training", "bench", "experiment", "evaluate", "export_hf")},
+    "data/prepare_text.py": "data.prepare_text"}
 
 
 def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False):

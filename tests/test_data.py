@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_script
 
-from dataset import CharTokenizer, Dataset, build_dataset, get_batch, prepare_main, read_meta, step_batches, tokenizer_from_meta
+from dataset import CharTokenizer, Dataset, get_batch, read_meta, step_batches, tokenizer_from_meta
 from errors import UserError
+from preparing import build_dataset, prepare_main
 
 
 def test_char_dataset_matches_nanogpt(data_dir):
@@ -139,7 +140,7 @@ def test_nanogpt_meta_pkl_is_read(tmp_path):
 
 
 def test_token_stream_writer(tmp_path):
-    from dataset import write_token_stream
+    from preparing import write_token_stream
     total = write_token_stream(iter([[1, 2, 50256], np.array([7, 50256])]), tmp_path / "train.bin")
     assert total == 5 and np.fromfile(tmp_path / "train.bin", dtype=np.uint16).tolist() == [1, 2, 50256, 7, 50256]
     with pytest.raises(UserError, match="does not fit in uint16"):

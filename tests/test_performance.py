@@ -250,7 +250,7 @@ def test_gpu_peak_table_longest_name_wins(monkeypatch):
 
 
 def test_bench_compares_packed_and_padded_batches(tmp_path, data_dir):
-    from dataset import build_dataset
+    from preparing import build_dataset
     docs = ["To be or not to be. " * (1 + i % 4) for i in range(120)]
     build_dataset("<|endoftext|>".join(docs), tmp_path / "docs", "gpt2", progress=False)
     r = run_script("tools/bench.py", "--batching", "config/train_shakespeare_char_cpu.py", f"--data_dir={tmp_path}",
@@ -271,6 +271,11 @@ def test_bench_runs_both_modes(data_dir):
     assert r.returncode == 0, r.stderr
     assert re.search(r"all features on +[\d.]+ ms/iter .* tokens/s +MFU .* peak memory [\d,]+ MB +\((bfloat16|float32)", r.stdout)
     assert "all features off" in r.stdout and re.search(r"speedup: [\d.]+x faster per iteration", r.stdout)
+    floors = re.findall(r"matmul floor +([\d.]+) ms/iter \(([\d.]+) GFLOP at ([\d,]+) GFLOP/s \w+\): this step takes "
+                        r"([\d.]+)x that", r.stdout)
+    assert len(floors) == 2, r.stdout
+    for floor, gflop, peak, _ in floors:  # the floor is the step's FLOPs over the peak
+        assert float(floor) == pytest.approx(float(gflop) / float(peak.replace(",", "")) * 1000, rel=0.02, abs=0.06)
     r = run_script("tools/bench.py", "--sample", "config/train_shakespeare_char_cpu.py", f"--data_dir={data_dir}",
                    "--max_new_tokens=20", "--rounds=1")
     assert r.returncode == 0, r.stderr

@@ -125,6 +125,9 @@ def train_bench(cfg, opts, argv):
         mfu = v.flops_per_iter / (ms / 1000) / peak
         print(f"{v.name:<17} {ms:9.1f} ms/iter  {tokens / ms * 1000:>10,.0f} tokens/s  MFU {mfu:6.1%}"
               f"  peak memory {memory / 2**20:,.0f} MB  ({v.features})")
+        # how far from the limit: the step's FLOPs at the device's measured (or spec) matmul peak
+        print(f"{'':<17} matmul floor {1000 * v.flops_per_iter / peak:6.1f} ms/iter ({v.flops_per_iter / 1e9:.2f} GFLOP "
+              f"at {peak / 1e9:,.0f} GFLOP/s {v.dtype}): this step takes {ms * peak / 1000 / v.flops_per_iter:.1f}x that")
     if len(rows) == 2:
         print(f"speedup: {rows[1][1] / rows[0][1]:.2f}x faster per iteration with the speed features on")
 

@@ -55,8 +55,8 @@ def run_once(name, work, data_dir, nanogpt):
         if not link.exists():
             link.symlink_to(Path(data_dir).resolve() / "shakespeare_char")
         (cwd / "config").mkdir(exist_ok=True)
-        (cwd / "config" / "train_shakespeare_char.py").write_bytes(
-            (Path(nanogpt) / "config" / "train_shakespeare_char.py").read_bytes())
+        for name in ("config/train_shakespeare_char.py", "configurator.py"):  # train.py reads them from its cwd
+            (cwd / name).write_bytes((Path(nanogpt) / name).read_bytes())
         cmd = [sys.executable, str(Path(nanogpt) / "train.py"), *NANOGPT_RECIPE, f"--out_dir={out}"]
         env = dict(os.environ, PYTHONPATH=str(Path(nanogpt)))
     else:

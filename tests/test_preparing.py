@@ -1,0 +1,132 @@
+"""Preparing datasets bigger than memory: streamed in chunks, on worker processes, from a file, a directory or JSONL,
+byte for byte what one pass over the whole text gives, with one-line errors and nothing half-written."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_script
+
+import preparing
+from dataset import GPT2Tokenizer, read_meta
+from preparing import DocumentSource, TextSource, prepare_dataset
+
+
+def bins(d):
+    return {s: (d / f"{s}.bin").read_bytes() for s in ("train", "val")}
+
+
+def reference(text, tokenizer):
+    """Today's rule, on the whole text at once: the first 90% of the characters train, the rest val."""
+    cut = int(len(text) * 0.9)
+    if tokenizer == "char":
+        itos = sorted(set(text))
+        stoi = {c: i for i, c in enumerate(itos)}
+        encode = lambda t: [stoi[c] for c in t]  # noqa: E731
+    else:
+        encode = GPT2Tokenizer().encode
+    return {s: np.array(encode(part), dtype=np.uint16).tobytes() for s, part in (("train", text[:cut]), ("val", text[cut:]))}
+
+
+@pytest.fixture(scope="module")
+def mixed_text(shakespeare_text):
+    """About 2.4 MB with multi-byte characters everywhere, so block and chunk edges fall inside characters."""
+    return (shakespeare_text + "\n東京の夜 — café naïve 🙂 Grüße\n") * 2
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_a_file_in_small_chunks_on_two_processes_equals_the_whole(tmp_path, monkeypatch, mixed_text, tokenizer):
+    path = tmp_path / "in.txt"
+    path.write_text(mixed_text, encoding="utf-8")
+    monkeypatch.setattr(preparing, "BLOCK_BYTES", 65_537)  # blocks and chunks far smaller than the text
+    monkeypatch.setattr(preparing, "CHUNK_CHARS", 50_000)
+    expected = reference(mixed_text, tokenizer)
+    for num_proc in (1, 2):
+        out = tmp_path / f"p{num_proc}"
+        summary = prepare_dataset(TextSource(path), out, tokenizer, num_proc=num_proc, progress=False)
+        assert bins(out) == expected, num_proc
+        assert summary["train"] == len(expected["train"]) // 2
+    meta = read_meta(tmp_path / "p1")
+    if tokenizer == "char":
+        assert meta["itos"] == sorted(set(mixed_text))
+        nano = pickle.loads((tmp_path / "p1" / "meta.pkl").read_bytes())
+        assert nano["stoi"]["東"] == meta["itos"].index("東")
+    else:
+        assert meta == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}
+
+
+def test_shakespeare_comes_out_as_before(tmp_path, shakespeare_text, data_dir):
+    """The datasets prepared before this change (nanoGPT's token counts) are reproduced exactly."""
+    src = tmp_path / "input.txt"
+    src.write_text(shakespeare_text, encoding="utf-8")
+    r = run_script("data/shakespeare_char/prepare.py", "--input", src, "--out_dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    assert bins(tmp_path / "c") == bins(data_dir / "shakespeare_char") == reference(shakespeare_text, "char")
+    assert len(bins(tmp_path / "c")["val"]) // 2 == 111_540
+
+
+def test_documents_from_a_directory_and_from_jsonl(tmp_path):
+    docs = [f"Document {i}: " + "word " * (5 + i) for i in range(10)]
+    (tmp_path / "dir").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "dir" / f"{i:02d}.txt").write_text(doc, encoding="utf-8")
+    lines = [json.dumps({"content": d}) for d in docs]
+    lines.insert(3, "")  # blank lines are not documents
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    enc = GPT2Tokenizer()
+    expected = {"train": [t for d in docs[:9] for t in enc.encode_ordinary(d) + [50256]],
+                "val": [t for d in docs[9:] for t in enc.encode_ordinary(d) + [50256]]}  # the last 10%: one document
+    for name, source in (("d", DocumentSource(tmp_path / "dir")), ("j", DocumentSource(tmp_path / "docs.jsonl", "content"))):
+        prepare_dataset(source, tmp_path / name, "gpt2", num_proc=2, progress=False)
+        got = {s: np.fromfile(tmp_path / name / f"{s}.bin", dtype=np.uint16).tolist() for s in ("train", "val")}
+        assert got == expected, name
+    prepare_dataset(DocumentSource(tmp_path / "dir"), tmp_path / "c", "char", num_proc=1, progress=False)
+    itos = read_meta(tmp_path / "c")["itos"]
+    val = np.fromfile(tmp_path / "c" / "val.bin", dtype=np.uint16)
+    assert "".join(itos[i] for i in val) == docs[9] + "\n\n"  # char documents end with a blank line
+
+
+def test_bad_inputs_are_one_line_errors_and_leave_the_old_dataset(tmp_path, data_dir):
+    target = tmp_path / "data"
+    (target / "x").mkdir(parents=True)
+    good = tmp_path / "good.txt"
+    good.write_text("hello there, general kenobi. " * 50, encoding="utf-8")
+    assert run_script("data/prepare_text.py", f"--input={good}", "--name=x", f"--data_dir={target}").returncode == 0
+    before = sorted((p.name, p.read_bytes()) for p in (target / "x").iterdir())
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text " * 1000 + b"\xff\xfe" + b"more" * 10)
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    (tmp_path / "bad.jsonl").write_text('{"text": "one"}\n{"text": "two"}\nnot json\n', encoding="utf-8")
+    (tmp_path / "field.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n', encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("")
+    cases = [(bad, "is not UTF-8 text (invalid start byte at byte 10000)"), (empty_dir, "has no files"),
+             (tmp_path / "bad.jsonl", "bad.jsonl line 3 is not JSON"),
+             (tmp_path / "field.jsonl", "field.jsonl line 2 has no text field 'text'"),
+             (tmp_path / "empty.txt", "is empty"), (tmp_path / "missing.txt", "not found")]
+    for path, message in cases:
+        for tokenizer in ("char", "gpt2"):
+            r = run_script("data/prepare_text.py", f"--input={path}", "--name=x", f"--data_dir={target}",
+                           f"--tokenizer={tokenizer}")
+            assert_one_line_error(r, message)
+            assert sorted((p.name, p.read_bytes()) for p in (target / "x").iterdir()) == before, (path, tokenizer)
+
+
+def test_an_interrupt_midway_leaves_no_partial_files(tmp_path, monkeypatch, mixed_text):
+    out = tmp_path / "ds"
+    prepare_dataset(TextSource(text="old text, " * 100), out, "char", num_proc=1, progress=False)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    calls = {"n": 0}
+    real = preparing._encode_text
+
+    def interrupted(text):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(text)
+
+    monkeypatch.setattr(preparing, "_encode_text", interrupted)
+    monkeypatch.setattr(preparing, "CHUNK_CHARS", 100_000)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(TextSource(text=mixed_text), out, "gpt2", num_proc=1, progress=False)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before  # no temp files either

@@ -1,0 +1,107 @@
+"""Benchmark preparing a big corpus: MB/s and peak memory (summed over the process and its workers) of
+data/prepare_text.py for char and gpt2, beside single-thread tiktoken (encode_ordinary) on the same text.
+
+    python tools/bench_prepare.py [--size_mb=100] [--input=FILE] [--num_proc=0] [--tokenizers=char,gpt2]
+
+Without --input, tiny-shakespeare (data/shakespeare_char/input.txt) is repeated to --size_mb in a temp directory.
+Each preparation runs as its own process, as a user runs it; memory is sampled from /proc every 20 ms (Linux).
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dataset import GPT2Tokenizer  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
+
+
+def tree_rss(pid):
+    """Resident memory of a process and all its descendants, in bytes (0 once it has ended)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def run_measured(cmd):
+    """(seconds, peak summed RSS in bytes) of a command."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, err = proc.communicate()
+    sampler.join()
+    if proc.returncode != 0:
+        raise UserError(f"{' '.join(cmd[1:3])} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+    return time.perf_counter() - t0, peak[0]
+
+
+def tiktoken_rate(path, limit=64 << 20):
+    """Single-thread tiktoken encode_ordinary MB/s over (up to `limit` bytes of) the text, in 1 MB pieces."""
+    enc = GPT2Tokenizer().enc
+    with open(path, encoding="utf-8") as f:
+        text = f.read(limit)
+    size = len(text.encode("utf-8"))
+    t0 = time.perf_counter()
+    for i in range(0, len(text), 1 << 20):
+        enc.encode_ordinary(text[i:i + (1 << 20)])
+    return size / (time.perf_counter() - t0) / 1e6
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="MB/s and peak memory of data/prepare_text.py.")
+    parser.add_argument("--size_mb", type=int, default=100, help="size of the generated input (default 100)")
+    parser.add_argument("--input", help="a text file to prepare instead of repeated tiny-shakespeare")
+    parser.add_argument("--num_proc", type=int, default=0, help="passed to prepare_text.py (0: one per core)")
+    parser.add_argument("--tokenizers", default="char,gpt2")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.input:
+            path = Path(args.input)
+        else:
+            seed = ROOT / "data" / "shakespeare_char" / "input.txt"
+            if not seed.exists():
+                raise UserError(f"{seed} is missing: run python data/shakespeare_char/prepare.py first, or pass --input")
+            text = seed.read_bytes()
+            path = Path(tmp) / "big.txt"
+            with open(path, "wb") as f:
+                for _ in range(max(1, args.size_mb * 10**6 // len(text))):
+                    f.write(text)
+        size = path.stat().st_size
+        print(f"input {path.name}: {size / 1e6:,.0f} MB on {os.cpu_count()} cores", flush=True)
+        rate = tiktoken_rate(path)
+        print(f"tiktoken encode_ordinary, one thread: {rate:6.1f} MB/s", flush=True)
+        for tokenizer in args.tokenizers.split(","):
+            cmd = [sys.executable, str(ROOT / "data" / "prepare_text.py"), f"--input={path}", f"--name={tokenizer}",
+                   f"--data_dir={tmp}", f"--tokenizer={tokenizer}", f"--num_proc={args.num_proc}"]
+            seconds, peak = run_measured(cmd)
+            print(f"prepare_text --tokenizer={tokenizer:<5} {size / seconds / 1e6:6.1f} MB/s "
+                  f"({size / seconds / 1e6 / rate:4.2f}x tiktoken), {seconds:6.1f} s, peak memory {peak / 2**20:,.0f} MB "
+                  f"(all processes)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
