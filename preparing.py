@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import GPT2_EOT, GPT2_VOCAB_SIZE, TINY_SHAKESPEARE_URL, GPT2Tokenizer, download
 from errors import UserError
 from files import atomic_write, remove_stale_temps, replace_together
+from tokenizer import GPT2_EOT, GPT2_VOCAB_SIZE, TINY_SHAKESPEARE_URL, GPT2Tokenizer, download
 
 BLOCK_BYTES = 4 << 20  # read this much of a file at a time
 CHUNK_CHARS = 1 << 20  # tokenize about this many characters per task
@@ -221,7 +221,7 @@ class _Workers:
                 num_proc, initializer=_init, initargs=(kind, itos))
         else:
             _init(kind, itos)
-        self.limit = 2 * num_proc
+        self.limit = 4 * num_proc  # enough queued that no worker waits for the next chunk
         self.pending = collections.deque()
 
     def submit(self, fn, arg):
@@ -357,13 +357,15 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
 
 
 def _vocabulary(source, progress):
-    """(sorted distinct characters, character count) in one pass: distinct code points per piece, vectorised."""
-    seen, count = np.zeros(0, dtype=np.uint32), 0
+    """(sorted distinct characters, character count) in one pass: each piece's code points marked in a table of
+    every Unicode code point (a vectorised scatter, no sorting)."""
+    present, count = np.zeros(0x110000, dtype=bool), 0
     stream = source.pieces(progress) if isinstance(source, TextSource) else _with_separators(source.documents(progress))
     for piece in stream:
         codes = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
-        seen = np.union1d(seen, np.unique(codes))
+        present[codes] = True
         count += len(codes)
+    seen = np.flatnonzero(present)
     if len(seen) > 65535:
         raise UserError(f"text has {len(seen)} distinct characters; uint16 ids allow 65535: use --tokenizer=gpt2")
     return [chr(c) for c in seen.tolist()], count

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from checkpoint import LATEST, load_checkpoint, model_from_checkpoint
-from dataset import GPT2_VOCAB_SIZE, read_meta, read_text, tokenizer_from_meta
 from errors import UserError
 from huggingface import is_hf_dir, load_gpt2, load_hf_dir, tokenizer_for_hf_dir
+from tokenizer import GPT2_VOCAB_SIZE, read_meta, read_text, tokenizer_from_meta
 
 
 def read_prompt(start):

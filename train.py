@@ -34,7 +34,7 @@ from checkpoint import (
     training_state,
 )
 from configurator import format_config
-from dataset import Dataset, eval_offsets, get_batch, run_batches, step_batches, tokenizer_from_meta
+from dataset import Dataset, eval_offsets, get_batch, run_batches, step_batches
 from diagnostics import NAN_DIAGNOSIS, GradMonitor, check_batch, check_init, grad_record_lines
 from errors import ConfigError, UserError, import_optional, run_main
 from files import atomic_write_text
@@ -43,6 +43,7 @@ from runlog import RunLog, TensorBoardTracker, WandbTracker, eval_line, iter_lin
 from schedule import lr_at
 from sharding import local_numel
 from stopping import EarlyStopping, StopRequest
+from tokenizer import tokenizer_from_meta
 from train_config import load_config, validate
 from trainer import (
     MAX_SKIPPED_STEPS,

@@ -15,11 +15,12 @@ import hardware
 import memory
 import sharding
 from checkpoint import ARCHITECTURE, MODEL_ARGS, model_from_checkpoint
-from dataset import GPT2_VOCAB_SIZE, Dataset, eval_offsets, get_batch, padded_batch
+from dataset import Dataset, eval_offsets, get_batch, padded_batch
 from errors import UserError
 from huggingface import hf_dir_model_args, is_hf_dir, load_pretrained
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
 from optimizers import muon_with_adamw
+from tokenizer import GPT2_VOCAB_SIZE
 
 # float16: the GradScaler halves its scale and skips the step at each inf/NaN gradient. A few skips are normal
 # (the scale starts at 2**16 and finds its level); this many in a row mean the gradients themselves are broken.

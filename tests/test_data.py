@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_script
 
-from dataset import CharTokenizer, Dataset, get_batch, read_meta, step_batches, tokenizer_from_meta
+from dataset import Dataset, get_batch, step_batches
 from errors import UserError
 from preparing import build_dataset, prepare_main
+from tokenizer import CharTokenizer, read_meta, tokenizer_from_meta
 
 
 def test_char_dataset_matches_nanogpt(data_dir):

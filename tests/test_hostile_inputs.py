@@ -17,8 +17,8 @@ from conftest import ROOT, TINY_TRAIN, run_script
 import sample
 import train
 from checkpoint import load_checkpoint
-from dataset import read_meta
 from errors import UserError, run_main
+from tokenizer import read_meta
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from dataset import GPT2Tokenizer, read_meta
 from model import GPT, GPTConfig
+from tokenizer import GPT2Tokenizer, read_meta
 from train_config import load_config
 from trainer import build_model
 

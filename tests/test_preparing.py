@@ -8,8 +8,8 @@ import pytest
 from conftest import assert_one_line_error, run_script
 
 import preparing
-from dataset import GPT2Tokenizer, read_meta
 from preparing import DocumentSource, TextSource, prepare_dataset
+from tokenizer import GPT2Tokenizer, read_meta
 
 
 def bins(d):
@@ -100,12 +100,14 @@ def test_bad_inputs_are_one_line_errors_and_leave_the_old_dataset(tmp_path, data
     (tmp_path / "bad.jsonl").write_text('{"text": "one"}\n{"text": "two"}\nnot json\n', encoding="utf-8")
     (tmp_path / "field.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n', encoding="utf-8")
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "wide.txt").write_text("".join(chr(c) for c in range(0x20000, 0x20000 + 70_000)) * 2, encoding="utf-8")
     cases = [(bad, "is not UTF-8 text (invalid start byte at byte 10000)"), (empty_dir, "has no files"),
              (tmp_path / "bad.jsonl", "bad.jsonl line 3 is not JSON"),
              (tmp_path / "field.jsonl", "field.jsonl line 2 has no text field 'text'"),
-             (tmp_path / "empty.txt", "is empty"), (tmp_path / "missing.txt", "not found")]
+             (tmp_path / "empty.txt", "is empty"), (tmp_path / "missing.txt", "not found"),
+             (tmp_path / "wide.txt", "text has 70000 distinct characters; uint16 ids allow 65535: use --tokenizer=gpt2")]
     for path, message in cases:
-        for tokenizer in ("char", "gpt2"):
+        for tokenizer in ("char",) if path.name == "wide.txt" else ("char", "gpt2"):
             r = run_script("data/prepare_text.py", f"--input={path}", "--name=x", f"--data_dir={target}",
                            f"--tokenizer={tokenizer}")
             assert_one_line_error(r, message)

@@ -8,8 +8,8 @@ import torch
 from conftest import TINY_TRAIN, run_script
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from dataset import CharTokenizer, GPT2Tokenizer, read_meta
 from sampling import TextStream, write_samples
+from tokenizer import CharTokenizer, GPT2Tokenizer, read_meta
 
 ARGS = ["--device=cpu", "--max_new_tokens=60", "--temperature=0.9"]
 

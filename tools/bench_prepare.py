@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import GPT2Tokenizer  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
+from tokenizer import GPT2Tokenizer  # noqa: E402
 
 
 def tree_rss(pid):

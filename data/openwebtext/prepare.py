@@ -16,11 +16,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the toolkit root
 
-from dataset import GPT2_EOT as EOT  # noqa: E402
-from dataset import GPT2_VOCAB_SIZE, GPT2Tokenizer  # noqa: E402
 from errors import import_optional, run_main  # noqa: E402
 from files import atomic_write_text  # noqa: E402
 from preparing import write_token_stream  # noqa: E402
+from tokenizer import GPT2_EOT as EOT  # noqa: E402
+from tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer  # noqa: E402
 
 
 def main(argv):

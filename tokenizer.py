@@ -1,0 +1,131 @@
+"""Tokenizers and vocabulary files, without torch (so preparing data starts fast and its worker processes stay
+small): characters and GPT-2 BPE (tiktoken), a dataset's meta.json / nanoGPT's meta.pkl, reading and downloading
+text."""
+import json
+import pickle
+import urllib.request
+from pathlib import Path
+
+from errors import UserError
+from files import atomic_write
+
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = 50256  # <|endoftext|>
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, itos):
+        self.itos = list(itos)
+        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+        self.vocab_size = len(self.itos)
+
+    def encode(self, text):
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            shown = "".join(unknown[:20])
+            raise UserError(f"text has {len(unknown)} character(s) outside this dataset's vocabulary: {shown!r}; "
+                            f"use only characters the training text contains")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids):
+        return "".join(self.itos[i] for i in ids)
+
+    def token_bytes(self, i):
+        return self.itos[i].encode("utf-8")
+
+
+class GPT2Tokenizer:
+    kind = "gpt2"
+    vocab_size = GPT2_VOCAB_SIZE
+
+    def __init__(self):
+        import tiktoken
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise UserError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}: {e}); offline, point "
+                            f"TIKTOKEN_CACHE_DIR at a directory holding its cached files") from None
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def encode_ordinary(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def token_bytes(self, i):
+        """A token's bytes: a piece of a UTF-8 character for some tokens (decode whole texts, or see TextStream)."""
+        return self.enc.decode_single_token_bytes(i)
+
+
+class _RefuseGlobals(pickle.Unpickler):
+    """Reads only plain data (dicts, lists, str, numbers): a vocabulary never needs more, and
+    refusing every class keeps a hostile meta.pkl from running code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"meta.pkl refers to {module}.{name}; only plain data is allowed")
+
+
+def read_meta(data_dir):
+    """The dataset's vocabulary description (meta.json preferred, else nanoGPT's meta.pkl), or None."""
+    data_dir = Path(data_dir)
+    try:
+        if (data_dir / "meta.json").exists():
+            with open(data_dir / "meta.json", encoding="utf-8") as f:
+                meta = json.load(f)
+        elif (data_dir / "meta.pkl").exists():
+            with open(data_dir / "meta.pkl", "rb") as f:
+                meta = _RefuseGlobals(f).load()
+            if "itos" in meta:
+                itos = meta["itos"]
+                itos = [itos[i] for i in range(len(itos))] if isinstance(itos, dict) else list(itos)
+                meta = {"tokenizer": "char", "vocab_size": meta.get("vocab_size", len(itos)), "itos": itos}
+        else:
+            return None
+    except Exception as e:  # an unpickler fed damaged bytes can raise nearly anything (IndexError, OverflowError, ...)
+        raise UserError(f"vocabulary file in {data_dir} is unreadable ({e}): re-run that dataset's prepare.py") from None
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2"):
+        raise UserError(f"vocabulary file in {data_dir} is not a char or gpt2 description: re-run that dataset's prepare.py")
+    return meta
+
+
+def tokenizer_from_meta(meta):
+    """CharTokenizer for a char vocabulary; GPT-2 BPE when there is no meta (nanoGPT's convention) or it says gpt2."""
+    if meta is not None and meta["tokenizer"] == "char":
+        return CharTokenizer(meta["itos"])
+    return GPT2Tokenizer()
+
+
+# ----------------------------------------------------------------------------- preparing data
+
+def read_text(path, what="input file"):
+    """A UTF-8 text file's contents; `what` names the file in the one-line errors."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' not found: check the path") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} '{path}' is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} '{path}': {e.strerror}") from None
+
+
+def download(url, dest):
+    """Fetch url into dest (written whole or not at all)."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            atomic_write(dest, lambda f: f.write(r.read()))
+    except OSError as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"could not download {url} ({reason}): save the text as {dest} or pass --input PATH") from None
+
+
+# ----------------------------------------------------------------------------- training data
