@@ -5,6 +5,7 @@ checks them before building the model and turns an out-of-memory error during tr
 import contextlib
 import os
 import re
+from types import SimpleNamespace
 
 import torch
 
@@ -60,14 +61,19 @@ def memory_estimate(cfg, *, n_params, vocab_size, dtype, batch_size=None, device
     block_size = block_size or cfg.block_size
     tokens = batch_size * block_size
     block = block_activation_bytes(cfg, tokens, dtype)
+    checkpointing = getattr(cfg, "activation_checkpointing", False)
     parts = {"parameters": 4 * n_params, "gradients": 4 * n_params, "AdamW state": 8 * n_params}
     if dtype != "float32":
         parts["autocast weight copies"] = 2 * n_params
     # around the blocks: embedding sum, final LayerNorm input and output, and the logits, their log-softmax
     # and its gradient, which are float32
-    parts["activations"] = cfg.n_layer * block + tokens * (3 * cfg.n_embd * 4 + 3 * vocab_size * 4)
+    outside = tokens * (3 * cfg.n_embd * 4 + 3 * vocab_size * 4)
+    # with activation checkpointing each block keeps only its float32 input; one block's activations are rebuilt
+    # at a time in the backward pass
+    parts["activations"] = (cfg.n_layer * tokens * cfg.n_embd * 4 + block if checkpointing else cfg.n_layer * block) + outside
+    held_layers = 1 if checkpointing else cfg.n_layer
     if cfg.dropout > 0 and device_type != "cuda":  # CUDA's flash attention does dropout without T x T matrices
-        parts["attention matrices"] = cfg.n_layer * batch_size * cfg.n_head * block_size ** 2 * MATH_ATTENTION_BYTES
+        parts["attention matrices"] = held_layers * batch_size * cfg.n_head * block_size ** 2 * MATH_ATTENTION_BYTES
     parts["backward working memory"] = block  # gradients in flight: about one block's activations
     if device_type != "cuda":
         parts["runtime buffers"] = CPU_RUNTIME_BYTES
@@ -120,10 +126,16 @@ def available_memory(device):
 
 
 def fit_advice(cfg, *, n_params, vocab_size, dtype, budget, device_type):
-    """The tutorial's next step for a run that does not fit `budget` bytes: a batch_size x accumulation with the
-    same effective batch; else, when the weights, gradients and AdamW state take half the budget or more, sharding
-    them with FSDP (or a smaller model); else the longest context that fits at batch_size=1."""
+    """The next step for a run that does not fit `budget` bytes: activation checkpointing when that alone makes it
+    fit; then the tutorial's: a batch_size x accumulation with the same effective batch; else, when the weights,
+    gradients and AdamW state take half the budget or more, sharding them with FSDP (or a smaller model); else the
+    longest context that fits at batch_size=1."""
     sizes = dict(n_params=n_params, vocab_size=vocab_size, dtype=dtype, device_type=device_type)
+    if not getattr(cfg, "activation_checkpointing", False):
+        need = memory_estimate(with_checkpointing(cfg), **sizes)["total"]
+        if need <= budget:
+            return (f"use --activation_checkpointing=True (each block recomputed in the backward pass, the same "
+                    f"batch; about 1.3x the step time), which the estimate puts at {fmt_bytes(need)}")
     split = best_split(cfg, budget=budget, **sizes)
     if split:
         b, accum = split
@@ -143,9 +155,21 @@ def fit_advice(cfg, *, n_params, vocab_size, dtype, budget, device_type):
             f"GPUs with torchrun and --parallel=fsdp, or use a smaller model (fewer --n_layer, a smaller --n_embd)")
 
 
+def with_checkpointing(cfg):
+    return SimpleNamespace(**{**vars(cfg), "activation_checkpointing": True})
+
+
 def smaller_step_advice(cfg):
-    """The tutorial's next step after a run ran out of memory: half the micro-batch with twice the accumulation
-    (the same effective batch), else half the context, else a smaller model."""
+    """The next step after a run ran out of memory: activation checkpointing when it is off; else the tutorial's half
+    the micro-batch with twice the accumulation (the same effective batch), else half the context, else a smaller
+    model."""
+    step = _smaller_step(cfg)
+    if not getattr(cfg, "activation_checkpointing", False):
+        return f"use --activation_checkpointing=True (the same batch, less memory), or {step.removeprefix('use ')}"
+    return step
+
+
+def _smaller_step(cfg):
     if cfg.batch_size > 1:
         b = max(d for d in range(1, cfg.batch_size // 2 + 1) if cfg.batch_size % d == 0)
         accum = cfg.gradient_accumulation_steps * cfg.batch_size // b

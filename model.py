@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 GPT2_PADDED_VOCAB = 50304  # GPT-2's 50257 tokens padded up to a multiple of 64 for speed
@@ -25,6 +26,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2; False is a bit faster and better
     fast_cpu_attention: bool = True  # the CPU attention detours in attention(); not saved in checkpoints
+    activation_checkpointing: bool = False  # recompute each block in the backward pass; not saved in checkpoints
 
 
 class CheapMaskDropout(torch.autograd.Function):
@@ -205,8 +207,12 @@ class GPT(nn.Module):
         else:
             pos, mask = document_positions_and_mask(idx, doc_sep)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        checkpointing = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, kv_cache, i)
+            if checkpointing:  # keep only the block's input; its activations are recomputed (same dropout masks)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, kv_cache, i, use_reentrant=False)
+            else:
+                x = block(x, mask, kv_cache, i)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # generation needs only the last position

@@ -14,6 +14,7 @@ import torch
 
 import hardware
 from checkpoint import BEST
+from compiling import CompiledOrEager
 from configurator import defaults_of, help_of, parse_args
 from errors import ConfigError, UserError, run_main
 from sampling import load_model, read_prompt, write_samples
@@ -33,7 +34,7 @@ class Config:
     seed = 1337  # random seed
     device = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     dtype = "auto"  # auto | float32 | bfloat16 | float16
-    compile = False  # torch.compile the model (slow to start; pays off only for long generations)
+    compile = False  # torch.compile the forward (slow to start; pays off only for long generations; eager if it fails)
     kv_cache = True  # reuse the keys and values of earlier tokens (much faster; False recomputes the whole context)
     interactive = False  # read prompts from stdin, one per line, and answer each (empty line or EOF quits)
 
@@ -66,8 +67,9 @@ def main(argv):
     if prompt == "":
         raise UserError("the prompt is empty: give --start some text (the default is a newline)")
     model, tokenizer = load_model(cfg, device)
-    if cfg.compile:
-        model = torch.compile(model)
+    if cfg.compile:  # the forward that generation calls; dynamic shapes: no recompile as the context grows
+        model.forward = CompiledOrEager(model.forward, lambda line: print(line, file=sys.stderr, flush=True),
+                                        dynamic=True)
     torch.manual_seed(cfg.seed)  # after loading: the samples depend on the seed, not on how the model was read
 
     def write(text):

@@ -29,10 +29,13 @@ from checkpoint import (
     open_out_dir,
     restore_training_state,
     resume_path,
+    rng_state,
     save_run,
     set_rng_state,
     training_state,
 )
+from compiling import compile_failure
+from compiling import warning as compile_warning
 from configurator import format_config
 from dataset import Dataset, eval_offsets, get_batch, run_batches, step_batches
 from diagnostics import NAN_DIAGNOSIS, GradMonitor, check_batch, check_init, grad_record_lines
@@ -133,18 +136,29 @@ def main(argv):
     del ckpt
     early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, early_state)
     raw_model = model
+
+    def training_module(m):  # DDP around the (compiled) model when several processes train it
+        return DDP(m, device_ids=[local_rank] if device_type == "cuda" else None) if world_size > 1 and not sharded else m
+
     if use_compile:
         log.print("compiling the model... (takes a minute)")
-        model = torch.compile(model)
-    if world_size > 1 and not sharded:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    eval_model = model.module if isinstance(model, DDP) else model
+    model = training_module(torch.compile(raw_model) if use_compile else raw_model)
+    eval_model = raw_model  # evaluated eagerly: its shapes never cost a recompile (or a compile failure)
     out_dir = Path(cfg.out_dir)
-
+    run_info = dict(vars(cfg), resolved_device=device, resolved_dtype=dtype, resolved_compile=use_compile,
+                    world_size=world_size, num_params=raw_model.get_num_params(), vocab_size=vocab_size)
     if master:
-        run_info = dict(vars(cfg), resolved_device=device, resolved_dtype=dtype, resolved_compile=use_compile,
-                        world_size=world_size, num_params=raw_model.get_num_params(), vocab_size=vocab_size)
         atomic_write_text(out_dir / "config.json", json.dumps(run_info, indent=2))
+
+    def compile_failed(cause, step):
+        """torch.compile failed at this step: say so once, record it, and train eagerly from here on."""
+        log.print(compile_warning(cause, "training"))
+        log.metrics({"type": "compile", "step": step, "compiled": False, "cause": cause})
+        if master:
+            run_info.update(resolved_compile=False, compile_failure=cause)
+            atomic_write_text(out_dir / "config.json", json.dumps(run_info, indent=2))
+        optimizer.zero_grad(set_to_none=True)  # whatever the failed attempt accumulated
+        return training_module(raw_model)
     peak = cfg.peak_flops or 1.0  # only rank 0 logs MFU, so only it measures the peak
     if master:
         peak, peak_source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(device, dtype)
@@ -247,7 +261,16 @@ def main(argv):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = run_batches(cfg, dataset, iter_num, device, rank=rank, world_size=world_size, vocab_size=vocab_size)
-            loss = forward_backward(model, batches, ctx, scaler, doc_sep)
+            rng_before = rng_state(device) if use_compile else None
+            try:
+                loss = forward_backward(model, batches, ctx, scaler, doc_sep)
+            except Exception as e:
+                cause = compile_failure(e) if use_compile else None
+                if cause is None:
+                    raise
+                model, use_compile = compile_failed(cause, iter_num), False
+                set_rng_state(rng_before, device)  # the eager redo draws the dropout masks an eager run would
+                loss = forward_backward(model, batches, ctx, scaler, doc_sep)
             scaler.unscale_(optimizer)  # true gradients for the monitor, the guard and clipping (no-op unless float16)
             grad_record = monitor.gradients(iter_num) if monitor and monitor.due(iter_num) else None
             norm, skipped = optimizer_step(model, optimizer, scaler, cfg.grad_clip)

@@ -76,6 +76,7 @@ class Config:
     fused_adamw = True  # the fused AdamW kernel where the device has one (CPU, CUDA, MPS)
     fast_cpu_attention = True  # on CPU: explicit attention for bf16 and dropout, float32 for cached decoding (faster)
     seed = 1337  # seed for initialisation, batch sampling and dropout
+    activation_checkpointing = False  # recompute each block in the backward pass: about one block's activations held, not all
     check_memory = True  # before any work, refuse a run whose memory estimate cannot fit the device (with the fix)
     peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = a spec table for known GPUs, else a measured matmul
 

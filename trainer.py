@@ -128,12 +128,13 @@ class Training:
 def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None, shard=False):
     """Move model to device and build what trains it: AdamW (weight decay on 2-D weights only; fused where the device
     has the kernel unless fused=False or cfg.fused_adamw is off), or with cfg.optimizer=muon Muon for the blocks'
-    matrices and that AdamW for the rest, autocast for dtype, a GradScaler for float16, and
-    TF32 matmuls on CUDA (the GPU peak table's float32 figures assume them). shard=True shards the model with FSDP
-    first (under torchrun), so the optimizer's state is sharded too."""
+    matrices and that AdamW for the rest; autocast for dtype, a GradScaler for float16, TF32 matmuls on CUDA (the GPU
+    peak table's float32 figures assume them), and activation checkpointing as cfg says. shard=True shards the model
+    with FSDP first (under torchrun), so the optimizer's state is sharded too."""
     kind = hardware.device_type(device)
     if kind == "cuda":
         torch.set_float32_matmul_precision("high")
+    model.config.activation_checkpointing = getattr(cfg, "activation_checkpointing", False)
     model.to(device)
     if shard:
         sharding.shard_model(model)

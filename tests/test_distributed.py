@@ -29,9 +29,11 @@ def losses(out_dir):
 
 @pytest.fixture(scope="module")
 def ddp_run(data_dir, tmp_path_factory):
-    """A DDP run launched as two nodes of one process each."""
+    """A DDP run launched as two nodes of one process each, recomputing its blocks in the backward pass (activation
+    checkpointing under DDP: the comparisons with one process and with FSDP below hold with it)."""
     out = tmp_path_factory.mktemp("ddp") / "out"
-    r = run_torchrun(ROOT / "train.py", *RUN, f"--data_dir={data_dir}", f"--out_dir={out}", nproc=1, nodes=2)
+    r = run_torchrun(ROOT / "train.py", *RUN, "--activation_checkpointing=True", f"--data_dir={data_dir}",
+                     f"--out_dir={out}", nproc=1, nodes=2)
     return out, r.stdout
 
 
@@ -53,11 +55,11 @@ def test_ddp_across_two_nodes_trains_saves_and_samples(ddp_run, data_dir, tmp_pa
 
 @pytest.fixture(scope="module")
 def fsdp_run(data_dir, tmp_path_factory):
-    """Two FSDP runs launched at once (their start-up overlaps): the test config, and the same stopped at step 10.
-    Returns {name: (out_dir, stdout)}."""
+    """Two FSDP runs launched at once (their start-up overlaps): the test config, and the same stopped at step 10 with
+    activation checkpointing (which must not change a single loss). Returns {name: (out_dir, stdout)}."""
     root = tmp_path_factory.mktemp("fsdp")
     fsdp = [ROOT / "train.py", *RUN, "--parallel=fsdp", f"--data_dir={data_dir}"]
-    jobs = {"full": [], "stopped": ["--max_iters=10"]}
+    jobs = {"full": [], "stopped": ["--max_iters=10", "--activation_checkpointing=True"]}
     results = run_torchrun_together(*([*fsdp, *extra, f"--out_dir={root / name}"] for name, extra in jobs.items()))
     return {name: (root / name, r.stdout) for name, r in zip(jobs, results)}
 
@@ -74,12 +76,13 @@ def test_fsdp_trains_like_ddp_and_holds_a_shard(ddp_run, fsdp_run):
 
 def test_fsdp_resume_is_exact_and_its_checkpoint_is_the_usual_one(fsdp_run, data_dir):
     """Stop an FSDP run at step 10 and resume it under FSDP: the very same losses as the run that never stopped
-    (the optimizer state cut back into shards). The checkpoint holds full tensors: one process resumes it too."""
+    (the optimizer state cut back into shards), although it recomputes its blocks (activation checkpointing) and the
+    reference does not. The checkpoint holds full tensors: one process resumes it too."""
     (ref, _), (out, _) = fsdp_run["full"], fsdp_run["stopped"]
     ckpt = load_checkpoint(out / "latest.pt")
     assert ckpt["model"]["lm_head.weight"].shape == (65, 32) and ckpt["optimizer"]["state"][0]["exp_avg"].shape == (65, 32)
-    r = run_torchrun(ROOT / "train.py", *RUN, "--parallel=fsdp", "--init_from=resume", f"--data_dir={data_dir}",
-                     f"--out_dir={out}")
+    r = run_torchrun(ROOT / "train.py", *RUN, "--parallel=fsdp", "--init_from=resume", "--activation_checkpointing=True",
+                     f"--data_dir={data_dir}", f"--out_dir={out}")
     assert "resuming from" in r.stdout and "at step 10" in r.stdout
     expected = {k: v for k, v in losses(ref).items() if k[1] >= 10}
     got = losses(out)

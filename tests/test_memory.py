@@ -94,7 +94,8 @@ def test_a_real_allocation_failure_is_one_line(data_dir, tmp_path):
     cmd = [sys.executable, "train.py", *TINY_TRAIN, "--batch_size=500000", "--eval_iters=1", "--check_memory=False",
            f"--data_dir={data_dir}", f"--out_dir={out}"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=cap)
-    assert_one_line_error(r, "out of memory at step 0 (asked for 1.91 GB more): use --batch_size=250000 "
+    assert_one_line_error(r, "out of memory at step 0 (asked for 1.91 GB more): use --activation_checkpointing=True "
+                          "(the same batch, less memory), or --batch_size=250000 "
                           "--gradient_accumulation_steps=2 (the same effective batch of 500000)",
                           "no checkpoint had been saved yet")
     assert not list(out.glob("*.pt"))

@@ -31,7 +31,7 @@ def records(out_dir):
         r = json.loads(line)
         if r["type"] == "eval":
             out[("eval", r["step"])] = (r["train_loss"], r["val_loss"])
-        else:
+        elif r["type"] == "train":
             out[("iter", r["iter"])] = r["loss"]
     return out
 

@@ -18,7 +18,7 @@ import hardware  # noqa: E402
 from configurator import pop_options  # noqa: E402
 from dataset import Dataset, run_batches  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from memory import fit_advice, fmt_bytes, memory_estimate, parse_size  # noqa: E402
+from memory import fit_advice, fmt_bytes, memory_estimate, parse_size, with_checkpointing  # noqa: E402
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
 from train_config import load_config, validate  # noqa: E402
 from trainer import build_training, scratch_model_args, train_step  # noqa: E402
@@ -82,6 +82,9 @@ def main(argv):
     print(f"memory estimate ({kind}, {dtype}, micro-batch {cfg.batch_size}):")
     for name, value in parts.items():
         print(f"  {name:<24} {fmt_bytes(value)}")
+    if not cfg.activation_checkpointing:
+        checkpointed = memory_estimate(with_checkpointing(cfg), **sizes)["total"]
+        print(f"  with --activation_checkpointing=True: total {fmt_bytes(checkpointed)}")
     if opts["measure"]:
         peak, ms = measure(cfg, V, max(2, opts["measure_steps"]), device, dtype)
         print(f"measured on {device}: peak {fmt_bytes(peak)} ({(peak - parts['total']) / parts['total']:+.1%} vs the "

@@ -1,0 +1,43 @@
+"""torch.compile that never stops a run. Compiling fails on machines without a working C++ compiler (or without
+triton on Windows), usually at the first forward or backward rather than at torch.compile() itself; the run then
+goes on in eager mode after one warning that names the cause and the fix."""
+import torch
+
+FIX = "install a C++ compiler (e.g. build-essential / Xcode command line tools), or pass --compile=False"
+
+
+def compile_failure(exc):
+    """The one-line cause when exc comes from torch.compile's machinery (dynamo, inductor), else None."""
+    seen = exc
+    while seen is not None:
+        module = type(seen).__module__ or ""
+        if module.startswith(("torch._dynamo", "torch._inductor")):
+            first = str(seen).strip().splitlines()[0] if str(seen).strip() else type(seen).__name__
+            return f"{type(seen).__name__}: {first}"[:200]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def warning(cause, what):
+    return f"warning: torch.compile failed ({cause}); {what} goes on in eager mode: {FIX}"
+
+
+class CompiledOrEager:
+    """Calls fn compiled (torch.compile(fn, **options)); if compiling fails, calls fn itself from then on, after
+    report(warning). fn must be safe to call again after a failed compiled call (a forward without side effects)."""
+
+    def __init__(self, fn, report, what="generation", **options):
+        self.eager, self.report, self.what = fn, report, what
+        self.compiled = torch.compile(fn, **options)
+        self.failed = None
+
+    def __call__(self, *args, **kwargs):
+        if self.failed is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:
+                self.failed = compile_failure(e)
+                if self.failed is None:
+                    raise
+                self.report(warning(self.failed, self.what))
+        return self.eager(*args, **kwargs)
