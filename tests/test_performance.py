@@ -265,6 +265,16 @@ def test_bench_compares_packed_and_padded_batches(tmp_path, data_dir):
     assert r.returncode == 1 and "--batching needs a dataset of documents" in r.stderr
 
 
+def test_bench_times_activation_checkpointing(data_dir):
+    r = run_script("tools/bench.py", "--checkpointing", "config/train_shakespeare_char.py", f"--data_dir={data_dir}",
+                   "--n_layer=4", "--n_embd=64", "--n_head=2", "--block_size=512", "--batch_size=4",
+                   "--gradient_accumulation_steps=1", "--iters=1", "--rounds=1", "--warmup=1", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"checkpointed +[\d.]+ ms/iter .* peak memory [\d,]+ MB .*activation checkpointing\)", r.stdout)
+    ratio = re.search(r"activation checkpointing: ([\d.]+)x the peak memory, ([\d.]+)x the time per iteration", r.stdout)
+    assert ratio and float(ratio.group(1)) < 1.0, r.stdout  # it holds less, whatever the timing
+
+
 def test_bench_runs_both_modes(data_dir):
     r = run_script("tools/bench.py", "--compare", "config/train_shakespeare_char_cpu.py", f"--data_dir={data_dir}",
                    "--n_layer=1", "--iters=1", "--rounds=1", "--warmup=1")  # a bare flag: the config stays an argument

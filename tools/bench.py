@@ -4,6 +4,7 @@ the KV cache. Figures for README come from here.
     python tools/bench.py config/train_shakespeare_char_cpu.py [--key=value ...] [--iters=20] [--rounds=3] [--compare]
     python tools/bench.py --sample config/train_shakespeare_char.py [--max_new_tokens=500] [--num_samples=1]
     python tools/bench.py --batching config/train_shakespeare.py --dataset=DOCS [--key=value ...]
+    python tools/bench.py --checkpointing config/train_shakespeare_char.py --block_size=1024 --n_layer=6 --batch_size=4
 
 Training: ms per iteration after warm-up (median over rounds), tokens/s, MFU against the peak of the device for
 that dtype (a spec table for known GPUs, else a measured matmul), and peak memory (CUDA allocator peak, or the
@@ -14,7 +15,8 @@ torch's attention: what nanoGPT's sample.py does on CPU), and, when the dtype is
 (its gain against all off); it uses random weights: speed does not depend on them.
 --batching times the two ways of batching a dataset of documents (separated by an end-of-text token): packed rows
 of block_size (--packing=True) and whole documents padded to each batch's longest (--padding=True), counting only
-real tokens (targets that are not padding) in tokens/s.
+real tokens (targets that are not padding) in tokens/s. --checkpointing times the config with and without
+--activation_checkpointing (ms per iteration, alternated; peak memory each in a fresh process).
 """
 import copy
 import statistics
@@ -37,7 +39,8 @@ from trainer import build_training, scratch_model_args, train_step  # noqa: E402
 
 OPTIONS = {"--iters": (int, 20), "--warmup": (int, 3), "--rounds": (int, 3), "--compare": (bool, False),
            "--sample": (bool, False), "--max_new_tokens": (int, 500), "--num_samples": (int, 1),
-           "--temperature": (float, 0.8), "--top_k": (int, 200), "--memory_of": (str, ""), "--batching": (bool, False)}
+           "--temperature": (float, 0.8), "--top_k": (int, 200), "--memory_of": (str, ""), "--batching": (bool, False),
+           "--checkpointing": (bool, False)}
 
 
 class Variant:
@@ -83,6 +86,12 @@ class Variant:
 
 
 def variant(which, cfg, dataset, vocab_size, device):
+    if which == "checkpointed":  # every speed feature on, and the blocks recomputed in the backward pass
+        c = copy.copy(cfg)
+        c.activation_checkpointing = True
+        v = variant("on", c, dataset, vocab_size, device)
+        v.name, v.features = "checkpointed", v.features + ", activation checkpointing"
+        return v
     if which == "on":
         return Variant("all features on", cfg, dataset, vocab_size, device, hardware.resolve_dtype(cfg.dtype, device),
                        hardware.resolve_compile(cfg.compile, device), cfg.fused_adamw, cfg.fast_cpu_attention)
@@ -105,9 +114,8 @@ def train_bench(cfg, opts, argv):
     if opts["memory_of"]:
         print(f"peak_bytes {variant(opts['memory_of'], cfg, dataset, vocab_size, device).peak_memory()}")
         return
-    variants = [variant("on", cfg, dataset, vocab_size, device)]
-    if opts["compare"]:
-        variants.append(variant("off", cfg, dataset, vocab_size, device))
+    names = ["on", "checkpointed"] if opts["checkpointing"] else ["on", "off"] if opts["compare"] else ["on"]
+    variants = [variant(which, cfg, dataset, vocab_size, device) for which in names]
     tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     print(f"{cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x "
           f"{cfg.gradient_accumulation_steps}: {tokens:,} tokens per iteration on {device}")
@@ -117,10 +125,12 @@ def train_bench(cfg, opts, argv):
         for v in variants:
             v.times.append(v.steps(opts["iters"]))
     rows = []
-    for v, which in zip(variants, ("on", "off")):
+    memories = []
+    for v, which in zip(variants, names):
         ms = 1000 * statistics.median(v.times)
         peak, _ = hardware.peak_flops(device, v.dtype)
-        memory = peak_memory_in_fresh_process(which, [a for a in argv if not a.startswith("--compare")])
+        memory = peak_memory_in_fresh_process(which, [a for a in argv if not a.startswith(("--compare", "--checkpointing"))])
+        memories.append(memory)
         rows.append((v, ms))
         mfu = v.flops_per_iter / (ms / 1000) / peak
         print(f"{v.name:<17} {ms:9.1f} ms/iter  {tokens / ms * 1000:>10,.0f} tokens/s  MFU {mfu:6.1%}"
@@ -128,7 +138,10 @@ def train_bench(cfg, opts, argv):
         # how far from the limit: the step's FLOPs at the device's measured (or spec) matmul peak
         print(f"{'':<17} matmul floor {1000 * v.flops_per_iter / peak:6.1f} ms/iter ({v.flops_per_iter / 1e9:.2f} GFLOP "
               f"at {peak / 1e9:,.0f} GFLOP/s {v.dtype}): this step takes {ms * peak / 1000 / v.flops_per_iter:.1f}x that")
-    if len(rows) == 2:
+    if opts["checkpointing"]:
+        print(f"activation checkpointing: {memories[1] / memories[0]:.2f}x the peak memory, "
+              f"{rows[1][1] / rows[0][1]:.2f}x the time per iteration")
+    elif len(rows) == 2:
         print(f"speedup: {rows[1][1] / rows[0][1]:.2f}x faster per iteration with the speed features on")
 
 
