@@ -18,6 +18,17 @@ def compile_failure(exc):
     return None
 
 
+def compile_or_eager(fn, report, what, **options):
+    """(torch.compile(fn, **options), True), or (fn, False) after report(warning) when torch.compile itself raises
+    (an unsupported Python or platform fails here, before any call)."""
+    try:
+        return torch.compile(fn, **options), True
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        report(warning(f"{type(e).__name__}: {first}"[:200], what))
+        return fn, False
+
+
 def warning(cause, what):
     return f"warning: torch.compile failed ({cause}); {what} goes on in eager mode: {FIX}"
 
@@ -28,8 +39,8 @@ class CompiledOrEager:
 
     def __init__(self, fn, report, what="generation", **options):
         self.eager, self.report, self.what = fn, report, what
-        self.compiled = torch.compile(fn, **options)
-        self.failed = None
+        self.compiled, ok = compile_or_eager(fn, report, what, **options)
+        self.failed = None if ok else "torch.compile raised"
 
     def __call__(self, *args, **kwargs):
         if self.failed is None:

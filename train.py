@@ -34,7 +34,7 @@ from checkpoint import (
     set_rng_state,
     training_state,
 )
-from compiling import compile_failure
+from compiling import compile_failure, compile_or_eager
 from compiling import warning as compile_warning
 from configurator import format_config
 from dataset import Dataset, eval_offsets, get_batch, run_batches, step_batches
@@ -140,9 +140,11 @@ def main(argv):
     def training_module(m):  # DDP around the (compiled) model when several processes train it
         return DDP(m, device_ids=[local_rank] if device_type == "cuda" else None) if world_size > 1 and not sharded else m
 
+    compiled = raw_model
     if use_compile:
         log.print("compiling the model... (takes a minute)")
-    model = training_module(torch.compile(raw_model) if use_compile else raw_model)
+        compiled, use_compile = compile_or_eager(raw_model, log.print, "training")
+    model = training_module(compiled)
     eval_model = raw_model  # evaluated eagerly: its shapes never cost a recompile (or a compile failure)
     out_dir = Path(cfg.out_dir)
     run_info = dict(vars(cfg), resolved_device=device, resolved_dtype=dtype, resolved_compile=use_compile,

@@ -4,6 +4,7 @@ by hand too: `CXX=/nonexistent/g++ python train.py ... --compile=True` in a fres
 import json
 
 import pytest
+import torch
 from conftest import TINY_TRAIN, run_script
 from test_resume import records
 
@@ -41,3 +42,44 @@ def test_training_falls_back_to_eager_with_the_same_losses(data_dir, tmp_path, n
     assert s_compiled.returncode == s_eager.returncode == 0, s_compiled.stderr[-2000:]
     assert s_compiled.stdout == s_eager.stdout and s_compiled.stdout.startswith("KING:")
     assert s_compiled.stderr.count("warning: torch.compile failed") == 1
+
+
+class FakeCompiled(torch.nn.Module):
+    """Stands in for torch.compile's module: records the input shape of every call it serves."""
+
+    def __init__(self, module, shapes):
+        super().__init__()
+        self.module, self.shapes = module, shapes
+
+    def forward(self, idx, *args, **kwargs):
+        self.shapes.append(tuple(idx.shape))
+        return self.module(idx, *args, **kwargs)
+
+
+def test_only_training_steps_go_through_the_compiled_model(data_dir, tmp_path, monkeypatch):
+    """Evaluation (other shapes, no grad) runs the eager module: no recompile per new shape, nothing to fail."""
+    shapes, options = [], {}
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: options.update(kw) or FakeCompiled(m, shapes))
+    r = run_script("train.py", *TINY_TRAIN, "--max_iters=10", "--eval_interval=5", "--compile=True",
+                   f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}")
+    assert r.returncode == 0, r.stderr
+    assert shapes == [(8, 32)] * 10  # the 10 training micro-batches; the 3 x 2 x 4 evaluation batches ran eagerly
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["resolved_compile"] is True
+    # sample.py compiles the forward with dynamic shapes: one graph for every context length
+    shapes.clear()
+    r = run_script("sample.py", f"--out_dir={tmp_path / 'o'}", "--compile=True", "--num_samples=1", "--max_new_tokens=5",
+                   "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert options == {"dynamic": True}
+
+
+def test_compile_that_raises_at_once_falls_back_too(data_dir, tmp_path, monkeypatch):
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", unsupported)
+    r = run_script("train.py", *TINY_TRAIN, "--max_iters=5", "--compile=True", f"--data_dir={data_dir}",
+                   f"--out_dir={tmp_path / 'o'}")
+    assert r.returncode == 0, r.stderr
+    assert "warning: torch.compile failed (RuntimeError: Dynamo is not supported on this Python); training goes on" in r.stdout
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["resolved_compile"] is False
