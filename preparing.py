@@ -216,11 +216,12 @@ class _Workers:
 
     def __init__(self, num_proc, kind, itos):
         self.pool = None
+        fork = os.name == "posix"
+        if num_proc == 1 or fork:
+            _init(kind, itos)  # forked workers inherit the loaded tokenizer instead of each loading it again
         if num_proc > 1:
-            self.pool = multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(
-                num_proc, initializer=_init, initargs=(kind, itos))
-        else:
-            _init(kind, itos)
+            self.pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(
+                num_proc, initializer=None if fork else _init, initargs=() if fork else (kind, itos))
         self.limit = 4 * num_proc  # enough queued that no worker waits for the next chunk
         self.pending = collections.deque()
 
