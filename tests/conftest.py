@@ -71,28 +71,32 @@ def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False):
                           timeout=timeout, env=full_env)
 
 
-def run_torchrun(*args, nproc=2, nodes=1, timeout=300):
-    """`torchrun --standalone --nproc_per_node=NPROC ARGS` from the toolkit root; with nodes=2, two torchrun "nodes"
+def torchrun_commands(*args, nproc=2, nodes=1):
+    """The command lines of `torchrun --standalone --nproc_per_node=NPROC ARGS`; with nodes=2, of two torchrun "nodes"
     of nproc processes each on 127.0.0.1 (--nnodes=2 --node_rank=0|1 --master_addr --master_port), as a two-machine
-    job is launched. Returns node 0's result; a failure fails the test (see _wait_all)."""
+    job is launched (node 0's first)."""
     base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if nodes == 1:
-        return _wait_all([[*base, "--standalone", *map(str, args)]], timeout)[0]
+        return [[*base, "--standalone", *map(str, args)]]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return _wait_all([[*base, f"--nnodes={nodes}", f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                       *map(str, args)] for i in range(nodes)], timeout)[0]
+    return [[*base, f"--nnodes={nodes}", f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}",
+             *map(str, args)] for i in range(nodes)]
+
+
+def run_torchrun(*args, nproc=2, nodes=1, timeout=300):
+    """torchrun_commands run to the end. Returns node 0's result; a failure fails the test (see wait_all)."""
+    return wait_all(torchrun_commands(*args, nproc=nproc, nodes=nodes), timeout)[0]
 
 
 def run_torchrun_together(*jobs, nproc=2, timeout=300):
     """Several independent standalone torchrun jobs (each a list of arguments) at once: their start-up (an interpreter
     and torch per process) overlaps. Returns their results in order."""
-    base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-    return _wait_all([[*base, *map(str, job)] for job in jobs], timeout)
+    return wait_all([command for job in jobs for command in torchrun_commands(*job, nproc=nproc)], timeout)
 
 
-def _wait_all(commands, timeout):
+def wait_all(commands, timeout):
     """Run the commands at once and wait for all. A non-zero exit fails the test with the exit code, the (last 20)
     stderr lines that name an error, then stderr's tail: a tail alone can cut off the cause."""
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in commands]

@@ -217,7 +217,7 @@ def test_packing_trains_on_a_gpt2_dataset(tmp_path, capsys):
     build_dataset("<|endoftext|>".join(docs), tmp_path / "data" / "docs", "gpt2", progress=False)
     ids = torch.from_numpy(__import__("numpy").fromfile(tmp_path / "data" / "docs" / "train.bin", dtype="uint16").astype("int64"))
     assert (ids == 50256).sum().item() >= 8  # the separators made it into the data
-    code, out, err = run_train(capsys, *TINY_TRAIN, "--dataset=docs", "--packing=True", "--max_iters=10", "--block_size=64",
+    code, out, err = run_train(capsys, *TINY_TRAIN, "--dataset=docs", "--packing=True", "--max_iters=10", "--eval_iters=2",
                                f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}")
     assert code == 0, err
     evals = metrics(tmp_path / "o", "eval")
@@ -268,6 +268,7 @@ def test_padding_trains_on_whole_documents(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(dataset, "padded_batch", spy)
     code, out, err = run_train(capsys, *TINY_TRAIN, "--dataset=docs", "--padding=True", "--max_iters=6", "--block_size=64",
+                               "--eval_iters=2",
                                "--eval_interval=3", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}")
     assert code == 0, err
     train_ids = Dataset(tmp_path / "data", "docs").splits["train"]

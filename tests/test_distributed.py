@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from conftest import AUTO_DTYPE, ROOT, TINY_TRAIN, assert_one_line_error, run_script, run_torchrun, run_torchrun_together
+from conftest import AUTO_DTYPE, ROOT, TINY_TRAIN, assert_one_line_error, run_script, run_torchrun, torchrun_commands, wait_all
 
 from checkpoint import load_checkpoint
 
@@ -28,13 +28,30 @@ def losses(out_dir):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(data_dir, tmp_path_factory):
-    """A DDP run launched as two nodes of one process each, recomputing its blocks in the backward pass (activation
-    checkpointing under DDP: the comparisons with one process and with FSDP below hold with it)."""
-    out = tmp_path_factory.mktemp("ddp") / "out"
-    r = run_torchrun(ROOT / "train.py", *RUN, "--activation_checkpointing=True", f"--data_dir={data_dir}",
-                     f"--out_dir={out}", nproc=1, nodes=2)
-    return out, r.stdout
+def launched(data_dir, tmp_path_factory):
+    """Every run the tests below compare, launched at once (their start-ups overlap): a DDP run as two nodes of one
+    process each, recomputing its blocks in the backward pass (activation checkpointing under DDP: the comparisons with
+    one process and with FSDP hold with it); an FSDP run; and the same FSDP run stopped at step 10 with activation
+    checkpointing (which must not change a single loss). Returns {name: (out_dir, stdout)}."""
+    root = tmp_path_factory.mktemp("launched")
+    ddp = torchrun_commands(ROOT / "train.py", *RUN, "--activation_checkpointing=True", f"--data_dir={data_dir}",
+                            f"--out_dir={root / 'ddp'}", nproc=1, nodes=2)
+    fsdp = [ROOT / "train.py", *RUN, "--parallel=fsdp", f"--data_dir={data_dir}"]
+    full = torchrun_commands(*fsdp, f"--out_dir={root / 'full'}")
+    stopped = torchrun_commands(*fsdp, "--max_iters=10", "--activation_checkpointing=True", f"--out_dir={root / 'stopped'}")
+    results = wait_all([*ddp, *full, *stopped], timeout=300)
+    return {"ddp": (root / "ddp", results[0].stdout), "full": (root / "full", results[2].stdout),
+            "stopped": (root / "stopped", results[3].stdout)}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(launched):
+    return launched["ddp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(launched):
+    return launched
 
 
 def test_ddp_across_two_nodes_trains_saves_and_samples(ddp_run, data_dir, tmp_path):
@@ -51,17 +68,6 @@ def test_ddp_across_two_nodes_trains_saves_and_samples(ddp_run, data_dir, tmp_pa
     assert single.returncode == 0, single.stderr
     one = {k[1]: v for k, v in losses(tmp_path / "single").items() if k[0] == "eval"}
     assert one == pytest.approx(evals, abs=2e-3)
-
-
-@pytest.fixture(scope="module")
-def fsdp_run(data_dir, tmp_path_factory):
-    """Two FSDP runs launched at once (their start-up overlaps): the test config, and the same stopped at step 10 with
-    activation checkpointing (which must not change a single loss). Returns {name: (out_dir, stdout)}."""
-    root = tmp_path_factory.mktemp("fsdp")
-    fsdp = [ROOT / "train.py", *RUN, "--parallel=fsdp", f"--data_dir={data_dir}"]
-    jobs = {"full": [], "stopped": ["--max_iters=10", "--activation_checkpointing=True"]}
-    results = run_torchrun_together(*([*fsdp, *extra, f"--out_dir={root / name}"] for name, extra in jobs.items()))
-    return {name: (root / name, r.stdout) for name, r in zip(jobs, results)}
 
 
 def test_fsdp_trains_like_ddp_and_holds_a_shard(ddp_run, fsdp_run):
