@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from configurator import defaults_of, help_of, parse_args
 from errors import ConfigError
-from huggingface import is_init_source
+from huggingface import hf_dir_config, is_hf_dir, is_init_source
 from model import GPT2_SIZES
 
 
@@ -105,6 +105,8 @@ def check_init_from(init_from, keywords):
         named = ", ".join([*keywords, *GPT2_SIZES])
         raise ConfigError(f"init_from={init_from!r} is not one of {named}, nor a directory with a Hugging Face "
                           f"config.json: check the name or the path")
+    if is_hf_dir(init_from):
+        hf_dir_config(init_from)  # a directory of another architecture is refused before any data is read
 
 
 def validate(cfg):
