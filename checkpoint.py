@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import sharding
-from errors import UserError
+from errors import UserError, first_line
 from files import atomic_write, fsync_dir, remove_stale_temps, temp_path
 from model import GPT, GPTConfig
 
@@ -159,7 +159,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # an unpickler fed damaged bytes can raise nearly anything (IndexError, OverflowError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({first[:160]}): "
                         f"resume from another checkpoint or train again") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:

@@ -15,6 +15,12 @@ class ConfigError(UserError):
     exit_code = 2
 
 
+def first_line(exc):
+    """An exception's first message line (library errors run to many lines), or its type when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def import_optional(module, needed_for):
     """Import a package the core does not need, or say which setting needs it and how to install it."""
     try:

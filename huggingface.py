@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError, import_optional
+from errors import UserError, first_line, import_optional
 from files import write_directory
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, config_from_hf, state_dict_from_hf
 from tokenizer import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer
@@ -45,7 +45,7 @@ def load_gpt2(model_type, dropout=0.0):
     try:
         return GPT.from_pretrained(model_type, dict(dropout=dropout))
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"could not load {model_type} weights from Hugging Face ({first[:150]}): the first use needs "
                         f"internet; afterwards they come from the Hugging Face cache") from None
 
@@ -96,7 +96,7 @@ def load_hf_dir(path, dropout=0.0):
     try:
         hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"init_from={path}: could not load its weights ({first[:150]})") from None
     model = GPT(config_from_hf(hf_model.config, dropout=dropout))
     model.load_state_dict({k: v.float() for k, v in state_dict_from_hf(hf_model.state_dict()).items()})
