@@ -1,6 +1,8 @@
 """Preparing a dataset from text, streamed: a text file, a directory of text files or a JSON Lines export, read and
 tokenized in chunks on every core (worker processes) and written to train.bin/val.bin and the vocabulary files, all
-together or not at all. Memory stays bounded by the chunks in flight, whatever the size of the input.
+together or not at all. Memory stays bounded by the chunks in flight, whatever the size of the input. The workers
+read a text file themselves, in byte ranges (a first pass counts its characters, and collects a char vocabulary; a
+second tokenizes), so this process only hands out offsets and writes; documents are read here.
 
 Splits. A single text (file or string): its first (1 - val_fraction) of the characters are train, the rest val,
 as nanoGPT's shakespeare scripts cut it (a dataset prepared before comes out byte for byte the same). Documents
@@ -8,10 +10,12 @@ as nanoGPT's shakespeare scripts cut it (a dataset prepared before comes out byt
 end-of-text token after each document (as data/openwebtext/prepare.py), char a blank line ("\\n\\n").
 """
 import collections
+import functools
 import json
 import multiprocessing
 import os
 import pickle
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,86 +24,85 @@ from errors import UserError
 from files import atomic_write, remove_stale_temps, replace_together
 from tokenizer import GPT2_EOT, GPT2_VOCAB_SIZE, TINY_SHAKESPEARE_URL, GPT2Tokenizer, download
 
-BLOCK_BYTES = 4 << 20  # read this much of a file at a time
-CHUNK_CHARS = 1 << 20  # tokenize about this many characters per task
-MAX_CARRY = 16 * CHUNK_CHARS  # text without a safe BPE cut point is cut here anyway (see _bpe_chunks)
+CHUNK_BYTES = 1 << 20  # a worker reads and tokenizes about this much of a file per task
+CHUNK_CHARS = 1 << 20  # documents are tokenized in batches of about this many characters
+SEARCH_BYTES = 1 << 16  # how far past a chunk's nominal end to look for a safe BPE cut first (then 4x, ...)
+MAX_CARRY = 16 << 20  # text without a safe BPE cut point is cut here anyway (see _bpe_cut)
 DOC_SEPARATOR = "\n\n"  # between character-level documents
 
 
 # ----------------------------------------------------------------------------- sources
 
 class TextSource:
-    """One text: a file read in blocks (decoded strictly, so a byte that is not UTF-8 is named with its offset) or a
-    string already in memory."""
+    """One text file, read in byte ranges by the workers (decoded strictly, so a byte that is not UTF-8 is named with
+    its offset)."""
 
-    def __init__(self, path=None, text=None):
-        self.path, self.text = (Path(path) if path else None), text
-        if path is not None:
-            try:
-                self.size = self.path.stat().st_size
-            except FileNotFoundError:
-                raise UserError(f"input file '{path}' not found: check the path") from None
-        else:
-            self.size = len(text.encode("utf-8"))
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise UserError(f"input file '{path}' not found: check the path") from None
         if self.size == 0:
-            raise UserError(f"input '{path or 'text'}' is empty: give a file with some text in it")
-
-    def pieces(self, progress):
-        """The text in pieces, in order; progress(n) with the bytes each piece came from."""
-        if self.text is not None:
-            for i in range(0, len(self.text), CHUNK_CHARS):
-                piece = self.text[i:i + CHUNK_CHARS]
-                progress(len(piece.encode("utf-8")))
-                yield piece
-            return
-        yield from _decoded_blocks(self.path, progress)
-
-    def char_count(self, progress):
-        """Characters in the text: bytes that do not continue a UTF-8 sequence (no decoding needed)."""
-        if self.text is not None:
-            progress(self.size)
-            return len(self.text)
-        count = 0
-        with open(self.path, "rb") as f:
-            while block := f.read(BLOCK_BYTES):
-                raw = np.frombuffer(block, dtype=np.uint8)
-                count += int(np.count_nonzero((raw & 0xC0) != 0x80))
-                progress(len(block))
-        return count
+            raise UserError(f"input '{path}' is empty: give a file with some text in it")
 
 
-def _decoded_blocks(path, progress, what="input file"):
-    """A UTF-8 file as strings, block by block; a block ends before any UTF-8 sequence it would cut."""
-    offset, carry = 0, b""
+def _decode(data, *, path, offset, at_end):
+    """data (the file's bytes from offset) as text; a one-line UserError naming the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if at_end and e.reason == "unexpected end of data" and e.end == len(data):
+            where = f"it ends inside a character, at byte {offset + e.start}"
+        else:
+            where = f"{e.reason} at byte {offset + e.start}"
+        raise UserError(f"input file '{path}' is not UTF-8 text ({where}): convert it to UTF-8") from None
+
+
+def _read(path, start, stop):
     with open(path, "rb") as f:
-        while True:
-            block = f.read(BLOCK_BYTES)
-            data = carry + block
-            if not data:
-                return
-            cut = len(data)
-            if block:  # more to come: end this block before a character that is not complete yet
-                i = len(data) - 1
-                while i > 0 and len(data) - i < 4 and (data[i] & 0xC0) == 0x80:
-                    i -= 1
-                lead = data[i]
-                if lead >= 0xC0 and len(data) - i < (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4):
-                    cut = i
-            try:
-                text = data[:cut].decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{what} '{path}' is not UTF-8 text ({e.reason} at byte {offset + e.start}): "
-                                f"convert it to UTF-8") from None
-            progress(len(block))
-            offset += cut
-            carry = data[cut:]
-            if text:
-                yield text
-            if not block:
-                if carry:
-                    raise UserError(f"{what} '{path}' is not UTF-8 text (it ends inside a character, at byte "
-                                    f"{offset}): convert it to UTF-8")
-                return
+        f.seek(start)
+        return f.read(stop - start)
+
+
+def _char_start(f, pos, end):
+    """The first offset at or after pos that does not continue a UTF-8 character (end at the latest)."""
+    if pos >= end:
+        return end
+    f.seek(pos)
+    for i, byte in enumerate(f.read(min(4, end - pos))):
+        if byte & 0xC0 != 0x80:
+            return pos + i
+    return min(pos + 4, end)  # not UTF-8 here: the worker that decodes it names the byte
+
+
+def _bpe_cut(f, pos, end):
+    """The first offset at or after pos (a character start) where GPT-2's pre-tokenizer splits the text anyway (see
+    _safe_cut), so the two sides encode to the tokens of the whole; found in a window that grows 4x at a time. Text
+    with no such point for MAX_CARRY bytes is cut there anyway (a boundary that may differ from encoding the whole)."""
+    left = _char_start(f, max(pos - 16, 0), end)  # _safe_cut looks two characters back
+    size = SEARCH_BYTES
+    while True:
+        f.seek(left)
+        data = f.read(min(pos - left + size, end - left))
+        text = data.decode("utf-8", "surrogateescape")  # bytes that are not UTF-8 stay one character each
+        i = _safe_cut(text, len(data[:pos - left].decode("utf-8", "surrogateescape")))
+        if i is not None:
+            return left + len(text[:i].encode("utf-8", "surrogateescape"))
+        if left + len(data) >= end:
+            return end
+        if size >= MAX_CARRY:
+            return _char_start(f, pos + MAX_CARRY, end)
+        size *= 4
+
+
+def _ranges(path, start, stop, cut):
+    """(path, a, b) byte ranges of about CHUNK_BYTES covering start..stop, each ending where cut(f, pos, stop) says."""
+    with open(path, "rb") as f:
+        while start < stop:
+            b = stop if stop - start <= CHUNK_BYTES else cut(f, _char_start(f, start + CHUNK_BYTES, stop), stop)
+            yield (str(path), start, b)
+            start = b
 
 
 class DocumentSource:
@@ -170,7 +173,7 @@ _encoder = None  # set in each worker (and in this process for num_proc=1) by _i
 
 def _init(kind, itos):
     global _encoder
-    _encoder = _CharEncoder(itos) if kind == "char" else _GPT2Encoder()
+    _encoder = None if kind is None else _CharEncoder(itos) if kind == "char" else _GPT2Encoder()
 
 
 class _CharEncoder:
@@ -202,7 +205,22 @@ class _GPT2Encoder:
         return np.array(ids, dtype=np.uint16).tobytes()
 
 
-def _encode_text(text):
+def _scan_range(task, codes=False):
+    """(characters, with codes=True also the distinct code points, for a char vocabulary) of a byte range."""
+    path, start, stop = task
+    data = _read(path, start, stop)
+    count = int(np.count_nonzero((np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80))
+    if not codes:  # gpt2 needs only the count; the encoding pass checks the decoding
+        return count, None
+    text = _decode(data, path=path, offset=start, at_end=stop == os.path.getsize(path))
+    present = np.zeros(0x110000, dtype=bool)
+    present[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)] = True
+    return count, np.flatnonzero(present).astype(np.uint32)
+
+
+def _encode_range(task):
+    path, start, stop = task
+    text = _decode(_read(path, start, stop), path=path, offset=start, at_end=stop == os.path.getsize(path))
     return _encoder.encode(text)
 
 
@@ -214,7 +232,7 @@ class _Workers:
     """Tasks run in order on num_proc processes (or here when num_proc=1), at most a few per process in flight, so
     memory stays bounded; results come back in submission order, so the output does not depend on num_proc."""
 
-    def __init__(self, num_proc, kind, itos):
+    def __init__(self, num_proc, kind=None, itos=None):
         self.pool = None
         fork = os.name == "posix"
         if num_proc == 1 or fork:
@@ -223,20 +241,27 @@ class _Workers:
             self.pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(
                 num_proc, initializer=None if fork else _init, initargs=() if fork else (kind, itos))
         self.limit = 4 * num_proc  # enough queued that no worker waits for the next chunk
-        self.pending = collections.deque()
 
-    def submit(self, fn, arg):
-        """Queue fn(arg); yields the results that are due, in order."""
+    def map(self, fn, tasks):
+        """(task, fn(task)) for each task, in order."""
         if self.pool is None:
-            yield fn(arg)
+            yield from ((task, fn(task)) for task in tasks)
             return
-        self.pending.append(self.pool.apply_async(fn, (arg,)))
-        while len(self.pending) >= self.limit:
-            yield self.pending.popleft().get()
+        pending = collections.deque()
+        for task in tasks:
+            pending.append((task, self.pool.apply_async(fn, (task,))))
+            while len(pending) >= self.limit:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
 
-    def drain(self):
-        while self.pending:
-            yield self.pending.popleft().get()
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         if self.pool is not None:
@@ -244,57 +269,16 @@ class _Workers:
             self.pool.join()
 
 
-def _bpe_chunks(pieces):
-    """Re-cut a stream of text pieces into chunks of about CHUNK_CHARS that GPT-2's pre-tokenizer would split at
-    anyway, so that encoding the chunks one by one gives the tokens of the whole: before a space that follows a
-    letter or digit and precedes a letter, or after a newline between two non-space characters. Text with no such
-    point for MAX_CARRY characters is cut there anyway (a boundary that may differ from encoding the whole)."""
-    buf = ""
-    for piece in pieces:
-        buf += piece
-        while len(buf) > CHUNK_CHARS:
-            cut = _safe_cut(buf, CHUNK_CHARS)
-            if cut is None:
-                if len(buf) < MAX_CARRY:
-                    break
-                cut = MAX_CARRY
-            yield buf[:cut]
-            buf = buf[cut:]
-    if buf:
-        yield buf
-
-
 def _safe_cut(text, start):
-    for i in range(start, len(text) - 1):
+    """The first index i >= start where GPT-2's pre-tokenizer splits text anyway (None if there is none): before a
+    space that follows a letter or digit and precedes a letter, or after a newline between two non-space characters."""
+    for i in range(max(start, 2), len(text) - 1):
         c = text[i]
         if c == " " and text[i - 1].isalnum() and text[i + 1].isalpha():
             return i
-        if text[i - 1] == "\n" and not c.isspace() and i >= 2 and not text[i - 2].isspace():
+        if text[i - 1] == "\n" and not c.isspace() and not text[i - 2].isspace():
             return i
     return None
-
-
-def _split_at(pieces, cut):
-    """Two streams from one: the first `cut` characters, then the rest (the second read only after the first)."""
-    pieces = iter(pieces)
-    rest = []
-
-    def head():
-        seen = 0
-        for piece in pieces:
-            if seen + len(piece) <= cut:
-                seen += len(piece)
-                yield piece
-                continue
-            yield piece[:cut - seen]
-            rest.append(piece[cut - seen:])
-            return
-
-    def tail():
-        yield from rest
-        yield from pieces
-
-    return head(), tail()
 
 
 # ----------------------------------------------------------------------------- the whole preparation
@@ -308,7 +292,7 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
         raise UserError(f"unknown tokenizer '{tokenizer}': use char or gpt2")
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
-    num_proc = num_proc or os.cpu_count() or 1
+    num_proc = min(num_proc or os.cpu_count() or 1, os.cpu_count() or 1)
     documents = isinstance(source, DocumentSource)
     if documents and source.count < 2:
         raise UserError(f"input '{source.path}' holds {source.count} document: train and val need at least two")
@@ -318,75 +302,89 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
     passes = 2 if tokenizer == "char" or not documents else 1
     with tqdm(total=passes * source.size, unit="B", unit_scale=True, desc=f"prepare {out_dir.name}", mininterval=0.5,
               disable=not progress) as bar:
-        itos, chars = None, None
-        if tokenizer == "char":
-            itos, chars = _vocabulary(source, bar.update)
-        elif not documents:
-            chars = source.char_count(bar.update)
-        workers = _Workers(min(num_proc, os.cpu_count() or 1), tokenizer, itos)
-        try:
-            counts = {}
+        if documents:
+            itos = _vocabulary(source, bar.update) if tokenizer == "char" else None
+        else:
+            itos, split = _scan(source, tokenizer, val_fraction, num_proc, bar.update)
+        counts = {}
 
-            def write_all(files):
+        def write_all(files):
+            bins = {s: files[out_dir / f"{s}.bin"] for s in ("train", "val")}
+            with _Workers(num_proc, tokenizer, itos) as workers:
                 if documents:
                     n_val = max(1, round(source.count * val_fraction))
-                    bins = {split: files[out_dir / f"{split}.bin"] for split in ("train", "val")}
                     counts.update(_write_documents(source, bins, workers, source.count - n_val, bar.update))
                 else:
-                    train, val = _split_at(source.pieces(bar.update), int(chars * (1 - val_fraction)))
-                    for split, stream in (("train", train), ("val", val)):
-                        chunks = _bpe_chunks(stream) if tokenizer == "gpt2" else stream
-                        counts[split] = _write_chunks(chunks, _encode_text, files[out_dir / f"{split}.bin"], workers)
-                if counts["train"] < 2 or counts["val"] < 2:
-                    raise UserError("text is too short to split into train and val: give a longer file")
-                meta = ({"tokenizer": "char", "vocab_size": len(itos), "itos": itos} if tokenizer == "char" else
-                        {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT})
-                files[out_dir / "meta.json"].write(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-                if tokenizer == "char":  # nanoGPT's meta.pkl, so its scripts read our data too
-                    files[out_dir / "meta.pkl"].write(pickle.dumps(
-                        {"vocab_size": len(itos), "itos": dict(enumerate(itos)), "stoi": {c: i for i, c in enumerate(itos)}}))
+                    cut = _bpe_cut if tokenizer == "gpt2" else _char_start
+                    for s, (a, b) in (("train", (0, split)), ("val", (split, source.size))):
+                        results = workers.map(_encode_range, _ranges(source.path, a, b, cut))
+                        counts[s] = _write_ids(results, bins[s], lambda task: bar.update(task[2] - task[1]))
+            if counts["train"] < 2 or counts["val"] < 2:
+                raise UserError("text is too short to split into train and val: give a longer file")
+            meta = ({"tokenizer": "char", "vocab_size": len(itos), "itos": itos} if tokenizer == "char" else
+                    {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT})
+            files[out_dir / "meta.json"].write(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+            if tokenizer == "char":  # nanoGPT's meta.pkl, so its scripts read our data too
+                files[out_dir / "meta.pkl"].write(pickle.dumps(
+                    {"vocab_size": len(itos), "itos": dict(enumerate(itos)), "stoi": {c: i for i, c in enumerate(itos)}}))
 
-            names = ["train.bin", "val.bin", "meta.json"] + (["meta.pkl"] if tokenizer == "char" else [])
-            try:
-                replace_together([out_dir / n for n in names], write_all)
-            except OSError as e:
-                raise UserError(f"cannot write dataset files in {out_dir}: {e.strerror}; the dataset there is as it "
-                                f"was") from None
-        finally:
-            workers.close()
+        names = ["train.bin", "val.bin", "meta.json"] + (["meta.pkl"] if tokenizer == "char" else [])
+        try:
+            replace_together([out_dir / n for n in names], write_all)
+        except OSError as e:
+            raise UserError(f"cannot write dataset files in {out_dir}: {e.strerror}; the dataset there is as it "
+                            f"was") from None
     return {"train": counts["train"], "val": counts["val"], "vocab_size": len(itos) if itos else GPT2_VOCAB_SIZE}
 
 
-def _vocabulary(source, progress):
-    """(sorted distinct characters, character count) in one pass: each piece's code points marked in a table of
-    every Unicode code point (a vectorised scatter, no sorting)."""
-    present, count = np.zeros(0x110000, dtype=bool), 0
-    stream = source.pieces(progress) if isinstance(source, TextSource) else _with_separators(source.documents(progress))
-    for piece in stream:
-        codes = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
-        present[codes] = True
-        count += len(codes)
+def _scan(source, tokenizer, val_fraction, num_proc, progress):
+    """The first pass over a text file, on the workers: (the char vocabulary or None, the byte offset where val
+    starts: after the first (1 - val_fraction) of the characters)."""
+    ranges = list(_ranges(source.path, 0, source.size, _char_start))
+    counts, present = [], np.zeros(0x110000, dtype=bool)
+    with _Workers(num_proc) as workers:
+        for task, (count, codes) in workers.map(functools.partial(_scan_range, codes=tokenizer == "char"), ranges):
+            counts.append(count)
+            if codes is not None:
+                present[codes] = True
+            progress(task[2] - task[1])
+    itos = None
+    if tokenizer == "char":
+        itos = _itos(present)
+    k = int(sum(counts) * (1 - val_fraction))
+    for (path, a, b), n in zip(ranges, counts):
+        if k < n:  # the k-th character of this range
+            starts = np.flatnonzero((np.frombuffer(_read(path, a, b), dtype=np.uint8) & 0xC0) != 0x80)
+            return itos, a + int(starts[k])
+        k -= n
+    return itos, source.size
+
+
+def _itos(present):
+    """The sorted characters marked in a table of every Unicode code point; a UserError past uint16's ids."""
     seen = np.flatnonzero(present)
     if len(seen) > 65535:
         raise UserError(f"text has {len(seen)} distinct characters; uint16 ids allow 65535: use --tokenizer=gpt2")
-    return [chr(c) for c in seen.tolist()], count
+    return [chr(c) for c in seen.tolist()]
 
 
-def _with_separators(docs):
-    for doc in docs:
-        yield doc + DOC_SEPARATOR
+def _vocabulary(source, progress):
+    """The sorted distinct characters of a DocumentSource (with the separators), in one pass: each document's code
+    points marked in a table of every Unicode code point (a vectorised scatter, no sorting)."""
+    present = np.zeros(0x110000, dtype=bool)
+    for doc in source.documents(progress):
+        present[np.frombuffer((doc + DOC_SEPARATOR).encode("utf-32-le"), dtype=np.uint32)] = True
+    return _itos(present)
 
 
-def _write_chunks(chunks, fn, f, workers):
-    """Encode chunks on the workers and write their ids to f in order. Returns the number of tokens."""
+def _write_ids(results, f, done=None):
+    """Write the (task, ids) results to f in order; done(task) after each. Returns the number of tokens."""
     written = 0
-    for chunk in chunks:
-        for ids in workers.submit(fn, chunk):
-            f.write(ids)
-            written += len(ids) // 2
-    for ids in workers.drain():
+    for task, ids in results:
         f.write(ids)
         written += len(ids) // 2
+        if done is not None:
+            done(task)
     return written
 
 
@@ -412,7 +410,7 @@ def _write_documents(source, bins, workers, n_train, progress):
                     batch, size = [], 0
             if batch:
                 yield batch
-        counts[split] = _write_chunks(batches(), _encode_documents, bins[split], workers)
+        counts[split] = _write_ids(workers.map(_encode_documents, batches()), bins[split])
     return counts
 
 
@@ -422,8 +420,11 @@ def build_dataset(text, out_dir, tokenizer="char", val_fraction=0.1, progress=Tr
     """prepare_dataset of a string (tests, small texts)."""
     if not text:
         raise UserError("input text is empty: give a file with some text in it")
-    return prepare_dataset(TextSource(text=text), out_dir, tokenizer, val_fraction=val_fraction, num_proc=num_proc,
-                           progress=progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "input.txt"
+        path.write_text(text, encoding="utf-8")
+        return prepare_dataset(TextSource(path), out_dir, tokenizer, val_fraction=val_fraction, num_proc=num_proc,
+                               progress=progress)
 
 
 def write_token_stream(chunks, path):

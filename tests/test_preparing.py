@@ -38,8 +38,8 @@ def mixed_text(shakespeare_text):
 def test_a_file_in_small_chunks_on_two_processes_equals_the_whole(tmp_path, monkeypatch, mixed_text, tokenizer):
     path = tmp_path / "in.txt"
     path.write_text(mixed_text, encoding="utf-8")
-    monkeypatch.setattr(preparing, "BLOCK_BYTES", 65_537)  # blocks and chunks far smaller than the text
-    monkeypatch.setattr(preparing, "CHUNK_CHARS", 50_000)
+    monkeypatch.setattr(preparing, "CHUNK_BYTES", 65_537)  # chunks far smaller than the text, cut mid-character
+    monkeypatch.setattr(preparing, "SEARCH_BYTES", 3)  # the search for a safe BPE cut grows its window
     expected = reference(mixed_text, tokenizer)
     for num_proc in (1, 2):
         out = tmp_path / f"p{num_proc}"
@@ -116,19 +116,30 @@ def test_bad_inputs_are_one_line_errors_and_leave_the_old_dataset(tmp_path, data
 
 def test_an_interrupt_midway_leaves_no_partial_files(tmp_path, monkeypatch, mixed_text):
     out = tmp_path / "ds"
-    prepare_dataset(TextSource(text="old text, " * 100), out, "char", num_proc=1, progress=False)
+    (tmp_path / "old.txt").write_text("old text, " * 100, encoding="utf-8")
+    prepare_dataset(TextSource(tmp_path / "old.txt"), out, "char", num_proc=1, progress=False)
     before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
     calls = {"n": 0}
-    real = preparing._encode_text
+    real = preparing._encode_range
 
-    def interrupted(text):
+    def interrupted(task):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(text)
+        return real(task)
 
-    monkeypatch.setattr(preparing, "_encode_text", interrupted)
-    monkeypatch.setattr(preparing, "CHUNK_CHARS", 100_000)
+    monkeypatch.setattr(preparing, "_encode_range", interrupted)
+    monkeypatch.setattr(preparing, "CHUNK_BYTES", 100_000)
+    (tmp_path / "mixed.txt").write_text(mixed_text, encoding="utf-8")
     with pytest.raises(KeyboardInterrupt):
-        prepare_dataset(TextSource(text=mixed_text), out, "gpt2", num_proc=1, progress=False)
+        prepare_dataset(TextSource(tmp_path / "mixed.txt"), out, "gpt2", num_proc=1, progress=False)
     assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before  # no temp files either
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_a_file_cut_inside_a_character_is_named_with_the_offset(tmp_path, tokenizer):
+    path = tmp_path / "cut.txt"
+    path.write_bytes(b"fine text " * 100 + "é".encode("utf-8")[:1])
+    with pytest.raises(preparing.UserError, match=r"is not UTF-8 text \(it ends inside a character, at byte 1000\)"):
+        prepare_dataset(TextSource(path), tmp_path / "out", tokenizer, num_proc=1, progress=False)
+    assert not (tmp_path / "out" / "train.bin").exists()
