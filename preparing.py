@@ -192,17 +192,15 @@ class _CharEncoder:
 
 class _GPT2Encoder:
     def __init__(self):
-        self.enc = GPT2Tokenizer()
+        self.enc = GPT2Tokenizer().enc
 
-    def encode(self, text):
-        return np.array(self.enc.encode(text), dtype=np.uint16).tobytes()  # a literal <|endoftext|> separates documents
+    def encode(self, text):  # a literal <|endoftext|> separates documents
+        return self.enc.encode_to_numpy(text, allowed_special={"<|endoftext|>"}).astype(np.uint16).tobytes()
 
     def encode_documents(self, docs):
-        ids = []
-        for doc in docs:
-            ids.extend(self.enc.encode_ordinary(doc))
-            ids.append(GPT2_EOT)
-        return np.array(ids, dtype=np.uint16).tobytes()
+        eot = np.array([GPT2_EOT], dtype=np.uint32)
+        parts = [a for doc in docs for a in (self.enc.encode_to_numpy(doc, disallowed_special=()), eot)]
+        return np.concatenate(parts).astype(np.uint16).tobytes()
 
 
 def _scan_range(task, codes=False):

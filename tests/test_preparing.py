@@ -139,7 +139,7 @@ def test_an_interrupt_midway_leaves_no_partial_files(tmp_path, monkeypatch, mixe
 @pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
 def test_a_file_cut_inside_a_character_is_named_with_the_offset(tmp_path, tokenizer):
     path = tmp_path / "cut.txt"
-    path.write_bytes(b"fine text " * 100 + "é".encode("utf-8")[:1])
+    path.write_bytes(b"fine text " * 100 + "é".encode()[:1])
     with pytest.raises(preparing.UserError, match=r"is not UTF-8 text \(it ends inside a character, at byte 1000\)"):
         prepare_dataset(TextSource(path), tmp_path / "out", tokenizer, num_proc=1, progress=False)
     assert not (tmp_path / "out" / "train.bin").exists()

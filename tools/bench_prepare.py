@@ -5,6 +5,7 @@ data/prepare_text.py for char and gpt2, beside single-thread tiktoken (encode_or
 
 Without --input, tiny-shakespeare (data/shakespeare_char/input.txt) is repeated to --size_mb in a temp directory.
 Each preparation runs as its own process, as a user runs it; memory is sampled from /proc every 20 ms (Linux).
+tiktoken is timed before and after each preparation, which is compared with the mean of the two.
 """
 import argparse
 import os
@@ -91,15 +92,20 @@ def main(argv):
                     f.write(text)
         size = path.stat().st_size
         print(f"input {path.name}: {size / 1e6:,.0f} MB on {os.cpu_count()} cores", flush=True)
-        rate = tiktoken_rate(path)
-        print(f"tiktoken encode_ordinary, one thread: {rate:6.1f} MB/s", flush=True)
+        # tiktoken is timed before and after each preparation, and each is compared with the mean of the two
+        # around it: this machine's speed drifts by tens of percent within minutes
+        rates = [tiktoken_rate(path)]
+        print(f"tiktoken encode_ordinary, one thread: {rates[-1]:6.1f} MB/s", flush=True)
         for tokenizer in args.tokenizers.split(","):
             cmd = [sys.executable, str(ROOT / "data" / "prepare_text.py"), f"--input={path}", f"--name={tokenizer}",
                    f"--data_dir={tmp}", f"--tokenizer={tokenizer}", f"--num_proc={args.num_proc}"]
             seconds, peak = run_measured(cmd)
+            rates.append(tiktoken_rate(path))
+            rate = (rates[-2] + rates[-1]) / 2
             print(f"prepare_text --tokenizer={tokenizer:<5} {size / seconds / 1e6:6.1f} MB/s "
                   f"({size / seconds / 1e6 / rate:4.2f}x tiktoken), {seconds:6.1f} s, peak memory {peak / 2**20:,.0f} MB "
                   f"(all processes)", flush=True)
+            print(f"tiktoken encode_ordinary, one thread: {rates[-1]:6.1f} MB/s", flush=True)
     return 0
 
 
