@@ -4,7 +4,7 @@ together or not at all. Memory stays bounded by the chunks in flight, whatever t
 read a text file themselves, in byte ranges (a first pass counts its characters, and collects a char vocabulary; a
 second tokenizes), so this process only hands out offsets and writes; documents are read here.
 
-Splits. A single text (file or string): its first (1 - val_fraction) of the characters are train, the rest val,
+Splits. A single text file: its first (1 - val_fraction) of the characters are train, the rest val,
 as nanoGPT's shakespeare scripts cut it (a dataset prepared before comes out byte for byte the same). Documents
 (a directory's files in sorted order, or JSONL lines): the last documents are val (at least one); gpt2 puts the
 end-of-text token after each document (as data/openwebtext/prepare.py), char a blank line ("\\n\\n").
@@ -415,7 +415,7 @@ def _write_documents(source, bins, workers, n_train, progress):
 # ----------------------------------------------------------------------------- in-memory text and the scripts
 
 def build_dataset(text, out_dir, tokenizer="char", val_fraction=0.1, progress=True, num_proc=1):
-    """prepare_dataset of a string (tests, small texts)."""
+    """prepare_dataset of a string (tests, small texts), by way of a temporary file."""
     if not text:
         raise UserError("input text is empty: give a file with some text in it")
     with tempfile.TemporaryDirectory() as tmp:
