@@ -228,3 +228,14 @@ def test_optimizer_family_compares_at_equal_steps_and_equal_time(tmp_path):
     # AdamW's last evaluation is at 200 s; by then Muon had evaluated step 100 (at 150 s), not step 200 (300 s)
     assert "equal time (200 s, the shorter run's last evaluation): exp6_adamw val 1.8000 at step 200; " \
            "exp6_muon val 1.7000 at step 100" in analysis
+
+
+def test_time_to_quality_refuses_bad_runs_before_running_any(tmp_path):
+    cases = [(["--runs=nanogpt,main"], "unknown run main: choose from nanogpt, recipe, cpu, cpu_muon, fast"),
+             (["--runs=nanogpt,fast"], "--runs names nanogpt but no checkout is given: pass --nanogpt=PATH"),
+             ([f"--nanogpt={tmp_path}"], "has no train.py: give the directory of a nanoGPT checkout"),
+             (["--runs=fast", "--rounds=0"], "--rounds=0 must be at least 1"),
+             (["--runs=fast", f"--data_dir={tmp_path}"], f"no shakespeare_char in {tmp_path}")]
+    for args, message in cases:
+        assert_one_line_error(run_script("tools/time_to_quality.py", *args), message)
+    assert not list(tmp_path.iterdir())

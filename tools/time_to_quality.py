@@ -6,9 +6,9 @@ the val split (its ckpt.pt, float32). The figures behind README's Performance se
 Runs (alternated round by round, so the machine's drift hits all alike; --runs picks some):
   nanogpt          nanoGPT's own train.py (a checkout at --nanogpt) with its README's CPU recipe
   recipe           this toolkit's train.py with exactly those hyperparameters
-  main             the README's main job: config/train_shakespeare_char_cpu.py
-  main_muon        the main job with --optimizer=muon
-  fast             config/train_shakespeare_char_fast.py: the main job cut to reach nanoGPT's quality sooner
+  cpu              config/train_shakespeare_char_cpu.py: nanoGPT's recipe at a better learning rate (2000 AdamW steps)
+  cpu_muon         that config with --optimizer=muon
+  fast             config/train_shakespeare_char_fast.py, the README's main job: Muon at batch 32 for 240 steps
 Each run writes to a temp directory; nothing in the toolkit's out dirs is touched.
 """
 import argparse
@@ -35,11 +35,12 @@ from trainer import checkpoint_split, whole_split_loss  # noqa: E402
 NANOGPT_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                   "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
                   "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+DEFAULT_RUNS = "nanogpt,recipe,cpu,cpu_muon,fast"
 RUNS = {
     "nanogpt": None,
     "recipe": NANOGPT_RECIPE + ["--dtype=float32"],  # nanoGPT's recipe on CPU runs float32 (its float16 would be slow)
-    "main": ["config/train_shakespeare_char_cpu.py"],
-    "main_muon": ["config/train_shakespeare_char_cpu.py", "--optimizer=muon"],
+    "cpu": ["config/train_shakespeare_char_cpu.py"],
+    "cpu_muon": ["config/train_shakespeare_char_cpu.py", "--optimizer=muon"],
     "fast": ["config/train_shakespeare_char_fast.py"],
 }
 
@@ -82,7 +83,7 @@ def main(argv):
     parser = argparse.ArgumentParser(description="Whole runs side by side: wall time and whole-split val loss.")
     parser.add_argument("--nanogpt", help="a nanoGPT checkout (git archive of karpathy/nanoGPT); without it, no "
                                           "nanogpt run")
-    parser.add_argument("--runs", default="nanogpt,recipe,main,main_muon,fast", help="comma-separated runs")
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma-separated runs (default {DEFAULT_RUNS})")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of all runs (default 1)")
     parser.add_argument("--data_dir", default=str(ROOT / "data"), help="where shakespeare_char is prepared")
     args = parser.parse_args(argv)
@@ -91,7 +92,14 @@ def main(argv):
     if unknown:
         raise UserError(f"unknown run {unknown[0]}: choose from {', '.join(RUNS)}")
     if "nanogpt" in names and not args.nanogpt:
+        if args.runs != DEFAULT_RUNS:
+            raise UserError("--runs names nanogpt but no checkout is given: pass --nanogpt=PATH (a git archive of "
+                            "karpathy/nanoGPT)")
         names.remove("nanogpt")
+    if args.nanogpt and not (Path(args.nanogpt) / "train.py").exists():
+        raise UserError(f"--nanogpt={args.nanogpt} has no train.py: give the directory of a nanoGPT checkout")
+    if args.rounds < 1:
+        raise UserError(f"--rounds={args.rounds} must be at least 1")
     if not (Path(args.data_dir) / "shakespeare_char" / "val.bin").exists():
         raise UserError(f"no shakespeare_char in {args.data_dir}: run python data/shakespeare_char/prepare.py")
     walls, losses = {n: [] for n in names}, {n: [] for n in names}
