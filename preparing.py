@@ -65,6 +65,17 @@ def _read(path, start, stop):
         return f.read(stop - start)
 
 
+def _read_text(path, start, stop, data=None):
+    """Bytes start..stop of the file (data, when already read) decoded strictly, as _decode says."""
+    data = _read(path, start, stop) if data is None else data
+    return _decode(data, path=path, offset=start, at_end=stop == os.path.getsize(path))
+
+
+def _char_starts(data):
+    """Where characters start in UTF-8 bytes: every byte that does not continue a sequence (no decoding needed)."""
+    return (np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80
+
+
 def _char_start(f, pos, end):
     """The first offset at or after pos that does not continue a UTF-8 character (end at the latest)."""
     if pos >= end:
@@ -207,19 +218,17 @@ def _scan_range(task, codes=False):
     """(characters, with codes=True also the distinct code points, for a char vocabulary) of a byte range."""
     path, start, stop = task
     data = _read(path, start, stop)
-    count = int(np.count_nonzero((np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80))
+    count = int(np.count_nonzero(_char_starts(data)))
     if not codes:  # gpt2 needs only the count; the encoding pass checks the decoding
         return count, None
-    text = _decode(data, path=path, offset=start, at_end=stop == os.path.getsize(path))
+    text = _read_text(path, start, stop, data)
     present = np.zeros(0x110000, dtype=bool)
     present[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)] = True
     return count, np.flatnonzero(present).astype(np.uint32)
 
 
 def _encode_range(task):
-    path, start, stop = task
-    text = _decode(_read(path, start, stop), path=path, offset=start, at_end=stop == os.path.getsize(path))
-    return _encoder.encode(text)
+    return _encoder.encode(_read_text(*task))
 
 
 def _encode_documents(docs):
@@ -352,8 +361,7 @@ def _scan(source, tokenizer, val_fraction, num_proc, progress):
     k = int(sum(counts) * (1 - val_fraction))
     for (path, a, b), n in zip(ranges, counts):
         if k < n:  # the k-th character of this range
-            starts = np.flatnonzero((np.frombuffer(_read(path, a, b), dtype=np.uint8) & 0xC0) != 0x80)
-            return itos, a + int(starts[k])
+            return itos, a + int(np.flatnonzero(_char_starts(_read(path, a, b)))[k])
         k -= n
     return itos, source.size
 
