@@ -75,6 +75,7 @@ class Config:
     compile = "auto"  # torch.compile the model: auto (on for CUDA only) | True | False
     fused_adamw = True  # the fused AdamW kernel where the device has one (CPU, CUDA, MPS)
     fast_cpu_attention = True  # on CPU: explicit attention for bf16 and dropout, float32 for cached decoding (faster)
+    keep_cpu_memory = True  # on CPU: glibc's malloc keeps what a step frees for the next, instead of page-faulting it back
     seed = 1337  # seed for initialisation, batch sampling and dropout
     activation_checkpointing = False  # recompute each block in the backward pass: about one block's activations held, not all
     check_memory = True  # before any work, refuse a run whose memory estimate cannot fit the device (with the fix)

@@ -129,11 +129,14 @@ def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None,
     """Move model to device and build what trains it: AdamW (weight decay on 2-D weights only; fused where the device
     has the kernel unless fused=False or cfg.fused_adamw is off), or with cfg.optimizer=muon Muon for the blocks'
     matrices and that AdamW for the rest; autocast for dtype, a GradScaler for float16, TF32 matmuls on CUDA (the GPU
-    peak table's float32 figures assume them), and activation checkpointing as cfg says. shard=True shards the model
+    peak table's float32 figures assume them), glibc keeping freed memory on CPU (cfg.keep_cpu_memory), and
+    activation checkpointing as cfg says. shard=True shards the model
     with FSDP first (under torchrun), so the optimizer's state is sharded too."""
     kind = hardware.device_type(device)
     if kind == "cuda":
         torch.set_float32_matmul_precision("high")
+    if kind == "cpu" and getattr(cfg, "keep_cpu_memory", True):
+        hardware.keep_freed_memory()  # for the whole process: there is no undoing it
     model.config.activation_checkpointing = getattr(cfg, "activation_checkpointing", False)
     model.to(device)
     if shard:

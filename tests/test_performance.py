@@ -1,13 +1,14 @@
 """Correctness of the speed features (never their timings): KV cache, CPU attention paths, dtype choice,
 batches without memory growth, and the benchmark tool running."""
 import math
+import platform
 import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TRAIN, run_script
+from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 import hardware
 from dataset import Dataset, get_batch, train_offsets
@@ -307,3 +308,23 @@ def test_bench_runs_both_modes(data_dir, monkeypatch):
     else:
         assert not cache_in_float32, r.stdout  # already float32: the first ratio is that one
     assert re.search(r"speedup: [\d.]+x more tokens/s with every sampling feature on than with all off", r.stdout)
+
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs Linux with glibc")
+def test_cpu_training_keeps_freed_memory_instead_of_page_faulting_it_back(data_dir):
+    """keep_cpu_memory (on by default): a CPU step of the main job's model reuses the memory the previous one freed;
+    with glibc's defaults it page-faults thousands of pages back in every step (bench --allocator, fresh processes)."""
+    r = run_script("tools/bench.py", "--allocator", "config/train_shakespeare_char_fast.py", f"--data_dir={data_dir}",
+                   "--n_layer=2", "--iters=4", "--warmup=2", "--rounds=1")
+    assert r.returncode == 0, r.stderr
+    faults = {keep: float(n.replace(",", "")) for keep, n in
+              re.findall(r"keep_cpu_memory=(True|False) +[\d.]+ ms/iter +([\d,]+) page faults per iteration", r.stdout)}
+    assert faults["False"] > 500 and faults["True"] < faults["False"] / 10, r.stdout
+    assert re.search(r"speedup: [\d.]+x faster per iteration with keep_cpu_memory", r.stdout)
+
+
+def test_bench_allocator_needs_a_cpu_run(data_dir, monkeypatch):
+    monkeypatch.setattr(hardware, "resolve_device", lambda name: "cuda")  # as on a machine with a GPU
+    r = run_script("tools/bench.py", "--allocator", "config/train_shakespeare_char_fast.py", f"--data_dir={data_dir}")
+    assert_one_line_error(r, "--allocator", "--device=cpu")

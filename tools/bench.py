@@ -5,6 +5,7 @@ the KV cache. Figures for README come from here.
     python tools/bench.py --sample config/train_shakespeare_char.py [--max_new_tokens=500] [--num_samples=1]
     python tools/bench.py --batching config/train_shakespeare.py --dataset=DOCS [--key=value ...]
     python tools/bench.py --checkpointing config/train_shakespeare_char.py --block_size=1024 --n_layer=6 --batch_size=4
+    python tools/bench.py --allocator config/train_shakespeare_char.py --device=cpu [--iters=5] [--rounds=3]
 
 Training: ms per iteration after warm-up (median over rounds), tokens/s, MFU against the peak of the device for
 that dtype (a spec table for known GPUs, else a measured matmul), and peak memory (CUDA allocator peak, or the
@@ -16,7 +17,9 @@ torch's attention: what nanoGPT's sample.py does on CPU), and, when the dtype is
 --batching times the two ways of batching a dataset of documents (separated by an end-of-text token): packed rows
 of block_size (--packing=True) and whole documents padded to each batch's longest (--padding=True), counting only
 real tokens (targets that are not padding) in tokens/s. --checkpointing times the config with and without
---activation_checkpointing (ms per iteration, alternated; peak memory each in a fresh process).
+--activation_checkpointing (ms per iteration, alternated; peak memory each in a fresh process). --allocator times
+the config on CPU with keep_cpu_memory on and off, each round a fresh process per setting, with page faults per
+iteration.
 """
 import copy
 import statistics
@@ -40,7 +43,7 @@ from trainer import build_training, scratch_model_args, train_step  # noqa: E402
 OPTIONS = {"--iters": (int, 20), "--warmup": (int, 3), "--rounds": (int, 3), "--compare": (bool, False),
            "--sample": (bool, False), "--max_new_tokens": (int, 500), "--num_samples": (int, 1),
            "--temperature": (float, 0.8), "--top_k": (int, 200), "--memory_of": (str, ""), "--batching": (bool, False),
-           "--checkpointing": (bool, False)}
+           "--checkpointing": (bool, False), "--allocator": (bool, False), "--steps_of": (str, "")}
 
 
 class Variant:
@@ -114,6 +117,15 @@ def train_bench(cfg, opts, argv):
     if opts["memory_of"]:
         print(f"peak_bytes {variant(opts['memory_of'], cfg, dataset, vocab_size, device).peak_memory()}")
         return
+    if opts["steps_of"]:
+        import resource  # Unix: the page-fault count
+        v = variant(opts["steps_of"], cfg, dataset, vocab_size, device)
+        v.steps(opts["warmup"])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds = v.steps(opts["iters"])
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / opts["iters"]
+        print(f"seconds_per_iter {seconds} faults_per_iter {faults}")
+        return
     names = ["on", "checkpointed"] if opts["checkpointing"] else ["on", "off"] if opts["compare"] else ["on"]
     variants = [variant(which, cfg, dataset, vocab_size, device) for which in names]
     tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
@@ -143,6 +155,26 @@ def train_bench(cfg, opts, argv):
               f"{rows[1][1] / rows[0][1]:.2f}x the time per iteration")
     elif len(rows) == 2:
         print(f"speedup: {rows[1][1] / rows[0][1]:.2f}x faster per iteration with the speed features on")
+
+
+def allocator_bench(cfg, opts, argv):
+    """keep_cpu_memory on against off, each in fresh processes (glibc's setting holds for a whole process), in
+    alternating rounds: ms per iteration and page faults per iteration, medians over the rounds."""
+    if hardware.device_type(hardware.resolve_device(cfg.device)) != "cpu":
+        raise UserError("--allocator measures glibc's malloc on a CPU run: add --device=cpu")
+    base = [a for a in argv if not a.startswith(("--allocator", "--rounds", "--keep_cpu_memory"))]
+    seconds, faults = {True: [], False: []}, {True: [], False: []}
+    for _ in range(opts["rounds"]):
+        for keep in (True, False):
+            cmd = [sys.executable, str(Path(__file__).resolve()), *base, f"--keep_cpu_memory={keep}", "--steps_of=on"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+            seconds[keep].append(float(out[out.index("seconds_per_iter") + 1]))
+            faults[keep].append(float(out[out.index("faults_per_iter") + 1]))
+    ms = {keep: 1000 * statistics.median(seconds[keep]) for keep in seconds}
+    for keep in (True, False):
+        print(f"keep_cpu_memory={keep!s:<5} {ms[keep]:9.1f} ms/iter  {statistics.median(faults[keep]):10,.0f} page "
+              f"faults per iteration  (medians of {opts['rounds']} fresh processes)")
+    print(f"speedup: {ms[False] / ms[True]:.2f}x faster per iteration with keep_cpu_memory")
 
 
 def batching_bench(cfg, opts):
@@ -231,6 +263,8 @@ def main(argv):
         sample_bench(cfg, opts)
     elif opts["batching"]:
         batching_bench(cfg, opts)
+    elif opts["allocator"]:
+        allocator_bench(cfg, opts, argv)
     else:
         train_bench(cfg, opts, argv)
     return 0
