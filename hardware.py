@@ -200,7 +200,7 @@ def keep_freed_memory():
     """Make glibc's malloc keep the memory a training step frees for the next one: blocks up to 1 GB come from its
     heap instead of fresh mmaps, and the heap is not given back to the system until 2 GB of it are free. With
     glibc's defaults every CPU step page-faults much of its activation memory back in (see README, Performance);
-    the peak is the same either way. Linux with glibc only: returns whether the setting took."""
+    the peak stays within a few percent. Linux with glibc only: returns whether the setting took."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -130,8 +130,8 @@ def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None,
     has the kernel unless fused=False or cfg.fused_adamw is off), or with cfg.optimizer=muon Muon for the blocks'
     matrices and that AdamW for the rest; autocast for dtype, a GradScaler for float16, TF32 matmuls on CUDA (the GPU
     peak table's float32 figures assume them), glibc keeping freed memory on CPU (cfg.keep_cpu_memory), and
-    activation checkpointing as cfg says. shard=True shards the model
-    with FSDP first (under torchrun), so the optimizer's state is sharded too."""
+    activation checkpointing as cfg says. shard=True shards the model with FSDP first (under torchrun), so the
+    optimizer's state is sharded too."""
     kind = hardware.device_type(device)
     if kind == "cuda":
         torch.set_float32_matmul_precision("high")

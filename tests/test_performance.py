@@ -310,17 +310,45 @@ def test_bench_runs_both_modes(data_dir, monkeypatch):
     assert re.search(r"speedup: [\d.]+x more tokens/s with every sampling feature on than with all off", r.stdout)
 
 
+def churn_faults(nbytes, cycles=3, warmup=12):
+    """Page faults per cycle of allocating, filling and freeing one block of nbytes, after warm-up cycles (torch's
+    aligned allocations leave a few freed blocks beside each other before glibc reuses them)."""
+    import resource
+    for _ in range(warmup):
+        torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(cycles):
+        torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / cycles
+
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs Linux with glibc")
-def test_cpu_training_keeps_freed_memory_instead_of_page_faulting_it_back(data_dir):
-    """keep_cpu_memory (on by default): a CPU step of the main job's model reuses the memory the previous one freed;
-    with glibc's defaults it page-faults thousands of pages back in every step (bench --allocator, fresh processes)."""
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_training_keeps_freed_memory_instead_of_page_faulting_it_back(keep, monkeypatch):
+    """keep_cpu_memory (on by default): build_training on CPU has glibc keep freed memory for reuse. With glibc's
+    defaults a block over 32 MB is mapped afresh every time (16,384 faults for 64 MB); kept, it faults no more.
+    The setting holds for the whole process, so the off case checks that it is not asked for."""
+    from train_config import load_config
+    from trainer import build_training
+    calls = []
+    real = hardware.keep_freed_memory
+    monkeypatch.setattr(hardware, "keep_freed_memory", lambda: calls.append(1) or real())
+    cfg, _ = load_config([] if keep else ["--keep_cpu_memory=False"])
+    build_training(GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=32)), cfg, device="cpu",
+                   dtype="float32")
+    assert len(calls) == (1 if keep else 0)
+    if keep:
+        assert churn_faults(64 << 20) < 1000
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs Linux with glibc")
+def test_bench_allocator_times_both_settings_in_fresh_processes(data_dir):
     r = run_script("tools/bench.py", "--allocator", "config/train_shakespeare_char_fast.py", f"--data_dir={data_dir}",
-                   "--n_layer=2", "--iters=4", "--warmup=2", "--rounds=1")
+                   "--n_layer=1", "--iters=2", "--warmup=1", "--rounds=1")
     assert r.returncode == 0, r.stderr
-    faults = {keep: float(n.replace(",", "")) for keep, n in
-              re.findall(r"keep_cpu_memory=(True|False) +[\d.]+ ms/iter +([\d,]+) page faults per iteration", r.stdout)}
-    assert faults["False"] > 500 and faults["True"] < faults["False"] / 10, r.stdout
+    lines = re.findall(r"keep_cpu_memory=(True|False) +[\d.]+ ms/iter +([\d,]+) page faults per iteration +"
+                       r"\(medians of 1 fresh processes\)", r.stdout)
+    assert [keep for keep, _ in lines] == ["True", "False"], r.stdout
     assert re.search(r"speedup: [\d.]+x faster per iteration with keep_cpu_memory", r.stdout)
 
 
