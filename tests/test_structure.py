@@ -77,11 +77,12 @@ def test_every_tool_has_help(tool):
 
 def test_scripts_freeze_their_objects_at_exit():
     """Every script runs through errors.run_main; importing errors makes the interpreter's exit skip walking the
-    objects torch made (gc.freeze at exit), which saves about a second per script."""
+    objects torch made (gc.freeze at exit), which saves about a second per script. (Without torch here, to be quick:
+    the interpreter's own objects are frozen the same way.)"""
     code = ("import atexit, gc, sys\n"
             "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"  # runs after errors' handler
             f"sys.path.insert(0, {str(ROOT)!r})\n"
-            "import errors, torch\n")
+            "import errors\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout.split()[-1]) > 10_000, result.stdout
+    assert int(result.stdout.split()[-1]) > 1_000, result.stdout
