@@ -101,12 +101,17 @@ def variant(which, cfg, dataset, vocab_size, device):
     return Variant("all features off", cfg, dataset, vocab_size, device, "float32", False, False, False)
 
 
+def fresh_process(argv, *names):
+    """Run this tool with argv in a new process; the numbers it prints after each of names."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    return [float(out[out.index(name) + 1]) for name in names]
+
+
 def peak_memory_in_fresh_process(which, argv):
     """Each variant's memory in a process of its own: freed memory stays with the process (glibc keeps it), so
     a second variant measured in the same process would reuse the first one's pages and look smaller."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, f"--memory_of={which}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return int(out.split("peak_bytes ")[1].split()[0])
+    return int(fresh_process([*argv, f"--memory_of={which}"], "peak_bytes")[0])
 
 
 def train_bench(cfg, opts, argv):
@@ -166,10 +171,10 @@ def allocator_bench(cfg, opts, argv):
     seconds, faults = {True: [], False: []}, {True: [], False: []}
     for _ in range(opts["rounds"]):
         for keep in (True, False):
-            cmd = [sys.executable, str(Path(__file__).resolve()), *base, f"--keep_cpu_memory={keep}", "--steps_of=on"]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
-            seconds[keep].append(float(out[out.index("seconds_per_iter") + 1]))
-            faults[keep].append(float(out[out.index("faults_per_iter") + 1]))
+            step, fault = fresh_process([*base, f"--keep_cpu_memory={keep}", "--steps_of=on"], "seconds_per_iter",
+                                        "faults_per_iter")
+            seconds[keep].append(step)
+            faults[keep].append(fault)
     ms = {keep: 1000 * statistics.median(seconds[keep]) for keep in seconds}
     for keep in (True, False):
         print(f"keep_cpu_memory={keep!s:<5} {ms[keep]:9.1f} ms/iter  {statistics.median(faults[keep]):10,.0f} page "
