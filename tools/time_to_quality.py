@@ -8,7 +8,7 @@ Runs (alternated round by round, so the machine's drift hits all alike; --runs p
   recipe           this toolkit's train.py with exactly those hyperparameters
   cpu              config/train_shakespeare_char_cpu.py: nanoGPT's recipe at a better learning rate (2000 AdamW steps)
   cpu_muon         that config with --optimizer=muon
-  fast             config/train_shakespeare_char_fast.py, the README's main job: Muon at batch 32 for 240 steps
+  fast             config/train_shakespeare_char_fast.py, the README's main job: 2 layers, Muon, batch 32, 280 steps
 Each run writes to a temp directory; nothing in the toolkit's out dirs is touched.
 """
 import argparse
