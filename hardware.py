@@ -208,6 +208,7 @@ def keep_freed_memory():
     except (OSError, AttributeError):  # another C library (musl)
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    # the trim threshold only if the mmap one took: alone it made steps slower (each big block freshly mapped)
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
