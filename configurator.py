@@ -15,7 +15,7 @@ import io
 import tokenize
 import types
 
-from errors import ConfigError
+from gpt_toolkit.errors import ConfigError
 
 
 def defaults_of(cls):
@@ -136,44 +136,6 @@ def format_config(config):
     """The final config, one 'key = value' per line, for the top of a run's log."""
     width = max(len(k) for k in config)
     return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in config.items())
-
-
-def pop_options(argv, spec, usage=None):
-    """Take a tool's own options out of a train.py-style command line.
-
-    spec maps '--name' to (type, default); type list collects repeated options. Accepts --name=value and
-    --name value; a bool option alone (--compare) means True and never takes the next argument as its value.
-    Returns ({name: value}, the remaining arguments). With -h/--help, prints usage (the tool's docstring) and its
-    options first; --help stays in the remaining arguments, so load_config then lists the training keys and exits."""
-    if usage and any(a in ("-h", "--help") for a in argv):
-        print(usage.strip() + "\n\nthis tool's options (default):")
-        for name, (kind, default) in spec.items():
-            print(f"  {name}={default if kind is not list else 'VALUE (repeatable)'}")
-        print("\nand the training config, as train.py takes it:")
-    values = {name.lstrip("-"): ([] if kind is list else default) for name, (kind, default) in spec.items()}
-    rest, it = [], iter(argv)
-    for arg in it:
-        name, sep, text = arg.partition("=")
-        if name not in spec:
-            rest.append(arg)
-            continue
-        kind = spec[name][0]
-        key = name.lstrip("-")
-        if kind is bool:
-            values[key] = check_value(key, text, False, source=arg) if sep else True
-            continue
-        if not sep:
-            text = next(it, None)
-            if text is None:
-                raise ConfigError(f"{name} needs a value: {name}=VALUE")
-        if kind is list:
-            values[key].append(text)
-            continue
-        try:
-            values[key] = kind(text)
-        except ValueError:
-            raise ConfigError(f"{name}={text}: expected {kind.__name__}") from None
-    return values, rest
 
 
 def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="usage: [CONFIG_FILE ...] [--key=value ...]"):

@@ -12,13 +12,14 @@ from types import SimpleNamespace
 
 import torch
 
-import hardware
-from checkpoint import BEST
-from compiling import CompiledOrEager
 from configurator import defaults_of, help_of, parse_args
-from errors import ConfigError, UserError, run_main
-from sampling import load_model, read_prompt, write_samples
-from train_config import check_init_from
+from gpt_toolkit import hardware
+from gpt_toolkit.checkpoint import BEST
+from gpt_toolkit.compiling import CompiledOrEager
+from gpt_toolkit.errors import ConfigError, UserError, run_main
+from gpt_toolkit.process import setup_process
+from gpt_toolkit.sampling import load_model, read_prompt, write_samples
+from gpt_toolkit.train_config import check_init_from
 
 
 class Config:
@@ -39,7 +40,7 @@ class Config:
     interactive = False  # read prompts from stdin, one per line, and answer each (empty line or EOF quits)
 
 
-CHOICES = {"dtype": ["auto", "float32", "bfloat16", "float16"]}
+CHOICES = {"dtype": hardware.DTYPE_CHOICES}
 USAGE = "usage: python sample.py [CONFIG_FILE ...] [--key=value ...]"
 
 
@@ -63,6 +64,7 @@ def main(argv):
         cfg.num_samples = 1  # a conversation: one streamed answer per prompt
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
+    setup_process(device, keep_cpu_memory=False)  # generation frees little: the allocator setting is for training
     prompt = None if cfg.interactive else read_prompt(cfg.start)
     if prompt == "":
         raise UserError("the prompt is empty: give --start some text (the default is a newline)")

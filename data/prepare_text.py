@@ -10,19 +10,19 @@ files (each a document, in sorted order) or a JSON Lines export (.jsonl, the tex
 The input is read, tokenized (on every core: --num_proc) and written in chunks, so memory stays bounded; the files of
 a dataset of that name are replaced only once the new ones are complete.
 """
-import argparse
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the toolkit root, for the library modules
 
-from errors import UserError, run_main  # noqa: E402
-from preparing import open_source, prepare_dataset  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.preparing import open_source, prepare_dataset  # noqa: E402
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = tool_parser(__file__, __doc__)
     parser.add_argument("--input", required=True, help="a UTF-8 text file, a directory of them, or a .jsonl file")
     parser.add_argument("--name", required=True, help="dataset name: files go to data/NAME/")
     parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char", help="char (default) or gpt2 BPE")
@@ -30,7 +30,7 @@ def main(argv):
     parser.add_argument("--text_field", default="text", help="JSONL: the key holding each document's text (default text)")
     parser.add_argument("--num_proc", type=int, default=0, help="tokenizer processes (default: one per core)")
     parser.add_argument("--data_dir", default=str(HERE), help="where dataset directories live (default: this data/ dir)")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     if args.num_proc < 0:
         raise UserError(f"--num_proc={args.num_proc} must be positive (or 0 for one per core)")
     source = open_source(args.input, args.text_field)

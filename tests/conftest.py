@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from errors import run_main  # noqa: E402
-from hardware import resolve_dtype  # noqa: E402
-from preparing import build_dataset  # noqa: E402
-from tokenizer import TINY_SHAKESPEARE_URL, download, read_text  # noqa: E402
+from gpt_toolkit.errors import run_main  # noqa: E402
+from gpt_toolkit.hardware import resolve_dtype  # noqa: E402
+from gpt_toolkit.preparing import build_dataset  # noqa: E402
+from gpt_toolkit.tokenizer import TINY_SHAKESPEARE_URL, download, read_text  # noqa: E402
 
 # A model small enough that a training run takes a couple of seconds on 2 CPU cores. It pins the size of the run
 # only: dtype, compile, the MFU peak and the speed features stay at the defaults a user gets (a suite that pinned

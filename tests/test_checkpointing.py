@@ -7,9 +7,9 @@ import torch
 from conftest import run_script
 from test_resume import assert_same_as_reference, records, train_args
 
-import memory
+from gpt_toolkit import memory
+from gpt_toolkit.train_config import load_config
 from model import GPT, GPTConfig
-from train_config import load_config
 
 
 def loss_and_grads(model, x, seed=0):

@@ -4,9 +4,9 @@ import re
 import pytest
 from conftest import assert_one_line_error, run_script
 
-from configurator import help_of, parse_args, pop_options
-from errors import ConfigError
-from train_config import Config, load_config
+from configurator import help_of, parse_args
+from gpt_toolkit.errors import ConfigError
+from gpt_toolkit.train_config import Config, load_config
 
 
 class Defaults:
@@ -76,7 +76,7 @@ def test_alias_and_cli_keys():
 
 def _train_parse_args():
     from configurator import defaults_of
-    from train_config import ALIASES, CHOICES
+    from gpt_toolkit.train_config import ALIASES, CHOICES
     return defaults_of(Config), help_of(Config), CHOICES, ALIASES
 
 
@@ -112,7 +112,7 @@ def test_config_file_errors(tmp_path):
 def test_shipped_configs_pass_validation():
     from pathlib import Path
 
-    from train_config import validate
+    from gpt_toolkit.train_config import validate
     shipped = sorted(Path(__file__).resolve().parents[1].glob("config/*.py"))
     assert len(shipped) >= 12
     for f in shipped:
@@ -140,19 +140,30 @@ def test_bad_type_from_command_line_exits_2():
     assert_one_line_error(run_script("train.py", "--compile=maybe"), "compile must be one of auto, True, False", code=2)
 
 
-TOOL_OPTIONS = {"--compare": (bool, False), "--iters": (int, 20)}
+def tool_parser_for_test():
+    from gpt_toolkit.cli import tool_parser
+    p = tool_parser("tools/x.py", "x: a tool", training_config=True)
+    p.add_flag("--compare", help="compare")
+    p.add_argument("--iters", type=int, default=20)
+    return p
 
 
-def test_tool_bool_option_alone_is_true_and_leaves_the_next_argument():
-    opts, rest = pop_options(["--compare", "config/x.py", "--iters", "5", "--lr=1"], TOOL_OPTIONS)
-    assert opts == {"compare": True, "iters": 5} and rest == ["config/x.py", "--lr=1"]
-    assert pop_options(["--compare=False"], TOOL_OPTIONS)[0]["compare"] is False
-    assert pop_options(["--compare=true"], TOOL_OPTIONS)[0]["compare"] is True
-    assert pop_options([], TOOL_OPTIONS)[0]["compare"] is False
+def test_tool_bool_option_alone_is_true_and_leaves_the_next_argument(data_dir):
+    """A tool's flag reads like train.py's keys (--compare=True/False) and alone means True without taking the next
+    argument; what the tool's options leave is the training config, read as train.py reads it."""
+    p = tool_parser_for_test()
+    args, cfg = p.parse(["--compare", "config/train_shakespeare_char_cpu.py", "--iters", "5", "--lr=1"])
+    assert (args.compare, args.iters) == (True, 5)
+    assert (cfg.learning_rate, cfg.n_layer, cfg.dataset) == (1.0, 4, "shakespeare_char")  # the file, then --lr
+    assert p.parse(["--compare=False"])[0].compare is False
+    assert p.parse(["--compare=true"])[0].compare is True
+    assert p.parse([])[0].compare is False
 
 
 def test_tool_bool_option_rejects_other_values():
-    with pytest.raises(ConfigError, match=r"--compare=yes: compare must be True or False"):
-        pop_options(["--compare=yes"], TOOL_OPTIONS)
-    with pytest.raises(ConfigError, match=r"--iters needs a value"):
-        pop_options(["--iters"], TOOL_OPTIONS)
+    with pytest.raises(ConfigError, match=r"tools/x.py: argument --compare: expected True or False, got 'yes'"):
+        tool_parser_for_test().parse(["--compare=yes"])
+    with pytest.raises(ConfigError, match=r"argument --iters: expected one argument"):
+        tool_parser_for_test().parse(["--iters"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'iter' \(closest: "):  # no abbreviation of --iters
+        tool_parser_for_test().parse(["--iter=3"])

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_script
 
-from dataset import Dataset, get_batch, step_batches
-from errors import UserError
-from preparing import build_dataset, prepare_main
-from tokenizer import CharTokenizer, read_meta, tokenizer_from_meta
+from gpt_toolkit.dataset import Dataset, get_batch, step_batches
+from gpt_toolkit.errors import UserError
+from gpt_toolkit.preparing import build_dataset, prepare_main
+from gpt_toolkit.tokenizer import CharTokenizer, read_meta, tokenizer_from_meta
 
 
 def test_char_dataset_matches_nanogpt(data_dir):
@@ -141,7 +141,7 @@ def test_nanogpt_meta_pkl_is_read(tmp_path):
 
 
 def test_token_stream_writer(tmp_path):
-    from preparing import write_token_stream
+    from gpt_toolkit.preparing import write_token_stream
     total = write_token_stream(iter([[1, 2, 50256], np.array([7, 50256])]), tmp_path / "train.bin")
     assert total == 5 and np.fromfile(tmp_path / "train.bin", dtype=np.uint16).tolist() == [1, 2, 50256, 7, 50256]
     with pytest.raises(UserError, match="does not fit in uint16"):

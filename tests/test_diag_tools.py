@@ -4,9 +4,9 @@ import re
 import pytest
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
-from memory import memory_estimate, parse_size
+from gpt_toolkit.memory import memory_estimate, parse_size
+from gpt_toolkit.train_config import load_config
 from model import GPT, GPTConfig
-from train_config import load_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,15 +28,17 @@ def test_grad_viz_from_monitor_records(data_dir, tmp_path):
                    f"--out_dir={out}")
     assert r.returncode == 0, r.stderr
     png = tmp_path / "g.png"
-    r = run_script("tools/grad_viz.py", out, "--steps", "0,25", "-o", png)
+    r = run_script("tools/grad_viz.py", f"--out_dir={out}", "--steps", "0,25", "-o", png)
     assert r.returncode == 0, r.stderr
     assert "6 gradient records, 5 layers; histograms at steps [0, 25]" in r.stdout
     assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 20_000
-    assert_one_line_error(run_script("tools/grad_viz.py", out, "--steps", "7"), "no gradient record at step(s) [7]")
+    assert_one_line_error(run_script("tools/grad_viz.py", f"--out_dir={out}", "--steps", "7"),
+                          "no gradient record at step(s) [7]")
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "metrics.jsonl").write_text('{"type": "eval", "step": 0, "train_loss": 4.2, "val_loss": 4.2}\n')
-    assert_one_line_error(run_script("tools/grad_viz.py", plain), "no gradient records", "--grad_monitor_interval=N")
+    assert_one_line_error(run_script("tools/grad_viz.py", f"--out_dir={plain}"), "no gradient records",
+                          "--grad_monitor_interval=N")
 
 
 def test_estimate_counts_exactly_and_explains_the_tutorials_formulas(data_dir):

@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import TINY_TRAIN
 
-import dataset
 import train
-from dataset import Dataset, step_batches
-from diagnostics import GradMonitor, check_batch, grad_warnings
-from errors import UserError, run_main
+from gpt_toolkit import dataset, trainer
+from gpt_toolkit.dataset import Dataset, step_batches
+from gpt_toolkit.diagnostics import MAX_SKIPPED_STEPS, GradMonitor, check_batch, grad_warnings
+from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.schedule import get_lr
 from model import GPT, GPTConfig, document_positions_and_mask
-from schedule import get_lr
 
 
 def run_train(capsys, *argv):
@@ -101,7 +101,7 @@ def test_nan_guard_stops_and_keeps_the_checkpoint(data_dir, tmp_path, capsys, mo
     out_dir = tmp_path / "nan"
     assert run_train(capsys, *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out_dir}")[0] == 0
     saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")}
-    real = train.forward_backward
+    real = trainer.forward_backward
 
     def inject_inf(model, batches, ctx, scaler, doc_sep=None):
         loss = real(model, batches, ctx, scaler, doc_sep)
@@ -110,7 +110,7 @@ def test_nan_guard_stops_and_keeps_the_checkpoint(data_dir, tmp_path, capsys, mo
         injected["n"] += 1
         return loss
     injected = {"n": 0}
-    monkeypatch.setattr(train, "forward_backward", inject_inf)
+    monkeypatch.setattr(trainer, "forward_backward", inject_inf)
     code, out, err = run_train(capsys, *TINY_TRAIN, "--max_iters=40", "--log_interval=1", "--init_from=resume",
                                f"--data_dir={data_dir}", f"--out_dir={out_dir}")
     assert code == 1
@@ -212,7 +212,7 @@ def test_packing_needs_an_end_of_text_token(data_dir, tmp_path, capsys):
 
 
 def test_packing_trains_on_a_gpt2_dataset(tmp_path, capsys):
-    from preparing import build_dataset
+    from gpt_toolkit.preparing import build_dataset
     docs = ["The cat sat on the mat. " * 30, "A dog ran in the park. " * 30, "Birds fly over the sea. " * 30] * 4
     build_dataset("<|endoftext|>".join(docs), tmp_path / "data" / "docs", "gpt2", progress=False)
     ids = torch.from_numpy(__import__("numpy").fromfile(tmp_path / "data" / "docs" / "train.bin", dtype="uint16").astype("int64"))
@@ -255,7 +255,7 @@ def test_padded_batch_equals_each_document_alone():
 
 
 def test_padding_trains_on_whole_documents(tmp_path, capsys, monkeypatch):
-    from preparing import build_dataset
+    from gpt_toolkit.preparing import build_dataset
     docs = ["The cat sat on the mat. " * (2 + i % 5) for i in range(40)]
     build_dataset("<|endoftext|>".join(docs), tmp_path / "data" / "docs", "gpt2", progress=False)
     widths = []
@@ -289,7 +289,7 @@ def test_padding_needs_an_end_of_text_token(data_dir, tmp_path, capsys):
 
 def inject_inf_gradients(monkeypatch, at_calls):
     """Make the gradient of the first parameter inf after the given forward_backward calls (0-based)."""
-    real = train.forward_backward
+    real = trainer.forward_backward
     calls = {"n": 0}
 
     def inject(model, batches, ctx, scaler, doc_sep=None):
@@ -298,7 +298,7 @@ def inject_inf_gradients(monkeypatch, at_calls):
             next(model.parameters()).grad[0, 0] = float("inf")
         calls["n"] += 1
         return loss
-    monkeypatch.setattr(train, "forward_backward", inject)
+    monkeypatch.setattr(trainer, "forward_backward", inject)
 
 
 def test_float16_scaler_skips_an_inf_step_and_training_goes_on(data_dir, tmp_path, capsys, monkeypatch):
@@ -323,8 +323,8 @@ def test_float16_guard_stops_a_run_of_skipped_steps(data_dir, tmp_path, capsys, 
     code, out, err = run_train(capsys, *args, "--max_iters=100", "--lr_decay_iters=100", "--log_interval=1",
                                "--eval_interval=100", "--init_from=resume")
     assert code == 1
-    assert f"the GradScaler skipped the last {train.MAX_SKIPPED_STEPS} steps for inf/NaN gradients" in out
-    assert f"loss or gradients became NaN/Inf by step {23 + train.MAX_SKIPPED_STEPS - 1}" in err
+    assert f"the GradScaler skipped the last {MAX_SKIPPED_STEPS} steps for inf/NaN gradients" in out
+    assert f"loss or gradients became NaN/Inf by step {23 + MAX_SKIPPED_STEPS - 1}" in err
     assert "step 20) is from before and untouched" in err
     assert {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")} == saved
 

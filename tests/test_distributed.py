@@ -6,7 +6,7 @@ import re
 import pytest
 from conftest import AUTO_DTYPE, ROOT, TINY_TRAIN, assert_one_line_error, run_script, run_torchrun, torchrun_commands, wait_all
 
-from checkpoint import load_checkpoint
+from gpt_toolkit.checkpoint import load_checkpoint
 
 # dropout off, so that one process can be compared with two (each process draws its own masks); float32, the
 # precision of the DDP-FSDP agreement the issue asks for

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from files import atomic_write, atomic_write_text, remove_stale_temps, replace_all, temp_path
+from gpt_toolkit.files import atomic_write, atomic_write_text, remove_stale_temps, replace_together, temp_path
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
@@ -21,11 +21,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     assert target.read_text() == "new\n"
 
 
-def test_replace_all_renames_only_when_every_file_is_written(tmp_path):
+def test_replace_together_renames_only_when_every_file_is_written(tmp_path):
     a, b = tmp_path / "train.bin", tmp_path / "val.bin"
-    replace_all({a: b"A1", b: b"B1"})
+    replace_together([a, b], lambda files: [files[a].write(b"A1"), files[b].write(b"B1")])
     with pytest.raises(TypeError):
-        replace_all({a: b"A2", b: None})  # the second payload cannot be written
+        replace_together([a, b], lambda files: [files[a].write(b"A2"), files[b].write(None)])  # b cannot be written
     assert (a.read_bytes(), b.read_bytes()) == (b"A1", b"B1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "val.bin"]
 

@@ -16,9 +16,9 @@ from conftest import ROOT, TINY_TRAIN, run_script
 
 import sample
 import train
-from checkpoint import load_checkpoint
-from errors import UserError, run_main
-from tokenizer import read_meta
+from gpt_toolkit.checkpoint import load_checkpoint
+from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.tokenizer import read_meta
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt_toolkit.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt_toolkit.tokenizer import GPT2Tokenizer, read_meta
+from gpt_toolkit.train_config import load_config
+from gpt_toolkit.trainer import build_model
 from model import GPT, GPTConfig
-from tokenizer import GPT2Tokenizer, read_meta
-from train_config import load_config
-from trainer import build_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,11 +10,10 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-import memory
-import train
-from errors import UserError
+from gpt_toolkit import memory, trainer
+from gpt_toolkit.errors import UserError
+from gpt_toolkit.train_config import load_config
 from model import GPT, GPTConfig
-from train_config import load_config
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -64,7 +63,7 @@ def test_out_of_memory_during_training_is_one_line_and_keeps_the_checkpoint(data
     out = tmp_path / "oom"
     assert run_script("train.py", *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out}").returncode == 0
     saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out.glob("*.pt")}
-    real = train.forward_backward
+    real = trainer.forward_backward
     steps = []
 
     def allocation_fails(*args, **kw):
@@ -73,7 +72,7 @@ def test_out_of_memory_during_training_is_one_line_and_keeps_the_checkpoint(data
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                                "you tried to allocate 320000000000 bytes. Error code 12 (Cannot allocate memory)")
         return real(*args, **kw)
-    monkeypatch.setattr(train, "forward_backward", allocation_fails)
+    monkeypatch.setattr(trainer, "forward_backward", allocation_fails)
     r = run_script("train.py", *TINY_TRAIN, "--max_iters=40", "--init_from=resume", f"--data_dir={data_dir}",
                    f"--out_dir={out}")
     line = assert_one_line_error(r, "out of memory at step 23 (asked for 298.02 GB more): ",

@@ -6,9 +6,9 @@ import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 from test_resume import assert_same_as_reference, records, train_args
 
-from checkpoint import load_checkpoint
+from gpt_toolkit.checkpoint import load_checkpoint
+from gpt_toolkit.optimizers import Muon, muon_parameters, muon_with_adamw
 from model import GPT, GPTConfig
-from optimizers import Muon, muon_parameters, muon_with_adamw
 
 
 def tiny_model():

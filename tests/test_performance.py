@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
-import hardware
-from dataset import Dataset, get_batch, train_offsets
+from gpt_toolkit import hardware
+from gpt_toolkit.dataset import Dataset, get_batch, train_offsets
 from model import GPT, CheapMaskDropout, GPTConfig, attention, explicit_attention
 
 
@@ -213,7 +213,7 @@ def test_get_batch_does_not_grow_memory(data_dir):
 
 def test_memmap_is_opened_once(data_dir, monkeypatch):
     """Each split is mapped once per run (nanoGPT maps it again for every batch), read-only."""
-    import dataset
+    from gpt_toolkit import dataset
     opened = []
     real = np.memmap
     monkeypatch.setattr(dataset.np, "memmap", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
@@ -251,7 +251,7 @@ def test_gpu_peak_table_longest_name_wins(monkeypatch):
 
 
 def test_bench_compares_packed_and_padded_batches(tmp_path, data_dir):
-    from preparing import build_dataset
+    from gpt_toolkit.preparing import build_dataset
     docs = ["To be or not to be. " * (1 + i % 4) for i in range(120)]
     build_dataset("<|endoftext|>".join(docs), tmp_path / "docs", "gpt2", progress=False)
     r = run_script("tools/bench.py", "--batching", "config/train_shakespeare_char_cpu.py", f"--data_dir={tmp_path}",
@@ -325,17 +325,17 @@ def churn_faults(nbytes, cycles=3, warmup=12):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs Linux with glibc")
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_training_keeps_freed_memory_instead_of_page_faulting_it_back(keep, monkeypatch):
-    """keep_cpu_memory (on by default): build_training on CPU has glibc keep freed memory for reuse. With glibc's
-    defaults a block over 32 MB is mapped afresh every time (16,384 faults for 64 MB); kept, it faults no more.
-    The setting holds for the whole process, so the off case checks that it is not asked for."""
-    from train_config import load_config
-    from trainer import build_training
+    """keep_cpu_memory (on by default): setup_process on CPU, as train.py calls it with the run's config, has glibc
+    keep freed memory for reuse. With glibc's defaults a block over 32 MB is mapped afresh every time (16,384 faults
+    for 64 MB); kept, it faults no more. The setting holds for the whole process, so the off case checks that it is
+    not asked for."""
+    from gpt_toolkit import process
+    from gpt_toolkit.train_config import load_config
     calls = []
-    real = hardware.keep_freed_memory
-    monkeypatch.setattr(hardware, "keep_freed_memory", lambda: calls.append(1) or real())
+    real = process.keep_freed_memory
+    monkeypatch.setattr(process, "keep_freed_memory", lambda: calls.append(1) or real())
     cfg, _ = load_config([] if keep else ["--keep_cpu_memory=False"])
-    build_training(GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=32)), cfg, device="cpu",
-                   dtype="float32")
+    process.setup_process("cpu", keep_cpu_memory=cfg.keep_cpu_memory)
     assert len(calls) == (1 if keep else 0)
     if keep:
         assert churn_faults(64 << 20) < 1000

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_script
 
-import preparing
-from preparing import DocumentSource, TextSource, prepare_dataset
-from tokenizer import GPT2Tokenizer, read_meta
+from gpt_toolkit import preparing
+from gpt_toolkit.preparing import DocumentSource, TextSource, prepare_dataset
+from gpt_toolkit.tokenizer import GPT2Tokenizer, read_meta
 
 
 def bins(d):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import AUTO_DTYPE, OTHER_DTYPE, ROOT, TINY_TRAIN, run_script, run_torchrun, run_torchrun_together
 
-import hardware
-from checkpoint import load_checkpoint, rng_state
+from gpt_toolkit import hardware
+from gpt_toolkit.checkpoint import load_checkpoint, rng_state
 
 # dropout and gradient accumulation on: the RNG and micro-batch state must survive a resume too
 EXACT = [*TINY_TRAIN, "--dropout=0.1", "--gradient_accumulation_steps=2", "--eval_interval=30", "--log_interval=1",

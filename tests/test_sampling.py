@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, run_script
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from sampling import TextStream, write_samples
-from tokenizer import CharTokenizer, GPT2Tokenizer, read_meta
+from gpt_toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+from gpt_toolkit.sampling import TextStream, write_samples
+from gpt_toolkit.tokenizer import CharTokenizer, GPT2Tokenizer, read_meta
 
 ARGS = ["--device=cpu", "--max_new_tokens=60", "--temperature=0.9"]
 

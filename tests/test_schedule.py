@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from schedule import get_lr
+from gpt_toolkit.schedule import get_lr
 
 LR, WARMUP, DECAY, MIN = 1e-3, 100, 5000, 1e-4
 

@@ -1,42 +1,89 @@
-"""The shape of the code: library modules at the root own the reusable pieces; scripts (train.py, sample.py,
-data/*/prepare.py, tools/*.py) import the library and never each other; model.py can be copied alone."""
+"""The shape of the code. The root holds the design card's four scripts; the library is the gpt_toolkit package;
+scripts (train.py, sample.py, tools/*.py, data/**/prepare*.py) import the library and never each other; the library
+never imports a script; model.py can be copied alone; importing a module changes no process-wide state."""
 import ast
 import subprocess
 import sys
+import tomllib
 
 import pytest
 from conftest import ROOT, run_script
 
+PACKAGE = ROOT / "gpt_toolkit"
+ROOT_MODULES = {"model", "train", "sample", "configurator"}  # the design card's scripts; model and configurator public
+LIBRARY = sorted(PACKAGE.glob("*.py"))
 SCRIPTS = [ROOT / "train.py", ROOT / "sample.py", *sorted((ROOT / "tools").glob("*.py")),
            *sorted((ROOT / "data").glob("*.py")), *sorted((ROOT / "data").glob("*/prepare.py"))]
-SCRIPT_MODULES = {"train", "sample", "tools", "prepare", "prepare_text"} | {p.stem for p in (ROOT / "tools").glob("*.py")}
-LIBRARY = sorted(p for p in ROOT.glob("*.py") if p.stem not in ("train", "sample"))
+SCRIPT_MODULES = {"train", "sample", "tools", "data", "prepare", "prepare_text", "prepare_chat"} | {
+    p.stem for p in (ROOT / "tools").glob("*.py")}
+ALL = SCRIPTS + LIBRARY + [ROOT / "model.py", ROOT / "configurator.py"]
 
 
-def imported_modules(path):
-    """Top-level names of every module a file imports, anywhere in it (function-level imports too)."""
+def imports(path):
+    """Dotted names of every module a file imports, anywhere in it (function-level imports too)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
     return names
+
+
+def top_level(names):
+    return {name.split(".")[0] for name in names}
+
+
+def test_the_root_holds_the_design_cards_scripts_only():
+    assert {p.stem for p in ROOT.glob("*.py")} == ROOT_MODULES
+    assert (PACKAGE / "__init__.py").exists()
+    assert not [p for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"]  # one flat package
 
 
 @pytest.mark.parametrize("path", SCRIPTS + LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_script_is_imported(path):
-    assert not imported_modules(path) & SCRIPT_MODULES, f"{path.name} imports a script"
+    assert not top_level(imports(path)) & SCRIPT_MODULES, f"{path.name} imports a script"
 
 
 def test_model_py_needs_only_torch():
-    assert imported_modules(ROOT / "model.py") <= {"math", "dataclasses", "torch", "transformers"}
+    assert top_level(imports(ROOT / "model.py")) <= {"math", "dataclasses", "torch", "transformers"}
+
+
+def test_configurator_needs_only_the_standard_library_and_the_errors_module():
+    first_party = {n for n in imports(ROOT / "configurator.py") if n.split(".")[0] in ROOT_MODULES | {"gpt_toolkit"}}
+    assert first_party <= {"gpt_toolkit.errors", "gpt_toolkit.errors.ConfigError"}
+
+
+def test_first_party_imports_have_no_cycle():
+    """The root's public modules and the package's modules import each other without a cycle (so any of them can be
+    imported first)."""
+    modules = {p.stem: p for p in (ROOT / "model.py", ROOT / "configurator.py")} | {f"gpt_toolkit.{p.stem}": p
+                                                                                  for p in LIBRARY}
+    graph = {name: {n for n in imports(path) if n in modules and n != name} for name, path in modules.items()}
+    state = {}
+
+    def visit(name, trail):
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", " -> ".join([*trail, name])
+        state[name] = "open"
+        for dep in graph[name]:
+            visit(dep, [*trail, name])
+        state[name] = "done"
+    for name in graph:
+        visit(name, [])
+
+
+def test_the_linter_knows_the_package_as_first_party():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["tool"]["ruff"]["lint"]["isort"]["known-first-party"] == ["gpt_toolkit"]
 
 
 def calls_of(name):
     """Files (relative to the root) that call a function or method of this name."""
     found = set()
-    for path in SCRIPTS + LIBRARY:
+    for path in ALL:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call):
                 func = node.func
@@ -47,15 +94,21 @@ def calls_of(name):
 
 
 def test_one_place_builds_the_optimizer_and_writes_checkpoints():
-    assert calls_of("configure_optimizers") == {"trainer.py"}
-    assert calls_of("set_float32_matmul_precision") == {"trainer.py"}  # TF32 wherever a run is built
+    assert calls_of("configure_optimizers") == {"gpt_toolkit/trainer.py"}
+    assert calls_of("set_float32_matmul_precision") == {"gpt_toolkit/process.py"}  # TF32: setup_process
+    assert calls_of("mallopt") == {"gpt_toolkit/process.py"}
     assert calls_of("build_training") == {"train.py", "tools/bench.py", "tools/estimate.py", "tools/lr_finder.py"}
-    assert calls_of("save_checkpoint") == {"checkpoint.py"}
-    assert calls_of("fsync") == {"files.py"}  # every file written in place goes through files.atomic_write
+    assert calls_of("save_checkpoint") == {"gpt_toolkit/checkpoint.py"}
+    assert calls_of("fsync") == {"gpt_toolkit/files.py"}  # every file written in place goes through files.atomic_write
+
+
+def test_scripts_that_train_or_sample_set_the_process_up():
+    for script in ("train.py", "sample.py", "tools/bench.py", "tools/estimate.py", "tools/lr_finder.py"):
+        assert script in calls_of("setup_process"), script
 
 
 def test_checkpoint_names_are_spelled_in_one_place():
-    for path in SCRIPTS + LIBRARY:
+    for path in ALL:
         if path.name == "checkpoint.py":
             continue
         strings = {node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
@@ -63,26 +116,70 @@ def test_checkpoint_names_are_spelled_in_one_place():
         assert not strings & {"ckpt.pt", "latest.pt"}, path.name
 
 
-TOOLS_WITH_CONFIG = ["bench", "estimate", "lr_finder", "plot_lr", "sweep"]
-
-
 @pytest.mark.parametrize("tool", sorted(p.stem for p in (ROOT / "tools").glob("*.py")))
 def test_every_tool_has_help(tool):
     r = run_script(f"tools/{tool}.py", "--help")
     assert r.returncode == 0, r.stderr
     assert "usage" in r.stdout.lower() and len(r.stdout.splitlines()) >= 3
-    if tool in TOOLS_WITH_CONFIG:  # their own options, then the training keys of the shared configurator
-        assert "this tool's options" in r.stdout and "--learning_rate=0.0006" in r.stdout
 
 
-def test_scripts_freeze_their_objects_at_exit():
-    """Every script runs through errors.run_main; importing errors makes the interpreter's exit skip walking the
-    objects torch made (gc.freeze at exit), which saves about a second per script. (Without torch here, to be quick:
-    the interpreter's own objects are frozen the same way.)"""
-    code = ("import atexit, gc, sys\n"
-            "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"  # runs after errors' handler
-            f"sys.path.insert(0, {str(ROOT)!r})\n"
-            "import errors\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def test_importing_any_module_changes_no_process_state():
+    """In a fresh interpreter: importing every module of the package and the root's leaves the garbage collector's
+    freeze, the exit handlers, TF32, the signal handlers and matplotlib's backend as they were (the third-party
+    packages are imported first: what they do on import is theirs)."""
+    modules = ["model", "configurator", "train", "sample"] + [f"gpt_toolkit.{p.stem}" for p in LIBRARY]
+    code = f"""
+import atexit, gc, signal, sys, matplotlib, matplotlib.figure, numpy, tabulate, tiktoken, tqdm, torch
+sys.path.insert(0, {str(ROOT)!r})
+def state():
+    return (gc.get_freeze_count(), atexit._ncallbacks(), torch.get_float32_matmul_precision(),
+            signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), matplotlib.rcParams._get_backend_or_none(),
+            "matplotlib.pyplot" in sys.modules)
+before = state()
+import importlib
+for name in {modules!r}:
+    importlib.import_module(name)
+print(before == state(), before, state())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout.split()[-1]) > 1_000, result.stdout
+    assert result.stdout.startswith("True"), result.stdout
+
+
+def test_setup_process_applies_the_fast_exit_tf32_and_the_allocator():
+    """The one call that changes process-wide state, made by scripts at start: the fast exit (gc.freeze at exit, so
+    the interpreter's last collections skip torch's objects), TF32 on CUDA only, the CPU allocator setting on CPU
+    unless asked not to."""
+    code = f"""
+import atexit, gc, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from gpt_toolkit import process
+calls = []
+process.keep_freed_memory = lambda: calls.append("mallopt") or True
+torch.set_float32_matmul_precision = lambda p: calls.append(p)
+atexit.register(lambda: print("frozen", gc.get_freeze_count()))  # runs after setup_process's handler
+handlers = atexit._ncallbacks()
+print(process.setup_process("cpu", keep_cpu_memory=False), calls)
+print(process.setup_process("cpu"), calls)
+print(process.setup_process("cuda:0"), calls)
+print("handlers added", atexit._ncallbacks() - handlers)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "['fast exit'] []"
+    assert lines[1] == "['fast exit', 'CPU allocator keeps freed memory'] ['mallopt']"
+    assert lines[2] == "['fast exit', 'TF32 matmuls'] ['mallopt', 'high']"
+    assert lines[3] == "handlers added 1"  # once, however often it is called
+    assert lines[4].startswith("frozen") and int(lines[4].split()[1]) > 10_000  # torch's objects, frozen at exit
+
+
+def test_scripts_run_from_any_working_directory(tmp_path):
+    """Every script finds the library from another directory: --help runs (each in a fresh interpreter, together)."""
+    scripts = [p for p in SCRIPTS if p.parent.name != "openwebtext"]
+    procs = [subprocess.Popen([sys.executable, str(p), "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for p in scripts]
+    for path, proc in zip(scripts, procs):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (path, err[-2000:])
+        assert "usage" in out.lower(), (path, out)

@@ -7,9 +7,9 @@ import re
 import pytest
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
-import runlog
-from runlog import read_run
-from summary import HEADERS, curve_difference, find_runs, format_table, overfitting_verdict, summary_row
+from gpt_toolkit import runlog
+from gpt_toolkit.runlog import read_run
+from gpt_toolkit.summary import HEADERS, curve_difference, find_runs, format_table, overfitting_verdict, summary_row
 from tools.experiment import scaled_overrides
 from tools.plot_lr import schedule
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import AUTO_DTYPE, OTHER_DTYPE, TINY_TRAIN, run_script
 
-from checkpoint import load_checkpoint, save_checkpoint
+from gpt_toolkit.checkpoint import load_checkpoint, save_checkpoint
 
 SEEDS_EVAL_RE = r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)"  # verbatim from the seeds' parse_log
 

@@ -21,6 +21,7 @@ real tokens (targets that are not padding) in tokens/s. --checkpointing times th
 the config on CPU with keep_cpu_memory on and off, each round a fresh process per setting, with page faults per
 iteration.
 """
+import argparse
 import copy
 import statistics
 import subprocess
@@ -32,18 +33,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import hardware  # noqa: E402
-from configurator import pop_options  # noqa: E402
-from dataset import Dataset, run_batches  # noqa: E402
-from errors import ConfigError, UserError, run_main  # noqa: E402
+from gpt_toolkit import hardware  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.dataset import Dataset, run_batches  # noqa: E402
+from gpt_toolkit.errors import ConfigError, UserError, run_main  # noqa: E402
+from gpt_toolkit.process import setup_process  # noqa: E402
+from gpt_toolkit.trainer import build_training, scratch_model_args, train_step  # noqa: E402
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
-from train_config import load_config, validate  # noqa: E402
-from trainer import build_training, scratch_model_args, train_step  # noqa: E402
 
-OPTIONS = {"--iters": (int, 20), "--warmup": (int, 3), "--rounds": (int, 3), "--compare": (bool, False),
-           "--sample": (bool, False), "--max_new_tokens": (int, 500), "--num_samples": (int, 1),
-           "--temperature": (float, 0.8), "--top_k": (int, 200), "--memory_of": (str, ""), "--batching": (bool, False),
-           "--checkpointing": (bool, False), "--allocator": (bool, False), "--steps_of": (str, "")}
+
+def parser():
+    p = tool_parser(__file__, __doc__, training_config=True)
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per round (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the variants (default 3)")
+    p.add_flag("--compare", help="also time every speed feature off, and print the ratio")
+    p.add_flag("--checkpointing", help="time the config with and without activation checkpointing")
+    p.add_flag("--batching", help="time packed rows against padded documents")
+    p.add_flag("--allocator", help="time keep_cpu_memory on and off, each in fresh processes (CPU)")
+    p.add_flag("--sample", help="time sampling instead of training")
+    p.add_argument("--max_new_tokens", type=int, default=500, help="--sample: tokens per sample (default 500)")
+    p.add_argument("--num_samples", type=int, default=1, help="--sample: samples per batch (default 1)")
+    p.add_argument("--temperature", type=float, default=0.8, help="--sample: temperature (default 0.8)")
+    p.add_argument("--top_k", type=int, default=200, help="--sample: top_k (default 200)")
+    # internal: what a fresh child process of this tool measures
+    p.add_argument("--memory_of", default="", help=argparse.SUPPRESS)
+    p.add_argument("--steps_of", default="", help=argparse.SUPPRESS)
+    return p
 
 
 class Variant:
@@ -259,11 +275,11 @@ def sample_bench(cfg, opts):
 
 
 def main(argv):
-    opts, rest = pop_options(argv, OPTIONS, usage=__doc__)
+    args, cfg = parser().parse(argv)
+    opts = vars(args)
     if opts["iters"] < 1 or opts["rounds"] < 1 or opts["max_new_tokens"] < 1:
         raise ConfigError("--iters, --rounds and --max_new_tokens must be positive")
-    cfg, _ = load_config(rest)
-    validate(cfg)
+    setup_process(hardware.resolve_device(cfg.device), keep_cpu_memory=cfg.keep_cpu_memory)
     if opts["sample"]:
         sample_bench(cfg, opts)
     elif opts["batching"]:

@@ -7,7 +7,6 @@ Without --input, tiny-shakespeare (data/shakespeare_char/input.txt) is repeated 
 Each preparation runs as its own process, as a user runs it; memory is sampled from /proc every 20 ms (Linux).
 tiktoken is timed before and after each preparation, which is compared with the mean of the two.
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -19,8 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from errors import UserError, run_main  # noqa: E402
-from tokenizer import GPT2Tokenizer  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.tokenizer import GPT2Tokenizer  # noqa: E402
 
 
 def tree_rss(pid):
@@ -72,12 +72,12 @@ def tiktoken_rate(path, limit=64 << 20):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="MB/s and peak memory of data/prepare_text.py.")
+    parser = tool_parser(__file__, __doc__)
     parser.add_argument("--size_mb", type=int, default=100, help="size of the generated input (default 100)")
     parser.add_argument("--input", help="a text file to prepare instead of repeated tiny-shakespeare")
     parser.add_argument("--num_proc", type=int, default=0, help="passed to prepare_text.py (0: one per core)")
     parser.add_argument("--tokenizers", default="char,gpt2")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.input:
             path = Path(args.input)

@@ -3,23 +3,23 @@ matches a large batch (they predict a difference below 0.01).
 
     python tools/compare_runs.py experiments/exp2_large_batch experiments/exp2_grad_accum
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from errors import UserError, run_main  # noqa: E402
-from runlog import read_run  # noqa: E402
-from summary import curve_difference  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.runlog import read_run  # noqa: E402
+from gpt_toolkit.summary import curve_difference  # noqa: E402
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Mean and max absolute difference between two runs' loss curves.")
+    parser = tool_parser(__file__, __doc__)
     parser.add_argument("run_a", help="out_dir, log or metrics.jsonl")
     parser.add_argument("run_b", help="out_dir, log or metrics.jsonl")
     parser.add_argument("--tolerance", type=float, default=0.01, help="difference the seeds call 'the same' (default 0.01)")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     try:
         a, b = read_run(args.run_a), read_run(args.run_b)
     except ValueError as e:

@@ -3,7 +3,6 @@ and a table of every parameter's gradient mean, std and max |gradient|.
 
     python tools/debug_training.py [--n_layer=2 --n_head=2 --n_embd=64 --block_size=16 --vocab_size=65 --batch_size=4]
 """
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -13,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -30,11 +30,11 @@ def gradient_table(model, X, Y):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="One backward pass of a tiny GPT and its per-parameter gradient table.")
+    parser = tool_parser(__file__, __doc__)
     for key, default in (("n_layer", 2), ("n_head", 2), ("n_embd", 64), ("block_size", 16), ("vocab_size", 65),
                          ("batch_size", 4), ("seed", 0)):
         parser.add_argument(f"--{key}", type=int, default=default)
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     if args.n_embd % args.n_head:
         raise UserError(f"n_embd={args.n_embd} is not divisible by n_head={args.n_head}")
     torch.manual_seed(args.seed)

@@ -1,7 +1,7 @@
 """Estimate a config before running it (tutorial ch01 5.2, done exactly): parameters, tokens, memory, time, and
 for a memory budget the batch_size x gradient_accumulation_steps that keeps the effective batch.
 
-    python tools/estimate.py config/train_shakespeare_char.py [--key=value ...] [--gpu_mem=8GB] [--measure=True]
+    python tools/estimate.py config/train_shakespeare_char.py [--key=value ...] [--mem=8GB] [--measure]
 
 --measure=True runs a few training steps on the configured device to measure the peak memory and the time per
 iteration (needs the dataset prepared); without it everything comes from formulas.
@@ -14,16 +14,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import hardware  # noqa: E402
-from configurator import pop_options  # noqa: E402
-from dataset import Dataset, run_batches  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from memory import fit_advice, fmt_bytes, memory_estimate, parse_size, with_checkpointing  # noqa: E402
+from gpt_toolkit import hardware  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.dataset import Dataset, run_batches  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.memory import fit_advice, fmt_bytes, memory_estimate, parse_size, with_checkpointing  # noqa: E402
+from gpt_toolkit.process import setup_process  # noqa: E402
+from gpt_toolkit.trainer import build_training, scratch_model_args, train_step  # noqa: E402
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
-from train_config import load_config, validate  # noqa: E402
-from trainer import build_training, scratch_model_args, train_step  # noqa: E402
 
-OPTIONS = {"--gpu_mem": (str, ""), "--mem": (str, ""), "--measure": (bool, False), "--measure_steps": (int, 3)}
+
+def parser():
+    p = tool_parser(__file__, __doc__, training_config=True)
+    p.add_argument("--mem", "--gpu_mem", dest="mem", default="", help="a memory budget (e.g. 8GB): the micro-batch and "
+                   "accumulation that fit it with the same effective batch")
+    p.add_flag("--measure", help="run a few training steps to measure peak memory and time per iteration")
+    p.add_argument("--measure_steps", type=int, default=3, help="--measure: steps to run (default 3)")
+    return p
 
 
 def measure(cfg, vocab_size, steps, device, dtype):
@@ -48,10 +55,9 @@ def measure(cfg, vocab_size, steps, device, dtype):
 
 
 def main(argv):
-    opts, rest = pop_options(argv, OPTIONS, usage=__doc__)
-    cfg, _ = load_config(rest)
-    validate(cfg)
+    args, cfg = parser().parse(argv)
     device = hardware.resolve_device(cfg.device)
+    setup_process(device, keep_cpu_memory=cfg.keep_cpu_memory)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     meta_vocab = None
     try:
@@ -85,17 +91,16 @@ def main(argv):
     if not cfg.activation_checkpointing:
         checkpointed = memory_estimate(with_checkpointing(cfg), **sizes)["total"]
         print(f"  with --activation_checkpointing=True: total {fmt_bytes(checkpointed)}")
-    if opts["measure"]:
-        peak, ms = measure(cfg, V, max(2, opts["measure_steps"]), device, dtype)
+    if args.measure:
+        peak, ms = measure(cfg, V, max(2, args.measure_steps), device, dtype)
         print(f"measured on {device}: peak {fmt_bytes(peak)} ({(peak - parts['total']) / parts['total']:+.1%} vs the "
               f"estimate), {ms:.1f} ms per iteration")
         evals = cfg.max_iters // cfg.eval_interval + 1
         eval_s = evals * 2 * cfg.eval_iters * (ms / 1000) / cfg.gradient_accumulation_steps / 3  # a forward ~ 1/3 of a step
         print(f"time estimate: {cfg.max_iters:,} x {ms:.1f} ms = {cfg.max_iters * ms / 1000 / 60:.1f} min of training "
               f"+ ~{eval_s / 60:.1f} min for {evals} evaluations")
-    budget_text = opts["gpu_mem"] or opts["mem"]
-    if budget_text:
-        budget = parse_size(budget_text)
+    if args.mem:
+        budget = parse_size(args.mem)
         print(f"for {fmt_bytes(budget)}:")
         if parts["total"] <= budget:
             print(f"  batch_size={cfg.batch_size} gradient_accumulation_steps={cfg.gradient_accumulation_steps} fits as is")

@@ -6,7 +6,6 @@ which moves by +-0.03 with the rows it happens to draw): the figure to compare m
 The split is read in non-overlapping windows of the model's block_size (the last one shorter); each token is
 predicted once, from the tokens before it in its window. Works for this toolkit's checkpoints and nanoGPT's.
 """
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -15,15 +14,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-import hardware  # noqa: E402
-from checkpoint import BEST, load_checkpoint  # noqa: E402
-from dataset import SPLITS  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from trainer import checkpoint_split, whole_split_loss  # noqa: E402
+from gpt_toolkit import hardware  # noqa: E402
+from gpt_toolkit.checkpoint import BEST, load_checkpoint  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.dataset import SPLITS  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.trainer import checkpoint_split, whole_split_loss  # noqa: E402
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Loss and perplexity over every token of a split.")
+    parser = tool_parser(__file__, __doc__)
     parser.add_argument("--out_dir", required=True, help="the trained run's directory")
     parser.add_argument("--checkpoint", default=BEST, help=f"file in out_dir (default {BEST}, the lowest val loss)")
     parser.add_argument("--split", default="val", choices=SPLITS)
@@ -31,8 +31,8 @@ def main(argv):
     parser.add_argument("--data_dir", help="directory holding the datasets (default: the checkpoint's, else data)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    args = parser.parse_args(argv)
+    parser.add_argument("--dtype", default="auto", choices=hardware.DTYPE_CHOICES)
+    args, _ = parser.parse(argv)
     if args.batch_size <= 0:
         raise UserError(f"--batch_size={args.batch_size} must be positive")
     ckpt = load_checkpoint(Path(args.out_dir) / args.checkpoint)

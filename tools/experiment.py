@@ -23,12 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoint import existing_checkpoints  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from files import atomic_write_text, remove_stale_temps  # noqa: E402
-from plots import plot_compare  # noqa: E402
-from summary import find_runs, format_table, summary_row  # noqa: E402
-from train_config import load_config  # noqa: E402
+from gpt_toolkit.checkpoint import existing_checkpoints  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.files import atomic_write_text, remove_stale_temps  # noqa: E402
+from gpt_toolkit.plots import plot_compare  # noqa: E402
+from gpt_toolkit.summary import find_runs, format_table, summary_row  # noqa: E402
+from gpt_toolkit.train_config import load_config  # noqa: E402
 
 BASE_CONFIG = "config/train_shakespeare_char.py"
 CPU_SCALE = {"n_embd": 4, "block_size": 4, "batch_size": 4, "max_iters": 5, "lr_decay_iters": 5, "warmup_iters": 5,
@@ -97,8 +98,7 @@ def finish(family, title, exp_dir="experiments", by_time=False):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Run one of the seeds' experiments, or finish an experiment family.",
-                                     epilog="Environment: DEVICE, SCALE=cpu, RERUN=1 (see the module docstring).")
+    parser = tool_parser(__file__, __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="train config/train_shakespeare_char.py + overrides into experiments/NAME")
     run_parser.add_argument("name")
@@ -106,8 +106,8 @@ def main(argv):
     finish_parser = commands.add_parser("finish", help="FAMILY_comparison.png and FAMILY_summary.md from FAMILY_* runs")
     finish_parser.add_argument("family")
     finish_parser.add_argument("--title")
-    finish_parser.add_argument("--by_time", action="store_true", help="also plot the curves against seconds")
-    args = parser.parse_args(argv)
+    finish_parser.add_flag("--by_time", help="also plot the curves against seconds")
+    args, _ = parser.parse(argv)
     if args.command == "run":
         return run(args.name, args.overrides)
     return finish(args.family, args.title or f"{args.family} comparison", by_time=args.by_time)

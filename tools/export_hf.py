@@ -7,24 +7,24 @@ and the tokenizer: GPT-2 BPE models get vocab.json, merges.txt and tokenizer_con
 them); character models get char_vocab.json ({"itos": [...]}: token i is the character itos[i]).
 `--init_from=DIR` in train.py and sample.py loads it back.
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import BEST, load_checkpoint, model_from_checkpoint  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from huggingface import export_hf  # noqa: E402
-from sampling import tokenizer_for_checkpoint  # noqa: E402
+from gpt_toolkit.checkpoint import BEST, load_checkpoint, model_from_checkpoint  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.huggingface import export_hf  # noqa: E402
+from gpt_toolkit.sampling import tokenizer_for_checkpoint  # noqa: E402
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face GPT-2 directory.")
+    parser = tool_parser(__file__, __doc__)
     parser.add_argument("--out_dir", required=True, help="the trained run's directory")
     parser.add_argument("--to", required=True, help="the directory to create (must not exist, or be empty)")
     parser.add_argument("--checkpoint", default=BEST, help=f"file in out_dir (default {BEST}, the lowest val loss)")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     to = Path(args.to)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise UserError(f"--to={to} already exists and is not an empty directory: choose a new --to (nothing is "

@@ -2,9 +2,8 @@
 heatmap over training, and histograms of log10|gradient| at chosen steps, to spot vanishing or exploding layers.
 
     python train.py config/train_shakespeare_char_cpu.py --grad_monitor_interval=50
-    python tools/grad_viz.py out-shakespeare-char-cpu [--steps 0,1000,1950] [-o grad_viz.png]
+    python tools/grad_viz.py --out_dir=out-shakespeare-char-cpu [--steps 0,1000,1950] [-o grad_viz.png]
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -12,10 +11,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from diagnostics import HIST_EDGES  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from plots import plt, save_figure  # noqa: E402
-from runlog import read_metrics  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.diagnostics import HIST_EDGES  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.plots import save_figure, subplots  # noqa: E402
+from gpt_toolkit.runlog import read_metrics  # noqa: E402
 
 
 def read_grad_records(out_dir):
@@ -39,7 +39,7 @@ def layer_order(name):
 def plot(records, steps, output):
     layers = sorted({k for r in records for k in r["layer_norms"]}, key=layer_order)
     grid = np.array([[np.log10(max(r["layer_norms"].get(layer, np.nan), 1e-12)) for r in records] for layer in layers])
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 9), gridspec_kw={"height_ratios": [3, 2]})
+    fig, (top, bottom) = subplots(2, 1, figsize=(12, 9), gridspec_kw={"height_ratios": [3, 2]})
     image = top.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     top.set_yticks(range(len(layers)), layers)
     ticks = np.linspace(0, len(records) - 1, min(10, len(records))).astype(int)
@@ -57,11 +57,11 @@ def plot(records, steps, output):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Per-layer gradient-norm heatmap and gradient histograms of a run.")
-    parser.add_argument("out_dir", help="a run trained with --grad_monitor_interval=N")
+    parser = tool_parser(__file__, __doc__)
+    parser.add_argument("--out_dir", required=True, help="a run trained with --grad_monitor_interval=N")
     parser.add_argument("--steps", help="comma-separated steps for the histograms (default: first, middle, last record)")
     parser.add_argument("-o", "--output", default="grad_viz.png")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     records = read_grad_records(args.out_dir)
     recorded = [r["iter"] for r in records]
     if args.steps:

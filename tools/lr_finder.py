@@ -2,7 +2,6 @@
 steps while the learning rate grows exponentially, smooth the loss, stop when it diverges, and suggest a rate.
 
     python tools/lr_finder.py config/train_shakespeare_char_cpu.py [--key=value ...] [--steps=200] [-o lr_finder.png]
-    options: --steps, --lr_start (1e-7), --lr_end (1), --smoothing (EMA factor; default: window of steps/20)
 
 Suggested learning_rate: a tenth of the rate at the lowest smoothed loss (past that point the loss is about to blow up).
 """
@@ -14,16 +13,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import hardware  # noqa: E402
-from configurator import pop_options  # noqa: E402
-from dataset import Dataset, run_batches  # noqa: E402
-from errors import ConfigError, run_main  # noqa: E402
-from plots import plt, save_figure  # noqa: E402
-from train_config import load_config, validate  # noqa: E402
-from trainer import build_model, build_training, train_step  # noqa: E402
+from gpt_toolkit import hardware  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.dataset import Dataset, run_batches  # noqa: E402
+from gpt_toolkit.errors import ConfigError, run_main  # noqa: E402
+from gpt_toolkit.plots import save_figure, subplots  # noqa: E402
+from gpt_toolkit.process import setup_process  # noqa: E402
+from gpt_toolkit.trainer import build_model, build_training, train_step  # noqa: E402
 
-OPTIONS = {"--steps": (int, 200), "--lr_start": (float, 1e-7), "--lr_end": (float, 1.0), "--smoothing": (float, 0.0),
-           "--output": (str, "lr_finder.png"), "-o": (str, None)}
+
+def parser():
+    p = tool_parser(__file__, __doc__, training_config=True)
+    p.add_argument("--steps", type=int, default=200, help="steps of the sweep (default 200)")
+    p.add_argument("--lr_start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    p.add_argument("--lr_end", type=float, default=1.0, help="last learning rate (default 1)")
+    p.add_argument("--smoothing", type=float, default=0.0, help="EMA factor of the loss (default: a window of steps/20)")
+    p.add_argument("-o", "--output", default="lr_finder.png", help="the plot (default lr_finder.png)")
+    return p
 
 
 def range_test(cfg, steps, lr_start, lr_end, smoothing=0.0, report=print):
@@ -67,16 +73,15 @@ def suggest(history):
 
 
 def main(argv):
-    opts, rest = pop_options(argv, OPTIONS, usage=__doc__)
-    if opts["steps"] < 20 or not 0 < opts["lr_start"] < opts["lr_end"]:
+    args, cfg = parser().parse(argv)
+    if args.steps < 20 or not 0 < args.lr_start < args.lr_end:
         raise ConfigError("need --steps >= 20 and 0 < --lr_start < --lr_end")
-    cfg, _ = load_config(rest)
-    validate(cfg)
-    print(f"range test: {opts['steps']} steps, learning rate {opts['lr_start']:.0e} -> {opts['lr_end']:.0e}")
-    history = range_test(cfg, opts["steps"], opts["lr_start"], opts["lr_end"], opts["smoothing"])
+    setup_process(hardware.resolve_device(cfg.device), keep_cpu_memory=cfg.keep_cpu_memory)
+    print(f"range test: {args.steps} steps, learning rate {args.lr_start:.0e} -> {args.lr_end:.0e}")
+    history = range_test(cfg, args.steps, args.lr_start, args.lr_end, args.smoothing)
     suggested, lr_min = suggest(history)
-    output = opts["o"] or opts["output"]
-    fig, ax = plt.subplots(figsize=(10, 5))
+    output = args.output
+    fig, ax = subplots(figsize=(10, 5))
     lrs = [h[0] for h in history]
     ax.plot(lrs, [h[1] for h in history], alpha=0.3, label="loss")
     ax.plot(lrs, [h[2] for h in history], linewidth=2, label="smoothed loss")

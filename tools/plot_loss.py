@@ -6,24 +6,23 @@
 
 Inputs may be tee'd logs (NAME.log), training.log files, metrics.jsonl files, or out_dirs.
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from errors import UserError, run_main  # noqa: E402
-from plots import plot_compare, plot_single  # noqa: E402
-from summary import load_runs  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.plots import plot_compare, plot_single  # noqa: E402
+from gpt_toolkit.summary import load_runs  # noqa: E402
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Plot train/val loss curves from train.py logs.",
-                                     usage="plot_loss.py [-o FILE] LOG | plot_loss.py compare [-o FILE] LOG1 LOG2 ...")
+    parser = tool_parser(__file__, __doc__, usage="plot_loss.py [-o FILE] LOG | plot_loss.py compare [-o FILE] LOG1 LOG2 ...")
     parser.add_argument("inputs", nargs="+", help="logs, metrics.jsonl files or out_dirs (first word 'compare' to compare)")
     parser.add_argument("-o", "--output", help="PNG to write (default loss_curve.png, or comparison.png when comparing)")
     parser.add_argument("--title", help="figure title when comparing")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     if args.inputs[0] == "compare":
         if len(args.inputs) < 2:
             raise UserError("compare needs at least one log: plot_loss.py compare LOG1 LOG2 ...")

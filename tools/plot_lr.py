@@ -11,13 +11,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configurator import defaults_of, pop_options  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from plots import plt, save_figure  # noqa: E402
-from schedule import schedule_of  # noqa: E402
-from train_config import Config, load_config, validate  # noqa: E402
+from configurator import defaults_of  # noqa: E402
+from gpt_toolkit.cli import tool_parser, training_config  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.plots import save_figure, subplots  # noqa: E402
+from gpt_toolkit.schedule import schedule_of  # noqa: E402
+from gpt_toolkit.train_config import Config  # noqa: E402
 
-OPTIONS = {"--output": (str, "lr_schedule.png"), "-o": (str, None)}
+
+def parser():
+    p = tool_parser(__file__, __doc__, training_config=True)
+    p.add_argument("-o", "--output", default="lr_schedule.png", help="the plot (default lr_schedule.png)")
+    return p
 
 
 def schedule(cfg):
@@ -35,15 +40,13 @@ def run_config(path):
 
 
 def main(argv):
-    opts, argv = pop_options(argv, OPTIONS, usage=__doc__)
-    output = opts["o"] or opts["output"]
-    if argv and all(Path(a).is_dir() or a.endswith(".json") for a in argv):
-        schedules = {Path(a).name if Path(a).is_dir() else Path(a).parent.name: run_config(a) for a in argv}
+    args, rest = parser().parse_known(argv)
+    if rest and all(Path(a).is_dir() or a.endswith(".json") for a in rest):  # finished runs: their own configs
+        schedules = {Path(a).name if Path(a).is_dir() else Path(a).parent.name: run_config(a) for a in rest}
     else:
-        cfg, _ = load_config(argv)
-        validate(cfg)
-        schedules = {"schedule": vars(cfg)}
-    fig, ax = plt.subplots(figsize=(10, 5))
+        schedules = {"schedule": vars(training_config(rest))}
+    output = args.output
+    fig, ax = subplots(figsize=(10, 5))
     for name, cfg in schedules.items():
         steps, lrs = schedule(cfg)
         ax.plot(steps, lrs, label=name, linewidth=2)

@@ -3,10 +3,9 @@ analysis templates filled in with measured values, each run's whole-split val lo
 per run.
 
     python tools/report.py experiments/
-    python tools/report.py experiments/ --no_samples      # skip generating text (faster)
-    python tools/report.py experiments/ --no_whole_split  # skip scoring each checkpoint on its whole val split
+    python tools/report.py experiments/ --samples=False      # skip generating text (faster)
+    python tools/report.py experiments/ --whole_split=False  # skip scoring each checkpoint on its whole val split
 """
-import argparse
 import contextlib
 import math
 import sys
@@ -18,13 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from checkpoint import BEST, load_checkpoint  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from files import atomic_write_text, remove_stale_temps  # noqa: E402
-from plots import plot_compare  # noqa: E402
-from sampling import load_model  # noqa: E402
-from summary import curve_difference, find_runs, format_table, overfitting_verdict, summary_row  # noqa: E402
-from trainer import checkpoint_split, whole_split_loss  # noqa: E402
+from gpt_toolkit.checkpoint import BEST, load_checkpoint  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.files import atomic_write_text, remove_stale_temps  # noqa: E402
+from gpt_toolkit.plots import plot_compare  # noqa: E402
+from gpt_toolkit.sampling import load_model  # noqa: E402
+from gpt_toolkit.summary import curve_difference, find_runs, format_table, overfitting_verdict, summary_row  # noqa: E402
+from gpt_toolkit.trainer import checkpoint_split, whole_split_loss  # noqa: E402
 
 FAMILIES = {
     "exp1": "Experiment 1: configuration parameters (learning rate, batch size, model size)",
@@ -241,13 +241,12 @@ def build_report(exp_dir, samples=True, whole_split=True):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Write experiments/REPORT.md from the runs in an experiments directory.")
-    parser.add_argument("exp_dir", nargs="?", default="experiments")
-    parser.add_argument("--no_samples", action="store_true", help="do not generate a text sample per run")
-    parser.add_argument("--no_whole_split", action="store_true",
-                        help="do not score each run's checkpoint on its whole val split (faster)")
-    args = parser.parse_args(argv)
-    report = build_report(args.exp_dir, samples=not args.no_samples, whole_split=not args.no_whole_split)
+    parser = tool_parser(__file__, __doc__)
+    parser.add_argument("exp_dir", nargs="?", default="experiments", help="directory of runs (default experiments)")
+    parser.add_flag("--samples", default=True, help="generate a text sample per run")
+    parser.add_flag("--whole_split", default=True, help="score each run's checkpoint on its whole val split")
+    args, _ = parser.parse(argv)
+    report = build_report(args.exp_dir, samples=args.samples, whole_split=args.whole_split)
     print(f"report written to {report}")
     return 0
 

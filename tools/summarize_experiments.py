@@ -7,24 +7,24 @@
 A run is experiments/<name>/ (its metrics.jsonl, training.log and config.json) or experiments/<name>.log.
 The gap is final val loss minus final train loss; the verdict uses the seeds' bands.
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from errors import UserError, run_main  # noqa: E402
-from files import atomic_write_text  # noqa: E402
-from summary import find_runs, format_table, summary_row  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.files import atomic_write_text  # noqa: E402
+from gpt_toolkit.summary import find_runs, format_table, summary_row  # noqa: E402
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="One table of all runs in an experiments directory.")
+    parser = tool_parser(__file__, __doc__)
     parser.add_argument("exp_dir", nargs="?", default="experiments", help="directory of runs (default experiments)")
     parser.add_argument("--format", choices=["grid", "markdown", "csv"], default="grid")
     parser.add_argument("--match", default="*", help="only runs whose name matches this glob, e.g. 'exp1_*'")
     parser.add_argument("-o", "--output", help="write the table to this file instead of printing it")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     runs = find_runs(args.exp_dir, args.match)
     if not runs:
         raise UserError(f"no runs with logs in {args.exp_dir} (matching '{args.match}'): each run needs "

@@ -18,13 +18,22 @@ sys.path.insert(0, str(ROOT))
 
 from tabulate import tabulate  # noqa: E402
 
-from configurator import parse_value, pop_options  # noqa: E402
-from errors import ConfigError, UserError, import_optional, run_main  # noqa: E402
-from runlog import read_metrics  # noqa: E402
-from train_config import CHOICES, Config, load_config, validate  # noqa: E402
+from configurator import parse_value  # noqa: E402
+from gpt_toolkit.cli import tool_parser, training_config  # noqa: E402
+from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main  # noqa: E402
+from gpt_toolkit.runlog import read_metrics  # noqa: E402
+from gpt_toolkit.train_config import CHOICES, Config  # noqa: E402
 
-OPTIONS = {"--trials": (int, 10), "--study_dir": (str, "sweeps/sweep"), "--pruner": (str, "median"),
-           "--sampler_seed": (int, 0), "--search": (list, None)}
+
+def parser():
+    p = tool_parser(__file__, __doc__, training_config=True)
+    p.add_argument("--search", action="append", default=[], metavar="KEY=RANGE", help="a search space (repeatable)")
+    p.add_argument("--trials", type=int, default=10, help="trials to run (default 10)")
+    p.add_argument("--study_dir", default="sweeps/sweep", help="where trial_N/ out_dirs go (default sweeps/sweep)")
+    p.add_argument("--pruner", choices=["median", "none"], default="median", help="stop trials that fall behind "
+                   "(default median)")
+    p.add_argument("--sampler_seed", type=int, default=0, help="the TPE sampler's seed (default 0)")
+    return p
 
 
 def parse_search(spec):
@@ -83,17 +92,12 @@ def run_trial(trial, cmd, metrics_path, poll_s=0.5):
 
 
 def main(argv):
-    own, train_args = pop_options(argv, OPTIONS, usage=__doc__)
-    if any(a in ("-h", "--help") for a in train_args):
-        load_config(train_args)  # lists the training keys a --search may name, and exits
-    specs = own["search"]
-    if not specs:
+    own, train_args = parser().parse_known(argv)
+    training_config(train_args)  # checked now, not in every trial
+    if not own.search:
         raise ConfigError("nothing to search: add at least one --search KEY=RANGE (e.g. --search learning_rate=log:1e-4:1e-2)")
-    searches = [parse_search(s) for s in specs]
-    cfg, _ = load_config(train_args)  # fail now, not in every trial
-    validate(cfg)
-    if own["pruner"] not in ("median", "none"):
-        raise ConfigError(f"--pruner={own['pruner']}: use median or none")
+    searches = [parse_search(s) for s in own.search]
+    own = vars(own)
     optuna = import_optional("optuna", "tools/sweep.py")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_dir = Path(own["study_dir"])

@@ -11,7 +11,6 @@ Runs (alternated round by round, so the machine's drift hits all alike; --runs p
   fast             config/train_shakespeare_char_fast.py, the README's main job: 2 layers, Muon, batch 32, 280 steps
 Each run writes to a temp directory; nothing in the toolkit's out dirs is touched.
 """
-import argparse
 import os
 import statistics
 import subprocess
@@ -25,9 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from checkpoint import BEST, load_checkpoint  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from trainer import checkpoint_split, whole_split_loss  # noqa: E402
+from gpt_toolkit.checkpoint import BEST, load_checkpoint  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import UserError, run_main  # noqa: E402
+from gpt_toolkit.trainer import checkpoint_split, whole_split_loss  # noqa: E402
 
 # nanoGPT's README: "python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
 # --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
@@ -80,13 +80,13 @@ def score(out_dir, data_dir):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description="Whole runs side by side: wall time and whole-split val loss.")
+    parser = tool_parser(__file__, __doc__)
     parser.add_argument("--nanogpt", help="a nanoGPT checkout (git archive of karpathy/nanoGPT); without it, no "
                                           "nanogpt run")
     parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma-separated runs (default {DEFAULT_RUNS})")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of all runs (default 1)")
     parser.add_argument("--data_dir", default=str(ROOT / "data"), help="where shakespeare_char is prepared")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     names = [n for n in args.runs.split(",") if n]
     unknown = [n for n in names if n not in RUNS]
     if unknown:

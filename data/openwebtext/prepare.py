@@ -5,7 +5,6 @@ Needs the Hugging Face `datasets` package (pip install datasets), ~54 GB of down
 train.bin (~9B tokens) and val.bin (~4M tokens).
     python data/openwebtext/prepare.py [--num_proc=8]
 """
-import argparse
 import json
 import os
 import sys
@@ -16,18 +15,19 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the toolkit root
 
-from errors import import_optional, run_main  # noqa: E402
-from files import atomic_write_text  # noqa: E402
-from preparing import write_token_stream  # noqa: E402
-from tokenizer import GPT2_EOT as EOT  # noqa: E402
-from tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer  # noqa: E402
+from gpt_toolkit.cli import tool_parser  # noqa: E402
+from gpt_toolkit.errors import import_optional, run_main  # noqa: E402
+from gpt_toolkit.files import atomic_write_text  # noqa: E402
+from gpt_toolkit.preparing import write_token_stream  # noqa: E402
+from gpt_toolkit.tokenizer import GPT2_EOT as EOT  # noqa: E402
+from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer  # noqa: E402
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = tool_parser(__file__, __doc__)
     parser.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="tokenizer processes")
     parser.add_argument("--out_dir", default=str(HERE), help="where train.bin and val.bin go (default: beside this script)")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     datasets = import_optional("datasets", "data/openwebtext/prepare.py")
     from tqdm import tqdm
 

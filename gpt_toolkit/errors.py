@@ -1,13 +1,6 @@
 """User-facing errors: bad input becomes one line on stderr and a non-zero exit, never a traceback."""
-import atexit
-import gc
 import importlib
 import sys
-
-# At exit the interpreter's final garbage collections walk every object torch's modules made (~300K with
-# torch._dynamo, which building an optimizer imports): about a second per script. Frozen objects are skipped;
-# handlers registered later (loggers' flushes) run before this one, and files are still closed as usual.
-atexit.register(gc.freeze)
 
 
 class UserError(Exception):

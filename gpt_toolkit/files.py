@@ -37,28 +37,6 @@ def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def replace_all(files):
-    """Write every {path: bytes} to its temp file first, then rename them all into place, so a failure part-way
-    never leaves a mix of old and new files (a dataset's .bin files and vocabulary)."""
-    written = []
-    try:
-        for path, payload in files.items():
-            tmp = temp_path(path)
-            written.append((tmp, Path(path)))
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in written:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
-        raise
-    for directory in {path.parent for _, path in written}:
-        fsync_dir(directory)
-
-
 def write_directory(path, fill):
     """Call fill(directory) on a new directory that becomes `path` only once it is complete and on disk; `path` must
     not exist or be empty. Any error leaves `path` as it was and no temp directory."""

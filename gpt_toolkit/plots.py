@@ -1,18 +1,22 @@
-"""Plots, always written as PNG files (matplotlib's Agg backend, never a window, so they work over SSH), each
-written whole or not at all."""
+"""Plots, always written as PNG files, each written whole or not at all. Figures are matplotlib Figure objects made
+directly, not through pyplot: no window and no GUI backend (they work over SSH), and no pyplot state to set or
+clean up."""
 import io
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from gpt_toolkit.files import atomic_write_bytes
 
-from files import atomic_write_bytes  # noqa: E402
+
+def subplots(*args, figsize, **kwargs):
+    """(figure, axes) as pyplot.subplots gives them, on a figure of our own."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def plot_single(run, output):
-    fig, ax = plt.subplots(figsize=(12, 6))
+    fig, ax = subplots(figsize=(12, 6))
     ax.plot(run.steps, run.train_losses, label="Train Loss", linewidth=2)
     ax.plot(run.steps, run.val_losses, label="Val Loss", linewidth=2)
     ax.set(xlabel="Steps", ylabel="Loss", title=f"Training Progress: {run.name}")
@@ -24,7 +28,7 @@ def plot_single(run, output):
 def plot_compare(runs, output, title="Experiment Comparison", by_time=False):
     """Val loss solid and train loss dashed, one colour per run; against steps, or with by_time against the seconds
     since each run started (the evaluations metrics.jsonl timed)."""
-    fig, ax = plt.subplots(figsize=(14, 7))
+    fig, ax = subplots(figsize=(14, 7))
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         steps = [s for s in run.steps if s in run.elapsed] if by_time else run.steps
@@ -46,6 +50,5 @@ def save_figure(fig, output):
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
     atomic_write_bytes(output, png.getvalue())
     return output

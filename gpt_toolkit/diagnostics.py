@@ -4,18 +4,56 @@ import math
 
 import torch
 
-from errors import UserError
+from gpt_toolkit.errors import UserError
 
 # the tutorial's thresholds (ch03 5, ch04 4.2)
 GRAD_NORM_HIGH, GRAD_NORM_LOW, GRAD_MAX_HIGH = 10.0, 1e-3, 100.0
 UPDATE_RATIO_LOW, UPDATE_RATIO_HIGH = 1e-3, 1e-2
 HIST_EDGES = torch.linspace(-10, 2, 49)  # log10 |gradient| bins for the gradient histograms
+# float16: the GradScaler halves its scale and skips the step at each inf/NaN gradient. A few skips are normal
+# (the scale starts at 2**16 and finds its level); this many in a row mean the gradients themselves are broken.
+MAX_SKIPPED_STEPS = 25
 
 NAN_DIAGNOSIS = """Likely causes (tutorial ch03/ch04, "Loss变成NaN"):
   - learning rate too high (NaN within the first steps): lower learning_rate to a tenth
   - exploding gradients (NaN after a while): clip them, e.g. --grad_clip=1.0
   - float16 overflow (NaN at random): use --dtype=bfloat16 or --dtype=float32
   - bad data (NaN on particular batches): check the dataset with --debug_data=True"""
+
+
+class NonFiniteGuard:
+    """The NaN/Inf guard. Every step records whether its loss and gradient norm are finite in a flag on the device
+    (no host sync); the flag is read only where the run looks anyway (log steps, evaluations, a stop), and a raised
+    flag stops the run before anything broken is evaluated or saved. float16: the GradScaler's skipped steps are
+    counted instead, and only MAX_SKIPPED_STEPS in a row are fatal."""
+
+    def __init__(self, device, scaler):
+        self.scaler = scaler
+        self.flag = torch.zeros((), dtype=torch.bool, device=device)
+        self.skipped_in_a_row = torch.zeros((), dtype=torch.long, device=device)
+
+    def record(self, loss, norm, skipped):
+        """One step's mean loss, gradient norm (None without clipping) and GradScaler skip (None without a scaler)."""
+        finite = torch.isfinite(loss)
+        if skipped is not None:
+            self.skipped_in_a_row = (self.skipped_in_a_row + 1) * skipped
+            finite &= self.skipped_in_a_row < MAX_SKIPPED_STEPS
+        elif norm is not None:
+            finite &= torch.isfinite(norm)
+        self.flag |= ~finite
+
+    def check(self, step, kept, report):
+        """Stop (UserError) if any step so far was not finite; kept says what is on disk."""
+        if self.flag.item():
+            self.stop(step, kept, report)
+
+    def stop(self, step, kept, report):
+        report(f"training stopped: the loss or the gradients became NaN/Inf by step {step}")
+        if self.scaler.is_enabled() and self.skipped_in_a_row.item():
+            report(f"float16: the GradScaler skipped the last {self.skipped_in_a_row.item()} steps for inf/NaN gradients")
+        report(NAN_DIAGNOSIS)
+        raise UserError(f"loss or gradients became NaN/Inf by step {step}: {kept}; see the likely causes above "
+                        f"(lower learning_rate, set grad_clip, avoid float16)")
 
 
 def check_batch(X, Y, decode=None, report=print):

@@ -6,8 +6,9 @@ train.py and every tool that takes a training config read it here, so `--key=val
 from types import SimpleNamespace
 
 from configurator import defaults_of, help_of, parse_args
-from errors import ConfigError
-from huggingface import hf_dir_config, is_hf_dir, is_init_source
+from gpt_toolkit.errors import ConfigError
+from gpt_toolkit.hardware import DTYPE_CHOICES
+from gpt_toolkit.huggingface import hf_dir_config, is_hf_dir, is_init_source
 from model import GPT2_SIZES
 
 
@@ -86,7 +87,7 @@ CHOICES = {
     "backend": ["auto", "nccl", "gloo"],
     "parallel": ["ddp", "fsdp"],
     "optimizer": ["adamw", "muon"],
-    "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "dtype": DTYPE_CHOICES,
     "compile": ["auto", True, False],
     "lr_schedule": ["cosine", "wsd", "constant"],
 }

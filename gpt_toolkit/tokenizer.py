@@ -6,8 +6,8 @@ import pickle
 import urllib.request
 from pathlib import Path
 
-from errors import UserError
-from files import atomic_write
+from gpt_toolkit.errors import UserError
+from gpt_toolkit.files import atomic_write
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256  # <|endoftext|>

@@ -11,21 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import hardware
-import memory
-import sharding
-from checkpoint import ARCHITECTURE, MODEL_ARGS, model_from_checkpoint
-from dataset import Dataset, eval_offsets, get_batch, padded_batch
-from errors import UserError
-from huggingface import hf_dir_model_args, is_hf_dir, load_pretrained
+from gpt_toolkit import hardware, memory, sharding
+from gpt_toolkit.checkpoint import ARCHITECTURE, MODEL_ARGS, model_from_checkpoint, rng_state, set_rng_state
+from gpt_toolkit.compiling import compile_failure, compile_or_eager
+from gpt_toolkit.compiling import warning as compile_warning
+from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, padded_batch
+from gpt_toolkit.errors import UserError
+from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained
+from gpt_toolkit.optimizers import muon_with_adamw
+from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
-from optimizers import muon_with_adamw
-from tokenizer import GPT2_VOCAB_SIZE
-
-# float16: the GradScaler halves its scale and skips the step at each inf/NaN gradient. A few skips are normal
-# (the scale starts at 2**16 and finds its level); this many in a row mean the gradients themselves are broken.
-MAX_SKIPPED_STEPS = 25
-
 
 # ----------------------------------------------------------------------------- the model
 
@@ -128,15 +123,10 @@ class Training:
 def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None, shard=False):
     """Move model to device and build what trains it: AdamW (weight decay on 2-D weights only; fused where the device
     has the kernel unless fused=False or cfg.fused_adamw is off), or with cfg.optimizer=muon Muon for the blocks'
-    matrices and that AdamW for the rest; autocast for dtype, a GradScaler for float16, TF32 matmuls on CUDA (the GPU
-    peak table's float32 figures assume them), glibc keeping freed memory on CPU (cfg.keep_cpu_memory), and
-    activation checkpointing as cfg says. shard=True shards the model with FSDP first (under torchrun), so the
-    optimizer's state is sharded too."""
+    matrices and that AdamW for the rest; autocast for dtype, a GradScaler for float16, and activation checkpointing
+    as cfg says. shard=True shards the model with FSDP first (under torchrun), so the optimizer's state is sharded
+    too. Process-wide settings (TF32, the CPU allocator) are the script's to make: process.setup_process."""
     kind = hardware.device_type(device)
-    if kind == "cuda":
-        torch.set_float32_matmul_precision("high")
-    if kind == "cpu" and getattr(cfg, "keep_cpu_memory", True):
-        hardware.keep_freed_memory()  # for the whole process: there is no undoing it
     model.config.activation_checkpointing = getattr(cfg, "activation_checkpointing", False)
     model.to(device)
     if shard:
@@ -187,6 +177,38 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return norm, (scaler._scale < scale if scale is not None else None)
+
+
+class TrainingModule:
+    """What a training step runs the model through: compiled when asked, wrapped in DDP when several processes
+    train it (not under FSDP, which shards the model itself). When torch.compile fails at a step, it says so once
+    (report(warning), then on_failure(cause, step)), redoes that step eagerly from the same RNG state (so the dropout
+    masks are an eager run's) and stays eager."""
+
+    def __init__(self, raw_model, *, compile, wrap, on_failure, report):
+        self.raw_model, self.wrap, self.on_failure, self.report = raw_model, wrap, on_failure, report
+        self.compiled = False
+        model = raw_model
+        if compile:
+            report("compiling the model... (takes a minute)")
+            model, self.compiled = compile_or_eager(raw_model, report, "training")
+        self.module = wrap(model)
+
+    def forward_backward(self, micro_batches, ctx, scaler, doc_sep, step, device):
+        """forward_backward over the micro-batches; a compile failure falls back as the class says."""
+        rng_before = rng_state(device) if self.compiled else None
+        try:
+            return forward_backward(self.module, micro_batches, ctx, scaler, doc_sep)
+        except Exception as e:
+            cause = compile_failure(e) if self.compiled else None
+            if cause is None:
+                raise
+        self.report(compile_warning(cause, "training"))
+        self.on_failure(cause, step)
+        self.compiled, self.module = False, self.wrap(self.raw_model)
+        self.module.zero_grad(set_to_none=True)  # whatever the failed attempt accumulated
+        set_rng_state(rng_before, device)
+        return forward_backward(self.module, micro_batches, ctx, scaler, doc_sep)
 
 
 def train_step(training, micro_batches, grad_clip, doc_sep=None):

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import sharding
-from errors import UserError, first_line
-from files import atomic_write, fsync_dir, remove_stale_temps, temp_path
+from gpt_toolkit import sharding
+from gpt_toolkit.errors import UserError, first_line
+from gpt_toolkit.files import atomic_write, fsync_dir, remove_stale_temps, temp_path
 from model import GPT, GPTConfig
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
@@ -120,6 +120,38 @@ def save_run(state, out_dir, *, improved, keep_last):
         for old in sorted(out_dir.glob("ckpt_step*.pt"))[:-keep_last]:
             old.unlink()
     return written
+
+
+class RunCheckpoints:
+    """A run's saves into out_dir, and what a run that stops early can say about them. Every process calls save at
+    the same step; the writer (rank 0) writes, and with collective=True (FSDP) every process takes part, since
+    gathering the shards takes them all."""
+
+    def __init__(self, out_dir, *, keep_last, writer, collective, model, optimizer, scaler, model_args, config, meta,
+                 last_step, report):
+        self.out_dir, self.keep_last, self.writer, self.collective = Path(out_dir), keep_last, writer, collective
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.model_args, self.config, self.meta = model_args, config, meta
+        self.last_step = last_step  # the step of the newest save (a resumed run's: the step it resumed at)
+        self.report = report
+
+    def save(self, step, *, improved, best_val_loss, rng_states, early_stop):
+        """Save the state after `step` steps (ckpt.pt too when improved) and say what was written."""
+        if not (self.writer or self.collective):
+            return
+        state = training_state(model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                               model_args=self.model_args, iter_num=step, best_val_loss=best_val_loss,
+                               config=self.config, rng_states=rng_states, early_stop=early_stop, meta=self.meta)
+        if self.writer:
+            written = save_run(state, self.out_dir, improved=improved, keep_last=self.keep_last)
+            self.last_step = step
+            self.report(f"saving checkpoint to {self.config['out_dir']} ({', '.join(written)})")
+
+    def kept(self):
+        """What is on disk for a run that stops now without saving."""
+        if self.last_step is None:
+            return "no checkpoint had been saved yet"
+        return f"the last checkpoint ({self.out_dir / LATEST}, step {self.last_step}) is from before and untouched"
 
 
 def check_out_dir(cfg):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
-from files import atomic_write, remove_stale_temps, replace_together
-from tokenizer import GPT2_EOT, GPT2_VOCAB_SIZE, TINY_SHAKESPEARE_URL, GPT2Tokenizer, download
+from gpt_toolkit.errors import UserError
+from gpt_toolkit.files import atomic_write, remove_stale_temps, replace_together
+from gpt_toolkit.tokenizer import GPT2_EOT, GPT2_VOCAB_SIZE, TINY_SHAKESPEARE_URL, GPT2Tokenizer, download
 
 CHUNK_BYTES = 1 << 20  # a worker reads and tokenizes about this much of a file per task
 CHUNK_CHARS = 1 << 20  # documents are tokenized in batches of about this many characters

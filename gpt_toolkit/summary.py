@@ -8,8 +8,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from errors import UserError
-from runlog import read_run
+from gpt_toolkit.errors import UserError
+from gpt_toolkit.runlog import read_run
 
 HEADERS = ["Experiment", "Train Loss", "Val Loss", "Gap", "Time", "Best Val", "Best Step", "Params", "Tokens/s", "Verdict"]
 BANDS = [(0.1, "healthy"), (0.3, "slight overfitting"), (0.5, "moderate overfitting")]  # seeds ch04 2.3

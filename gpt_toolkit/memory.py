@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from errors import ConfigError, UserError
+from gpt_toolkit.errors import ConfigError, UserError
 
 UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30, "TB": 2**40}
 CPU_RUNTIME_BYTES = 85 * 2**20  # kernels' workspaces and buffers a CPU training step allocates (measured, torch 2.13)

@@ -5,8 +5,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from checkpoint import rng_state
-from errors import ConfigError
+from gpt_toolkit.checkpoint import rng_state
+from gpt_toolkit.errors import ConfigError
 
 
 def ranks(cfg):

@@ -4,18 +4,17 @@ Every choice here has a CPU/MPS-safe path: autocast and GradScaler get the real 
 and GradScaler is only enabled for float16.
 """
 import contextlib
-import ctypes
 import functools
 import os
 import re
-import sys
 import time
 
 import torch
 
-from errors import UserError
+from gpt_toolkit.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ["auto", *DTYPES]  # what every --dtype accepts
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s, by the name torch.cuda.get_device_name() reports. Matched as whole
 # words, the longest matching name wins ("H100 PCIe" over "H100", "RTX 3060 Ti" over "RTX 3060", "L40S" over "L40"),
@@ -109,8 +108,30 @@ def device_type(device):
     return device.partition(":")[0]
 
 
+CPU_BF16_ENV = "GPT_TOOLKIT_CPU_BF16"  # 1 or 0: take the CPU as having bf16 in hardware, or not (for testing)
+
+
 def cpu_has_native_bf16():
-    """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16), where bf16 autocast pays.
+    On x86 the CPU's own feature flags decide: oneDNN also reports bf16 support on AVX512 CPUs without them, where it
+    emulates bf16 several times slower than float32. Elsewhere (ARM) oneDNN's answer. GPT_TOOLKIT_CPU_BF16=1 or =0
+    overrides the detection, so a machine of either kind can run what the other would."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise UserError(f"{CPU_BF16_ENV}={forced!r}: set it to 1 (bf16 in hardware) or 0 (none), or unset it")
+    return _detected_cpu_bf16()
+
+
+@functools.cache
+def _detected_cpu_bf16():
+    try:
+        flags = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        flags = {}
+    if flags.get("architecture") in ("x86_64", "x86", "AMD64"):
+        return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -194,22 +215,6 @@ def square_matmul_flops(device, dtype, n, seconds):
         synchronize(device)
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
     return best
-
-
-def keep_freed_memory():
-    """Make glibc's malloc keep the memory a training step frees for the next one: blocks up to 1 GB come from its
-    heap instead of fresh mmaps, and the heap is not given back to the system until 2 GB of it are free. With
-    glibc's defaults every CPU step page-faults much of its activation memory back in (see README, Performance);
-    the peak stays within a few percent. Linux with glibc only: returns whether the setting took."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # another C library (musl)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    # the trim threshold only if the mmap one took: alone it made steps slower (each big block freshly mapped)
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def memory_in_use(device):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError, first_line, import_optional
-from files import write_directory
+from gpt_toolkit.errors import UserError, first_line, import_optional
+from gpt_toolkit.files import write_directory
+from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, config_from_hf, state_dict_from_hf
-from tokenizer import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer
 
 CHAR_VOCAB = "char_vocab.json"  # an exported character model's vocabulary: {"tokenizer": "char", "itos": [...]}
 # What tiktoken's gpt2 encoding is built from: byte for byte the vocab.json and merges.txt transformers reads.

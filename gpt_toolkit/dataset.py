@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError
+from gpt_toolkit.errors import UserError
+from gpt_toolkit.tokenizer import GPT2_EOT, read_meta
 from model import GPT2_PADDED_VOCAB
-from tokenizer import GPT2_EOT, read_meta
 
 SPLITS = ("train", "val")
-TOOLKIT_DATA = Path(__file__).resolve().parent / "data"
+TOOLKIT_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def open_split(path):
