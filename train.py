@@ -69,12 +69,113 @@ class World:
         return self.rank == 0
 
 
+@dataclass
+class Run:
+    """What the loop works with, built once: the model and what trains it, where it saves, and what it watches."""
+    cfg: object
+    world: World
+    dataset: Dataset
+    model: torch.nn.Module  # the model itself (evaluated, saved); stepper.module is what a training step runs
+    vocab_size: int
+    training: object  # trainer.Training: optimizer, autocast context, GradScaler
+    stepper: TrainingModule
+    saves: RunCheckpoints
+    guard: NonFiniteGuard
+    monitor: GradMonitor | None
+    timer: StepTimer
+    eta: Eta
+    log: RunLog
+    doc_sep: int | None  # the end-of-text id attention stops at, with --packing
+    tokens_per_iter: int
+
+
 def main(argv):
     # check the config: everything that bad input can break fails here, before anything is written
     cfg, cli_keys = load_config(argv)
     validate(cfg)
-    world, trackers_wanted = check_setup(cfg)
+    world, trackers = check_setup(cfg)
     setup_process(world.device, keep_cpu_memory=cfg.keep_cpu_memory)
+    dataset, ckpt, ckpt_path = check_data_and_out_dir(cfg, cli_keys, world)
+    torch.manual_seed(cfg.seed + world.rank)
+    model, model_args, notes = build_model(cfg, dataset, ckpt)
+    check_model_and_data(cfg, dataset, model_args["vocab_size"])
+
+    # build: from here on the run writes to out_dir
+    if world.master:
+        open_out_dir(cfg)
+    distributed.init_process_group(cfg.backend, world.device, world.size)
+    with RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=world.master, trackers=trackers()) as log:
+        run = build_run(cfg, world, dataset, model, model_args, notes, log)
+        optimizer, scaler = run.training.optimizer, run.training.scaler
+
+        # resume: the optimizer and GradScaler state, the step, best val loss, early-stopping count and RNG state
+        iter_num, best_val_loss, early, saved_rng = resume(run, ckpt, ckpt_path)
+        resumed_at = iter_num if ckpt is not None else None
+        del ckpt
+        if saved_rng is not None:  # the last thing before the loop, so no setup step draws from the restored state
+            set_rng_state(saved_rng, world.device)  # dropout continues exactly where it stopped
+
+        exit_code, t_start = 0, time.time()
+        advice = lambda: f"{memory.smaller_step_advice(cfg)}; {run.saves.kept()}"
+        with StopRequest() as stop, memory.explain_out_of_memory(lambda: f"at step {iter_num}", advice):
+            while True:
+                # evaluate and save: every eval_interval steps and after the last (a resumed step was evaluated)
+                at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
+                if at_eval and (iter_num != resumed_at or cfg.eval_only):
+                    t_eval = time.time()
+                    run.guard.check(iter_num, run.saves.kept(), log.print)
+                    best_val_loss, stop_early = evaluate_and_save(run, early, iter_num=iter_num,
+                                                                  best_val_loss=best_val_loss, t_start=t_start, t_eval=t_eval)
+                    if stop_early:
+                        log.print(early.message(iter_num, Path(cfg.out_dir) / BEST))
+                        break
+                    run.timer.leave_out(time.time() - t_eval)
+                    run.eta.evaluation_done(t_eval, time.time())
+                if cfg.eval_only or iter_num >= cfg.max_iters:
+                    break
+
+                # step: one optimizer step over the step's micro-batches
+                lr = lr_at(cfg, iter_num)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batches = run_batches(cfg, dataset, iter_num, world.device, rank=world.rank, world_size=world.size,
+                                      vocab_size=run.vocab_size)
+                loss = run.stepper.forward_backward(batches, run.training.ctx, scaler, run.doc_sep, iter_num, world.device)
+                scaler.unscale_(optimizer)  # true gradients for the monitor, the guard and clipping (no-op unless float16)
+                grad_record = run.monitor.gradients(iter_num) if run.monitor and run.monitor.due(iter_num) else None
+                norm, skipped = optimizer_step(run.stepper.module, optimizer, scaler, cfg.grad_clip)
+                run.guard.record(loss, norm, skipped)
+                run.timer.step_done()
+                run.eta.step_done(iter_num + 1, time.time())
+
+                # log: the gradient monitor's record, and every log_interval steps the loss, time and MFU
+                if grad_record is not None:
+                    log_gradients(run, grad_record, lr)
+                if iter_num % cfg.log_interval == 0:
+                    run.guard.check(iter_num, run.saves.kept(), log.print)  # on every rank: all stop at the same step
+                    if world.master:
+                        log_step(run, iter_num, loss.item(), lr, steps_in_this_process=iter_num - (resumed_at or 0))
+                iter_num += 1
+
+                # stop: Ctrl-C or SIGTERM saves this step and exits (DDP ranks agree at log steps: a collective)
+                signum = (distributed.largest_signal(stop.signum, world.device, world.size)
+                          if world.size == 1 or iter_num % cfg.log_interval == 0 else None)
+                if signum:
+                    run.guard.check(iter_num, run.saves.kept(), log.print)
+                    run.saves.save(iter_num, improved=False, best_val_loss=best_val_loss, early_stop=early.state(),
+                                   rng_states=distributed.all_rng_states(world.device, world.size))
+                    log.print(f"interrupted ({signal.Signals(signum).name}) after step {iter_num}: saved "
+                              f"{Path(cfg.out_dir) / LATEST}; continue with --init_from=resume")
+                    exit_code = 128 + signum
+                    break
+        log.print(took_line(time.time() - t_start))
+    distributed.destroy_process_group(world.size)
+    return exit_code
+
+
+def check_data_and_out_dir(cfg, cli_keys, world):
+    """(the dataset, the checkpoint a resume continues and its path, or None, None): the data, a resume's checkpoint
+    against the config, the memory the run needs, and whether out_dir may be written."""
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     ckpt = ckpt_path = None
     if cfg.init_from == "resume":
@@ -85,22 +186,12 @@ def main(argv):
     if cfg.check_memory:
         check_memory(cfg, dataset, ckpt, world.device, world.dtype, world.size)
     check_out_dir(cfg)
-    torch.manual_seed(cfg.seed + world.rank)
-    model, model_args, notes = build_model(cfg, dataset, ckpt)
-    check_model_and_data(cfg, dataset, model_args["vocab_size"])
-
-    # build: from here on the run writes to out_dir
-    if world.master:
-        open_out_dir(cfg)
-    distributed.init_process_group(cfg.backend, world.device, world.size)
-    log = RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=world.master, trackers=trackers_wanted())
-    try:
-        return train(cfg, world, dataset, model, model_args, notes, ckpt, ckpt_path, log)
-    finally:
-        log.close()
+    return dataset, ckpt, ckpt_path
 
 
-def train(cfg, world, dataset, model, model_args, notes, ckpt, ckpt_path, log):
+def build_run(cfg, world, dataset, model, model_args, notes, log):
+    """The model on its device with its optimizer and precision (compiled, in DDP as the run asks), the config.json
+    that describes the run, and what the loop saves, guards and times with; the header of the log on the way."""
     log.print("config:\n" + format_config(vars(cfg)))
     for note in notes:
         log.print(note)
@@ -109,27 +200,13 @@ def train(cfg, world, dataset, model, model_args, notes, ckpt, ckpt_path, log):
               f"tokens per iteration: {tokens_per_iter:,}")
     sharded = cfg.parallel == "fsdp"
     training = build_training(model, cfg, device=world.device, dtype=world.dtype, shard=sharded)
-    optimizer, ctx, scaler = training.optimizer, training.ctx, training.scaler
     log.print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     if world.size > 1:  # float32 weights, gradients and AdamW's two moments: 16 bytes per parameter held
         log.print(f"{cfg.parallel}: weights, gradients and AdamW state take {16 * local_numel(model) / 2**20:.1f} MB "
                   f"per process")
-
-    # resume: the optimizer, scaler, step, best loss, early-stopping count and RNG state of the checkpoint
-    iter_num, best_val_loss, resumed_at, saved_rng, early_state = 0, float("inf"), None, None, None
-    if ckpt is not None:
-        state = restore_training_state(ckpt, optimizer=optimizer, scaler=scaler, rank=world.rank, world_size=world.size)
-        iter_num = resumed_at = state["iter_num"]
-        best_val_loss, saved_rng, early_state = state["best_val_loss"], state["rng"], state["early_stop"]
-        if saved_rng is None:
-            log.print(f"the checkpoint has no RNG state for {world.size} process(es): dropout masks will differ "
-                      f"from an uninterrupted run")
-        log.print(f"resuming from {ckpt_path} at step {iter_num}")
-    early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, early_state)
     out_dir = Path(cfg.out_dir)
-    run_info = dict(vars(cfg), resolved_device=world.device, resolved_dtype=world.dtype,
-                    resolved_compile=world.compile, world_size=world.size, num_params=model.get_num_params(),
-                    vocab_size=model_args["vocab_size"])
+    run_info = dict(vars(cfg), resolved_device=world.device, resolved_dtype=world.dtype, resolved_compile=world.compile,
+                    world_size=world.size, num_params=model.get_num_params(), vocab_size=model_args["vocab_size"])
 
     def compile_failed(cause, step):  # recorded where the run's files describe it
         log.metrics({"type": "compile", "step": step, "compiled": False, "cause": cause})
@@ -147,94 +224,57 @@ def train(cfg, world, dataset, model, model_args, notes, ckpt, ckpt_path, log):
     if world.master:
         atomic_write_text(out_dir / "config.json", json.dumps(run_info, indent=2))
     saves = RunCheckpoints(out_dir, keep_last=cfg.keep_last, writer=world.master, collective=sharded, model=model,
-                           optimizer=optimizer, scaler=scaler, model_args=model_args, config=vars(cfg),
-                           meta=dataset.meta, last_step=resumed_at, report=log.print)
-    guard = NonFiniteGuard(world.device, scaler)
+                           optimizer=training.optimizer, scaler=training.scaler, model_args=model_args,
+                           config=vars(cfg), meta=dataset.meta, last_step=None, report=log.print)
     peak = cfg.peak_flops or 1.0  # only rank 0 logs MFU, so only it measures the peak
     if world.master:
-        peak, peak_source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(world.device,
-                                                                                                        world.dtype)
-        log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-    if world.master and (cfg.debug_data or cfg.check_init):
-        check_data_and_init(cfg, dataset, model, iter_num, world.device, ctx, model_args["vocab_size"], log.print)
-    monitor = GradMonitor(model, cfg.grad_monitor_interval) if cfg.grad_monitor_interval and world.master else None
+        peak, source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(world.device,
+                                                                                                   world.dtype)
+        log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({source})")
     per_rank_accum = cfg.gradient_accumulation_steps // world.size
     timer = StepTimer(flops_per_iter=model.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size
                       * per_rank_accum, peak_flops=peak)
-    eta = Eta(max_iters=cfg.max_iters, eval_interval=cfg.eval_interval)
-    doc_sep = dataset.eot_token if cfg.packing else None
-    if saved_rng is not None:
-        # the last thing before the loop, so no setup step can draw from the restored state
-        set_rng_state(saved_rng, world.device)  # dropout continues exactly where it stopped
+    monitor = GradMonitor(model, cfg.grad_monitor_interval) if cfg.grad_monitor_interval and world.master else None
+    return Run(cfg=cfg, world=world, dataset=dataset, model=model, vocab_size=model_args["vocab_size"],
+               training=training, stepper=stepper, saves=saves, guard=NonFiniteGuard(world.device, training.scaler),
+               monitor=monitor, timer=timer, eta=Eta(max_iters=cfg.max_iters, eval_interval=cfg.eval_interval), log=log,
+               doc_sep=dataset.eot_token if cfg.packing else None, tokens_per_iter=tokens_per_iter)
 
-    def advice():
-        return f"{memory.smaller_step_advice(cfg)}; {saves.kept()}"
 
-    exit_code = 0
-    t_start = time.time()
-    with StopRequest() as stop, memory.explain_out_of_memory(lambda: f"at step {iter_num}", advice):
-        while True:
-            # evaluate and save: every eval_interval steps and after the last (a resumed step was evaluated already)
-            at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
-            if at_eval and (iter_num != resumed_at or cfg.eval_only):
-                t_eval = time.time()
-                guard.check(iter_num, saves.kept(), log.print)
-                best_val_loss, stop_early = evaluate_and_save(
-                    cfg, world, model, dataset, saves, guard, early, log, eta, iter_num=iter_num,
-                    best_val_loss=best_val_loss, ctx=ctx, doc_sep=doc_sep, t_start=t_start, t_eval=t_eval)
-                if stop_early:
-                    log.print(early.message(iter_num, out_dir / BEST))
-                    break
-                timer.leave_out(time.time() - t_eval)
-                eta.evaluation_done(t_eval, time.time())
-            if cfg.eval_only or iter_num >= cfg.max_iters:
-                break
+def resume(run, ckpt, ckpt_path):
+    """(step, best val loss, EarlyStopping, this process's RNG state or None) to start from: a fresh run's, or the
+    checkpoint's with its optimizer and GradScaler state loaded. Before the first step, --debug_data and
+    --check_init look at the data and the model."""
+    cfg, world, log = run.cfg, run.world, run.log
+    iter_num, best_val_loss, saved_rng, early_state = 0, float("inf"), None, None
+    if ckpt is not None:
+        state = restore_training_state(ckpt, optimizer=run.training.optimizer, scaler=run.training.scaler,
+                                       rank=world.rank, world_size=world.size)
+        iter_num = run.saves.last_step = state["iter_num"]
+        best_val_loss, saved_rng, early_state = state["best_val_loss"], state["rng"], state["early_stop"]
+        if saved_rng is None:
+            log.print(f"the checkpoint has no RNG state for {world.size} process(es): dropout masks will differ "
+                      f"from an uninterrupted run")
+        log.print(f"resuming from {ckpt_path} at step {iter_num}")
+    if world.master and (cfg.debug_data or cfg.check_init):
+        check_data_and_init(cfg, run.dataset, run.model, iter_num, world.device, run.training.ctx, run.vocab_size,
+                            log.print)
+    return iter_num, best_val_loss, EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, early_state), saved_rng
 
-            # step: one optimizer step over the step's micro-batches
-            lr = lr_at(cfg, iter_num)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = run_batches(cfg, dataset, iter_num, world.device, rank=world.rank, world_size=world.size,
-                                  vocab_size=model_args["vocab_size"])
-            loss = stepper.forward_backward(batches, ctx, scaler, doc_sep, iter_num, world.device)
-            scaler.unscale_(optimizer)  # true gradients for the monitor, the guard and clipping (no-op unless float16)
-            grad_record = monitor.gradients(iter_num) if monitor and monitor.due(iter_num) else None
-            norm, skipped = optimizer_step(stepper.module, optimizer, scaler, cfg.grad_clip)
-            guard.record(loss, norm, skipped)
-            timer.step_done()
-            eta.step_done(iter_num + 1, time.time())
 
-            # log: the gradient monitor's record, and every log_interval steps the loss, time and MFU
-            if grad_record is not None:
-                grad_record.update(lr=lr, update_ratio=monitor.update_ratio())
-                log.metrics(grad_record)
-                for line in grad_record_lines(grad_record):
-                    log.print(line)
-            if iter_num % cfg.log_interval == 0:
-                guard.check(iter_num, saves.kept(), log.print)  # every rank checks here, so all stop at the same step
-                if world.master:
-                    lossf = loss.item()  # the one host sync per logged step
-                    dt = timer.lap(iter_num - (resumed_at or 0))
-                    log.print(iter_line(iter_num, lossf, dt * 1000, timer.mfu))
-                    log.metrics({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "time_ms": dt * 1000,
-                                 "mfu": timer.mfu, "tokens_per_s": tokens_per_iter / dt})
-            iter_num += 1
+def log_step(run, step, loss, lr, *, steps_in_this_process):
+    """The iteration's log line and metrics record (rank 0): loss, time per iteration, MFU."""
+    dt = run.timer.lap(steps_in_this_process)
+    run.log.print(iter_line(step, loss, dt * 1000, run.timer.mfu))
+    run.log.metrics({"type": "train", "iter": step, "loss": loss, "lr": lr, "time_ms": dt * 1000, "mfu": run.timer.mfu,
+                     "tokens_per_s": run.tokens_per_iter / dt})
 
-            # stop: Ctrl-C or SIGTERM saves this step and exits (DDP ranks agree on it at log steps only: a collective)
-            signum = (distributed.largest_signal(stop.signum, world.device, world.size)
-                      if world.size == 1 or iter_num % cfg.log_interval == 0 else None)
-            if signum:
-                guard.check(iter_num, saves.kept(), log.print)
-                saves.save(iter_num, improved=False, best_val_loss=best_val_loss, early_stop=early.state(),
-                           rng_states=distributed.all_rng_states(world.device, world.size))
-                log.print(f"interrupted ({signal.Signals(signum).name}) after step {iter_num}: saved {out_dir / LATEST}; "
-                          f"continue with --init_from=resume")
-                exit_code = 128 + signum
-                break
 
-    log.print(took_line(time.time() - t_start))
-    distributed.destroy_process_group(world.size)
-    return exit_code
+def log_gradients(run, record, lr):
+    record.update(lr=lr, update_ratio=run.monitor.update_ratio())
+    run.log.metrics(record)
+    for line in grad_record_lines(record):
+        run.log.print(line)
 
 
 def check_setup(cfg):
@@ -289,19 +329,19 @@ def check_data_and_init(cfg, dataset, model, step, device, ctx, vocab_size, repo
         check_init(model, Xv, Yv, dataset.vocab_size or vocab_size, ctx, report)
 
 
-def evaluate_and_save(cfg, world, model, dataset, saves, guard, early, log, eta, *, iter_num, best_val_loss, ctx,
-                      doc_sep, t_start, t_eval):
+def evaluate_and_save(run, early, *, iter_num, best_val_loss, t_start, t_eval):
     """Evaluate both splits (eagerly: its shapes never cost a recompile), log them, and save when val improved, when
     every evaluation saves, at the end, or when early stopping ends the run. Returns (the best val loss so far,
     whether early stopping ends the run); every rank agrees on the latter."""
+    cfg, world, log = run.cfg, run.world, run.log
     rng_states = distributed.all_rng_states(world.device, world.size)
     stop_early = False
     if world.master or cfg.parallel == "fsdp":  # a sharded model's forward takes every process; only rank 0 logs
-        losses = estimate_loss(model, dataset, eval_iters=cfg.eval_iters, batch_size=cfg.batch_size,
-                               block_size=cfg.block_size, seed=cfg.seed, device=world.device, ctx=ctx,
-                               vocab_size=saves.model_args["vocab_size"], doc_sep=doc_sep, padding=cfg.padding)
+        losses = estimate_loss(run.model, run.dataset, eval_iters=cfg.eval_iters, batch_size=cfg.batch_size,
+                               block_size=cfg.block_size, seed=cfg.seed, device=world.device, ctx=run.training.ctx,
+                               vocab_size=run.vocab_size, doc_sep=run.doc_sep, padding=cfg.padding)
         now = time.time()
-        left = eta.seconds_left(iter_num, t_eval, now)
+        left = run.eta.seconds_left(iter_num, t_eval, now)
         log.print(eval_line(iter_num, losses["train"], losses["val"]))
         if not cfg.eval_only and 0 < iter_num < cfg.max_iters:
             log.print(progress_line(iter_num, cfg.max_iters, now - t_start, left, now))
@@ -309,14 +349,14 @@ def evaluate_and_save(cfg, world, model, dataset, saves, guard, early, log, eta,
                      "lr": lr_at(cfg, iter_num), "elapsed_s": now - t_start, "eta_s": left,
                      "progress": iter_num / cfg.max_iters if cfg.max_iters else 1.0})
         if not all(math.isfinite(v) for v in losses.values()):
-            guard.stop(iter_num, saves.kept(), log.print)
+            run.guard.stop(iter_num, run.saves.kept(), log.print)
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         stop_early = not cfg.eval_only and early.update(losses["val"], iter_num)
         if not cfg.eval_only and iter_num > 0 and (improved or cfg.always_save_checkpoint
                                                    or iter_num == cfg.max_iters or stop_early):
-            saves.save(iter_num, improved=improved, best_val_loss=best_val_loss, early_stop=early.state(),
-                       rng_states=rng_states)
+            run.saves.save(iter_num, improved=improved, best_val_loss=best_val_loss, early_stop=early.state(),
+                           rng_states=rng_states)
     if cfg.early_stop_patience:
         stop_early = distributed.agree_with_master(stop_early, world.device, world.size)
     return best_val_loss, stop_early

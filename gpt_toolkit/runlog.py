@@ -103,8 +103,16 @@ class RunLog:
         for f in (self.text, self.jsonl):
             if f is not None:
                 f.close()
+        self.text = self.jsonl = None
         for tracker in self.trackers:
             tracker.close()
+        self.trackers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _step_of(record):
