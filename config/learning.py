@@ -1,5 +1,5 @@
-# Learning configuration (seeds ch01 7.2): decent text in reasonable time. A 4-layer, 256-wide model (3.2M).
-# Expected time: about 50 minutes on a 2-core CPU (0.95 s per iteration; seeds: 1 hour), a few minutes on a GPU.
+# Learning configuration (tutorial ch01 7.2): decent text in reasonable time. A 4-layer, 256-wide model (3.2M).
+# Expected time: about 50 minutes on a 2-core CPU (0.95 s per iteration; the tutorial: 1 hour), a few minutes on a GPU.
 #   python train.py config/learning.py
 out_dir = "out-learning"
 dataset = "shakespeare_char"
@@ -17,7 +17,7 @@ learning_rate = 1e-3
 max_iters = 3000
 warmup_iters = 100
 eval_interval = 250
-# not in the seeds' template: decay over the run, to a tenth of the peak rate
+# not in the tutorial's template: decay over the run, to a tenth of the peak rate
 lr_decay_iters = 3000
 min_lr = 1e-4
 eval_iters = 100

@@ -1,4 +1,4 @@
-# Production configuration (seeds ch01 7.4): GPT-2 124M on OpenWebText, effective batch 12 x 1024 x 40
+# Production configuration (tutorial ch01 7.4): GPT-2 124M on OpenWebText, effective batch 12 x 1024 x 40
 # = ~0.5M tokens per step. Expected time: about 4 days on 8 A100 GPUs
 # (torchrun --standalone --nproc_per_node=8 train.py config/production.py); not a CPU job.
 # Prepare the data first: python data/openwebtext/prepare.py (about 54 GB of downloads).

@@ -1,6 +1,6 @@
-# Standard configuration (seeds ch01 7.3): Shakespeare-quality text, the 6-layer, 384-wide model (10.65M),
+# Standard configuration (tutorial ch01 7.3): Shakespeare-quality text, the 6-layer, 384-wide model (10.65M),
 # the same as config/train_shakespeare_char.py. Expected time: about 3 minutes on a modern GPU (val ~1.47);
-# on a 2-core CPU about 8 hours at 6 s per iteration (seeds: 3-4 hours on a consumer GPU).
+# on a 2-core CPU about 8 hours at 6 s per iteration (the tutorial: 3-4 hours on a consumer GPU).
 #   python train.py config/standard.py
 out_dir = "out-standard"
 dataset = "shakespeare_char"
@@ -19,7 +19,7 @@ max_iters = 5000
 warmup_iters = 100
 lr_decay_iters = 5000
 min_lr = 1e-4
-# not in the seeds' template, as in train_shakespeare_char.py
+# not in the tutorial's template, as in train_shakespeare_char.py
 beta2 = 0.99
 eval_interval = 250
 eval_iters = 200

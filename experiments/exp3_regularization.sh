@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Experiment 3 (seeds ch04 2.3): overfitting, and what dropout and weight decay do about it.
+# Experiment 3 (tutorial ch04 2.3): overfitting, and what dropout and weight decay do about it.
 #   bash experiments/exp3_regularization.sh | SCALE=cpu bash experiments/exp3_regularization.sh | DEVICE=cuda ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The seeds' runs see tiny-shakespeare ~80 times (5000 x 64 x 256 tokens); a SCALE=cpu run sees 80x fewer
+# the tutorial's runs see tiny-shakespeare ~80 times (5000 x 64 x 256 tokens); a SCALE=cpu run sees 80x fewer
 # tokens, about one pass, too few to overfit. To keep the point, SCALE=cpu also trains on 1/80 of train.bin.
 data=()
 if [ "${SCALE:-}" = cpu ]; then data=(--max_train_tokens=12500); fi

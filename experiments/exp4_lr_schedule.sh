@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Experiment 4 (seeds ch04 2.4): what warmup and decay do. (decay_lr=False keeps the warmup and then holds
+# Experiment 4 (tutorial ch04 2.4): what warmup and decay do. (decay_lr=False keeps the warmup and then holds
 # the rate, so "warmup only" differs from "no schedule".)
 #   bash experiments/exp4_lr_schedule.sh | SCALE=cpu bash experiments/exp4_lr_schedule.sh | DEVICE=cuda ...
 set -euo pipefail

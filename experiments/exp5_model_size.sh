@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Experiment 5 (seeds ch04 2.5): model capacity against loss, time and memory.
+# Experiment 5 (tutorial ch04 2.5): model capacity against loss, time and memory.
 #   bash experiments/exp5_model_size.sh | SCALE=cpu bash experiments/exp5_model_size.sh | DEVICE=cuda ...
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
 """A run's log: what train.py prints, copied to out_dir/training.log, plus out_dir/metrics.jsonl.
 
-The text lines are an interface (the seeds' tools parse them with regexes), so they are formatted
+The text lines are an interface (the tutorial's tools parse them with regexes), so they are formatted
 here and nowhere else, next to the patterns that read them back:
     step {n}: train loss {:.4f}, val loss {:.4f}
     iter {n}: loss {:.4f}, time {:.2f}ms, mfu {:.2f}%

@@ -1,4 +1,4 @@
-"""Finished runs side by side: the summary table of an experiments directory (the seeds' columns plus best val
+"""Finished runs side by side: the summary table of an experiments directory (the tutorial's columns plus best val
 loss, parameters, tokens/s and the overfitting verdict), and how far two runs' loss curves are apart."""
 import csv
 import fnmatch
@@ -12,11 +12,11 @@ from gpt_toolkit.errors import UserError
 from gpt_toolkit.runlog import read_run
 
 HEADERS = ["Experiment", "Train Loss", "Val Loss", "Gap", "Time", "Best Val", "Best Step", "Params", "Tokens/s", "Verdict"]
-BANDS = [(0.1, "healthy"), (0.3, "slight overfitting"), (0.5, "moderate overfitting")]  # seeds ch04 2.3
+BANDS = [(0.1, "healthy"), (0.3, "slight overfitting"), (0.5, "moderate overfitting")]  # tutorial ch04 2.3
 
 
 def overfitting_verdict(gap):
-    """The seeds' bands on val - train: < 0.1 healthy, < 0.3 slight, < 0.5 moderate, else severe."""
+    """the tutorial's bands on val - train: < 0.1 healthy, < 0.3 slight, < 0.5 moderate, else severe."""
     for limit, verdict in BANDS:
         if gap < limit:
             return verdict

@@ -114,8 +114,8 @@ def test_summarize_cli_formats_and_match(exp_dir, tmp_path):
     assert_one_line_error(r, "experiments directory", "not found")
 
 
-def test_seeds_summarize_regexes_read_our_logs(exp_dir):
-    """The seeds' extract_final_loss / extract_training_time regexes, unchanged, on a log we write."""
+def test_tutorials_summarize_regexes_read_our_logs(exp_dir):
+    """the tutorial's extract_final_loss / extract_training_time regexes, unchanged, on a log we write."""
     content = (exp_dir / "exp9_a" / "training.log").read_text()
     final = None
     for line in reversed(content.splitlines()):
@@ -138,7 +138,7 @@ def test_plots_are_written_as_png(exp_dir, tmp_path):
     for png in (single, compare):
         data = png.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
-    r = run_script("tools/plot_loss.py", exp_dir / "exp9_a.log", cwd=tmp_path)  # the seeds' default file name
+    r = run_script("tools/plot_loss.py", exp_dir / "exp9_a.log", cwd=tmp_path)  # the tutorial's default file name
     assert r.returncode == 0 and (tmp_path / "loss_curve.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -180,7 +180,7 @@ def test_curve_difference_arithmetic(tmp_path):
 def test_cpu_scale_keeps_ratios():
     assert scaled_overrides(["--max_iters=1000", "--learning_rate=5e-3"], "full") == ["--max_iters=1000", "--learning_rate=5e-3"]
     args = scaled_overrides(["--max_iters=1000", "--learning_rate=5e-3"], "cpu")
-    assert args[:2] == ["--max_iters=1000", "--learning_rate=5e-3"]  # the seeds' overrides stay, the 5x rate included
+    assert args[:2] == ["--max_iters=1000", "--learning_rate=5e-3"]  # the tutorial's overrides stay, the 5x rate included
     assert args[2:] == ["--n_embd=96", "--block_size=64", "--batch_size=16", "--max_iters=200", "--lr_decay_iters=1000",
                         "--warmup_iters=20", "--eval_interval=50", "--eval_iters=20"]
     small = scaled_overrides(["--batch_size=16", "--n_layer=8", "--n_embd=512", "--n_head=8"], "cpu")

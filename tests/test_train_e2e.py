@@ -1,4 +1,4 @@
-"""End to end: train a tiny model on shakespeare_char, read its logs as the seeds' tools do, sample, resume, DDP."""
+"""End to end: train a tiny model on shakespeare_char, read its logs as the tutorial's tools do, sample, resume, DDP."""
 import json
 import re
 
@@ -8,7 +8,7 @@ from conftest import AUTO_DTYPE, OTHER_DTYPE, TINY_TRAIN, run_script
 
 from gpt_toolkit.checkpoint import load_checkpoint, save_checkpoint
 
-SEEDS_EVAL_RE = r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)"  # verbatim from the seeds' parse_log
+TUTORIAL_EVAL_RE = r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)"  # verbatim from the tutorial's parse_log
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def trained(data_dir, tmp_path_factory):
 def parse_log(text):
     steps, train, val = [], [], []
     for line in text.splitlines():
-        m = re.search(SEEDS_EVAL_RE, line)
+        m = re.search(TUTORIAL_EVAL_RE, line)
         if m:
             steps.append(int(m.group(1)))
             train.append(float(m.group(2)))
@@ -30,7 +30,7 @@ def parse_log(text):
     return steps, train, val
 
 
-def test_log_is_parsed_by_the_seeds_regex_and_val_loss_falls(trained):
+def test_log_is_parsed_by_the_tutorials_regex_and_val_loss_falls(trained):
     out, stdout = trained
     steps, _, val = parse_log((out / "training.log").read_text())
     assert steps == [0, 20, 40, 60]

@@ -1,4 +1,4 @@
-"""Compare two runs' loss curves step by step: the seeds' experiment 2 check that gradient accumulation
+"""Compare two runs' loss curves step by step: the tutorial's experiment 2 check that gradient accumulation
 matches a large batch (they predict a difference below 0.01).
 
     python tools/compare_runs.py experiments/exp2_large_batch experiments/exp2_grad_accum
@@ -18,7 +18,7 @@ def main(argv):
     parser = tool_parser(__file__, __doc__)
     parser.add_argument("run_a", help="out_dir, log or metrics.jsonl")
     parser.add_argument("run_b", help="out_dir, log or metrics.jsonl")
-    parser.add_argument("--tolerance", type=float, default=0.01, help="difference the seeds call 'the same' (default 0.01)")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="difference the tutorial calls 'the same' (default 0.01)")
     args, _ = parser.parse(argv)
     try:
         a, b = read_run(args.run_a), read_run(args.run_b)

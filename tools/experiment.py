@@ -1,10 +1,10 @@
-"""Run the seeds' experiments: one train.py run per call, its output tee'd to experiments/NAME.log.
+"""Run the tutorial's experiments: one train.py run per call, its output tee'd to experiments/NAME.log.
 
     python tools/experiment.py run exp1_large_lr --max_iters=1000 --learning_rate=5e-3
     python tools/experiment.py finish exp1 --title "Experiment 1: parameters"
 
 `run` trains `config/train_shakespeare_char.py` plus the given overrides into experiments/NAME, exactly the
-seeds' command. Environment knobs:
+tutorial's command. Environment knobs:
     DEVICE=cpu|cuda|...   passed as --device (default: train.py's auto)
     SCALE=cpu             shrink the run to finish in minutes on 2 CPU cores, keeping its ratios:
                           n_embd, block_size and batch_size / 4; max_iters, lr_decay_iters, warmup_iters and
@@ -41,7 +41,7 @@ def scaled_overrides(overrides, scale, base_config=BASE_CONFIG):
     if scale == "full":
         return list(overrides)
     if scale != "cpu":
-        raise UserError(f"unknown SCALE={scale}: use SCALE=cpu, or leave it unset for the seeds' full-size runs")
+        raise UserError(f"unknown SCALE={scale}: use SCALE=cpu, or leave it unset for the tutorial's full-size runs")
     cfg, _ = load_config([str(ROOT / base_config), *overrides])
     shrunk = {key: max(1, getattr(cfg, key) // factor) if getattr(cfg, key) else 0 for key, factor in CPU_SCALE.items()}
     return [*overrides, *(f"--{k}={v}" for k, v in shrunk.items())]
@@ -73,7 +73,7 @@ def run(name, overrides, exp_dir="experiments"):
         overrides.append("--overwrite=True")  # running the experiment script again asks for exactly this
     cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / BASE_CONFIG), *overrides, f"--out_dir={out_dir}"]
     print("$ python train.py " + " ".join([BASE_CONFIG, *overrides, f"--out_dir={out_dir}"]), flush=True)
-    with open(exp_dir / f"{name}.log", "w", encoding="utf-8") as log:  # the seeds' `2>&1 | tee NAME.log`
+    with open(exp_dir / f"{name}.log", "w", encoding="utf-8") as log:  # the tutorial's `2>&1 | tee NAME.log`
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
             sys.stdout.write(line)

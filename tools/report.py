@@ -1,4 +1,4 @@
-"""Write experiments/REPORT.md: per experiment family the summary table, the comparison plots, the seeds'
+"""Write experiments/REPORT.md: per experiment family the summary table, the comparison plots, the tutorial's
 analysis templates filled in with measured values, each run's whole-split val loss, and a short generated sample
 per run.
 
@@ -40,7 +40,7 @@ RULES = """How the words below are decided, from each run's evaluations:
 - converged: the last evaluation interval improved val loss by less than 1%; otherwise still improving;
 - initial loss drop: the val-loss fall over the first evaluation interval, "fast" when at least 80% of the
   family's largest fall, else "slow";
-- overfitting verdict: the seeds' bands on final val - train: < 0.1 healthy, < 0.3 slight, < 0.5 moderate, else severe."""
+- overfitting verdict: the tutorial's bands on final val - train: < 0.1 healthy, < 0.3 slight, < 0.5 moderate, else severe."""
 
 
 def convergence(run):
@@ -96,13 +96,13 @@ def analysis_exp1(runs):
 def analysis_exp2(runs):
     by = {r.name: r for r in runs}
     out = []
-    for a, b, what in [("exp2_large_batch", "exp2_grad_accum", "the seeds' config (dropout as configured)"),
+    for a, b, what in [("exp2_large_batch", "exp2_grad_accum", "the tutorial's config (dropout as configured)"),
                        ("exp2_large_batch_nodropout", "exp2_grad_accum_nodropout", "dropout off")]:
         if a in by and b in by:
             steps, mean, worst = curve_difference(by[a], by[b], "val")
             verdict = "below" if worst < 0.01 else "above"
             out.append(f"- {what}: val curves over {len(steps)} evaluations differ by {mean:.6f} on average and "
-                       f"{worst:.6f} at most: {verdict} the seeds' predicted 0.01")
+                       f"{worst:.6f} at most: {verdict} the tutorial's predicted 0.01")
     return "\n".join(out) or "(the exp2 pairs were not found)"
 
 
@@ -136,7 +136,7 @@ def analysis_exp5(runs):
         estimate = f"{(L * 16 * d * d + V * d) / 1e6:.2f}M" if all(isinstance(x, int) for x in (L, d, V)) else "?"
         took = f"{r.took:.1f} s" if r.took is not None else "N/A"
         rows.append(f"| {r.name} | {(r.num_params or 0) / 1e6:.2f}M | {estimate} | {took} | {r.val_losses[-1]:.4f} |")
-    return ("| model | parameters (exact) | seeds' 16·L·d² + V·d | training time | final val loss |\n"
+    return ("| model | parameters (exact) | tutorial's 16·L·d² + V·d | training time | final val loss |\n"
             "| --- | --- | --- | --- | --- |\n" + "\n".join(rows))
 
 

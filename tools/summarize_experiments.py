@@ -5,7 +5,7 @@
     python tools/summarize_experiments.py --format csv -o results.csv
 
 A run is experiments/<name>/ (its metrics.jsonl, training.log and config.json) or experiments/<name>.log.
-The gap is final val loss minus final train loss; the verdict uses the seeds' bands.
+The gap is final val loss minus final train loss; the verdict uses the tutorial's bands.
 """
 import sys
 from pathlib import Path
