@@ -11,6 +11,7 @@ from model import GPT, GPTConfig
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_lr_finder_suggests_a_sane_rate_for_the_cpu_recipe(data_dir, tmp_path):
     png = tmp_path / "lrf.png"
     r = run_script("tools/lr_finder.py", "config/train_shakespeare_char_cpu.py", f"--data_dir={data_dir}", "--steps=100",
@@ -75,6 +76,7 @@ def test_estimate_memory_parts():
     assert parse_size("8GB") == 8 * 2**30 and parse_size("512M") == 512 * 2**20
 
 
+@pytest.mark.slow
 def test_estimate_measured_peak_is_within_25_percent_of_the_formula(data_dir):
     # a fresh process, as a user runs it: in this one, earlier tests' freed memory would be reused and hide the peak
     r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", f"--data_dir={data_dir}", "--batch_size=4",

@@ -205,6 +205,7 @@ def test_overwrite_replaces_an_old_run_on_request(ws, capsys):
     assert (ws / "out" / "training.log.1").exists()  # the old run's log is set aside, not lost
 
 
+@pytest.mark.slow
 def test_disk_full_during_save_keeps_the_previous_checkpoint(ws):
     """A real write failure: the file-size limit makes the checkpoint write fail part-way (EFBIG)."""
     before = {n: (ws / "out" / n).read_bytes() for n in ("latest.pt", "ckpt.pt")}

@@ -107,6 +107,7 @@ def test_pruned_trial_stops_its_training_process(tmp_path):
     assert trial.reports == [(0, 4.1)] and time.time() - start < 30
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end(data_dir, tmp_path):
     pytest.importorskip("optuna")
     study = tmp_path / "study"

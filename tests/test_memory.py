@@ -81,6 +81,7 @@ def test_out_of_memory_during_training_is_one_line_and_keeps_the_checkpoint(data
     assert {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out.glob("*.pt")} == saved
 
 
+@pytest.mark.slow
 def test_a_real_allocation_failure_is_one_line(data_dir, tmp_path):
     """The allocator's own failure, with the pre-flight check off: an address-space limit makes the first large
     allocation fail at once on any machine, as it does on one without the memory."""

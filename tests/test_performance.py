@@ -282,6 +282,7 @@ def test_bench_times_activation_checkpointing(data_dir, monkeypatch):
     assert re.search(r"activation checkpointing: 0.25x the peak memory, [\d.]+x the time per iteration", r.stdout)
 
 
+@pytest.mark.slow
 def test_bench_runs_both_modes(data_dir, monkeypatch):
     import tools.bench
     real = tools.bench.peak_memory_in_fresh_process  # measured for real once ("on"); "off" stubbed (suite time)

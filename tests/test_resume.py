@@ -111,6 +111,7 @@ def test_checkpoint_holds_the_full_training_state(data_dir, tmp_path, reference)
     assert ckpt["sampler"] == {"kind": "seed_and_step", "seed": 1337, "next_step": 20}
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(data_dir, tmp_path, reference):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, *train_args(data_dir, out, "--max_iters=200")], cwd=ROOT,
@@ -126,6 +127,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(data_dir, tmp_path,
     assert_same_as_reference(reference, out, step)
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_resume_is_bit_exact(data_dir, tmp_path, reference):
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, *train_args(data_dir, out, "--max_iters=200")], cwd=ROOT,
@@ -144,6 +146,7 @@ def test_sigint_saves_and_resume_is_bit_exact(data_dir, tmp_path, reference):
     assert_same_as_reference(reference, out, step)
 
 
+@pytest.mark.slow
 def test_sigterm_exits_143_after_saving(data_dir, tmp_path):
     out = tmp_path / "term"
     proc = subprocess.Popen([sys.executable, *train_args(data_dir, out, "--max_iters=5000", "--lr_decay_iters=5000")],
@@ -157,6 +160,7 @@ def test_sigterm_exits_143_after_saving(data_dir, tmp_path):
     assert "interrupted (SIGTERM)" in stdout and load_checkpoint(out / "latest.pt")["iter_num"] >= 6
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_aborts_without_saving(data_dir, tmp_path):
     out = tmp_path / "abort"
     # a model whose step takes seconds on 2 cores, so the second Ctrl-C lands inside the step or save in flight
@@ -211,6 +215,7 @@ def test_resume_refuses_conflicting_architecture_flags(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr  # agreeing with the checkpoint is fine
 
 
+@pytest.mark.slow
 def test_ddp_resume_is_bit_exact(data_dir, tmp_path):
     def args(out, *extra):
         return train_args(data_dir, out, "--lr_decay_iters=40", *extra)
@@ -221,6 +226,7 @@ def test_ddp_resume_is_bit_exact(data_dir, tmp_path):
     assert_same_as_reference(records(tmp_path / "a"), tmp_path / "b", 20)
 
 
+@pytest.mark.slow
 def test_random_sigkills_leave_a_loadable_checkpoint_and_resume_finishes(data_dir, tmp_path):
     """Kill training with SIGKILL at a random moment (checkpoint writes included); whatever is on disk loads, and
     resuming finishes the run. The figures go in the issue note: kills survived, files lost."""

@@ -174,6 +174,7 @@ print("handlers added", atexit._ncallbacks() - handlers)
     assert lines[4].startswith("frozen") and int(lines[4].split()[1]) > 10_000  # torch's objects, frozen at exit
 
 
+@pytest.mark.slow
 def test_scripts_run_from_any_working_directory(tmp_path):
     """Every script finds the library from another directory: --help runs (each in a fresh interpreter, together)."""
     scripts = [p for p in SCRIPTS if p.parent.name != "openwebtext"]

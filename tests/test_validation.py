@@ -90,6 +90,7 @@ def test_wandb_without_the_package_fails_before_any_work(data_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_gpt2_weights_offline_is_a_clear_error(data_dir, tmp_path):
     pytest.importorskip("transformers")
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_cache")}
