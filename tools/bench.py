@@ -204,7 +204,7 @@ def batching_bench(cfg, opts):
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     if dataset.eot_token is None:
         raise UserError(f"--batching needs a dataset of documents separated by an end-of-text token; '{cfg.dataset}' "
-                        f"has none: prepare one with data/prepare_text.py --tokenizer=gpt2 (see README)")
+                        f"has none: prepare one with data/prepare_text.py --tokenizer=gpt2 (see docs/data.md)")
     dataset.check_block_size(cfg.block_size)
     lengths = dataset.documents("train", cfg.block_size)[1]
     print(f"{cfg.dataset}: {len(lengths):,} train documents (pieces of at most block_size {cfg.block_size}), "
