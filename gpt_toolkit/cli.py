@@ -6,7 +6,6 @@ from pathlib import Path
 
 from configurator import defaults_of, format_help, help_of
 from gpt_toolkit.errors import ConfigError
-from gpt_toolkit.train_config import Config, load_config, validate
 
 
 def parse_bool(text):
@@ -37,6 +36,7 @@ class ToolParser(argparse.ArgumentParser):
         text = super().format_help()
         if not self.training_config:
             return text
+        from gpt_toolkit.train_config import Config  # here: a tool without a training config starts without torch
         keys = format_help(defaults_of(Config), help_of(Config), "then a training config, as train.py takes it: "
                                                                   "[CONFIG_FILE ...] [--key=value ...]")
         return f"{text}\n{keys}\n"
@@ -65,6 +65,7 @@ class ToolParser(argparse.ArgumentParser):
 
 def training_config(argv):
     """A training config from config files and --key=value overrides, read and checked as train.py reads them."""
+    from gpt_toolkit.train_config import load_config, validate
     cfg, _ = load_config(argv)
     validate(cfg)
     return cfg

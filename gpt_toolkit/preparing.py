@@ -15,7 +15,6 @@ import json
 import multiprocessing
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -420,18 +419,7 @@ def _write_documents(source, bins, workers, n_train, progress):
     return counts
 
 
-# ----------------------------------------------------------------------------- in-memory text and the scripts
-
-def build_dataset(text, out_dir, tokenizer="char", val_fraction=0.1, progress=True, num_proc=1):
-    """prepare_dataset of a string (tests, small texts), by way of a temporary file."""
-    if not text:
-        raise UserError("input text is empty: give a file with some text in it")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "input.txt"
-        path.write_text(text, encoding="utf-8")
-        return prepare_dataset(TextSource(path), out_dir, tokenizer, val_fraction=val_fraction, num_proc=num_proc,
-                               progress=progress)
-
+# ----------------------------------------------------------------------------- the scripts
 
 def write_token_stream(chunks, path):
     """Write uint16 id arrays one after another into path (whole or not at all), for corpora too big to hold in
@@ -453,9 +441,9 @@ def write_token_stream(chunks, path):
 def prepare_main(argv, description, here, tokenizer):
     """Command line shared by the data/*/prepare.py scripts: input.txt beside the script, else
     --input PATH, else download tiny-shakespeare."""
-    import argparse
+    from gpt_toolkit.cli import ToolParser
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = ToolParser(description, prog=f"{Path(here).name}/prepare.py")
     parser.add_argument("--input", help="any UTF-8 text file (default: input.txt beside this script, downloaded if missing)")
     parser.add_argument("--out_dir", default=str(here), help="where train.bin, val.bin and meta go (default: beside this script)")
     parser.add_argument("--url", default=TINY_SHAKESPEARE_URL, help="where to download the text from when there is no input file")
@@ -463,7 +451,7 @@ def prepare_main(argv, description, here, tokenizer):
     parser.add_argument("--num_proc", type=int, default=0, help="tokenizer processes (default: one per core)")
     if tokenizer is None:
         parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse(argv)
     if args.input:
         source = Path(args.input)
     else:

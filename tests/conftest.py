@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from gpt_toolkit.errors import run_main  # noqa: E402
 from gpt_toolkit.hardware import resolve_dtype  # noqa: E402
-from gpt_toolkit.preparing import build_dataset  # noqa: E402
+from gpt_toolkit.preparing import TextSource, prepare_dataset  # noqa: E402
 from gpt_toolkit.tokenizer import TINY_SHAKESPEARE_URL, download, read_text  # noqa: E402
 
 # A model small enough that a training run takes a couple of seconds on 2 CPU cores. It pins the size of the run
@@ -33,6 +34,15 @@ TINY_TRAIN = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_em
 # that T4/V100 cards get from auto).
 AUTO_DTYPE = resolve_dtype("auto", "cpu")
 OTHER_DTYPE = "float32" if AUTO_DTYPE == "bfloat16" else "bfloat16"
+
+
+def build_dataset(text, out_dir, tokenizer="char", val_fraction=0.1, progress=False, num_proc=1):
+    """prepare_dataset of a string, by way of a temporary file (prepare.py's path from a file on disk)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "input.txt"
+        path.write_text(text, encoding="utf-8")
+        return prepare_dataset(TextSource(path), out_dir, tokenizer, val_fraction=val_fraction, num_proc=num_proc,
+                               progress=progress)
 
 
 @pytest.fixture(scope="session")

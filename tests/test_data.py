@@ -6,11 +6,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, build_dataset, run_script
 
 from gpt_toolkit.dataset import Dataset, get_batch, step_batches
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.preparing import build_dataset, prepare_main
+from gpt_toolkit.preparing import prepare_main
 from gpt_toolkit.tokenizer import CharTokenizer, read_meta, tokenizer_from_meta
 
 

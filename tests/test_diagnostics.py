@@ -212,7 +212,7 @@ def test_packing_needs_an_end_of_text_token(data_dir, tmp_path, capsys):
 
 
 def test_packing_trains_on_a_gpt2_dataset(tmp_path, capsys):
-    from gpt_toolkit.preparing import build_dataset
+    from conftest import build_dataset
     docs = ["The cat sat on the mat. " * 30, "A dog ran in the park. " * 30, "Birds fly over the sea. " * 30] * 4
     build_dataset("<|endoftext|>".join(docs), tmp_path / "data" / "docs", "gpt2", progress=False)
     ids = torch.from_numpy(__import__("numpy").fromfile(tmp_path / "data" / "docs" / "train.bin", dtype="uint16").astype("int64"))
@@ -255,7 +255,7 @@ def test_padded_batch_equals_each_document_alone():
 
 
 def test_padding_trains_on_whole_documents(tmp_path, capsys, monkeypatch):
-    from gpt_toolkit.preparing import build_dataset
+    from conftest import build_dataset
     docs = ["The cat sat on the mat. " * (2 + i % 5) for i in range(40)]
     build_dataset("<|endoftext|>".join(docs), tmp_path / "data" / "docs", "gpt2", progress=False)
     widths = []

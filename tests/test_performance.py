@@ -251,7 +251,7 @@ def test_gpu_peak_table_longest_name_wins(monkeypatch):
 
 
 def test_bench_compares_packed_and_padded_batches(tmp_path, data_dir):
-    from gpt_toolkit.preparing import build_dataset
+    from conftest import build_dataset
     docs = ["To be or not to be. " * (1 + i % 4) for i in range(120)]
     build_dataset("<|endoftext|>".join(docs), tmp_path / "docs", "gpt2", progress=False)
     r = run_script("tools/bench.py", "--batching", "config/train_shakespeare_char_cpu.py", f"--data_dir={tmp_path}",
