@@ -27,6 +27,7 @@ class Config:
     init_from = "resume"  # resume (the model in out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | an HF GPT-2 dir
     out_dir = "out"  # directory of the trained run
     checkpoint = BEST  # file in out_dir: ckpt.pt (lowest val loss) | latest.pt (newest) | ckpt_stepNNNNNNNN.pt
+    verify_checkpoint = True  # check the checkpoint's checksum (False: load one that fails it anyway)
     start = "\n"  # the prompt; FILE:path reads it from a file
     num_samples = 10  # how many samples to draw
     max_new_tokens = 500  # tokens generated per sample

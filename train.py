@@ -8,6 +8,7 @@ Several processes with DDP (gloo on CPU, nccl on CUDA):
 Every key of gpt_toolkit.train_config.Config can be set by a config file or --key=value; `python train.py --help`
 lists them. main() is the run, top to bottom, in phases; the pieces it calls live in the gpt_toolkit package.
 """
+import contextlib
 import json
 import math
 import signal
@@ -24,9 +25,7 @@ from gpt_toolkit.checkpoint import (
     BEST,
     LATEST,
     RunCheckpoints,
-    check_out_dir,
     load_checkpoint,
-    open_out_dir,
     restore_training_state,
     resume_path,
     set_rng_state,
@@ -35,9 +34,19 @@ from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, run_batches, s
 from gpt_toolkit.diagnostics import GradMonitor, NonFiniteGuard, check_batch, check_init, grad_record_lines
 from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main
 from gpt_toolkit.files import atomic_write_text
+from gpt_toolkit.outdir import OutDir, check_out_dir
 from gpt_toolkit.process import setup_process
 from gpt_toolkit.progress import Eta, StepTimer
-from gpt_toolkit.runlog import RunLog, TensorBoardTracker, WandbTracker, eval_line, iter_line, progress_line, took_line
+from gpt_toolkit.runlog import (
+    LogWriteError,
+    RunLog,
+    TensorBoardTracker,
+    WandbTracker,
+    eval_line,
+    iter_line,
+    progress_line,
+    took_line,
+)
 from gpt_toolkit.schedule import lr_at
 from gpt_toolkit.sharding import local_numel
 from gpt_toolkit.stopping import EarlyStopping, StopRequest
@@ -100,12 +109,13 @@ def main(argv):
     model, model_args, notes = build_model(cfg, dataset, ckpt)
     check_model_and_data(cfg, dataset, model_args["vocab_size"])
 
-    # build: from here on the run writes to out_dir
-    if world.master:
-        open_out_dir(cfg)
-    distributed.init_process_group(cfg.backend, world.device, world.size)
-    with RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=world.master, trackers=trackers()) as log:
-        run = build_run(cfg, world, dataset, model, model_args, notes, log)
+    # build: from here on the run writes to out_dir, which it owns (rank 0 writes) until it ends
+    with OutDir(cfg, writer=world.master) as out_dir, \
+            RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=world.master, trackers=trackers(),
+                   resumed_at=ckpt["iter_num"] if ckpt is not None else None) as log:
+        distributed.init_process_group(cfg.backend, world.device, world.size)
+        run = build_run(cfg, world, dataset, model, model_args, out_dir.notes + notes, log)
+        run.saves.after_first_save = out_dir.first_save_done
         optimizer, scaler = run.training.optimizer, run.training.scaler
 
         # resume: the optimizer and GradScaler state, the step, best val loss, early-stopping count and RNG state
@@ -117,8 +127,11 @@ def main(argv):
 
         exit_code, t_start = 0, time.time()
         advice = lambda: f"{memory.smaller_step_advice(cfg)}; {run.saves.kept()}"
-        with StopRequest() as stop, memory.explain_out_of_memory(lambda: f"at step {iter_num}", advice):
+        steps_done = iter_num  # what the model holds: iter_num steps, or iter_num + 1 once a step has updated it
+        with StopRequest() as stop, memory.explain_out_of_memory(lambda: f"at step {iter_num}", advice), \
+                save_if_the_log_fails(run, lambda: steps_done, lambda: best_val_loss, early):
             while True:
+                steps_done = iter_num
                 # evaluate and save: every eval_interval steps and after the last (a resumed step was evaluated)
                 at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
                 if at_eval and (iter_num != resumed_at or cfg.eval_only):
@@ -145,6 +158,7 @@ def main(argv):
                 grad_record = run.monitor.gradients(iter_num) if run.monitor and run.monitor.due(iter_num) else None
                 norm, skipped = optimizer_step(run.stepper.module, optimizer, scaler, cfg.grad_clip)
                 run.guard.record(loss, norm, skipped)
+                steps_done = iter_num + 1
                 run.timer.step_done()
                 run.eta.step_done(iter_num + 1, time.time())
 
@@ -173,6 +187,26 @@ def main(argv):
     return exit_code
 
 
+@contextlib.contextmanager
+def save_if_the_log_fails(run, steps_done, best_val_loss, early):
+    """A failed write of training.log or metrics.jsonl (a full disk) stops the run the way a failed save does: the
+    state is saved if the disk allows and unless it is saved already, and one line says what is on disk."""
+    try:
+        yield
+    except LogWriteError as e:
+        step = steps_done()
+        if step != run.saves.last_step:
+            try:
+                run.saves.save(step, improved=False, best_val_loss=best_val_loss(), early_stop=early.state(),
+                               rng_states=distributed.all_rng_states(run.world.device, run.world.size))
+            except UserError:
+                pass  # the disk is full for the checkpoint too: the last one stays as it was
+        kept = (f"saved {Path(run.cfg.out_dir) / LATEST} at step {step}; continue with --init_from=resume once there "
+                f"is space" if run.saves.last_step == step else f"{run.saves.kept()}; free disk space and continue "
+                f"with --init_from=resume")
+        raise UserError(f"{e}: {kept}") from None
+
+
 def check_data_and_out_dir(cfg, cli_keys, world):
     """(the dataset, the checkpoint a resume continues and its path, or None, None): the data, a resume's checkpoint
     against the config, the memory the run needs, and whether out_dir may be written."""
@@ -180,7 +214,7 @@ def check_data_and_out_dir(cfg, cli_keys, world):
     ckpt = ckpt_path = None
     if cfg.init_from == "resume":
         ckpt_path = resume_path(cfg.out_dir)
-        ckpt = load_checkpoint(ckpt_path, map_location=world.device)
+        ckpt = load_checkpoint(ckpt_path, map_location=world.device, verify=cfg.verify_checkpoint)
         check_resume(ckpt, cfg, cli_keys, dataset)
     dataset.check_block_size(cfg.block_size)
     if cfg.check_memory:

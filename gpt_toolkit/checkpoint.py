@@ -13,10 +13,15 @@ Each is a dict with nanoGPT's keys
     config         the run's full config
 so nanoGPT's train.py/sample.py load ours and we load theirs. nanoGPT ignores our extra keys: scaler
 (GradScaler state), rng (one RNG state per DDP rank), sampler (where batch sampling continues), meta
-(the vocabulary, so sampling needs no data directory).
+(the vocabulary, so sampling needs no data directory), and checksum: the sha256 of everything else in the file (every
+tensor's bytes, every value), checked on load, so a file whose bytes changed after it was written (a disk or copy
+error) is refused instead of resumed or sampled.
 """
+import hashlib
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -25,7 +30,8 @@ import torch
 
 from gpt_toolkit import sharding
 from gpt_toolkit.errors import UserError, first_line
-from gpt_toolkit.files import atomic_write, fsync_dir, remove_stale_temps, temp_path
+from gpt_toolkit.files import atomic_write, fsync_dir, temp_path
+from gpt_toolkit.tokenizer import check_meta
 from model import GPT, GPTConfig
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
@@ -33,6 +39,7 @@ ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # what a r
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile puts in front of parameter names
 BEST = "ckpt.pt"  # the lowest val loss so far (nanoGPT's file name, so its sample.py finds the best model)
 LATEST = "latest.pt"  # the newest saved state: what init_from=resume continues from
+CHECKSUM = "checksum"  # {"sha256": hex} of the rest of the checkpoint (state_checksum)
 
 
 def step_name(step):
@@ -55,15 +62,50 @@ def existing_checkpoints(out_dir):
     return sorted(p for p in out_dir.glob("*.pt") if p.name in (BEST, LATEST) or p.name.startswith("ckpt_step"))
 
 
+def state_checksum(ckpt):
+    """sha256 of a checkpoint's contents but its checksum: every tensor's dtype, shape and bytes, every other value's
+    repr, dict keys in a fixed order. The same before saving and after loading with weights_only."""
+    h = hashlib.sha256()
+
+    def feed(obj):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(obj, dict):
+            h.update(f"D{len(obj)};".encode())
+            for key in sorted(obj, key=repr):
+                h.update(f"{key!r}:".encode())
+                feed(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"L{len(obj)};".encode())
+            for item in obj:
+                feed(item)
+        else:
+            h.update(f"{obj!r};".encode())
+    feed({k: v for k, v in ckpt.items() if k != CHECKSUM})
+    return h.hexdigest()
+
+
 def save_checkpoint(ckpt, path):
-    """Write whole or not at all (files.atomic_write). A failed write (disk full) leaves the old file untouched and
-    is reported as a UserError."""
+    """Write whole or not at all (files.atomic_write), with its checksum. A failed write (a full disk, a file-size
+    limit) leaves the old file untouched and is reported as a UserError."""
     path = Path(path)
+    ckpt = {**ckpt, CHECKSUM: {"sha256": state_checksum(ckpt)}}
     try:
         atomic_write(path, lambda f: torch.save(ckpt, f))
-    except OSError as e:
-        raise UserError(f"could not save the checkpoint to {path} ({e.strerror or e}): the previous checkpoint is "
-                        f"intact; free disk space and continue with --init_from=resume") from None
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
+        if isinstance(e, RuntimeError) and not _write_failure(e):
+            raise
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise UserError(f"could not save the checkpoint to {path} ({cause}): the previous checkpoint is intact; free "
+                        f"disk space and continue with --init_from=resume") from None
+
+
+def _write_failure(exc):
+    """A RuntimeError from torch.save that means the file could not be written."""
+    text = str(exc)
+    return "inline_container" in text or "file write failed" in text or "unexpected pos" in text
 
 
 def link_checkpoint(src, dst):
@@ -128,12 +170,12 @@ class RunCheckpoints:
     gathering the shards takes them all."""
 
     def __init__(self, out_dir, *, keep_last, writer, collective, model, optimizer, scaler, model_args, config, meta,
-                 last_step, report):
+                 last_step, report, after_first_save=None):
         self.out_dir, self.keep_last, self.writer, self.collective = Path(out_dir), keep_last, writer, collective
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.model_args, self.config, self.meta = model_args, config, meta
         self.last_step = last_step  # the step of the newest save (a resumed run's: the step it resumed at)
-        self.report = report
+        self.report, self.after_first_save = report, after_first_save  # after_first_save() -> a line for the log
 
     def save(self, step, *, improved, best_val_loss, rng_states, early_stop):
         """Save the state after `step` steps (ckpt.pt too when improved) and say what was written."""
@@ -146,6 +188,10 @@ class RunCheckpoints:
             written = save_run(state, self.out_dir, improved=improved, keep_last=self.keep_last)
             self.last_step = step
             self.report(f"saving checkpoint to {self.config['out_dir']} ({', '.join(written)})")
+            if self.after_first_save is not None:
+                note, self.after_first_save = self.after_first_save(), None
+                if note:
+                    self.report(note)
 
     def kept(self):
         """What is on disk for a run that stops now without saving."""
@@ -154,57 +200,82 @@ class RunCheckpoints:
         return f"the last checkpoint ({self.out_dir / LATEST}, step {self.last_step}) is from before and untouched"
 
 
-def check_out_dir(cfg):
-    """Refuse to replace an earlier run's checkpoints without --overwrite=True, and an out_dir that cannot be
-    written. Writes nothing."""
-    out_dir = Path(cfg.out_dir)
-    found = existing_checkpoints(out_dir) if out_dir.is_dir() else []
-    if found and cfg.init_from != "resume" and not cfg.eval_only and not cfg.overwrite:
-        raise UserError(f"out_dir '{out_dir}' already holds a checkpoint ({found[-1].name}): continue it with "
-                        f"--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")
-    existing = out_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        reason = "a file is in the way" if not existing.is_dir() else "permission denied"
-        raise UserError(f"cannot write to out_dir '{out_dir}' ({reason} at {existing}): choose another --out_dir")
-
-
-def open_out_dir(cfg):
-    """Create out_dir, drop temp files of a killed write, and with --overwrite=True the old checkpoints."""
-    out_dir = Path(cfg.out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write to out_dir '{out_dir}' ({e.strerror}): choose another --out_dir") from None
-    remove_stale_temps(out_dir)
-    if cfg.overwrite and cfg.init_from != "resume" and not cfg.eval_only:
-        for path in existing_checkpoints(out_dir):
-            path.unlink()
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint with weights_only=True; a missing or damaged file is a UserError naming it."""
+def load_checkpoint(path, map_location="cpu", verify=True):
+    """Load a checkpoint with weights_only=True and check what it holds. A missing, damaged, hostile or edited file is
+    a one-line UserError naming it; with verify, so is one whose checksum does not match (ours carry one; nanoGPT's
+    and older ones do not)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"no checkpoint at {path}: train one first (init_from=scratch) or check --out_dir")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # an unpickler fed damaged bytes can raise nearly anything (IndexError, OverflowError, ...)
-        first = first_line(e)
-        raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({first[:160]}): "
-                        f"resume from another checkpoint or train again") from None
+        culprit = _refused_global(e) if isinstance(e, pickle.UnpicklingError) else None
+        if culprit:  # weights_only refused something that is not plain data, and named it
+            raise UserError(f"checkpoint {path} holds a Python object that weights-only loading refuses ({culprit}): "
+                            f"train.py never writes one, and loading it otherwise could run code; load only "
+                            f"checkpoints you trust") from None
+        raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({_short(first_line(e))}): {_another(path)}"
+                        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not a nanoGPT-style checkpoint (no 'model'/'model_args'): check the path")
+    if verify and isinstance(ckpt.get(CHECKSUM), dict) and ckpt[CHECKSUM].get("sha256") != state_checksum(ckpt):
+        raise UserError(f"checkpoint {path} fails its checksum: its bytes changed after it was written (a disk or copy "
+                        f"error): {_another(path)}, or pass --verify_checkpoint=False to load it anyway")
+    check_contents(ckpt, path)
     ckpt["model"] = clean_state_dict(ckpt["model"])
     return ckpt
 
 
+def _another(path):
+    """What to use instead of a damaged checkpoint."""
+    others = [p.name for p in existing_checkpoints(Path(path).parent) if p != Path(path)]
+    return f"use another checkpoint ({', '.join(others)})" if others else "train again, or use a copy of it"
+
+
+def _short(text, limit=200):
+    """A library message cut at a word, not mid-word."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _refused_global(exc):
+    """The global (e.g. posix.system) weights_only's message says it refused, or None."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return m.group(1) if m else None
+
+
+def check_contents(ckpt, path):
+    """The keys the toolkit reads, of the types it reads them as: an edited checkpoint is one line, not a KeyError."""
+    args = ckpt["model_args"]
+    where = f"checkpoint {path}"
+    if not isinstance(args, dict) or not all(isinstance(args.get(k), int) and args[k] > 0
+                                             for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")):
+        raise UserError(f"{where}: model_args must give n_layer, n_head, n_embd, block_size and vocab_size as positive "
+                        f"ints: the file was edited or damaged; {_another(path)}")
+    if args["n_embd"] % args["n_head"]:
+        raise UserError(f"{where}: model_args has n_embd={args['n_embd']} not divisible by n_head={args['n_head']}: "
+                        f"the file was edited or damaged; {_another(path)}")
+    if not isinstance(ckpt["model"], dict):
+        raise UserError(f"{where}: 'model' is not a state dict: {_another(path)}")
+    for key in ("config", "meta"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            raise UserError(f"{where}: '{key}' is not a dict: the file was edited or damaged; {_another(path)}")
+    if ckpt.get("meta") is not None:
+        check_meta(ckpt["meta"], f"{where}'s vocabulary", _another(path))
+
+
 def model_from_checkpoint(ckpt, dropout=0.0):
-    """The GPT a loaded checkpoint holds (ours or nanoGPT's), on the CPU."""
+    """The GPT a loaded checkpoint holds (ours or nanoGPT's), on the CPU. Weights that do not fit its model_args
+    (an edited file) are a one-line UserError."""
     args = {k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]}
     model = GPT(GPTConfig(**{**args, "dropout": dropout}))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else first_line(e)
+        raise UserError(f"the checkpoint's weights do not fit its model_args {args} ({_short(detail, 160)}): the "
+                        f"file was edited or damaged; use another checkpoint") from None
     return model
 
 

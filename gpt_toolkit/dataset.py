@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gpt_toolkit.errors import UserError
+from gpt_toolkit.files import fingerprint
 from gpt_toolkit.tokenizer import GPT2_EOT, read_meta
 from model import GPT2_PADDED_VOCAB
 
@@ -48,11 +49,27 @@ class Dataset:
         if missing:
             raise UserError(f"dataset '{name}' is not prepared ({self.path / (missing[0] + '.bin')} is missing): "
                             f"run {self.prepare_hint} first")
+        self.meta = read_meta(self.path)
         self.splits = {s: open_split(self.path / f"{s}.bin") for s in SPLITS}
+        self._check_files()
         if max_train_tokens:
             self.splits["train"] = self.splits["train"][:max_train_tokens]
-        self.meta = read_meta(self.path)
         self._documents = {}
+
+    def _check_files(self):
+        """The files are the ones meta.json lists (datasets prepared by this toolkit; nanoGPT's have no list): a
+        preparation killed between two renames, or a file replaced by hand, is refused instead of trained on."""
+        listed = (self.meta or {}).get("files")
+        if not isinstance(listed, dict):
+            return
+        for name, expected in listed.items():
+            path = self.path / name
+            actual = {"bytes": path.stat().st_size, "fingerprint": fingerprint(path)} if path.exists() else None
+            if actual is None or actual["bytes"] != expected.get("bytes") or actual["fingerprint"] != expected.get(
+                    "fingerprint"):
+                what = "is missing" if actual is None else "is not the file meta.json lists"
+                raise UserError(f"dataset '{self.name}': {path} {what} (a preparation was interrupted, or files were "
+                                f"replaced by hand): re-run {self.prepare_hint}")
 
     def _prepare_hint(self):
         """The command that makes this dataset: its own prepare.py, or the toolkit's one of that name."""

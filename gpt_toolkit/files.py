@@ -1,15 +1,36 @@
 """Files the toolkit writes in place (checkpoints, datasets, configs, tables, plots), written whole or not at all:
 into a temp file beside the target, fsynced, then renamed over it. A crash or kill at any moment leaves the old
-file or the new one, never a torn one; the temp file a killed write leaves behind is removed by the next run."""
+file or the new one, never a torn one. A temp file's name carries its writer's process id and a marker no user file
+has; a later clean-up removes only such files, and only once their writer is dead."""
+import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
+
+TEMP_MARKER = "gpt-toolkit-tmp"
+_TEMP_NAME = re.compile(rf"^\..+\.(\d+)\.{TEMP_MARKER}$")
 
 
 def temp_path(path):
     """Where `path` is written before it is renamed into place: hidden, beside it, named for this process."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(f".{path.name}.{os.getpid()}.{TEMP_MARKER}")
+
+
+def process_alive(pid):
+    """Whether a process with this id runs (on this machine). Where that cannot be told, it counts as alive."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there; never clean up what may be someone's
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours to signal
+        return True
+    return True
 
 
 def atomic_write(path, write):
@@ -56,10 +77,12 @@ def write_directory(path, fill):
     fsync_dir(path.parent)
 
 
-def replace_together(paths, write):
-    """Call write({path: binary file}) on temp files beside paths, then fsync them and rename them all into place:
-    files written piece by piece (a dataset bigger than memory) replace the old ones together or not at all. Any
-    error (a full disk, a bad input found half-way, an interrupt) leaves the old files and no temp file."""
+def replace_together(paths, write, *, remove=()):
+    """Call write({path: binary file}) on temp files beside paths, then fsync them and rename them all into place,
+    the last of paths last (the file that describes the set, so a reader that checks it against the others sees
+    either set whole); the files in `remove` (stale ones of the old set) go just before it. Files written piece by
+    piece (a dataset bigger than memory) replace the old ones together or not at all: any error before the renames
+    (a full disk, a bad input found half-way, an interrupt) leaves the old files and no temp file."""
     temps = {Path(p): temp_path(p) for p in paths}
     opened = {}
     try:
@@ -70,26 +93,53 @@ def replace_together(paths, write):
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
     except BaseException:
         for f in opened.values():
             f.close()
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
         raise
+    *first, (last, last_tmp) = temps.items()
+    for path, tmp in first:
+        os.replace(tmp, path)
+    for path in remove:
+        Path(path).unlink(missing_ok=True)
+    os.replace(last_tmp, last)
     for directory in {path.parent for path in temps}:
         fsync_dir(directory)
 
 
 def remove_stale_temps(directory):
-    """Delete temp files (and directories) left in `directory` by a write that was killed part-way (never read:
-    the rename never happened)."""
-    for p in Path(directory).glob(".*.tmp*"):
-        if p.is_dir():
+    """Delete the temp files (and directories) that writes killed part-way left in `directory`: only names made by
+    temp_path, and only when the process that made them is gone. Returns the names removed."""
+    removed = []
+    for p in Path(directory).glob(f".*.{TEMP_MARKER}"):
+        m = _TEMP_NAME.match(p.name)
+        if m is None or process_alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return removed
+
+
+def fingerprint(path, *, chunks=16, chunk_bytes=1 << 20):
+    """A cheap identity of a file's content: sha256 of its size and of `chunks` evenly spaced pieces of chunk_bytes
+    (all of it when it is smaller than that). Two preparations of a dataset never share one in practice, and a
+    truncated or swapped file changes it."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= chunks * chunk_bytes:
+            h.update(f.read())
+        else:
+            for i in range(chunks):
+                f.seek((size - chunk_bytes) * i // (chunks - 1))
+                h.update(f.read(chunk_bytes))
+    return h.hexdigest()
 
 
 def fsync_dir(directory):

@@ -10,17 +10,20 @@ as nanoGPT's shakespeare scripts cut it (a dataset prepared before comes out byt
 end-of-text token after each document (as data/openwebtext/prepare.py), char a blank line ("\\n\\n").
 """
 import collections
+import contextlib
 import functools
 import json
 import multiprocessing
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.files import atomic_write, remove_stale_temps, replace_together
+from gpt_toolkit.files import atomic_write, fingerprint, remove_stale_temps, replace_together
+from gpt_toolkit.locking import LOCK_NAME, DirectoryLock
 from gpt_toolkit.tokenizer import GPT2_EOT, GPT2_VOCAB_SIZE, TINY_SHAKESPEARE_URL, GPT2Tokenizer, download
 
 CHUNK_BYTES = 1 << 20  # a worker reads and tokenizes about this much of a file per task
@@ -28,6 +31,7 @@ CHUNK_CHARS = 1 << 20  # documents are tokenized in batches of about this many c
 SEARCH_BYTES = 1 << 16  # how far past a chunk's nominal end to look for a safe BPE cut first (then 4x, ...)
 MAX_CARRY = 16 << 20  # text without a safe BPE cut point is cut here anyway (see _bpe_cut)
 DOC_SEPARATOR = "\n\n"  # between character-level documents
+DATASET_EXTRAS = ("meta.pkl",)  # files a dataset may hold besides train.bin, val.bin and meta.json
 
 
 # ----------------------------------------------------------------------------- sources
@@ -303,11 +307,9 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
     if documents and source.count < 2:
         raise UserError(f"input '{source.path}' holds {source.count} document: train and val need at least two")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)
     passes = 2 if tokenizer == "char" or not documents else 1
-    with tqdm(total=passes * source.size, unit="B", unit_scale=True, desc=f"prepare {out_dir.name}", mininterval=0.5,
-              disable=not progress) as bar:
+    with owned_dataset_dir(out_dir), tqdm(total=passes * source.size, unit="B", unit_scale=True,
+                                          desc=f"prepare {out_dir.name}", mininterval=0.5, disable=not progress) as bar:
         if documents:
             itos = _vocabulary(source, bar.update) if tokenizer == "char" else None
         else:
@@ -329,18 +331,63 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
                 raise UserError("text is too short to split into train and val: give a longer file")
             meta = ({"tokenizer": "char", "vocab_size": len(itos), "itos": itos} if tokenizer == "char" else
                     {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT})
-            files[out_dir / "meta.json"].write(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
             if tokenizer == "char":  # nanoGPT's meta.pkl, so its scripts read our data too
                 files[out_dir / "meta.pkl"].write(pickle.dumps(
                     {"vocab_size": len(itos), "itos": dict(enumerate(itos)), "stoi": {c: i for i, c in enumerate(itos)}}))
+            write_meta(files, out_dir, meta)
 
-        names = ["train.bin", "val.bin", "meta.json"] + (["meta.pkl"] if tokenizer == "char" else [])
-        try:
-            replace_together([out_dir / n for n in names], write_all)
-        except OSError as e:
-            raise UserError(f"cannot write dataset files in {out_dir}: {e.strerror}; the dataset there is as it "
-                            f"was") from None
+        extra = ["meta.pkl"] if tokenizer == "char" else []
+        commit_dataset(out_dir, extra, write_all)
     return {"train": counts["train"], "val": counts["val"], "vocab_size": len(itos) if itos else GPT2_VOCAB_SIZE}
+
+
+@contextlib.contextmanager
+def owned_dataset_dir(out_dir):
+    """Hold a dataset directory while it is prepared: create it (a one-line error where that is impossible), take its
+    lock (a second preparation of the same name is refused, naming the first), and remove the temp files of
+    preparations that died. A directory this call created is removed again if the preparation fails."""
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the dataset directory {out_dir} ({e.strerror or e}): choose another "
+                        f"--data_dir (or --out_dir)") from None
+    lock = DirectoryLock(out_dir, what="dataset directory", fix="or prepare it under another --name").acquire()
+    try:
+        remove_stale_temps(out_dir)
+        yield out_dir
+    except BaseException:
+        lock.release()
+        if created and all(p.name == LOCK_NAME for p in out_dir.iterdir()):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    lock.release()
+
+
+def commit_dataset(out_dir, extra, write_all):
+    """Write a dataset's files with write_all({path: file}) (it must call write_meta last), then switch them into
+    place together: train.bin, val.bin and `extra` first, meta.json, which lists the others' sizes and fingerprints,
+    last. Files of another tokenizer's dataset that `extra` does not name (a char set's meta.pkl) go. A reader
+    (Dataset) checks the list, so a kill between two renames is caught, never trained on."""
+    stale = [out_dir / n for n in DATASET_EXTRAS if n not in extra and (out_dir / n).exists()]
+    names = ["train.bin", "val.bin", *extra, "meta.json"]
+    try:
+        replace_together([out_dir / n for n in names], write_all, remove=stale)
+    except OSError as e:
+        raise UserError(f"cannot write dataset files in {out_dir}: {e.strerror or e}; the dataset there is as it "
+                        f"was") from None
+
+
+def write_meta(files, out_dir, meta):
+    """meta.json with the list of the dataset's files (size and fingerprint of each, as written)."""
+    listed = {}
+    for path, f in files.items():
+        if path.name != "meta.json":
+            f.flush()
+            listed[path.name] = {"bytes": os.path.getsize(f.name), "fingerprint": fingerprint(f.name)}
+    meta = {**meta, "files": listed}
+    files[out_dir / "meta.json"].write(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
 
 
 def _scan(source, tokenizer, val_fraction, num_proc, progress):

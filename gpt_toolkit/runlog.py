@@ -14,6 +14,9 @@ import re
 import time
 from pathlib import Path
 
+from gpt_toolkit.errors import UserError
+from gpt_toolkit.files import atomic_write_text
+
 EVAL_RE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER_RE = re.compile(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms, mfu (-?[\d.]+)%")
 TOOK_RE = re.compile(r"training took ([\d.]+) seconds")
@@ -63,17 +66,29 @@ def _set_aside(path):
     return old
 
 
+class LogWriteError(UserError):
+    """Writing training.log or metrics.jsonl failed (a full disk, a file-size limit): the run must stop."""
+
+    def __init__(self, path, error):
+        super().__init__(f"could not write {path} ({error.strerror or error})")
+        self.path, self.error = path, error
+
+
 class RunLog:
     """print() goes to stdout and training.log; metrics() appends one JSON object to metrics.jsonl.
 
-    A resumed run appends to the files; a new run first sets earlier ones aside (training.log.1, ...).
-    Each metrics record also goes to the optional trackers (TensorBoard, W&B).
-    With enabled=False (non-zero DDP ranks) every call does nothing."""
+    A new run first sets earlier files aside (training.log.1, ...); a resumed run (resumed_at = its step) appends,
+    after dropping from metrics.jsonl what came after the checkpoint it resumes (a killed run logged those steps,
+    and the resumed run logs them again) and a last record a kill cut short, so each step is recorded once.
+    A write that fails leaves the file ending in a whole line and raises LogWriteError; from then on print() only
+    prints, so the run can say what it does about it. Each metrics record also goes to the optional trackers
+    (TensorBoard, W&B). With enabled=False (non-zero DDP ranks) every call does nothing."""
 
-    def __init__(self, out_dir, append=False, enabled=True, trackers=()):
+    def __init__(self, out_dir, append=False, enabled=True, trackers=(), resumed_at=None):
         self.enabled = enabled
         self.trackers = list(trackers)
         self.text = self.jsonl = None
+        self.failed = None
         if not enabled:
             return
         out_dir = Path(out_dir)
@@ -81,23 +96,39 @@ class RunLog:
         self.set_aside = []
         if not append:
             self.set_aside = [p for p in (_set_aside(self.text_path), _set_aside(self.jsonl_path)) if p]
-        self.text = open(self.text_path, "a", encoding="utf-8")
-        self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        elif resumed_at is not None and self.jsonl_path.exists():
+            _keep_until(self.jsonl_path, resumed_at)
+        # unbuffered: a line is on its way to the disk when the call returns, and a failed one can be taken back whole
+        self.text = open(self.text_path, "ab", buffering=0)
+        self.jsonl = open(self.jsonl_path, "ab", buffering=0)
 
     def print(self, msg=""):
         if not self.enabled:
             return
         print(msg, flush=True)
-        self.text.write(msg + "\n")
-        self.text.flush()
+        if self.failed is None:
+            self._write(self.text, self.text_path, msg + "\n")
 
     def metrics(self, record):
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        if self.failed is None:
+            self._write(self.jsonl, self.jsonl_path, json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.log(record)
+
+    def _write(self, f, path, line):
+        data, end = line.encode("utf-8"), f.tell()
+        try:
+            while data:
+                data = data[f.write(data):]
+        except OSError as e:
+            self.failed = LogWriteError(path, e)
+            try:  # the part of the line that made it to disk goes, so the file ends in a whole line
+                os.truncate(path, end)
+            except OSError:
+                pass
+            raise self.failed from None
 
     def close(self):
         for f in (self.text, self.jsonl):
@@ -113,6 +144,26 @@ class RunLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _keep_until(path, step):
+    """Rewrite metrics.jsonl (whole or not at all) keeping the records a run resumed at `step` will not write again:
+    evaluations up to step (it was evaluated before its save), everything else before it; lines that do not parse
+    (a record a kill cut short) go too."""
+    kept, changed = [], False
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            at = record.get("step", record.get("iter"))
+            keep = at is None or at < step or (record.get("type") == "eval" and at == step)
+        except (json.JSONDecodeError, AttributeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            changed = True
+    if changed:
+        atomic_write_text(path, "".join(kept))
 
 
 def _step_of(record):

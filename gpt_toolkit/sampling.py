@@ -41,7 +41,7 @@ def load_model(cfg, device):
         if not path.exists() and (out_dir / LATEST).exists():
             raise UserError(f"no {cfg.checkpoint} in {out_dir} (no evaluation improved on the first yet): "
                             f"sample the newest state with --checkpoint={LATEST}")
-        ckpt = load_checkpoint(path, map_location="cpu")
+        ckpt = load_checkpoint(path, map_location="cpu", verify=getattr(cfg, "verify_checkpoint", True))
         model = model_from_checkpoint(ckpt)
         tokenizer = tokenizer_for_checkpoint(ckpt)
     elif is_hf_dir(cfg.init_from):

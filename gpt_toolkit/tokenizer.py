@@ -93,7 +93,19 @@ def read_meta(data_dir):
         raise UserError(f"vocabulary file in {data_dir} is unreadable ({e}): re-run that dataset's prepare.py") from None
     if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2"):
         raise UserError(f"vocabulary file in {data_dir} is not a char or gpt2 description: re-run that dataset's prepare.py")
+    check_meta(meta, f"the vocabulary file in {data_dir}", "re-run that dataset's prepare.py")
     return meta
+
+
+def check_meta(meta, where, fix):
+    """A vocabulary description has what the toolkit reads from it, of the right types (an edited file is one line)."""
+    size = meta.get("vocab_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise UserError(f"{where} gives vocab_size={size!r}, not a positive int: {fix}")
+    itos = meta.get("itos")
+    if meta["tokenizer"] == "char" and (not isinstance(itos, list) or len(itos) != size
+                                        or not all(isinstance(c, str) for c in itos)):
+        raise UserError(f"{where} has no list 'itos' of its {size} characters: {fix}")
 
 
 def tokenizer_from_meta(meta):

@@ -23,6 +23,7 @@ class Config:
     always_save_checkpoint = True  # save latest.pt at every evaluation (False: only when val improves and at the end)
     keep_last = 0  # also keep the last N saves as ckpt_stepNNNNNNNN.pt (0 = none)
     overwrite = False  # let init_from=scratch/gpt2* replace the checkpoints already in out_dir (refused otherwise)
+    verify_checkpoint = True  # check a resumed checkpoint's checksum (False: load one that fails it anyway)
     init_from = "scratch"  # scratch | resume (out_dir/latest.pt, else ckpt.pt) | gpt2, gpt2-medium, -large, -xl | an HF GPT-2 dir
     # logging
     wandb_log = False  # log evaluations to Weights & Biases (needs: pip install wandb)

@@ -46,6 +46,10 @@ def planned_model_args(cfg, dataset, ckpt):
 def check_resume(ckpt, cfg, cli_keys, dataset):
     """A resume continues the run in the checkpoint: refuse flags and data that contradict it, and take its
     architecture (so the log and the saved config tell the truth)."""
+    if not isinstance(ckpt.get("optimizer"), dict) or not isinstance(ckpt.get("iter_num"), int):
+        raise UserError("the checkpoint has no optimizer state or step (it holds weights only, or was edited): a resume "
+                        "continues a run from the latest.pt it saved; to start a new run from these weights, export "
+                        "them with tools/export_hf.py and pass --init_from=THAT_DIR")
     args = ckpt["model_args"]
     for key in ARCHITECTURE:
         if key in cli_keys and getattr(cfg, key) != args[key]:

@@ -5,6 +5,7 @@ prepare.py run downloads it). Tests never write into the toolkit's own data/ dir
 import contextlib
 import importlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -43,6 +44,15 @@ def build_dataset(text, out_dir, tokenizer="char", val_fraction=0.1, progress=Fa
         path.write_text(text, encoding="utf-8")
         return prepare_dataset(TextSource(path), out_dir, tokenizer, val_fraction=val_fraction, num_proc=num_proc,
                                progress=progress)
+
+
+def drop_file_list(dataset_dir):
+    """Make a prepared dataset look hand-made (or made by nanoGPT's scripts): no list of its files in meta.json, so
+    its .bin files can be edited and the other checks reached."""
+    meta_path = Path(dataset_dir) / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta.pop("files", None)
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,10 @@ def test_gpt2_dataset_matches_nanogpt(tmp_path, shakespeare_text):
     assert (summary["train"], summary["val"]) == (301_966, 36_059)  # nanoGPT's data/shakespeare numbers
     ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
     assert ids.max() < 50257 and not (tmp_path / "meta.pkl").exists()
-    assert read_meta(tmp_path) == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}
+    meta = read_meta(tmp_path)
+    assert {k: v for k, v in meta.items() if k != "files"} == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}
+    assert {name: entry["bytes"] for name, entry in meta["files"].items()} == {
+        "train.bin": (tmp_path / "train.bin").stat().st_size, "val.bin": (tmp_path / "val.bin").stat().st_size}
     assert tokenizer_from_meta(read_meta(tmp_path)).decode(ids[:3].tolist()) == "First Citizen:"
 
 
@@ -113,6 +116,9 @@ def test_truncated_bin_and_foreign_ids(tmp_path, data_dir):
     ids = np.fromfile(data_dir / "shakespeare_char" / "train.bin", dtype=np.uint16)
     ids[100] = 70
     ids.tofile(d / "train.bin")
+    with pytest.raises(UserError, match="train.bin is not the file meta.json lists"):  # prepared here: listed
+        Dataset(tmp_path, "broken")
+    drop_file_list(d)  # made by hand, or by nanoGPT's scripts: the ids themselves are checked
     with pytest.raises(UserError, match="holds token id 70 but vocab_size is 65"):
         Dataset(tmp_path, "broken").check_token_ids(65)
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_TRAIN, run_script
+from conftest import ROOT, TINY_TRAIN, drop_file_list, run_script
 
 import sample
 import train
@@ -78,8 +78,15 @@ def odd_train_bin(ws):
 
 
 def foreign_ids(ws):
+    drop_file_list(ws / "data" / "shakespeare_char")  # a hand-made dataset: nothing lists its files
     ids = np.fromfile(ws / "data" / "shakespeare_char" / "train.bin", dtype=np.uint16)
     ids[1234] = 70
+    ids.tofile(ws / "data" / "shakespeare_char" / "train.bin")
+
+
+def edited_ids(ws):
+    ids = np.fromfile(ws / "data" / "shakespeare_char" / "train.bin", dtype=np.uint16)
+    ids[1234] = 1 + ids[1234] % 60  # the same size, another id
     ids.tofile(ws / "data" / "shakespeare_char" / "train.bin")
 
 
@@ -107,7 +114,7 @@ def other_vocabulary(ws):
 def nanogpt_checkpoint_without_meta(ws):
     for name in ("latest.pt", "ckpt.pt"):
         ckpt = torch.load(ws / "out" / name, weights_only=True)
-        del ckpt["meta"]
+        del ckpt["meta"], ckpt["checksum"]  # nanoGPT writes neither
         ckpt["config"]["data_dir"] = str(ws / "nodata")
         torch.save(ckpt, ws / "out" / name)
 
@@ -136,6 +143,8 @@ TRAIN_CASES = [
     ("dataset missing", nothing, lambda ws: ["--dataset=nothere"], "dataset 'nothere' is not prepared", "prepare"),
     ("train.bin odd bytes", odd_train_bin, lambda ws: [], "odd byte count", "re-run the prepare script"),
     ("ids over vocab", foreign_ids, lambda ws: [], "holds token id 70 but vocab_size is 65", "re-run"),
+    ("a .bin edited after preparing", edited_ids, lambda ws: [], "train.bin is not the file meta.json lists",
+     "re-run python data/shakespeare_char/prepare.py"),
     ("checkpoint truncated", corrupt_truncate, in_out("--init_from=resume"), "latest.pt is damaged", ""),
     ("checkpoint random bytes", corrupt_random, in_out("--init_from=resume"), "latest.pt is damaged", ""),
     ("resume without checkpoint", no_checkpoint, in_out("--init_from=resume"), "no checkpoint in", "init_from=scratch"),
@@ -223,7 +232,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(ws):
     assert len(lines) == 1 and "could not save the checkpoint" in lines[0] and "File too large" in lines[0]
     assert "the previous checkpoint is intact" in lines[0]
     assert {n: (ws / "out" / n).read_bytes() for n in before} == before
-    assert not list((ws / "out").glob(".*.tmp*"))
+    assert not list((ws / "out").glob(".*.gpt-toolkit-tmp"))
 
 
 def test_random_bytes_for_a_checkpoint_or_vocabulary_are_one_line_errors(tmp_path):

@@ -25,6 +25,7 @@ from gpt_toolkit.trainer import checkpoint_split, whole_split_loss  # noqa: E402
 def main(argv):
     parser = tool_parser(__file__, __doc__)
     parser.add_argument("--out_dir", required=True, help="the trained run's directory")
+    parser.add_flag("--verify_checkpoint", default=True, help="check the checkpoint's checksum")
     parser.add_argument("--checkpoint", default=BEST, help=f"file in out_dir (default {BEST}, the lowest val loss)")
     parser.add_argument("--split", default="val", choices=SPLITS)
     parser.add_argument("--dataset", help="dataset name (default: the one the checkpoint was trained on)")
@@ -35,7 +36,7 @@ def main(argv):
     args, _ = parser.parse(argv)
     if args.batch_size <= 0:
         raise UserError(f"--batch_size={args.batch_size} must be positive")
-    ckpt = load_checkpoint(Path(args.out_dir) / args.checkpoint)
+    ckpt = load_checkpoint(Path(args.out_dir) / args.checkpoint, verify=args.verify_checkpoint)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
     model, data, name = checkpoint_split(ckpt, split=args.split, dataset=args.dataset, data_dir=args.data_dir)

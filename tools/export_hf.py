@@ -23,13 +23,14 @@ def main(argv):
     parser = tool_parser(__file__, __doc__)
     parser.add_argument("--out_dir", required=True, help="the trained run's directory")
     parser.add_argument("--to", required=True, help="the directory to create (must not exist, or be empty)")
+    parser.add_flag("--verify_checkpoint", default=True, help="check the checkpoint's checksum")
     parser.add_argument("--checkpoint", default=BEST, help=f"file in out_dir (default {BEST}, the lowest val loss)")
     args, _ = parser.parse(argv)
     to = Path(args.to)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise UserError(f"--to={to} already exists and is not an empty directory: choose a new --to (nothing is "
                         f"overwritten)")
-    ckpt = load_checkpoint(Path(args.out_dir) / args.checkpoint)
+    ckpt = load_checkpoint(Path(args.out_dir) / args.checkpoint, verify=args.verify_checkpoint)
     model = model_from_checkpoint(ckpt)
     tokenizer = tokenizer_for_checkpoint(ckpt)
     files = export_hf(model, tokenizer, to, dropout=ckpt["model_args"].get("dropout", 0.0))
