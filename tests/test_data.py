@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, build_dataset, run_script
+from conftest import assert_one_line_error, build_dataset, drop_file_list, run_script
 
 from gpt_toolkit.dataset import Dataset, get_batch, step_batches
 from gpt_toolkit.errors import UserError
