@@ -10,6 +10,10 @@ One sample is printed as it is generated; several are generated as one batch and
 import sys
 from types import SimpleNamespace
 
+from gpt_toolkit.errors import quiet_interrupts
+
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
 import torch
 
 from configurator import defaults_of, help_of, parse_args

@@ -16,6 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt_toolkit.errors import quiet_interrupts
+
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -104,9 +108,9 @@ def main(argv):
     validate(cfg)
     world, trackers = check_setup(cfg)
     setup_process(world.device, keep_cpu_memory=cfg.keep_cpu_memory)
-    dataset, ckpt, ckpt_path = check_data_and_out_dir(cfg, cli_keys, world)
+    dataset, ckpt, ckpt_path, notes = check_data_and_out_dir(cfg, cli_keys, world)
     torch.manual_seed(cfg.seed + world.rank)
-    model, model_args, notes = build_model(cfg, dataset, ckpt)
+    model, model_args, model_notes = build_model(cfg, dataset, ckpt)
     check_model_and_data(cfg, dataset, model_args["vocab_size"])
 
     # build: from here on the run writes to out_dir, which it owns (rank 0 writes) until it ends
@@ -114,7 +118,7 @@ def main(argv):
             RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=world.master, trackers=trackers(),
                    resumed_at=ckpt["iter_num"] if ckpt is not None else None) as log:
         distributed.init_process_group(cfg.backend, world.device, world.size)
-        run = build_run(cfg, world, dataset, model, model_args, out_dir.notes + notes, log)
+        run = build_run(cfg, world, dataset, model, model_args, notes + out_dir.notes + model_notes, log)
         run.saves.after_first_save = out_dir.first_save_done
         optimizer, scaler = run.training.optimizer, run.training.scaler
 
@@ -208,8 +212,9 @@ def save_if_the_log_fails(run, steps_done, best_val_loss, early):
 
 
 def check_data_and_out_dir(cfg, cli_keys, world):
-    """(the dataset, the checkpoint a resume continues and its path, or None, None): the data, a resume's checkpoint
-    against the config, the memory the run needs, and whether out_dir may be written."""
+    """(the dataset, the checkpoint a resume continues and its path, or None, None; lines for the log): whether
+    out_dir may be written, the data, a resume's checkpoint against the config, and the memory the run needs."""
+    notes = check_out_dir(cfg) if world.master else []
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     ckpt = ckpt_path = None
     if cfg.init_from == "resume":
@@ -219,8 +224,7 @@ def check_data_and_out_dir(cfg, cli_keys, world):
     dataset.check_block_size(cfg.block_size)
     if cfg.check_memory:
         check_memory(cfg, dataset, ckpt, world.device, world.dtype, world.size)
-    check_out_dir(cfg)
-    return dataset, ckpt, ckpt_path
+    return dataset, ckpt, ckpt_path, notes
 
 
 def build_run(cfg, world, dataset, model, model_args, notes, log):

@@ -29,26 +29,49 @@ def import_optional(module, needed_for):
         raise UserError(f"{needed_for} needs the {module} package: pip install {module}") from None
 
 
+class SecondInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C while a run is already stopping after the first (stopping.StopRequest)."""
+
+
+INTERRUPTED = "interrupted: stopped before finishing; no file was left half-written"
+
+
+def quiet_interrupts():
+    """Make a Ctrl-C that arrives while a script is still importing (torch takes seconds) end in one line instead of a
+    traceback. Scripts call this before their other imports; it changes sys.excepthook for KeyboardInterrupt only."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print(INTERRUPTED, file=sys.stderr, flush=True)
+        else:
+            previous(kind, value, tb)
+    sys.excepthook = hook
+
+
 def run_main(main, argv=None):
-    """Run an entry point; turn UserError into 'error: ...' and its exit code."""
+    """Run an entry point; turn UserError into 'error: ...' and its exit code, and a Ctrl-C into one line (exit 130)."""
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except BaseException as e:
-        if not _interrupted(e):
+        interrupt = _interrupt(e)
+        if interrupt is None:
             raise
-        print("aborted by a second interrupt: nothing more was saved", file=sys.stderr, flush=True)
+        second = isinstance(interrupt, SecondInterrupt)
+        print("aborted by a second interrupt: nothing more was saved" if second else INTERRUPTED, file=sys.stderr,
+              flush=True)
         sys.exit(130)
     sys.exit(code or 0)
 
 
-def _interrupted(exc):
-    """True for a KeyboardInterrupt, also one that a library turned into another error while it unwound
-    (torch.save raises RuntimeError when interrupted mid-write)."""
+def _interrupt(exc):
+    """The KeyboardInterrupt behind exc, also one that a library turned into another error while it unwound
+    (torch.save raises RuntimeError when interrupted mid-write), or None."""
     while exc is not None:
         if isinstance(exc, KeyboardInterrupt):
-            return True
+            return exc
         exc = exc.__context__
-    return False
+    return None

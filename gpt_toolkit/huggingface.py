@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from gpt_toolkit.errors import UserError, first_line, import_optional
-from gpt_toolkit.files import write_directory
+from gpt_toolkit.files import remove_stale_temps, write_directory
 from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, config_from_hf, state_dict_from_hf
 
@@ -93,14 +93,19 @@ def load_hf_dir(path, dropout=0.0):
     """GPT with the weights of a local transformers GPT-2 directory, offline."""
     hf_dir_config(path)
     transformers = _transformers(f"init_from={path}")
-    try:
+    try:  # a truncated file, weights that disagree with config.json, a pickle that is not plain data: transformers
+        # and safetensors raise many kinds of error for a damaged directory, all of which mean the same to a user
         hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        first = first_line(e)
-        raise UserError(f"init_from={path}: could not load its weights ({first[:150]})") from None
-    model = GPT(config_from_hf(hf_model.config, dropout=dropout))
-    model.load_state_dict({k: v.float() for k, v in state_dict_from_hf(hf_model.state_dict()).items()})
+        model = GPT(config_from_hf(hf_model.config, dropout=dropout))
+        model.load_state_dict({k: v.float() for k, v in state_dict_from_hf(hf_model.state_dict()).items()})
+    except Exception as e:
+        raise UserError(f"init_from={path}: could not load its weights ({type(e).__name__}: {_cut(first_line(e))}): "
+                        f"export the model again, or check that its files are whole") from None
     return model
+
+
+def _cut(text, limit=160):
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def tokenizer_for_hf_dir(path):
@@ -168,7 +173,15 @@ def export_hf(model, tokenizer, to, *, dropout=0.0):
         else:
             write_gpt2_tokenizer(directory, cfg.block_size)
 
-    write_directory(to, fill)
+    remove_stale_temps(Path(to).parent)  # what exports killed mid-write left beside it
+    try:
+        write_directory(to, fill)
+    except UserError:
+        raise
+    except Exception as e:  # a full disk or a read-only place: OSError, safetensors' SafetensorError, torch's RuntimeError
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else _cut(first_line(e))
+        raise UserError(f"could not write the export to {to} ({cause}): nothing was left behind; free disk space or "
+                        f"choose another --to") from None
     return sorted(p.name for p in Path(to).iterdir())
 
 

@@ -21,10 +21,13 @@ def _lock(out_dir):
 
 def check_out_dir(cfg):
     """Refuse, before any work: an out_dir another run is writing (naming it), replacing an earlier run's checkpoints
-    without --overwrite=True, and an out_dir that cannot be written."""
+    without --overwrite=True, and an out_dir that cannot be written. Returns lines for the run's log: checkpoints a
+    killed --overwrite=True run had set aside are put back first (so a resume finds them)."""
     out_dir = Path(cfg.out_dir)
+    notes = []
     if out_dir.is_dir():
         _lock(out_dir).check_free()  # the run takes the lock itself once every check has passed
+        notes = settle_killed_overwrites(out_dir)
     found = existing_checkpoints(out_dir) if out_dir.is_dir() else []
     if found and cfg.init_from != "resume" and not cfg.eval_only and not cfg.overwrite:
         raise UserError(f"out_dir '{out_dir}' already holds a checkpoint ({found[-1].name}): continue it with "
@@ -35,6 +38,7 @@ def check_out_dir(cfg):
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         reason = "a file is in the way" if not existing.is_dir() else "permission denied"
         raise UserError(f"cannot write to out_dir '{out_dir}' ({reason} at {existing}): choose another --out_dir")
+    return notes
 
 
 class OutDir:
@@ -56,7 +60,7 @@ class OutDir:
         except OSError as e:
             raise UserError(f"cannot write to out_dir '{self.path}' ({e.strerror}): choose another --out_dir") from None
         self.lock = _lock(self.path).acquire()
-        self._settle_killed_overwrites()
+        self.notes += settle_killed_overwrites(self.path)
         remove_stale_temps(self.path)
         if self.overwrite:
             found = existing_checkpoints(self.path)
@@ -86,19 +90,23 @@ class OutDir:
         if self.lock is not None:
             self.lock.release()
 
-    def _settle_killed_overwrites(self):
-        """A run killed between setting checkpoints aside and its first save left them aside: put them back when
-        out_dir has none of its own, else (it did save) drop them."""
-        for d in self.path.glob(f".replaced.*.{SET_ASIDE}"):
-            m = _SET_ASIDE_NAME.match(d.name)
-            if m is None or process_alive(int(m.group(1))) or not d.is_dir():
-                continue
-            if existing_checkpoints(self.path):
-                shutil.rmtree(d, ignore_errors=True)
-            else:
-                names = _restore(d, self.path)
-                self.notes.append(f"put back the checkpoints ({', '.join(names)}) that a run killed before its first "
-                                  f"save had set aside with --overwrite=True")
+
+
+def settle_killed_overwrites(out_dir):
+    """A run killed between setting checkpoints aside and its first save left them aside: put them back when out_dir
+    has none of its own, else (it did save) drop them. Returns lines for the log."""
+    notes = []
+    for d in Path(out_dir).glob(f".replaced.*.{SET_ASIDE}"):
+        m = _SET_ASIDE_NAME.match(d.name)
+        if m is None or process_alive(int(m.group(1))) or not d.is_dir():
+            continue
+        if existing_checkpoints(out_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            names = _restore(d, Path(out_dir))
+            notes.append(f"put back the checkpoints ({', '.join(names)}) that a run killed before its first save "
+                         f"had set aside with --overwrite=True")
+    return notes
 
 
 def _restore(set_aside, out_dir):

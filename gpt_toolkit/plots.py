@@ -6,6 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from gpt_toolkit.errors import UserError
 from gpt_toolkit.files import atomic_write_bytes
 
 
@@ -44,11 +45,17 @@ def plot_compare(runs, output, title="Experiment Comparison", by_time=False):
 
 
 def save_figure(fig, output):
-    """Write fig as a PNG at output (its directory made if needed) and close it. Returns the path."""
+    """Write fig as a PNG at output (its directory made if needed). Returns the path. An output that is a directory
+    or cannot be written is a one-line UserError."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.is_dir():
+        raise UserError(f"the plot's output {output} is a directory: give a file name, e.g. -o {output / 'plot.png'}")
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
-    atomic_write_bytes(output, png.getvalue())
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(output, png.getvalue())
+    except OSError as e:
+        raise UserError(f"cannot write the plot to {output} ({e.strerror or e}): choose another -o") from None
     return output

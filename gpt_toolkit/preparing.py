@@ -167,7 +167,14 @@ class DocumentSource:
                 if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
                     raise UserError(f"{where} has no text field '{self.text_field}': pass --text_field=NAME, the key "
                                     f"that holds each document's text")
-                yield record[self.text_field]
+                text = record[self.text_field]
+                if not text.isascii():
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as e:  # JSON's \ud800 escapes can name half of a character
+                        raise UserError(f"{where}: its text holds {text[e.start]!r} at character {e.start}, half of a "
+                                        f"UTF-16 pair that is no character: fix that line (or drop it)") from None
+                yield text
 
 
 def open_source(path, text_field="text"):

@@ -4,6 +4,8 @@ import os
 import signal
 import sys
 
+from gpt_toolkit.errors import SecondInterrupt
+
 
 class StopRequest:
     """SIGINT/SIGTERM: the first asks the loop to finish the current step, save and exit 128+signal;
@@ -25,7 +27,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise SecondInterrupt
         self.signum = signum
         # os.write, not print: a handler can run in the middle of another print
         os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: finishing this step, then saving "

@@ -102,6 +102,22 @@ def test_one_place_builds_the_optimizer_and_writes_checkpoints():
     assert calls_of("fsync") == {"gpt_toolkit/files.py"}  # every file written in place goes through files.atomic_write
 
 
+def test_every_script_makes_ctrl_c_during_its_imports_one_line():
+    """Each script calls errors.quiet_interrupts() before importing anything but the standard library."""
+    for path in SCRIPTS:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        seen_call = False
+        for node in tree.body:
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and getattr(
+                    node.value.func, "id", None) == "quiet_interrupts":
+                seen_call = True
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and not seen_call:
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert all(n.split(".")[0] in sys.stdlib_module_names or n == "gpt_toolkit.errors" for n in names), (
+                    path, names)
+        assert seen_call, path
+
+
 def test_scripts_that_train_or_sample_set_the_process_up():
     for script in ("train.py", "sample.py", "tools/bench.py", "tools/estimate.py", "tools/lr_finder.py"):
         assert script in calls_of("setup_process"), script
@@ -124,15 +140,16 @@ def test_every_tool_has_help(tool):
 
 
 def test_importing_any_module_changes_no_process_state():
-    """In a fresh interpreter: importing every module of the package and the root's leaves the garbage collector's
-    freeze, the exit handlers, TF32, the signal handlers and matplotlib's backend as they were (the third-party
-    packages are imported first: what they do on import is theirs)."""
-    modules = ["model", "configurator", "train", "sample"] + [f"gpt_toolkit.{p.stem}" for p in LIBRARY]
+    """In a fresh interpreter: importing every module of the package and the root's public ones leaves the garbage
+    collector's freeze, the exit handlers, the exception hook, TF32, the signal handlers and matplotlib's backend as
+    they were (the third-party packages are imported first: what they do on import is theirs). Scripts make their
+    settings at their start (errors.quiet_interrupts, process.setup_process)."""
+    modules = ["model", "configurator"] + [f"gpt_toolkit.{p.stem}" for p in LIBRARY]
     code = f"""
 import atexit, gc, signal, sys, matplotlib, matplotlib.figure, numpy, tabulate, tiktoken, tqdm, torch
 sys.path.insert(0, {str(ROOT)!r})
 def state():
-    return (gc.get_freeze_count(), atexit._ncallbacks(), torch.get_float32_matmul_precision(),
+    return (gc.get_freeze_count(), atexit._ncallbacks(), sys.excepthook, torch.get_float32_matmul_precision(),
             signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), matplotlib.rcParams._get_backend_or_none(),
             "matplotlib.pyplot" in sys.modules)
 before = state()

@@ -31,15 +31,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
 
-from gpt_toolkit import hardware  # noqa: E402
-from gpt_toolkit.cli import tool_parser  # noqa: E402
-from gpt_toolkit.dataset import Dataset, run_batches  # noqa: E402
-from gpt_toolkit.errors import ConfigError, UserError, run_main  # noqa: E402
-from gpt_toolkit.process import setup_process  # noqa: E402
-from gpt_toolkit.trainer import build_training, scratch_model_args, train_step  # noqa: E402
-from model import GPT, GPT2_PADDED_VOCAB, GPTConfig  # noqa: E402
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+import torch
+
+from gpt_toolkit import hardware
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.dataset import Dataset, run_batches
+from gpt_toolkit.errors import ConfigError, UserError, run_main
+from gpt_toolkit.process import setup_process
+from gpt_toolkit.trainer import build_training, scratch_model_args, train_step
+from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 
 
 def parser():

@@ -18,9 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt_toolkit.cli import tool_parser  # noqa: E402
-from gpt_toolkit.errors import UserError, run_main  # noqa: E402
-from gpt_toolkit.tokenizer import GPT2Tokenizer  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
+
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.tokenizer import GPT2Tokenizer
 
 
 def tree_rss(pid):

@@ -9,12 +9,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from tabulate import tabulate  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
 
-from gpt_toolkit.cli import tool_parser  # noqa: E402
-from gpt_toolkit.errors import UserError, run_main  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+import torch
+from tabulate import tabulate
+
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.errors import UserError, run_main
+from model import GPT, GPTConfig
 
 
 def gradient_table(model, X, Y):

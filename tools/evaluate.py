@@ -12,14 +12,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
 
-from gpt_toolkit import hardware  # noqa: E402
-from gpt_toolkit.checkpoint import BEST, load_checkpoint  # noqa: E402
-from gpt_toolkit.cli import tool_parser  # noqa: E402
-from gpt_toolkit.dataset import SPLITS  # noqa: E402
-from gpt_toolkit.errors import UserError, run_main  # noqa: E402
-from gpt_toolkit.trainer import checkpoint_split, whole_split_loss  # noqa: E402
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+from tqdm import tqdm
+
+from gpt_toolkit import hardware
+from gpt_toolkit.checkpoint import BEST, load_checkpoint
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.dataset import SPLITS
+from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.trainer import checkpoint_split, whole_split_loss
 
 
 def main(argv):

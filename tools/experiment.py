@@ -23,13 +23,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt_toolkit.checkpoint import existing_checkpoints  # noqa: E402
-from gpt_toolkit.cli import tool_parser  # noqa: E402
-from gpt_toolkit.errors import UserError, run_main  # noqa: E402
-from gpt_toolkit.files import atomic_write_text, remove_stale_temps  # noqa: E402
-from gpt_toolkit.plots import plot_compare  # noqa: E402
-from gpt_toolkit.summary import find_runs, format_table, summary_row  # noqa: E402
-from gpt_toolkit.train_config import load_config  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
+
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+from gpt_toolkit.checkpoint import existing_checkpoints
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.files import atomic_write_text, remove_stale_temps
+from gpt_toolkit.plots import plot_compare
+from gpt_toolkit.summary import find_runs, format_table, summary_row
+from gpt_toolkit.train_config import load_config
 
 BASE_CONFIG = "config/train_shakespeare_char.py"
 CPU_SCALE = {"n_embd": 4, "block_size": 4, "batch_size": 4, "max_iters": 5, "lr_decay_iters": 5, "warmup_iters": 5,

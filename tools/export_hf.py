@@ -12,11 +12,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.checkpoint import BEST, load_checkpoint, model_from_checkpoint  # noqa: E402
-from gpt_toolkit.cli import tool_parser  # noqa: E402
-from gpt_toolkit.errors import UserError, run_main  # noqa: E402
-from gpt_toolkit.huggingface import export_hf  # noqa: E402
-from gpt_toolkit.sampling import tokenizer_for_checkpoint  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
+
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+from gpt_toolkit.checkpoint import BEST, load_checkpoint, model_from_checkpoint
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.huggingface import export_hf
+from gpt_toolkit.sampling import tokenizer_for_checkpoint
 
 
 def main(argv):

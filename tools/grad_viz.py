@@ -9,13 +9,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
 
-from gpt_toolkit.cli import tool_parser  # noqa: E402
-from gpt_toolkit.diagnostics import HIST_EDGES  # noqa: E402
-from gpt_toolkit.errors import UserError, run_main  # noqa: E402
-from gpt_toolkit.plots import save_figure, subplots  # noqa: E402
-from gpt_toolkit.runlog import read_metrics  # noqa: E402
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+import numpy as np
+
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.diagnostics import HIST_EDGES
+from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.plots import save_figure, subplots
+from gpt_toolkit.runlog import read_metrics
 
 
 def read_grad_records(out_dir):

@@ -11,10 +11,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.cli import tool_parser  # noqa: E402
-from gpt_toolkit.errors import UserError, run_main  # noqa: E402
-from gpt_toolkit.plots import plot_compare, plot_single  # noqa: E402
-from gpt_toolkit.summary import load_runs  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
+
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.plots import plot_compare, plot_single
+from gpt_toolkit.summary import load_runs
 
 
 def main(argv):

@@ -11,12 +11,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configurator import defaults_of  # noqa: E402
-from gpt_toolkit.cli import tool_parser, training_config  # noqa: E402
-from gpt_toolkit.errors import UserError, run_main  # noqa: E402
-from gpt_toolkit.plots import save_figure, subplots  # noqa: E402
-from gpt_toolkit.schedule import schedule_of  # noqa: E402
-from gpt_toolkit.train_config import Config  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
+
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+from configurator import defaults_of
+from gpt_toolkit.cli import tool_parser, training_config
+from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.plots import save_figure, subplots
+from gpt_toolkit.schedule import schedule_of
+from gpt_toolkit.train_config import Config
 
 
 def parser():

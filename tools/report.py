@@ -15,16 +15,20 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
 
-from gpt_toolkit.checkpoint import BEST, load_checkpoint  # noqa: E402
-from gpt_toolkit.cli import tool_parser  # noqa: E402
-from gpt_toolkit.errors import UserError, run_main  # noqa: E402
-from gpt_toolkit.files import atomic_write_text, remove_stale_temps  # noqa: E402
-from gpt_toolkit.plots import plot_compare  # noqa: E402
-from gpt_toolkit.sampling import load_model  # noqa: E402
-from gpt_toolkit.summary import curve_difference, find_runs, format_table, overfitting_verdict, summary_row  # noqa: E402
-from gpt_toolkit.trainer import checkpoint_split, whole_split_loss  # noqa: E402
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+import torch
+
+from gpt_toolkit.checkpoint import BEST, load_checkpoint
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.files import atomic_write_text, remove_stale_temps
+from gpt_toolkit.plots import plot_compare
+from gpt_toolkit.sampling import load_model
+from gpt_toolkit.summary import curve_difference, find_runs, format_table, overfitting_verdict, summary_row
+from gpt_toolkit.trainer import checkpoint_split, whole_split_loss
 
 FAMILIES = {
     "exp1": "Experiment 1: configuration parameters (learning rate, batch size, model size)",

@@ -16,13 +16,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tabulate import tabulate  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
 
-from configurator import parse_value  # noqa: E402
-from gpt_toolkit.cli import tool_parser, training_config  # noqa: E402
-from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main  # noqa: E402
-from gpt_toolkit.runlog import read_metrics  # noqa: E402
-from gpt_toolkit.train_config import CHOICES, Config  # noqa: E402
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+from tabulate import tabulate
+
+from configurator import parse_value
+from gpt_toolkit.cli import tool_parser, training_config
+from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main
+from gpt_toolkit.runlog import read_metrics
+from gpt_toolkit.train_config import CHOICES, Config
 
 
 def parser():

@@ -10,17 +10,21 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the toolkit root
 
-from gpt_toolkit.cli import tool_parser  # noqa: E402
-from gpt_toolkit.errors import import_optional, run_main  # noqa: E402
-from gpt_toolkit.files import atomic_write_text  # noqa: E402
-from gpt_toolkit.preparing import write_token_stream  # noqa: E402
-from gpt_toolkit.tokenizer import GPT2_EOT as EOT  # noqa: E402
-from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer  # noqa: E402
+from gpt_toolkit.errors import quiet_interrupts
+
+quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+import numpy as np
+
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.errors import import_optional, run_main
+from gpt_toolkit.files import atomic_write_text
+from gpt_toolkit.preparing import write_token_stream
+from gpt_toolkit.tokenizer import GPT2_EOT as EOT
+from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer
 
 
 def main(argv):
