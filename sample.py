@@ -22,7 +22,7 @@ from gpt_toolkit.checkpoint import BEST
 from gpt_toolkit.compiling import CompiledOrEager
 from gpt_toolkit.errors import ConfigError, UserError, run_main
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.sampling import load_model, read_prompt, write_samples
+from gpt_toolkit.sampling import check_generation_fits, load_model, read_prompt, write_samples
 from gpt_toolkit.train_config import check_init_from
 
 
@@ -74,6 +74,7 @@ def main(argv):
     if prompt == "":
         raise UserError("the prompt is empty: give --start some text (the default is a newline)")
     model, tokenizer = load_model(cfg, device)
+    check_generation_fits(model, cfg.num_samples, device)
     if cfg.compile:  # the forward that generation calls; dynamic shapes: no recompile as the context grows
         model.forward = CompiledOrEager(model.forward, lambda line: print(line, file=sys.stderr, flush=True),
                                         dynamic=True)

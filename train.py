@@ -263,7 +263,7 @@ def build_run(cfg, world, dataset, model, model_args, notes, log):
         atomic_write_text(out_dir / "config.json", json.dumps(run_info, indent=2))
     saves = RunCheckpoints(out_dir, keep_last=cfg.keep_last, writer=world.master, collective=sharded, model=model,
                            optimizer=training.optimizer, scaler=training.scaler, model_args=model_args,
-                           config=vars(cfg), meta=dataset.meta, last_step=None, report=log.print)
+                           config=vars(cfg), meta=dataset.vocabulary, last_step=None, report=log.print)
     peak = cfg.peak_flops or 1.0  # only rank 0 logs MFU, so only it measures the peak
     if world.master:
         peak, source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(world.device,

@@ -35,6 +35,9 @@ def main(argv):
     parser.add_argument("--num_proc", type=int, default=0, help="tokenizer processes (default: one per core)")
     parser.add_argument("--data_dir", default=str(HERE), help="where dataset directories live (default: this data/ dir)")
     args, _ = parser.parse(argv)
+    if not args.name or args.name in (".", "..") or any(sep in args.name for sep in "/\\") or args.name.startswith("."):
+        raise UserError(f"--name={args.name!r} must be a plain directory name (the dataset goes to data/NAME/), e.g. "
+                        f"--name=notes")
     if args.num_proc < 0:
         raise UserError(f"--num_proc={args.num_proc} must be positive (or 0 for one per core)")
     source = open_source(args.input, args.text_field)

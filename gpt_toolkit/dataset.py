@@ -87,6 +87,11 @@ class Dataset:
         return None
 
     @property
+    def vocabulary(self):
+        """meta.json's description of the vocabulary (what a checkpoint stores), without its list of files; or None."""
+        return None if self.meta is None else {k: v for k, v in self.meta.items() if k != "files"}
+
+    @property
     def vocab_size(self):
         """From the vocabulary file, or None when there is none."""
         return self.meta["vocab_size"] if self.meta else None

@@ -180,12 +180,33 @@ def _smaller_step(cfg):
     return "use a smaller model (fewer --n_layer, a smaller --n_embd)"
 
 
+def check_rows(cfg, available):
+    """Refuse settings whose token rows alone cannot be held: a step draws batch_size x gradient_accumulation_steps
+    rows at once (int64 inputs and targets), an evaluation plans eval_iters x batch_size rows per split."""
+    if available is None:
+        return
+    rows = cfg.batch_size * cfg.gradient_accumulation_steps
+    need = rows * (cfg.block_size + 1) * 8 * 2
+    if need > available / 2:
+        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} x batch_size={cfg.batch_size} = "
+                        f"{rows:,} rows per optimizer step: their token ids alone need {fmt_bytes(need)}, more than "
+                        f"this machine can hold ({fmt_bytes(available)} available): use a smaller "
+                        f"--gradient_accumulation_steps")
+    need = cfg.eval_iters * cfg.batch_size * 8
+    if need > available / 2:
+        raise UserError(f"eval_iters={cfg.eval_iters} x batch_size={cfg.batch_size} evaluation rows per split: their "
+                        f"positions alone need {fmt_bytes(need)}, more than this machine can hold "
+                        f"({fmt_bytes(available)} available): use a smaller --eval_iters (the tutorial's 200 on a GPU, "
+                        f"20 on a CPU)")
+
+
 def check_fits(cfg, *, n_params, vocab_size, dtype, device, processes=1):
     """Refuse, before any work, a run whose estimate cannot fit the device (a UserError with the estimate, the
     limit and the fix); return the (estimate, available) bytes otherwise. `processes` sharing the device's memory
     (DDP ranks on one CPU) each need the estimate."""
     kind = torch.device(device).type
     sizes = dict(n_params=n_params, vocab_size=vocab_size, dtype=dtype, device_type=kind)
+    check_rows(cfg, available_memory("cpu")[0])  # the rows are drawn in host memory, whatever the device
     need = memory_estimate(cfg, **sizes)["total"] * processes
     have, what = available_memory(device)
     if have is None or MIGHT_FIT * need <= have:

@@ -9,6 +9,7 @@ import torch
 from gpt_toolkit.checkpoint import LATEST, load_checkpoint, model_from_checkpoint
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.huggingface import is_hf_dir, load_gpt2, load_hf_dir, tokenizer_for_hf_dir
+from gpt_toolkit.memory import available_memory, fmt_bytes
 from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, read_meta, read_text, tokenizer_from_meta
 
 
@@ -50,6 +51,18 @@ def load_model(cfg, device):
         model = load_gpt2(cfg.init_from)
         tokenizer = tokenizer_from_meta(None)
     return model.eval().to(device), tokenizer
+
+
+def check_generation_fits(model, num_samples, device):
+    """Refuse, before generating, a batch of samples whose KV caches and logits cannot fit the device (the kernel's
+    out-of-memory killer would end the process without a word)."""
+    c = model.config
+    per_sample = 2 * c.n_layer * c.block_size * c.n_embd * 4 + 3 * c.vocab_size * 4 + 16 * c.block_size * c.n_embd
+    have, what = available_memory(device)
+    if have is not None and num_samples * per_sample > have:
+        raise UserError(f"num_samples={num_samples:,} generated as one batch needs about {fmt_bytes(num_samples * per_sample)} "
+                        f"(KV caches and logits) but {device} has {fmt_bytes(have)} ({what}): use --num_samples="
+                        f"{max(1, int(have // per_sample // 2)):,} or fewer")
 
 
 class TextStream:

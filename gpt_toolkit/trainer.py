@@ -65,7 +65,7 @@ def check_resume(ckpt, cfg, cli_keys, dataset):
     if trained_on and trained_on != cfg.dataset:
         raise UserError(f"checkpoint was trained on dataset '{trained_on}' but this run uses '{cfg.dataset}': "
                         f"resume with --dataset={trained_on}, or start a new run in another --out_dir")
-    if ckpt.get("meta") is not None and dataset.meta is not None and ckpt["meta"] != dataset.meta:
+    if ckpt.get("meta") is not None and dataset.meta is not None and not same_vocabulary(ckpt["meta"], dataset.meta):
         raise UserError(f"dataset '{cfg.dataset}' vocabulary differs from the checkpoint's (was the data prepared again "
                         f"from other text?): resume on the data the model was trained on")
 
@@ -287,5 +287,19 @@ def checkpoint_split(ckpt, *, split="val", dataset=None, data_dir=None):
     if not name:
         raise UserError("the checkpoint does not say which dataset it was trained on: pass --dataset=NAME")
     data = Dataset(data_dir or config.get("data_dir", "data"), name)
+    trained = ckpt.get("meta")
+    if trained is not None and data.meta is not None and not same_vocabulary(trained, data.meta):
+        raise UserError(f"the model's vocabulary ({describe_vocabulary(trained)}, from dataset "
+                        f"'{config.get('dataset', '?')}') is not dataset '{name}''s ({describe_vocabulary(data.meta)}): "
+                        f"score it on data prepared with its tokenizer, e.g. --dataset={config.get('dataset', 'NAME')}")
     data.check_token_ids(ckpt["model_args"]["vocab_size"])
     return model_from_checkpoint(ckpt), data.splits[split], name
+
+
+def same_vocabulary(a, b):
+    """Whether two vocabulary descriptions (meta) encode text the same way (the file list aside)."""
+    return {k: v for k, v in a.items() if k != "files"} == {k: v for k, v in b.items() if k != "files"}
+
+
+def describe_vocabulary(meta):
+    return f"{meta['tokenizer']}, {meta['vocab_size']:,} tokens"

@@ -49,7 +49,8 @@ def main(argv):
         loss, count = whole_split_loss(model.to(device), data, block_size=model.config.block_size,
                                        batch_size=args.batch_size, device=device, ctx=hardware.autocast(device, dtype),
                                        progress=bar.update)
-    print(f"{args.split} loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {count:,} tokens")
+    perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+    print(f"{args.split} loss {loss:.4f} (perplexity {perplexity:.2f}) over {count:,} tokens")
     return 0
 
 
