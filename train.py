@@ -32,6 +32,7 @@ from gpt_toolkit.checkpoint import (
     load_checkpoint,
     restore_training_state,
     resume_path,
+    rng_state,
     set_rng_state,
 )
 from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, run_batches, step_batches
@@ -40,12 +41,13 @@ from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main
 from gpt_toolkit.files import atomic_write_text
 from gpt_toolkit.outdir import OutDir, check_out_dir
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.progress import Eta, StepTimer
+from gpt_toolkit.progress import Eta, Heartbeat, StepTimer
 from gpt_toolkit.runlog import (
     LogWriteError,
     RunLog,
     TensorBoardTracker,
     WandbTracker,
+    duration,
     eval_line,
     iter_line,
     progress_line,
@@ -53,7 +55,7 @@ from gpt_toolkit.runlog import (
 )
 from gpt_toolkit.schedule import lr_at
 from gpt_toolkit.sharding import local_numel
-from gpt_toolkit.stopping import EarlyStopping, StopRequest
+from gpt_toolkit.stopping import EarlyStopping, Interrupted, StopRequest
 from gpt_toolkit.tokenizer import tokenizer_from_meta
 from gpt_toolkit.train_config import load_config, validate
 from gpt_toolkit.trainer import (
@@ -97,6 +99,7 @@ class Run:
     monitor: GradMonitor | None
     timer: StepTimer
     eta: Eta
+    heartbeat: Heartbeat  # a line now and then through evaluations and steps that print nothing for long
     log: RunLog
     doc_sep: int | None  # the end-of-text id attention stops at, with --packing
     tokens_per_iter: int
@@ -113,82 +116,173 @@ def main(argv):
     model, model_args, model_notes = build_model(cfg, dataset, ckpt)
     check_model_and_data(cfg, dataset, model_args["vocab_size"])
 
-    # build: from here on the run writes to out_dir, which it owns (rank 0 writes) until it ends
-    with OutDir(cfg, writer=world.master) as out_dir, \
+    # build: from here on the run writes to out_dir, which it owns (rank 0 writes) until it ends; Ctrl-C and SIGTERM
+    # end a long phase (building, an evaluation, a step's forward and backward) at once, then save (StopRequest)
+    with StopRequest(phases=world.size == 1) as stop, OutDir(cfg, writer=world.master) as out_dir, \
             RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=world.master, trackers=trackers(),
                    resumed_at=ckpt["iter_num"] if ckpt is not None else None) as log:
         distributed.init_process_group(cfg.backend, world.device, world.size)
-        run = build_run(cfg, world, dataset, model, model_args, notes + out_dir.notes + model_notes, log)
+        try:
+            with stop.interruptible():
+                run = build_run(cfg, world, dataset, model, model_args, notes + out_dir.notes + model_notes, log)
+        except Interrupted as e:
+            log.print(f"interrupted ({signal.Signals(e.signum).name}) while building the run: nothing was trained or "
+                      f"saved")
+            return 128 + e.signum
         run.saves.after_first_save = out_dir.first_save_done
         optimizer, scaler = run.training.optimizer, run.training.scaler
 
         # resume: the optimizer and GradScaler state, the step, best val loss, early-stopping count and RNG state
-        iter_num, best_val_loss, early, saved_rng = resume(run, ckpt, ckpt_path)
+        iter_num, best_val_loss, early, saved_rng, evaluated = resume(run, ckpt, ckpt_path)
         resumed_at = iter_num if ckpt is not None else None
         del ckpt
         if saved_rng is not None:  # the last thing before the loop, so no setup step draws from the restored state
             set_rng_state(saved_rng, world.device)  # dropout continues exactly where it stopped
+        if world.master:
+            say_when_sized_for_another_machine(run, iter_num, evaluated)
 
-        exit_code, t_start = 0, time.time()
+        exit_code, t_start, estimated = 0, time.time(), False
         advice = lambda: f"{memory.smaller_step_advice(cfg)}; {run.saves.kept()}"
-        steps_done = iter_num  # what the model holds: iter_num steps, or iter_num + 1 once a step has updated it
-        with StopRequest() as stop, memory.explain_out_of_memory(lambda: f"at step {iter_num}", advice), \
+        steps_done, phase, rng_at_step = iter_num, None, None  # what the model holds; what runs; the step's RNG state
+        with memory.explain_out_of_memory(lambda: f"at step {iter_num}", advice), \
                 save_if_the_log_fails(run, lambda: steps_done, lambda: best_val_loss, early):
-            while True:
-                steps_done = iter_num
-                # evaluate and save: every eval_interval steps and after the last (a resumed step was evaluated)
-                at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
-                if at_eval and (iter_num != resumed_at or cfg.eval_only):
-                    t_eval = time.time()
-                    run.guard.check(iter_num, run.saves.kept(), log.print)
-                    best_val_loss, stop_early = evaluate_and_save(run, early, iter_num=iter_num,
-                                                                  best_val_loss=best_val_loss, t_start=t_start, t_eval=t_eval)
-                    if stop_early:
-                        log.print(early.message(iter_num, Path(cfg.out_dir) / BEST))
+            try:
+                while True:
+                    steps_done = iter_num
+                    # evaluate and save: every eval_interval steps and after the last (a resumed run's first step
+                    # was evaluated before its save, unless a stop came first)
+                    at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
+                    if at_eval and (iter_num != resumed_at or cfg.eval_only or not evaluated):
+                        t_eval, phase = time.time(), f"the evaluation at step {iter_num}"
+                        run.guard.check(iter_num, run.saves.kept(), log.print)
+                        best_val_loss, stop_early = evaluate_and_save(
+                            run, early, stop, iter_num=iter_num, best_val_loss=best_val_loss, t_start=t_start,
+                            t_eval=t_eval)
+                        if stop_early:
+                            log.print(early.message(iter_num, Path(cfg.out_dir) / BEST))
+                            break
+                        run.timer.leave_out(time.time() - t_eval)
+                        run.eta.evaluation_done(t_eval, time.time())
+                    if cfg.eval_only or iter_num >= cfg.max_iters:
                         break
-                    run.timer.leave_out(time.time() - t_eval)
-                    run.eta.evaluation_done(t_eval, time.time())
-                if cfg.eval_only or iter_num >= cfg.max_iters:
-                    break
 
-                # step: one optimizer step over the step's micro-batches
-                lr = lr_at(cfg, iter_num)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batches = run_batches(cfg, dataset, iter_num, world.device, rank=world.rank, world_size=world.size,
-                                      vocab_size=run.vocab_size)
-                loss = run.stepper.forward_backward(batches, run.training.ctx, scaler, run.doc_sep, iter_num, world.device)
-                scaler.unscale_(optimizer)  # true gradients for the monitor, the guard and clipping (no-op unless float16)
-                grad_record = run.monitor.gradients(iter_num) if run.monitor and run.monitor.due(iter_num) else None
-                norm, skipped = optimizer_step(run.stepper.module, optimizer, scaler, cfg.grad_clip)
-                run.guard.record(loss, norm, skipped)
-                steps_done = iter_num + 1
-                run.timer.step_done()
-                run.eta.step_done(iter_num + 1, time.time())
+                    # step: one optimizer step over the step's micro-batches (forward and backward interruptible)
+                    lr = lr_at(cfg, iter_num)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    batches = run_batches(cfg, dataset, iter_num, world.device, rank=world.rank,
+                                          world_size=world.size, vocab_size=run.vocab_size)
+                    phase = f"iter {iter_num}"
+                    rng_at_step = rng_state(world.device) if stop.phases or run.stepper.compiled else None
+                    with stop.interruptible():
+                        loss = run.stepper.forward_backward(batches, run.training.ctx, scaler, run.doc_sep, iter_num,
+                                                            world.device, rng_before=rng_at_step)
+                    phase = None
+                    scaler.unscale_(optimizer)  # true gradients for the monitor, the guard and clipping
+                    grad_record = run.monitor.gradients(iter_num) if run.monitor and run.monitor.due(iter_num) else None
+                    norm, skipped = optimizer_step(run.stepper.module, optimizer, scaler, cfg.grad_clip)
+                    run.guard.record(loss, norm, skipped)
+                    steps_done = iter_num + 1
+                    run.timer.step_done()
+                    run.eta.step_done(steps_done, time.time())
 
-                # log: the gradient monitor's record, and every log_interval steps the loss, time and MFU
-                if grad_record is not None:
-                    log_gradients(run, grad_record, lr)
-                if iter_num % cfg.log_interval == 0:
-                    run.guard.check(iter_num, run.saves.kept(), log.print)  # on every rank: all stop at the same step
+                    # log: the gradient monitor's record, every log_interval steps the loss, time and MFU, once the
+                    # first steps are timed how long the whole run takes, and a line now and then through slow steps
+                    if grad_record is not None:
+                        log_gradients(run, grad_record, lr)
+                    if iter_num % cfg.log_interval == 0:
+                        run.guard.check(iter_num, run.saves.kept(), log.print)  # every rank: all stop at one step
+                        if world.master:
+                            log_step(run, iter_num, loss.item(), lr, steps_in_this_process=iter_num - (resumed_at or 0))
+                    if world.master and not estimated and steps_done - (resumed_at or 0) >= 3:
+                        estimated = print_whole_run_estimate(run, steps_done)
                     if world.master:
-                        log_step(run, iter_num, loss.item(), lr, steps_in_this_process=iter_num - (resumed_at or 0))
-                iter_num += 1
+                        run.heartbeat.beat(lambda n=steps_done: f"training: {n}/{cfg.max_iters} steps done, "
+                                                                f"{run.eta.per_step(time.time()):.2f} s per step")
+                    iter_num += 1
 
-                # stop: Ctrl-C or SIGTERM saves this step and exits (DDP ranks agree at log steps: a collective)
-                signum = (distributed.largest_signal(stop.signum, world.device, world.size)
-                          if world.size == 1 or iter_num % cfg.log_interval == 0 else None)
-                if signum:
-                    run.guard.check(iter_num, run.saves.kept(), log.print)
-                    run.saves.save(iter_num, improved=False, best_val_loss=best_val_loss, early_stop=early.state(),
-                                   rng_states=distributed.all_rng_states(world.device, world.size))
-                    log.print(f"interrupted ({signal.Signals(signum).name}) after step {iter_num}: saved "
-                              f"{Path(cfg.out_dir) / LATEST}; continue with --init_from=resume")
-                    exit_code = 128 + signum
-                    break
+                    # stop: a Ctrl-C or SIGTERM that came during the optimizer step or the logging (DDP ranks agree
+                    # at log steps: a collective)
+                    signum = (distributed.largest_signal(stop.signum, world.device, world.size)
+                              if world.size == 1 or iter_num % cfg.log_interval == 0 else None)
+                    if signum:
+                        due = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+                        exit_code = stop_and_save(run, signum, iter_num, best_val_loss, early, evaluated=not due,
+                                                  during=None, keep_earlier=out_dir.set_aside is not None)
+                        break
+            except Interrupted as e:  # a long phase ended by the first signal: save the state after the last whole step
+                if phase and phase.startswith("iter") and rng_at_step is not None:
+                    set_rng_state(rng_at_step, world.device)  # undo the interrupted step's dropout draws
+                exit_code = stop_and_save(run, e.signum, steps_done, best_val_loss, early,
+                                          evaluated=not phase or phase.startswith("iter"), during=phase,
+                                          keep_earlier=out_dir.set_aside is not None)
         log.print(took_line(time.time() - t_start))
     distributed.destroy_process_group(world.size)
     return exit_code
+
+
+def stop_and_save(run, signum, step, best_val_loss, early, *, evaluated, during, keep_earlier):
+    """Stop for a signal: save the state after `step` steps unless latest.pt holds it already (or nothing was trained
+    while --overwrite=True's earlier checkpoints wait to come back), and say exactly what was kept. Returns the exit
+    code, 128 + the signal."""
+    name, latest = signal.Signals(signum).name, Path(run.cfg.out_dir) / LATEST
+    run.guard.check(step, run.saves.kept(), run.log.print)
+    rng_states = distributed.all_rng_states(run.world.device, run.world.size)
+    where = f"after step {step}" if during is None else f"during {during}"
+    if run.saves.last_step == step:
+        run.log.print(f"interrupted ({name}) {where}: {latest} holds the state after step {step} already; continue "
+                      f"with --init_from=resume")
+    elif step == 0 and keep_earlier:
+        run.log.print(f"interrupted ({name}) {where}: nothing was trained, so nothing was saved")
+    else:
+        run.saves.save(step, improved=False, best_val_loss=best_val_loss, early_stop=early.state(), rng_states=rng_states,
+                       evaluated=evaluated)
+        if during is None:
+            run.log.print(f"interrupted ({name}) after step {step}: saved {latest}; continue with --init_from=resume")
+        else:
+            later = "" if evaluated else " (its evaluation runs first when it resumes)"
+            run.log.print(f"interrupted ({name}) during {during}: saved {latest} with the state after step {step}"
+                          f"{later}; continue with --init_from=resume")
+    return 128 + signum
+
+
+def print_whole_run_estimate(run, step):
+    """Once the first steps are timed: how long the whole run takes on this device, evaluations included (an
+    evaluation timed already, else its forward passes at the steps' pace). Returns True once printed."""
+    cfg, now = run.cfg, time.time()
+    per_eval = run.eta.last_eval if run.eta.last_eval is not None else run.eta.per_step(now) * eval_to_step_ratio(cfg)
+    estimate = run.eta.whole_run(step, now, per_eval=per_eval)
+    if estimate is None:
+        return False
+    left, evals = estimate
+    run.log.print(f"estimate: about {duration(left)} more on {run.world.device} ({cfg.max_iters - step} steps at "
+                  f"{run.eta.per_step(now):.2f} s, {evals} evaluation(s) at {duration(per_eval)}); ends ~"
+                  f"{time.strftime('%H:%M', time.localtime(now + left))}")
+    return True
+
+
+def eval_to_step_ratio(cfg):
+    """An evaluation's cost in training steps: 2 splits x eval_iters forward passes of batch_size rows, a forward a
+    third of a training step's work, over gradient_accumulation_steps micro-batches per step."""
+    return 2 * cfg.eval_iters / 3 / cfg.gradient_accumulation_steps
+
+
+def say_when_sized_for_another_machine(run, step, evaluated):
+    """On a CPU (or MPS), say in one line at the start when the planned run needs more than ~10 minutes even at the
+    device's measured matmul peak, with what the tutorial advises for a CPU. Advice, not a refusal."""
+    cfg = run.cfg
+    kind = hardware.device_type(run.world.device)
+    if kind == "cuda" or cfg.eval_only:
+        return
+    evals = run.eta.evals_after(step) + (0 if evaluated and step else 1)
+    step_flops = run.timer.flops_per_iter * run.world.size
+    seconds = (cfg.max_iters - step + evals * eval_to_step_ratio(cfg)) * step_flops / run.timer.peak_flops
+    if seconds > 600:
+        run.log.print(f"note: this config is sized for a GPU: on {run.world.device} it needs at least {duration(seconds)} "
+                      f"({cfg.max_iters - step} steps and {evals} evaluation(s) of {cfg.eval_iters} batches, at the "
+                      f"measured peak of {run.timer.peak_flops / 1e9:,.0f} GFLOP/s); for a CPU the tutorial advises a "
+                      f"smaller batch, context, model and eval_iters (ch01 7.1: --batch_size=16 --block_size=64 "
+                      f"--n_layer=2 --n_embd=128 --eval_iters=20), or config/train_shakespeare_char_cpu.py")
 
 
 @contextlib.contextmanager
@@ -275,21 +369,23 @@ def build_run(cfg, world, dataset, model, model_args, notes, log):
     monitor = GradMonitor(model, cfg.grad_monitor_interval) if cfg.grad_monitor_interval and world.master else None
     return Run(cfg=cfg, world=world, dataset=dataset, model=model, vocab_size=model_args["vocab_size"],
                training=training, stepper=stepper, saves=saves, guard=NonFiniteGuard(world.device, training.scaler),
-               monitor=monitor, timer=timer, eta=Eta(max_iters=cfg.max_iters, eval_interval=cfg.eval_interval), log=log,
+               monitor=monitor, timer=timer, eta=Eta(max_iters=cfg.max_iters, eval_interval=cfg.eval_interval),
+               heartbeat=Heartbeat(log.print), log=log,
                doc_sep=dataset.eot_token if cfg.packing else None, tokens_per_iter=tokens_per_iter)
 
 
 def resume(run, ckpt, ckpt_path):
-    """(step, best val loss, EarlyStopping, this process's RNG state or None) to start from: a fresh run's, or the
-    checkpoint's with its optimizer and GradScaler state loaded. Before the first step, --debug_data and
-    --check_init look at the data and the model."""
+    """(step, best val loss, EarlyStopping, this process's RNG state or None, whether the evaluation due at that step
+    has run) to start from: a fresh run's, or the checkpoint's with its optimizer and GradScaler state loaded. Before
+    the first step, --debug_data and --check_init look at the data and the model."""
     cfg, world, log = run.cfg, run.world, run.log
-    iter_num, best_val_loss, saved_rng, early_state = 0, float("inf"), None, None
+    iter_num, best_val_loss, saved_rng, early_state, evaluated = 0, float("inf"), None, None, True
     if ckpt is not None:
         state = restore_training_state(ckpt, optimizer=run.training.optimizer, scaler=run.training.scaler,
                                        rank=world.rank, world_size=world.size)
         iter_num = run.saves.last_step = state["iter_num"]
         best_val_loss, saved_rng, early_state = state["best_val_loss"], state["rng"], state["early_stop"]
+        evaluated = state["evaluated"]
         if saved_rng is None:
             log.print(f"the checkpoint has no RNG state for {world.size} process(es): dropout masks will differ "
                       f"from an uninterrupted run")
@@ -297,7 +393,8 @@ def resume(run, ckpt, ckpt_path):
     if world.master and (cfg.debug_data or cfg.check_init):
         check_data_and_init(cfg, run.dataset, run.model, iter_num, world.device, run.training.ctx, run.vocab_size,
                             log.print)
-    return iter_num, best_val_loss, EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, early_state), saved_rng
+    early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, early_state)
+    return iter_num, best_val_loss, early, saved_rng, evaluated
 
 
 def log_step(run, step, loss, lr, *, steps_in_this_process):
@@ -367,7 +464,15 @@ def check_data_and_init(cfg, dataset, model, step, device, ctx, vocab_size, repo
         check_init(model, Xv, Yv, dataset.vocab_size or vocab_size, ctx, report)
 
 
-def evaluate_and_save(run, early, *, iter_num, best_val_loss, t_start, t_eval):
+def evaluation_progress(step, done, total, elapsed):
+    """'evaluating at step 0: train 15/200 batches, val 0/200 (22s so far, about 9m44s in all)'."""
+    batches = sum(done.values())
+    whole = f", about {duration(elapsed * 2 * total / batches)} in all" if batches else ""
+    return (f"evaluating at step {step}: train {done.get('train', 0)}/{total} batches, val {done.get('val', 0)}/{total} "
+            f"({duration(elapsed)} so far{whole})")
+
+
+def evaluate_and_save(run, early, stop, *, iter_num, best_val_loss, t_start, t_eval):
     """Evaluate both splits (eagerly: its shapes never cost a recompile), log them, and save when val improved, when
     every evaluation saves, at the end, or when early stopping ends the run. Returns (the best val loss so far,
     whether early stopping ends the run); every rank agrees on the latter."""
@@ -375,9 +480,18 @@ def evaluate_and_save(run, early, *, iter_num, best_val_loss, t_start, t_eval):
     rng_states = distributed.all_rng_states(world.device, world.size)
     stop_early = False
     if world.master or cfg.parallel == "fsdp":  # a sharded model's forward takes every process; only rank 0 logs
-        losses = estimate_loss(run.model, run.dataset, eval_iters=cfg.eval_iters, batch_size=cfg.batch_size,
-                               block_size=cfg.block_size, seed=cfg.seed, device=world.device, ctx=run.training.ctx,
-                               vocab_size=run.vocab_size, doc_sep=run.doc_sep, padding=cfg.padding)
+        done = {}
+        run.heartbeat.quiet()
+
+        def progress(split, n, total):  # how far a long evaluation is, now and then (no tutorial regex matches it)
+            done[split] = n
+            if world.master:
+                run.heartbeat.beat(lambda: evaluation_progress(iter_num, done, total, time.time() - t_eval))
+        with stop.interruptible():
+            losses = estimate_loss(run.model, run.dataset, eval_iters=cfg.eval_iters, batch_size=cfg.batch_size,
+                                   block_size=cfg.block_size, seed=cfg.seed, device=world.device, ctx=run.training.ctx,
+                                   vocab_size=run.vocab_size, doc_sep=run.doc_sep, padding=cfg.padding,
+                                   progress=progress)
         now = time.time()
         left = run.eta.seconds_left(iter_num, t_eval, now)
         log.print(eval_line(iter_num, losses["train"], losses["val"]))

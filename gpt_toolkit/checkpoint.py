@@ -13,7 +13,8 @@ Each is a dict with nanoGPT's keys
     config         the run's full config
 so nanoGPT's train.py/sample.py load ours and we load theirs. nanoGPT ignores our extra keys: scaler
 (GradScaler state), rng (one RNG state per DDP rank), sampler (where batch sampling continues), meta
-(the vocabulary, so sampling needs no data directory), and checksum: the sha256 of everything else in the file (every
+(the vocabulary, so sampling needs no data directory), evaluated (False when a stop came before the evaluation due
+at iter_num: a resume runs it), and checksum: the sha256 of everything else in the file (every
 tensor's bytes, every value), checked on load, so a file whose bytes changed after it was written (a disk or copy
 error) is refused instead of resumed or sampled.
 """
@@ -126,14 +127,14 @@ def link_checkpoint(src, dst):
 
 
 def training_state(*, model, optimizer, scaler, model_args, iter_num, best_val_loss, config, rng_states, early_stop,
-                   meta):
+                   meta, evaluated=True):
     """Everything a checkpoint holds: nanoGPT's keys, then ours (see the module docstring). With an FSDP-sharded
     model the full tensors are gathered (a collective: every process calls it), so the file is the same as ever."""
     model_state, optimizer_state = sharding.state_dicts(model, optimizer)
     return {"model": model_state, "optimizer": optimizer_state, "model_args": model_args,
             "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config, "scaler": scaler.state_dict(),
             "rng": rng_states, "sampler": {"kind": "seed_and_step", "seed": config["seed"], "next_step": iter_num},
-            "early_stop": early_stop, "meta": meta}
+            "early_stop": early_stop, "meta": meta, "evaluated": evaluated}
 
 
 def restore_training_state(ckpt, *, optimizer, scaler, rank, world_size):
@@ -145,7 +146,8 @@ def restore_training_state(ckpt, *, optimizer, scaler, rank, world_size):
         scaler.load_state_dict(ckpt["scaler"])
     rng = ckpt.get("rng")
     return {"iter_num": ckpt["iter_num"], "best_val_loss": float(ckpt["best_val_loss"]),
-            "early_stop": ckpt.get("early_stop", {}), "rng": rng[rank] if rng and len(rng) == world_size else None}
+            "early_stop": ckpt.get("early_stop", {}), "rng": rng[rank] if rng and len(rng) == world_size else None,
+            "evaluated": ckpt.get("evaluated", True)}
 
 
 def save_run(state, out_dir, *, improved, keep_last):
@@ -177,13 +179,15 @@ class RunCheckpoints:
         self.last_step = last_step  # the step of the newest save (a resumed run's: the step it resumed at)
         self.report, self.after_first_save = report, after_first_save  # after_first_save() -> a line for the log
 
-    def save(self, step, *, improved, best_val_loss, rng_states, early_stop):
-        """Save the state after `step` steps (ckpt.pt too when improved) and say what was written."""
+    def save(self, step, *, improved, best_val_loss, rng_states, early_stop, evaluated=True):
+        """Save the state after `step` steps (ckpt.pt too when improved) and say what was written. evaluated=False
+        when the evaluation due at `step` has not run (a stop came first): a resume runs it."""
         if not (self.writer or self.collective):
             return
         state = training_state(model=self.model, optimizer=self.optimizer, scaler=self.scaler,
                                model_args=self.model_args, iter_num=step, best_val_loss=best_val_loss,
-                               config=self.config, rng_states=rng_states, early_stop=early_stop, meta=self.meta)
+                               config=self.config, rng_states=rng_states, early_stop=early_stop, meta=self.meta,
+                               evaluated=evaluated)
         if self.writer:
             written = save_run(state, self.out_dir, improved=improved, keep_last=self.keep_last)
             self.last_step = step

@@ -144,15 +144,20 @@ def fit_advice(cfg, *, n_params, vocab_size, dtype, budget, device_type):
                 f"{fmt_bytes(memory_estimate(cfg, batch_size=b, **sizes)['total'])}")
     weights = memory_estimate(cfg, batch_size=1, block_size=1, **sizes)
     held = weights["parameters"] + weights["gradients"] + weights["AdamW state"]
+    if held >= budget / 2:  # the weights themselves are the problem: only sharding them (or a smaller model) helps
+        return (f"the model's weights, gradients and AdamW state alone need {fmt_bytes(held)}: shard them over several "
+                f"GPUs with torchrun and --parallel=fsdp, or use a smaller model (fewer --n_layer, a smaller --n_embd)")
     block_size = cfg.block_size // 2
-    while held < budget / 2 and block_size >= 8:
+    while block_size >= 8:
         need = memory_estimate(cfg, batch_size=1, block_size=block_size, **sizes)["total"]
         if need <= budget:
             return (f"even batch_size=1 does not fit at block_size={cfg.block_size}: use --batch_size=1 "
                     f"--block_size={block_size} (estimate {fmt_bytes(need)}), or a smaller model")
         block_size //= 2
-    return (f"the model's weights, gradients and AdamW state alone need {fmt_bytes(held)}: shard them over several "
-            f"GPUs with torchrun and --parallel=fsdp, or use a smaller model (fewer --n_layer, a smaller --n_embd)")
+    need = memory_estimate(cfg, batch_size=1, block_size=8, **sizes)["total"]
+    return (f"even batch_size=1 at block_size=8 needs about {fmt_bytes(need)}, of which the weights, gradients and AdamW "
+            f"state are only {fmt_bytes(held)} (the rest: activations of the {vocab_size:,}-token output, and the "
+            f"runtime's buffers): use a device with more memory, or a smaller model")
 
 
 def with_checkpointing(cfg):

@@ -9,7 +9,7 @@ class StepTimer:
 
     def __init__(self, *, flops_per_iter, peak_flops):
         self.flops_per_iter, self.peak_flops = flops_per_iter, peak_flops
-        self.start, self.iters, self.mfu = time.time(), 0, -1.0
+        self.start, self.iters, self.mfu = time.time(), 0, None  # None until measured
 
     def step_done(self):
         self.iters += 1
@@ -25,7 +25,7 @@ class StepTimer:
         self.start, self.iters = now, 0
         if steps_in_this_process >= 5:
             mfu = self.flops_per_iter / dt / self.peak_flops
-            self.mfu = mfu if self.mfu == -1.0 else 0.9 * self.mfu + 0.1 * mfu
+            self.mfu = mfu if self.mfu is None else 0.9 * self.mfu + 0.1 * mfu
         return dt
 
 
@@ -35,7 +35,7 @@ class Eta:
 
     def __init__(self, *, max_iters, eval_interval):
         self.max_iters, self.eval_interval = max_iters, eval_interval
-        self.t0 = self.step0 = None
+        self.t0 = self.step0 = self.last_step = None
         self.eval_seconds = 0.0  # evaluation time since the clock started
         self.last_eval = None  # the latest whole evaluation's duration
 
@@ -43,6 +43,7 @@ class Eta:
         """Called after each training step (step = steps completed)."""
         if self.t0 is None:
             self.t0, self.step0 = now, step
+        self.last_step = step
 
     def evaluation_done(self, started, now):
         """An evaluation (with its save) ran from started to now."""
@@ -64,3 +65,40 @@ class Eta:
         per_eval = self.last_eval if self.last_eval is not None else now - eval_started
         return per_step * (self.max_iters - step) + per_eval * self.evals_after(step)
 
+
+    def per_step(self, now):
+        """Seconds per training step measured so far in this process (evaluations left out), or None."""
+        steps = (self.last_step or 0) - (self.step0 or 0)
+        if self.t0 is None or steps <= 0:
+            return None
+        return max(0.0, now - self.t0 - self.eval_seconds) / steps
+
+    def whole_run(self, step, now, *, per_eval):
+        """(seconds the run still needs after `step`, evaluations still to come) at the measured rate, with per_eval
+        seconds for each evaluation; None until a rate is measured."""
+        rate = self.per_step(now)
+        if rate is None:
+            return None
+        return rate * (self.max_iters - step) + per_eval * self.evals_after(step), self.evals_after(step)
+
+
+class Heartbeat:
+    """A line now and then through a phase that prints nothing for long (an evaluation, slow steps): report(text())
+    when `first` seconds have passed since the phase began, then every `every` seconds. Any other output resets it
+    (quiet())."""
+
+    def __init__(self, report, *, first=5.0, every=15.0):
+        self.report, self.first, self.every = report, first, every
+        self.last = time.time()
+        self.waiting = first
+
+    def quiet(self):
+        """Something was just printed: wait `first` seconds again before the next line."""
+        self.last, self.waiting = time.time(), self.first
+
+    def beat(self, text):
+        """Print text() if it is due (text is a function: it is not formatted when nothing is printed)."""
+        now = time.time()
+        if now - self.last >= self.waiting:
+            self.report(text())
+            self.last, self.waiting = now, self.every

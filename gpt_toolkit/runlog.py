@@ -3,7 +3,7 @@
 The text lines are an interface (the tutorial's tools parse them with regexes), so they are formatted
 here and nowhere else, next to the patterns that read them back:
     step {n}: train loss {:.4f}, val loss {:.4f}
-    iter {n}: loss {:.4f}, time {:.2f}ms, mfu {:.2f}%
+    iter {n}: loss {:.4f}, time {:.2f}ms, mfu {:.2f}%      (", mfu ..." once measured: from the 5th step on)
     training took {:.2f} seconds
 and, read by no tool, at each evaluation between the first and the last:
     progress: {n}/{max_iters} steps ({:.0f}%), {elapsed} elapsed, about {left} left (ends ~HH:MM)
@@ -18,7 +18,7 @@ from gpt_toolkit.errors import UserError
 from gpt_toolkit.files import atomic_write_text
 
 EVAL_RE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
-ITER_RE = re.compile(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms, mfu (-?[\d.]+)%")
+ITER_RE = re.compile(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms(?:, mfu (-?[\d.]+)%)?")  # -100%: older logs, nanoGPT's
 TOOK_RE = re.compile(r"training took ([\d.]+) seconds")
 
 
@@ -27,7 +27,9 @@ def eval_line(step, train_loss, val_loss):
 
 
 def iter_line(step, loss, time_ms, mfu):
-    return f"iter {step}: loss {loss:.4f}, time {time_ms:.2f}ms, mfu {mfu * 100:.2f}%"
+    """mfu is None until measured (nanoGPT prints -100.00% then): the part is left out, not shown negative."""
+    line = f"iter {step}: loss {loss:.4f}, time {time_ms:.2f}ms"
+    return line if mfu is None else f"{line}, mfu {mfu * 100:.2f}%"
 
 
 def took_line(seconds):
@@ -198,7 +200,8 @@ class WandbTracker:
             self.wandb.log({"iter": record["step"], "train/loss": record["train_loss"], "val/loss": record["val_loss"],
                             "lr": record["lr"]})
         else:
-            self.wandb.log({"iter": record["iter"], "train/iter_loss": record["loss"], "mfu": record["mfu"] * 100})
+            mfu = {} if record.get("mfu") is None else {"mfu": record["mfu"] * 100}
+            self.wandb.log({"iter": record["iter"], "train/iter_loss": record["loss"], **mfu})
 
     def close(self):
         self.wandb.finish()
@@ -258,7 +261,7 @@ def _read_text_log(run, path):
                 run.evals[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
             elif m := ITER_RE.search(line):
                 run.iters[int(m.group(1))] = {"loss": float(m.group(2)), "time_ms": float(m.group(3)),
-                                              "mfu": float(m.group(4)) / 100}
+                                              "mfu": float(m.group(4)) / 100 if m.group(4) else None}
             elif m := TOOK_RE.search(line):
                 run.took = float(m.group(1))
             elif m := PARAMS_RE.search(line):

@@ -1,5 +1,6 @@
 """When a run stops before max_iters: on Ctrl-C or SIGTERM (StopRequest), or when val loss stops improving
 (EarlyStopping)."""
+import contextlib
 import os
 import signal
 import sys
@@ -7,13 +8,39 @@ import sys
 from gpt_toolkit.errors import SecondInterrupt
 
 
-class StopRequest:
-    """SIGINT/SIGTERM: the first asks the loop to finish the current step, save and exit 128+signal;
-    a second one aborts at once (KeyboardInterrupt, exit 130)."""
+class Interrupted(BaseException):
+    """The first SIGINT/SIGTERM, raised inside an interruptible() phase so that it ends at once. A BaseException, so
+    that no library's `except Exception` swallows it."""
 
-    def __init__(self):
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopRequest:
+    """SIGINT/SIGTERM. The first one ends a long phase at once when it arrives inside interruptible() (an evaluation,
+    the forward and backward passes of a step, compilation: Interrupted is raised there), and otherwise asks the loop
+    to stop after the current step; either way the run then saves and exits 128+signal. A second one aborts at once
+    (SecondInterrupt, exit 130). With phases=False (several DDP processes, which must stop at the same step) the first
+    signal only asks the loop to stop at its next agreed step."""
+
+    def __init__(self, phases=True):
         self.signum = None
         self.previous = {}
+        self.phases, self.depth = phases, 0
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        if not self.phases:
+            yield
+            return
+        if self.signum is not None:  # it came just before this phase: do not start it
+            raise Interrupted(self.signum)
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -29,9 +56,12 @@ class StopRequest:
         if self.signum is not None:
             raise SecondInterrupt
         self.signum = signum
+        now = self.depth > 0
         # os.write, not print: a handler can run in the middle of another print
-        os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: finishing this step, then saving "
-                                      f"(send it again to abort without saving)\n".encode())
+        os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: {'stopping now' if now else 'finishing this step'}, "
+                                      f"then saving (send it again to abort without saving)\n".encode())
+        if now:
+            raise Interrupted(signum)
 
 
 class EarlyStopping:

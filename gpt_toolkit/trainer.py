@@ -198,9 +198,11 @@ class TrainingModule:
             model, self.compiled = compile_or_eager(raw_model, report, "training")
         self.module = wrap(model)
 
-    def forward_backward(self, micro_batches, ctx, scaler, doc_sep, step, device):
-        """forward_backward over the micro-batches; a compile failure falls back as the class says."""
-        rng_before = rng_state(device) if self.compiled else None
+    def forward_backward(self, micro_batches, ctx, scaler, doc_sep, step, device, rng_before=None):
+        """forward_backward over the micro-batches; a compile failure falls back as the class says (rng_before: this
+        process's RNG state at the step's start, when the caller has it already)."""
+        if self.compiled and rng_before is None:
+            rng_before = rng_state(device)
         try:
             return forward_backward(self.module, micro_batches, ctx, scaler, doc_sep)
         except Exception as e:
@@ -228,9 +230,9 @@ def train_step(training, micro_batches, grad_clip, doc_sep=None):
 
 @torch.no_grad()
 def estimate_loss(model, dataset, *, eval_iters, batch_size, block_size, seed, device, ctx, vocab_size=None,
-                  doc_sep=None, padding=False):
+                  doc_sep=None, padding=False, progress=None):
     """Mean loss over eval_iters fixed batches per split ({'train': x, 'val': y}), model in eval mode; with padding,
-    batches of whole documents as training draws them."""
+    batches of whole documents as training draws them. progress(split, batches done, eval_iters) after each batch."""
     was_training = model.training
     model.eval()
     out = {}
@@ -240,7 +242,7 @@ def estimate_loss(model, dataset, *, eval_iters, batch_size, block_size, seed, d
                                split_len=len(data) if segments is None else len(segments[0]),
                                block_size=block_size if segments is None else 0)
         total = torch.zeros((), device=device)
-        for rows in offsets.reshape(eval_iters, batch_size):
+        for done, rows in enumerate(offsets.reshape(eval_iters, batch_size)):
             if segments is None:
                 X, Y = get_batch(data, rows, block_size=block_size, device=device, vocab_size=vocab_size)
             else:
@@ -249,6 +251,8 @@ def estimate_loss(model, dataset, *, eval_iters, batch_size, block_size, seed, d
             with ctx:
                 _, loss = model(X, Y, doc_sep)
             total += loss.float()
+            if progress is not None:
+                progress(split, done + 1, eval_iters)
         out[split] = total.item() / eval_iters  # one host sync per split
     model.train(was_training)
     return out

@@ -2,8 +2,9 @@
 import re
 
 import pytest
-from conftest import TINY_TRAIN, assert_one_line_error, run_script
+from conftest import AUTO_DTYPE, TINY_TRAIN, assert_one_line_error, run_script
 
+from gpt_toolkit import memory
 from gpt_toolkit.memory import memory_estimate, parse_size
 from gpt_toolkit.train_config import load_config
 from model import GPT, GPTConfig
@@ -104,9 +105,20 @@ def test_estimate_budget_keeps_the_effective_batch(data_dir):
     fits = re.search(r"use --activation_checkpointing=True \(each block recomputed in the backward pass, the same "
                      r"batch; about 1.3x the step time\), which the estimate puts at ([\d.]+) MB", r.stdout)
     assert fits and float(fits.group(1)) <= 100, r.stdout
-    r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", "--gpu_mem=92MB", f"--data_dir={data_dir}",
+    r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", "--gpu_mem=93MB", f"--data_dir={data_dir}",
                    *small, "--activation_checkpointing=True", "--dropout=0")  # already on: then a shorter context
-    assert "even batch_size=1 does not fit at block_size=256: use --batch_size=1 --block_size=16" in r.stdout, r.stdout
+    block = int(re.search(r"even batch_size=1 does not fit at block_size=256: use --batch_size=1 --block_size=(\d+)",
+                          r.stdout).group(1))
+    cfg, _ = load_config(["config/train_shakespeare_char.py", *small, "--activation_checkpointing=True", "--dropout=0"])
+    sizes = dict(n_params=memory.param_count(n_layer=2, n_embd=128, block_size=256, vocab_size=65, bias=False),
+                 vocab_size=65, dtype=AUTO_DTYPE)  # what the estimate used: dtype=auto, this CPU's
+    assert memory_estimate(cfg, **sizes, block_size=block)["total"] <= 93 * 2**20
+    assert memory_estimate(cfg, **sizes, block_size=2 * block)["total"] > 93 * 2**20  # the longest that fits
+    r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", "--gpu_mem=60MB", f"--data_dir={data_dir}",
+                   *small)  # below the CPU runtime's own buffers: no batch or context fits, and sharding would not help
+    assert re.search(r"even batch_size=1 at block_size=8 needs about [\d.]+ MB, of which the weights, gradients and "
+                     r"AdamW state are only [\d.]+ MB .*: use a device with more memory, or a smaller model", r.stdout), r.stdout
+    assert "shard" not in r.stdout
     r = run_script("tools/estimate.py", "config/train_shakespeare_char.py", "--gpu_mem=10MB", f"--data_dir={data_dir}")
     assert "weights, gradients and AdamW state alone need 163.96 MB: shard them over several GPUs with torchrun and " \
            "--parallel=fsdp, or use a smaller model" in r.stdout, r.stdout
