@@ -12,6 +12,7 @@ import ast
 import difflib
 import inspect
 import io
+import os
 import tokenize
 import types
 
@@ -91,12 +92,20 @@ def _unknown_key(key, known, where):
     return ConfigError(f"{where}: unknown config key '{key}'{hint}; see --help for all keys")
 
 
+def _closest_configs(path):
+    """' (closest in config/: a, b)': the config files whose names are nearest the missing one's."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
+    close = difflib.get_close_matches(os.path.basename(path), names, n=3, cutoff=0.5)
+    return f" (closest in config/: {', '.join(close)})" if close else " (config files live in config/)"
+
+
 def _run_config_file(path, config, defaults, choices):
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' not found: check the path (config files live in config/)") from None
+        raise ConfigError(f"config file '{path}' not found{_closest_configs(path)}: check the path") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file '{path}': {e}") from None
     try:

@@ -197,8 +197,7 @@ def main(argv):
                     if world.master and not estimated and steps_done - (resumed_at or 0) >= 3:
                         estimated = print_whole_run_estimate(run, steps_done)
                     if world.master:
-                        run.heartbeat.beat(lambda n=steps_done: f"training: {n}/{cfg.max_iters} steps done, "
-                                                                f"{run.eta.per_step(time.time()):.2f} s per step")
+                        run.heartbeat.beat(lambda n=steps_done: training_progress(run, n))
                     iter_num += 1
 
                     # stop: a Ctrl-C or SIGTERM that came during the optimizer step or the logging (DDP ranks agree
@@ -279,8 +278,8 @@ def say_when_sized_for_another_machine(run, step, evaluated):
     seconds = (cfg.max_iters - step + evals * eval_to_step_ratio(cfg)) * step_flops / run.timer.peak_flops
     if seconds > 600:
         run.log.print(f"note: this config is sized for a GPU: on {run.world.device} it needs at least {duration(seconds)} "
-                      f"({cfg.max_iters - step} steps and {evals} evaluation(s) of {cfg.eval_iters} batches, at the "
-                      f"measured peak of {run.timer.peak_flops / 1e9:,.0f} GFLOP/s); for a CPU the tutorial advises a "
+                      f"({cfg.max_iters - step} steps and {evals} evaluation(s) of {cfg.eval_iters} batches, at a peak "
+                      f"of {run.timer.peak_flops / 1e9:.3g} GFLOP/s: {run.timer.peak_source}); for a CPU the tutorial advises a "
                       f"smaller batch, context, model and eval_iters (ch01 7.1: --batch_size=16 --block_size=64 "
                       f"--n_layer=2 --n_embd=128 --eval_iters=20), or config/train_shakespeare_char_cpu.py")
 
@@ -358,14 +357,14 @@ def build_run(cfg, world, dataset, model, model_args, notes, log):
     saves = RunCheckpoints(out_dir, keep_last=cfg.keep_last, writer=world.master, collective=sharded, model=model,
                            optimizer=training.optimizer, scaler=training.scaler, model_args=model_args,
                            config=vars(cfg), meta=dataset.vocabulary, last_step=None, report=log.print)
-    peak = cfg.peak_flops or 1.0  # only rank 0 logs MFU, so only it measures the peak
+    peak, source = cfg.peak_flops or 1.0, "--peak_flops"  # only rank 0 logs MFU, so only it measures the peak
     if world.master:
         peak, source = (cfg.peak_flops, "--peak_flops") if cfg.peak_flops else hardware.peak_flops(world.device,
                                                                                                    world.dtype)
         log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({source})")
     per_rank_accum = cfg.gradient_accumulation_steps // world.size
     timer = StepTimer(flops_per_iter=model.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size
-                      * per_rank_accum, peak_flops=peak)
+                      * per_rank_accum, peak_flops=peak, peak_source=source)
     monitor = GradMonitor(model, cfg.grad_monitor_interval) if cfg.grad_monitor_interval and world.master else None
     return Run(cfg=cfg, world=world, dataset=dataset, model=model, vocab_size=model_args["vocab_size"],
                training=training, stepper=stepper, saves=saves, guard=NonFiniteGuard(world.device, training.scaler),
@@ -462,6 +461,12 @@ def check_data_and_init(cfg, dataset, model, step, device, ctx, vocab_size, repo
                             block_size=cfg.block_size)
         Xv, Yv = get_batch(val, rows, block_size=cfg.block_size, device=device, vocab_size=vocab_size)
         check_init(model, Xv, Yv, dataset.vocab_size or vocab_size, ctx, report)
+
+
+def training_progress(run, steps_done):
+    """'training: 13/5000 steps done, 6.10 s per step' (the rate once two steps are timed)."""
+    rate = run.eta.per_step(time.time())
+    return f"training: {steps_done}/{run.cfg.max_iters} steps done" + (f", {rate:.2f} s per step" if rate else "")
 
 
 def evaluation_progress(step, done, total, elapsed):

@@ -18,6 +18,7 @@ at iter_num: a resume runs it), and checksum: the sha256 of everything else in t
 tensor's bytes, every value), checked on load, so a file whose bytes changed after it was written (a disk or copy
 error) is refused instead of resumed or sampled.
 """
+import difflib
 import hashlib
 import os
 import pickle
@@ -51,11 +52,44 @@ def step_name(step):
 def resume_path(out_dir):
     """The checkpoint a resume continues from: latest.pt, else ckpt.pt (an out_dir written by nanoGPT)."""
     out_dir = Path(out_dir)
+    if out_dir.suffix == ".pt" and out_dir.is_file():
+        raise UserError(f"--out_dir={out_dir} is a checkpoint file: pass its directory, --out_dir={out_dir.parent}")
     for name in (LATEST, BEST):
         if (out_dir / name).exists():
             return out_dir / name
-    raise UserError(f"no checkpoint in {out_dir} (looked for {LATEST} and {BEST}): check --out_dir, "
-                    f"or start a new run with --init_from=scratch")
+    raise UserError(f"no checkpoint in {out_dir} (looked for {LATEST} and {BEST}){nearby_runs(out_dir)}: check "
+                    f"--out_dir, or start a new run with --init_from=scratch")
+
+
+def run_checkpoint(out_dir, checkpoint=BEST):
+    """The checkpoint file a reader (sample, evaluate, export) loads: out_dir/checkpoint, or out_dir itself when it is
+    a checkpoint file. A missing out_dir is a one-line error naming the runs beside it."""
+    out_dir = Path(out_dir)
+    if out_dir.is_file() and out_dir.suffix == ".pt":
+        return out_dir
+    if not out_dir.is_dir():
+        raise UserError(f"out_dir '{out_dir}' does not exist{nearby_runs(out_dir)}: pass the --out_dir you trained "
+                        f"with")
+    path = out_dir / checkpoint
+    if not path.exists() and (out_dir / LATEST).exists():
+        raise UserError(f"no {checkpoint} in {out_dir} (no evaluation improved on the first yet): use the newest "
+                        f"state with --checkpoint={LATEST}")
+    return path
+
+
+def nearby_runs(out_dir):
+    """' (runs beside it: a, b)': the directories next to out_dir that hold a checkpoint, the closest names first."""
+    parent = Path(out_dir).parent
+    try:
+        runs = sorted(p.name for p in parent.iterdir() if p.is_dir() and existing_checkpoints(p))
+    except OSError:
+        return ""
+    if not runs:
+        return ""
+    close = difflib.get_close_matches(Path(out_dir).name, runs, n=3, cutoff=0.5)
+    shown = close + [r for r in runs if r not in close][:max(0, 5 - len(close))]
+    where = "" if str(parent) == "." else f" in {parent}"
+    return f" (runs{where}: {', '.join(shown)}{', ...' if len(runs) > len(shown) else ''})"
 
 
 def existing_checkpoints(out_dir):

@@ -25,6 +25,8 @@ def check_out_dir(cfg):
     killed --overwrite=True run had set aside are put back first (so a resume finds them)."""
     out_dir = Path(cfg.out_dir)
     notes = []
+    if out_dir.is_file() and out_dir.suffix == ".pt":
+        raise UserError(f"--out_dir={out_dir} is a checkpoint file: pass its directory, --out_dir={out_dir.parent}")
     if out_dir.is_dir():
         _lock(out_dir).check_free()  # the run takes the lock itself once every check has passed
         notes = settle_killed_overwrites(out_dir)

@@ -7,8 +7,8 @@ class StepTimer:
     """Milliseconds per iteration since the last log line, evaluations left out, and the MFU's running average
     (0.9 old, 0.1 new, nanoGPT's), started once a process has run 5 steps (allocation, compilation pass first)."""
 
-    def __init__(self, *, flops_per_iter, peak_flops):
-        self.flops_per_iter, self.peak_flops = flops_per_iter, peak_flops
+    def __init__(self, *, flops_per_iter, peak_flops, peak_source=""):
+        self.flops_per_iter, self.peak_flops, self.peak_source = flops_per_iter, peak_flops, peak_source
         self.start, self.iters, self.mfu = time.time(), 0, None  # None until measured
 
     def step_done(self):

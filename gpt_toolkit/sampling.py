@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from gpt_toolkit.checkpoint import LATEST, load_checkpoint, model_from_checkpoint
+from gpt_toolkit.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoint
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.huggingface import is_hf_dir, load_gpt2, load_hf_dir, tokenizer_for_hf_dir
 from gpt_toolkit.memory import available_memory, fmt_bytes
@@ -35,13 +35,7 @@ def tokenizer_for_checkpoint(ckpt):
 
 def load_model(cfg, device):
     if cfg.init_from == "resume":
-        out_dir = Path(cfg.out_dir)
-        if not out_dir.is_dir():
-            raise UserError(f"out_dir '{out_dir}' does not exist: pass the --out_dir you trained with")
-        path = out_dir / cfg.checkpoint
-        if not path.exists() and (out_dir / LATEST).exists():
-            raise UserError(f"no {cfg.checkpoint} in {out_dir} (no evaluation improved on the first yet): "
-                            f"sample the newest state with --checkpoint={LATEST}")
+        path = run_checkpoint(cfg.out_dir, cfg.checkpoint)
         ckpt = load_checkpoint(path, map_location="cpu", verify=getattr(cfg, "verify_checkpoint", True))
         model = model_from_checkpoint(ckpt)
         tokenizer = tokenizer_for_checkpoint(ckpt)

@@ -15,14 +15,15 @@ quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwh
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.runlog import read_run
-from gpt_toolkit.summary import curve_difference
+from gpt_toolkit.summary import curve_difference, tolerance_for
 
 
 def main(argv):
     parser = tool_parser(__file__, __doc__)
     parser.add_argument("run_a", help="out_dir, log or metrics.jsonl")
     parser.add_argument("run_b", help="out_dir, log or metrics.jsonl")
-    parser.add_argument("--tolerance", type=float, default=0.01, help="difference the tutorial calls 'the same' (default 0.01)")
+    parser.add_argument("--tolerance", type=float, help="the difference that counts as 'the same' (default: the "
+                        "tutorial's 0.01 for float32 runs, more for bfloat16 and float16 ones)")
     args, _ = parser.parse(argv)
     try:
         a, b = read_run(args.run_a), read_run(args.run_b)
@@ -33,8 +34,10 @@ def main(argv):
         print(f"{which} loss over {len(steps)} evals (steps {steps[0]}..{steps[-1]}): "
               f"mean abs diff {mean:.6f}, max abs diff {worst:.6f}")
     _, _, worst_val = curve_difference(a, b, "val")
-    verdict = "within" if worst_val < args.tolerance else "NOT within"
-    print(f"{a.name} vs {b.name}: val curves {verdict} {args.tolerance} of each other")
+    tolerance, why = (args.tolerance, "given") if args.tolerance is not None else tolerance_for(a, b)
+    verdict = "within" if worst_val < tolerance else "NOT within"
+    print(f"{a.name} vs {b.name}: val curves {verdict} {tolerance} of each other (max difference {worst_val:.4f}; "
+          f"tolerance {tolerance}: {why})")
     return 0
 
 

@@ -19,7 +19,7 @@ quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwh
 from tqdm import tqdm
 
 from gpt_toolkit import hardware
-from gpt_toolkit.checkpoint import BEST, load_checkpoint
+from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.dataset import SPLITS
 from gpt_toolkit.errors import UserError, run_main
@@ -40,7 +40,7 @@ def main(argv):
     args, _ = parser.parse(argv)
     if args.batch_size <= 0:
         raise UserError(f"--batch_size={args.batch_size} must be positive")
-    ckpt = load_checkpoint(Path(args.out_dir) / args.checkpoint, verify=args.verify_checkpoint)
+    ckpt = load_checkpoint(run_checkpoint(args.out_dir, args.checkpoint), verify=args.verify_checkpoint)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
     model, data, name = checkpoint_split(ckpt, split=args.split, dataset=args.dataset, data_dir=args.data_dir)

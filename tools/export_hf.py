@@ -16,7 +16,7 @@ from gpt_toolkit.errors import quiet_interrupts
 
 quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.checkpoint import BEST, load_checkpoint, model_from_checkpoint
+from gpt_toolkit.checkpoint import BEST, load_checkpoint, model_from_checkpoint, run_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.huggingface import export_hf
@@ -34,12 +34,13 @@ def main(argv):
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise UserError(f"--to={to} already exists and is not an empty directory: choose a new --to (nothing is "
                         f"overwritten)")
-    ckpt = load_checkpoint(Path(args.out_dir) / args.checkpoint, verify=args.verify_checkpoint)
+    source = run_checkpoint(args.out_dir, args.checkpoint)
+    ckpt = load_checkpoint(source, verify=args.verify_checkpoint)
     model = model_from_checkpoint(ckpt)
     tokenizer = tokenizer_for_checkpoint(ckpt)
     files = export_hf(model, tokenizer, to, dropout=ckpt["model_args"].get("dropout", 0.0))
     step = ckpt.get("iter_num", "?")
-    print(f"exported {Path(args.out_dir) / args.checkpoint} (step {step}, {tokenizer.kind} tokenizer) to {to}: "
+    print(f"exported {source} (step {step}, {tokenizer.kind} tokenizer) to {to}: "
           f"{', '.join(files)}")
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(to)!r}), or --init_from={to}")
     return 0
