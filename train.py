@@ -254,10 +254,14 @@ def print_whole_run_estimate(run, step):
     if estimate is None:
         return False
     left, evals = estimate
-    run.log.print(f"estimate: about {duration(left)} more on {run.world.device} ({cfg.max_iters - step} steps at "
-                  f"{run.eta.per_step(now):.2f} s, {evals} evaluation(s) at {duration(per_eval)}); ends ~"
+    run.log.print(f"estimate: about {duration(left)} more on {run.world.device} ({plural(cfg.max_iters - step, 'step')} "
+                  f"at {run.eta.per_step(now):.2f} s, {plural(evals, 'evaluation')} at {duration(per_eval)}); ends ~"
                   f"{time.strftime('%H:%M', time.localtime(now + left))}")
     return True
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def eval_to_step_ratio(cfg):
@@ -278,7 +282,8 @@ def say_when_sized_for_another_machine(run, step, evaluated):
     seconds = (cfg.max_iters - step + evals * eval_to_step_ratio(cfg)) * step_flops / run.timer.peak_flops
     if seconds > 600:
         run.log.print(f"note: this config is sized for a GPU: on {run.world.device} it needs at least {duration(seconds)} "
-                      f"({cfg.max_iters - step} steps and {evals} evaluation(s) of {cfg.eval_iters} batches, at a peak "
+                      f"({plural(cfg.max_iters - step, 'step')} and {plural(evals, 'evaluation')} of {cfg.eval_iters} "
+                      f"batches, at a peak "
                       f"of {run.timer.peak_flops / 1e9:.3g} GFLOP/s: {run.timer.peak_source}); for a CPU the tutorial advises a "
                       f"smaller batch, context, model and eval_iters (ch01 7.1: --batch_size=16 --block_size=64 "
                       f"--n_layer=2 --n_embd=128 --eval_iters=20), or config/train_shakespeare_char_cpu.py")
@@ -400,6 +405,7 @@ def log_step(run, step, loss, lr, *, steps_in_this_process):
     """The iteration's log line and metrics record (rank 0): loss, time per iteration, MFU."""
     dt = run.timer.lap(steps_in_this_process)
     run.log.print(iter_line(step, loss, dt * 1000, run.timer.mfu))
+    run.heartbeat.quiet()
     run.log.metrics({"type": "train", "iter": step, "loss": loss, "lr": lr, "time_ms": dt * 1000, "mfu": run.timer.mfu,
                      "tokens_per_s": run.tokens_per_iter / dt})
 
@@ -500,6 +506,7 @@ def evaluate_and_save(run, early, stop, *, iter_num, best_val_loss, t_start, t_e
         now = time.time()
         left = run.eta.seconds_left(iter_num, t_eval, now)
         log.print(eval_line(iter_num, losses["train"], losses["val"]))
+        run.heartbeat.quiet()
         if not cfg.eval_only and 0 < iter_num < cfg.max_iters:
             log.print(progress_line(iter_num, cfg.max_iters, now - t_start, left, now))
         log.metrics({"type": "eval", "step": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],

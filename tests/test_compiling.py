@@ -8,6 +8,8 @@ import torch
 from conftest import TINY_TRAIN, run_script
 from test_resume import records
 
+pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
+
 
 @pytest.fixture
 def no_compiler(monkeypatch):

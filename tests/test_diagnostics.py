@@ -16,6 +16,8 @@ from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.schedule import get_lr
 from model import GPT, GPTConfig, document_positions_and_mask
 
+pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
+
 
 def run_train(capsys, *argv):
     with pytest.raises(SystemExit) as e:

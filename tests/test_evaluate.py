@@ -68,5 +68,5 @@ def test_nanogpt_checkpoint_and_the_train_split(run_and_small_data, tmp_path):
     train = run_script("tools/evaluate.py", f"--out_dir={out}", "--dataset=small", f"--data_dir={data_root}",
                        "--split=train", "--batch_size=64")
     assert re.fullmatch(r"train loss [\d.]+ \(perplexity [\d.]+\) over 5,000 tokens\n", train.stdout), train.stdout
-    assert_one_line_error(run_script("tools/evaluate.py", f"--out_dir={tmp_path / 'none'}"), "out_dir", "does not exist (runs in ",
-                          ": nano)")
+    assert_one_line_error(run_script("tools/evaluate.py", f"--out_dir={tmp_path / 'none'}"), "out_dir",
+                          "does not exist (runs in ", ": nano)")

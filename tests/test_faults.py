@@ -23,6 +23,8 @@ from gpt_toolkit.files import TEMP_MARKER
 from gpt_toolkit.locking import LOCK_NAME
 from gpt_toolkit.runlog import read_metrics
 
+pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
+
 
 def train_args(data_dir, out, *extra):
     return ["train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", *extra]

@@ -2,6 +2,7 @@
 survives a checkpoint (exact resume); bad combinations are one-line errors."""
 import copy
 
+import pytest
 import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 from test_resume import assert_same_as_reference, records, train_args
@@ -9,6 +10,8 @@ from test_resume import assert_same_as_reference, records, train_args
 from gpt_toolkit.checkpoint import load_checkpoint
 from gpt_toolkit.optimizers import Muon, muon_parameters, muon_with_adamw
 from model import GPT, GPTConfig
+
+pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
 
 
 def tiny_model():

@@ -15,6 +15,8 @@ from conftest import AUTO_DTYPE, OTHER_DTYPE, ROOT, TINY_TRAIN, run_script, run_
 from gpt_toolkit import hardware
 from gpt_toolkit.checkpoint import load_checkpoint, rng_state
 
+pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
+
 # dropout and gradient accumulation on: the RNG and micro-batch state must survive a resume too
 EXACT = [*TINY_TRAIN, "--dropout=0.1", "--gradient_accumulation_steps=2", "--eval_interval=30", "--log_interval=1",
          "--lr_decay_iters=200", "--always_save_checkpoint=True"]

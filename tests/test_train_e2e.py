@@ -8,6 +8,8 @@ from conftest import AUTO_DTYPE, OTHER_DTYPE, TINY_TRAIN, run_script
 
 from gpt_toolkit.checkpoint import load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
+
 TUTORIAL_EVAL_RE = r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)"  # verbatim from the tutorial's parse_log
 
 
