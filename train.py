@@ -66,6 +66,7 @@ from gpt_toolkit.trainer import (
     check_resume,
     estimate_loss,
     optimizer_step,
+    token_byte_lengths,
 )
 
 
@@ -102,6 +103,7 @@ class Run:
     heartbeat: Heartbeat  # a line now and then through evaluations and steps that print nothing for long
     log: RunLog
     doc_sep: int | None  # the end-of-text id attention stops at, with --packing
+    byte_lengths: torch.Tensor | None  # UTF-8 bytes per token id, for bits per byte (None: the tokenizer is unknown)
     tokens_per_iter: int
 
 
@@ -375,7 +377,8 @@ def build_run(cfg, world, dataset, model, model_args, notes, log):
                training=training, stepper=stepper, saves=saves, guard=NonFiniteGuard(world.device, training.scaler),
                monitor=monitor, timer=timer, eta=Eta(max_iters=cfg.max_iters, eval_interval=cfg.eval_interval),
                heartbeat=Heartbeat(log.print), log=log,
-               doc_sep=dataset.eot_token if cfg.packing else None, tokens_per_iter=tokens_per_iter)
+               doc_sep=dataset.eot_token if cfg.packing else None, tokens_per_iter=tokens_per_iter,
+               byte_lengths=token_byte_lengths(dataset.vocabulary, model_args["vocab_size"]) if world.master else None)
 
 
 def resume(run, ckpt, ckpt_path):
@@ -502,7 +505,7 @@ def evaluate_and_save(run, early, stop, *, iter_num, best_val_loss, t_start, t_e
             losses = estimate_loss(run.model, run.dataset, eval_iters=cfg.eval_iters, batch_size=cfg.batch_size,
                                    block_size=cfg.block_size, seed=cfg.seed, device=world.device, ctx=run.training.ctx,
                                    vocab_size=run.vocab_size, doc_sep=run.doc_sep, padding=cfg.padding,
-                                   progress=progress)
+                                   progress=progress, byte_lengths=run.byte_lengths)
         now = time.time()
         left = run.eta.seconds_left(iter_num, t_eval, now)
         log.print(eval_line(iter_num, losses["train"], losses["val"]))
@@ -510,6 +513,7 @@ def evaluate_and_save(run, early, stop, *, iter_num, best_val_loss, t_start, t_e
         if not cfg.eval_only and 0 < iter_num < cfg.max_iters:
             log.print(progress_line(iter_num, cfg.max_iters, now - t_start, left, now))
         log.metrics({"type": "eval", "step": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                     **{k: losses[k] for k in ("train_bpb", "val_bpb") if k in losses},
                      "lr": lr_at(cfg, iter_num), "elapsed_s": now - t_start, "eta_s": left,
                      "progress": iter_num / cfg.max_iters if cfg.max_iters else 1.0})
         if not all(math.isfinite(v) for v in losses.values()):

@@ -3,6 +3,7 @@ files (each a document, in sorted order) or a JSON Lines export (.jsonl, the tex
 
     python data/prepare_text.py --input=notes.txt --name=notes                    # characters (like shakespeare_char)
     python data/prepare_text.py --input=notes.txt --name=notes --tokenizer=gpt2   # GPT-2 BPE (like shakespeare)
+    python data/prepare_text.py --input=notes.txt --name=notes --tokenizer=bpe --vocab_size=1024   # a BPE of your own
     python data/prepare_text.py --input=corpus/ --name=corpus --tokenizer=gpt2    # a directory of documents
     python data/prepare_text.py --input=dump.jsonl --name=dump --tokenizer=gpt2 --text_field=content
     python train.py config/train_shakespeare_char.py --dataset=notes
@@ -22,14 +23,18 @@ quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwh
 
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.preparing import open_source, prepare_dataset
+from gpt_toolkit.preparing import BPE_SAMPLE_MB, open_source, prepare_dataset
 
 
 def main(argv):
     parser = tool_parser(__file__, __doc__)
     parser.add_argument("--input", required=True, help="a UTF-8 text file, a directory of them, or a .jsonl file")
     parser.add_argument("--name", required=True, help="dataset name: files go to data/NAME/")
-    parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char", help="char (default) or gpt2 BPE")
+    parser.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], default="char",
+                        help="char (default), gpt2 (GPT-2's BPE), or bpe (a byte-level BPE trained on this text)")
+    parser.add_argument("--vocab_size", type=int, help="--tokenizer=bpe: the ids to learn (257 to 65,536)")
+    parser.add_argument("--bpe_sample_mb", type=float, default=BPE_SAMPLE_MB,
+                        help=f"--tokenizer=bpe: train it on at most this much of the train split (default {BPE_SAMPLE_MB})")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="fraction kept for validation (default 0.1)")
     parser.add_argument("--text_field", default="text", help="JSONL: the key holding each document's text (default text)")
     parser.add_argument("--num_proc", type=int, default=0, help="tokenizer processes (default: one per core)")
@@ -43,9 +48,10 @@ def main(argv):
     source = open_source(args.input, args.text_field)
     out_dir = Path(args.data_dir) / args.name
     summary = prepare_dataset(source, out_dir, args.tokenizer, val_fraction=args.val_fraction,
-                              num_proc=args.num_proc or None)
-    print(f"{args.tokenizer} vocab size {summary['vocab_size']:,}; "
-          f"train {summary['train']:,} tokens, val {summary['val']:,} tokens")
+                              num_proc=args.num_proc or None, vocab_size=args.vocab_size,
+                              bpe_sample_mb=args.bpe_sample_mb)
+    print(f"{args.tokenizer} vocab size {summary['vocab_size']:,}; train {summary['train']:,} tokens, val "
+          f"{summary['val']:,} tokens ({(summary['train'] + summary['val']) / source.size:.3f} tokens per byte)")
     print(f"wrote {out_dir}: train with  python train.py config/train_shakespeare_char.py --dataset={args.name}")
     return 0
 

@@ -2,8 +2,10 @@
 
 A dataset is a directory data/<name>/ (nanoGPT's layout) holding
     train.bin, val.bin   token ids, uint16, end to end
-    meta.json            the vocabulary: {"tokenizer": "char", "vocab_size": N, "itos": [...]}
-                         or {"tokenizer": "gpt2", "vocab_size": 50257}
+    meta.json            the vocabulary: {"tokenizer": "char", "vocab_size": N, "itos": [...]},
+                         {"tokenizer": "gpt2", "vocab_size": 50257} or {"tokenizer": "bpe", "vocab_size": N, ...}, and
+                         the list of the dataset's files (sizes and fingerprints)
+    tokenizer.json       bpe datasets only: the tokenizer (Hugging Face's format)
     meta.pkl             char datasets only: the same vocabulary as nanoGPT writes it
                          ({"vocab_size", "itos", "stoi"}), so nanoGPT's scripts read our data too.
 
@@ -81,8 +83,8 @@ class Dataset:
 
     @property
     def eot_token(self):
-        """The end-of-text id that separates documents: GPT-2's <|endoftext|> for GPT-2 tokenized data, else None."""
-        if self.meta is None or self.meta["tokenizer"] == "gpt2":
+        """The end-of-text id that separates documents: <|endoftext|> of GPT-2 or of an own BPE; None for characters."""
+        if self.meta is None or self.meta["tokenizer"] in ("gpt2", "bpe"):
             return (self.meta or {}).get("eot_token", GPT2_EOT)
         return None
 

@@ -17,21 +17,32 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 
+from gpt_toolkit.bpe import EOT, MAX_VOCAB, MIN_VOCAB, tiktoken_encoding, train_bpe
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.files import atomic_write, fingerprint, remove_stale_temps, replace_together
 from gpt_toolkit.locking import LOCK_NAME, DirectoryLock
-from gpt_toolkit.tokenizer import GPT2_EOT, GPT2_VOCAB_SIZE, TINY_SHAKESPEARE_URL, GPT2Tokenizer, download
+from gpt_toolkit.tokenizer import (
+    BPE_FILE,
+    GPT2_EOT,
+    GPT2_VOCAB_SIZE,
+    TINY_SHAKESPEARE_URL,
+    TOKENIZERS,
+    GPT2Tokenizer,
+    download,
+)
 
 CHUNK_BYTES = 1 << 20  # a worker reads and tokenizes about this much of a file per task
 CHUNK_CHARS = 1 << 20  # documents are tokenized in batches of about this many characters
 SEARCH_BYTES = 1 << 16  # how far past a chunk's nominal end to look for a safe BPE cut first (then 4x, ...)
 MAX_CARRY = 16 << 20  # text without a safe BPE cut point is cut here anyway (see _bpe_cut)
 DOC_SEPARATOR = "\n\n"  # between character-level documents
-DATASET_EXTRAS = ("meta.pkl",)  # files a dataset may hold besides train.bin, val.bin and meta.json
+DATASET_EXTRAS = ("meta.pkl", BPE_FILE)  # files a dataset may hold besides train.bin, val.bin and meta.json
+BPE_SAMPLE_MB = 100  # a BPE is trained on at most this much of the train split (--bpe_sample_mb)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -192,9 +203,12 @@ def open_source(path, text_field="text"):
 _encoder = None  # set in each worker (and in this process for num_proc=1) by _init
 
 
-def _init(kind, itos):
+def _init(kind, vocabulary):
+    """The encoder for `kind`: vocabulary is the char list (char) or the tokenizer.json (bpe)."""
     global _encoder
-    _encoder = None if kind is None else _CharEncoder(itos) if kind == "char" else _GPT2Encoder()
+    encoders = {"char": _CharEncoder, "gpt2": lambda _: _TiktokenEncoder(GPT2Tokenizer().enc),
+                "bpe": lambda spec: _TiktokenEncoder(tiktoken_encoding(spec))}
+    _encoder = None if kind is None else encoders[kind](vocabulary)
 
 
 class _CharEncoder:
@@ -211,15 +225,17 @@ class _CharEncoder:
         return self.encode("".join(d + DOC_SEPARATOR for d in docs))
 
 
-class _GPT2Encoder:
-    def __init__(self):
-        self.enc = GPT2Tokenizer().enc
+class _TiktokenEncoder:
+    """GPT-2's BPE, or an own one built by bpe.tiktoken_encoding: both have <|endoftext|>."""
+
+    def __init__(self, enc):
+        self.enc = enc
 
     def encode(self, text):  # a literal <|endoftext|> separates documents
-        return self.enc.encode_to_numpy(text, allowed_special={"<|endoftext|>"}).astype(np.uint16).tobytes()
+        return self.enc.encode_to_numpy(text, allowed_special={EOT}).astype(np.uint16).tobytes()
 
     def encode_documents(self, docs):
-        eot = np.array([GPT2_EOT], dtype=np.uint32)
+        eot = np.array([self.enc.encode_single_token(EOT)], dtype=np.uint32)
         parts = [a for doc in docs for a in (self.enc.encode_to_numpy(doc, disallowed_special=()), eot)]
         return np.concatenate(parts).astype(np.uint16).tobytes()
 
@@ -249,14 +265,14 @@ class _Workers:
     """Tasks run in order on num_proc processes (or here when num_proc=1), at most a few per process in flight, so
     memory stays bounded; results come back in submission order, so the output does not depend on num_proc."""
 
-    def __init__(self, num_proc, kind=None, itos=None):
+    def __init__(self, num_proc, kind=None, vocabulary=None):
         self.pool = None
         fork = os.name == "posix"
         if num_proc == 1 or fork:
-            _init(kind, itos)  # forked workers inherit the loaded tokenizer instead of each loading it again
+            _init(kind, vocabulary)  # forked workers inherit the loaded tokenizer instead of each loading it again
         if num_proc > 1:
             self.pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(
-                num_proc, initializer=None if fork else _init, initargs=() if fork else (kind, itos))
+                num_proc, initializer=None if fork else _init, initargs=() if fork else (kind, vocabulary))
         self.limit = 4 * num_proc  # enough queued that no worker waits for the next chunk
 
     def map(self, fn, tasks):
@@ -300,13 +316,15 @@ def _safe_cut(text, start):
 
 # ----------------------------------------------------------------------------- the whole preparation
 
-def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_proc=None, progress=True):
+def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_proc=None, progress=True,
+                    vocab_size=None, bpe_sample_mb=BPE_SAMPLE_MB, report=print):
     """Tokenize a TextSource or DocumentSource and write train.bin, val.bin and the vocabulary into out_dir, replacing
-    what was there only once everything is written. Returns {"train": tokens, "val": tokens, "vocab_size": n}."""
+    what was there only once everything is written. tokenizer: char, gpt2, or bpe (a byte-level BPE of vocab_size
+    ids trained on at most bpe_sample_mb of the train split, never on val). report(line) says what the BPE was
+    trained on. Returns {"train": tokens, "val": tokens, "vocab_size": n, "text_bytes": {split: bytes}}."""
     from tqdm import tqdm
 
-    if tokenizer not in ("char", "gpt2"):
-        raise UserError(f"unknown tokenizer '{tokenizer}': use char or gpt2")
+    check_tokenizer_settings(tokenizer, vocab_size, bpe_sample_mb)
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
     num_proc = min(num_proc or os.cpu_count() or 1, os.cpu_count() or 1)
@@ -314,38 +332,123 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
     if documents and source.count < 2:
         raise UserError(f"input '{source.path}' holds {source.count} document: train and val need at least two")
     out_dir = Path(out_dir)
+    n_train = source.count - max(1, round(source.count * val_fraction)) if documents else None
     passes = 2 if tokenizer == "char" or not documents else 1
     with owned_dataset_dir(out_dir), tqdm(total=passes * source.size, unit="B", unit_scale=True,
                                           desc=f"prepare {out_dir.name}", mininterval=0.5, disable=not progress) as bar:
         if documents:
-            itos = _vocabulary(source, bar.update) if tokenizer == "char" else None
+            vocabulary = _vocabulary(source, bar.update) if tokenizer == "char" else None
         else:
-            itos, split = _scan(source, tokenizer, val_fraction, num_proc, bar.update)
+            vocabulary, split = _scan(source, tokenizer, val_fraction, num_proc, bar.update)
+        if tokenizer == "bpe":
+            bar.clear()
+            vocabulary = _train_bpe(source, split if not documents else n_train, vocab_size, bpe_sample_mb, report)
         counts = {}
 
         def write_all(files):
             bins = {s: files[out_dir / f"{s}.bin"] for s in ("train", "val")}
-            with _Workers(num_proc, tokenizer, itos) as workers:
+            with _Workers(num_proc, tokenizer, vocabulary) as workers:
                 if documents:
-                    n_val = max(1, round(source.count * val_fraction))
-                    counts.update(_write_documents(source, bins, workers, source.count - n_val, bar.update))
+                    counts.update(_write_documents(source, bins, workers, n_train, bar.update))
                 else:
-                    cut = _bpe_cut if tokenizer == "gpt2" else _char_start
+                    cut = _char_start if tokenizer == "char" else _bpe_cut
                     for s, (a, b) in (("train", (0, split)), ("val", (split, source.size))):
                         results = workers.map(_encode_range, _ranges(source.path, a, b, cut))
                         counts[s] = _write_ids(results, bins[s], lambda task: bar.update(task[2] - task[1]))
             if counts["train"] < 2 or counts["val"] < 2:
                 raise UserError("text is too short to split into train and val: give a longer file")
-            meta = ({"tokenizer": "char", "vocab_size": len(itos), "itos": itos} if tokenizer == "char" else
-                    {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT})
             if tokenizer == "char":  # nanoGPT's meta.pkl, so its scripts read our data too
-                files[out_dir / "meta.pkl"].write(pickle.dumps(
-                    {"vocab_size": len(itos), "itos": dict(enumerate(itos)), "stoi": {c: i for i, c in enumerate(itos)}}))
-            write_meta(files, out_dir, meta)
+                files[out_dir / "meta.pkl"].write(pickle.dumps({"vocab_size": len(vocabulary), "itos": dict(
+                    enumerate(vocabulary)), "stoi": {c: i for i, c in enumerate(vocabulary)}}))
+            if tokenizer == "bpe":
+                files[out_dir / BPE_FILE].write(vocabulary.encode("utf-8"))
+            write_meta(files, out_dir, dataset_meta(tokenizer, vocabulary))
 
-        extra = ["meta.pkl"] if tokenizer == "char" else []
-        commit_dataset(out_dir, extra, write_all)
-    return {"train": counts["train"], "val": counts["val"], "vocab_size": len(itos) if itos else GPT2_VOCAB_SIZE}
+        commit_dataset(out_dir, {"char": ["meta.pkl"], "gpt2": [], "bpe": [BPE_FILE]}[tokenizer], write_all)
+    meta = dataset_meta(tokenizer, vocabulary)
+    return {"train": counts["train"], "val": counts["val"], "vocab_size": meta["vocab_size"]}
+
+
+def check_tokenizer_settings(tokenizer, vocab_size, bpe_sample_mb):
+    """One line for a tokenizer setting that cannot work, before any input is read."""
+    if tokenizer not in TOKENIZERS:
+        raise UserError(f"unknown tokenizer '{tokenizer}': use char, gpt2 or bpe")
+    if tokenizer != "bpe":
+        if vocab_size is not None:
+            raise UserError(f"--vocab_size is for --tokenizer=bpe ({tokenizer}'s vocabulary is fixed by its text or by "
+                            f"GPT-2)")
+        return
+    if vocab_size is None:
+        raise UserError("--tokenizer=bpe needs --vocab_size=N: the ids to learn, e.g. 1024 (see README, your own corpus)")
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise UserError(f"--vocab_size={vocab_size} must be from {MIN_VOCAB} (the 256 bytes and <|endoftext|>) to "
+                        f"{MAX_VOCAB:,} (ids are stored as uint16 in train.bin and val.bin)")
+    if bpe_sample_mb <= 0:
+        raise UserError(f"--bpe_sample_mb={bpe_sample_mb} must be positive")
+
+
+def dataset_meta(tokenizer, vocabulary):
+    """meta.json's description of the vocabulary (before its list of files)."""
+    if tokenizer == "char":
+        return {"tokenizer": "char", "vocab_size": len(vocabulary), "itos": vocabulary}
+    if tokenizer == "gpt2":
+        return {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT}
+    enc = tiktoken_encoding(vocabulary)
+    return {"tokenizer": "bpe", "vocab_size": enc.max_token_value + 1, "eot_token": enc.encode_single_token(EOT),
+            "tokenizer_file": BPE_FILE}
+
+
+def _train_bpe(source, train_end, vocab_size, sample_mb, report):
+    """tokenizer.json of a BPE trained on (a sample of) the train split: a text file's bytes before train_end, or its
+    first train_end documents. Reports the sample and the vocabulary it gave."""
+    limit = int(sample_mb * 2**20)
+    if isinstance(source, DocumentSource):
+        train_bytes = int(source.size * train_end / source.count)  # about
+        sample, sampled = _document_sample(source, train_end, limit, train_bytes)
+    else:
+        train_bytes = train_end
+        sample, sampled = _text_sample(source.path, train_end, limit)
+    if train_bytes == 0 or not sample:
+        raise UserError("the train split is empty: nothing to train a BPE on (give more text, or a smaller "
+                        "--val_fraction)")
+    t0 = time.perf_counter()
+    spec = train_bpe(sample, vocab_size)
+    got = tiktoken_encoding(spec).max_token_value + 1
+    share = "all of the train split" if sampled >= train_bytes else (f"a sample of {sampled / 2**20:,.1f} MB of its "
+                                                                      f"{train_bytes / 2**20:,.1f} MB (--bpe_sample_mb)")
+    report(f"trained a byte-level BPE of {got:,} tokens on {share} in {time.perf_counter() - t0:.1f} s")
+    if got < vocab_size:
+        report(f"note: the train text holds pairs for only {got:,} tokens, fewer than the {vocab_size:,} asked for: the "
+               f"vocabulary is {got:,}")
+    return spec
+
+
+def _text_sample(path, end, limit, pieces=64):
+    """([texts], bytes) of the file's first `end` bytes: all of them up to `limit`, else `pieces` evenly spaced ranges
+    that add up to about `limit` (cut at character starts)."""
+    if end <= limit:
+        return ([_read_text(path, 0, end)] if end else []), end
+    texts, total, size = [], 0, limit // pieces
+    with open(path, "rb") as f:
+        for i in range(pieces):
+            a = _char_start(f, (end - size) * i // (pieces - 1), end)
+            b = _char_start(f, a + size, end)
+            texts.append(_read_text(path, a, b))
+            total += b - a
+    return texts, total
+
+
+def _document_sample(source, n_train, limit, train_bytes):
+    """([texts], bytes) of the first n_train documents: every k-th of them, so about `limit` bytes spread over all."""
+    every = max(1, -(-train_bytes // limit))
+    texts, total = [], 0
+    for i, doc in enumerate(source.documents(lambda n: None)):
+        if i >= n_train:
+            break
+        if i % every == 0:
+            texts.append(doc)
+            total += len(doc.encode("utf-8"))
+    return texts, total
 
 
 @contextlib.contextmanager

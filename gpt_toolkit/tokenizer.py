@@ -1,6 +1,6 @@
 """Tokenizers and vocabulary files, without torch (so preparing data starts fast and its worker processes stay
-small): characters and GPT-2 BPE (tiktoken), a dataset's meta.json / nanoGPT's meta.pkl, reading and downloading
-text."""
+small): characters, GPT-2 BPE (tiktoken) and a BPE of your own (bpe.py), a dataset's meta.json / nanoGPT's meta.pkl,
+reading and downloading text."""
 import json
 import pickle
 import urllib.request
@@ -9,6 +9,8 @@ from pathlib import Path
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.files import atomic_write
 
+TOKENIZERS = ("char", "gpt2", "bpe")
+BPE_FILE = "tokenizer.json"  # an own BPE's tokenizer, beside the dataset's .bin files (and in exports)
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256  # <|endoftext|>
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -38,6 +40,10 @@ class CharTokenizer:
     def token_bytes(self, i):
         return self.itos[i].encode("utf-8")
 
+    def byte_lengths(self):
+        """UTF-8 bytes of each id's text (what bits per byte divides by)."""
+        return [len(c.encode("utf-8")) for c in self.itos]
+
 
 class GPT2Tokenizer:
     kind = "gpt2"
@@ -63,6 +69,42 @@ class GPT2Tokenizer:
     def token_bytes(self, i):
         """A token's bytes: a piece of a UTF-8 character for some tokens (decode whole texts, or see TextStream)."""
         return self.enc.decode_single_token_bytes(i)
+
+    def byte_lengths(self):
+        """Bytes of text each id stands for; <|endoftext|> stands for none."""
+        return [len(self.enc.decode_single_token_bytes(i)) for i in range(GPT2_EOT)] + [0]
+
+
+class BPETokenizer:
+    """A byte-level BPE trained on a dataset's own text (bpe.py), from its tokenizer.json."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer_json):
+        from gpt_toolkit.bpe import EOT, tiktoken_encoding
+        self.json = tokenizer_json
+        try:
+            self.enc = tiktoken_encoding(tokenizer_json)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"the BPE tokenizer.json is unreadable ({type(e).__name__}: {e}): prepare the dataset "
+                            f"again") from None
+        self.vocab_size = self.enc.max_token_value + 1
+        self.eot = self.enc.encode_single_token(EOT)
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special="all")
+
+    def encode_ordinary(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def token_bytes(self, i):
+        return b"" if i == self.eot else self.enc.decode_single_token_bytes(i)
+
+    def byte_lengths(self):
+        return [len(self.token_bytes(i)) for i in range(self.vocab_size)]
 
 
 class _RefuseGlobals(pickle.Unpickler):
@@ -91,8 +133,15 @@ def read_meta(data_dir):
             return None
     except Exception as e:  # an unpickler fed damaged bytes can raise nearly anything (IndexError, OverflowError, ...)
         raise UserError(f"vocabulary file in {data_dir} is unreadable ({e}): re-run that dataset's prepare.py") from None
-    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2"):
-        raise UserError(f"vocabulary file in {data_dir} is not a char or gpt2 description: re-run that dataset's prepare.py")
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in TOKENIZERS:
+        raise UserError(f"vocabulary file in {data_dir} is not a char, gpt2 or bpe description: re-run that dataset's "
+                        f"prepare.py")
+    if meta["tokenizer"] == "bpe":  # the tokenizer itself travels in the vocabulary (and so into checkpoints)
+        try:
+            meta["tokenizer_json"] = (data_dir / meta.get("tokenizer_file", BPE_FILE)).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"{data_dir / BPE_FILE} is unreadable ({e.strerror or e}): prepare that dataset again "
+                            f"(data/prepare_text.py --tokenizer=bpe)") from None
     check_meta(meta, f"the vocabulary file in {data_dir}", "re-run that dataset's prepare.py")
     return meta
 
@@ -106,12 +155,17 @@ def check_meta(meta, where, fix):
     if meta["tokenizer"] == "char" and (not isinstance(itos, list) or len(itos) != size
                                         or not all(isinstance(c, str) for c in itos)):
         raise UserError(f"{where} has no list 'itos' of its {size} characters: {fix}")
+    if meta["tokenizer"] == "bpe" and not isinstance(meta.get("tokenizer_json"), str):
+        raise UserError(f"{where} has no tokenizer (tokenizer_json): {fix}")
 
 
 def tokenizer_from_meta(meta):
-    """CharTokenizer for a char vocabulary; GPT-2 BPE when there is no meta (nanoGPT's convention) or it says gpt2."""
+    """CharTokenizer for a char vocabulary, BPETokenizer for an own BPE; GPT-2 BPE when there is no meta (nanoGPT's
+    convention) or it says gpt2."""
     if meta is not None and meta["tokenizer"] == "char":
         return CharTokenizer(meta["itos"])
+    if meta is not None and meta["tokenizer"] == "bpe":
+        return BPETokenizer(meta["tokenizer_json"])
     return GPT2Tokenizer()
 
 

@@ -3,6 +3,7 @@ optimizer, autocast context and GradScaler (build_training: train.py, tools/benc
 tools/lr_finder.py all train what this builds), the forward-backward over micro-batches, the optimizer step, and the
 evaluation of both splits."""
 import contextlib
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, padded_batch
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained
 from gpt_toolkit.optimizers import muon_with_adamw
-from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE
+from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, tokenizer_from_meta
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
 
 # ----------------------------------------------------------------------------- the model
@@ -230,18 +231,21 @@ def train_step(training, micro_batches, grad_clip, doc_sep=None):
 
 @torch.no_grad()
 def estimate_loss(model, dataset, *, eval_iters, batch_size, block_size, seed, device, ctx, vocab_size=None,
-                  doc_sep=None, padding=False, progress=None):
+                  doc_sep=None, padding=False, progress=None, byte_lengths=None):
     """Mean loss over eval_iters fixed batches per split ({'train': x, 'val': y}), model in eval mode; with padding,
-    batches of whole documents as training draws them. progress(split, batches done, eval_iters) after each batch."""
+    batches of whole documents as training draws them. With byte_lengths (bytes per id), also the bits per byte of
+    those batches ({'train_bpb': .., 'val_bpb': ..}). progress(split, batches done, eval_iters) after each batch."""
     was_training = model.training
     model.eval()
     out = {}
+    lengths = None if byte_lengths is None else byte_lengths.to(device)
     for split, data in dataset.splits.items():
         segments = dataset.documents(split, block_size) if padding else None
         offsets = eval_offsets(seed=seed, split=split, count=eval_iters * batch_size,
                                split_len=len(data) if segments is None else len(segments[0]),
                                block_size=block_size if segments is None else 0)
         total = torch.zeros((), device=device)
+        nats, n_bytes = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), device=device)
         for done, rows in enumerate(offsets.reshape(eval_iters, batch_size)):
             if segments is None:
                 X, Y = get_batch(data, rows, block_size=block_size, device=device, vocab_size=vocab_size)
@@ -251,23 +255,45 @@ def estimate_loss(model, dataset, *, eval_iters, batch_size, block_size, seed, d
             with ctx:
                 _, loss = model(X, Y, doc_sep)
             total += loss.float()
+            if lengths is not None:  # the batch's loss is a mean over its targets (padding's -1 left out)
+                targets = Y >= 0
+                nats += loss.double() * targets.sum()
+                n_bytes += lengths[Y.clamp(min=0)][targets].sum()
             if progress is not None:
                 progress(split, done + 1, eval_iters)
         out[split] = total.item() / eval_iters  # one host sync per split
+        if lengths is not None:
+            out[f"{split}_bpb"] = nats.item() / math.log(2) / max(n_bytes.item(), 1)
     model.train(was_training)
     return out
 
 
+@dataclass
+class Score:
+    """A model's loss over a split: the mean loss per token (nats), how many tokens, and the UTF-8 bytes of the text
+    they encode (None when the vocabulary is unknown). Bits per byte compares models whose tokens differ."""
+    loss: float
+    tokens: int
+    text_bytes: int | None
+
+    @property
+    def bits_per_byte(self):
+        return self.loss * self.tokens / math.log(2) / self.text_bytes if self.text_bytes else None
+
+
 @torch.no_grad()
-def whole_split_loss(model, data, *, block_size, batch_size, device, ctx, progress=None):
-    """(mean loss, tokens scored) over every token of a split: non-overlapping windows of block_size (the last one
-    shorter), each token predicted once from the tokens before it in its window. Reads the split batch by batch
-    (memory stays bounded for any size of val.bin); progress(n) is called with the tokens of each batch."""
+def score_split(model, data, *, block_size, batch_size, device, ctx, byte_lengths=None, progress=None):
+    """Score over every token of a split: non-overlapping windows of block_size (the last one shorter), each token
+    predicted once from the tokens before it in its window. Reads the split batch by batch (memory stays bounded for
+    any size of val.bin); byte_lengths (bytes per id, token_byte_lengths) counts the text's bytes; progress(n) is
+    called with the tokens of each batch."""
     was_training = model.training
     model.eval()
     scored = len(data) - 1
     starts = np.arange(0, scored, block_size)
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    n_bytes = torch.zeros((), dtype=torch.long, device=device)
+    lengths = None if byte_lengths is None else byte_lengths.to(device)
     for length, group in ((block_size, starts[starts + block_size <= scored]), (None, starts[starts + block_size > scored])):
         for i in range(0, len(group), batch_size):
             rows = group[i:i + batch_size]
@@ -277,15 +303,39 @@ def whole_split_loss(model, data, *, block_size, batch_size, device, ctx, progre
                 logits, _ = model(X, Y)
             total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), Y.reshape(-1), reduction="sum").double()
             count += Y.numel()
+            if lengths is not None:
+                n_bytes += lengths[Y].sum()
             if progress:
                 progress(Y.numel())
     model.train(was_training)
-    return total.item() / count, count
+    return Score(total.item() / count, count, int(n_bytes.item()) if lengths is not None else None)
+
+
+def score_line(split, score):
+    """'val loss 1.7750 (perplexity 5.90) over 111,539 tokens; 2.5608 bits per byte over 111,539 bytes'."""
+    perplexity = math.exp(score.loss) if score.loss < 700 else math.inf  # exp overflows a float past ~709
+    line = f"{split} loss {score.loss:.4f} (perplexity {perplexity:.2f}) over {score.tokens:,} tokens"
+    if score.bits_per_byte is None:
+        return line
+    return f"{line}; {score.bits_per_byte:.4f} bits per byte over {score.text_bytes:,} bytes"
+
+
+def token_byte_lengths(meta, vocab_size):
+    """A tensor of vocab_size: the UTF-8 bytes of text each id stands for (0 for <|endoftext|> and for the padding
+    rows of a model's embedding), from a vocabulary description (None: GPT-2's, nanoGPT's convention). None where the
+    tokenizer cannot be loaded (GPT-2's files offline without a cache): bits per byte are then left out."""
+    try:
+        lengths = tokenizer_from_meta(meta).byte_lengths()
+    except UserError:
+        return None
+    table = torch.zeros(max(vocab_size, len(lengths)), dtype=torch.long)
+    table[:len(lengths)] = torch.tensor(lengths, dtype=torch.long)
+    return table
 
 
 def checkpoint_split(ckpt, *, split="val", dataset=None, data_dir=None):
-    """(model on the CPU, the split's tokens, dataset name) for scoring a loaded checkpoint (ours or nanoGPT's) with
-    whole_split_loss: the dataset it was trained on, or `dataset`."""
+    """(model on the CPU, the split's tokens, dataset name, byte lengths per id or None) for scoring a loaded
+    checkpoint (ours or nanoGPT's) with score_split: the dataset it was trained on, or `dataset`."""
     config = ckpt.get("config", {})
     name = dataset or config.get("dataset")
     if not name:
@@ -296,8 +346,10 @@ def checkpoint_split(ckpt, *, split="val", dataset=None, data_dir=None):
         raise UserError(f"the model's vocabulary ({describe_vocabulary(trained)}, from dataset "
                         f"'{config.get('dataset', '?')}') is not dataset '{name}''s ({describe_vocabulary(data.meta)}): "
                         f"score it on data prepared with its tokenizer, e.g. --dataset={config.get('dataset', 'NAME')}")
-    data.check_token_ids(ckpt["model_args"]["vocab_size"])
-    return model_from_checkpoint(ckpt), data.splits[split], name
+    vocab_size = ckpt["model_args"]["vocab_size"]
+    data.check_token_ids(vocab_size)
+    lengths = token_byte_lengths(trained if trained is not None else data.vocabulary, vocab_size)
+    return model_from_checkpoint(ckpt), data.splits[split], name, lengths
 
 
 def same_vocabulary(a, b):

@@ -47,7 +47,8 @@ def test_whole_split_loss_scores_every_token_once(run_and_small_data):
     r = run_script("tools/evaluate.py", f"--out_dir={out}", "--dataset=small", f"--data_dir={data_root}",
                    "--dtype=float32", "--batch_size=5")
     assert r.returncode == 0, r.stderr
-    m = re.fullmatch(r"val loss ([\d.]+) \(perplexity ([\d.]+)\) over 1,000 tokens\n", r.stdout)
+    m = re.fullmatch(r"val loss ([\d.]+) \(perplexity ([\d.]+)\) over 1,000 tokens; [\d.]+ bits per byte over "
+                     r"1,000 bytes\n", r.stdout)
     assert m, r.stdout
     expected, count = reference_loss(out, np.fromfile(data_root / "small" / "val.bin", dtype=np.uint16))
     assert count == 1000 and float(m.group(1)) == pytest.approx(expected, abs=1e-4)
@@ -67,6 +68,7 @@ def test_nanogpt_checkpoint_and_the_train_split(run_and_small_data, tmp_path):
     assert same.returncode == mine.returncode == 0 and same.stdout == mine.stdout
     train = run_script("tools/evaluate.py", f"--out_dir={out}", "--dataset=small", f"--data_dir={data_root}",
                        "--split=train", "--batch_size=64")
-    assert re.fullmatch(r"train loss [\d.]+ \(perplexity [\d.]+\) over 5,000 tokens\n", train.stdout), train.stdout
+    assert re.fullmatch(r"train loss [\d.]+ \(perplexity [\d.]+\) over 5,000 tokens; [\d.]+ bits per byte over "
+                        r"5,000 bytes\n", train.stdout), train.stdout
     assert_one_line_error(run_script("tools/evaluate.py", f"--out_dir={tmp_path / 'none'}"), "out_dir",
                           "does not exist (runs in ", ": nano)")

@@ -475,7 +475,8 @@ def test_a_model_scored_on_another_vocabulary_is_told_so(finished, data_dir, tmp
 
 def test_huge_losses_print_as_inf(finished, data_dir, monkeypatch):
     import tools.evaluate
-    monkeypatch.setattr(tools.evaluate, "whole_split_loss", lambda *a, **k: (812.5, 1000))
+    from gpt_toolkit.trainer import Score
+    monkeypatch.setattr(tools.evaluate, "score_split", lambda *a, **k: Score(812.5, 1000, 1000))
     r = run_script("tools/evaluate.py", f"--out_dir={finished}", f"--data_dir={data_dir}")
     assert r.returncode == 0, r.stderr
-    assert "val loss 812.5000 (perplexity inf) over 1,000 tokens" in r.stdout
+    assert "val loss 812.5000 (perplexity inf) over 1,000 tokens; 1172.1897 bits per byte over 1,000 bytes" in r.stdout

@@ -205,7 +205,7 @@ def test_report_on_a_tiny_run(data_dir, tmp_path, exp_dir):
     assert "## Other runs" in report and "exp9_b" in report  # runs outside the five families still listed
     evaluated = run_script("tools/evaluate.py", f"--out_dir={exp / 'exp3_overfit'}", "--dtype=float32")
     loss = evaluated.stdout.split("val loss ")[1].split()[0]
-    assert re.search(rf"\| exp3_overfit \| {loss} \| [\d.]+ \| 111,539 \| {run.best_val()[1]:.4f} \|", report), report
+    assert re.search(rf"\| exp3_overfit \| {loss} \| [\d.]+ \| [\d.]+ \| 111,539 \| {run.best_val()[1]:.4f} \|", report), report
     sample = report.split("### exp3_overfit\n\n```text\n")[1].split("```")[0]
     vocabulary = json.loads((data_dir / "shakespeare_char" / "meta.json").read_text())["itos"]
     assert len(sample) > 100 and set(sample) <= set(vocabulary)

@@ -6,7 +6,6 @@ which moves by +-0.03 with the rows it happens to draw): the figure to compare m
 The split is read in non-overlapping windows of the model's block_size (the last one shorter); each token is
 predicted once, from the tokens before it in its window. Works for this toolkit's checkpoints and nanoGPT's.
 """
-import math
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.dataset import SPLITS
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.trainer import checkpoint_split, whole_split_loss
+from gpt_toolkit.trainer import checkpoint_split, score_line, score_split
 
 
 def main(argv):
@@ -43,14 +42,14 @@ def main(argv):
     ckpt = load_checkpoint(run_checkpoint(args.out_dir, args.checkpoint), verify=args.verify_checkpoint)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
-    model, data, name = checkpoint_split(ckpt, split=args.split, dataset=args.dataset, data_dir=args.data_dir)
+    model, data, name, byte_lengths = checkpoint_split(ckpt, split=args.split, dataset=args.dataset,
+                                                       data_dir=args.data_dir)
     with tqdm(total=len(data) - 1, unit="tok", unit_scale=True, desc=f"{name} {args.split}", mininterval=0.5,
               file=sys.stderr) as bar:
-        loss, count = whole_split_loss(model.to(device), data, block_size=model.config.block_size,
-                                       batch_size=args.batch_size, device=device, ctx=hardware.autocast(device, dtype),
-                                       progress=bar.update)
-    perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
-    print(f"{args.split} loss {loss:.4f} (perplexity {perplexity:.2f}) over {count:,} tokens")
+        score = score_split(model.to(device), data, block_size=model.config.block_size, batch_size=args.batch_size,
+                            device=device, ctx=hardware.autocast(device, dtype), byte_lengths=byte_lengths,
+                            progress=bar.update)
+    print(score_line(args.split, score))
     return 0
 
 

@@ -35,7 +35,7 @@ from gpt_toolkit.summary import (
     summary_row,
     tolerance_for,
 )
-from gpt_toolkit.trainer import checkpoint_split, whole_split_loss
+from gpt_toolkit.trainer import checkpoint_split, score_split
 
 FAMILIES = {
     "exp1": "Experiment 1: configuration parameters (learning rate, batch size, model size)",
@@ -195,17 +195,20 @@ def whole_split_table(exp_dir, runs):
         path = exp_dir / r.name / BEST
         if not path.exists():
             continue
-        model, data, _ = checkpoint_split(load_checkpoint(path), split="val")
-        loss, count = whole_split_loss(model, data, block_size=model.config.block_size, batch_size=8, device="cpu",
-                                       ctx=contextlib.nullcontext())
-        rows.append(f"| {r.name} | {loss:.4f} | {math.exp(loss):.2f} | {count:,} | {r.best_val()[1]:.4f} |")
+        model, data, _, byte_lengths = checkpoint_split(load_checkpoint(path), split="val")
+        score = score_split(model, data, block_size=model.config.block_size, batch_size=8, device="cpu",
+                            ctx=contextlib.nullcontext(), byte_lengths=byte_lengths)
+        bpb = f"{score.bits_per_byte:.4f}" if score.bits_per_byte is not None else "N/A"
+        rows.append(f"| {r.name} | {score.loss:.4f} | {math.exp(min(score.loss, 700)):.2f} | {bpb} | {score.tokens:,} | "
+                    f"{r.best_val()[1]:.4f} |")
     if not rows:
         return None
     return ("## Whole-split val loss\n\nEach run's best checkpoint (ckpt.pt) scored on every token of its val split "
             "(float32, as `python tools/evaluate.py --out_dir=RUN` prints it). Compare runs by this column: the "
-            "training log's figure is 20 sampled batches and moves by about +-0.03 with the rows it draws.\n\n"
-            "| run | whole-split val loss | perplexity | tokens | best val in the log (20 batches) |\n"
-            "| --- | --- | --- | --- | --- |\n" + "\n".join(rows))
+            "training log's figure is 20 sampled batches and moves by about +-0.03 with the rows it draws. Runs with "
+            "different tokenizers compare by bits per byte, not by loss per token.\n\n"
+            "| run | whole-split val loss | perplexity | bits per byte | tokens | best val in the log (20 batches) |\n"
+            "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows))
 
 
 def build_report(exp_dir, samples=True, whole_split=True):
