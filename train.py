@@ -62,6 +62,7 @@ from gpt_toolkit.trainer import (
     TrainingModule,
     build_model,
     build_training,
+    check_init_tokenizer,
     check_memory,
     check_resume,
     estimate_loss,
@@ -321,6 +322,7 @@ def check_data_and_out_dir(cfg, cli_keys, world):
         ckpt_path = resume_path(cfg.out_dir)
         ckpt = load_checkpoint(ckpt_path, map_location=world.device, verify=cfg.verify_checkpoint)
         check_resume(ckpt, cfg, cli_keys, dataset)
+    check_init_tokenizer(cfg, dataset)
     dataset.check_block_size(cfg.block_size)
     if cfg.check_memory:
         check_memory(cfg, dataset, ckpt, world.device, world.dtype, world.size)

@@ -60,14 +60,17 @@ def atomic_write_text(path, text):
 
 def write_directory(path, fill):
     """Call fill(directory) on a new directory that becomes `path` only once it is complete and on disk; `path` must
-    not exist or be empty. Any error leaves `path` as it was and no temp directory."""
+    not exist or be empty. Its files get the permissions of any new file. Any error leaves `path` as it was and no
+    temp directory."""
     path = Path(path)
     tmp = temp_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         fill(tmp)
+        mode = _file_mode()
         for p in tmp.iterdir():
+            os.chmod(p, mode)  # some writers (safetensors) make their files private: these are for sharing
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,6 +78,13 @@ def write_directory(path, fill):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+def _file_mode():
+    """The permissions a new file gets here (0o666 less the umask), which os.umask only tells by setting it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def replace_together(paths, write, *, remove=()):

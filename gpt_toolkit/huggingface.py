@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
+from gpt_toolkit.bpe import EOT
 from gpt_toolkit.errors import UserError, first_line, import_optional
 from gpt_toolkit.files import remove_stale_temps, write_directory
-from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer
+from gpt_toolkit.tokenizer import BPE_FILE, GPT2_VOCAB_SIZE, BPETokenizer, CharTokenizer, GPT2Tokenizer
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, config_from_hf, state_dict_from_hf
 
 CHAR_VOCAB = "char_vocab.json"  # an exported character model's vocabulary: {"tokenizer": "char", "itos": [...]}
@@ -109,8 +110,20 @@ def _cut(text, limit=160):
 
 
 def tokenizer_for_hf_dir(path):
-    """How to decode a transformers directory's tokens: an exported character vocabulary, else GPT-2 BPE."""
+    """The tokenizer of a transformers directory: its tokenizer.json when it is one of ours (a character vocabulary or
+    an own byte-level BPE), an older export's char_vocab.json, else GPT-2's BPE."""
     path = Path(path)
+    if (path / BPE_FILE).is_file():
+        try:
+            text = (path / BPE_FILE).read_text(encoding="utf-8")
+            model = json.loads(text)["model"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path / BPE_FILE} is unreadable ({e}): export the model again") from None
+        if model.get("type") == "WordLevel":
+            vocab = model.get("vocab", {})
+            return CharTokenizer(sorted(vocab, key=vocab.get))
+        if model.get("type") == "BPE" and model.get("vocab", {}).get(EOT) == 0:  # ours: <|endoftext|> first
+            return BPETokenizer(text)
     if (path / CHAR_VOCAB).is_file():
         try:
             meta = json.loads((path / CHAR_VOCAB).read_text(encoding="utf-8"))
@@ -145,14 +158,15 @@ def hf_state_dict(model, hf_keys, vocab_size):
 
 def export_hf(model, tokenizer, to, *, dropout=0.0):
     """Write `model` (our GPT, float32) with its tokenizer as a transformers GPT-2 directory at `to`: all of it
-    or nothing (built beside it, then renamed into place). Returns the names of the files written."""
+    or nothing (built beside it, then renamed into place), every file readable as any other. The tokenizer is a
+    tokenizer.json (characters, an own BPE) or GPT-2's vocab.json and merges.txt, so AutoTokenizer encodes as we do.
+    Returns the names of the files written."""
     transformers = _transformers("tools/export_hf.py")
     cfg = model.config
-    char = isinstance(tokenizer, CharTokenizer)
-    vocab_size = tokenizer.vocab_size if char else GPT2_VOCAB_SIZE
+    vocab_size = tokenizer.vocab_size
     if vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {cfg.vocab_size}")
-    eot = None if char else GPT2_VOCAB_SIZE - 1
+    eot = {"char": None, "gpt2": GPT2_VOCAB_SIZE - 1, "bpe": getattr(tokenizer, "eot", None)}[tokenizer.kind]
     hf_config = transformers.GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
         activation_function="gelu",  # ours is the exact GELU, not GPT-2's tanh approximation
@@ -167,11 +181,16 @@ def export_hf(model, tokenizer, to, *, dropout=0.0):
 
     def fill(directory):
         hf_model.save_pretrained(directory)
-        if char:
-            meta = {"tokenizer": "char", "vocab_size": vocab_size, "itos": tokenizer.itos}
-            (directory / CHAR_VOCAB).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        else:
+        if tokenizer.kind == "gpt2":
             write_gpt2_tokenizer(directory, cfg.block_size)
+            return
+        spec = char_tokenizer_json(tokenizer.itos) if tokenizer.kind == "char" else tokenizer.json
+        (directory / BPE_FILE).write_text(spec, encoding="utf-8")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+                  "clean_up_tokenization_spaces": False}
+        if tokenizer.kind == "bpe":
+            config.update(bos_token=EOT, eos_token=EOT, unk_token=EOT)
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     remove_stale_temps(Path(to).parent)  # what exports killed mid-write left beside it
     try:
@@ -183,6 +202,16 @@ def export_hf(model, tokenizer, to, *, dropout=0.0):
         raise UserError(f"could not write the export to {to} ({cause}): nothing was left behind; free disk space or "
                         f"choose another --to") from None
     return sorted(p.name for p in Path(to).iterdir())
+
+
+def char_tokenizer_json(itos):
+    """A tokenizer.json for a character vocabulary: every character its own token (a WordLevel model over a split into
+    single characters), ids as in itos, decoded by joining them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(itos)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok.to_str()
 
 
 def write_gpt2_tokenizer(directory, max_length):

@@ -414,8 +414,8 @@ def _train_bpe(source, train_end, vocab_size, sample_mb, report):
     t0 = time.perf_counter()
     spec = train_bpe(sample, vocab_size)
     got = tiktoken_encoding(spec).max_token_value + 1
-    share = "all of the train split" if sampled >= train_bytes else (f"a sample of {sampled / 2**20:,.1f} MB of its "
-                                                                      f"{train_bytes / 2**20:,.1f} MB (--bpe_sample_mb)")
+    share = "all of the train split" if train_bytes <= limit else (f"a sample of {sampled / 2**20:,.1f} MB of its "
+                                                                    f"{train_bytes / 2**20:,.1f} MB (--bpe_sample_mb)")
     report(f"trained a byte-level BPE of {got:,} tokens on {share} in {time.perf_counter() - t0:.1f} s")
     if got < vocab_size:
         report(f"note: the train text holds pairs for only {got:,} tokens, fewer than the {vocab_size:,} asked for: the "
@@ -439,7 +439,8 @@ def _text_sample(path, end, limit, pieces=64):
 
 
 def _document_sample(source, n_train, limit, train_bytes):
-    """([texts], bytes) of the first n_train documents: every k-th of them, so about `limit` bytes spread over all."""
+    """([texts], bytes) of the first n_train documents: every k-th of them, so about `limit` bytes spread over all
+    (train_bytes, their size in the input, counts a JSON line's markup too: the sample is the text)."""
     every = max(1, -(-train_bytes // limit))
     texts, total = [], 0
     for i, doc in enumerate(source.documents(lambda n: None)):

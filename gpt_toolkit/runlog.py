@@ -219,6 +219,7 @@ class Run:
     def __init__(self, name, path):
         self.name, self.path = name, path
         self.evals = {}  # step -> (train_loss, val_loss); a resumed run's later entry wins
+        self.val_bpb = {}  # step -> val bits per byte, where metrics.jsonl has it
         self.elapsed = {}  # step -> seconds since the run (or its latest resume) started, from metrics.jsonl
         self.iters = {}  # iter -> dict(loss, time_ms, mfu, tokens_per_s)
         self.took = None  # seconds, from "training took N seconds"
@@ -288,6 +289,8 @@ def _read_metrics(run, path):
     for record in read_metrics(path)[0]:
         if record.get("type") == "eval":
             run.evals[record["step"]] = (record["train_loss"], record["val_loss"])
+            if record.get("val_bpb") is not None:
+                run.val_bpb[record["step"]] = record["val_bpb"]
             if record.get("elapsed_s") is not None:
                 run.elapsed[record["step"]] = record["elapsed_s"]
         elif record.get("type") == "train":

@@ -1,5 +1,6 @@
 """Finished runs side by side: the summary table of an experiments directory (the tutorial's columns plus best val
-loss, parameters, tokens/s and the overfitting verdict), and how far two runs' loss curves are apart."""
+loss, val bits per byte, parameters, tokens/s and the overfitting verdict), and how far two runs' loss curves are
+apart."""
 import csv
 import fnmatch
 import io
@@ -11,7 +12,9 @@ from tabulate import tabulate
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.runlog import read_run
 
-HEADERS = ["Experiment", "Train Loss", "Val Loss", "Gap", "Time", "Best Val", "Best Step", "Params", "Tokens/s", "Verdict"]
+HEADERS = ["Experiment", "Train Loss", "Val Loss", "Gap", "Time", "Best Val", "Best Step", "Val BPB", "Params", "Tokens/s",
+           "Verdict"]
+SORT_KEYS = {"name": None, "val": 2, "best": 5, "bpb": 7}  # --sort: the column a table is ordered by (lowest first)
 BANDS = [(0.1, "healthy"), (0.3, "slight overfitting"), (0.5, "moderate overfitting")]  # tutorial ch04 2.3
 
 
@@ -51,8 +54,17 @@ def summary_row(run):
     rate = run.tokens_per_s()
     return [run.name, f"{train:.4f}", f"{val:.4f}", f"{val - train:.4f}",
             f"{run.took:.1f}s" if run.took is not None else "N/A", f"{best_val:.4f}", best_step,
+            f"{run.val_bpb[run.steps[-1]]:.4f}" if run.steps[-1] in run.val_bpb else "N/A",
             f"{run.num_params / 1e6:.2f}M" if run.num_params else "N/A", f"{rate:,.0f}" if rate else "N/A",
             overfitting_verdict(val - train)]
+
+
+def sorted_rows(rows, key):
+    """Rows ordered by a SORT_KEYS column, lowest first (rows without a value last), or as found for 'name'."""
+    column = SORT_KEYS[key]
+    if column is None:
+        return rows
+    return sorted(rows, key=lambda r: (r[column] == "N/A", float(r[column]) if r[column] != "N/A" else 0.0))
 
 
 def format_table(rows, fmt):

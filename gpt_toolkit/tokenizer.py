@@ -1,6 +1,7 @@
 """Tokenizers and vocabulary files, without torch (so preparing data starts fast and its worker processes stay
 small): characters, GPT-2 BPE (tiktoken) and a BPE of your own (bpe.py), a dataset's meta.json / nanoGPT's meta.pkl,
 reading and downloading text."""
+import hashlib
 import json
 import pickle
 import urllib.request
@@ -157,6 +158,37 @@ def check_meta(meta, where, fix):
         raise UserError(f"{where} has no list 'itos' of its {size} characters: {fix}")
     if meta["tokenizer"] == "bpe" and not isinstance(meta.get("tokenizer_json"), str):
         raise UserError(f"{where} has no tokenizer (tokenizer_json): {fix}")
+
+
+def describe(meta):
+    """'char, 65 tokens (characters 1c9b0e)' / 'gpt2, 50,257 tokens' / 'bpe, 1,024 tokens (tokenizer 3fa2c1)': for
+    one-line errors."""
+    if meta is None:
+        meta = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE}
+    text = f"{meta['tokenizer']}, {meta['vocab_size']:,} tokens"
+    if meta["tokenizer"] in ("char", "bpe"):  # two of a size differ in their content: a short hash tells them apart
+        content = meta.get("tokenizer_json") or "".join(meta.get("itos") or ())
+        text += f" ({'tokenizer' if meta['tokenizer'] == 'bpe' else 'characters'} " \
+                f"{hashlib.sha256(content.encode()).hexdigest()[:6]})"
+    return text
+
+
+def same_vocabulary(a, b):
+    """Whether two vocabulary descriptions (None: GPT-2's) encode text the same way."""
+    def key(meta):
+        meta = meta or {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE}
+        return (meta["tokenizer"], meta["vocab_size"], tuple(meta.get("itos") or ()), meta.get("tokenizer_json"))
+    return key(a) == key(b)
+
+
+def vocabulary_of(tokenizer):
+    """The vocabulary description (as a dataset's meta.json gives it) of a tokenizer object."""
+    if tokenizer.kind == "char":
+        return {"tokenizer": "char", "vocab_size": tokenizer.vocab_size, "itos": tokenizer.itos}
+    if tokenizer.kind == "bpe":
+        return {"tokenizer": "bpe", "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot,
+                "tokenizer_json": tokenizer.json}
+    return {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT}
 
 
 def tokenizer_from_meta(meta):

@@ -18,9 +18,9 @@ from gpt_toolkit.compiling import compile_failure, compile_or_eager
 from gpt_toolkit.compiling import warning as compile_warning
 from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, padded_batch
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained
+from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained, tokenizer_for_hf_dir
 from gpt_toolkit.optimizers import muon_with_adamw
-from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, tokenizer_from_meta
+from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, describe, same_vocabulary, tokenizer_from_meta, vocabulary_of
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
 
 # ----------------------------------------------------------------------------- the model
@@ -67,8 +67,21 @@ def check_resume(ckpt, cfg, cli_keys, dataset):
         raise UserError(f"checkpoint was trained on dataset '{trained_on}' but this run uses '{cfg.dataset}': "
                         f"resume with --dataset={trained_on}, or start a new run in another --out_dir")
     if ckpt.get("meta") is not None and dataset.meta is not None and not same_vocabulary(ckpt["meta"], dataset.meta):
-        raise UserError(f"dataset '{cfg.dataset}' vocabulary differs from the checkpoint's (was the data prepared again "
-                        f"from other text?): resume on the data the model was trained on")
+        raise UserError(f"the checkpoint's tokenizer ({describe(ckpt['meta'])}) is not dataset '{cfg.dataset}''s "
+                        f"({describe(dataset.meta)}): was the data prepared again, or with another tokenizer? resume on "
+                        f"the data the model was trained on")
+
+
+def check_init_tokenizer(cfg, dataset):
+    """Fine-tuning weights (gpt2*, a transformers directory) on a dataset needs the dataset in their tokenizer: a
+    one-line error naming both otherwise (a model would learn ids that mean other text to it)."""
+    if cfg.init_from in ("scratch", "resume") or dataset.meta is None:
+        return
+    model_vocab = vocabulary_of(tokenizer_for_hf_dir(cfg.init_from)) if is_hf_dir(cfg.init_from) else None
+    if not same_vocabulary(model_vocab, dataset.vocabulary):
+        raise UserError(f"init_from={cfg.init_from} has the tokenizer {describe(model_vocab)}, and dataset '{cfg.dataset}' "
+                        f"was prepared with {describe(dataset.vocabulary)}: prepare the data with the model's tokenizer "
+                        f"(data/prepare_text.py --tokenizer=...), or train a new model on this dataset")
 
 
 def check_memory(cfg, dataset, ckpt, device, dtype, world_size):
@@ -343,19 +356,10 @@ def checkpoint_split(ckpt, *, split="val", dataset=None, data_dir=None):
     data = Dataset(data_dir or config.get("data_dir", "data"), name)
     trained = ckpt.get("meta")
     if trained is not None and data.meta is not None and not same_vocabulary(trained, data.meta):
-        raise UserError(f"the model's vocabulary ({describe_vocabulary(trained)}, from dataset "
-                        f"'{config.get('dataset', '?')}') is not dataset '{name}''s ({describe_vocabulary(data.meta)}): "
+        raise UserError(f"the model's vocabulary ({describe(trained)}, from dataset "
+                        f"'{config.get('dataset', '?')}') is not dataset '{name}''s ({describe(data.meta)}): "
                         f"score it on data prepared with its tokenizer, e.g. --dataset={config.get('dataset', 'NAME')}")
     vocab_size = ckpt["model_args"]["vocab_size"]
     data.check_token_ids(vocab_size)
     lengths = token_byte_lengths(trained if trained is not None else data.vocabulary, vocab_size)
     return model_from_checkpoint(ckpt), data.splits[split], name, lengths
-
-
-def same_vocabulary(a, b):
-    """Whether two vocabulary descriptions (meta) encode text the same way (the file list aside)."""
-    return {k: v for k, v in a.items() if k != "files"} == {k: v for k, v in b.items() if k != "files"}
-
-
-def describe_vocabulary(meta):
-    return f"{meta['tokenizer']}, {meta['vocab_size']:,} tokens"

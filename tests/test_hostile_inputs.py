@@ -150,7 +150,7 @@ TRAIN_CASES = [
     ("resume without checkpoint", no_checkpoint, in_out("--init_from=resume"), "no checkpoint in", "init_from=scratch"),
     ("scratch over a checkpoint", nothing, in_out(), "already holds a checkpoint", "--overwrite=True"),
     ("resume with another vocabulary", other_vocabulary, in_out("--init_from=resume"),
-     "vocabulary differs from the checkpoint's", ""),
+     "the checkpoint's tokenizer (char, 65 tokens (characters ", "resume on the data the model was trained on"),
     ("resume with another dataset", another_dataset, in_out("--init_from=resume", "--dataset=other"),
      "checkpoint was trained on dataset 'shakespeare_char' but this run uses 'other'", "--dataset=shakespeare_char"),
     ("mask_token outside the vocabulary", nothing, lambda ws: ["--mask_prob=0.1", "--mask_token=65"],

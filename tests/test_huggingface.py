@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt_toolkit.huggingface import tokenizer_for_hf_dir
 from gpt_toolkit.tokenizer import GPT2Tokenizer, read_meta
 from gpt_toolkit.train_config import load_config
 from gpt_toolkit.trainer import build_model
@@ -42,16 +43,17 @@ def trained(data_dir, tmp_path_factory):
 
 def test_trained_char_model_exports_with_zero_biases_and_its_vocabulary(trained, data_dir):
     out, hf = trained
-    assert sorted(p.name for p in hf.iterdir()) == ["char_vocab.json", "config.json", "generation_config.json",
-                                                    "model.safetensors"]
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                    "tokenizer.json", "tokenizer_config.json"]
     ours = model_from_checkpoint(load_checkpoint(out / "ckpt.pt"))
     x = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(0))
     assert (hf_logits(hf, x) - our_logits(ours, x)).abs().max().item() < 1e-4
     state = transformers.GPT2LMHeadModel.from_pretrained(str(hf)).state_dict()
     biases = [k for k in state if k.endswith(".bias") and not k.endswith(".attn.bias")]  # not the mask buffer
     assert len(biases) == 2 * 6 + 1 and all(state[k].abs().max() == 0 for k in biases)
-    vocab = json.loads((hf / "char_vocab.json").read_text(encoding="utf-8"))
-    assert vocab["itos"] == read_meta(data_dir / "shakespeare_char")["itos"]
+    vocab = json.loads((hf / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    assert sorted(vocab, key=vocab.get) == read_meta(data_dir / "shakespeare_char")["itos"]
+    assert tokenizer_for_hf_dir(hf).itos == read_meta(data_dir / "shakespeare_char")["itos"]
     assert json.loads((hf / "config.json").read_text())["attn_pdrop"] == 0.1
 
 

@@ -9,7 +9,15 @@ from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit import runlog
 from gpt_toolkit.runlog import read_run
-from gpt_toolkit.summary import HEADERS, curve_difference, find_runs, format_table, overfitting_verdict, summary_row
+from gpt_toolkit.summary import (
+    HEADERS,
+    curve_difference,
+    find_runs,
+    format_table,
+    overfitting_verdict,
+    sorted_rows,
+    summary_row,
+)
 from tools.experiment import scaled_overrides
 from tools.plot_lr import schedule
 
@@ -85,6 +93,10 @@ def exp_dir(tmp_path):
         write_log(d / name / "training.log", evals)
         write_log(d / f"{name}.log", evals)
         (d / name / "config.json").write_text(json.dumps({"num_params": 795904, "learning_rate": 1e-3}))
+        bpb = {"exp9_a": 2.2362, "exp9_b": 2.1}[name]  # a run's last evaluation in metrics.jsonl carries it
+        (d / name / "metrics.jsonl").write_text("".join(json.dumps(
+            {"type": "eval", "step": s, "train_loss": t, "val_loss": v, "val_bpb": bpb + (0.5 if s == 0 else 0)}) + "\n"
+            for s, (t, v) in evals.items()))
     write_log(d / "exp9_c.log", {0: (4.2, 4.3), 100: (1.2, 1.6)}, took=99.0)
     (d / "unrelated.txt").write_text("x")
     return d
@@ -94,12 +106,16 @@ def test_summary_rows_and_columns(exp_dir):
     runs = find_runs(exp_dir)
     assert [r.name for r in runs] == ["exp9_a", "exp9_b", "exp9_c"]
     rows = [summary_row(r) for r in runs]
-    assert rows[0] == ["exp9_a", "1.5000", "1.5500", "0.0500", "12.5s", "1.5500", 100, "0.80M", "38,400", "healthy"]
+    assert rows[0] == ["exp9_a", "1.5000", "1.5500", "0.0500", "12.5s", "1.5500", 100, "2.2362", "0.80M", "38,400",
+                       "healthy"]
     assert rows[1][3] == "0.7000" and rows[1][-1] == "severe overfitting"
     assert rows[2][4] == "99.0s" and rows[2][-1] == "moderate overfitting"
     table = list(csv.reader(io.StringIO(format_table(rows, "csv"))))
     assert table[0] == HEADERS == ["Experiment", "Train Loss", "Val Loss", "Gap", "Time", "Best Val", "Best Step",
-                                   "Params", "Tokens/s", "Verdict"]
+                                   "Val BPB", "Params", "Tokens/s", "Verdict"]
+    assert rows[2][7] == "N/A"  # a bare log: no bits per byte
+    by_bpb = [r[0] for r in sorted_rows(rows, "bpb")]
+    assert by_bpb == ["exp9_b", "exp9_a", "exp9_c"]  # lowest bits per byte first; none last
     markdown = format_table(rows, "markdown")
     assert markdown.splitlines()[0].startswith("| Experiment ") and "| 1.5000 " in markdown
 
@@ -110,6 +126,8 @@ def test_summarize_cli_formats_and_match(exp_dir, tmp_path):
     r = run_script("tools/summarize_experiments.py", exp_dir, "--match", "exp9_b", "--format", "csv")
     assert r.stdout.splitlines()[1].startswith("exp9_b,1.0000,1.7000,0.7000")
     assert len(r.stdout.splitlines()) == 2
+    r = run_script("tools/summarize_experiments.py", exp_dir, "--sort=bpb", "--format=csv")
+    assert [line.split(",")[0] for line in r.stdout.splitlines()[1:]] == ["exp9_b", "exp9_a", "exp9_c"]
     r = run_script("tools/summarize_experiments.py", tmp_path / "nowhere")
     assert_one_line_error(r, "experiments directory", "not found")
 

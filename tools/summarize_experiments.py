@@ -19,7 +19,7 @@ quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwh
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.files import atomic_write_text
-from gpt_toolkit.summary import find_runs, format_table, summary_row
+from gpt_toolkit.summary import SORT_KEYS, find_runs, format_table, sorted_rows, summary_row
 
 
 def main(argv):
@@ -28,12 +28,14 @@ def main(argv):
     parser.add_argument("--format", choices=["grid", "markdown", "csv"], default="grid")
     parser.add_argument("--match", default="*", help="only runs whose name matches this glob, e.g. 'exp1_*'")
     parser.add_argument("-o", "--output", help="write the table to this file instead of printing it")
+    parser.add_argument("--sort", choices=list(SORT_KEYS), default="name", help="order the runs by name (default), "
+                        "final val loss, best val loss, or val bits per byte (runs with other tokenizers compare by it)")
     args, _ = parser.parse(argv)
     runs = find_runs(args.exp_dir, args.match)
     if not runs:
         raise UserError(f"no runs with logs in {args.exp_dir} (matching '{args.match}'): each run needs "
                         f"NAME/training.log, NAME/metrics.jsonl or NAME.log")
-    table = format_table([summary_row(r) for r in runs], args.format)
+    table = format_table(sorted_rows([summary_row(r) for r in runs], args.sort), args.format)
     if args.output:
         atomic_write_text(args.output, table + ("" if table.endswith("\n") else "\n"))
         print(f"summary of {len(runs)} runs written to {args.output}")
