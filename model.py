@@ -246,35 +246,40 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True):
-        """idx (B, T) followed by max_new_tokens sampled tokens (see stream)."""
-        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, kv_cache)], dim=1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True, **controls):
+        """idx (B, T) followed by max_new_tokens sampled tokens (see stream; a row that met a stop token is filled
+        with it from then on, and generation ends early when every row has)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, kv_cache, **controls)], dim=1)
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True):
-        """Sample max_new_tokens after idx (B, T), yielding each new (B, 1) token as soon as it is drawn.
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True, *, top_p=None, min_p=None,
+               repetition_penalty=1.0, stop_tokens=()):
+        """Sample max_new_tokens after idx (B, T), yielding each new (B, 1) token as soon as it is drawn (sample_next
+        says how: temperature 0 is greedy; top_k, top_p, min_p and repetition_penalty as in transformers). A row
+        that draws one of stop_tokens is done: it repeats that token, and the stream ends once every row is done.
 
         Without kv_cache every token runs the whole context (its last block_size tokens) through the model.
         With it, only the new token runs, against cached keys and values: the same tokens while the sequence
         fits in block_size. When the positions run out, the cache is rebuilt from the last block_size // 2
         tokens, so from then on the context is the most recent half to full block."""
         block_size = self.config.block_size
-        if not kv_cache:
-            for _ in range(max_new_tokens):
-                logits, _ = self(idx if idx.size(1) <= block_size else idx[:, -block_size:])
-                token = sample_next(logits[:, -1, :], temperature, top_k)
-                idx = torch.cat((idx, token), dim=1)
-                yield token
-            return
-        cache = KVCache(self.config.n_layer, block_size)
+        stops = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=idx.device)
+        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+        controls = dict(top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+        cache = KVCache(self.config.n_layer, block_size) if kv_cache else None
         logits, _ = self(idx[:, -block_size:], kv_cache=cache)
         for i in range(max_new_tokens):
-            token = sample_next(logits[:, -1, :], temperature, top_k)
+            token = sample_next(logits[:, -1, :], temperature, top_k, previous=idx, **controls)
+            if len(stops):
+                token = torch.where(done, idx[:, -1:], token)  # a finished row repeats its stop token
+                done |= torch.isin(token, stops)
             idx = torch.cat((idx, token), dim=1)
             yield token
-            if i == max_new_tokens - 1:
+            if i == max_new_tokens - 1 or (len(stops) and bool(done.all())):
                 break
-            if cache.length == block_size:
+            if not kv_cache:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache.length == block_size:
                 cache.length = 0  # rebuild the cache over the last half block, in the same buffers
                 logits, _ = self(idx[:, -(block_size // 2):], kv_cache=cache)
             else:
@@ -314,13 +319,30 @@ def document_positions_and_mask(idx, doc_sep):
     return t - first, mask[:, None, :, :]
 
 
-def sample_next(logits, temperature=1.0, top_k=None):
-    """One token per row from final-position logits (B, vocab): temperature, then top-k, then sample."""
+def sample_next(logits, temperature=1.0, top_k=None, *, top_p=None, min_p=None, repetition_penalty=1.0, previous=None):
+    """One token per row from final-position logits (B, vocab), in transformers' order: the repetition penalty (a
+    token already in `previous` (B, T) has a positive logit divided by it, a negative one multiplied), then the
+    temperature (0: the most likely token, greedy), top-k, top-p (the fewest tokens whose probabilities add up to
+    top_p) and min-p (tokens at least min_p times as likely as the likeliest), then a draw."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and previous is not None:
+        seen = torch.gather(logits, 1, previous)
+        logits = logits.scatter(1, previous, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k and top_k < logits.size(-1):  # top-k of the whole vocabulary keeps everything
         v, _ = torch.topk(logits, top_k)
         logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
-    probs = F.softmax(logits.float(), dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        before = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1) - F.softmax(sorted_logits, dim=-1)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, before >= top_p)  # the first is kept
+        logits = logits.masked_fill(drop, -float("inf"))
+    if min_p:
+        probs = F.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, -float("inf"))
+    probs = F.softmax(logits, dim=-1)
     # inverse-CDF sampling: the same distribution as torch.multinomial, several times cheaper per call on CPU
     u = torch.rand(probs.size(0), 1, device=probs.device)
     return torch.searchsorted(probs.cumsum(dim=-1), u).clamp_(max=probs.size(-1) - 1)

@@ -54,8 +54,16 @@ class Dataset:
         self.meta = read_meta(self.path)
         self.splits = {s: open_split(self.path / f"{s}.bin") for s in SPLITS}
         self._check_files()
+        self.trained = {s: None for s in SPLITS}  # chat datasets: which targets training learns (1) or skips (0)
+        if self.is_chat:
+            for s in SPLITS:
+                self.trained[s] = np.memmap(self.path / f"{s}.mask.bin", dtype=np.uint8, mode="r")
+                if len(self.trained[s]) != len(self.splits[s]):
+                    raise UserError(f"{self.path / (s + '.mask.bin')} does not match {s}.bin: re-run {self.prepare_hint}")
         if max_train_tokens:
             self.splits["train"] = self.splits["train"][:max_train_tokens]
+            if self.trained["train"] is not None:
+                self.trained["train"] = self.trained["train"][:max_train_tokens]
         self._documents = {}
 
     def _check_files(self):
@@ -87,6 +95,11 @@ class Dataset:
         if self.meta is None or self.meta["tokenizer"] in ("gpt2", "bpe"):
             return (self.meta or {}).get("eot_token", GPT2_EOT)
         return None
+
+    @property
+    def is_chat(self):
+        """A conversations dataset (data/prepare_chat.py): its targets are masked to the assistant's tokens."""
+        return bool((self.meta or {}).get("chat"))
 
     @property
     def vocabulary(self):
@@ -147,12 +160,16 @@ def eval_offsets(*, seed, split, count, split_len, block_size):
     return _rng(seed, 1, SPLITS.index(split)).integers(0, split_len - block_size, size=count)
 
 
-def get_batch(data, offsets, *, block_size, device="cpu", vocab_size=None):
-    """Rows data[o : o+block_size] as inputs X and the same rows shifted by one as targets Y, int64 (B, T)."""
+def get_batch(data, offsets, *, block_size, device="cpu", vocab_size=None, trained=None):
+    """Rows data[o : o+block_size] as inputs X and the same rows shifted by one as targets Y, int64 (B, T). With
+    trained (a chat dataset's 0/1 per token), targets that are not trained are -1, which the loss ignores."""
     rows = data[offsets[:, None] + np.arange(block_size + 1)]
     _check_ids(rows, vocab_size)
     t = _to_device(torch.from_numpy(rows.astype(np.int64)), device)
-    return t[:, :-1], t[:, 1:]
+    if trained is None:
+        return t[:, :-1], t[:, 1:]
+    keep = torch.from_numpy(trained[offsets[:, None] + np.arange(1, block_size + 1)].astype(bool))
+    return t[:, :-1], torch.where(_to_device(keep, device), t[:, 1:], -1)
 
 
 def document_segments(data, eot, block_size, chunk=1 << 26):
@@ -173,16 +190,18 @@ def document_segments(data, eot, block_size, chunk=1 << 26):
     return starts[doc] + k * block_size, np.minimum(block_size + 1, lengths[doc] - k * block_size)
 
 
-def padded_batch(data, starts, lengths, *, pad, device="cpu", vocab_size=None):
+def padded_batch(data, starts, lengths, *, pad, device="cpu", vocab_size=None, trained=None):
     """One row per segment, padded on the right to the longest in the batch (not to block_size): X with the pad
-    id, Y with -1, which the loss ignores. Causal attention never lets a real token see the padding after it."""
+    id, Y with -1, which the loss ignores (as are targets a chat dataset does not train). Causal attention never lets
+    a real token see the padding after it."""
     width = int(lengths.max())
     idx = starts[:, None] + np.arange(width)
     valid = np.arange(width) < lengths[:, None]
     rows = np.where(valid, data[np.minimum(idx, len(data) - 1)].astype(np.int64), 0)
     _check_ids(rows, vocab_size)
     X = np.where(valid[:, :-1], rows[:, :-1], pad)
-    Y = np.where(valid[:, 1:], rows[:, 1:], -1)
+    targets = valid[:, 1:] if trained is None else valid[:, 1:] & trained[np.minimum(idx, len(data) - 1)][:, 1:].astype(bool)
+    Y = np.where(targets, rows[:, 1:], -1)
     return _to_device(torch.from_numpy(X), device), _to_device(torch.from_numpy(Y), device)
 
 
@@ -199,7 +218,7 @@ def _to_device(t, device):
 
 
 def step_batches(data, step, *, batch_size, accum_steps, block_size, seed, device, rank=0, world_size=1,
-                 vocab_size=None, mask_prob=0.0, mask_token=-1, segments=None, pad=0):
+                 vocab_size=None, mask_prob=0.0, mask_token=-1, segments=None, pad=0, trained=None):
     """This process's micro-batches [(X, Y), ...] for optimizer step `step`.
 
     All batch_size * accum_steps rows of the step are drawn at once from (seed, step), then cut into
@@ -214,9 +233,10 @@ def step_batches(data, step, *, batch_size, accum_steps, block_size, seed, devic
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2, step, rank])) if mask_prob > 0 else None
     if segments is not None:
         batches = [padded_batch(data, segments[0][rows], segments[1][rows], pad=pad, device=device,
-                                vocab_size=vocab_size) for rows in mine]
+                                vocab_size=vocab_size, trained=trained) for rows in mine]
         return [(_masked(X, rng, mask_prob, mask_token, vocab_size) if rng is not None else X, Y) for X, Y in batches]
-    X, Y = get_batch(data, mine.reshape(-1), block_size=block_size, device=device, vocab_size=vocab_size)
+    X, Y = get_batch(data, mine.reshape(-1), block_size=block_size, device=device, vocab_size=vocab_size,
+                     trained=trained)
     if rng is not None:
         X = _masked(X, rng, mask_prob, mask_token, vocab_size)
     return list(zip(X.split(batch_size), Y.split(batch_size)))
@@ -238,4 +258,5 @@ def run_batches(cfg, dataset, step, device, *, rank=0, world_size=1, vocab_size=
     return step_batches(dataset.splits["train"], step, batch_size=cfg.batch_size,
                         accum_steps=cfg.gradient_accumulation_steps, block_size=cfg.block_size, seed=cfg.seed,
                         device=device, rank=rank, world_size=world_size, vocab_size=vocab_size,
-                        mask_prob=cfg.mask_prob, mask_token=cfg.mask_token, segments=segments, pad=dataset.eot_token or 0)
+                        mask_prob=cfg.mask_prob, mask_token=cfg.mask_token, segments=segments, pad=dataset.eot_token or 0,
+                        trained=dataset.trained["train"])

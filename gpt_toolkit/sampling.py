@@ -74,23 +74,60 @@ class TextStream:
         return self.decoder.decode(b"", final=True)
 
 
-def write_samples(model, tokenizer, prompt, *, num_samples, max_new_tokens, temperature, top_k, kv_cache, device, ctx,
-                  write, echo_prompt=True):
-    """Generate num_samples continuations of prompt, each written with write(text) and ended by a separator line.
-    One sample streams (its text is written as its tokens are drawn); several run as one batch (each generation
-    step then reads the weights once for every sample) and are written at the end."""
-    ids = tokenizer.encode(prompt)
+class StopAtStrings:
+    """Streamed text cut at the first of some stop strings, which is not written: push(text) returns what can be
+    written now, holding back an end that could still become a stop string (one split across two tokens); `stopped`
+    turns True once one was seen. end() returns what is held back when no stop string came."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.held, self.stopped = "", False
+
+    def push(self, text):
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
+        self.held += text
+        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.held, self.stopped = self.held[:cut], "", True
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def end(self):
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
+
+
+def write_samples(model, tokenizer, prompt, *, num_samples, max_new_tokens, controls, kv_cache, device, ctx, write,
+                  echo_prompt=True, stop=(), stop_tokens=(), separator="\n---------------\n"):
+    """Generate num_samples continuations of prompt (prompt is text, or token ids), each written with write(text)
+    and ended by separator. controls are sample_next's (temperature, top_k, top_p, min_p, repetition_penalty). A
+    sample ends at one of stop_tokens (not written) or at one of the stop strings (not written either). One sample
+    streams (its text is written as its tokens are drawn); several run as one batch (each generation step then reads
+    the weights once for every sample) and are written at the end. Returns the new ids of the last sample."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...].repeat(num_samples, 1)
-    top_k = top_k or None
+    controls = {**controls, "top_k": controls.get("top_k") or None, "stop_tokens": stop_tokens}
     with torch.no_grad(), ctx:
         if num_samples == 1:
-            text = TextStream(tokenizer)
+            text, cut, new = TextStream(tokenizer), StopAtStrings(stop), []
             if echo_prompt:
                 write(tokenizer.decode(ids))
-            for token in model.stream(x, max_new_tokens, temperature=temperature, top_k=top_k, kv_cache=kv_cache):
-                write(text.push(token.item()))
-            write(text.end() + "\n---------------\n")
-            return
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, kv_cache=kv_cache)
-    for row in y.tolist():
-        write(tokenizer.decode(row if echo_prompt else row[len(ids):]) + "\n---------------\n")
+            for token in model.stream(x, max_new_tokens, kv_cache=kv_cache, **controls):
+                if token.item() in stop_tokens:
+                    break
+                new.append(token.item())
+                write(cut.push(text.push(token.item())))
+                if cut.stopped:
+                    break
+            write(cut.push(text.end()) + cut.end() + separator)
+            return new
+        y = model.generate(x, max_new_tokens, kv_cache=kv_cache, **controls)
+    for row in y[:, len(ids):].tolist():
+        end = next((i for i, t in enumerate(row) if t in stop_tokens), len(row))
+        cut = StopAtStrings(stop)
+        body = cut.push(tokenizer.decode(row[:end])) + cut.end()
+        write((tokenizer.decode(ids) if echo_prompt else "") + body + separator)
+    return row[:end]

@@ -4,6 +4,7 @@ tools/lr_finder.py all train what this builds), the forward-backward over micro-
 evaluation of both splits."""
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from gpt_toolkit import hardware, memory, sharding
 from gpt_toolkit.checkpoint import ARCHITECTURE, MODEL_ARGS, model_from_checkpoint, rng_state, set_rng_state
 from gpt_toolkit.compiling import compile_failure, compile_or_eager
 from gpt_toolkit.compiling import warning as compile_warning
-from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, padded_batch
+from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, padded_batch, run_batches
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained, tokenizer_for_hf_dir
 from gpt_toolkit.optimizers import muon_with_adamw
@@ -240,6 +241,22 @@ def train_step(training, micro_batches, grad_clip, doc_sep=None):
     t.scaler.unscale_(t.optimizer)
     optimizer_step(t.model, t.optimizer, t.scaler, grad_clip)
     return loss
+
+
+def timed_steps(cfg, dataset, *, device, dtype, steps, vocab_size=None):
+    """Seconds of each of `steps` training steps of a fresh model with cfg (its batches, optimizer, precision), timed
+    to the device's end: what a step costs, for estimates and budgets. The first pays for allocation."""
+    vocab_size = vocab_size or dataset.model_vocab_size
+    torch.manual_seed(cfg.seed)
+    training = build_training(GPT(GPTConfig(**scratch_model_args(cfg, vocab_size))), cfg, device=device, dtype=dtype)
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        batches = run_batches(cfg, dataset, step, device, vocab_size=vocab_size)
+        train_step(training, batches, cfg.grad_clip).item()
+        hardware.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 @torch.no_grad()

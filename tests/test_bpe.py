@@ -244,3 +244,13 @@ def test_bits_per_byte_equal_a_hand_computation(tmp_path, kind, shakespeare_text
     assert all(rec["val_bpb"] > 0 and rec["train_bpb"] > 0 for rec in evals)
     if kind == "char":  # a character of this text is mostly one byte: bits per byte a little under loss / ln 2
         assert all(rec["val_bpb"] <= rec["val_loss"] / math.log(2) + 1e-9 for rec in evals)
+
+
+@pytest.mark.slow
+def test_bench_prepare_times_the_bpe_training_and_the_rest_beside_tiktoken():
+    r = run_script("tools/bench_prepare.py", "--size_mb=2", "--tokenizers=bpe", "--vocab_size=300", subprocess_only=True)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"prepare_text --tokenizer=bpe +[\d.]+ MB/s \([\d.]+x tiktoken\), +[\d.]+ s, peak memory [\d,]+ MB "
+                     r"\(all processes\)", r.stdout), r.stdout
+    assert re.search(r"trained a byte-level BPE of 300 tokens on all of the train split in [\d.]+ s; the rest \(scan, "
+                     r"encode, write\): +[\d.]+ MB/s \([\d.]+x tiktoken\)", r.stdout), r.stdout

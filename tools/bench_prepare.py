@@ -1,13 +1,16 @@
 """Benchmark preparing a big corpus: MB/s and peak memory (summed over the process and its workers) of
-data/prepare_text.py for char and gpt2, beside single-thread tiktoken (encode_ordinary) on the same text.
+data/prepare_text.py for char, gpt2 and an own BPE, beside single-thread tiktoken (encode_ordinary) on the same text.
+For bpe, also the time its training took on its sample, and the MB/s of the rest (scanning and encoding).
 
-    python tools/bench_prepare.py [--size_mb=100] [--input=FILE] [--num_proc=0] [--tokenizers=char,gpt2]
+    python tools/bench_prepare.py [--size_mb=100] [--input=FILE] [--num_proc=0] [--tokenizers=char,gpt2,bpe]
+        [--vocab_size=4096] [--bpe_sample_mb=100]
 
 Without --input, tiny-shakespeare (data/shakespeare_char/input.txt) is repeated to --size_mb in a temp directory.
 Each preparation runs as its own process, as a user runs it; memory is sampled from /proc every 20 ms (Linux).
 tiktoken is timed before and after each preparation, which is compared with the mean of the two.
 """
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,9 +47,9 @@ def tree_rss(pid):
 
 
 def run_measured(cmd):
-    """(seconds, peak summed RSS in bytes) of a command."""
+    """(seconds, peak summed RSS in bytes, stdout) of a command."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
 
     def sample():
@@ -56,11 +59,11 @@ def run_measured(cmd):
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    _, err = proc.communicate()
+    out, err = proc.communicate()
     sampler.join()
     if proc.returncode != 0:
         raise UserError(f"{' '.join(cmd[1:3])} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
-    return time.perf_counter() - t0, peak[0]
+    return time.perf_counter() - t0, peak[0], out
 
 
 def tiktoken_rate(path, limit=64 << 20):
@@ -80,7 +83,9 @@ def main(argv):
     parser.add_argument("--size_mb", type=int, default=100, help="size of the generated input (default 100)")
     parser.add_argument("--input", help="a text file to prepare instead of repeated tiny-shakespeare")
     parser.add_argument("--num_proc", type=int, default=0, help="passed to prepare_text.py (0: one per core)")
-    parser.add_argument("--tokenizers", default="char,gpt2")
+    parser.add_argument("--tokenizers", default="char,gpt2,bpe")
+    parser.add_argument("--vocab_size", type=int, default=4096, help="the BPE's vocabulary (default 4096)")
+    parser.add_argument("--bpe_sample_mb", type=float, default=100, help="the BPE's training sample (default 100)")
     args, _ = parser.parse(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.input:
@@ -103,12 +108,19 @@ def main(argv):
         for tokenizer in args.tokenizers.split(","):
             cmd = [sys.executable, str(ROOT / "data" / "prepare_text.py"), f"--input={path}", f"--name={tokenizer}",
                    f"--data_dir={tmp}", f"--tokenizer={tokenizer}", f"--num_proc={args.num_proc}"]
-            seconds, peak = run_measured(cmd)
+            if tokenizer == "bpe":
+                cmd += [f"--vocab_size={args.vocab_size}", f"--bpe_sample_mb={args.bpe_sample_mb}"]
+            seconds, peak, out = run_measured(cmd)
             rates.append(tiktoken_rate(path))
             rate = (rates[-2] + rates[-1]) / 2
             print(f"prepare_text --tokenizer={tokenizer:<5} {size / seconds / 1e6:6.1f} MB/s "
                   f"({size / seconds / 1e6 / rate:4.2f}x tiktoken), {seconds:6.1f} s, peak memory {peak / 2**20:,.0f} MB "
                   f"(all processes)", flush=True)
+            trained = re.search(r"^trained a byte-level BPE .* in ([\d.]+) s$", out, re.M)
+            if trained:
+                rest = seconds - float(trained.group(1))
+                print(f"  {trained.group(0)}; the rest (scan, encode, write): {size / rest / 1e6:6.1f} MB/s "
+                      f"({size / rest / 1e6 / rate:4.2f}x tiktoken)", flush=True)
             print(f"tiktoken encode_ordinary, one thread: {rates[-1]:6.1f} MB/s", flush=True)
     return 0
 

@@ -7,7 +7,6 @@ for a memory budget the batch_size x gradient_accumulation_steps that keeps the 
 iteration (needs the dataset prepared); without it everything comes from formulas.
 """
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -16,15 +15,14 @@ from gpt_toolkit.errors import quiet_interrupts
 
 quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-import torch
 
 from gpt_toolkit import hardware
 from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.dataset import Dataset, run_batches
+from gpt_toolkit.dataset import Dataset
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.memory import fit_advice, fmt_bytes, memory_estimate, parse_size, with_checkpointing
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.trainer import build_training, scratch_model_args, train_step
+from gpt_toolkit.trainer import scratch_model_args, timed_steps
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 
 
@@ -44,15 +42,7 @@ def measure(cfg, vocab_size, steps, device, dtype):
     dataset.check_block_size(cfg.block_size)
     base = hardware.memory_in_use(device)
     hardware.reset_peak_memory(device)  # after reading base: the peak can then never be below it
-    torch.manual_seed(cfg.seed)
-    training = build_training(GPT(GPTConfig(**scratch_model_args(cfg, vocab_size))), cfg, device=device, dtype=dtype)
-    times = []
-    for step in range(steps):
-        t0 = time.perf_counter()
-        batches = run_batches(cfg, dataset, step, device, vocab_size=vocab_size)
-        train_step(training, batches, cfg.grad_clip).item()
-        hardware.synchronize(device)
-        times.append(time.perf_counter() - t0)
+    times = timed_steps(cfg, dataset, device=device, dtype=dtype, steps=steps, vocab_size=vocab_size)
     peak = hardware.peak_memory(device) - base
     steady = times[1:] or times  # the first step pays for allocation
     return peak, 1000 * sum(steady) / len(steady)

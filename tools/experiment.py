@@ -16,6 +16,7 @@ tutorial's command. Environment knobs:
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -27,13 +28,17 @@ from gpt_toolkit.errors import quiet_interrupts
 
 quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
+from gpt_toolkit import hardware
 from gpt_toolkit.checkpoint import existing_checkpoints
 from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.dataset import Dataset
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.files import atomic_write_text, remove_stale_temps
 from gpt_toolkit.plots import plot_compare
+from gpt_toolkit.process import setup_process
 from gpt_toolkit.summary import find_runs, format_table, summary_row
-from gpt_toolkit.train_config import load_config
+from gpt_toolkit.train_config import load_config, validate
+from gpt_toolkit.trainer import timed_steps
 
 BASE_CONFIG = "config/train_shakespeare_char.py"
 CPU_SCALE = {"n_embd": 4, "block_size": 4, "batch_size": 4, "max_iters": 5, "lr_decay_iters": 5, "warmup_iters": 5,
@@ -85,6 +90,20 @@ def run(name, overrides, exp_dir="experiments"):
         return proc.wait()
 
 
+def steps_for(seconds, overrides, probe=8):
+    """The steps of the run these overrides describe that fit in `seconds` of training (evaluations aside): a few
+    steps timed on this machine (the first, which allocates, left out). For experiments that compare settings at
+    equal wall-clock time."""
+    cfg, _ = load_config([str(ROOT / BASE_CONFIG), *overrides])
+    validate(cfg)
+    device = hardware.resolve_device(cfg.device)
+    setup_process(device, keep_cpu_memory=cfg.keep_cpu_memory)
+    dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
+    dataset.check_block_size(cfg.block_size)
+    times = timed_steps(cfg, dataset, device=device, dtype=hardware.resolve_dtype(cfg.dtype, device), steps=probe)
+    return max(1, int(seconds / statistics.median(times[1:])))
+
+
 def finish(family, title, exp_dir="experiments", by_time=False):
     """The family's comparison plot (and with by_time one against seconds) and summary table, from every run named
     FAMILY_*."""
@@ -111,9 +130,16 @@ def main(argv):
     finish_parser.add_argument("family")
     finish_parser.add_argument("--title")
     finish_parser.add_flag("--by_time", help="also plot the curves against seconds")
+    steps_parser = commands.add_parser("steps_for", help="how many steps of config/train_shakespeare_char.py + "
+                                       "overrides fit in SECONDS of training on this machine (timed)")
+    steps_parser.add_argument("seconds", type=float)
+    steps_parser.add_argument("overrides", nargs=argparse.REMAINDER, help="train.py --key=value overrides")
     args, _ = parser.parse(argv)
     if args.command == "run":
         return run(args.name, args.overrides)
+    if args.command == "steps_for":
+        print(steps_for(args.seconds, args.overrides))
+        return 0
     return finish(args.family, args.title or f"{args.family} comparison", by_time=args.by_time)
 
 

@@ -44,6 +44,7 @@ FAMILIES = {
     "exp4": "Experiment 4: learning-rate schedules",
     "exp5": "Experiment 5: model size",
     "exp6": "Experiment 6: AdamW vs Muon",
+    "exp7": "Experiment 7: which tokenizer? (equal training time, compared in bits per byte)",
 }
 RULES = """How the words below are decided, from each run's evaluations:
 - diverged: a non-finite loss, or the final val loss is not at least 0.1 below the first;
@@ -173,8 +174,31 @@ def analysis_exp6(runs):
     return "\n".join(lines)
 
 
+def analysis_exp7(runs, exp_dir):
+    """Each tokenizer's run scored on every token of its val split: bits per byte (what compares them), tokens per
+    byte, and the steps the equal time bought."""
+    rows = []
+    for r in runs:
+        path = Path(exp_dir) / r.name / BEST
+        if not path.exists():
+            continue
+        ckpt = load_checkpoint(path)
+        model, data, _, byte_lengths = checkpoint_split(ckpt, split="val")
+        score = score_split(model, data, block_size=model.config.block_size, batch_size=8, device="cpu",
+                            ctx=contextlib.nullcontext(), byte_lengths=byte_lengths)
+        meta = ckpt.get("meta") or {"tokenizer": "gpt2"}
+        rows.append((score.bits_per_byte or math.inf, f"| {r.name} | {meta['tokenizer']} | "
+                     f"{ckpt['model_args']['vocab_size']:,} | {score.tokens / score.text_bytes:.3f} | {r.steps[-1]:,} | "
+                     f"{r.num_params / 1e6:.2f}M | {score.loss:.4f} | **{score.bits_per_byte:.4f}** |"))
+    if not rows:
+        return "(no exp7 run has a checkpoint)"
+    return ("| run | tokenizer | vocab | tokens per byte | steps in the time | parameters | val loss per token | "
+            "val bits per byte |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+            + "\n".join(row for _, row in sorted(rows)))
+
+
 ANALYSES = {"exp1": analysis_exp1, "exp2": analysis_exp2, "exp3": analysis_exp3, "exp4": analysis_exp4, "exp5": analysis_exp5,
-            "exp6": analysis_exp6}
+            "exp6": analysis_exp6, "exp7": analysis_exp7}
 
 
 def generated_sample(out_dir, max_new_tokens=200, seed=1337):
@@ -234,7 +258,8 @@ def build_report(exp_dir, samples=True, whole_split=True):
             section.append(f"![{family} comparison by time]({family}_comparison_time.png)")
         if (exp_dir / f"{family}_lr_schedules.png").exists():
             section.append(f"![{family} learning-rate schedules]({family}_lr_schedules.png)")
-        section += ["### Analysis", ANALYSES[family](runs)]
+        analysis = ANALYSES[family](runs, exp_dir) if family == "exp7" else ANALYSES[family](runs)
+        section += ["### Analysis", analysis]
         parts.append("\n\n".join(section))
     if others:
         parts.append("## Other runs\n\n" + format_table([summary_row(r) for r in others], "markdown"))
