@@ -220,6 +220,17 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def grow_vocabulary(self, vocab_size):
+        """More rows for the (tied) token embedding and output layer: new tokens (a chat template's) start at the mean
+        of the existing rows, so at first they look like an average token rather than a random one."""
+        old = self.transformer.wte.weight.data
+        wte = nn.Embedding(vocab_size, old.size(1)).to(device=old.device, dtype=old.dtype)
+        wte.weight.data[:old.size(0)] = old
+        wte.weight.data[old.size(0):] = old.mean(dim=0)
+        self.transformer.wte = wte
+        self.lm_head.weight = wte.weight
+        self.config.vocab_size = vocab_size
+
     def crop_block_size(self, block_size):
         """Shrink the context window, e.g. to fine-tune GPT-2 (1024) with a smaller block_size."""
         if block_size > self.config.block_size:

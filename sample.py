@@ -34,15 +34,22 @@ class Config:
     verify_checkpoint = True  # check the checkpoint's checksum (False: load one that fails it anyway)
     start = "\n"  # the prompt; FILE:path reads it from a file
     num_samples = 10  # how many samples to draw
-    max_new_tokens = 500  # tokens generated per sample
-    temperature = 0.8  # < 1 is more conservative, > 1 more random; must be > 0
+    max_new_tokens = 500  # tokens generated per sample (an answer in --chat mode)
+    temperature = 0.8  # < 1 is more conservative, > 1 more random; 0 = greedy (always the most likely token)
     top_k = 200  # sample only among the k most likely tokens; 0 = all
+    top_p = 1.0  # sample only among the fewest tokens whose probabilities add up to top_p (nucleus); 1.0 = all
+    min_p = 0.0  # drop tokens less likely than min_p times the likeliest; 0 = off
+    repetition_penalty = 1.0  # > 1 makes tokens already in the text less likely (transformers' definition); 1 = off
+    stop = ""  # end a sample at this text (not printed); repeat --stop=... for several; \n and \t are understood
+    stop_at_eot = True  # end a sample at <|endoftext|> or a chat's <|end|> (False: generate on)
     seed = 1337  # random seed
     device = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     dtype = "auto"  # auto | float32 | bfloat16 | float16
     compile = False  # torch.compile the forward (slow to start; pays off only for long generations; eager if it fails)
     kv_cache = True  # reuse the keys and values of earlier tokens (much faster; False recomputes the whole context)
     interactive = False  # read prompts from stdin, one per line, and answer each (empty line or EOF quits)
+    chat = False  # a conversation over stdin with a chat model (data/prepare_chat.py): the template, history, answers
+    system = ""  # --chat: a system turn to start the conversation with
 
 
 CHOICES = {"dtype": hardware.DTYPE_CHOICES}
@@ -55,42 +62,68 @@ def validate(cfg):
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be positive")
     if cfg.num_samples <= 0:
         raise ConfigError(f"num_samples={cfg.num_samples} must be positive")
-    if cfg.temperature <= 0:
-        raise ConfigError(f"temperature={cfg.temperature} must be > 0 (use a small value like 0.1 for nearly greedy output)")
+    if cfg.temperature < 0:
+        raise ConfigError(f"temperature={cfg.temperature} must be 0 (greedy) or positive")
     if cfg.top_k < 0:
         raise ConfigError(f"top_k={cfg.top_k} must be 0 (off) or positive")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]: the share of the probability to sample from (1 = all)")
+    if not 0 <= cfg.min_p < 1:
+        raise ConfigError(f"min_p={cfg.min_p} must be in [0, 1): a fraction of the likeliest token's probability")
+    if cfg.repetition_penalty <= 0:
+        raise ConfigError(f"repetition_penalty={cfg.repetition_penalty} must be positive (1 = off, above 1 discourages "
+                          f"repeats)")
+    if cfg.chat and cfg.interactive:
+        raise ConfigError("chat=True and interactive=True are two ways of reading stdin: choose one")
+
+
+def unescape(text):
+    """\\n and \\t as typed on a command line, as a newline and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def main(argv):
-    config, cli_keys = parse_args(argv, defaults_of(Config), help_of(Config), CHOICES, usage=USAGE)
+    stops = [unescape(a.split("=", 1)[1]) for a in argv if a.startswith("--stop=")]  # --stop may be repeated
+    config, cli_keys = parse_args([a for a in argv if not a.startswith("--stop=")], defaults_of(Config),
+                                  help_of(Config), CHOICES, usage=USAGE)
     cfg = SimpleNamespace(**config)
+    cfg.stop = stops + ([unescape(cfg.stop)] if cfg.stop else [])
     validate(cfg)
-    if cfg.interactive and "num_samples" not in cli_keys:
+    if (cfg.interactive or cfg.chat) and "num_samples" not in cli_keys:
         cfg.num_samples = 1  # a conversation: one streamed answer per prompt
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     setup_process(device, keep_cpu_memory=False)  # generation frees little: the allocator setting is for training
-    prompt = None if cfg.interactive else read_prompt(cfg.start)
+    prompt = None if cfg.interactive or cfg.chat else read_prompt(cfg.start)
     if prompt == "":
         raise UserError("the prompt is empty: give --start some text (the default is a newline)")
     model, tokenizer = load_model(cfg, device)
+    if cfg.chat and not hasattr(tokenizer, "render"):
+        raise UserError("this model has no chat template: fine-tune it on a chat dataset first (data/prepare_chat.py, "
+                        "config/finetune_chat_shakespeare.py), or sample it with --interactive=True")
     check_generation_fits(model, cfg.num_samples, device)
     if cfg.compile:  # the forward that generation calls; dynamic shapes: no recompile as the context grows
         model.forward = CompiledOrEager(model.forward, lambda line: print(line, file=sys.stderr, flush=True),
                                         dynamic=True)
     torch.manual_seed(cfg.seed)  # after loading: the samples depend on the seed, not on how the model was read
+    controls = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                    repetition_penalty=cfg.repetition_penalty)
+    stop_tokens = stop_token_ids(tokenizer) if cfg.stop_at_eot else ()
 
     def write(text):
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    def sample(text, echo_prompt):
-        write_samples(model, tokenizer, text, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, top_k=cfg.top_k, kv_cache=cfg.kv_cache, device=device,
-                      ctx=hardware.autocast(device, dtype), write=write, echo_prompt=echo_prompt)
+    def sample(text, echo_prompt=True, separator="\n---------------\n"):
+        return write_samples(model, tokenizer, text, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+                             controls=controls, kv_cache=cfg.kv_cache, device=device, ctx=hardware.autocast(device, dtype),
+                             write=write, echo_prompt=echo_prompt, stop=cfg.stop, stop_tokens=stop_tokens,
+                             separator=separator)
 
+    if cfg.chat:
+        return chat(cfg, tokenizer, model.config.block_size, sample)
     if not cfg.interactive:
-        sample(prompt, echo_prompt=True)
+        sample(prompt)
         return 0
     if sys.stdin.isatty():
         print("type a prompt and press Enter; an empty line or Ctrl-D quits", file=sys.stderr)
@@ -104,6 +137,51 @@ def main(argv):
             sample(line.rstrip("\n"), echo_prompt=False)
         except UserError as e:  # a character the model never saw: say so and take the next prompt
             print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+def chat(cfg, tokenizer, block_size, sample):
+    """A conversation over stdin: each line a user turn, each answer streamed and ended at <|end|>; the history that
+    no longer fits the model's context (with room for an answer) is dropped, oldest turns first, and the user told."""
+    history = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    room = min(cfg.max_new_tokens, block_size // 2)
+    if sys.stdin.isatty():
+        print("chat: type a message and press Enter; an empty line or Ctrl-D quits", file=sys.stderr)
+    while True:
+        if sys.stdin.isatty():
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        try:
+            ids, dropped = fit_history(tokenizer, history, block_size - room)
+        except UserError as e:  # a character the model never saw: say so and take the next message
+            history.pop()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        if dropped:
+            print(f"(the conversation no longer fits the model's context of {block_size} tokens: the oldest "
+                  f"{dropped} turn(s) are dropped)", file=sys.stderr, flush=True)
+            del history[int(history[0]["role"] == "system"):][:dropped]
+        answer = sample(ids, echo_prompt=False, separator="\n")
+        history.append({"role": "assistant", "content": tokenizer.decode(answer)})
+
+
+def fit_history(tokenizer, history, limit):
+    """(the prompt ids of the conversation with an assistant turn opened, how many of the oldest non-system turns
+    had to go for it to fit `limit` tokens); the newest turn always stays."""
+    keep_system = int(bool(history) and history[0]["role"] == "system")
+    for dropped in range(len(history) - keep_system):
+        turns = history[:keep_system] + history[keep_system + dropped:]
+        ids, _ = tokenizer.render(turns, add_generation_prompt=True)
+        if len(ids) <= limit or dropped == len(history) - keep_system - 1:
+            return ids[-limit:], dropped
+    return [], 0
+
+
+def stop_token_ids(tokenizer):
+    """The ids a sample ends at by default: <|endoftext|> and a chat's <|end|>, where the vocabulary has them."""
+    return tuple(i for i in (getattr(tokenizer, "eot", None), getattr(tokenizer, "end_of_turn", None)) if i is not None)
 
 
 if __name__ == "__main__":

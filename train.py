@@ -29,6 +29,7 @@ from gpt_toolkit.checkpoint import (
     BEST,
     LATEST,
     RunCheckpoints,
+    is_run_dir,
     load_checkpoint,
     restore_training_state,
     resume_path,
@@ -123,7 +124,7 @@ def main(argv):
     # end a long phase (building, an evaluation, a step's forward and backward) at once, then save (StopRequest)
     with StopRequest(phases=world.size == 1) as stop, OutDir(cfg, writer=world.master) as out_dir, \
             RunLog(cfg.out_dir, append=cfg.init_from == "resume", enabled=world.master, trackers=trackers(),
-                   resumed_at=ckpt["iter_num"] if ckpt is not None else None) as log:
+                   resumed_at=ckpt["iter_num"] if cfg.init_from == "resume" else None) as log:
         distributed.init_process_group(cfg.backend, world.device, world.size)
         try:
             with stop.interruptible():
@@ -136,8 +137,9 @@ def main(argv):
         optimizer, scaler = run.training.optimizer, run.training.scaler
 
         # resume: the optimizer and GradScaler state, the step, best val loss, early-stopping count and RNG state
-        iter_num, best_val_loss, early, saved_rng, evaluated = resume(run, ckpt, ckpt_path)
-        resumed_at = iter_num if ckpt is not None else None
+        iter_num, best_val_loss, early, saved_rng, evaluated = resume(run, ckpt if cfg.init_from == "resume" else None,
+                                                                      ckpt_path)
+        resumed_at = iter_num if cfg.init_from == "resume" else None
         del ckpt
         if saved_rng is not None:  # the last thing before the loop, so no setup step draws from the restored state
             set_rng_state(saved_rng, world.device)  # dropout continues exactly where it stopped
@@ -313,8 +315,9 @@ def save_if_the_log_fails(run, steps_done, best_val_loss, early):
 
 
 def check_data_and_out_dir(cfg, cli_keys, world):
-    """(the dataset, the checkpoint a resume continues and its path, or None, None; lines for the log): whether
-    out_dir may be written, the data, a resume's checkpoint against the config, and the memory the run needs."""
+    """(the dataset, the checkpoint the model comes from and its path, or None, None; lines for the log): whether
+    out_dir may be written, the data, a resume's checkpoint against the config (or the weights of the run init_from
+    names, with its tokenizer), and the memory the run needs."""
     notes = check_out_dir(cfg) if world.master else []
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     ckpt = ckpt_path = None
@@ -322,7 +325,10 @@ def check_data_and_out_dir(cfg, cli_keys, world):
         ckpt_path = resume_path(cfg.out_dir)
         ckpt = load_checkpoint(ckpt_path, map_location=world.device, verify=cfg.verify_checkpoint)
         check_resume(ckpt, cfg, cli_keys, dataset)
-    check_init_tokenizer(cfg, dataset)
+    elif is_run_dir(cfg.init_from):  # another run's best weights (its newest when none is best yet)
+        ckpt_path = Path(cfg.init_from) / (BEST if (Path(cfg.init_from) / BEST).exists() else LATEST)
+        ckpt = load_checkpoint(ckpt_path, verify=cfg.verify_checkpoint)
+    check_init_tokenizer(cfg, dataset, ckpt if cfg.init_from != "resume" else None)
     dataset.check_block_size(cfg.block_size)
     if cfg.check_memory:
         check_memory(cfg, dataset, ckpt, world.device, world.dtype, world.size)
@@ -457,6 +463,9 @@ def check_model_and_data(cfg, dataset, vocab_size):
         raise UserError(f"{flag}=True needs documents separated by an end-of-text token, and '{cfg.dataset}' has none "
                         f"(character datasets never do): use a GPT-2 tokenized dataset, e.g. data/prepare_text.py "
                         f"--tokenizer=gpt2 on text with <|endoftext|> between documents")
+    if dataset.is_chat and not (cfg.padding or cfg.packing):
+        raise ConfigError(f"'{cfg.dataset}' is a chat dataset: train on whole conversations with --padding=True (each "
+                          f"row one conversation) or --packing=True")
 
 
 def check_data_and_init(cfg, dataset, model, step, device, ctx, vocab_size, report):

@@ -1,105 +1,18 @@
-"""Chat: one template of special tokens for conversations, the tokenizer that knows them, and reading conversations
-from JSON Lines. A turn is its role's token, its content, then <|end|>:
+"""Chat datasets: conversations read from JSON Lines, rendered with the chat template (tokenizer.ChatTokenizer: a
+turn is its role's token, its content, then <|end|>), and written with which targets are trained:
 
     <|system|>You are terse.<|end|><|user|>Who art thou?<|end|><|assistant|>A friend.<|end|><|endoftext|>
 
-Training learns only the assistant's tokens and the <|end|> after them (mask 1 for those targets); generation
-prompts with <|assistant|> and stops at <|end|>. Exports carry the same template as transformers' chat_template."""
+Training learns only the assistant's tokens and the <|end|> after them (mask 1 for those targets)."""
 import json
-import re
 from pathlib import Path
 
 from gpt_toolkit.errors import UserError
-
-EOT, END = "<|endoftext|>", "<|end|>"
-ROLES = ("system", "user", "assistant")
-CHAT_TOKENS = (EOT, "<|system|>", "<|user|>", "<|assistant|>", END)
-# transformers' apply_chat_template renders this to the very text our ids spell (tested)
-CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
-
-
-def role_token(role):
-    return f"<|{role}|>"
-
-
-def special_ids(base):
-    """The chat tokens' ids for a base tokenizer (char, gpt2, bpe): its own <|endoftext|> where it has one, then
-    the next free ids. A GPT-2 vocabulary keeps its 50,257 ids and the new ones fall in its padding rows (50,257 and
-    on, below 50,304), so checkpoints keep nanoGPT's shape."""
-    ids, next_id = {}, base.vocab_size
-    for token in CHAT_TOKENS:
-        if token == EOT and getattr(base, "eot", None) is not None:
-            ids[token] = base.eot
-        else:
-            ids[token], next_id = next_id, next_id + 1
-    return ids
-
-
-class ChatTokenizer:
-    """A base tokenizer with the chat tokens: special strings in text become their ids, their ids decode back to
-    them, and they stand for no bytes of text (bits per byte)."""
-
-    def __init__(self, base, specials):
-        self.base, self.specials = base, dict(specials)
-        self.kind = base.kind
-        self.by_id = {i: t for t, i in self.specials.items()}
-        self.vocab_size = max(base.vocab_size, max(self.specials.values()) + 1)
-        self.eot, self.end_of_turn = self.specials[EOT], self.specials[END]
-        self.split = re.compile("(" + "|".join(re.escape(t) for t in self.specials) + ")")
-
-    def encode(self, text):
-        ids = []
-        for piece in self.split.split(text):
-            if piece in self.specials:
-                ids.append(self.specials[piece])
-            elif piece:
-                ids += self.base.encode_ordinary(piece) if hasattr(self.base, "encode_ordinary") else self.base.encode(piece)
-        return ids
-
-    def encode_ordinary(self, text):
-        return self.base.encode_ordinary(text) if hasattr(self.base, "encode_ordinary") else self.base.encode(text)
-
-    def decode(self, ids):
-        out, run = [], []
-        for i in ids:
-            if i in self.by_id:
-                out += [self.base.decode(run), self.by_id[i]]
-                run = []
-            else:
-                run.append(i)
-        return "".join(out) + self.base.decode(run)
-
-    def token_bytes(self, i):
-        return b"" if i in self.by_id else self.base.token_bytes(i)
-
-    def byte_lengths(self):
-        lengths = list(self.base.byte_lengths())[:self.base.vocab_size]
-        lengths += [0] * (self.vocab_size - len(lengths))
-        for i in self.by_id:
-            lengths[i] = 0
-        return lengths
-
-    def render(self, messages, *, add_generation_prompt=False, end=False):
-        """(ids, mask) of a conversation in the template: mask[t] is 1 where token t is a trained target (the
-        assistant's content and its <|end|>). end=True closes it with <|endoftext|> (training data)."""
-        ids, mask = [], []
-        for m in messages:
-            content = self.encode_ordinary(m["content"])
-            trained = int(m["role"] == "assistant")
-            ids += [self.specials[role_token(m["role"])], *content, self.end_of_turn]
-            mask += [0, *[trained] * len(content), trained]
-        if add_generation_prompt:
-            ids.append(self.specials[role_token("assistant")])
-            mask.append(0)
-        if end:
-            ids.append(self.eot)
-            mask.append(0)
-        return ids, mask
+from gpt_toolkit.tokenizer import CHAT_TOKENS, EOT, ROLES, ChatTokenizer, special_ids, strip_chat
 
 
 def read_conversations(path, *, skip_bad=False):
-    """(conversations, {reason: count} skipped) from a JSON Lines file of {"messages": [{"role", "content"}, ...]}
+    """([(line number, messages)], {reason: count} skipped) from a JSON Lines file of {"messages": [{"role", "content"}, ...]}
     or {"prompt", "completion"} records. A bad line is a one-line UserError with its number, or with skip_bad
     skipped and counted."""
     conversations, skipped = [], {}
@@ -111,7 +24,7 @@ def read_conversations(path, *, skip_bad=False):
         if not raw.strip():
             continue
         try:
-            conversations.append(conversation(raw, f"{path} line {number}"))
+            conversations.append((number, conversation(raw, f"{path} line {number}")))
         except UserError as e:
             if not skip_bad:
                 raise UserError(f"{e} (or pass --skip_bad=True to skip such lines)") from None
@@ -149,3 +62,122 @@ def conversation(raw, where):
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: no assistant turn: nothing to learn from it")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+# ----------------------------------------------------------------------------- a chat dataset
+
+def base_tokenizer(*, tokenizer=None, tokenizer_from=None, vocab_size=None, texts=()):
+    """(the base vocabulary description, the longest context of the model it comes from or None): the tokenizer of
+    the model to fine-tune (a run's out_dir, an exported transformers directory, a dataset directory), or a new one
+    (char over `texts`, GPT-2's, or a BPE of vocab_size trained on `texts`)."""
+    from gpt_toolkit.bpe import MAX_VOCAB, MIN_VOCAB, train_bpe
+    from gpt_toolkit.checkpoint import BEST, LATEST, load_checkpoint
+    from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, tokenizer_for_hf_dir
+    from gpt_toolkit.tokenizer import BPETokenizer, read_meta, vocabulary_of
+
+    if tokenizer_from:
+        source = Path(tokenizer_from)
+        if (source / BEST).exists() or (source / LATEST).exists():
+            ckpt = load_checkpoint(source / BEST if (source / BEST).exists() else source / LATEST)
+            meta = ckpt.get("meta") or vocabulary_of_gpt2()
+            return strip_chat(meta), ckpt["model_args"]["block_size"]
+        if is_hf_dir(source):
+            return vocabulary_of(tokenizer_for_hf_dir(source)), hf_dir_model_args(source)["block_size"]
+        meta = read_meta(source) if source.is_dir() else None
+        if meta is None:
+            raise UserError(f"--tokenizer_from={tokenizer_from} is neither a run's out_dir (ckpt.pt), a transformers "
+                            f"directory (config.json) nor a prepared dataset (meta.json): check the path")
+        return strip_chat({k: v for k, v in meta.items() if k != "files"}), None
+    if tokenizer == "char":
+        itos = sorted(set("".join(texts)))
+        return {"tokenizer": "char", "vocab_size": len(itos), "itos": itos}, None
+    if tokenizer == "gpt2":
+        return vocabulary_of_gpt2(), None
+    if vocab_size is None or not MIN_VOCAB <= vocab_size <= MAX_VOCAB - len(CHAT_TOKENS):
+        raise UserError(f"--tokenizer=bpe needs --vocab_size from {MIN_VOCAB} to {MAX_VOCAB - len(CHAT_TOKENS):,} (the "
+                        f"chat tokens take ids above it, and ids are stored as uint16)")
+    return vocabulary_of(BPETokenizer(train_bpe(texts, vocab_size))), None
+
+
+def vocabulary_of_gpt2():
+    from gpt_toolkit.tokenizer import GPT2_EOT, GPT2_VOCAB_SIZE
+    return {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE, "eot_token": GPT2_EOT}
+
+
+def chat_vocabulary(base_meta, specials, vocab_size):
+    """The vocabulary description of a chat dataset: its base's, with the chat tokens."""
+    return {**base_meta, "vocab_size": vocab_size, "eot_token": specials[EOT],
+            "chat": {"special_tokens": specials, "base_vocab_size": base_meta["vocab_size"],
+                     "base_eot_token": base_meta.get("eot_token")}}
+
+
+def prepare_chat_dataset(conversations, out_dir, *, tokenizer=None, tokenizer_from=None, vocab_size=None,
+                         block_size=None, val_fraction=0.1, skip_bad=False, skipped=None, report=print):
+    """Render (line number, messages) conversations with the template and write a chat dataset into out_dir:
+    train.bin/val.bin (uint16 ids), train.mask.bin/val.mask.bin (1 where the target is trained), meta.json (the base
+    vocabulary, the chat tokens), tokenizer.json for a BPE; all together or not at all. The last conversations
+    (val_fraction, at least one) are val. A conversation longer than block_size + 1 tokens, or with characters a
+    character vocabulary lacks, is a one-line error with its line number, or with skip_bad skipped and counted."""
+    import numpy as np
+
+    from gpt_toolkit.bpe import MAX_VOCAB
+    from gpt_toolkit.preparing import commit_dataset, owned_dataset_dir, write_meta
+    from gpt_toolkit.tokenizer import BPE_FILE, tokenizer_from_meta
+
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    n_val = max(1, round(len(conversations) * val_fraction))
+    if len(conversations) - n_val < 1:
+        raise UserError(f"{len(conversations)} conversation(s): train and val need at least one each")
+    texts = [m["content"] for _, messages in conversations[:-n_val] for m in messages]
+    base_meta, model_block = base_tokenizer(tokenizer=tokenizer, tokenizer_from=tokenizer_from, vocab_size=vocab_size,
+                                            texts=texts)
+    block_size = block_size or model_block or 1024
+    base = tokenizer_from_meta(base_meta)
+    specials = special_ids(base)
+    tok = ChatTokenizer(base, specials)
+    if tok.vocab_size > MAX_VOCAB:
+        raise UserError(f"the vocabulary with the chat tokens has {tok.vocab_size:,} ids: more than uint16 holds; use "
+                        f"a BPE of at most {MAX_VOCAB - len(CHAT_TOKENS):,}")
+    skipped = dict(skipped or {})
+    rendered = {"train": [], "val": []}
+    for i, (number, messages) in enumerate(conversations):
+        try:
+            ids, mask = tok.render(messages, end=True)
+            if len(ids) > block_size + 1:
+                raise UserError(f"line {number}: the conversation is {len(ids):,} tokens, longer than block_size "
+                                f"{block_size} + 1: shorten it, or give a longer --block_size (and train with it)")
+        except UserError as e:
+            if not skip_bad:
+                text = str(e) if str(e).startswith("line ") else f"line {number}: {e}"
+                raise UserError(f"{text} (or pass --skip_bad=True to skip such lines)") from None
+            reason = "longer than block_size" if "longer than block_size" in str(e) else "with characters outside " \
+                     "the vocabulary"
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        rendered["train" if i < len(conversations) - n_val else "val"].append((ids, mask))
+    if not rendered["train"] or not rendered["val"]:
+        raise UserError("no conversation is left for train or for val after skipping the bad ones")
+    meta = chat_vocabulary(base_meta, specials, tok.vocab_size)
+    on_disk = {k: v for k, v in meta.items() if k != "tokenizer_json"}
+    if base_meta["tokenizer"] == "bpe":
+        on_disk["tokenizer_file"] = BPE_FILE
+
+    def write_all(files):
+        for split, rows in rendered.items():
+            files[out_dir / f"{split}.bin"].write(np.array([t for ids, _ in rows for t in ids], dtype=np.uint16).tobytes())
+            files[out_dir / f"{split}.mask.bin"].write(np.array([m for _, mask in rows for m in mask],
+                                                                dtype=np.uint8).tobytes())
+        if base_meta["tokenizer"] == "bpe":
+            files[out_dir / BPE_FILE].write(base_meta["tokenizer_json"].encode("utf-8"))
+        write_meta(files, out_dir, on_disk)
+
+    out_dir = Path(out_dir)
+    extras = ["train.mask.bin", "val.mask.bin"] + ([BPE_FILE] if base_meta["tokenizer"] == "bpe" else [])
+    with owned_dataset_dir(out_dir):
+        commit_dataset(out_dir, extras, write_all)
+    tokens = sum(len(ids) for rows in rendered.values() for ids, _ in rows)
+    trained = sum(sum(mask) for rows in rendered.values() for _, mask in rows)
+    return {"conversations": sum(len(r) for r in rendered.values()), "train_conversations": len(rendered["train"]),
+            "val_conversations": len(rendered["val"]), "tokens": tokens, "trained": trained,
+            "vocab_size": tok.vocab_size, "tokenizer": base_meta["tokenizer"], "skipped": skipped}

@@ -61,6 +61,12 @@ def resume_path(out_dir):
                     f"--out_dir, or start a new run with --init_from=scratch")
 
 
+def is_run_dir(path):
+    """A training run's out_dir: a directory with ckpt.pt or latest.pt (it has a config.json too, not a transformers
+    one)."""
+    return Path(path).is_dir() and any((Path(path) / name).is_file() for name in (BEST, LATEST))
+
+
 def run_checkpoint(out_dir, checkpoint=BEST):
     """The checkpoint file a reader (sample, evaluate, export) loads: out_dir/checkpoint, or out_dir itself when it is
     a checkpoint file. A missing out_dir is a one-line error naming the runs beside it."""

@@ -63,8 +63,9 @@ def check_batch(X, Y, decode=None, report=print):
     report(f"data check: X ids in [{X.min().item()}, {X.max().item()}], Y ids in [{Y.min().item()}, {Y.max().item()}]")
     if decode is not None:
         report(f"data check: X[0] = {decode(X[0].tolist())!r}")
-        report(f"data check: Y[0] = {decode(Y[0].tolist())!r}")
-    if X.shape != Y.shape or not torch.equal(X[:, 1:], Y[:, :-1]):
+        report(f"data check: Y[0] = {decode([t for t in Y[0].tolist() if t >= 0])!r}")
+    targets = Y[:, :-1] >= 0  # -1: padding, or a chat dataset's untrained target
+    if X.shape != Y.shape or not torch.equal(X[:, 1:][targets], Y[:, :-1][targets]):
         raise UserError("data check failed: Y is not X shifted by one token, so the model would not learn to predict "
                         "the next token; check get_batch and the .bin files")
     report("data check: passed, Y is X shifted by one")

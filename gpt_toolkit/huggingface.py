@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from gpt_toolkit.bpe import EOT
+from gpt_toolkit.checkpoint import is_run_dir
 from gpt_toolkit.errors import UserError, first_line, import_optional
 from gpt_toolkit.files import remove_stale_temps, write_directory
 from gpt_toolkit.tokenizer import BPE_FILE, GPT2_VOCAB_SIZE, BPETokenizer, CharTokenizer, GPT2Tokenizer
@@ -26,12 +27,14 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def is_init_source(name):
-    """True for what init_from may name besides scratch/resume: a gpt2* size or a local transformers directory."""
-    return name in GPT2_SIZES or is_hf_dir(name)
+    """True for what init_from may name besides scratch/resume: a gpt2* size, a local transformers directory, or
+    another run's out_dir."""
+    return name in GPT2_SIZES or is_hf_dir(name) or is_run_dir(name)
 
 
 def is_hf_dir(path):
-    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+    """A transformers model directory (config.json), not a run's out_dir (which has a config.json of its own)."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file() and not is_run_dir(path)
 
 
 def load_pretrained(source, dropout=0.0):

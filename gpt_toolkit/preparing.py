@@ -41,7 +41,7 @@ CHUNK_CHARS = 1 << 20  # documents are tokenized in batches of about this many c
 SEARCH_BYTES = 1 << 16  # how far past a chunk's nominal end to look for a safe BPE cut first (then 4x, ...)
 MAX_CARRY = 16 << 20  # text without a safe BPE cut point is cut here anyway (see _bpe_cut)
 DOC_SEPARATOR = "\n\n"  # between character-level documents
-DATASET_EXTRAS = ("meta.pkl", BPE_FILE)  # files a dataset may hold besides train.bin, val.bin and meta.json
+DATASET_EXTRAS = ("meta.pkl", BPE_FILE, "train.mask.bin", "val.mask.bin")  # besides train.bin, val.bin, meta.json
 BPE_SAMPLE_MB = 100  # a BPE is trained on at most this much of the train split (--bpe_sample_mb)
 
 
@@ -347,6 +347,7 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
 
         def write_all(files):
             bins = {s: files[out_dir / f"{s}.bin"] for s in ("train", "val")}
+            t0 = time.perf_counter()
             with _Workers(num_proc, tokenizer, vocabulary) as workers:
                 if documents:
                     counts.update(_write_documents(source, bins, workers, n_train, bar.update))
@@ -357,6 +358,11 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
                         counts[s] = _write_ids(results, bins[s], lambda task: bar.update(task[2] - task[1]))
             if counts["train"] < 2 or counts["val"] < 2:
                 raise UserError("text is too short to split into train and val: give a longer file")
+            seconds = time.perf_counter() - t0
+            if progress:
+                bar.clear()
+            report(f"encoded {source.size / 1e6:,.1f} MB on {num_proc} process(es) in {seconds:.1f} s "
+                   f"({source.size / 1e6 / seconds:,.1f} MB/s)")
             if tokenizer == "char":  # nanoGPT's meta.pkl, so its scripts read our data too
                 files[out_dir / "meta.pkl"].write(pickle.dumps({"vocab_size": len(vocabulary), "itos": dict(
                     enumerate(vocabulary)), "stoi": {c: i for i, c in enumerate(vocabulary)}}))

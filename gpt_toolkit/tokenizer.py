@@ -4,9 +4,11 @@ reading and downloading text."""
 import hashlib
 import json
 import pickle
+import re
 import urllib.request
 from pathlib import Path
 
+from gpt_toolkit.bpe import EOT
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.files import atomic_write
 
@@ -49,6 +51,7 @@ class CharTokenizer:
 class GPT2Tokenizer:
     kind = "gpt2"
     vocab_size = GPT2_VOCAB_SIZE
+    eot = GPT2_EOT
 
     def __init__(self):
         import tiktoken
@@ -160,6 +163,108 @@ def check_meta(meta, where, fix):
         raise UserError(f"{where} has no tokenizer (tokenizer_json): {fix}")
 
 
+# ----------------------------------------------------------------------------- chat: the template's tokens
+# A turn is its role's token, its content, then <|end|>; a training conversation ends with <|endoftext|>; generation
+# prompts with <|assistant|> and stops at <|end|>. Exports carry the same template as transformers' chat_template.
+
+END = "<|end|>"
+ROLES = ("system", "user", "assistant")
+CHAT_TOKENS = (EOT, "<|system|>", "<|user|>", "<|assistant|>", END)
+# transformers' apply_chat_template renders this to the very text our ids spell (tested)
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def role_token(role):
+    return f"<|{role}|>"
+
+
+def special_ids(base):
+    """The chat tokens' ids for a base tokenizer (char, gpt2, bpe): its own <|endoftext|> where it has one, then
+    the next free ids. A GPT-2 vocabulary keeps its 50,257 ids and the new ones fall in its padding rows (50,257 and
+    on, below 50,304), so checkpoints keep nanoGPT's shape."""
+    ids, next_id = {}, base.vocab_size
+    for token in CHAT_TOKENS:
+        if token == EOT and getattr(base, "eot", None) is not None:
+            ids[token] = base.eot
+        else:
+            ids[token], next_id = next_id, next_id + 1
+    return ids
+
+
+class ChatTokenizer:
+    """A base tokenizer with the chat tokens: special strings in text become their ids, their ids decode back to
+    them, and they stand for no bytes of text (bits per byte)."""
+
+    def __init__(self, base, specials):
+        self.base, self.specials = base, dict(specials)
+        self.kind = base.kind
+        self.by_id = {i: t for t, i in self.specials.items()}
+        self.vocab_size = max(base.vocab_size, max(self.specials.values()) + 1)
+        self.eot, self.end_of_turn = self.specials[EOT], self.specials[END]
+        self.split = re.compile("(" + "|".join(re.escape(t) for t in self.specials) + ")")
+
+    def encode(self, text):
+        ids = []
+        for piece in self.split.split(text):
+            if piece in self.specials:
+                ids.append(self.specials[piece])
+            elif piece:
+                ids += self.base.encode_ordinary(piece) if hasattr(self.base, "encode_ordinary") else self.base.encode(piece)
+        return ids
+
+    def encode_ordinary(self, text):
+        return self.base.encode_ordinary(text) if hasattr(self.base, "encode_ordinary") else self.base.encode(text)
+
+    def decode(self, ids):
+        out, run = [], []
+        for i in ids:
+            if i in self.by_id:
+                out += [self.base.decode(run), self.by_id[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self.base.decode(run)
+
+    def token_bytes(self, i):
+        return b"" if i in self.by_id else self.base.token_bytes(i)
+
+    def byte_lengths(self):
+        lengths = list(self.base.byte_lengths())[:self.base.vocab_size]
+        lengths += [0] * (self.vocab_size - len(lengths))
+        for i in self.by_id:
+            lengths[i] = 0
+        return lengths
+
+    def render(self, messages, *, add_generation_prompt=False, end=False):
+        """(ids, mask) of a conversation in the template: mask[t] is 1 where token t is a trained target (the
+        assistant's content and its <|end|>). end=True closes it with <|endoftext|> (training data)."""
+        ids, mask = [], []
+        for m in messages:
+            content = self.encode_ordinary(m["content"])
+            trained = int(m["role"] == "assistant")
+            ids += [self.specials[role_token(m["role"])], *content, self.end_of_turn]
+            mask += [0, *[trained] * len(content), trained]
+        if add_generation_prompt:
+            ids.append(self.specials[role_token("assistant")])
+            mask.append(0)
+        if end:
+            ids.append(self.eot)
+            mask.append(0)
+        return ids, mask
+
+
+def strip_chat(meta):
+    """The base vocabulary of a (possibly chat) vocabulary description."""
+    if not meta.get("chat"):
+        return dict(meta)
+    base = {k: v for k, v in meta.items() if k not in ("chat", "eot_token")}
+    base["vocab_size"] = meta["chat"]["base_vocab_size"]
+    if meta["chat"].get("base_eot_token") is not None:
+        base["eot_token"] = meta["chat"]["base_eot_token"]
+    return base
+
+
 def describe(meta):
     """'char, 65 tokens (characters 1c9b0e)' / 'gpt2, 50,257 tokens' / 'bpe, 1,024 tokens (tokenizer 3fa2c1)': for
     one-line errors."""
@@ -193,7 +298,9 @@ def vocabulary_of(tokenizer):
 
 def tokenizer_from_meta(meta):
     """CharTokenizer for a char vocabulary, BPETokenizer for an own BPE; GPT-2 BPE when there is no meta (nanoGPT's
-    convention) or it says gpt2."""
+    convention) or it says gpt2; any of them with the chat tokens (chat.ChatTokenizer) for a chat dataset's."""
+    if meta is not None and meta.get("chat"):
+        return ChatTokenizer(tokenizer_from_meta(strip_chat(meta)), meta["chat"]["special_tokens"])
     if meta is not None and meta["tokenizer"] == "char":
         return CharTokenizer(meta["itos"])
     if meta is not None and meta["tokenizer"] == "bpe":

@@ -24,7 +24,7 @@ class Config:
     keep_last = 0  # also keep the last N saves as ckpt_stepNNNNNNNN.pt (0 = none)
     overwrite = False  # let init_from=scratch/gpt2* replace the checkpoints already in out_dir (refused otherwise)
     verify_checkpoint = True  # check a resumed checkpoint's checksum (False: load one that fails it anyway)
-    init_from = "scratch"  # scratch | resume (out_dir/latest.pt, else ckpt.pt) | gpt2, gpt2-medium, -large, -xl | an HF GPT-2 dir
+    init_from = "scratch"  # scratch | resume (out_dir/latest.pt) | gpt2, gpt2-medium/-large/-xl | an HF dir | a run's out_dir
     # logging
     wandb_log = False  # log evaluations to Weights & Biases (needs: pip install wandb)
     wandb_project = "owt"  # W&B project name
@@ -107,7 +107,7 @@ def check_init_from(init_from, keywords):
     if init_from not in keywords and not is_init_source(init_from):
         named = ", ".join([*keywords, *GPT2_SIZES])
         raise ConfigError(f"init_from={init_from!r} is not one of {named}, nor a directory with a Hugging Face "
-                          f"config.json: check the name or the path")
+                          f"config.json, nor a run's out_dir (ckpt.pt): check the name or the path")
     if is_hf_dir(init_from):
         hf_dir_config(init_from)  # a directory of another architecture is refused before any data is read
 

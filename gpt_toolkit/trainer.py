@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt_toolkit import hardware, memory, sharding
-from gpt_toolkit.checkpoint import ARCHITECTURE, MODEL_ARGS, model_from_checkpoint, rng_state, set_rng_state
+from gpt_toolkit.checkpoint import ARCHITECTURE, MODEL_ARGS, is_run_dir, model_from_checkpoint, rng_state, set_rng_state
 from gpt_toolkit.compiling import compile_failure, compile_or_eager
 from gpt_toolkit.compiling import warning as compile_warning
 from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, padded_batch, run_batches
@@ -33,11 +33,14 @@ def scratch_model_args(cfg, vocab_size):
 
 
 def planned_model_args(cfg, dataset, ckpt):
-    """The GPTConfig fields build_model will use, known before building it."""
+    """The GPTConfig fields build_model will use, known before building it (ckpt: the checkpoint it comes from, when
+    resuming or starting from another run)."""
     if cfg.init_from == "scratch":
         return scratch_model_args(cfg, dataset.model_vocab_size)
-    if cfg.init_from == "resume":
-        return {**ckpt["model_args"], "dropout": cfg.dropout}
+    if cfg.init_from == "resume" or is_run_dir(cfg.init_from):
+        args = {**ckpt["model_args"], "dropout": cfg.dropout}
+        return {**args, "vocab_size": max(args["vocab_size"], dataset.vocab_size or 0),
+                "block_size": min(cfg.block_size, args["block_size"])} if cfg.init_from != "resume" else args
     if is_hf_dir(cfg.init_from):
         args = hf_dir_model_args(cfg.init_from, cfg.dropout)
         return {**args, "block_size": min(cfg.block_size, args["block_size"])}
@@ -73,13 +76,23 @@ def check_resume(ckpt, cfg, cli_keys, dataset):
                         f"the data the model was trained on")
 
 
-def check_init_tokenizer(cfg, dataset):
-    """Fine-tuning weights (gpt2*, a transformers directory) on a dataset needs the dataset in their tokenizer: a
-    one-line error naming both otherwise (a model would learn ids that mean other text to it)."""
+def check_init_tokenizer(cfg, dataset, init_ckpt=None):
+    """Fine-tuning weights (gpt2*, a transformers directory, another run's checkpoint init_ckpt) on a dataset needs
+    the dataset in their tokenizer (a chat dataset: with the chat tokens added to it): a one-line error naming both
+    otherwise (a model would learn ids that mean other text to it)."""
     if cfg.init_from in ("scratch", "resume") or dataset.meta is None:
         return
-    model_vocab = vocabulary_of(tokenizer_for_hf_dir(cfg.init_from)) if is_hf_dir(cfg.init_from) else None
-    if not same_vocabulary(model_vocab, dataset.vocabulary):
+    if init_ckpt is not None:
+        model_vocab = init_ckpt.get("meta")
+    else:
+        model_vocab = vocabulary_of(tokenizer_for_hf_dir(cfg.init_from)) if is_hf_dir(cfg.init_from) else None
+    if dataset.is_chat:
+        from gpt_toolkit.chat import strip_chat
+        same = same_vocabulary(strip_chat(model_vocab or {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE}),
+                               strip_chat(dataset.vocabulary))
+    else:
+        same = same_vocabulary(model_vocab, dataset.vocabulary)
+    if not same:
         raise UserError(f"init_from={cfg.init_from} has the tokenizer {describe(model_vocab)}, and dataset '{cfg.dataset}' "
                         f"was prepared with {describe(dataset.vocabulary)}: prepare the data with the model's tokenizer "
                         f"(data/prepare_text.py --tokenizer=...), or train a new model on this dataset")
@@ -110,12 +123,23 @@ def build_model(cfg, dataset, ckpt):
     elif cfg.init_from == "resume":
         model = model_from_checkpoint(ckpt, cfg.dropout)
         model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
+    elif is_run_dir(cfg.init_from):
+        notes.append(f"initializing from the run in {cfg.init_from} (its weights at step {ckpt.get('iter_num', '?')}; a "
+                     f"new optimizer and schedule)")
+        model = model_from_checkpoint(ckpt, cfg.dropout)
+        model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
     else:
         source = "the Hugging Face model in" if is_hf_dir(cfg.init_from) else "OpenAI GPT-2 weights:"
         notes.append(f"initializing from {source} {cfg.init_from}")
         model = load_pretrained(cfg.init_from, cfg.dropout)
         model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
     model.config.fast_cpu_attention = cfg.fast_cpu_attention
+    if dataset.is_chat and cfg.init_from != "scratch" and dataset.vocab_size > model_args["vocab_size"]:
+        grown = dataset.vocab_size - model_args["vocab_size"]
+        model.grow_vocabulary(dataset.vocab_size)
+        model_args["vocab_size"] = dataset.vocab_size
+        notes.append(f"the chat tokens need {grown} more rows than the model's token embedding has: grown to "
+                     f"{dataset.vocab_size}, the new rows starting at the mean of the others")
     if dataset.vocab_size is not None and dataset.vocab_size > model_args["vocab_size"]:
         raise UserError(f"dataset '{cfg.dataset}' has {dataset.vocab_size} tokens but the model's vocab_size is "
                         f"{model_args['vocab_size']}: use a dataset with the model's tokenizer")
@@ -278,10 +302,11 @@ def estimate_loss(model, dataset, *, eval_iters, batch_size, block_size, seed, d
         nats, n_bytes = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), device=device)
         for done, rows in enumerate(offsets.reshape(eval_iters, batch_size)):
             if segments is None:
-                X, Y = get_batch(data, rows, block_size=block_size, device=device, vocab_size=vocab_size)
+                X, Y = get_batch(data, rows, block_size=block_size, device=device, vocab_size=vocab_size,
+                                 trained=dataset.trained[split])
             else:
                 X, Y = padded_batch(data, segments[0][rows], segments[1][rows], pad=dataset.eot_token, device=device,
-                                    vocab_size=vocab_size)
+                                    vocab_size=vocab_size, trained=dataset.trained[split])
             with ctx:
                 _, loss = model(X, Y, doc_sep)
             total += loss.float()
@@ -312,11 +337,11 @@ class Score:
 
 
 @torch.no_grad()
-def score_split(model, data, *, block_size, batch_size, device, ctx, byte_lengths=None, progress=None):
+def score_split(model, data, *, block_size, batch_size, device, ctx, byte_lengths=None, trained=None, progress=None):
     """Score over every token of a split: non-overlapping windows of block_size (the last one shorter), each token
     predicted once from the tokens before it in its window. Reads the split batch by batch (memory stays bounded for
-    any size of val.bin); byte_lengths (bytes per id, token_byte_lengths) counts the text's bytes; progress(n) is
-    called with the tokens of each batch."""
+    any size of val.bin); byte_lengths (bytes per id, token_byte_lengths) counts the text's bytes; a chat split's
+    trained mask scores only the assistant's tokens; progress(n) is called with the tokens of each batch."""
     was_training = model.training
     model.eval()
     scored = len(data) - 1
@@ -328,13 +353,14 @@ def score_split(model, data, *, block_size, batch_size, device, ctx, byte_length
         for i in range(0, len(group), batch_size):
             rows = group[i:i + batch_size]
             T = length or scored - int(rows[0])
-            X, Y = get_batch(data, rows, block_size=T, device=device)
+            X, Y = get_batch(data, rows, block_size=T, device=device, trained=trained)
             with ctx:
                 logits, _ = model(X, Y)
-            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), Y.reshape(-1), reduction="sum").double()
-            count += Y.numel()
+            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), Y.reshape(-1), reduction="sum",
+                                     ignore_index=-1).double()
+            count += int((Y >= 0).sum()) if trained is not None else Y.numel()
             if lengths is not None:
-                n_bytes += lengths[Y].sum()
+                n_bytes += lengths[Y.clamp(min=0)][Y >= 0].sum()
             if progress:
                 progress(Y.numel())
     model.train(was_training)
@@ -364,8 +390,8 @@ def token_byte_lengths(meta, vocab_size):
 
 
 def checkpoint_split(ckpt, *, split="val", dataset=None, data_dir=None):
-    """(model on the CPU, the split's tokens, dataset name, byte lengths per id or None) for scoring a loaded
-    checkpoint (ours or nanoGPT's) with score_split: the dataset it was trained on, or `dataset`."""
+    """A Scoring of a loaded checkpoint (ours or nanoGPT's) on a split of the dataset it was trained on, or of
+    `dataset`."""
     config = ckpt.get("config", {})
     name = dataset or config.get("dataset")
     if not name:
@@ -379,4 +405,20 @@ def checkpoint_split(ckpt, *, split="val", dataset=None, data_dir=None):
     vocab_size = ckpt["model_args"]["vocab_size"]
     data.check_token_ids(vocab_size)
     lengths = token_byte_lengths(trained if trained is not None else data.vocabulary, vocab_size)
-    return model_from_checkpoint(ckpt), data.splits[split], name, lengths
+    return Scoring(model_from_checkpoint(ckpt), data.splits[split], data.trained[split], name, lengths)
+
+
+@dataclass
+class Scoring:
+    """What score_split needs for a checkpoint: its model (CPU), the split's tokens, which of them are trained (chat
+    data) or None, the dataset's name, and the bytes per token id (None when the tokenizer is unknown)."""
+    model: torch.nn.Module
+    data: np.ndarray
+    trained: np.ndarray | None
+    name: str
+    byte_lengths: torch.Tensor | None
+
+    def score(self, *, block_size=None, batch_size, device, ctx, progress=None):
+        return score_split(self.model.to(device), self.data, block_size=block_size or self.model.config.block_size,
+                           batch_size=batch_size, device=device, ctx=ctx, byte_lengths=self.byte_lengths,
+                           trained=self.trained, progress=progress)

@@ -187,8 +187,13 @@ SAMPLE_CASES = [
     ("prompt outside the vocabulary", nothing, lambda ws: ["--start=naïve café €"],
      "3 character(s) outside this dataset's vocabulary: 'éï€'", "use only characters"),
     ("max_new_tokens zero", nothing, lambda ws: ["--max_new_tokens=0"], "max_new_tokens=0 must be positive", ""),
-    ("temperature zero", nothing, lambda ws: ["--temperature=0"], "temperature=0.0 must be > 0", ""),
-    ("temperature negative", nothing, lambda ws: ["--temperature=-1"], "temperature=-1.0 must be > 0", ""),
+    ("temperature negative", nothing, lambda ws: ["--temperature=-1"], "temperature=-1.0 must be 0 (greedy) or "
+     "positive", ""),
+    ("top_p zero", nothing, lambda ws: ["--top_p=0"], "top_p=0.0 must be in (0, 1]", ""),
+    ("top_p above one", nothing, lambda ws: ["--top_p=1.5"], "top_p=1.5 must be in (0, 1]", ""),
+    ("min_p one", nothing, lambda ws: ["--min_p=1"], "min_p=1.0 must be in [0, 1)", ""),
+    ("repetition_penalty zero", nothing, lambda ws: ["--repetition_penalty=0"], "repetition_penalty=0.0 must be "
+     "positive", ""),
     ("missing prompt file", nothing, lambda ws: [f"--start=FILE:{ws / 'none.txt'}"], "prompt file", "not found"),
 ]
 

@@ -118,9 +118,12 @@ def main(argv):
                   f"(all processes)", flush=True)
             trained = re.search(r"^trained a byte-level BPE .* in ([\d.]+) s$", out, re.M)
             if trained:
-                rest = seconds - float(trained.group(1))
-                print(f"  {trained.group(0)}; the rest (scan, encode, write): {size / rest / 1e6:6.1f} MB/s "
-                      f"({size / rest / 1e6 / rate:4.2f}x tiktoken)", flush=True)
+                print(f"  {trained.group(0)}", flush=True)
+            encoded = re.search(r"^encoded [\d,.]+ MB on (\d+) process\(es\) in [\d.]+ s \(([\d,.]+) MB/s\)$", out, re.M)
+            if encoded:
+                mbs = float(encoded.group(2).replace(",", ""))
+                print(f"  encoding (and writing) on {encoded.group(1)} process(es): {mbs:6.1f} MB/s ({mbs / rate:4.2f}x "
+                      f"tiktoken on one thread)", flush=True)
             print(f"tiktoken encode_ordinary, one thread: {rates[-1]:6.1f} MB/s", flush=True)
     return 0
 

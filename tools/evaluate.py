@@ -22,7 +22,7 @@ from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.dataset import SPLITS
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.trainer import checkpoint_split, score_line, score_split
+from gpt_toolkit.trainer import checkpoint_split, score_line
 
 
 def main(argv):
@@ -42,14 +42,12 @@ def main(argv):
     ckpt = load_checkpoint(run_checkpoint(args.out_dir, args.checkpoint), verify=args.verify_checkpoint)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
-    model, data, name, byte_lengths = checkpoint_split(ckpt, split=args.split, dataset=args.dataset,
-                                                       data_dir=args.data_dir)
-    with tqdm(total=len(data) - 1, unit="tok", unit_scale=True, desc=f"{name} {args.split}", mininterval=0.5,
-              file=sys.stderr) as bar:
-        score = score_split(model.to(device), data, block_size=model.config.block_size, batch_size=args.batch_size,
-                            device=device, ctx=hardware.autocast(device, dtype), byte_lengths=byte_lengths,
-                            progress=bar.update)
-    print(score_line(args.split, score))
+    scoring = checkpoint_split(ckpt, split=args.split, dataset=args.dataset, data_dir=args.data_dir)
+    with tqdm(total=len(scoring.data) - 1, unit="tok", unit_scale=True, desc=f"{scoring.name} {args.split}",
+              mininterval=0.5, file=sys.stderr) as bar:
+        score = scoring.score(batch_size=args.batch_size, device=device, ctx=hardware.autocast(device, dtype),
+                              progress=bar.update)
+    print(score_line(args.split, score) + (" (the assistant's tokens)" if scoring.trained is not None else ""))
     return 0
 
 

@@ -35,7 +35,7 @@ from gpt_toolkit.summary import (
     summary_row,
     tolerance_for,
 )
-from gpt_toolkit.trainer import checkpoint_split, score_split
+from gpt_toolkit.trainer import checkpoint_split
 
 FAMILIES = {
     "exp1": "Experiment 1: configuration parameters (learning rate, batch size, model size)",
@@ -183,9 +183,7 @@ def analysis_exp7(runs, exp_dir):
         if not path.exists():
             continue
         ckpt = load_checkpoint(path)
-        model, data, _, byte_lengths = checkpoint_split(ckpt, split="val")
-        score = score_split(model, data, block_size=model.config.block_size, batch_size=8, device="cpu",
-                            ctx=contextlib.nullcontext(), byte_lengths=byte_lengths)
+        score = checkpoint_split(ckpt, split="val").score(batch_size=8, device="cpu", ctx=contextlib.nullcontext())
         meta = ckpt.get("meta") or {"tokenizer": "gpt2"}
         rows.append((score.bits_per_byte or math.inf, f"| {r.name} | {meta['tokenizer']} | "
                      f"{ckpt['model_args']['vocab_size']:,} | {score.tokens / score.text_bytes:.3f} | {r.steps[-1]:,} | "
@@ -219,9 +217,8 @@ def whole_split_table(exp_dir, runs):
         path = exp_dir / r.name / BEST
         if not path.exists():
             continue
-        model, data, _, byte_lengths = checkpoint_split(load_checkpoint(path), split="val")
-        score = score_split(model, data, block_size=model.config.block_size, batch_size=8, device="cpu",
-                            ctx=contextlib.nullcontext(), byte_lengths=byte_lengths)
+        score = checkpoint_split(load_checkpoint(path), split="val").score(batch_size=8, device="cpu",
+                                                                           ctx=contextlib.nullcontext())
         bpb = f"{score.bits_per_byte:.4f}" if score.bits_per_byte is not None else "N/A"
         rows.append(f"| {r.name} | {score.loss:.4f} | {math.exp(min(score.loss, 700)):.2f} | {bpb} | {score.tokens:,} | "
                     f"{r.best_val()[1]:.4f} |")

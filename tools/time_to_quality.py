@@ -31,7 +31,7 @@ import torch
 from gpt_toolkit.checkpoint import BEST, load_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.trainer import checkpoint_split, score_split
+from gpt_toolkit.trainer import checkpoint_split
 
 # nanoGPT's README: "python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
 # --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
@@ -77,9 +77,8 @@ def run_once(name, work, data_dir, nanogpt):
 
 def score(out_dir, data_dir):
     ckpt = load_checkpoint(out_dir / BEST)
-    model, data, _, _ = checkpoint_split(ckpt, split="val", dataset="shakespeare_char", data_dir=data_dir)
-    return score_split(model, data, block_size=model.config.block_size, batch_size=32, device="cpu",
-                       ctx=torch.autocast("cpu", enabled=False)).loss
+    scoring = checkpoint_split(ckpt, split="val", dataset="shakespeare_char", data_dir=data_dir)
+    return scoring.score(batch_size=32, device="cpu", ctx=torch.autocast("cpu", enabled=False)).loss
 
 
 def main(argv):
