@@ -10,7 +10,17 @@ from gpt_toolkit.bpe import EOT
 from gpt_toolkit.checkpoint import is_run_dir
 from gpt_toolkit.errors import UserError, first_line, import_optional
 from gpt_toolkit.files import remove_stale_temps, write_directory
-from gpt_toolkit.tokenizer import BPE_FILE, GPT2_VOCAB_SIZE, BPETokenizer, CharTokenizer, GPT2Tokenizer
+from gpt_toolkit.tokenizer import (
+    BPE_FILE,
+    CHAT_TEMPLATE,
+    CHAT_TOKENS,
+    END,
+    GPT2_VOCAB_SIZE,
+    BPETokenizer,
+    CharTokenizer,
+    ChatTokenizer,
+    GPT2Tokenizer,
+)
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, config_from_hf, state_dict_from_hf
 
 CHAR_VOCAB = "char_vocab.json"  # an exported character model's vocabulary: {"tokenizer": "char", "itos": [...]}
@@ -114,19 +124,31 @@ def _cut(text, limit=160):
 
 def tokenizer_for_hf_dir(path):
     """The tokenizer of a transformers directory: its tokenizer.json when it is one of ours (a character vocabulary or
-    an own byte-level BPE), an older export's char_vocab.json, else GPT-2's BPE."""
+    an own byte-level BPE, with the chat tokens when it has them), an older export's char_vocab.json, else GPT-2's
+    BPE (with the chat tokens when its tokenizer.json adds them)."""
     path = Path(path)
     if (path / BPE_FILE).is_file():
         try:
             text = (path / BPE_FILE).read_text(encoding="utf-8")
-            model = json.loads(text)["model"]
+            spec = json.loads(text)
+            model = spec["model"]
+            chat = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t["content"] in CHAT_TOKENS[1:]}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path / BPE_FILE} is unreadable ({e}): export the model again") from None
+        base = None
         if model.get("type") == "WordLevel":
             vocab = model.get("vocab", {})
-            return CharTokenizer(sorted(vocab, key=vocab.get))
-        if model.get("type") == "BPE" and model.get("vocab", {}).get(EOT) == 0:  # ours: <|endoftext|> first
-            return BPETokenizer(text)
+            base = CharTokenizer(sorted(vocab, key=vocab.get))
+        elif model.get("type") == "BPE" and model.get("vocab", {}).get(EOT) == 0:  # ours: <|endoftext|> first
+            spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["content"] not in chat]
+            base = BPETokenizer(json.dumps(spec))
+        elif chat:
+            base = GPT2Tokenizer()
+        if base is not None and chat:
+            eot = next((t["id"] for t in spec.get("added_tokens", []) if t["content"] == EOT), None)
+            return ChatTokenizer(base, {**chat, EOT: eot if eot is not None else base.eot})
+        if base is not None:
+            return base
     if (path / CHAR_VOCAB).is_file():
         try:
             meta = json.loads((path / CHAR_VOCAB).read_text(encoding="utf-8"))
@@ -169,12 +191,13 @@ def export_hf(model, tokenizer, to, *, dropout=0.0):
     vocab_size = tokenizer.vocab_size
     if vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {cfg.vocab_size}")
-    eot = {"char": None, "gpt2": GPT2_VOCAB_SIZE - 1, "bpe": getattr(tokenizer, "eot", None)}[tokenizer.kind]
+    eot = getattr(tokenizer, "eot", None)
+    eos = getattr(tokenizer, "end_of_turn", eot)  # a chat model's answer ends at <|end|>
     hf_config = transformers.GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
         activation_function="gelu",  # ours is the exact GELU, not GPT-2's tanh approximation
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, layer_norm_epsilon=1e-5,
-        bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True)
+        bos_token_id=eot, eos_token_id=eos, tie_word_embeddings=True)
     hf_model = transformers.GPT2LMHeadModel(hf_config)
     hf_keys = {k: v.shape for k, v in hf_model.state_dict().items()}
     missing, unexpected = hf_model.load_state_dict(hf_state_dict(model, hf_keys, vocab_size), strict=False)
@@ -184,16 +207,7 @@ def export_hf(model, tokenizer, to, *, dropout=0.0):
 
     def fill(directory):
         hf_model.save_pretrained(directory)
-        if tokenizer.kind == "gpt2":
-            write_gpt2_tokenizer(directory, cfg.block_size)
-            return
-        spec = char_tokenizer_json(tokenizer.itos) if tokenizer.kind == "char" else tokenizer.json
-        (directory / BPE_FILE).write_text(spec, encoding="utf-8")
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-                  "clean_up_tokenization_spaces": False}
-        if tokenizer.kind == "bpe":
-            config.update(bos_token=EOT, eos_token=EOT, unk_token=EOT)
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        write_tokenizer(directory, tokenizer, cfg.block_size, transformers)
 
     remove_stale_temps(Path(to).parent)  # what exports killed mid-write left beside it
     try:
@@ -205,6 +219,40 @@ def export_hf(model, tokenizer, to, *, dropout=0.0):
         raise UserError(f"could not write the export to {to} ({cause}): nothing was left behind; free disk space or "
                         f"choose another --to") from None
     return sorted(p.name for p in Path(to).iterdir())
+
+
+def write_tokenizer(directory, tokenizer, max_length, transformers):
+    """The tokenizer files AutoTokenizer reads as our tokenizer encodes: GPT-2's vocab.json and merges.txt, or a
+    tokenizer.json (a character vocabulary, an own BPE); a chat model's with its chat tokens at their ids and the
+    template as tokenizer_config.json's chat_template (apply_chat_template gives our ids)."""
+    chat = getattr(tokenizer, "specials", None)
+    base = tokenizer.base if chat else tokenizer
+    if base.kind == "gpt2":
+        write_gpt2_tokenizer(directory, max_length)
+        if not chat:
+            return
+        fast = transformers.GPT2TokenizerFast(vocab_file=str(directory / "vocab.json"),
+                                              merges_file=str(directory / "merges.txt"))
+        fast.add_special_tokens({"additional_special_tokens": [t for t in CHAT_TOKENS if t != EOT]})
+        fast.eos_token, fast.chat_template, fast.model_max_length = END, CHAT_TEMPLATE, max_length
+        fast.save_pretrained(str(directory))
+        return
+    from tokenizers import AddedToken, Tokenizer
+    spec = char_tokenizer_json(base.itos) if base.kind == "char" else base.json
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+              "clean_up_tokenization_spaces": False}
+    if base.kind == "bpe":
+        config.update(bos_token=EOT, eos_token=EOT, unk_token=EOT)
+    if chat:
+        tok = Tokenizer.from_str(spec)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS
+                                if tok.token_to_id(t) is None])
+        if any(tok.token_to_id(t) != i for t, i in chat.items()):
+            raise ValueError(f"the chat tokens took other ids in tokenizer.json than the model's {chat}")
+        spec = tok.to_str()
+        config.update(bos_token=EOT, eos_token=END, chat_template=CHAT_TEMPLATE)
+    (directory / BPE_FILE).write_text(spec, encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def char_tokenizer_json(itos):

@@ -21,7 +21,14 @@ from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, padded_batch, 
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained, tokenizer_for_hf_dir
 from gpt_toolkit.optimizers import muon_with_adamw
-from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, describe, same_vocabulary, tokenizer_from_meta, vocabulary_of
+from gpt_toolkit.tokenizer import (
+    GPT2_VOCAB_SIZE,
+    describe,
+    same_vocabulary,
+    strip_chat,
+    tokenizer_from_meta,
+    vocabulary_of,
+)
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
 
 # ----------------------------------------------------------------------------- the model
@@ -87,7 +94,6 @@ def check_init_tokenizer(cfg, dataset, init_ckpt=None):
     else:
         model_vocab = vocabulary_of(tokenizer_for_hf_dir(cfg.init_from)) if is_hf_dir(cfg.init_from) else None
     if dataset.is_chat:
-        from gpt_toolkit.chat import strip_chat
         same = same_vocabulary(strip_chat(model_vocab or {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE}),
                                strip_chat(dataset.vocabulary))
     else:
@@ -398,14 +404,18 @@ def checkpoint_split(ckpt, *, split="val", dataset=None, data_dir=None):
         raise UserError("the checkpoint does not say which dataset it was trained on: pass --dataset=NAME")
     data = Dataset(data_dir or config.get("data_dir", "data"), name)
     trained = ckpt.get("meta")
-    if trained is not None and data.meta is not None and not same_vocabulary(trained, data.meta):
+    grow = data.is_chat and same_vocabulary(strip_chat(data.meta), trained)  # a base model on its chat data
+    if trained is not None and data.meta is not None and not same_vocabulary(trained, data.meta) and not grow:
         raise UserError(f"the model's vocabulary ({describe(trained)}, from dataset "
                         f"'{config.get('dataset', '?')}') is not dataset '{name}''s ({describe(data.meta)}): "
                         f"score it on data prepared with its tokenizer, e.g. --dataset={config.get('dataset', 'NAME')}")
-    vocab_size = ckpt["model_args"]["vocab_size"]
+    model = model_from_checkpoint(ckpt)
+    if grow and data.vocab_size > model.config.vocab_size:  # as fine-tuning starts from it: the chat tokens added
+        model.grow_vocabulary(data.vocab_size)
+    vocab_size = model.config.vocab_size
     data.check_token_ids(vocab_size)
-    lengths = token_byte_lengths(trained if trained is not None else data.vocabulary, vocab_size)
-    return Scoring(model_from_checkpoint(ckpt), data.splits[split], data.trained[split], name, lengths)
+    lengths = token_byte_lengths(data.vocabulary if grow or trained is None else trained, vocab_size)
+    return Scoring(model, data.splits[split], data.trained[split], name, lengths)
 
 
 @dataclass
