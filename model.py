@@ -331,32 +331,44 @@ def document_positions_and_mask(idx, doc_sep):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, *, top_p=None, min_p=None, repetition_penalty=1.0, previous=None):
-    """One token per row from final-position logits (B, vocab), in transformers' order: the repetition penalty (a
-    token already in `previous` (B, T) has a positive logit divided by it, a negative one multiplied), then the
-    temperature (0: the most likely token, greedy), top-k, top-p (the fewest tokens whose probabilities add up to
-    top_p) and min-p (tokens at least min_p times as likely as the likeliest), then a draw."""
+    """One token per row from final-position logits (B, vocab): the most likely one at temperature 0 (greedy), else
+    a draw from the distribution that filter_logits leaves."""
+    logits = filter_logits(logits, temperature, top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty, previous=previous)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = F.softmax(logits, dim=-1)
+    # inverse-CDF sampling: the same distribution as torch.multinomial, several times cheaper per call on CPU
+    u = torch.rand(probs.size(0), 1, device=probs.device)
+    return torch.searchsorted(probs.cumsum(dim=-1), u).clamp_(max=probs.size(-1) - 1)
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, *, top_p=None, min_p=None, repetition_penalty=1.0,
+                  previous=None):
+    """Final-position logits (B, vocab) as float32, in transformers' order: the repetition penalty (a token already in
+    `previous` (B, T) has a positive logit divided by it, a negative one multiplied), then the temperature (0 leaves
+    them: greedy takes the largest, which no filter removes), top-k, top-p (the fewest tokens whose probabilities add
+    up to top_p) and min-p (tokens at least min_p times as likely as the likeliest); a dropped token gets -inf."""
     logits = logits.float()
     if repetition_penalty != 1.0 and previous is not None:
         seen = torch.gather(logits, 1, previous)
         logits = logits.scatter(1, previous, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return logits
     logits = logits / temperature
     if top_k and top_k < logits.size(-1):  # top-k of the whole vocabulary keeps everything
         v, _ = torch.topk(logits, top_k)
         logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        before = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1) - F.softmax(sorted_logits, dim=-1)
-        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, before >= top_p)  # the first is kept
+        probs = F.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # the probability of the likelier tokens: the first is always kept
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, before >= top_p)
         logits = logits.masked_fill(drop, -float("inf"))
     if min_p:
         probs = F.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, -float("inf"))
-    probs = F.softmax(logits, dim=-1)
-    # inverse-CDF sampling: the same distribution as torch.multinomial, several times cheaper per call on CPU
-    u = torch.rand(probs.size(0), 1, device=probs.device)
-    return torch.searchsorted(probs.cumsum(dim=-1), u).clamp_(max=probs.size(-1) - 1)
+    return logits
 
 
 def config_from_hf(hf_config, dropout=0.0):

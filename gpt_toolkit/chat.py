@@ -140,8 +140,8 @@ def prepare_chat_dataset(conversations, out_dir, *, tokenizer=None, tokenizer_fr
         raise UserError(f"the vocabulary with the chat tokens has {tok.vocab_size:,} ids: more than uint16 holds; use "
                         f"a BPE of at most {MAX_VOCAB - len(CHAT_TOKENS):,}")
     skipped = dict(skipped or {})
-    rendered = {"train": [], "val": []}
-    for i, (number, messages) in enumerate(conversations):
+    good = []
+    for number, messages in conversations:
         try:
             ids, mask = tok.render(messages, end=True)
             if len(ids) > block_size + 1:
@@ -155,9 +155,12 @@ def prepare_chat_dataset(conversations, out_dir, *, tokenizer=None, tokenizer_fr
                      "the vocabulary"
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
-        rendered["train" if i < len(conversations) - n_val else "val"].append((ids, mask))
-    if not rendered["train"] or not rendered["val"]:
-        raise UserError("no conversation is left for train or for val after skipping the bad ones")
+        good.append((ids, mask))
+    n_val = max(1, round(len(good) * val_fraction))  # of the conversations kept: val is never left empty by skips
+    if len(good) - n_val < 1:
+        raise UserError(f"{len(good)} conversation(s) left after skipping the bad ones: train and val need at least "
+                        f"one each")
+    rendered = {"train": good[:-n_val], "val": good[-n_val:]}
     meta = chat_vocabulary(base_meta, specials, tok.vocab_size)
     on_disk = {k: v for k, v in meta.items() if k != "tokenizer_json"}
     if base_meta["tokenizer"] == "bpe":

@@ -91,7 +91,10 @@ class Dataset:
 
     @property
     def eot_token(self):
-        """The end-of-text id that separates documents: <|endoftext|> of GPT-2 or of an own BPE; None for characters."""
+        """The end-of-text id that separates documents: <|endoftext|> of GPT-2, of an own BPE or of a chat vocabulary
+        (it ends each conversation); None for characters."""
+        if self.meta is not None and self.meta.get("chat"):
+            return self.meta["chat"]["special_tokens"]["<|endoftext|>"]
         if self.meta is None or self.meta["tokenizer"] in ("gpt2", "bpe"):
             return (self.meta or {}).get("eot_token", GPT2_EOT)
         return None

@@ -231,8 +231,7 @@ def write_tokenizer(directory, tokenizer, max_length, transformers):
         write_gpt2_tokenizer(directory, max_length)
         if not chat:
             return
-        fast = transformers.GPT2TokenizerFast(vocab_file=str(directory / "vocab.json"),
-                                              merges_file=str(directory / "merges.txt"))
+        fast = transformers.AutoTokenizer.from_pretrained(str(directory))  # the files just written, as users load them
         fast.add_special_tokens({"additional_special_tokens": [t for t in CHAT_TOKENS if t != EOT]})
         fast.eos_token, fast.chat_template, fast.model_max_length = END, CHAT_TEMPLATE, max_length
         fast.save_pretrained(str(directory))

@@ -152,6 +152,16 @@ def read_meta(data_dir):
 
 def check_meta(meta, where, fix):
     """A vocabulary description has what the toolkit reads from it, of the right types (an edited file is one line)."""
+    chat = meta.get("chat")
+    if chat is not None:  # a chat vocabulary: its base vocabulary, then the chat tokens numbered after it
+        specials = chat.get("special_tokens") if isinstance(chat, dict) else None
+        base_size = chat.get("base_vocab_size") if isinstance(chat, dict) else None
+        if (not isinstance(specials, dict) or set(specials) != set(CHAT_TOKENS) or isinstance(base_size, bool)
+                or not isinstance(base_size, int)
+                or not all(isinstance(i, int) and 0 <= i < meta.get("vocab_size", 0) for i in specials.values())):
+            raise UserError(f"{where} has a damaged 'chat' section (special_tokens, base_vocab_size): {fix}")
+        check_meta(strip_chat(meta), where, fix)
+        return
     size = meta.get("vocab_size")
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise UserError(f"{where} gives vocab_size={size!r}, not a positive int: {fix}")

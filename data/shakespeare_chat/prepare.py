@@ -1,5 +1,5 @@
 """A small chat dataset from tiny-shakespeare's dialogue, offline: each speech is a user turn and the speech that
-answers it the assistant's (the speakers' names are dropped), written as chats.jsonl beside this file and prepared
+answers it the assistant's (the speakers' names are dropped), written as chats.jsonl in the dataset and prepared
 with the character vocabulary of data/shakespeare_char (so a model trained there can be fine-tuned on it).
 
     python data/shakespeare_chat/prepare.py                  # input.txt of data/shakespeare_char (downloaded if missing)
@@ -58,7 +58,8 @@ def main(argv):
         prepare_dataset(open_source(source), Path(args.data_dir) / "shakespeare_char", "char", progress=False)
     # five chat tokens and the two turns' texts fit block_size + 1 tokens
     pairs = dialogue(read_text(source), max_chars=(args.block_size - 4) // 2)
-    chats = HERE / "chats.jsonl"
+    chats = Path(args.data_dir) / "shakespeare_chat" / "chats.jsonl"
+    chats.parent.mkdir(parents=True, exist_ok=True)
     chats.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
     conversations, _ = read_conversations(chats)
     summary = prepare_chat_dataset(conversations, Path(args.data_dir) / "shakespeare_chat",
