@@ -257,3 +257,21 @@ def test_grown_rows_start_at_the_mean_of_the_others():
     w = model.transformer.wte.weight
     assert w.shape == (13, 4) and model.lm_head.weight is w and torch.equal(w[:10], old)
     assert torch.allclose(w[10:], old.mean(dim=0).expand(3, 4))
+
+
+def test_a_gpt2_chat_model_exports_as_gpt2_with_its_chat_tokens(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gpt_toolkit.huggingface import export_hf, tokenizer_for_hf_dir
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=1, n_embd=8)).eval()
+    tok = ChatTokenizer(GPT2Tokenizer(), special_ids(GPT2Tokenizer()))
+    export_hf(model, tok, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert hf.config.vocab_size == 50261 and hf.config.eos_token_id == 50260  # the chat tokens' rows kept; <|end|>
+    ids, _ = tok.render([{"role": "user", "content": "Hi there"}], add_generation_prompt=True)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (hf(x).logits - model(x, x)[0][..., :50261]).abs().max() < 1e-4
+    back = tokenizer_for_hf_dir(tmp_path / "hf")
+    assert back.specials == tok.specials and back.render([{"role": "user", "content": "Hi there"}],
+                                                         add_generation_prompt=True)[0] == ids
