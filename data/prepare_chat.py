@@ -56,8 +56,12 @@ def main(argv):
     print(f"{summary['conversations']:,} conversations ({summary['train_conversations']:,} train, "
           f"{summary['val_conversations']:,} val); {summary['tokens']:,} tokens, {summary['trained']:,} of them trained "
           f"(the assistant's); vocab size {summary['vocab_size']:,} ({summary['tokenizer']} and the chat tokens)")
-    print(f"wrote {Path(args.data_dir) / args.name}: fine-tune with  python train.py config/finetune_chat_shakespeare.py "
-          f"--dataset={args.name} --init_from=OUT_DIR")
+    if args.tokenizer_from:
+        print(f"wrote {Path(args.data_dir) / args.name}: fine-tune with  python train.py config/finetune_chat_shakespeare.py"
+              f" --dataset={args.name} --init_from={args.tokenizer_from}")
+    else:  # a new vocabulary: a model trained on it from scratch
+        print(f"wrote {Path(args.data_dir) / args.name}: train with  python train.py --dataset={args.name} --padding=True "
+              f"--block_size={summary['block_size']}")
     return 0
 
 

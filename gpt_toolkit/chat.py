@@ -183,4 +183,5 @@ def prepare_chat_dataset(conversations, out_dir, *, tokenizer=None, tokenizer_fr
     trained = sum(sum(mask) for rows in rendered.values() for _, mask in rows)
     return {"conversations": sum(len(r) for r in rendered.values()), "train_conversations": len(rendered["train"]),
             "val_conversations": len(rendered["val"]), "tokens": tokens, "trained": trained,
-            "vocab_size": tok.vocab_size, "tokenizer": base_meta["tokenizer"], "skipped": skipped}
+            "vocab_size": tok.vocab_size, "tokenizer": base_meta["tokenizer"], "skipped": skipped,
+            "block_size": block_size}

@@ -66,6 +66,7 @@ def chat(data_dir, tmp_path_factory):
                    "--name=tiny_chat", f"--tokenizer_from={base}", f"--data_dir={data_dir}")
     assert r.returncode == 0, r.stderr
     assert "40 conversations (36 train, 4 val)" in r.stdout and "vocab size 70 (char and the chat tokens)" in r.stdout
+    assert f"--dataset=tiny_chat --init_from={base}" in r.stdout
     tuned = root / "tuned"
     r = run_script("train.py", *CHAT_TRAIN, "--dataset=tiny_chat", f"--init_from={base}", "--max_iters=20",
                    "--eval_interval=10", f"--data_dir={data_dir}", f"--out_dir={tuned}")
@@ -275,3 +276,20 @@ def test_a_gpt2_chat_model_exports_as_gpt2_with_its_chat_tokens(tmp_path):
     back = tokenizer_for_hf_dir(tmp_path / "hf")
     assert back.specials == tok.specials and back.render([{"role": "user", "content": "Hi there"}],
                                                          add_generation_prompt=True)[0] == ids
+
+
+@pytest.mark.parametrize("kind, extra, vocab", [("bpe", ["--vocab_size=300"], 304), ("gpt2", [], 50261)])
+def test_prepare_chat_builds_a_new_bpe_or_gpt2_vocabulary(kind, extra, vocab, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", conversations())
+    r = run_script("data/prepare_chat.py", f"--input={path}", "--name=c", f"--tokenizer={kind}", *extra,
+                   f"--data_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert f"vocab size {vocab:,} ({kind} and the chat tokens)" in r.stdout
+    assert "train with  python train.py --dataset=c --padding=True --block_size=1024" in r.stdout  # a new model
+    tok = tokenizer_from_meta(read_meta(tmp_path / "c"))
+    ids = np.fromfile(tmp_path / "c" / "val.bin", dtype=np.uint16).tolist()
+    assert tok.decode(ids) == ("<|user|>Who art thou, Portia?<|end|><|assistant|>I am Portia.<|end|><|endoftext|>"
+                               "<|user|>Where is Puck?<|end|><|assistant|>Puck is gone.<|end|><|endoftext|>"
+                               "<|user|>Where is Viola?<|end|><|assistant|>Viola is gone.<|end|><|endoftext|>"
+                               "<|user|>Who art thou, Orsino?<|end|><|assistant|>I am Orsino.<|end|><|endoftext|>")
+    assert max(ids) < vocab and ids.count(tok.specials["<|end|>"]) == 8
