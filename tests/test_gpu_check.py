@@ -1,0 +1,46 @@
+"""tools/gpu_check.py where there is no GPU: one line saying so; and its parts (our step, nanoGPT's step from a
+checkout's model.py, the timing) on the CPU, so the GPU run only meets what is GPU-specific."""
+import pytest
+import torch
+from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
+
+from gpt_toolkit.train_config import load_config
+from tools.gpu_check import measure, nanogpts, ours
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: tests/test_cuda.py runs the tool")
+def test_without_cuda_it_says_so_in_one_line():
+    r = run_script("tools/gpu_check.py", subprocess_only=True)
+    assert_one_line_error(r, "no CUDA GPU here", "a CUDA build of torch", code=1)
+    assert r.stdout == ""
+
+
+def test_bad_options_are_one_line_errors():
+    r = run_script("tools/gpu_check.py", "--steps=x", subprocess_only=True)
+    assert_one_line_error(r, "--steps", code=2)
+
+
+@pytest.mark.parametrize("build", ["ours", "nanogpt"])
+def test_steps_train_and_are_timed(build, tmp_path):
+    cfg, _ = load_config([*TINY_TRAIN, "--dropout=0.0"])
+    if build == "ours":
+        step = ours(cfg, 65, "cpu", "float32", False)
+    else:  # a nanoGPT checkout: its model.py has the API ours keeps (GPT, GPTConfig, configure_optimizers)
+        (tmp_path / "model.py").write_text((ROOT / "model.py").read_text())
+        step = nanogpts(tmp_path, cfg, 65, "cpu", "float32", False)
+    ms, memory = measure(step, cfg, 65, "cpu", warmup=1, steps=2)
+    assert ms > 0 and memory > 0
+    # the step learns: the same batch's loss falls
+    X = torch.randint(0, 65, (8, 33), generator=torch.Generator().manual_seed(1))
+    batches = [(X[:, :-1], X[:, 1:])]
+    first = step(batches).item()
+    for _ in range(10):
+        last = step(batches).item()
+    assert last < first - 0.1
+
+
+def test_a_directory_without_model_py_is_refused(tmp_path):
+    cfg, _ = load_config(TINY_TRAIN)
+    from gpt_toolkit.errors import UserError
+    with pytest.raises(UserError, match="has no model.py"):
+        nanogpts(tmp_path, cfg, 65, "cpu", "float32", False)
