@@ -94,10 +94,12 @@ def calls_of(name):
 
 
 def test_one_place_builds_the_optimizer_and_writes_checkpoints():
-    assert calls_of("configure_optimizers") == {"gpt_toolkit/trainer.py"}
+    # ours in trainer.py; gpu_check.py calls it on nanoGPT's own model, to time nanoGPT beside us
+    assert calls_of("configure_optimizers") == {"gpt_toolkit/trainer.py", "tools/gpu_check.py"}
     assert calls_of("set_float32_matmul_precision") == {"gpt_toolkit/process.py"}  # TF32: setup_process
     assert calls_of("mallopt") == {"gpt_toolkit/process.py"}
-    assert calls_of("build_training") == {"train.py", "tools/bench.py", "tools/lr_finder.py", "gpt_toolkit/trainer.py"}
+    assert calls_of("build_training") == {"train.py", "tools/bench.py", "tools/lr_finder.py", "tools/gpu_check.py",
+                                          "gpt_toolkit/trainer.py"}
     assert calls_of("save_checkpoint") == {"gpt_toolkit/checkpoint.py"}
     assert calls_of("fsync") == {"gpt_toolkit/files.py"}  # every file written in place goes through files.atomic_write
 
