@@ -125,18 +125,26 @@ def main(argv):
     if not cfg.interactive:
         sample(prompt)
         return 0
-    if sys.stdin.isatty():
-        print("type a prompt and press Enter; an empty line or Ctrl-D quits", file=sys.stderr)
-    while True:
-        if sys.stdin.isatty():
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line.strip():
-            return 0
+    for line in stdin_lines("type a prompt and press Enter; an empty line or Ctrl-D quits", "> "):
         try:
-            sample(line.rstrip("\n"), echo_prompt=False)
+            sample(line, echo_prompt=False)
         except UserError as e:  # a character the model never saw: say so and take the next prompt
             print(f"error: {e}", file=sys.stderr, flush=True)
+    return 0
+
+
+def stdin_lines(greeting, prompt):
+    """The lines typed on stdin (without their newline) until an empty one or its end; on a terminal, greeted once
+    and prompted for each."""
+    if sys.stdin.isatty():
+        print(greeting, file=sys.stderr)
+    while True:
+        if sys.stdin.isatty():
+            print(prompt, end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        yield line.rstrip("\n")
 
 
 def chat(cfg, tokenizer, block_size, sample):
@@ -144,15 +152,8 @@ def chat(cfg, tokenizer, block_size, sample):
     no longer fits the model's context (with room for an answer) is dropped, oldest turns first, and the user told."""
     history = [{"role": "system", "content": cfg.system}] if cfg.system else []
     room = min(cfg.max_new_tokens, block_size // 2)
-    if sys.stdin.isatty():
-        print("chat: type a message and press Enter; an empty line or Ctrl-D quits", file=sys.stderr)
-    while True:
-        if sys.stdin.isatty():
-            print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line.strip():
-            return 0
-        history.append({"role": "user", "content": line.rstrip("\n")})
+    for line in stdin_lines("chat: type a message and press Enter; an empty line or Ctrl-D quits", "you> "):
+        history.append({"role": "user", "content": line})
         try:
             ids, dropped = fit_history(tokenizer, history, block_size - room)
         except UserError as e:  # a character the model never saw: say so and take the next message
@@ -165,6 +166,7 @@ def chat(cfg, tokenizer, block_size, sample):
             del history[int(history[0]["role"] == "system"):][:dropped]
         answer = sample(ids, echo_prompt=False, separator="\n")
         history.append({"role": "assistant", "content": tokenizer.decode(answer)})
+    return 0
 
 
 def fit_history(tokenizer, history, limit):
