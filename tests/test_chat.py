@@ -293,3 +293,15 @@ def test_prepare_chat_builds_a_new_bpe_or_gpt2_vocabulary(kind, extra, vocab, tm
                                "<|user|>Where is Viola?<|end|><|assistant|>Viola is gone.<|end|><|endoftext|>"
                                "<|user|>Who art thou, Orsino?<|end|><|assistant|>I am Orsino.<|end|><|endoftext|>")
     assert max(ids) < vocab and ids.count(tok.specials["<|end|>"]) == 8
+
+
+def test_a_damaged_chat_section_is_one_line(chat, tmp_path):
+    import shutil
+    _, dataset_dir, _, _ = chat
+    copy = tmp_path / "tiny_chat"
+    shutil.copytree(dataset_dir, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    del meta["chat"]["special_tokens"]["<|end|>"]
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"has a damaged 'chat' section \(special_tokens, base_vocab_size\): re-run"):
+        read_meta(copy)
