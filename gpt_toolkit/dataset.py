@@ -93,9 +93,7 @@ class Dataset:
     def eot_token(self):
         """The end-of-text id that separates documents: <|endoftext|> of GPT-2, of an own BPE or of a chat vocabulary
         (it ends each conversation); None for characters."""
-        if self.meta is not None and self.meta.get("chat"):
-            return self.meta["chat"]["special_tokens"]["<|endoftext|>"]
-        if self.meta is None or self.meta["tokenizer"] in ("gpt2", "bpe"):
+        if self.meta is None or self.meta["tokenizer"] in ("gpt2", "bpe") or self.meta.get("chat"):
             return (self.meta or {}).get("eot_token", GPT2_EOT)
         return None
 

@@ -220,7 +220,7 @@ class ChatTokenizer:
             if piece in self.specials:
                 ids.append(self.specials[piece])
             elif piece:
-                ids += self.base.encode_ordinary(piece) if hasattr(self.base, "encode_ordinary") else self.base.encode(piece)
+                ids += self.encode_ordinary(piece)
         return ids
 
     def encode_ordinary(self, text):
@@ -308,7 +308,7 @@ def vocabulary_of(tokenizer):
 
 def tokenizer_from_meta(meta):
     """CharTokenizer for a char vocabulary, BPETokenizer for an own BPE; GPT-2 BPE when there is no meta (nanoGPT's
-    convention) or it says gpt2; any of them with the chat tokens (chat.ChatTokenizer) for a chat dataset's."""
+    convention) or it says gpt2; any of them with the chat tokens (ChatTokenizer) for a chat dataset's."""
     if meta is not None and meta.get("chat"):
         return ChatTokenizer(tokenizer_from_meta(strip_chat(meta)), meta["chat"]["special_tokens"])
     if meta is not None and meta["tokenizer"] == "char":

@@ -44,10 +44,12 @@ def planned_model_args(cfg, dataset, ckpt):
     resuming or starting from another run)."""
     if cfg.init_from == "scratch":
         return scratch_model_args(cfg, dataset.model_vocab_size)
-    if cfg.init_from == "resume" or is_run_dir(cfg.init_from):
-        args = {**ckpt["model_args"], "dropout": cfg.dropout}
-        return {**args, "vocab_size": max(args["vocab_size"], dataset.vocab_size or 0),
-                "block_size": min(cfg.block_size, args["block_size"])} if cfg.init_from != "resume" else args
+    if cfg.init_from == "resume":
+        return {**ckpt["model_args"], "dropout": cfg.dropout}
+    if is_run_dir(cfg.init_from):  # another run's model: grown for a chat dataset's tokens, its context maybe cropped
+        args = ckpt["model_args"]
+        return {**args, "dropout": cfg.dropout, "vocab_size": max(args["vocab_size"], dataset.vocab_size or 0),
+                "block_size": min(cfg.block_size, args["block_size"])}
     if is_hf_dir(cfg.init_from):
         args = hf_dir_model_args(cfg.init_from, cfg.dropout)
         return {**args, "block_size": min(cfg.block_size, args["block_size"])}
