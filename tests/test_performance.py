@@ -1,5 +1,6 @@
 """Correctness of the speed features (never their timings): KV cache, CPU attention paths, dtype choice,
 batches without memory growth, and the benchmark tool running."""
+import json
 import math
 import platform
 import re
@@ -182,24 +183,30 @@ def test_cheap_mask_dropout_statistics_and_backward():
 
 
 def test_training_with_and_without_fast_attention_takes_two_paths_to_the_same_losses(data_dir, tmp_path, monkeypatch):
-    """In bf16 on CPU the fast path is the explicit attention, the slow one SDPA: both train to the same losses
-    (within bf16 rounding). The call count proves the two runs really took different paths."""
+    """In bf16 on CPU the fast path is the explicit attention, the slow one SDPA: the same evaluation at step 0 and
+    the same first gradient (within bf16 rounding; later steps amplify the two kernels' roundings by an amount that
+    depends on the CPU), and both train. The call count proves the two runs really took different paths."""
     import model
     calls = []
     real = model.explicit_attention
     monkeypatch.setattr(model, "explicit_attention", lambda *a: calls.append(1) or real(*a))
-    losses, counts = [], []
+    runs, counts = [], []
     for fast in (True, False):
         calls.clear()
         out = tmp_path / f"fast{fast}"
         r = run_script("train.py", *TINY_TRAIN, "--max_iters=10", "--dropout=0", "--dtype=bfloat16",
-                       f"--fast_cpu_attention={fast}", f"--data_dir={data_dir}", f"--out_dir={out}")
+                       "--grad_monitor_interval=100", f"--fast_cpu_attention={fast}", f"--data_dir={data_dir}",
+                       f"--out_dir={out}")
         assert r.returncode == 0, r.stderr
         counts.append(len(calls))
-        losses.append([float(x) for x in re.search(r"step 10: train loss ([\d.]+), val loss ([\d.]+)", r.stdout).groups()])
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append(({rec["step"]: (rec["train_loss"], rec["val_loss"]) for rec in records if rec["type"] == "eval"},
+                     next(rec for rec in records if rec["type"] == "grad")))
     assert counts[0] > 0 and counts[1] == 0
-    assert losses[0] == pytest.approx(losses[1], abs=0.02)
-    assert losses[0][1] < 4.0  # it trained: ln(65) = 4.17 at the start
+    (evals, grad), (slow_evals, slow_grad) = runs
+    assert evals[0] == pytest.approx(slow_evals[0], abs=1e-3)
+    assert grad["layer_norms"] == pytest.approx(slow_grad["layer_norms"], rel=1e-2)
+    assert evals[10][1] < 4.0 and slow_evals[10][1] < 4.0  # both trained: ln(65) = 4.17 at the start
 
 
 def test_get_batch_does_not_grow_memory(data_dir):
