@@ -1,6 +1,9 @@
 """User-facing errors: bad input becomes one line on stderr and a non-zero exit, never a traceback."""
 import importlib
+import os
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -36,9 +39,19 @@ class SecondInterrupt(KeyboardInterrupt):
 INTERRUPTED = "interrupted: stopped before finishing; no file was left half-written"
 
 
+def _exit_at_once(signum, frame):
+    os.write(sys.stderr.fileno(), f"{INTERRUPTED}\n".encode())
+    os._exit(128 + signum)
+
+
 def quiet_interrupts():
-    """Make a Ctrl-C that arrives while a script is still importing (torch takes seconds) end in one line instead of a
-    traceback. Scripts call this before their other imports; it changes sys.excepthook for KeyboardInterrupt only."""
+    """Make a Ctrl-C that arrives while a script is still importing (torch takes seconds) end it in one line instead
+    of a traceback. Scripts call this before their other imports. Until run_main starts the script's main, SIGINT
+    exits at once: nothing is written yet, and a KeyboardInterrupt raised inside a library's import can be swallowed
+    by it or leave a module half-imported that fails later with a traceback. Also sets sys.excepthook to print a
+    KeyboardInterrupt that escapes otherwise in one line."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _exit_at_once)
     previous = sys.excepthook
 
     def hook(kind, value, tb):
@@ -51,6 +64,8 @@ def quiet_interrupts():
 
 def run_main(main, argv=None):
     """Run an entry point; turn UserError into 'error: ...' and its exit code, and a Ctrl-C into one line (exit 130)."""
+    if signal.getsignal(signal.SIGINT) is _exit_at_once:  # the imports are done: a Ctrl-C is a KeyboardInterrupt again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
