@@ -9,6 +9,7 @@ goes through ast.literal_eval, falling back to the raw text, and must have the d
 errors that name the key, never silently ignored.
 """
 import ast
+import dataclasses
 import difflib
 import inspect
 import io
@@ -20,7 +21,9 @@ from gpt_toolkit.errors import ConfigError
 
 
 def defaults_of(cls):
-    """The config keys of a defaults class: its public class attributes, in order."""
+    """The config keys of a defaults class (a dataclass: its fields), with their defaults, in order."""
+    if dataclasses.is_dataclass(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(cls).items() if not k.startswith("_")}
 
 
@@ -35,6 +38,8 @@ def help_of(cls):
     for node in ast.parse(source).body[0].body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             helps[node.targets[0].id] = comments.get(node.lineno, "")
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):  # a dataclass field
+            helps[node.target.id] = comments.get(node.lineno, "")
     return helps
 
 

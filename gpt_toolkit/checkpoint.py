@@ -20,11 +20,13 @@ error) is refused instead of resumed or sampled.
 """
 import difflib
 import hashlib
+import math
 import os
 import pickle
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -166,28 +168,39 @@ def link_checkpoint(src, dst):
     fsync_dir(dst.parent)
 
 
-def training_state(*, model, optimizer, scaler, model_args, iter_num, best_val_loss, config, rng_states, early_stop,
-                   meta, evaluated=True):
-    """Everything a checkpoint holds: nanoGPT's keys, then ours (see the module docstring). With an FSDP-sharded
-    model the full tensors are gathered (a collective: every process calls it), so the file is the same as ever."""
-    model_state, optimizer_state = sharding.state_dicts(model, optimizer)
-    return {"model": model_state, "optimizer": optimizer_state, "model_args": model_args,
-            "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config, "scaler": scaler.state_dict(),
-            "rng": rng_states, "sampler": {"kind": "seed_and_step", "seed": config["seed"], "next_step": iter_num},
-            "early_stop": early_stop, "meta": meta, "evaluated": evaluated}
+@dataclass
+class TrainingState:
+    """Where a run is, beyond its weights and optimizer: what a checkpoint saves and a resume restores whole.
+    iter_num: optimizer steps done; best_val_loss: the lowest val loss evaluated; evaluated: no evaluation is owed at
+    iter_num (False when one is due there and has not run, e.g. a stop cut it short: a resume runs it first);
+    early_stop: EarlyStopping's count; rng: this process's RNG state to continue from (None: a fresh run's)."""
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+    evaluated: bool = False
+    early_stop: dict = field(default_factory=dict)
+    rng: dict | None = None
+
+    def saved(self, *, rng_states, seed):
+        """This state's checkpoint keys beyond nanoGPT's iter_num and best_val_loss (rng_states: every process's RNG
+        state, in rank order)."""
+        return {"rng": rng_states, "sampler": {"kind": "seed_and_step", "seed": seed, "next_step": self.iter_num},
+                "early_stop": self.early_stop, "evaluated": self.evaluated}
+
+    @classmethod
+    def restored(cls, ckpt, *, rank, world_size):
+        """The state a checkpoint holds, with process `rank`'s RNG state (None when it has none for this many
+        processes: nanoGPT's checkpoints, another world size)."""
+        rng = ckpt.get("rng")
+        return cls(iter_num=ckpt["iter_num"], best_val_loss=float(ckpt["best_val_loss"]),
+                   evaluated=ckpt.get("evaluated", True), early_stop=dict(ckpt.get("early_stop") or {}),
+                   rng=rng[rank] if rng and len(rng) == world_size else None)
 
 
-def restore_training_state(ckpt, *, optimizer, scaler, rank, world_size):
-    """Load the optimizer and GradScaler state of a resumed run. Returns {iter_num, best_val_loss, early_stop, rng}:
-    rng is this process's RNG state, or None when the checkpoint has none for this many processes (nanoGPT's
-    checkpoints, another world size)."""
+def load_optimizer_state(ckpt, *, optimizer, scaler):
+    """A resumed run's optimizer and GradScaler state."""
     sharding.load_optimizer_state(optimizer, ckpt["optimizer"])  # cut into shards under FSDP
     if "scaler" in ckpt and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt.get("rng")
-    return {"iter_num": ckpt["iter_num"], "best_val_loss": float(ckpt["best_val_loss"]),
-            "early_stop": ckpt.get("early_stop", {}), "rng": rng[rank] if rng and len(rng) == world_size else None,
-            "evaluated": ckpt.get("evaluated", True)}
 
 
 def save_run(state, out_dir, *, improved, keep_last):
@@ -208,34 +221,29 @@ def save_run(state, out_dir, *, improved, keep_last):
 
 class RunCheckpoints:
     """A run's saves into out_dir, and what a run that stops early can say about them. Every process calls save at
-    the same step; the writer (rank 0) writes, and with collective=True (FSDP) every process takes part, since
-    gathering the shards takes them all."""
+    the same step; the writer (rank 0) writes, and with collective=True (FSDP) every process takes part in building
+    the checkpoint (gathering the shards takes them all): `takes_part` says whether this one builds it."""
 
-    def __init__(self, out_dir, *, keep_last, writer, collective, model, optimizer, scaler, model_args, config, meta,
-                 last_step, report, after_first_save=None):
+    def __init__(self, out_dir, *, keep_last, writer, collective, report, after_first_save=None):
         self.out_dir, self.keep_last, self.writer, self.collective = Path(out_dir), keep_last, writer, collective
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.model_args, self.config, self.meta = model_args, config, meta
-        self.last_step = last_step  # the step of the newest save (a resumed run's: the step it resumed at)
+        self.last_step = None  # the step of the newest save (a resumed run's: the step it resumed at)
         self.report, self.after_first_save = report, after_first_save  # after_first_save() -> a line for the log
 
-    def save(self, step, *, improved, best_val_loss, rng_states, early_stop, evaluated=True):
-        """Save the state after `step` steps (ckpt.pt too when improved) and say what was written. evaluated=False
-        when the evaluation due at `step` has not run (a stop came first): a resume runs it."""
-        if not (self.writer or self.collective):
+    @property
+    def takes_part(self):
+        return self.writer or self.collective
+
+    def save(self, ckpt, *, improved):
+        """Write ckpt, the state after ckpt["iter_num"] steps (ckpt.pt too when improved), and say what was written."""
+        if not self.writer:
             return
-        state = training_state(model=self.model, optimizer=self.optimizer, scaler=self.scaler,
-                               model_args=self.model_args, iter_num=step, best_val_loss=best_val_loss,
-                               config=self.config, rng_states=rng_states, early_stop=early_stop, meta=self.meta,
-                               evaluated=evaluated)
-        if self.writer:
-            written = save_run(state, self.out_dir, improved=improved, keep_last=self.keep_last)
-            self.last_step = step
-            self.report(f"saving checkpoint to {self.config['out_dir']} ({', '.join(written)})")
-            if self.after_first_save is not None:
-                note, self.after_first_save = self.after_first_save(), None
-                if note:
-                    self.report(note)
+        written = save_run(ckpt, self.out_dir, improved=improved, keep_last=self.keep_last)
+        self.last_step = ckpt["iter_num"]
+        self.report(f"saving checkpoint to {ckpt['config']['out_dir']} ({', '.join(written)})")
+        if self.after_first_save is not None:
+            note, self.after_first_save = self.after_first_save(), None
+            if note:
+                self.report(note)
 
     def kept(self):
         """What is on disk for a run that stops now without saving."""

@@ -34,21 +34,35 @@ def warning(cause, what):
 
 
 class CompiledOrEager:
-    """Calls fn compiled (torch.compile(fn, **options)); if compiling fails, calls fn itself from then on, after
-    report(warning). fn must be safe to call again after a failed compiled call (a forward without side effects)."""
+    """fn compiled (torch.compile(fn, **options)), falling back to fn itself for good, after one report(warning), when
+    compiling fails: at torch.compile() or at a call (sample.py's forward), or where the caller catches the failure
+    and hands it to fallback() (a training step's backward runs the compiled graph outside any call of fn). fn must be
+    safe to call again after a failed compiled call (a forward without side effects)."""
 
     def __init__(self, fn, report, what="generation", **options):
         self.eager, self.report, self.what = fn, report, what
         self.compiled, ok = compile_or_eager(fn, report, what, **options)
         self.failed = None if ok else "torch.compile raised"
 
+    @property
+    def current(self):
+        """What to run now: the compiled fn, or fn once compiling has failed."""
+        return self.eager if self.failed else self.compiled
+
+    def fallback(self, exc):
+        """If exc comes from torch.compile's machinery: report the warning, use fn from now on, and return the cause;
+        else None (exc is the caller's to raise)."""
+        cause = compile_failure(exc) if self.failed is None else None
+        if cause is not None:
+            self.failed = cause
+            self.report(warning(cause, self.what))
+        return cause
+
     def __call__(self, *args, **kwargs):
         if self.failed is None:
             try:
                 return self.compiled(*args, **kwargs)
             except Exception as e:
-                self.failed = compile_failure(e)
-                if self.failed is None:
+                if self.fallback(e) is None:
                     raise
-                self.report(warning(self.failed, self.what))
         return self.eager(*args, **kwargs)

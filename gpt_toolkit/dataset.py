@@ -252,12 +252,12 @@ def _masked(X, rng, mask_prob, mask_token, vocab_size):
     return X.masked_fill(masked, mask_token)
 
 
-def run_batches(cfg, dataset, step, device, *, rank=0, world_size=1, vocab_size=None):
-    """step_batches of the train split with a run's config: its batch size, accumulation, block size, seed,
-    masking and batching (padded documents with --padding=True)."""
-    segments = dataset.documents("train", cfg.block_size) if cfg.padding else None
-    return step_batches(dataset.splits["train"], step, batch_size=cfg.batch_size,
+def run_batches(cfg, dataset, step, device, *, split="train", rank=0, world_size=1, vocab_size=None):
+    """step_batches of a split (training's: train) with a run's config: its batch size, accumulation, block size,
+    seed, masking and batching (padded documents with --padding=True)."""
+    segments = dataset.documents(split, cfg.block_size) if cfg.padding else None
+    return step_batches(dataset.splits[split], step, batch_size=cfg.batch_size,
                         accum_steps=cfg.gradient_accumulation_steps, block_size=cfg.block_size, seed=cfg.seed,
                         device=device, rank=rank, world_size=world_size, vocab_size=vocab_size,
                         mask_prob=cfg.mask_prob, mask_token=cfg.mask_token, segments=segments, pad=dataset.eot_token or 0,
-                        trained=dataset.trained["train"])
+                        trained=dataset.trained[split])

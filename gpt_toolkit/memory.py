@@ -3,9 +3,9 @@ tutorial's ch01 6.1 decision tree: smaller micro-batch with more accumulation, t
 model; FSDP sharding when the weights themselves are the problem). tools/estimate.py prints these figures; train.py
 checks them before building the model and turns an out-of-memory error during training into the same advice."""
 import contextlib
+import dataclasses
 import os
 import re
-from types import SimpleNamespace
 
 import torch
 
@@ -161,7 +161,7 @@ def fit_advice(cfg, *, n_params, vocab_size, dtype, budget, device_type):
 
 
 def with_checkpointing(cfg):
-    return SimpleNamespace(**{**vars(cfg), "activation_checkpointing": True})
+    return dataclasses.replace(cfg, activation_checkpointing=True)
 
 
 def smaller_step_advice(cfg):

@@ -32,6 +32,10 @@ def iter_line(step, loss, time_ms, mfu):
     return line if mfu is None else f"{line}, mfu {mfu * 100:.2f}%"
 
 
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def took_line(seconds):
     return f"training took {seconds:.2f} seconds"
 

@@ -1,4 +1,4 @@
-"""The learning-rate schedule: nanoGPT's warmup + cosine, and warmup-stable-decay or constant."""
+"""The learning-rate schedule: nanoGPT's warmup + cosine, and warmup-stable-decay, constant or exponential."""
 import math
 from types import SimpleNamespace
 
@@ -10,9 +10,13 @@ def get_lr(it, *, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=
       cosine:   nanoGPT's cosine from learning_rate at warmup_iters to min_lr at lr_decay_iters, then min_lr;
       wsd:      hold learning_rate, then a cosine to min_lr over the last decay_frac of max_iters
                 (warmup-stable-decay, tutorial ch01 4.2);
-      constant: hold learning_rate (also what decay_lr=False gives)."""
+      constant: hold learning_rate (also what decay_lr=False gives);
+      exponential: grow from min_lr at the end of warmup to learning_rate at max_iters - 1, by the same factor
+                each step (the learning-rate range test: tools/lr_finder.py)."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
+    if schedule == "exponential":
+        return min_lr * (learning_rate / min_lr) ** ((it - warmup_iters) / max(1, max_iters - 1 - warmup_iters))
     if not decay_lr or schedule == "constant":
         return learning_rate
     if schedule == "wsd":

@@ -65,30 +65,26 @@ class StopRequest:
 
 
 class EarlyStopping:
-    """Stop after `patience` evaluations in a row that do not lower the best val loss by more than min_delta.
-    Its state goes into checkpoints, so a resumed run keeps counting."""
+    """Stop after `patience` evaluations in a row that do not lower the best val loss by more than min_delta. It
+    counts in `counts`, the run's TrainingState.early_stop, which checkpoints save: a resumed run keeps counting."""
 
-    def __init__(self, patience, min_delta, state=None):
-        self.patience, self.min_delta = patience, min_delta
-        self.best, self.best_step, self.evals_without_improvement = float("inf"), 0, 0
-        if state:
-            self.best, self.best_step = state["best"], state["best_step"]
-            self.evals_without_improvement = state["evals_without_improvement"]
-
-    def state(self):
-        return {"best": self.best, "best_step": self.best_step, "evals_without_improvement": self.evals_without_improvement}
+    def __init__(self, patience, min_delta, counts):
+        self.patience, self.min_delta, self.counts = patience, min_delta, counts
+        for key, start in (("best", float("inf")), ("best_step", 0), ("evals_without_improvement", 0)):
+            counts.setdefault(key, start)
 
     def update(self, val_loss, step):
         """Record an evaluation; True when patience has run out (never with patience 0)."""
         if not self.patience:
             return False
-        if val_loss < self.best - self.min_delta:
-            self.best, self.best_step, self.evals_without_improvement = val_loss, step, 0
+        c = self.counts
+        if val_loss < c["best"] - self.min_delta:
+            c.update(best=val_loss, best_step=step, evals_without_improvement=0)
         else:
-            self.evals_without_improvement += 1
-        return self.evals_without_improvement >= self.patience
+            c["evals_without_improvement"] += 1
+        return c["evals_without_improvement"] >= self.patience
 
     def message(self, step, best_path):
         return (f"early stopping at step {step}: val loss has not improved by more than {self.min_delta} for "
-                f"{self.patience} evaluations (best {self.best:.4f} at step {self.best_step}); the best model is in "
-                f"{best_path}")
+                f"{self.patience} evaluations (best {self.counts['best']:.4f} at step {self.counts['best_step']}); the "
+                f"best model is in {best_path}")

@@ -3,7 +3,7 @@
 
 train.py and every tool that takes a training config read it here, so `--key=value` means the same everywhere.
 """
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 from configurator import defaults_of, help_of, parse_args
 from gpt_toolkit.errors import ConfigError
@@ -12,77 +12,79 @@ from gpt_toolkit.huggingface import hf_dir_config, is_hf_dir, is_init_source
 from model import GPT2_SIZES
 
 
+@dataclass(frozen=True)
 class Config:
-    """Defaults (nanoGPT's: GPT-2 124M on OpenWebText). The comment after each key is its --help line."""
+    """A run's settings. The defaults are nanoGPT's (GPT-2 124M on OpenWebText); the comment after each key is its
+    --help line. Frozen: a check never changes it, and what a resume takes from its checkpoint comes back as a new
+    Config (dataclasses.replace)."""
     # I/O
-    out_dir = "out"  # where ckpt.pt, training.log, metrics.jsonl and config.json are written
-    eval_interval = 2000  # evaluate train and val loss every N optimizer steps (and after the last)
-    log_interval = 1  # print the training loss every N steps
-    eval_iters = 200  # batches of batch_size per split in each evaluation
-    eval_only = False  # evaluate once and exit
-    always_save_checkpoint = True  # save latest.pt at every evaluation (False: only when val improves and at the end)
-    keep_last = 0  # also keep the last N saves as ckpt_stepNNNNNNNN.pt (0 = none)
-    overwrite = False  # let init_from=scratch/gpt2* replace the checkpoints already in out_dir (refused otherwise)
-    verify_checkpoint = True  # check a resumed checkpoint's checksum (False: load one that fails it anyway)
-    init_from = "scratch"  # scratch | resume (out_dir/latest.pt) | gpt2, gpt2-medium/-large/-xl | an HF dir | a run's out_dir
+    out_dir: str = "out"  # where ckpt.pt, training.log, metrics.jsonl and config.json are written
+    eval_interval: int = 2000  # evaluate train and val loss every N optimizer steps (and after the last)
+    log_interval: int = 1  # print the training loss every N steps
+    eval_iters: int = 200  # batches of batch_size per split in each evaluation
+    eval_only: bool = False  # evaluate once and exit
+    always_save_checkpoint: bool = True  # save latest.pt at every evaluation (False: only when val improves and at the end)
+    keep_last: int = 0  # also keep the last N saves as ckpt_stepNNNNNNNN.pt (0 = none)
+    overwrite: bool = False  # let init_from=scratch/gpt2* replace the checkpoints already in out_dir (refused otherwise)
+    verify_checkpoint: bool = True  # check a resumed checkpoint's checksum (False: load one that fails it anyway)
+    init_from: str = "scratch"  # scratch | resume (out_dir/latest.pt) | gpt2, gpt2-medium/-large/-xl | an HF dir | a run's dir
     # logging
-    wandb_log = False  # log evaluations to Weights & Biases (needs: pip install wandb)
-    wandb_project = "owt"  # W&B project name
-    wandb_run_name = "gpt2"  # W&B run name
-    tensorboard_log = False  # write TensorBoard events to out_dir (needs: pip install tensorboard)
+    wandb_log: bool = False  # log evaluations to Weights & Biases (needs: pip install wandb)
+    wandb_project: str = "owt"  # W&B project name
+    wandb_run_name: str = "gpt2"  # W&B run name
+    tensorboard_log: bool = False  # write TensorBoard events to out_dir (needs: pip install tensorboard)
     # data
-    dataset = "openwebtext"  # train on data_dir/<dataset>/train.bin and val.bin
-    data_dir = "data"  # directory that holds the datasets
-    max_train_tokens = 0  # train on only the first N tokens of train.bin (0 = all): a data-limited run overfits sooner
-    gradient_accumulation_steps = 40  # micro-steps per optimizer step (shared out among DDP processes)
-    batch_size = 12  # sequences per micro-step
-    block_size = 1024  # context length in tokens
+    dataset: str = "openwebtext"  # train on data_dir/<dataset>/train.bin and val.bin
+    data_dir: str = "data"  # directory that holds the datasets
+    max_train_tokens: int = 0  # train on only the first N tokens of train.bin (0 = all): a data-limited run overfits sooner
+    gradient_accumulation_steps: int = 40  # micro-steps per optimizer step (shared out among DDP processes)
+    batch_size: int = 12  # sequences per micro-step
+    block_size: int = 1024  # context length in tokens
     # model
-    n_layer = 12  # transformer blocks
-    n_head = 12  # attention heads per block (must divide n_embd)
-    n_embd = 768  # embedding width
-    dropout = 0.0  # dropout probability in [0, 1): 0 for pretraining, 0.1+ for finetuning
-    bias = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block (must divide n_embd)
+    n_embd: int = 768  # embedding width
+    dropout: float = 0.0  # dropout probability in [0, 1): 0 for pretraining, 0.1+ for finetuning
+    bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
     # AdamW
-    learning_rate = 6e-4  # peak learning rate (also --lr)
-    max_iters = 600000  # optimizer steps to train
-    optimizer = "adamw"  # adamw | muon (Muon for the blocks' 2-D weights, AdamW for embeddings, head, biases, gains)
-    weight_decay = 1e-1  # AdamW weight decay, on 2-D weights only
-    beta1 = 0.9  # AdamW beta1
-    beta2 = 0.95  # AdamW beta2
-    grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
+    learning_rate: float = 6e-4  # peak learning rate (also --lr)
+    max_iters: int = 600000  # optimizer steps to train
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' 2-D weights, AdamW for embeddings, head, biases, gains)
+    weight_decay: float = 1e-1  # AdamW weight decay, on 2-D weights only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
     # learning-rate schedule
-    decay_lr = True  # decay after warmup; False holds learning_rate after warmup
-    lr_schedule = "cosine"  # cosine (nanoGPT) | wsd (warmup, hold, decay over the last decay_frac) | constant
-    warmup_iters = 2000  # linear warmup steps
-    lr_decay_iters = 600000  # cosine: step at which the decay reaches min_lr (usually max_iters)
-    min_lr = 6e-5  # learning rate at the end of the decay (usually learning_rate / 10)
-    decay_frac = 0.2  # wsd: the fraction of max_iters spent decaying to min_lr
+    decay_lr: bool = True  # decay after warmup; False holds learning_rate after warmup
+    lr_schedule: str = "cosine"  # cosine (nanoGPT) | wsd (warmup, hold, decay over the last decay_frac) | constant | exponential
+    warmup_iters: int = 2000  # linear warmup steps
+    lr_decay_iters: int = 600000  # cosine: step at which the decay reaches min_lr (usually max_iters)
+    min_lr: float = 6e-5  # learning rate at the end of the decay (usually learning_rate / 10)
+    decay_frac: float = 0.2  # wsd: the fraction of max_iters spent decaying to min_lr
     # training features
-    early_stop_patience = 0  # stop after this many evaluations without val improvement (0 = off)
-    early_stop_min_delta = 0.0  # an evaluation improves only if it lowers the best val loss by more than this
-    mask_prob = 0.0  # replace this fraction of training input tokens (never targets, never eval) with mask_token
-    mask_token = -1  # the id masked tokens become; -1 = a random token each time
-    packing = False  # keep attention inside each document of a row (needs an end-of-text token in the data)
-    padding = False  # rows of whole documents padded to the batch's longest, padding out of the loss (needs an end-of-text token)
+    early_stop_patience: int = 0  # stop after this many evaluations without val improvement (0 = off)
+    early_stop_min_delta: float = 0.0  # an evaluation improves only if it lowers the best val loss by more than this
+    mask_prob: float = 0.0  # replace this fraction of training input tokens (never targets, never eval) with mask_token
+    mask_token: int = -1  # the id masked tokens become; -1 = a random token each time
+    packing: bool = False  # keep attention inside each document of a row (needs an end-of-text token in the data)
+    padding: bool = False  # rows of whole documents padded to the batch's longest, padding out of the loss (needs end-of-text)
     # diagnostics
-    debug_data = False  # before training: print a batch, decode it, check that Y is X shifted by one
-    check_init = False  # before training: compare the model's loss with ln(vocab_size), check logits for NaN/Inf
-    grad_monitor_interval = 0  # every N steps log gradient norms, per-layer norms and the update ratio (0 = off)
+    debug_data: bool = False  # before training: print a batch, decode it, check that Y is X shifted by one
+    check_init: bool = False  # before training: compare the model's loss with ln(vocab_size), check logits for NaN/Inf
+    grad_monitor_interval: int = 0  # every N steps log gradient norms, per-layer norms and the update ratio (0 = off)
     # system
-    parallel = "ddp"  # under torchrun: ddp (each process holds the whole model) | fsdp (weights, gradients, AdamW state sharded)
-    backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    device = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
-    dtype = "auto"  # auto (bfloat16 on capable GPUs and CPUs, else float16 on GPUs, float32) | float32 | bfloat16 | float16
-    compile = "auto"  # torch.compile the model: auto (on for CUDA only) | True | False
-    fused_adamw = True  # the fused AdamW kernel where the device has one (CPU, CUDA, MPS)
-    fast_cpu_attention = True  # on CPU: explicit attention for bf16 and dropout, float32 for cached decoding (faster)
-    keep_cpu_memory = True  # on CPU: glibc's malloc keeps what a step frees for the next, instead of page-faulting it back
-    seed = 1337  # seed for initialisation, batch sampling and dropout
-    activation_checkpointing = False  # recompute each block in the backward pass: about one block's activations held, not all
-    check_memory = True  # before any work, refuse a run whose memory estimate cannot fit the device (with the fix)
-    peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = a spec table for known GPUs, else a measured matmul
-
+    parallel: str = "ddp"  # under torchrun: ddp (each process holds the whole model) | fsdp (weights, gradients, AdamW sharded)
+    backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bfloat16 on capable GPUs and CPUs, else float16 on GPUs, float32) | float32 | bfloat16 | float16
+    compile: str | bool = "auto"  # torch.compile the model: auto (on for CUDA only) | True | False
+    fused_adamw: bool = True  # the fused AdamW kernel where the device has one (CPU, CUDA, MPS)
+    fast_cpu_attention: bool = True  # on CPU: explicit attention for bf16 and dropout, float32 for cached decoding (faster)
+    keep_cpu_memory: bool = True  # on CPU: glibc's malloc keeps what a step frees for the next, instead of page-faulting it back
+    seed: int = 1337  # seed for initialisation, batch sampling and dropout
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: one block's activations held, not all
+    check_memory: bool = True  # before any work, refuse a run whose memory estimate cannot fit the device (with the fix)
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = a spec table for known GPUs, else a measured matmul
 
 CHOICES = {
     "backend": ["auto", "nccl", "gloo"],
@@ -90,16 +92,16 @@ CHOICES = {
     "optimizer": ["adamw", "muon"],
     "dtype": DTYPE_CHOICES,
     "compile": ["auto", True, False],
-    "lr_schedule": ["cosine", "wsd", "constant"],
+    "lr_schedule": ["cosine", "wsd", "constant", "exponential"],
 }
 ALIASES = {"lr": "learning_rate"}
 USAGE = "usage: python train.py [CONFIG_FILE ...] [--key=value ...]"
 
 
 def load_config(argv):
-    """(config namespace, keys given as --key=value) from a command line; ConfigError on bad input."""
+    """(Config, keys given as --key=value) from a command line; ConfigError on bad input."""
     config, cli_keys = parse_args(argv, defaults_of(Config), help_of(Config), CHOICES, ALIASES, USAGE)
-    return SimpleNamespace(**config), cli_keys
+    return Config(**config), cli_keys
 
 
 def check_init_from(init_from, keywords):
@@ -134,6 +136,9 @@ def validate(cfg):
     for key in ("beta1", "beta2", "mask_prob"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1)")
+    if cfg.lr_schedule == "exponential" and not 0 < cfg.min_lr < cfg.learning_rate:
+        raise ConfigError(f"lr_schedule=exponential grows from min_lr to learning_rate: it needs 0 < min_lr < "
+                          f"learning_rate (got min_lr={cfg.min_lr}, learning_rate={cfg.learning_rate})")
     if not 0.0 < cfg.decay_frac <= 1.0:
         raise ConfigError(f"decay_frac={cfg.decay_frac} must be in (0, 1]")
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp":

@@ -79,12 +79,13 @@ IN_PROCESS = {"train.py": "train", "sample.py": "sample", **{f"tools/{name}.py":
     "data/prepare_text.py": "data.prepare_text"}
 
 
-def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False):
+def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False, watch=None):
     """Run one of the toolkit's scripts (path relative to the toolkit root) as `python SCRIPT ARGS` would:
-    in this process when it has a main() (listed above), else, or with env or subprocess_only, in a new one."""
+    in this process when it has a main() (listed above), else, or with env or subprocess_only, in a new one.
+    watch: for train.py, the Watch subclass its loop runs with (a test's fault or observer goes there)."""
     script, rest = args[0], [str(a) for a in args[1:]]
     if script in IN_PROCESS and env is None and not subprocess_only:
-        return _run_in_process(IN_PROCESS[script], rest, cwd)
+        return _run_in_process(IN_PROCESS[script], rest, cwd, {"watch_class": watch} if watch else {})
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *rest], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
@@ -131,13 +132,13 @@ def wait_all(commands, timeout):
     return results
 
 
-def _run_in_process(module_name, argv, cwd):
+def _run_in_process(module_name, argv, cwd, options):
     main = importlib.import_module(module_name).main
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run_main(main, argv)
+            run_main(lambda argv: main(argv, **options), argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return subprocess.CompletedProcess([module_name, *argv], code, out.getvalue(), err.getvalue())

@@ -1,4 +1,5 @@
 """Tools for the tutorial's challenges: lr_finder, grad_viz, estimate, debug_training."""
+import dataclasses
 import re
 
 import pytest
@@ -68,7 +69,7 @@ def test_estimate_memory_parts():
     half = memory_estimate(cfg, n_params=10_745_088, vocab_size=65, dtype="float32", batch_size=32, device_type="cpu")
     assert half["activations"] * 2 == parts["activations"]  # activations scale with the micro-batch
     assert "attention matrices" not in parts  # no dropout: SDPA's fused kernel keeps no T x T matrix
-    cfg.dropout = 0.2
+    cfg = dataclasses.replace(cfg, dropout=0.2)
     with_dropout = memory_estimate(cfg, n_params=10_745_088, vocab_size=65, dtype="float32", device_type="cpu")
     assert with_dropout["attention matrices"] == 6 * 64 * 6 * 256 ** 2 * 17
     on_cuda = memory_estimate(cfg, n_params=10_745_088, vocab_size=65, dtype="float32", device_type="cuda")

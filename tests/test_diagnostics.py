@@ -9,19 +9,20 @@ import torch
 from conftest import TINY_TRAIN
 
 import train
-from gpt_toolkit import dataset, trainer
+from gpt_toolkit import dataset
 from gpt_toolkit.dataset import Dataset, step_batches
 from gpt_toolkit.diagnostics import MAX_SKIPPED_STEPS, GradMonitor, check_batch, grad_warnings
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.schedule import get_lr
+from gpt_toolkit.watch import Watch
 from model import GPT, GPTConfig, document_positions_and_mask
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
 
 
-def run_train(capsys, *argv):
+def run_train(capsys, *argv, watch=Watch):
     with pytest.raises(SystemExit) as e:
-        run_main(train.main, [str(a) for a in argv])
+        run_main(lambda args: train.main(args, watch_class=watch), [str(a) for a in argv])
     out, err = capsys.readouterr()
     return e.value.code, out, err
 
@@ -99,22 +100,13 @@ def test_grad_monitor_update_ratio_matches_a_manual_step():
     assert monitor.update_ratio() == pytest.approx((0.1 * grads).norm().item() / before.norm().item(), rel=1e-4)
 
 
-def test_nan_guard_stops_and_keeps_the_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+def test_nan_guard_stops_and_keeps_the_checkpoint(data_dir, tmp_path, capsys):
     out_dir = tmp_path / "nan"
     assert run_train(capsys, *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out_dir}")[0] == 0
     saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")}
-    real = trainer.forward_backward
-
-    def inject_inf(model, batches, ctx, scaler, doc_sep=None):
-        loss = real(model, batches, ctx, scaler, doc_sep)
-        if injected["n"] == 3:  # the 4th step after the resume: step 23
-            next(model.parameters()).grad[0, 0] = float("inf")
-        injected["n"] += 1
-        return loss
-    injected = {"n": 0}
-    monkeypatch.setattr(trainer, "forward_backward", inject_inf)
+    watch = inf_gradients(at_steps={23})  # the 4th step after the resume
     code, out, err = run_train(capsys, *TINY_TRAIN, "--max_iters=40", "--log_interval=1", "--init_from=resume",
-                               f"--data_dir={data_dir}", f"--out_dir={out_dir}")
+                               f"--data_dir={data_dir}", f"--out_dir={out_dir}", watch=watch)
     assert code == 1
     assert "loss or gradients became NaN/Inf by step 23" in err and "step 20) is from before and untouched" in err
     assert "learning rate too high" in out and "--grad_clip=1.0" in out and "--dtype=bfloat16" in out
@@ -289,26 +281,20 @@ def test_padding_needs_an_end_of_text_token(data_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def inject_inf_gradients(monkeypatch, at_calls):
-    """Make the gradient of the first parameter inf after the given forward_backward calls (0-based)."""
-    real = trainer.forward_backward
-    calls = {"n": 0}
-
-    def inject(model, batches, ctx, scaler, doc_sep=None):
-        loss = real(model, batches, ctx, scaler, doc_sep)
-        if calls["n"] in at_calls:
-            next(model.parameters()).grad[0, 0] = float("inf")
-        calls["n"] += 1
-        return loss
-    monkeypatch.setattr(trainer, "forward_backward", inject)
+def inf_gradients(at_steps):
+    """A Watch whose steps in at_steps end with an inf gradient in the first parameter."""
+    class InfGradients(Watch):
+        def after_backward(self, step, module):
+            if step in at_steps:
+                next(module.parameters()).grad[0, 0] = float("inf")
+    return InfGradients
 
 
-def test_float16_scaler_skips_an_inf_step_and_training_goes_on(data_dir, tmp_path, capsys, monkeypatch):
+def test_float16_scaler_skips_an_inf_step_and_training_goes_on(data_dir, tmp_path, capsys):
     """float16's GradScaler skips a step whose gradients overflowed and halves its scale: that is normal, not a NaN."""
     args = [*TINY_TRAIN, "--dtype=float16", "--max_iters=20", "--log_interval=1", f"--data_dir={data_dir}"]
     assert run_train(capsys, *args, f"--out_dir={tmp_path / 'plain'}")[0] == 0
-    inject_inf_gradients(monkeypatch, at_calls={5})
-    code, out, err = run_train(capsys, *args, f"--out_dir={tmp_path / 'skipped'}")
+    code, out, err = run_train(capsys, *args, f"--out_dir={tmp_path / 'skipped'}", watch=inf_gradients(at_steps={5}))
     assert code == 0, err
     assert "NaN/Inf" not in out and "step 20: train loss" in out
     plain = torch.load(tmp_path / "plain" / "latest.pt", weights_only=True)["scaler"]
@@ -316,14 +302,14 @@ def test_float16_scaler_skips_an_inf_step_and_training_goes_on(data_dir, tmp_pat
     assert skipped["scale"] == plain["scale"] / 2  # exactly one step was skipped
 
 
-def test_float16_guard_stops_a_run_of_skipped_steps(data_dir, tmp_path, capsys, monkeypatch):
+def test_float16_guard_stops_a_run_of_skipped_steps(data_dir, tmp_path, capsys):
     out_dir = tmp_path / "fp16"
     args = [*TINY_TRAIN, "--dtype=float16", f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
     assert run_train(capsys, *args, "--max_iters=20")[0] == 0
     saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")}
-    inject_inf_gradients(monkeypatch, at_calls=range(3, 10_000))  # broken from step 23 on
     code, out, err = run_train(capsys, *args, "--max_iters=100", "--lr_decay_iters=100", "--log_interval=1",
-                               "--eval_interval=100", "--init_from=resume")
+                               "--eval_interval=100", "--init_from=resume",
+                               watch=inf_gradients(at_steps=range(23, 10_000)))  # broken from step 23 on
     assert code == 1
     assert f"the GradScaler skipped the last {MAX_SKIPPED_STEPS} steps for inf/NaN gradients" in out
     assert f"loss or gradients became NaN/Inf by step {23 + MAX_SKIPPED_STEPS - 1}" in err

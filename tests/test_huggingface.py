@@ -8,9 +8,9 @@ from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt_toolkit.huggingface import tokenizer_for_hf_dir
+from gpt_toolkit.init_from import build_model
 from gpt_toolkit.tokenizer import GPT2Tokenizer, read_meta
 from gpt_toolkit.train_config import load_config
-from gpt_toolkit.trainer import build_model
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")

@@ -12,10 +12,10 @@ import time
 import pytest
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-import train
 from gpt_toolkit.checkpoint import load_checkpoint
 from gpt_toolkit.progress import Heartbeat
 from gpt_toolkit.runlog import EVAL_RE, ITER_RE, TOOK_RE, iter_line
+from gpt_toolkit.watch import Watch
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
 
@@ -31,9 +31,16 @@ def loss_lines(text):
     return [re.sub(r", time .*", "", line) for line in text.splitlines() if EVAL_RE.match(line) or ITER_RE.match(line)]
 
 
-def test_evaluations_and_slow_steps_say_how_far_they_are(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "Heartbeat", lambda report: Heartbeat(report, first=0.0, every=0.0))  # every beat
-    r = run_script(*train_args(data_dir, tmp_path / "out"))
+class EveryBeat(Watch):
+    """A heartbeat line at every chance it gets."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.heartbeat = Heartbeat(self.log.print, first=0.0, every=0.0)
+
+
+def test_evaluations_and_slow_steps_say_how_far_they_are(data_dir, tmp_path):
+    r = run_script(*train_args(data_dir, tmp_path / "out"), watch=EveryBeat)
     assert r.returncode == 0, r.stderr
     assert re.search(r"^evaluating at step 0: train 1/4 batches, val 0/4 \(\d+s so far, about \d+s in all\)$", r.stdout,
                      re.M), r.stdout
@@ -65,6 +72,19 @@ def test_a_config_sized_for_another_machine_is_said_at_the_start_and_the_run_goe
                      r.stdout, re.M)
     assert note, r.stdout
     assert r.stdout.index("note:") < r.stdout.index("step 0:") and "step 60:" in r.stdout
+
+
+def test_the_cpu_advice_runs_as_printed(data_dir, tmp_path):
+    """The note's ch01 7.1 settings, added to the tutorial's GPU config, make a command that trains."""
+    r = run_script("train.py", "config/train_shakespeare_char.py", "--peak_flops=1e6", "--max_iters=0", "--eval_iters=1",
+                   "--batch_size=2", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'gpu'}")
+    assert r.returncode == 0, r.stderr
+    advice = re.search(r"\(ch01 7\.1: ((?:--\w+=\d+ ?)+)\)", r.stdout).group(1).split()
+    assert "--n_head=2" in advice
+    r = run_script("train.py", "config/train_shakespeare_char.py", *advice, "--max_iters=3", "--eval_interval=3",
+                   f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'cpu'}")
+    assert r.returncode == 0, r.stderr
+    assert "step 3: train loss" in r.stdout
 
 
 @pytest.mark.slow
@@ -119,7 +139,8 @@ def interrupted_then_resumed(data_dir, tmp_path, extra, signal_after, pause, exp
 
 @pytest.mark.slow
 def test_ctrl_c_during_an_evaluation_saves_and_the_resume_is_exact(data_dir, tmp_path):
-    long_eval = ["--eval_iters=4000", "--dropout=0.1", "--log_interval=1"]  # each evaluation takes a few seconds
+    long_eval = ["--eval_iters=2500", "--dropout=0.1", "--log_interval=1", "--max_iters=40", "--lr_decay_iters=40"]
+    # each evaluation (5,000 batches) takes a second or more: the signal lands in it
     reference, interrupted, resumed = interrupted_then_resumed(
         data_dir, tmp_path, long_eval, "iter 19:", 0.5,
         "interrupted (SIGINT) during the evaluation at step 20: saved {latest} with the state after step 20 (its "

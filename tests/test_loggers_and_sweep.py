@@ -127,3 +127,19 @@ def test_sweep_end_to_end(data_dir, tmp_path):
 def test_sweep_needs_a_search():
     r = run_script("tools/sweep.py", "config/train_shakespeare_char.py", "--trials=2")
     assert_one_line_error(r, "nothing to search", code=2)
+
+
+def test_wandb_gets_the_config_a_resume_runs_with(data_dir, tmp_path, monkeypatch):
+    """The config file says 6 layers, the checkpoint has 2: the resumed run, and what W&B records of it, has 2."""
+    import types
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=fake.init, log=fake.log, finish=fake.finish))
+    out = tmp_path / "run"
+    assert run_script("train.py", *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out}").returncode == 0
+    r = run_script("train.py", "config/train_shakespeare_char.py", "--init_from=resume", "--max_iters=30",
+                   "--eval_interval=10", "--eval_iters=2", "--wandb_log=True", "--device=cpu", f"--data_dir={data_dir}",
+                   f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    config = fake.calls[0][1]["config"]
+    assert (config["n_layer"], config["n_embd"], config["block_size"]) == (2, 32, 32)
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 2

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit import memory, trainer
+from gpt_toolkit import memory
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.train_config import load_config
+from gpt_toolkit.watch import Watch
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
@@ -61,22 +62,19 @@ def test_refused_before_any_work_and_nothing_written(data_dir, tmp_path):
     assert_one_line_error(r, "n_embd=4096 is not divisible by n_head=33")
 
 
-def test_out_of_memory_during_training_is_one_line_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
+def test_out_of_memory_during_training_is_one_line_and_keeps_the_checkpoint(data_dir, tmp_path):
     out = tmp_path / "oom"
     assert run_script("train.py", *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out}").returncode == 0
     saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out.glob("*.pt")}
-    real = trainer.forward_backward
-    steps = []
 
-    def allocation_fails(*args, **kw):
-        steps.append(1)
-        if len(steps) == 4:  # the 4th step after the resume: step 23
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
-                               "you tried to allocate 320000000000 bytes. Error code 12 (Cannot allocate memory)")
-        return real(*args, **kw)
-    monkeypatch.setattr(trainer, "forward_backward", allocation_fails)
+    class AllocationFails(Watch):
+        def after_backward(self, step, module):
+            if step == 23:  # the 4th step after the resume
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                                   "memory: you tried to allocate 320000000000 bytes. Error code 12 (Cannot allocate "
+                                   "memory)")
     r = run_script("train.py", *TINY_TRAIN, "--max_iters=40", "--init_from=resume", f"--data_dir={data_dir}",
-                   f"--out_dir={out}")
+                   f"--out_dir={out}", watch=AllocationFails)
     line = assert_one_line_error(r, "out of memory at step 23 (asked for 298.02 GB more): ",
                                  f"the last checkpoint ({out / 'latest.pt'}, step 20) is from before and untouched")
     assert "--batch_size=" in line

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from gpt_toolkit import hardware, trainer
+from gpt_toolkit import hardware
 from model import GPT, GPTConfig, state_dict_from_hf
 
 SMALL = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
@@ -31,15 +31,27 @@ def test_sequence_longer_than_block_size_is_an_error():
         GPT(SMALL)(torch.zeros(1, 33, dtype=torch.long))
 
 
+def forward_backward(model, micro_batches):
+    """train.py's micro-step loop: each micro-batch's loss divided by their number, the gradients added up."""
+    ctx, scaler = hardware.autocast("cpu", "float32"), hardware.grad_scaler("cpu", "float32")
+    total = torch.zeros(())
+    for X, Y in micro_batches:
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / len(micro_batches)
+        scaler.scale(loss).backward()
+        total += loss.detach()
+    return total
+
+
 def test_accumulated_gradients_equal_one_big_batch():
     torch.manual_seed(0)
     model = GPT(SMALL)
     X, Y = batch()
-    ctx, scaler = hardware.autocast("cpu", "float32"), hardware.grad_scaler("cpu", "float32")
-    loss_one = trainer.forward_backward(model, [(X, Y)], ctx, scaler)
+    loss_one = forward_backward(model, [(X, Y)])
     grads_one = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    loss_two = trainer.forward_backward(model, [(X[:4], Y[:4]), (X[4:], Y[4:])], ctx, scaler)
+    loss_two = forward_backward(model, [(X[:4], Y[:4]), (X[4:], Y[4:])])
     grads_two = [p.grad.clone() for p in model.parameters()]
     assert loss_one.item() == pytest.approx(loss_two.item(), abs=1e-6)
     for a, b in zip(grads_one, grads_two):

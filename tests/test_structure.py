@@ -94,14 +94,50 @@ def calls_of(name):
 
 
 def test_one_place_builds_the_optimizer_and_writes_checkpoints():
-    # ours in trainer.py; gpu_check.py calls it on nanoGPT's own model, to time nanoGPT beside us
-    assert calls_of("configure_optimizers") == {"gpt_toolkit/trainer.py", "tools/gpu_check.py"}
+    # ours in training.py; gpu_check.py calls it on nanoGPT's own model, to time nanoGPT beside us
+    assert calls_of("configure_optimizers") == {"gpt_toolkit/training.py", "tools/gpu_check.py"}
     assert calls_of("set_float32_matmul_precision") == {"gpt_toolkit/process.py"}  # TF32: setup_process
     assert calls_of("mallopt") == {"gpt_toolkit/process.py"}
-    assert calls_of("build_training") == {"train.py", "tools/bench.py", "tools/lr_finder.py", "tools/gpu_check.py",
-                                          "gpt_toolkit/trainer.py"}
+    assert calls_of("build_training") == {"train.py"}
     assert calls_of("save_checkpoint") == {"gpt_toolkit/checkpoint.py"}
     assert calls_of("fsync") == {"gpt_toolkit/files.py"}  # every file written in place goes through files.atomic_write
+
+
+def test_one_step_sequence_the_loops():
+    """The tutorial's step is written once, in train.py's loop; the tools that time or drive training run train.py
+    itself (gpt_toolkit.timing). gpu_check.py's other copy is nanoGPT's own step, timed beside ours."""
+    assert calls_of("backward") == {"train.py", "tools/gpu_check.py", "tools/debug_training.py"}  # ch03 5: one backward
+    assert calls_of("clip_grad_norm_") == {"train.py", "tools/gpu_check.py"}
+    assert calls_of("run_path") == {"gpt_toolkit/timing.py"}  # the one place a script is run by the library
+    assert calls_of("compile_or_eager") == {"gpt_toolkit/compiling.py"}  # one compile wrapper: CompiledOrEager
+
+
+def test_train_py_reads_as_the_tutorials_loop():
+    """nanoGPT's names, in its order, and short functions: none over 100 lines, control flow at most 5 deep."""
+    source = (ROOT / "train.py").read_text(encoding="utf-8")
+    names = ["def get_batch(split", "def estimate_loss():", "def get_lr(it):", "while True:",
+             "for param_group in optimizer.param_groups:", 'param_group["lr"] = lr', "losses = estimate_loss()",
+             'micro_batches = get_batch("train", iter_num)', "for micro_step, (X, Y) in enumerate(micro_batches):",
+             "model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1", "with ctx:",
+             "logits, loss = model(X, Y", "loss = loss / gradient_accumulation_steps", "scaler.scale(loss).backward()",
+             "scaler.unscale_(optimizer)", "torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)",
+             "scaler.step(optimizer)", "scaler.update()", "optimizer.zero_grad(set_to_none=True)"]
+    positions = [source.index(name) for name in names]
+    assert positions == sorted(positions)
+    checkpoint = source[source.index("def checkpoint("):]
+    keys = [checkpoint.index(f'"{key}": ') for key in ("model", "optimizer", "model_args", "iter_num", "best_val_loss",
+                                                       "config")]
+    assert keys == sorted(keys)  # nanoGPT's keys, in its order, where a reader sees them
+    nested = (ast.If, ast.For, ast.While, ast.With, ast.Try)
+
+    def depth(node, level=0):
+        inner = [depth(child, level + isinstance(child, nested)) for child in ast.iter_child_nodes(node)
+                 if not isinstance(child, (ast.FunctionDef, ast.ClassDef))]
+        return max([level, *inner])
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef):
+            assert node.end_lineno - node.lineno + 1 <= 100, node.name
+            assert depth(node) <= 5, node.name
 
 
 def test_every_script_makes_ctrl_c_during_its_imports_one_line():

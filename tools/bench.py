@@ -7,13 +7,14 @@ the KV cache. Figures for README come from here.
     python tools/bench.py --checkpointing config/train_shakespeare_char.py --block_size=1024 --n_layer=6 --batch_size=4
     python tools/bench.py --allocator config/train_shakespeare_char.py --device=cpu [--iters=5] [--rounds=3]
 
-Training: ms per iteration after warm-up (median over rounds), tokens/s, MFU against the peak of the device for
+Training: train.py's own steps (gpt_toolkit.timing: each round a fresh train.py run in this process, --warmup steps
+untimed, then --iters timed), ms per iteration (median over rounds), tokens/s, MFU against the peak of the device for
 that dtype (a spec table for known GPUs, else a measured matmul), and peak memory (CUDA allocator peak, or the
-process's peak resident set on CPU). --compare also builds the same config with every speed feature off (float32,
-eager, plain AdamW, torch's own attention everywhere) in the same process, alternates rounds between the two,
-and prints the ratio. Sampling times the KV cache on and off, all sampling features off (float32, no cache,
-torch's attention: what nanoGPT's sample.py does on CPU), and, when the dtype is not float32, the cache in float32
-(its gain against all off); it uses random weights: speed does not depend on them.
+process's peak resident set on CPU). --compare also runs the same config with every speed feature off (float32,
+eager, plain AdamW, torch's own attention everywhere), alternates rounds between the two, and prints the ratio.
+Sampling times the KV cache on and off, all sampling features off (float32, no cache, torch's attention: what
+nanoGPT's sample.py does on CPU), and, when the dtype is not float32, the cache in float32 (its gain against all
+off); it uses random weights: speed does not depend on them.
 --batching times the two ways of batching a dataset of documents (separated by an end-of-text token): packed rows
 of block_size (--packing=True) and whole documents padded to each batch's longest (--padding=True), counting only
 real tokens (targets that are not padding) in tokens/s. --checkpointing times the config with and without
@@ -22,7 +23,7 @@ the config on CPU with keep_cpu_memory on and off, each round a fresh process pe
 iteration.
 """
 import argparse
-import copy
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -41,8 +42,9 @@ from gpt_toolkit import hardware
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.dataset import Dataset, run_batches
 from gpt_toolkit.errors import ConfigError, UserError, run_main
+from gpt_toolkit.init_from import scratch_model_args
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.trainer import build_training, scratch_model_args, train_step
+from gpt_toolkit.timing import StepClock, train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 
 
@@ -67,58 +69,59 @@ def parser():
 
 
 class Variant:
-    """One way of running the config's training step, built once and timed in rounds."""
+    """One way of running the config's training step (a Config for train.py), timed in rounds: each round a fresh
+    train.py run in this process, `warmup` steps and then the timed ones."""
 
-    def __init__(self, name, cfg, dataset, vocab_size, device, dtype, use_compile, fused, fast_attention):
-        self.name, self.cfg, self.dataset, self.vocab_size = name, cfg, dataset, vocab_size
-        self.device, self.dtype = device, dtype
-        self.kind = hardware.device_type(device)
-        torch.manual_seed(cfg.seed)
-        raw = GPT(GPTConfig(**scratch_model_args(cfg, vocab_size), fast_cpu_attention=fast_attention))
-        self.flops_per_iter = (raw.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size
-                               * cfg.gradient_accumulation_steps)
-        self.training = build_training(raw, cfg, device=device, dtype=dtype, fused=fused)
-        if use_compile:
-            self.training.model = torch.compile(raw)
-        self.features = (f"{dtype}, {'compiled' if use_compile else 'eager'}, {'fused' if fused else 'plain'} AdamW, "
-                         f"{'fast CPU' if fast_attention and self.kind == 'cpu' else 'torch'} attention")
-        self.doc_sep = dataset.eot_token if cfg.packing else None
-        self.step_no, self.times, self.rates = 0, [], []
+    def __init__(self, name, cfg, dataset):
+        self.name, self.cfg, self.dataset = name, cfg, dataset
+        self.device = hardware.resolve_device(cfg.device)
+        self.kind = hardware.device_type(self.device)
+        self.dtype = hardware.resolve_dtype(cfg.dtype, self.device)
+        use_compile = hardware.resolve_compile(cfg.compile, self.device)
+        self.features = (f"{self.dtype}, {'compiled' if use_compile else 'eager'}, "
+                         f"{'fused' if cfg.fused_adamw else 'plain'} AdamW, "
+                         f"{'fast CPU' if cfg.fast_cpu_attention and self.kind == 'cpu' else 'torch'} attention")
+        self.flops_per_iter = None
+        self.times, self.rates = [], []
 
-    def steps(self, n):
-        """Run n steps; returns seconds per step (and adds the real tokens per second to self.rates)."""
-        cfg = self.cfg
-        real = 0
-        t0 = time.perf_counter()
-        for _ in range(n):
-            batches = run_batches(cfg, self.dataset, self.step_no, self.device, vocab_size=self.vocab_size)
-            train_step(self.training, batches, cfg.grad_clip, self.doc_sep).item()
-            real += sum(int((Y >= 0).sum()) for _, Y in batches)  # padding targets are -1
-            self.step_no += 1
-        hardware.synchronize(self.device)
-        seconds = time.perf_counter() - t0
+    def steps(self, n, warmup):
+        """One round: a fresh run, warmup steps, then n timed; returns seconds per step (and adds the real tokens
+        per second, padding left out, to self.rates)."""
+        clock = train_in_process(self.cfg, steps=warmup + n)
+        self.flops_per_iter = clock.timer.flops_per_iter
+        seconds = sum(clock.seconds[warmup:])
+        real = sum(int((Y >= 0).sum()) for step in range(warmup, warmup + n)
+                   for _, Y in run_batches(self.cfg, self.dataset, step, "cpu"))
         self.rates.append(real / seconds)
         return seconds / n
 
     def peak_memory(self):
         """Peak memory two training steps add to what the process holds (model, data) before them."""
-        base = hardware.memory_in_use(self.device)
-        hardware.reset_peak_memory(self.device)  # after reading base: the peak can then never be below it
-        self.steps(2)  # the second step has AdamW's state too
-        return hardware.peak_memory(self.device) - base
+        return train_in_process(self.cfg, steps=2, memory="steps").peak
 
 
-def variant(which, cfg, dataset, vocab_size, device):
+def variant(which, cfg, dataset):
     if which == "checkpointed":  # every speed feature on, and the blocks recomputed in the backward pass
-        c = copy.copy(cfg)
-        c.activation_checkpointing = True
-        v = variant("on", c, dataset, vocab_size, device)
-        v.name, v.features = "checkpointed", v.features + ", activation checkpointing"
+        v = Variant("checkpointed", dataclasses.replace(cfg, activation_checkpointing=True), dataset)
+        v.features += ", activation checkpointing"
         return v
     if which == "on":
-        return Variant("all features on", cfg, dataset, vocab_size, device, hardware.resolve_dtype(cfg.dtype, device),
-                       hardware.resolve_compile(cfg.compile, device), cfg.fused_adamw, cfg.fast_cpu_attention)
-    return Variant("all features off", cfg, dataset, vocab_size, device, "float32", False, False, False)
+        return Variant("all features on", cfg, dataset)
+    return Variant("all features off", dataclasses.replace(cfg, dtype="float32", compile=False, fused_adamw=False,
+                                                           fast_cpu_attention=False), dataset)
+
+
+class FaultCounter(StepClock):
+    """A StepClock that also counts the process's page faults after each step."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.faults = []
+
+    def between_steps(self, step):
+        import resource  # Unix: the page-fault count
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+        return super().between_steps(step)
 
 
 def fresh_process(argv, *names):
@@ -138,29 +141,24 @@ def train_bench(cfg, opts, argv):
     device = hardware.resolve_device(cfg.device)
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     dataset.check_block_size(cfg.block_size)
-    vocab_size = dataset.model_vocab_size
     if opts["memory_of"]:
-        print(f"peak_bytes {variant(opts['memory_of'], cfg, dataset, vocab_size, device).peak_memory()}")
+        print(f"peak_bytes {variant(opts['memory_of'], cfg, dataset).peak_memory()}")
         return
     if opts["steps_of"]:
-        import resource  # Unix: the page-fault count
-        v = variant(opts["steps_of"], cfg, dataset, vocab_size, device)
-        v.steps(opts["warmup"])
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        seconds = v.steps(opts["iters"])
-        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / opts["iters"]
+        clock = train_in_process(variant(opts["steps_of"], cfg, dataset).cfg, steps=opts["warmup"] + opts["iters"],
+                                 clock=FaultCounter)
+        seconds = sum(clock.seconds[opts["warmup"]:]) / opts["iters"]
+        faults = (clock.faults[-1] - clock.faults[opts["warmup"] - 1]) / opts["iters"]
         print(f"seconds_per_iter {seconds} faults_per_iter {faults}")
         return
     names = ["on", "checkpointed"] if opts["checkpointing"] else ["on", "off"] if opts["compare"] else ["on"]
-    variants = [variant(which, cfg, dataset, vocab_size, device) for which in names]
+    variants = [variant(which, cfg, dataset) for which in names]
     tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     print(f"{cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x "
           f"{cfg.gradient_accumulation_steps}: {tokens:,} tokens per iteration on {device}")
-    for v in variants:
-        v.steps(opts["warmup"])  # allocation, autotuning, compilation
     for _ in range(opts["rounds"]):  # alternate, so a slow patch of the machine hits both alike
         for v in variants:
-            v.times.append(v.steps(opts["iters"]))
+            v.times.append(v.steps(opts["iters"], opts["warmup"]))  # each after warm-up: allocation, compilation
     rows = []
     memories = []
     for v, which in zip(variants, names):
@@ -214,18 +212,11 @@ def batching_bench(cfg, opts):
     print(f"{cfg.dataset}: {len(lengths):,} train documents (pieces of at most block_size {cfg.block_size}), "
           f"{lengths.mean() - 1:.0f} targets each on average; {cfg.n_layer} layers x {cfg.n_embd}, batch "
           f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}, on {device}")
-    variants = []
-    for flag in ("packing", "padding"):
-        c = copy.copy(cfg)
-        c.packing, c.padding = flag == "packing", flag == "padding"
-        variants.append(variant("on", c, dataset, dataset.model_vocab_size, device))
-        variants[-1].name = f"{flag}=True"
-    for v in variants:
-        v.steps(opts["warmup"])
-        v.rates.clear()
+    variants = [Variant(f"{flag}=True", dataclasses.replace(cfg, packing=flag == "packing", padding=flag == "padding"),
+                        dataset) for flag in ("packing", "padding")]
     for _ in range(opts["rounds"]):
         for v in variants:
-            v.times.append(v.steps(opts["iters"]))
+            v.times.append(v.steps(opts["iters"], opts["warmup"]))
     for v in variants:
         print(f"{v.name:<13} {1000 * statistics.median(v.times):9.1f} ms/iter  "
               f"{statistics.median(v.rates):>10,.0f} real tokens/s  ({v.features})")
@@ -281,8 +272,8 @@ def sample_bench(cfg, opts):
 def main(argv):
     args, cfg = parser().parse(argv)
     opts = vars(args)
-    if opts["iters"] < 1 or opts["rounds"] < 1 or opts["max_new_tokens"] < 1:
-        raise ConfigError("--iters, --rounds and --max_new_tokens must be positive")
+    if opts["iters"] < 1 or opts["rounds"] < 1 or opts["max_new_tokens"] < 1 or opts["warmup"] < 1:
+        raise ConfigError("--iters, --rounds, --warmup and --max_new_tokens must be positive")
     setup_process(hardware.resolve_device(cfg.device), keep_cpu_memory=cfg.keep_cpu_memory)
     if opts["sample"]:
         sample_bench(cfg, opts)

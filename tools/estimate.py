@@ -20,9 +20,11 @@ from gpt_toolkit import hardware
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.dataset import Dataset
 from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.evaluation import eval_to_step_ratio
+from gpt_toolkit.init_from import scratch_model_args
 from gpt_toolkit.memory import fit_advice, fmt_bytes, memory_estimate, parse_size, with_checkpointing
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.trainer import scratch_model_args, timed_steps
+from gpt_toolkit.timing import train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 
 
@@ -35,17 +37,12 @@ def parser():
     return p
 
 
-def measure(cfg, vocab_size, steps, device, dtype):
-    """(peak bytes a training step adds, ms per iteration) from a few real steps; memory as CUDA's allocator
-    peak on GPU, the process's peak RSS on CPU."""
-    dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
-    dataset.check_block_size(cfg.block_size)
-    base = hardware.memory_in_use(device)
-    hardware.reset_peak_memory(device)  # after reading base: the peak can then never be below it
-    times = timed_steps(cfg, dataset, device=device, dtype=dtype, steps=steps, vocab_size=vocab_size)
-    peak = hardware.peak_memory(device) - base
-    steady = times[1:] or times  # the first step pays for allocation
-    return peak, 1000 * sum(steady) / len(steady)
+def measure(cfg, steps):
+    """(peak bytes a training run adds, ms per iteration) from a few real steps of train.py; memory as CUDA's
+    allocator peak on GPU, the process's peak RSS on CPU."""
+    clock = train_in_process(cfg, steps=steps, memory="whole_run")
+    steady = clock.seconds[1:] or clock.seconds  # the first step pays for allocation
+    return clock.peak, 1000 * sum(steady) / len(steady)
 
 
 def main(argv):
@@ -86,11 +83,11 @@ def main(argv):
         checkpointed = memory_estimate(with_checkpointing(cfg), **sizes)["total"]
         print(f"  with --activation_checkpointing=True: total {fmt_bytes(checkpointed)}")
     if args.measure:
-        peak, ms = measure(cfg, V, max(2, args.measure_steps), device, dtype)
+        peak, ms = measure(cfg, max(2, args.measure_steps))
         print(f"measured on {device}: peak {fmt_bytes(peak)} ({(peak - parts['total']) / parts['total']:+.1%} vs the "
               f"estimate), {ms:.1f} ms per iteration")
         evals = cfg.max_iters // cfg.eval_interval + 1
-        eval_s = evals * 2 * cfg.eval_iters * (ms / 1000) / cfg.gradient_accumulation_steps / 3  # a forward ~ 1/3 of a step
+        eval_s = evals * eval_to_step_ratio(cfg) * ms / 1000
         print(f"time estimate: {cfg.max_iters:,} x {ms:.1f} ms = {cfg.max_iters * ms / 1000 / 60:.1f} min of training "
               f"+ ~{eval_s / 60:.1f} min for {evals} evaluations")
     if args.mem:

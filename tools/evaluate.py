@@ -22,7 +22,7 @@ from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.dataset import SPLITS
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.trainer import checkpoint_split, score_line
+from gpt_toolkit.evaluation import checkpoint_split, score_line
 
 
 def main(argv):

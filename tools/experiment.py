@@ -28,17 +28,14 @@ from gpt_toolkit.errors import quiet_interrupts
 
 quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit import hardware
 from gpt_toolkit.checkpoint import existing_checkpoints
 from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.dataset import Dataset
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.files import atomic_write_text, remove_stale_temps
 from gpt_toolkit.plots import plot_compare
-from gpt_toolkit.process import setup_process
 from gpt_toolkit.summary import find_runs, format_table, summary_row
+from gpt_toolkit.timing import timed_steps
 from gpt_toolkit.train_config import load_config, validate
-from gpt_toolkit.trainer import timed_steps
 
 BASE_CONFIG = "config/train_shakespeare_char.py"
 CPU_SCALE = {"n_embd": 4, "block_size": 4, "batch_size": 4, "max_iters": 5, "lr_decay_iters": 5, "warmup_iters": 5,
@@ -96,11 +93,7 @@ def steps_for(seconds, overrides, probe=8):
     equal wall-clock time."""
     cfg, _ = load_config([str(ROOT / BASE_CONFIG), *overrides])
     validate(cfg)
-    device = hardware.resolve_device(cfg.device)
-    setup_process(device, keep_cpu_memory=cfg.keep_cpu_memory)
-    dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
-    dataset.check_block_size(cfg.block_size)
-    times = timed_steps(cfg, dataset, device=device, dtype=hardware.resolve_dtype(cfg.dtype, device), steps=probe)
+    times = timed_steps(cfg, steps=probe)
     return max(1, int(seconds / statistics.median(times[1:])))
 
 

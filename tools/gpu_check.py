@@ -1,15 +1,20 @@
 """What this toolkit does on the CUDA GPU it finds: for the tutorial's shakespeare_char model and GPT-2 124M
-(config/train_gpt2.py's model), training tokens/s and MFU compiled and eager, and peak memory; with --nanogpt=PATH,
-nanoGPT's own model.py on the same model and tokens beside ours. Synthetic tokens (speed does not depend on them), so
-no download and no prepared data. A few minutes on one modern GPU.
+(config/train_gpt2.py's model), training tokens/s and MFU compiled and eager, and peak memory of train.py's own
+steps (gpt_toolkit.timing: its batches from a memmap, its logging, its guards, as a run takes them); with
+--nanogpt=PATH, nanoGPT's own model.py with its train.py's step on the same model, its batches already on the GPU.
+Synthetic tokens (speed does not depend on them), so no download and no prepared data. A few minutes on one modern
+GPU.
 
     python tools/gpu_check.py [--nanogpt=/path/to/nanoGPT] [--steps=10] [--dtype=auto] [--models=char,gpt2]
 
 Without CUDA it says so in one line and exits 1.
 """
+import dataclasses
 import importlib.util
+import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,14 +25,17 @@ from gpt_toolkit.errors import quiet_interrupts
 
 quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
+import numpy as np
 import torch
 
 from gpt_toolkit import hardware
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.init_from import scratch_model_args
 from gpt_toolkit.process import setup_process
+from gpt_toolkit.timing import train_in_process
+from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE
 from gpt_toolkit.train_config import load_config
-from gpt_toolkit.trainer import build_training, scratch_model_args, train_step
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 
 # (name, config file, vocabulary size of its data)
@@ -51,13 +59,28 @@ def synthetic_batch(cfg, vocab_size, device, generator):
     return [(X[:, :-1].contiguous(), X[:, 1:].contiguous())]
 
 
-def ours(cfg, vocab_size, device, dtype, compiled):
-    """A step function of this toolkit's model, optimizer and precision (what train.py builds)."""
-    torch.manual_seed(cfg.seed)
-    training = build_training(GPT(GPTConfig(**scratch_model_args(cfg, vocab_size))), cfg, device=device, dtype=dtype)
-    if compiled:
-        training.model = torch.compile(training.model)
-    return lambda batches: train_step(training, batches, cfg.grad_clip)
+def synthetic_dataset(data_dir, vocab_size, tokens=1 << 20):
+    """A dataset of random token ids in data_dir/synthetic (speed does not depend on them): a character vocabulary of
+    vocab_size, or, for GPT-2's, no vocabulary file (train.py then takes GPT-2's padded 50304, as nanoGPT does)."""
+    path = Path(data_dir) / "synthetic"
+    path.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        ids = torch.randint(0, min(vocab_size, GPT2_VOCAB_SIZE), (tokens,), generator=generator)
+        ids.numpy().astype(np.uint16).tofile(path / f"{split}.bin")
+    if vocab_size < GPT2_VOCAB_SIZE:
+        itos = [chr(32 + i) for i in range(vocab_size)]
+        (path / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": vocab_size, "itos": itos}))
+    return path.name
+
+
+def ours(cfg, data_dir, vocab_size, *, dtype, warmup, steps, compiled):
+    """(ms per step: median of the timed steps, peak bytes allocated while stepping) of train.py itself, its model,
+    optimizer and precision, on synthetic tokens: one micro-batch a step."""
+    cfg = dataclasses.replace(cfg, data_dir=str(data_dir), dataset=synthetic_dataset(data_dir, vocab_size),
+                              gradient_accumulation_steps=1, compile=compiled, dtype=dtype)
+    clock = train_in_process(cfg, steps=warmup + steps, memory="steps")
+    return 1000 * statistics.median(clock.seconds[warmup:]), clock.memory_before + clock.peak
 
 
 def nanogpts(path, cfg, vocab_size, device, dtype, compiled):
@@ -138,15 +161,19 @@ def main(argv):
         print(f"{name}: {config}'s model ({shape.get_num_params() / 1e6:.1f}M parameters), a step of one micro-batch of "
               f"{cfg.batch_size} x {cfg.block_size} synthetic tokens, {args.steps} timed after {args.warmup}")
         print(header)
-        builders = [("ours", ours)] + ([("nanoGPT", lambda *a: nanogpts(args.nanogpt, *a))] if args.nanogpt else [])
-        for code, build in builders:
+        for code in ["ours"] + (["nanoGPT"] if args.nanogpt else []):
             for compiled in (True, False):
-                step = build(cfg, vocab_size, device, dtype, compiled)
-                ms, memory = measure(step, cfg, vocab_size, device, warmup=args.warmup, steps=args.steps)
+                if code == "ours":
+                    with tempfile.TemporaryDirectory() as data_dir:
+                        ms, memory = ours(cfg, data_dir, vocab_size, dtype=dtype, warmup=args.warmup,
+                                          steps=args.steps, compiled=compiled)
+                else:
+                    step = nanogpts(args.nanogpt, cfg, vocab_size, device, dtype, compiled)
+                    ms, memory = measure(step, cfg, vocab_size, device, warmup=args.warmup, steps=args.steps)
+                    del step
                 print(f"{name:<17} {code:<8} {'compiled' if compiled else 'eager':<9} {ms:9.1f} "
                       f"{tokens / ms * 1000:12,.0f} {flops / (ms / 1000) / peak:7.1%} {memory / 2**30:9.2f} GiB",
                       flush=True)
-                del step
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
     return 0

@@ -5,6 +5,7 @@ steps while the learning rate grows exponentially, smooth the loss, stop when it
 
 Suggested learning_rate: a tenth of the rate at the lowest smoothed loss (past that point the loss is about to blow up).
 """
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -15,15 +16,12 @@ from gpt_toolkit.errors import quiet_interrupts
 
 quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-import torch
-
 from gpt_toolkit import hardware
 from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.dataset import Dataset, run_batches
-from gpt_toolkit.errors import ConfigError, run_main
+from gpt_toolkit.errors import ConfigError, UserError, run_main
 from gpt_toolkit.plots import save_figure, subplots
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.trainer import build_model, build_training, train_step
+from gpt_toolkit.timing import StepClock, train_in_process
 
 
 def parser():
@@ -37,36 +35,36 @@ def parser():
 
 
 def range_test(cfg, steps, lr_start, lr_end, smoothing=0.0, report=print):
-    """[(lr, loss, smoothed loss)] for an exponential sweep from lr_start to lr_end, stopping on divergence.
-    smoothing is the EMA factor; 0 picks one whose window is 1/20 of the sweep (0.98 for 1000 steps), so the
-    smoothed curve does not lag decades of learning rate behind a short sweep."""
+    """[(lr, loss, smoothed loss)] for an exponential sweep from lr_start to lr_end (train.py with
+    --lr_schedule=exponential on a fresh model), stopping on divergence. smoothing is the EMA factor; 0 picks one
+    whose window is 1/20 of the sweep (0.98 for 1000 steps), so the smoothed curve does not lag decades of learning
+    rate behind a short sweep."""
     if not smoothing:
         smoothing = 1 - 20 / max(steps, 40)
-    device = hardware.resolve_device(cfg.device)
-    dtype = hardware.resolve_dtype(cfg.dtype, device)
-    dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
-    dataset.check_block_size(cfg.block_size)
-    cfg.init_from = "scratch"
-    torch.manual_seed(cfg.seed)
-    model, model_args, _ = build_model(cfg, dataset, None)
-    training = build_training(model, cfg, device=device, dtype=dtype, learning_rate=lr_start)
-    history, avg, best = [], 0.0, float("inf")
-    for step in range(steps):
-        lr = lr_start * (lr_end / lr_start) ** (step / max(1, steps - 1))
-        for group in training.optimizer.param_groups:
-            group["lr"] = lr
-        batches = run_batches(cfg, dataset, step, device, vocab_size=model_args["vocab_size"])
-        loss = train_step(training, batches, cfg.grad_clip).item()
-        if not math.isfinite(loss):
-            report(f"step {step}: loss is not finite at lr {lr:.2e}: stopping")
-            break
-        avg = smoothing * avg + (1 - smoothing) * loss
-        smoothed = avg / (1 - smoothing ** (step + 1))  # bias-corrected running mean
-        history.append((lr, loss, smoothed))
-        best = min(best, smoothed)
-        if step > 10 and smoothed > 4 * best:
-            report(f"step {step}: smoothed loss {smoothed:.3f} is over 4x its best ({best:.3f}) at lr {lr:.2e}: diverged")
-            break
+    history = []
+
+    class Sweep(StepClock):
+        avg, best = 0.0, float("inf")
+
+        def stop(self, step, loss):
+            lr = self.lrs[-1]
+            if not math.isfinite(loss):
+                report(f"step {step - 1}: loss is not finite at lr {lr:.2e}: stopping")
+                return True
+            self.avg = smoothing * self.avg + (1 - smoothing) * loss
+            smoothed = self.avg / (1 - smoothing ** step)  # bias-corrected running mean
+            history.append((lr, loss, smoothed))
+            self.best = min(self.best, smoothed)
+            if step > 11 and smoothed > 4 * self.best:
+                report(f"step {step - 1}: smoothed loss {smoothed:.3f} is over 4x its best ({self.best:.3f}) at lr "
+                       f"{lr:.2e}: diverged")
+                return True
+            return False
+    sweep = dataclasses.replace(cfg, lr_schedule="exponential", min_lr=lr_start, learning_rate=lr_end, warmup_iters=0,
+                                max_iters=steps)
+    train_in_process(sweep, steps=steps, clock=Sweep)
+    if not history:
+        raise UserError(f"the loss was not finite from the first step, at lr {lr_start:.2e}: lower --lr_start")
     return history
 
 

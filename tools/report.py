@@ -24,6 +24,7 @@ import torch
 from gpt_toolkit.checkpoint import BEST, load_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.evaluation import checkpoint_split
 from gpt_toolkit.files import atomic_write_text, remove_stale_temps
 from gpt_toolkit.plots import plot_compare
 from gpt_toolkit.sampling import load_model
@@ -35,7 +36,6 @@ from gpt_toolkit.summary import (
     summary_row,
     tolerance_for,
 )
-from gpt_toolkit.trainer import checkpoint_split
 
 FAMILIES = {
     "exp1": "Experiment 1: configuration parameters (learning rate, batch size, model size)",

@@ -31,7 +31,7 @@ import torch
 from gpt_toolkit.checkpoint import BEST, load_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.trainer import checkpoint_split
+from gpt_toolkit.evaluation import checkpoint_split
 
 # nanoGPT's README: "python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
 # --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000

@@ -1,0 +1,137 @@
+"""The model a run starts from, by init_from: a fresh one (scratch), a resumed run's, another run's best weights,
+OpenAI's GPT-2 or a transformers directory (build_model), and the checks made before building it: a resume against
+its checkpoint, the tokenizer of fine-tuned weights against the data's, the memory the run needs."""
+import dataclasses
+
+from gpt_toolkit import hardware, memory
+from gpt_toolkit.checkpoint import ARCHITECTURE, MODEL_ARGS, is_run_dir, model_from_checkpoint
+from gpt_toolkit.errors import UserError
+from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained, tokenizer_for_hf_dir
+from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, describe, same_vocabulary, strip_chat, vocabulary_of
+from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
+
+
+def scratch_model_args(cfg, vocab_size):
+    """GPTConfig fields of a fresh model with cfg's architecture: what init_from=scratch trains."""
+    return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size, bias=cfg.bias,
+                vocab_size=vocab_size, dropout=cfg.dropout)
+
+
+def planned_model_args(cfg, dataset, ckpt):
+    """The GPTConfig fields build_model will use, known before building it (ckpt: the checkpoint it comes from, when
+    resuming or starting from another run)."""
+    if cfg.init_from == "scratch":
+        return scratch_model_args(cfg, dataset.model_vocab_size)
+    if cfg.init_from == "resume":
+        return {**ckpt["model_args"], "dropout": cfg.dropout}
+    if is_run_dir(cfg.init_from):  # another run's model: grown for a chat dataset's tokens, its context maybe cropped
+        args = ckpt["model_args"]
+        return {**args, "dropout": cfg.dropout, "vocab_size": max(args["vocab_size"], dataset.vocab_size or 0),
+                "block_size": min(cfg.block_size, args["block_size"])}
+    if is_hf_dir(cfg.init_from):
+        args = hf_dir_model_args(cfg.init_from, cfg.dropout)
+        return {**args, "block_size": min(cfg.block_size, args["block_size"])}
+    return dict(GPT2_SIZES[cfg.init_from], block_size=min(cfg.block_size, 1024), bias=True, vocab_size=GPT2_VOCAB_SIZE,
+                dropout=cfg.dropout)
+
+
+def check_resume(ckpt, cfg, cli_keys, dataset):
+    """A resume continues the run in the checkpoint: refuse flags and data that contradict it. Returns cfg with the
+    checkpoint's architecture and optimizer (so the log and the saved config tell the truth)."""
+    if not isinstance(ckpt.get("optimizer"), dict) or not isinstance(ckpt.get("iter_num"), int):
+        raise UserError("the checkpoint has no optimizer state or step (it holds weights only, or was edited): a resume "
+                        "continues a run from the latest.pt it saved; to start a new run from these weights, export "
+                        "them with tools/export_hf.py and pass --init_from=THAT_DIR")
+    args = ckpt["model_args"]
+    for key in ARCHITECTURE:
+        if key in cli_keys and getattr(cfg, key) != args[key]:
+            raise UserError(f"checkpoint has {key}={args[key]} but --{key}={getattr(cfg, key)} was given: drop --{key} "
+                            f"to resume this run, or train a new model in another --out_dir")
+    trained_with = ckpt.get("config", {}).get("optimizer", "adamw")
+    if "optimizer" in cli_keys and cfg.optimizer != trained_with:
+        raise UserError(f"checkpoint was trained with optimizer={trained_with} but --optimizer={cfg.optimizer} was given: "
+                        f"drop --optimizer to resume this run, or start a new one in another --out_dir")
+    trained_on = ckpt.get("config", {}).get("dataset")
+    if trained_on and trained_on != cfg.dataset:
+        raise UserError(f"checkpoint was trained on dataset '{trained_on}' but this run uses '{cfg.dataset}': "
+                        f"resume with --dataset={trained_on}, or start a new run in another --out_dir")
+    if ckpt.get("meta") is not None and dataset.meta is not None and not same_vocabulary(ckpt["meta"], dataset.meta):
+        raise UserError(f"the checkpoint's tokenizer ({describe(ckpt['meta'])}) is not dataset '{cfg.dataset}''s "
+                        f"({describe(dataset.meta)}): was the data prepared again, or with another tokenizer? resume on "
+                        f"the data the model was trained on")
+    return dataclasses.replace(cfg, optimizer=trained_with, **{key: args[key] for key in ARCHITECTURE})
+
+
+def check_init_tokenizer(cfg, dataset, init_ckpt=None):
+    """Fine-tuning weights (gpt2*, a transformers directory, another run's checkpoint init_ckpt) on a dataset needs
+    the dataset in their tokenizer (a chat dataset: with the chat tokens added to it): a one-line error naming both
+    otherwise (a model would learn ids that mean other text to it)."""
+    if cfg.init_from in ("scratch", "resume") or dataset.meta is None:
+        return
+    if init_ckpt is not None:
+        model_vocab = init_ckpt.get("meta")
+    else:
+        model_vocab = vocabulary_of(tokenizer_for_hf_dir(cfg.init_from)) if is_hf_dir(cfg.init_from) else None
+    if dataset.is_chat:
+        same = same_vocabulary(strip_chat(model_vocab or {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE}),
+                               strip_chat(dataset.vocabulary))
+    else:
+        same = same_vocabulary(model_vocab, dataset.vocabulary)
+    if not same:
+        raise UserError(f"init_from={cfg.init_from} has the tokenizer {describe(model_vocab)}, and dataset '{cfg.dataset}' "
+                        f"was prepared with {describe(dataset.vocabulary)}: prepare the data with the model's tokenizer "
+                        f"(data/prepare_text.py --tokenizer=...), or train a new model on this dataset")
+
+
+def check_memory(cfg, dataset, ckpt, device, dtype, world_size):
+    """Refuse a run that cannot fit before the model is built (building it alone can take minutes or fail)."""
+    args = planned_model_args(cfg, dataset, ckpt)
+    shape = dataclasses.replace(cfg, **{k: v for k, v in args.items() if k != "vocab_size"})
+    n_params = memory.param_count(n_layer=args["n_layer"], n_embd=args["n_embd"], block_size=args["block_size"],
+                                  vocab_size=args["vocab_size"], bias=args["bias"])
+    sharing = memory.processes_on_this_machine() if hardware.device_type(device) == "cpu" else 1
+    if cfg.parallel == "fsdp" and world_size > 1:
+        n_params = -(-n_params // world_size)  # each process holds its shard of the weights and their state
+    memory.check_fits(shape, n_params=n_params, vocab_size=args["vocab_size"], dtype=dtype, device=device,
+                      processes=min(sharing, world_size))
+
+
+def build_model(cfg, dataset, ckpt):
+    """(model, model_args, notes to log) for cfg.init_from; ckpt is the loaded checkpoint when resuming."""
+    notes = []
+    if cfg.init_from == "scratch":
+        if dataset.vocab_size is None:
+            notes.append(f"no vocabulary file in the dataset: using GPT-2's vocab_size {GPT2_PADDED_VOCAB} "
+                         f"({GPT2_VOCAB_SIZE} padded to a multiple of 64)")
+        model_args = scratch_model_args(cfg, dataset.model_vocab_size)
+        model = GPT(GPTConfig(**model_args))
+    elif cfg.init_from == "resume":
+        model = model_from_checkpoint(ckpt, cfg.dropout)
+        model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
+    elif is_run_dir(cfg.init_from):
+        notes.append(f"initializing from the run in {cfg.init_from} (its weights at step {ckpt.get('iter_num', '?')}; a "
+                     f"new optimizer and schedule)")
+        model = model_from_checkpoint(ckpt, cfg.dropout)
+        model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
+    else:
+        source = "the Hugging Face model in" if is_hf_dir(cfg.init_from) else "OpenAI GPT-2 weights:"
+        notes.append(f"initializing from {source} {cfg.init_from}")
+        model = load_pretrained(cfg.init_from, cfg.dropout)
+        model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
+    model.config.fast_cpu_attention = cfg.fast_cpu_attention
+    if dataset.is_chat and cfg.init_from != "scratch" and dataset.vocab_size > model_args["vocab_size"]:
+        grown = dataset.vocab_size - model_args["vocab_size"]
+        model.grow_vocabulary(dataset.vocab_size)
+        model_args["vocab_size"] = dataset.vocab_size
+        notes.append(f"the chat tokens need {grown} more rows than the model's token embedding has: grown to "
+                     f"{dataset.vocab_size}, the new rows starting at the mean of the others")
+    if dataset.vocab_size is not None and dataset.vocab_size > model_args["vocab_size"]:
+        raise UserError(f"dataset '{cfg.dataset}' has {dataset.vocab_size} tokens but the model's vocab_size is "
+                        f"{model_args['vocab_size']}: use a dataset with the model's tokenizer")
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+        model_args["block_size"] = cfg.block_size
+    elif cfg.block_size > model.config.block_size:
+        raise UserError(f"block_size={cfg.block_size} is larger than the model's {model.config.block_size}: "
+                        f"use --block_size={model.config.block_size} or less")
+    return model, model_args, notes
