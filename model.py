@@ -273,6 +273,8 @@ class GPT(nn.Module):
         With it, only the new token runs, against cached keys and values: the same tokens while the sequence
         fits in block_size. When the positions run out, the cache is rebuilt from the last block_size // 2
         tokens, so from then on the context is the most recent half to full block."""
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       repetition_penalty=repetition_penalty)
         block_size = self.config.block_size
         stops = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
@@ -330,6 +332,28 @@ def document_positions_and_mask(idx, doc_sep):
     return t - first, mask[:, None, :, :]
 
 
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)  # beyond it the penalized logits leave what float32 holds
+
+
+def check_sampling(*, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0):
+    """Refuse sampling controls that cannot work (ValueError, one line naming the control and its range): the same
+    checks for sample.py, the chat and any caller of generate."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature} must be 0 (greedy) or positive (and finite)")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise ValueError(f"top_k={top_k} must be 0 (off) or a positive whole number")
+    if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p} must be in (0, 1]: the share of the probability to sample from (1 = all)")
+    if min_p is not None and (not number(min_p) or not 0 <= min_p < 1):
+        raise ValueError(f"min_p={min_p} must be in [0, 1): a fraction of the likeliest token's probability")
+    low, high = REPETITION_PENALTY_RANGE
+    if not number(repetition_penalty) or not low <= repetition_penalty <= high:
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be positive, between {low:g} and {high:g} (1 = "
+                         f"off, above 1 discourages repeats)")
+
+
 def sample_next(logits, temperature=1.0, top_k=None, *, top_p=None, min_p=None, repetition_penalty=1.0, previous=None):
     """One token per row from final-position logits (B, vocab): the most likely one at temperature 0 (greedy), else
     a draw from the distribution that filter_logits leaves."""
@@ -339,7 +363,7 @@ def sample_next(logits, temperature=1.0, top_k=None, *, top_p=None, min_p=None, 
         return logits.argmax(dim=-1, keepdim=True)
     probs = F.softmax(logits, dim=-1)
     # inverse-CDF sampling: the same distribution as torch.multinomial, several times cheaper per call on CPU
-    u = torch.rand(probs.size(0), 1, device=probs.device)
+    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=probs.dtype)
     return torch.searchsorted(probs.cumsum(dim=-1), u).clamp_(max=probs.size(-1) - 1)
 
 
@@ -355,7 +379,10 @@ def filter_logits(logits, temperature=1.0, top_k=None, *, top_p=None, min_p=None
         logits = logits.scatter(1, previous, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
     if temperature == 0:
         return logits
-    logits = logits / temperature
+    if temperature < 1e-4:  # in float32 the quotient would overflow (NaN after softmax): the sharp limit, in float64
+        logits = (logits - logits.max(dim=-1, keepdim=True).values).double() / temperature
+    else:
+        logits = logits / temperature
     if top_k and top_k < logits.size(-1):  # top-k of the whole vocabulary keeps everything
         v, _ = torch.topk(logits, top_k)
         logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
@@ -363,7 +390,9 @@ def filter_logits(logits, temperature=1.0, top_k=None, *, top_p=None, min_p=None
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = F.softmax(sorted_logits, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # the probability of the likelier tokens: the first is always kept
-        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, before >= top_p)
+        keep = before < top_p
+        keep[:, 0] = True  # also when top_p is below what float32 holds
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, ~keep)
         logits = logits.masked_fill(drop, -float("inf"))
     if min_p:
         probs = F.softmax(logits, dim=-1)

@@ -24,6 +24,7 @@ from gpt_toolkit.errors import ConfigError, UserError, run_main
 from gpt_toolkit.process import setup_process
 from gpt_toolkit.sampling import check_generation_fits, load_model, read_prompt, write_samples
 from gpt_toolkit.train_config import check_init_from
+from model import check_sampling
 
 
 class Config:
@@ -62,17 +63,11 @@ def validate(cfg):
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be positive")
     if cfg.num_samples <= 0:
         raise ConfigError(f"num_samples={cfg.num_samples} must be positive")
-    if cfg.temperature < 0:
-        raise ConfigError(f"temperature={cfg.temperature} must be 0 (greedy) or positive")
-    if cfg.top_k < 0:
-        raise ConfigError(f"top_k={cfg.top_k} must be 0 (off) or positive")
-    if not 0 < cfg.top_p <= 1:
-        raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]: the share of the probability to sample from (1 = all)")
-    if not 0 <= cfg.min_p < 1:
-        raise ConfigError(f"min_p={cfg.min_p} must be in [0, 1): a fraction of the likeliest token's probability")
-    if cfg.repetition_penalty <= 0:
-        raise ConfigError(f"repetition_penalty={cfg.repetition_penalty} must be positive (1 = off, above 1 discourages "
-                          f"repeats)")
+    try:  # the model's own checks: the chat and every caller of generate get the same
+        check_sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                       repetition_penalty=cfg.repetition_penalty)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.chat and cfg.interactive:
         raise ConfigError("chat=True and interactive=True are two ways of reading stdin: choose one")
 

@@ -44,7 +44,7 @@ from gpt_toolkit.checkpoint import (
 )
 from gpt_toolkit.dataset import Dataset, eval_offsets, run_batches, step_batches
 from gpt_toolkit.diagnostics import check_batch, check_init
-from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main
+from gpt_toolkit.errors import Aborted, ConfigError, SecondInterrupt, UserError, import_optional, run_main
 from gpt_toolkit.evaluation import token_byte_lengths
 from gpt_toolkit.files import atomic_write_text
 from gpt_toolkit.init_from import build_model, check_init_tokenizer, check_memory, check_resume
@@ -274,14 +274,20 @@ def stop_and_save(run, state, watch, signum):
     watch.check_finite(step)
     rng_states = distributed.all_rng_states(run.world.device, run.world.size)
     where = f"after step {step}" if during is None else f"during {during}"
-    if run.saves.last_step == step:
+    if run.cfg.eval_only:
+        run.log.print(f"interrupted ({name}) {where}: an --eval_only run saves nothing")
+    elif run.saves.last_step == step:
         run.log.print(f"interrupted ({name}) {where}: {latest} holds the state after step {step} already; continue "
                       f"with --init_from=resume")
     elif step == 0 and run.out_dir.set_aside is not None:
         run.log.print(f"interrupted ({name}) {where}: nothing was trained, so nothing was saved")
     else:
-        if run.saves.takes_part:
-            run.saves.save(checkpoint(run, state, rng_states), improved=False)
+        try:
+            if run.saves.takes_part:
+                run.saves.save(checkpoint(run, state, rng_states), improved=False)
+        except SecondInterrupt as e:
+            raise Aborted(f"aborted by a second interrupt ({e}) while saving the state after step {step}: "
+                          f"{run.saves.kept()}", e.signum) from None
         if during is None:
             run.log.print(f"interrupted ({name}) after step {step}: saved {latest}; continue with --init_from=resume")
         else:
@@ -299,7 +305,7 @@ def save_if_the_log_fails(run, state):
         yield
     except LogWriteError as e:
         step = state.iter_num
-        if step != run.saves.last_step:
+        if step != run.saves.last_step and not run.cfg.eval_only:
             try:
                 rng_states = distributed.all_rng_states(run.world.device, run.world.size)
                 if run.saves.takes_part:
@@ -307,7 +313,8 @@ def save_if_the_log_fails(run, state):
             except UserError:
                 pass  # the disk is full for the checkpoint too: the last one stays as it was
         kept = (f"saved {Path(run.cfg.out_dir) / LATEST} at step {step}; continue with --init_from=resume once there "
-                f"is space" if run.saves.last_step == step else f"{run.saves.kept()}; free disk space and continue "
+                f"is space" if run.saves.last_step == step and not run.cfg.eval_only else f"{run.saves.kept()}; free "
+                f"disk space and continue "
                 f"with --init_from=resume")
         raise UserError(f"{e}: {kept}") from None
 
@@ -373,7 +380,7 @@ def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, st
 
     def compile_failed(cause, step):  # recorded where the run's files describe it
         log.metrics({"type": "compile", "step": step, "compiled": False, "cause": cause})
-        if world.master:
+        if world.master and not cfg.eval_only:
             run_info.update(resolved_compile=False, compile_failure=cause)
             atomic_write_text(out_path / "config.json", json.dumps(run_info, indent=2))
 
@@ -390,7 +397,7 @@ def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, st
     if world.master:
         log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({source})")
     run_info["resolved_compile"] = watch.compiling
-    if world.master:
+    if world.master and not cfg.eval_only:  # an evaluation leaves the trained run's description as it is
         atomic_write_text(out_path / "config.json", json.dumps(run_info, indent=2))
     saves = RunCheckpoints(out_path, keep_last=cfg.keep_last, writer=world.master, collective=sharded,
                            report=log.print, after_first_save=out_dir.first_save_done)

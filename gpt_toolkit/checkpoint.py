@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from gpt_toolkit import sharding
-from gpt_toolkit.errors import UserError, first_line
-from gpt_toolkit.files import atomic_write, fsync_dir, temp_path
+from gpt_toolkit.errors import UserError, first_line, interrupt_behind
+from gpt_toolkit.files import atomic_write, fsync_dir, temp_path, write_failure_cause
 from gpt_toolkit.tokenizer import check_meta
 from model import GPT, GPTConfig
 
@@ -44,6 +44,7 @@ COMPILED_PREFIX = "_orig_mod."  # what torch.compile puts in front of parameter 
 BEST = "ckpt.pt"  # the lowest val loss so far (nanoGPT's file name, so its sample.py finds the best model)
 LATEST = "latest.pt"  # the newest saved state: what init_from=resume continues from
 CHECKSUM = "checksum"  # {"sha256": hex} of the rest of the checkpoint (state_checksum)
+SET_ASIDE = "gpt-toolkit-set-aside"  # .replaced.<pid>.gpt-toolkit-set-aside/: what --overwrite=True replaces (outdir)
 
 
 def step_name(step):
@@ -138,11 +139,13 @@ def save_checkpoint(ckpt, path):
     try:
         atomic_write(path, lambda f: torch.save(ckpt, f))
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
+        interrupt = interrupt_behind(e)  # a second Ctrl-C inside torch's writer comes out as its RuntimeError
+        if interrupt is not None:
+            raise interrupt from None
         if isinstance(e, RuntimeError) and not _write_failure(e):
             raise
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-        raise UserError(f"could not save the checkpoint to {path} ({cause}): the previous checkpoint is intact; free "
-                        f"disk space and continue with --init_from=resume") from None
+        raise UserError(f"could not save the checkpoint to {path} ({write_failure_cause(e, path)}): the previous "
+                        f"checkpoint is intact; free disk space and continue with --init_from=resume") from None
 
 
 def _write_failure(exc):
@@ -258,6 +261,11 @@ def load_checkpoint(path, map_location="cpu", verify=True):
     and older ones do not)."""
     path = Path(path)
     if not path.exists():
+        aside = sorted(path.parent.glob(f".replaced.*.{SET_ASIDE}")) if path.parent.is_dir() else []
+        if aside and any(p.suffix == ".pt" for p in aside[-1].iterdir()):
+            raise UserError(f"no checkpoint at {path}: a --overwrite=True run that did not finish set the earlier ones "
+                            f"aside in {aside[-1]}; train.py puts them back when it next starts there (e.g. with "
+                            f"--init_from=resume), or move them back by hand")
         raise UserError(f"no checkpoint at {path}: train one first (init_from=scratch) or check --out_dir")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)

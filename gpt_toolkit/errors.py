@@ -12,6 +12,14 @@ class UserError(Exception):
     exit_code = 1
 
 
+class Aborted(UserError):
+    """A second Ctrl-C or SIGTERM cut short what a run did after the first (its save): exit 128 + that signal."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class ConfigError(UserError):
     """Bad command line or config file (exit 2, like argparse)."""
 
@@ -33,7 +41,11 @@ def import_optional(module, needed_for):
 
 
 class SecondInterrupt(KeyboardInterrupt):
-    """A second Ctrl-C while a run is already stopping after the first (stopping.StopRequest)."""
+    """A second Ctrl-C or SIGTERM while a run is already stopping after the first (stopping.StopRequest)."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 INTERRUPTED = "interrupted: stopped before finishing; no file was left half-written"
@@ -72,17 +84,17 @@ def run_main(main, argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except BaseException as e:
-        interrupt = _interrupt(e)
+        interrupt = interrupt_behind(e)
         if interrupt is None:
             raise
         second = isinstance(interrupt, SecondInterrupt)
         print("aborted by a second interrupt: nothing more was saved" if second else INTERRUPTED, file=sys.stderr,
               flush=True)
-        sys.exit(130)
+        sys.exit(128 + interrupt.signum if second else 130)
     sys.exit(code or 0)
 
 
-def _interrupt(exc):
+def interrupt_behind(exc):
     """The KeyboardInterrupt behind exc, also one that a library turned into another error while it unwound
     (torch.save raises RuntimeError when interrupted mid-write), or None."""
     while exc is not None:

@@ -2,11 +2,14 @@
 into a temp file beside the target, fsynced, then renamed over it. A crash or kill at any moment leaves the old
 file or the new one, never a torn one. A temp file's name carries its writer's process id and a marker no user file
 has; a later clean-up removes only such files, and only once their writer is dead."""
+import errno
 import hashlib
 import os
 import re
 import shutil
 from pathlib import Path
+
+from gpt_toolkit.errors import UserError
 
 TEMP_MARKER = "gpt-toolkit-tmp"
 _TEMP_NAME = re.compile(rf"^\..+\.(\d+)\.{TEMP_MARKER}$")
@@ -31,6 +34,38 @@ def process_alive(pid):
     except OSError:  # it exists but is not ours to signal
         return True
     return True
+
+
+def open_no_follow(path, flags, mode=0o644):
+    """os.open of a file the toolkit owns in a directory (a lock, a log), never through a symbolic link or onto a
+    directory: either is a one-line UserError naming it, so that nothing outside the directory is written."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}): the toolkit writes this file itself and "
+                        f"does not follow links out of {path.parent}; remove the link")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, where the toolkit keeps a file of that name: move it away")
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
+    except OSError as e:
+        raise UserError(f"could not open {path} ({e.strerror or e}): check the directory's permissions and free "
+                        f"space") from None
+
+
+def write_failure_cause(exc, path):
+    """Why a write to `path` failed, in the system's words: the OSError behind exc (torch's writer wraps it in a
+    RuntimeError that only says "unexpected pos ..."), else "No space left on device" when the disk is full."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    try:
+        if shutil.disk_usage(Path(path).parent).free < 1 << 20:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def atomic_write(path, write):

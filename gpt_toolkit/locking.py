@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from gpt_toolkit.errors import UserError
+from gpt_toolkit.files import open_no_follow
 
 LOCK_NAME = ".gpt-toolkit.lock"  # the lock file; it stays when its owner ends, unlocked
 
@@ -27,7 +28,7 @@ class DirectoryLock:
         self.file = None
 
     def acquire(self):
-        f = open(self.path, "a+", encoding="utf-8")  # held open while the lock is held
+        f = os.fdopen(open_no_follow(self.path, os.O_RDWR | os.O_CREAT), "r+", encoding="utf-8")  # held while locked
         try:
             _lock(f)
         except OSError:
@@ -42,10 +43,9 @@ class DirectoryLock:
 
     def check_free(self):
         """Refuse as acquire() would when another process holds the lock; writes nothing (not even the lock file)."""
-        try:
-            f = open(self.path, encoding="utf-8")
-        except OSError:
+        if not self.path.exists() and not self.path.is_symlink():
             return  # no lock file: nobody has ever held it
+        f = os.fdopen(open_no_follow(self.path, os.O_RDONLY), encoding="utf-8")
         with f:
             try:
                 _lock(f)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.files import atomic_write_text
+from gpt_toolkit.files import atomic_write_text, open_no_follow
 
 EVAL_RE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER_RE = re.compile(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms(?:, mfu (-?[\d.]+)%)?")  # -100%: older logs, nanoGPT's
@@ -61,8 +61,9 @@ def progress_line(step, max_iters, elapsed, left, now=None):
 
 
 def _set_aside(path):
-    """Rename an existing non-empty file to path.1, path.2, ... so a new run never writes over an old log."""
-    if not path.exists() or path.stat().st_size == 0:
+    """Rename an existing non-empty file to path.1, path.2, ... so a new run never writes over an old log. (A link or
+    a directory there is left as it is: opening the log refuses it.)"""
+    if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
         return None
     n = 1
     while path.with_name(f"{path.name}.{n}").exists():
@@ -100,13 +101,16 @@ class RunLog:
         out_dir = Path(out_dir)
         self.text_path, self.jsonl_path = out_dir / "training.log", out_dir / "metrics.jsonl"
         self.set_aside = []
+        if append:  # refused before metrics.jsonl is rewritten: a link or a directory there is one line, untouched
+            for path in (self.text_path, self.jsonl_path):
+                os.close(open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
         if not append:
             self.set_aside = [p for p in (_set_aside(self.text_path), _set_aside(self.jsonl_path)) if p]
         elif resumed_at is not None and self.jsonl_path.exists():
             _keep_until(self.jsonl_path, resumed_at)
         # unbuffered: a line is on its way to the disk when the call returns, and a failed one can be taken back whole
-        self.text = open(self.text_path, "ab", buffering=0)
-        self.jsonl = open(self.jsonl_path, "ab", buffering=0)
+        self.text, self.jsonl = (os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab",
+                                           buffering=0) for path in (self.text_path, self.jsonl_path))
 
     def print(self, msg=""):
         if not self.enabled:

@@ -54,12 +54,15 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise SecondInterrupt
+            raise SecondInterrupt(signum)
         self.signum = signum
         now = self.depth > 0
-        # os.write, not print: a handler can run in the middle of another print
-        os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: {'stopping now' if now else 'finishing this step'}, "
-                                      f"then saving (send it again to abort without saving)\n".encode())
+        message = (f"\n{signal.Signals(signum).name}: {'stopping now' if now else 'finishing this step'}, then saving "
+                   f"(send it again to abort without saving)\n")
+        try:  # os.write, not print: a handler can run in the middle of another print
+            os.write(sys.stderr.fileno(), message.encode())
+        except (AttributeError, OSError, ValueError):  # stderr is not a file (captured in this process)
+            sys.stderr.write(message)
         if now:
             raise Interrupted(signum)
 

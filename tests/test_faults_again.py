@@ -1,0 +1,272 @@
+"""Nothing lost, round two: what a second fault pass found, each fault made real (a real signal, a real SIGKILL at a
+chosen moment, a real symlink, a real file-size limit), each test failing without its fix."""
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
+
+from gpt_toolkit.checkpoint import load_checkpoint
+from gpt_toolkit.locking import LOCK_NAME
+from gpt_toolkit.watch import Watch
+from model import GPT, GPTConfig
+
+pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
+
+# A sitecustomize for a child train.py: SIGKILL itself when os.replace is called for the KILL_AFTER-th time with a
+# destination containing KILL_ON_REPLACE (before that call does anything): a kill at an exact moment of a real run.
+KILL_ON_REPLACE = """import os, signal
+_real, _count = os.replace, [0]
+def replace(src, dst, *args, **kwargs):
+    if os.environ["KILL_ON_REPLACE"] in str(dst):
+        _count[0] += 1
+        if _count[0] == int(os.environ["KILL_AFTER"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return _real(src, dst, *args, **kwargs)
+os.replace = replace
+"""
+
+
+def train_args(data_dir, out, *extra):
+    return ["train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", *extra]
+
+
+def digests(out, pattern="*"):
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(out.glob(pattern))
+            if p.is_file() and not p.name.startswith(".")}  # not the lock file: it names its latest holder
+
+
+def killed_run(tmp_path, args, *, on, after):
+    (tmp_path / "hook").mkdir(exist_ok=True)
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_ON_REPLACE)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "hook"), KILL_ON_REPLACE=on, KILL_AFTER=str(after))
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+    return r
+
+
+@pytest.fixture
+def many_saves(data_dir, tmp_path):
+    """A finished run with 30 rolling checkpoints besides ckpt.pt and latest.pt, and its logs."""
+    out = tmp_path / "out"
+    r = run_script(*train_args(data_dir, out, "--max_iters=60", "--eval_interval=2", "--keep_last=30"))
+    assert r.returncode == 0, r.stderr
+    assert len(list(out.glob("ckpt_step*.pt"))) == 30
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. eval_only writes no checkpoint
+
+def test_eval_only_from_scratch_on_a_trained_out_dir_is_refused(data_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_script(*train_args(data_dir, out, "--max_iters=20")).returncode == 0
+    before = digests(out)
+    r = run_script(*train_args(data_dir, out, "--eval_only=True"))
+    assert_one_line_error(r, "holds a trained checkpoint (latest.pt)", "--eval_only=True with init_from=scratch would "
+                          "evaluate a new, untrained model", "--init_from=resume")
+    assert digests(out) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_an_eval_only_evaluation_saves_nothing(data_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_script(*train_args(data_dir, out, "--max_iters=20")).returncode == 0
+    before = digests(out, "*.pt") | digests(out, "config.json")
+    proc = subprocess.Popen([sys.executable, *train_args(data_dir, out, "--eval_only=True", "--init_from=resume",
+                                                         "--eval_iters=100000")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("evaluating at step 20:"):  # five seconds into the evaluation
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted (SIGINT) during the evaluation at step 20: an --eval_only run saves nothing" in stdout
+    assert digests(out, "*.pt") | digests(out, "config.json") == before
+
+
+# ----------------------------------------------------------------------------- 2. and 4. --overwrite=True, killed
+
+@pytest.mark.slow
+def test_a_kill_while_overwrite_sets_checkpoints_aside_loses_none(data_dir, tmp_path, many_saves):
+    before = digests(many_saves)
+    # the journal is the first write into the folder: the 12th rename there is the 11th file, 21 are not yet moved
+    killed_run(tmp_path, train_args(data_dir, many_saves, "--overwrite=True", "--seed=7"), on="set-aside", after=12)
+    aside = list(many_saves.glob(".replaced.*"))
+    assert len(aside) == 1 and 0 < len(list(aside[0].glob("*.pt"))) < 32
+    r = run_script(*train_args(data_dir, many_saves, "--init_from=resume", "--max_iters=62", "--eval_interval=2",
+                               "--keep_last=40"))
+    assert r.returncode == 0, r.stderr
+    assert "put back the checkpoints (ckpt.pt, ckpt_step" in r.stdout and "resuming from" in r.stdout
+    assert "at step 60" in r.stdout
+    after, rolling = digests(many_saves), [name for name in before if name.startswith("ckpt_step")]
+    assert {name: after[name] for name in rolling} == {name: before[name] for name in rolling}  # all 30, as they were
+    assert not list(many_saves.glob(".replaced.*"))
+
+
+@pytest.mark.slow
+def test_a_kill_after_the_first_save_of_an_overwrite_keeps_the_new_run(data_dir, tmp_path, many_saves):
+    """Killed between its first save and dropping what it set aside: the new run's checkpoint stays, the old ones go
+    (what --overwrite=True asked for), and the resume continues the new run."""
+    killed_run(tmp_path, train_args(data_dir, many_saves, "--overwrite=True", "--seed=7", "--max_iters=40"),
+               on=".done", after=1)
+    assert load_checkpoint(many_saves / "latest.pt")["iter_num"] == 20  # the new run's first save
+    r = run_script(*train_args(data_dir, many_saves, "--init_from=resume", "--max_iters=40"))
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and "at step 20" in r.stdout
+    assert not list(many_saves.glob(".replaced.*")) and not list(many_saves.glob("ckpt_step*.pt"))
+
+
+def test_an_overwrite_that_saves_nothing_gives_back_the_logs_with_the_checkpoints(data_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_script(*train_args(data_dir, out, "--max_iters=40")).returncode == 0
+    before = digests(out)
+    r = run_script(*train_args(data_dir, out, "--overwrite=True", "--learning_rate=1e9", "--grad_clip=0",
+                               "--log_interval=1", "--seed=7"))
+    assert_one_line_error(r, "NaN/Inf")
+    assert "with their run's config.json, metrics.jsonl, training.log (this run's are kept as config.json.1, " \
+           "metrics.jsonl.1, training.log.1)" in r.stdout
+    after = digests(out)
+    assert {name: after[name] for name in before} == before  # every file of the earlier run, as it was
+    assert re.search(r"seed +\= 7", (out / "training.log.1").read_text())  # and the failed run's log, kept beside them
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [0, 20, 40]  # one run's records, not two
+
+
+@pytest.mark.slow
+def test_readers_name_the_folder_a_killed_overwrite_left(data_dir, tmp_path, many_saves):
+    # the journal, then the 32 checkpoints: killed as it moves the logs
+    killed_run(tmp_path, train_args(data_dir, many_saves, "--overwrite=True"), on="set-aside", after=34)
+    aside = list(many_saves.glob(".replaced.*"))
+    assert len(aside) == 1 and not list(many_saves.glob("*.pt"))
+    for script in ("sample.py", "tools/evaluate.py"):
+        r = run_script(script, f"--out_dir={many_saves}", *(["--max_new_tokens=5"] if script == "sample.py" else []))
+        assert_one_line_error(r, "a --overwrite=True run that did not finish set the earlier ones aside in "
+                              f"{aside[0]}", "--init_from=resume")
+
+
+# ----------------------------------------------------------------------------- 3. links and directories
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_kept(data_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_script(*train_args(data_dir, out, "--max_iters=20")).returncode == 0
+    mine = tmp_path / "my_notes.txt"
+    mine.write_text("my notes, not a lock")
+    (out / LOCK_NAME).unlink()
+    (out / LOCK_NAME).symlink_to(mine)
+    r = run_script(*train_args(data_dir, out, "--init_from=resume", "--max_iters=30"))
+    assert_one_line_error(r, f"{out / LOCK_NAME} is a symbolic link (to {mine})", "remove the link")
+    assert mine.read_text() == "my notes, not a lock"
+    r = run_script("data/prepare_text.py", f"--input={mine}", "--name=notes", f"--data_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr  # a dataset directory's lock the same way
+    (tmp_path / "notes" / LOCK_NAME).unlink()
+    (tmp_path / "notes" / LOCK_NAME).symlink_to(mine)
+    r = run_script("data/prepare_text.py", f"--input={mine}", "--name=notes", f"--data_dir={tmp_path}")
+    assert_one_line_error(r, "is a symbolic link")
+    assert mine.read_text() == "my notes, not a lock"
+
+
+@pytest.mark.parametrize("name", ["training.log", "metrics.jsonl"])
+def test_a_log_that_is_a_symlink_is_refused_on_resume(data_dir, tmp_path, name):
+    out = tmp_path / "out"
+    assert run_script(*train_args(data_dir, out, "--max_iters=20")).returncode == 0
+    elsewhere = tmp_path / "elsewhere.log"
+    os.replace(out / name, elsewhere)
+    (out / name).symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    r = run_script(*train_args(data_dir, out, "--init_from=resume", "--max_iters=30"))
+    assert_one_line_error(r, f"{out / name} is a symbolic link", "remove the link")
+    assert elsewhere.read_bytes() == before and (out / name).is_symlink()
+
+
+@pytest.mark.parametrize("name", ["training.log", "metrics.jsonl", LOCK_NAME])
+def test_a_directory_where_a_run_file_belongs_is_one_line(data_dir, tmp_path, name):
+    out = tmp_path / "out"
+    assert run_script(*train_args(data_dir, out, "--max_iters=20")).returncode == 0
+    (out / name).unlink()
+    (out / name).mkdir()
+    r = run_script(*train_args(data_dir, out, "--init_from=resume", "--max_iters=30"))
+    assert_one_line_error(r, f"{out / name} is a directory")
+
+
+# ----------------------------------------------------------------------------- 5. sampling's vanishing values
+
+@pytest.fixture(scope="module")
+def sampled_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s") / "out"
+    assert run_script(*train_args(data_dir, out, "--max_iters=20")).returncode == 0
+    return out
+
+
+def sample(out, *flags):
+    return run_script("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=40",
+                      "--seed=3", *flags)
+
+
+def test_a_vanishing_temperature_or_top_p_is_greedy(sampled_run):
+    greedy = sample(sampled_run, "--temperature=0")
+    assert greedy.returncode == 0, greedy.stderr
+    for flags in (["--temperature=1e-300"], ["--temperature=1e-40"], ["--temperature=1e-5"], ["--top_p=1e-300"],
+                  ["--top_p=1e-300", "--num_samples=2"]):
+        r = sample(sampled_run, *flags)
+        assert r.returncode == 0, r.stderr
+        texts = r.stdout.split("---------------\n")[:-1]
+        assert texts and all(t == greedy.stdout.split("---------------\n")[0] for t in texts), flags
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--repetition_penalty=1e-300", "repetition_penalty=1e-300 must be positive, between 1e-06 and 1e+06"),
+    ("--temperature=1e999", "temperature=inf must be 0 (greedy) or positive (and finite)"),
+    ("--min_p=1e999", "min_p=inf must be in [0, 1)"),
+    ("--top_p=0", "top_p=0.0 must be in (0, 1]")])
+def test_sampling_values_that_cannot_work_are_one_line(sampled_run, flag, message):
+    assert_one_line_error(sample(sampled_run, flag), message, code=2)
+
+
+def test_the_librarys_generate_refuses_them_too():
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=11))
+    with pytest.raises(ValueError, match="repetition_penalty=1e-300 must be positive, between"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 2, repetition_penalty=1e-300)
+    torch.manual_seed(0)
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=1e-300)
+    assert torch.equal(out, model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0))
+
+
+# ----------------------------------------------------------------------------- 6. a second interrupt in the save
+
+def test_a_second_ctrl_c_inside_the_stops_save_is_an_abort_not_a_full_disk(data_dir, tmp_path, monkeypatch):
+    """The first SIGINT comes after step 5; the second lands inside torch's writer as it writes the stop's save."""
+    out = tmp_path / "out"
+
+    class FirstCtrlC(Watch):
+        def between_steps(self, step):
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().between_steps(step)
+
+    real = torch.save
+
+    def second_ctrl_c_midway(obj, f, *args, **kwargs):
+        class Writer:
+            writes = 0
+
+            def write(self, data):
+                Writer.writes += 1
+                if Writer.writes == 3:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(f, name)
+        return real(obj, Writer(), *args, **kwargs)
+    monkeypatch.setattr(torch, "save", second_ctrl_c_midway)
+    r = run_script(*train_args(data_dir, out), watch=FirstCtrlC)
+    line = assert_one_line_error(r, "aborted by a second interrupt (SIGINT) while saving the state after step 5: "
+                                    "no checkpoint had been saved yet", code=130)
+    assert "disk" not in line and not list(out.glob("*.pt")) and not list(out.glob(".*.tmp*"))
