@@ -264,10 +264,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True, *, top_p=None, min_p=None,
-               repetition_penalty=1.0, stop_tokens=()):
+               repetition_penalty=1.0, stop_tokens=(), generator=None):
         """Sample max_new_tokens after idx (B, T), yielding each new (B, 1) token as soon as it is drawn (sample_next
         says how: temperature 0 is greedy; top_k, top_p, min_p and repetition_penalty as in transformers). A row
         that draws one of stop_tokens is done: it repeats that token, and the stream ends once every row is done.
+        generator: the torch.Generator the draws come from (None: torch's global one), so that several streams
+        interleaved in one process each depend on their own seed only.
 
         Without kv_cache every token runs the whole context (its last block_size tokens) through the model.
         With it, only the new token runs, against cached keys and values: the same tokens while the sequence
@@ -282,7 +284,7 @@ class GPT(nn.Module):
         cache = KVCache(self.config.n_layer, block_size) if kv_cache else None
         logits, _ = self(idx[:, -block_size:], kv_cache=cache)
         for i in range(max_new_tokens):
-            token = sample_next(logits[:, -1, :], temperature, top_k, previous=idx, **controls)
+            token = sample_next(logits[:, -1, :], temperature, top_k, previous=idx, generator=generator, **controls)
             if len(stops):
                 token = torch.where(done, idx[:, -1:], token)  # a finished row repeats its stop token
                 done |= torch.isin(token, stops)
@@ -354,7 +356,8 @@ def check_sampling(*, temperature=1.0, top_k=None, top_p=None, min_p=None, repet
                          f"off, above 1 discourages repeats)")
 
 
-def sample_next(logits, temperature=1.0, top_k=None, *, top_p=None, min_p=None, repetition_penalty=1.0, previous=None):
+def sample_next(logits, temperature=1.0, top_k=None, *, top_p=None, min_p=None, repetition_penalty=1.0, previous=None,
+                generator=None):
     """One token per row from final-position logits (B, vocab): the most likely one at temperature 0 (greedy), else
     a draw from the distribution that filter_logits leaves."""
     logits = filter_logits(logits, temperature, top_k, top_p=top_p, min_p=min_p,
@@ -363,7 +366,7 @@ def sample_next(logits, temperature=1.0, top_k=None, *, top_p=None, min_p=None, 
         return logits.argmax(dim=-1, keepdim=True)
     probs = F.softmax(logits, dim=-1)
     # inverse-CDF sampling: the same distribution as torch.multinomial, several times cheaper per call on CPU
-    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=probs.dtype)
+    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=probs.dtype, generator=generator)
     return torch.searchsorted(probs.cumsum(dim=-1), u).clamp_(max=probs.size(-1) - 1)
 
 

@@ -10,9 +10,9 @@ One sample is printed as it is generated; several are generated as one batch and
 import sys
 from types import SimpleNamespace
 
-from gpt_toolkit.errors import quiet_interrupts
+from gpt_toolkit.startup import start_script
 
-quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import torch
 
@@ -22,8 +22,8 @@ from gpt_toolkit.checkpoint import BEST
 from gpt_toolkit.compiling import CompiledOrEager
 from gpt_toolkit.errors import ConfigError, UserError, run_main
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.sampling import check_generation_fits, load_model, read_prompt, write_samples
-from gpt_toolkit.train_config import check_init_from
+from gpt_toolkit.sampling import check_generation_fits, fit_history, load_model, read_prompt, stop_token_ids, write_samples
+from gpt_toolkit.train_config import MAX_SEED, check_init_from
 from model import check_sampling
 
 
@@ -63,6 +63,8 @@ def validate(cfg):
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be positive")
     if cfg.num_samples <= 0:
         raise ConfigError(f"num_samples={cfg.num_samples} must be positive")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed={cfg.seed} must be from 0 to {MAX_SEED}")
     try:  # the model's own checks: the chat and every caller of generate get the same
         check_sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
                        repetition_penalty=cfg.repetition_penalty)
@@ -162,23 +164,6 @@ def chat(cfg, tokenizer, block_size, sample):
         answer = sample(ids, echo_prompt=False, separator="\n")
         history.append({"role": "assistant", "content": tokenizer.decode(answer)})
     return 0
-
-
-def fit_history(tokenizer, history, limit):
-    """(the prompt ids of the conversation with an assistant turn opened, how many of the oldest non-system turns
-    had to go for it to fit `limit` tokens); the newest turn always stays."""
-    keep_system = int(bool(history) and history[0]["role"] == "system")
-    for dropped in range(len(history) - keep_system):
-        turns = history[:keep_system] + history[keep_system + dropped:]
-        ids, _ = tokenizer.render(turns, add_generation_prompt=True)
-        if len(ids) <= limit or dropped == len(history) - keep_system - 1:
-            return ids[-limit:], dropped
-    return [], 0
-
-
-def stop_token_ids(tokenizer):
-    """The ids a sample ends at by default: <|endoftext|> and a chat's <|end|>, where the vocabulary has them."""
-    return tuple(i for i in (getattr(tokenizer, "eot", None), getattr(tokenizer, "end_of_turn", None)) if i is not None)
 
 
 if __name__ == "__main__":

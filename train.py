@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_toolkit.errors import quiet_interrupts
+from gpt_toolkit.startup import start_script
 
-quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -46,7 +46,7 @@ from gpt_toolkit.dataset import Dataset, eval_offsets, run_batches, step_batches
 from gpt_toolkit.diagnostics import check_batch, check_init
 from gpt_toolkit.errors import Aborted, ConfigError, SecondInterrupt, UserError, import_optional, run_main
 from gpt_toolkit.evaluation import token_byte_lengths
-from gpt_toolkit.files import atomic_write_text
+from gpt_toolkit.files import write_run_file
 from gpt_toolkit.init_from import build_model, check_init_tokenizer, check_memory, check_resume
 from gpt_toolkit.outdir import OutDir, check_out_dir
 from gpt_toolkit.process import setup_process
@@ -342,6 +342,10 @@ def check_data_and_out_dir(cfg, cli_keys, world):
     architecture), or the weights of the run init_from names with its tokenizer, and the memory the run needs."""
     notes = check_out_dir(cfg) if world.master else []
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
+    if dataset.is_chat and not (cfg.padding or cfg.packing):  # a row must not start mid-conversation
+        cfg = dataclasses.replace(cfg, padding=True)
+        notes.append(f"'{cfg.dataset}' is a chat dataset: each row is one whole conversation, padded (--padding=True; "
+                     f"--packing=True packs them instead)")
     ckpt = ckpt_path = None
     if cfg.init_from == "resume":
         ckpt_path = resume_path(cfg.out_dir)
@@ -382,7 +386,7 @@ def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, st
         log.metrics({"type": "compile", "step": step, "compiled": False, "cause": cause})
         if world.master and not cfg.eval_only:
             run_info.update(resolved_compile=False, compile_failure=cause)
-            atomic_write_text(out_path / "config.json", json.dumps(run_info, indent=2))
+            write_run_file(out_path / "config.json", json.dumps(run_info, indent=2))
 
     def wrap(m):  # DDP around the (compiled) model when several processes train it; FSDP shards it itself
         if world.size == 1 or sharded:
@@ -398,7 +402,7 @@ def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, st
         log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({source})")
     run_info["resolved_compile"] = watch.compiling
     if world.master and not cfg.eval_only:  # an evaluation leaves the trained run's description as it is
-        atomic_write_text(out_path / "config.json", json.dumps(run_info, indent=2))
+        write_run_file(out_path / "config.json", json.dumps(run_info, indent=2))
     saves = RunCheckpoints(out_path, keep_last=cfg.keep_last, writer=world.master, collective=sharded,
                            report=log.print, after_first_save=out_dir.first_save_done)
     watch.kept = saves.kept
@@ -457,9 +461,6 @@ def check_model_and_data(cfg, dataset, vocab_size):
         raise UserError(f"{flag}=True needs documents separated by an end-of-text token, and '{cfg.dataset}' has none "
                         f"(character datasets never do): use a GPT-2 tokenized dataset, e.g. data/prepare_text.py "
                         f"--tokenizer=gpt2 on text with <|endoftext|> between documents")
-    if dataset.is_chat and not (cfg.padding or cfg.packing):
-        raise ConfigError(f"'{cfg.dataset}' is a chat dataset: train on whole conversations with --padding=True (each "
-                          f"row one conversation) or --packing=True")
 
 
 def check_data_and_init(run, step):

@@ -16,9 +16,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the toolkit root, for the library modules
 
-from gpt_toolkit.errors import quiet_interrupts
+from gpt_toolkit.startup import start_script
 
-quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 from gpt_toolkit.chat import prepare_chat_dataset, read_conversations
 from gpt_toolkit.cli import tool_parser

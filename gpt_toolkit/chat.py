@@ -44,6 +44,8 @@ def conversation(raw, where):
         raise UserError(f"{where}: not UTF-8 text: convert the file to UTF-8") from None
     except ValueError as e:
         raise UserError(f"{where}: not JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{where}: not JSON this toolkit reads (nested too deep)") from None
     if isinstance(record, dict) and "prompt" in record and "completion" in record:
         messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
     elif isinstance(record, dict) and isinstance(record.get("messages"), list):

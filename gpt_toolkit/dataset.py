@@ -30,6 +30,8 @@ TOOLKIT_DATA = Path(__file__).resolve().parents[1] / "data"
 def open_split(path):
     """A split's token ids as a read-only memmap, opened once per run."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is not a file (a directory?): move it away and re-run the prepare script")
     size = path.stat().st_size
     if size % 2:
         raise UserError(f"{path} has an odd byte count ({size}), so it is not whole uint16 ids (truncated?): "
@@ -60,6 +62,7 @@ class Dataset:
                 self.trained[s] = np.memmap(self.path / f"{s}.mask.bin", dtype=np.uint8, mode="r")
                 if len(self.trained[s]) != len(self.splits[s]):
                     raise UserError(f"{self.path / (s + '.mask.bin')} does not match {s}.bin: re-run {self.prepare_hint}")
+        self.limited = bool(max_train_tokens)
         if max_train_tokens:
             self.splits["train"] = self.splits["train"][:max_train_tokens]
             if self.trained["train"] is not None:
@@ -132,8 +135,11 @@ class Dataset:
     def check_block_size(self, block_size):
         for split, data in self.splits.items():
             if len(data) <= block_size:
+                fixes = [f"--block_size={len(data) - 1} or less"] * (len(data) > 1) + [
+                    "a larger --max_train_tokens"] * (split == "train" and self.limited)
+                fix = f"use {', or '.join(fixes)}" if fixes else "prepare more text"
                 raise UserError(f"block_size={block_size} is too long for the {split} split of '{self.name}' "
-                                f"({len(data)} tokens): use --block_size={len(data) - 1} or less")
+                                f"({len(data)} token{'s' if len(data) != 1 else ''}): {fix}")
 
     def check_token_ids(self, vocab_size, max_scan=100_000_000):
         """Fail early if a split holds ids the model cannot embed (the wrong meta, or a corrupt file).

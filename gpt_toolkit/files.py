@@ -85,6 +85,19 @@ def atomic_write(path, write):
     fsync_dir(path.parent)
 
 
+def write_run_file(path, text):
+    """atomic_write_text of a file the toolkit keeps in a run's directory (config.json): a directory in its place, a
+    full disk or a read-only directory is a one-line UserError naming it."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise UserError(f"{path} is a directory, where the toolkit keeps a file of that name: move it away")
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({write_failure_cause(e, path)}): free disk space or check the "
+                        f"directory's permissions") from None
+
+
 def atomic_write_bytes(path, data):
     atomic_write(path, lambda f: f.write(data))
 
@@ -108,7 +121,14 @@ def write_directory(path, fill):
             os.chmod(p, mode)  # some writers (safetensors) make their files private: these are for sharing
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) or (path.exists() and not path.is_dir()):
+                raise UserError(f"{path} was written by another process while this one wrote it (another export to "
+                                f"the same place?): this one was not kept; check {path}, or write to another place"
+                                ) from None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

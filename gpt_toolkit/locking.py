@@ -1,6 +1,7 @@
 """One writer per directory: a training run owns its out_dir, a preparation its dataset directory, for as long as it
 writes there. The lock is the operating system's (flock on a file in the directory), so it dies with its process,
 even on SIGKILL: there is never a stale lock to remove by hand. Readers (sample, evaluate, export, plots) take none."""
+import contextlib
 import os
 import sys
 import time
@@ -33,11 +34,16 @@ class DirectoryLock:
             _lock(f)
         except OSError:
             self._refuse(f)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} ({' '.join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:200]}, "
-                f"since {time.strftime('%H:%M:%S')})\n")
-        f.flush()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} ({' '.join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:200]}, "
+                    f"since {time.strftime('%H:%M:%S')})\n")
+            f.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):  # closing flushes again, and fails again
+                f.close()
+            raise UserError(f"could not write the lock file {self.path} ({e.strerror or e}): free disk space") from None
         self.file = f
         return self
 

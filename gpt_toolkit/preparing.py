@@ -11,12 +11,15 @@ end-of-text token after each document (as data/openwebtext/prepare.py), char a b
 """
 import collections
 import contextlib
+import ctypes
 import functools
 import json
 import multiprocessing
 import os
 import pickle
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -175,6 +178,9 @@ class DocumentSource:
                     raise UserError(f"{where} is not UTF-8 text ({e.reason}): convert the file to UTF-8") from None
                 except ValueError as e:
                     raise UserError(f"{where} is not JSON ({e}): each line must be one JSON object") from None
+                except RecursionError:
+                    raise UserError(f"{where} is not JSON this toolkit reads (nested too deep): each line must be one "
+                                    f"JSON object") from None
                 if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
                     raise UserError(f"{where} has no text field '{self.text_field}': pass --text_field=NAME, the key "
                                     f"that holds each document's text")
@@ -253,6 +259,19 @@ def _scan_range(task, codes=False):
     return count, np.flatnonzero(present).astype(np.uint32)
 
 
+def _worker_init(load):
+    """A worker leaves Ctrl-C to the main process (which ends the pool) and, on Linux, dies with it: a main process
+    that is killed leaves no worker printing a BrokenPipeError traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if load is not None:
+        _init(*load)
+
+
 def _encode_range(task):
     return _encoder.encode(_read_text(*task))
 
@@ -272,7 +291,7 @@ class _Workers:
             _init(kind, vocabulary)  # forked workers inherit the loaded tokenizer instead of each loading it again
         if num_proc > 1:
             self.pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(
-                num_proc, initializer=None if fork else _init, initargs=() if fork else (kind, vocabulary))
+                num_proc, initializer=_worker_init, initargs=(None if fork else (kind, vocabulary),))
         self.limit = 4 * num_proc  # enough queued that no worker waits for the next chunk
 
     def map(self, fn, tasks):
@@ -389,8 +408,8 @@ def check_tokenizer_settings(tokenizer, vocab_size, bpe_sample_mb):
     if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
         raise UserError(f"--vocab_size={vocab_size} must be from {MIN_VOCAB} (the 256 bytes and <|endoftext|>) to "
                         f"{MAX_VOCAB:,} (ids are stored as uint16 in train.bin and val.bin)")
-    if bpe_sample_mb <= 0:
-        raise UserError(f"--bpe_sample_mb={bpe_sample_mb} must be positive")
+    if not 0 < bpe_sample_mb < float("inf"):  # nan fails this too
+        raise UserError(f"--bpe_sample_mb={bpe_sample_mb} must be a positive number of megabytes")
 
 
 def dataset_meta(tokenizer, vocabulary):

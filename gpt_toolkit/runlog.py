@@ -41,13 +41,20 @@ def took_line(seconds):
 
 
 def duration(seconds):
-    """12s, 3m05s, 2h07m."""
-    seconds = int(round(seconds))
+    """12s, 3m05s, 2h07m (and 1234567h00m: no days, no overflow for any finite number)."""
+    seconds = int(round(min(seconds, 1e15)))
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def ends_at(when):
+    """' (ends ~14:07)', or ' (ends in more than a year)' past what a clock time says."""
+    if when - time.time() > 366 * 86400:
+        return " (ends in more than a year)"
+    return f" (ends ~{time.strftime('%H:%M', time.localtime(when))})"
 
 
 def progress_line(step, max_iters, elapsed, left, now=None):
@@ -56,8 +63,7 @@ def progress_line(step, max_iters, elapsed, left, now=None):
     line = f"progress: {step}/{max_iters} steps ({100 * step / max_iters:.0f}%), {duration(elapsed)} elapsed"
     if left is None:
         return line
-    ends = time.strftime("%H:%M", time.localtime((now or time.time()) + left))
-    return f"{line}, about {duration(left)} left (ends ~{ends})"
+    return f"{line}, about {duration(left)} left{ends_at((now or time.time()) + left)}"
 
 
 def _set_aside(path):
@@ -164,9 +170,12 @@ def _keep_until(path, step):
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
+        except ValueError:
+            record = None
+        if well_formed(record):
             at = record.get("step", record.get("iter"))
             keep = at is None or at < step or (record.get("type") == "eval" and at == step)
-        except (json.JSONDecodeError, AttributeError):
+        else:  # a record a kill cut short, or one edited into something no run writes
             keep = False
         if keep:
             kept.append(line + "\n")
@@ -279,17 +288,38 @@ def _read_text_log(run, path):
                 run.tokens_per_iter = int(m.group(1).replace(",", ""))
 
 
+def well_formed(record):
+    """A metrics record as train.py writes it: a dict whose step or iter, where it has one, is a whole number, and
+    whose eval and train records have number losses."""
+    if not isinstance(record, dict) or not isinstance(record.get("type"), str):
+        return False
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if any(key in record and (not isinstance(record[key], int) or isinstance(record[key], bool))
+           for key in ("step", "iter")):
+        return False
+    if record["type"] == "eval":
+        return "step" in record and number(record.get("train_loss")) and number(record.get("val_loss"))
+    if record["type"] == "train":
+        return "iter" in record and number(record.get("loss"))
+    return True
+
+
 def read_metrics(path, start=0):
-    """(records of metrics.jsonl from line `start` on, the line to continue from). A line cut short by a crash is
-    skipped; the last line, when it does not parse, may still be being written: reading stops before it."""
+    """(well-formed records of metrics.jsonl from line `start` on, the line to continue from). A line cut short by a
+    crash, or edited into what no run writes, is skipped; the last line, when it does not parse, may still be being
+    written: reading stops before it."""
     records = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True) if Path(path).exists() else []
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines(keepends=True) if Path(
+        path).is_file() else []
     for i in range(start, len(lines)):
         try:
-            records.append(json.loads(lines[i]))
-        except json.JSONDecodeError:
+            record = json.loads(lines[i])
+        except (ValueError, RecursionError):
             if i == len(lines) - 1:
                 return records, i
+            continue
+        if well_formed(record):
+            records.append(record)
     return records, len(lines)
 
 
@@ -305,6 +335,16 @@ def _read_metrics(run, path):
             run.iters[record["iter"]] = record
 
 
+def read_config_json(path):
+    """A run's config.json as a dict, or None where there is none or it is damaged (a table of runs goes on)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def read_run(path, name=None):
     """A run from a text log (training.log or a `tee`d NAME.log), a metrics.jsonl, or an out_dir.
 
@@ -317,10 +357,8 @@ def read_run(path, name=None):
             _read_text_log(run, path / "training.log")
         if (path / "metrics.jsonl").exists():
             _read_metrics(run, path / "metrics.jsonl")
-        if (path / "config.json").exists():
-            with open(path / "config.json", encoding="utf-8") as f:
-                run.config = json.load(f)
-            run.num_params = run.config.get("num_params", run.num_params)
+        run.config = read_config_json(path / "config.json") or {}
+        run.num_params = run.config.get("num_params", run.num_params)
     elif path.exists():
         run = Run(name or path.name.removesuffix(".log").removesuffix(".jsonl"), path)
         (_read_metrics if path.suffix == ".jsonl" else _read_text_log)(run, path)

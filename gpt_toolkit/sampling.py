@@ -131,3 +131,20 @@ def write_samples(model, tokenizer, prompt, *, num_samples, max_new_tokens, cont
         body = cut.push(tokenizer.decode(row[:end])) + cut.end()
         write((tokenizer.decode(ids) if echo_prompt else "") + body + separator)
     return row[:end]
+
+
+def fit_history(tokenizer, history, limit):
+    """(the prompt ids of the conversation with an assistant turn opened, how many of the oldest non-system turns
+    had to go for it to fit `limit` tokens); the newest turn always stays."""
+    keep_system = int(bool(history) and history[0]["role"] == "system")
+    for dropped in range(len(history) - keep_system):
+        turns = history[:keep_system] + history[keep_system + dropped:]
+        ids, _ = tokenizer.render(turns, add_generation_prompt=True)
+        if len(ids) <= limit or dropped == len(history) - keep_system - 1:
+            return ids[-limit:], dropped
+    return [], 0
+
+
+def stop_token_ids(tokenizer):
+    """The ids a sample ends at by default: <|endoftext|> and a chat's <|end|>, where the vocabulary has them."""
+    return tuple(i for i in (getattr(tokenizer, "eot", None), getattr(tokenizer, "end_of_turn", None)) if i is not None)

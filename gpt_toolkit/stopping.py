@@ -48,9 +48,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            # once a stop is under way the process is saving and exiting: a late signal must not interrupt that
-            signal.signal(sig, signal.SIG_IGN if self.signum else handler)
+        for sig, handler in self.previous.items():  # as they were: a process that runs on (a tool, a test) keeps them
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signum is not None:

@@ -95,6 +95,8 @@ CHOICES = {
     "lr_schedule": ["cosine", "wsd", "constant", "exponential"],
 }
 ALIASES = {"lr": "learning_rate"}
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it, plus the rank (torchrun's processes: seed + rank)
+MAX_STEPS = 10**12  # a trillion steps: far past any run, short of what the clock and the estimates can hold
 USAGE = "usage: python train.py [CONFIG_FILE ...] [--key=value ...]"
 
 
@@ -124,6 +126,14 @@ def validate(cfg):
                 "max_train_tokens", "keep_last", "early_stop_patience", "early_stop_min_delta", "grad_monitor_interval"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
+    if cfg.seed > MAX_SEED:
+        raise ConfigError(f"seed={cfg.seed} is too large: use a seed from 0 to {MAX_SEED}")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "eval_interval", "log_interval", "grad_monitor_interval"):
+        if getattr(cfg, key) > MAX_STEPS:
+            raise ConfigError(f"{key}={getattr(cfg, key)} is more steps than a run can take: use at most {MAX_STEPS:,}")
+    if cfg.peak_flops and not 1e6 <= cfg.peak_flops <= 1e21:
+        raise ConfigError(f"peak_flops={cfg.peak_flops:g} is not a device's FLOP/s (1e6 to 1e21): give the device's "
+                          f"peak, e.g. 312e12 for an A100's bfloat16, or 0 to have it looked up or measured")
     check_init_from(cfg.init_from, ("scratch", "resume"))
     if cfg.learning_rate <= 0:
         raise ConfigError(f"learning_rate={cfg.learning_rate} must be positive")

@@ -17,7 +17,7 @@ from gpt_toolkit.compiling import CompiledOrEager
 from gpt_toolkit.diagnostics import GradMonitor, NonFiniteGuard, grad_record_lines
 from gpt_toolkit.evaluation import eval_to_step_ratio
 from gpt_toolkit.progress import Eta, Heartbeat, StepTimer
-from gpt_toolkit.runlog import duration, iter_line, plural
+from gpt_toolkit.runlog import duration, ends_at, iter_line, plural
 from gpt_toolkit.stopping import Interrupted
 
 # tutorial ch01 7.1's quick-experiment model, n_head included: the GPU config's 6 heads do not divide n_embd=128
@@ -187,8 +187,8 @@ class Watch:
             return False
         left, evals = estimate
         self.log.print(f"estimate: about {duration(left)} more on {self.device} ({plural(cfg.max_iters - step, 'step')} "
-                       f"at {rate:.2f} s, {plural(evals, 'evaluation')} at {duration(per_eval)}); ends ~"
-                       f"{time.strftime('%H:%M', time.localtime(now + left))}")
+                       f"at {rate:.2f} s, {plural(evals, 'evaluation')} at {duration(per_eval)});"
+                       f"{ends_at(now + left).replace(' (', ' ').rstrip(')')}")
         return True
 
     def say_when_sized_for_another_machine(self, step, evaluated):

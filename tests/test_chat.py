@@ -169,18 +169,28 @@ def test_chat_training_resumes_exactly(chat, data_dir, tmp_path):
     r = run_script("train.py", *args, "--init_from=resume", "--max_iters=20", f"--out_dir={split}")
     assert r.returncode == 0, r.stderr
 
-    def losses(out):
-        return [(d.get("iter"), d.get("loss"), d.get("val_loss")) for d in map(json.loads, (out / "metrics.jsonl")
-                .read_text().splitlines()) if d["type"] in ("train", "eval")]
     assert losses(whole) == losses(split) and len(losses(whole)) == 20 + 3
     a, b = load_checkpoint(whole / "latest.pt")["model"], load_checkpoint(split / "latest.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_chat_dataset_needs_whole_conversations_per_row(chat, data_dir, tmp_path):
-    r = run_script("train.py", *TINY_TRAIN, "--block_size=64", "--dataset=tiny_chat", f"--init_from={chat[0]}",
-                   f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'x'}")
-    assert_one_line_error(r, "chat dataset", "--padding=True", "--packing=True")
+def losses(out):
+    return [(d.get("iter"), d.get("loss"), d.get("val_loss")) for d in map(json.loads, (out / "metrics.jsonl")
+            .read_text().splitlines()) if d["type"] in ("train", "eval")]
+
+
+def test_a_chat_dataset_trains_on_padded_conversations_by_default(chat, data_dir, tmp_path):
+    """Whole conversations per row, as --padding=True gives: one line says so, and the losses are that run's."""
+    args = ["train.py", *TINY_TRAIN, "--block_size=64", "--dataset=tiny_chat", f"--init_from={chat[0]}",
+            "--max_iters=10", "--eval_interval=5", f"--data_dir={data_dir}"]
+    r = run_script(*args, f"--out_dir={tmp_path / 'default'}")
+    assert r.returncode == 0, r.stderr
+    assert "'tiny_chat' is a chat dataset: each row is one whole conversation, padded (--padding=True; --packing=True " \
+           "packs them instead)" in r.stdout
+    padded = run_script(*args, "--padding=True", f"--out_dir={tmp_path / 'padded'}")
+    assert padded.returncode == 0, padded.stderr
+    assert losses(tmp_path / "default") == losses(tmp_path / "padded")
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["padding"] is True
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])

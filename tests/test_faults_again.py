@@ -4,9 +4,12 @@ import hashlib
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -270,3 +273,191 @@ def test_a_second_ctrl_c_inside_the_stops_save_is_an_abort_not_a_full_disk(data_
     line = assert_one_line_error(r, "aborted by a second interrupt (SIGINT) while saving the state after step 5: "
                                     "no checkpoint had been saved yet", code=130)
     assert "disk" not in line and not list(out.glob("*.pt")) and not list(out.glob(".*.tmp*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="mounts a tmpfs: needs root and unshare")
+def test_a_full_disk_during_a_save_says_no_space_left(data_dir, tmp_path):
+    """A real full disk: a 700 kB tmpfs, in a mount namespace of the test's own, holding the run; the resumed run's
+    first save does not fit beside the checkpoint already there."""
+    out = tmp_path / "out"
+    assert run_script(*train_args(data_dir, out, "--max_iters=20")).returncode == 0
+    small = tmp_path / "small"
+    small.mkdir()
+    resume = " ".join(shlex.quote(a) for a in [sys.executable, *train_args(data_dir, small / "out", "--init_from=resume",
+                                                                            "--max_iters=40")])
+    script = f"mount -t tmpfs -o size=700k tmpfs {small} && cp -a {out} {small}/out && {resume}"
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    if "mount:" in r.stderr:
+        pytest.skip(f"no tmpfs here: {r.stderr.strip()}")
+    assert_one_line_error(r, "could not save the checkpoint to", "(No space left on device): the previous checkpoint "
+                          "is intact")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="mounts a tmpfs: needs root and unshare")
+def test_a_write_failure_torch_reports_without_its_cause_is_named_from_the_full_disk(tmp_path):
+    """torch's writer can report a failed write as only 'unexpected pos': on a disk that is full, the cause is that."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from gpt_toolkit.files import write_failure_cause; "
+            f"open({str(tmp_path / 'fill')!r}, 'wb').write(b'x' * 2**20)\n"
+            f"print(write_failure_cause(RuntimeError('[enforce fail at inline_container.cc:642] . unexpected pos 64 vs "
+            f"0'), {str(tmp_path / 'ckpt.pt')!r}))")
+    script = f"mount -t tmpfs -o size=1m tmpfs {tmp_path} && {shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True, text=True,
+                       timeout=60)
+    if "mount:" in r.stderr:
+        pytest.skip(f"no tmpfs here: {r.stderr.strip()}")
+    assert r.stdout.strip() == "No space left on device", r.stderr
+
+
+# ----------------------------------------------------------------------------- 8. Ctrl-C in a BPE's training
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_bpe_trains_stops_within_two_seconds(tmp_path, shakespeare_text):
+    """tokenizers' training is Rust that a Ctrl-C cannot reach (12 s on this 16 MB corpus); it runs in a child."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("".join(shakespeare_text.replace("e", c) for c in "eaiouyxz" * 2))
+    proc = subprocess.Popen([sys.executable, "data/prepare_text.py", f"--input={corpus}", "--name=big",
+                             f"--data_dir={tmp_path}", "--tokenizer=bpe", "--vocab_size=4096"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # reading the sample takes a second or two; the training ten more
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 2.0, time.time() - t0
+    assert "trained a byte-level BPE" not in out and proc.returncode == 130, (proc.returncode, err)
+    assert err.strip().splitlines()[-1] == "interrupted: stopped before finishing; no file was left half-written", err
+    assert "Traceback" not in err and not (tmp_path / "big" / "train.bin").exists()
+
+
+# ----------------------------------------------------------------------------- 7. tracebacks, each one line now
+
+@pytest.mark.parametrize("flags, message", [
+    (["--peak_flops=1e-300"], "peak_flops=1e-300 is not a device's FLOP/s (1e6 to 1e21)"),
+    (["--seed=1000000000000000000000000000000"], "seed=1000000000000000000000000000000 is too large: use a seed from 0 "
+                                                 "to 4294967295"),
+    (["--max_iters=1000000000000000000000000000000"], "max_iters=1000000000000000000000000000000 is more steps than a "
+                                                      "run can take: use at most 1,000,000,000,000")])
+def test_absurd_numbers_are_refused_at_the_start(data_dir, tmp_path, flags, message):
+    r = run_script(*train_args(data_dir, tmp_path / "out", *flags))
+    assert_one_line_error(r, message, code=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_seed_in_sample_and_a_nan_bpe_sample_are_one_line(sampled_run, tmp_path):
+    assert_one_line_error(sample(sampled_run, "--seed=99999999999999999999"), "seed=99999999999999999999 must be from 0")
+    (tmp_path / "t.txt").write_text("some text to prepare " * 50)
+    r = run_script("data/prepare_text.py", f"--input={tmp_path / 't.txt'}", "--name=n", f"--data_dir={tmp_path}",
+                   "--tokenizer=bpe", "--vocab_size=300", "--bpe_sample_mb=nan")
+    assert_one_line_error(r, "--bpe_sample_mb=nan must be a positive number of megabytes")
+
+
+@pytest.mark.parametrize("name", ["config.json", "train.bin", "val.bin"])
+def test_a_directory_where_a_run_or_dataset_file_belongs_is_one_line(data_dir, tmp_path, name):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir / "shakespeare_char", data / "shakespeare_char")
+    out = tmp_path / "out"
+    assert run_script(*train_args(data, out, "--max_iters=10")).returncode == 0
+    where = (out if name == "config.json" else data / "shakespeare_char") / name
+    where.unlink()
+    where.mkdir()
+    r = run_script(*train_args(data, out, "--init_from=resume", "--max_iters=20"))
+    assert_one_line_error(r, f"{where} is ")
+
+
+def test_metrics_records_no_run_writes_are_skipped_by_resume_and_the_tools(data_dir, tmp_path):
+    out = tmp_path / "runs" / "out"
+    assert run_script(*train_args(data_dir, out, "--max_iters=20")).returncode == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"type": "eval", "step": "x", "train_loss": 1, "val_loss": 1}\n'
+                '{"type": "train", "iter": {"a": 1}, "loss": 1}\n["not", "a", "record"]\n')
+    for args in (train_args(data_dir, out, "--init_from=resume", "--max_iters=30"),
+                 ["tools/plot_loss.py", out, "-o", tmp_path / "p.png"],
+                 ["tools/summarize_experiments.py", tmp_path / "runs"]):
+        r = run_script(*args)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args[0], r.stderr)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [0, 20, 30]  # the resume dropped the odd ones
+
+
+def test_a_truncated_config_json_in_plot_lr_is_one_line(data_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_script(*train_args(data_dir, out, "--max_iters=10")).returncode == 0
+    (out / "config.json").write_text((out / "config.json").read_text()[:50])
+    assert_one_line_error(run_script("tools/plot_lr.py", out, "-o", tmp_path / "lr.png"),
+                          "config.json is damaged or not a run's config.json")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_chat_line_nested_too_deep_is_one_line(tmp_path, skip):
+    (tmp_path / "deep.jsonl").write_text('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    r = run_script("data/prepare_chat.py", f"--input={tmp_path / 'deep.jsonl'}", "--name=c", f"--data_dir={tmp_path}",
+                   "--tokenizer=char", f"--skip_bad={skip}")
+    assert_one_line_error(r, "holds no conversation" if skip else "line 1: not JSON this toolkit reads (nested too deep)")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="mounts a tmpfs: needs root and unshare")
+def test_a_new_run_on_a_full_disk_is_one_line(data_dir, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    run = " ".join(shlex.quote(a) for a in [sys.executable, *train_args(data_dir, full / "out", "--max_iters=10")])
+    script = (f"mount -t tmpfs -o size=64k tmpfs {full} && head -c 65536 /dev/zero > {full}/filler 2>/dev/null; "
+              f"{run}")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    if "mount:" in r.stderr:
+        pytest.skip(f"no tmpfs here: {r.stderr.strip()}")
+    assert_one_line_error(r, "No space left on device")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_preparation_leaves_no_worker_traceback(tmp_path, shakespeare_text, sig):
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("".join(shakespeare_text.replace("e", c) for c in "eaiouyxz" * 2))
+    proc = subprocess.Popen([sys.executable, "data/prepare_text.py", f"--input={corpus}", "--name=big",
+                             f"--data_dir={tmp_path}", "--tokenizer=gpt2", "--num_proc=2"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # the workers are encoding (for about two seconds more)
+    proc.send_signal(sig)
+    err = proc.stderr.read()  # until every process that holds the pipe (the workers too) has ended
+    proc.wait()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+# ----------------------------------------------------------------------------- 9. messages that say what happened
+
+def test_too_few_train_tokens_names_max_train_tokens(data_dir, tmp_path):
+    r = run_script(*train_args(data_dir, tmp_path / "out", "--max_train_tokens=1"))
+    line = assert_one_line_error(r, "block_size=32 is too long for the train split of 'shakespeare_char' (1 token): use a "
+                                    "larger --max_train_tokens")
+    assert "block_size=0" not in line
+    r = run_script(*train_args(data_dir, tmp_path / "out", "--max_train_tokens=10"))
+    assert_one_line_error(r, "(10 tokens): use --block_size=9 or less, or a larger --max_train_tokens")
+
+
+@pytest.mark.slow
+def test_two_exports_to_one_place_at_once_tell_the_loser_why(sampled_run, tmp_path):
+    to = tmp_path / "hf"
+    cmd = [sys.executable, "tools/export_hf.py", f"--out_dir={sampled_run}", f"--to={to}"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    loser = next(err for code, err in results if code)
+    assert "disk" not in loser and ("another process" in loser or "already exists" in loser), loser
+    assert (to / "config.json").exists()
+
+
+def test_a_stopped_run_in_this_process_leaves_the_signal_handlers_as_they_were(data_dir, tmp_path):
+    """A run stopped by a signal (in a tool or a test's process) gives SIGINT and SIGTERM back: the processes started
+    afterwards would otherwise inherit an ignored Ctrl-C."""
+    class CtrlC(Watch):
+        def between_steps(self, step):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().between_steps(step)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    r = run_script(*train_args(data_dir, tmp_path / "out"), watch=CtrlC)
+    assert r.returncode == 130, r.stderr
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -2,6 +2,7 @@
 scripts (train.py, sample.py, tools/*.py, data/**/prepare*.py) import the library and never each other; the library
 never imports a script; model.py can be copied alone; importing a module changes no process-wide state."""
 import ast
+import os
 import subprocess
 import sys
 import tomllib
@@ -141,17 +142,18 @@ def test_train_py_reads_as_the_tutorials_loop():
 
 
 def test_every_script_makes_ctrl_c_during_its_imports_one_line():
-    """Each script calls errors.quiet_interrupts() before importing anything but the standard library."""
+    """Each script calls startup.start_script() before importing anything but the standard library (it makes a
+    Ctrl-C during the imports one line, and sets OpenMP's wait policy before torch loads it)."""
     for path in SCRIPTS:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         seen_call = False
         for node in tree.body:
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and getattr(
-                    node.value.func, "id", None) == "quiet_interrupts":
+                    node.value.func, "id", None) == "start_script":
                 seen_call = True
             elif isinstance(node, (ast.Import, ast.ImportFrom)) and not seen_call:
                 names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                assert all(n.split(".")[0] in sys.stdlib_module_names or n == "gpt_toolkit.errors" for n in names), (
+                assert all(n.split(".")[0] in sys.stdlib_module_names or n == "gpt_toolkit.startup" for n in names), (
                     path, names)
         assert seen_call, path
 
@@ -239,3 +241,15 @@ def test_scripts_run_from_any_working_directory(tmp_path):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (path, err[-2000:])
         assert "usage" in out.lower(), (path, out)
+
+
+@pytest.mark.parametrize("preset, expected", [({}, "1000"), ({"GOMP_SPINCOUNT": "50"}, "50"),
+                                              ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
+def test_scripts_make_openmp_threads_spin_briefly_unless_told(preset, expected):
+    """A script's first call sets GOMP_SPINCOUNT=1000 before torch loads OpenMP (the spinning threads of a training
+    and a sample.py beside it take the cores from each other: tools/bench_busy.py); a user's own setting stays."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from gpt_toolkit.startup import start_script; "
+            f"start_script(); import os, torch; print(os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GPT_TOOLKIT_OMP_DEFAULTS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **preset}, timeout=120)
+    assert r.stdout.strip() == str(expected), r.stderr

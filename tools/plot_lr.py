@@ -5,20 +5,20 @@
 
 With out_dirs, each run's schedule comes from its config.json, all on one figure.
 """
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.errors import quiet_interrupts
+from gpt_toolkit.startup import start_script
 
-quiet_interrupts()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 from configurator import defaults_of
 from gpt_toolkit.cli import tool_parser, training_config
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.plots import save_figure, subplots
+from gpt_toolkit.runlog import read_config_json
 from gpt_toolkit.schedule import schedule_of
 from gpt_toolkit.train_config import Config
 
@@ -39,8 +39,11 @@ def run_config(path):
     config_json = path / "config.json" if path.is_dir() else path
     if not config_json.exists():
         raise UserError(f"{config_json} not found: pass out_dirs of finished runs, or a config file and --key=value overrides")
-    with open(config_json, encoding="utf-8") as f:
-        return json.load(f)
+    config = read_config_json(config_json)
+    if config is None:
+        raise UserError(f"{config_json} is damaged or not a run's config.json: pass another run's out_dir, or a config "
+                        f"file and --key=value overrides")
+    return config
 
 
 def main(argv):
