@@ -1,0 +1,111 @@
+"""The server under load: requests/s, time to first token and tokens/s at 1, 4 and 16 concurrent streaming clients.
+
+    python tools/bench_serve.py --out_dir=out-shakespeare-char-fast [--tokens=100] [--requests=4] [--clients=1,4,16]
+
+Starts tools/serve.py on a free port with that run, then, for each number of clients, has every client stream
+--requests completions of --tokens tokens one after another (/v1/completions, stream=true, temperature 0.8), and
+prints the requests completed per second, the median and 90th-percentile time to the first token, and the tokens
+per second of all clients together. docs/serving.md has the figures.
+"""
+import http.client
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gpt_toolkit.startup import start_script
+
+start_script()
+
+from gpt_toolkit.cli import tool_parser
+from gpt_toolkit.errors import UserError, run_main
+
+
+def parser():
+    p = tool_parser(__file__, __doc__)
+    p.add_argument("--out_dir", required=True, help="the run to serve")
+    p.add_argument("--tokens", type=int, default=100, help="tokens per completion (default 100)")
+    p.add_argument("--requests", type=int, default=4, help="completions each client streams in turn (default 4)")
+    p.add_argument("--clients", default="1,4,16", help="the numbers of concurrent clients (default 1,4,16)")
+    return p
+
+
+def stream_one(port, tokens, seed):
+    """(seconds to the first token, tokens received, seconds in all) of one streamed completion."""
+    body = json.dumps({"prompt": "\n", "max_tokens": tokens, "temperature": 0.8, "seed": seed, "stream": True})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise UserError(f"the server answered {response.status}: {response.read()[:200]!r}")
+    first, pieces = None, 0
+    for line in response:
+        if line.startswith(b"data: {"):
+            first = first or time.perf_counter() - t0
+            pieces += 1
+    conn.close()
+    return first, pieces, time.perf_counter() - t0
+
+
+def load(port, clients, requests, tokens):
+    """(requests/s, median and p90 time to first token, tokens/s) with `clients` clients at once."""
+    results, lock = [], threading.Lock()
+
+    def client(c):
+        for r in range(requests):
+            out = stream_one(port, tokens, seed=1000 * c + r)
+            with lock:
+                results.append(out)
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = sorted(r[0] for r in results)
+    return len(results) / wall, statistics.median(ttft), ttft[int(0.9 * (len(ttft) - 1))], tokens * len(results) / wall
+
+
+def main(argv):
+    args = parser().parse(argv)[0]
+    clients = [int(c) for c in args.clients.split(",")]
+    if args.tokens < 1 or args.requests < 1 or min(clients) < 1:
+        raise UserError("--tokens, --requests and every --clients number must be positive")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(ROOT / "tools" / "serve.py"), f"--out_dir={args.out_dir}",
+                               f"--port={port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        if not line.startswith("serving"):
+            raise UserError(f"tools/serve.py did not start: {server.communicate(timeout=60)[1].strip()}")
+        for _ in range(100):  # uvicorn listens a moment after the line
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        print(line.strip())
+        stream_one(port, 8, 0)  # warm-up
+        print(f"{'clients':>7} {'requests/s':>11} {'first token (median)':>21} {'(p90)':>8} {'tokens/s':>9}")
+        for c in clients:
+            rps, ttft, p90, tps = load(port, c, args.requests, args.tokens)
+            print(f"{c:>7} {rps:11.2f} {ttft * 1000:18.0f} ms {p90 * 1000:5.0f} ms {tps:9.0f}", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

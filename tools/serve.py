@@ -1,0 +1,103 @@
+"""Serve a trained model over the OpenAI API, with a chat page: any OpenAI client, notebook or chat UI can talk to it.
+
+    python tools/serve.py --out_dir=out-shakespeare-chat [--host=127.0.0.1] [--port=8000] [--api_key=KEY]
+    python tools/serve.py --init_from=hf-shakespeare      # a transformers directory, or gpt2* (OpenAI's weights)
+
+Then open http://127.0.0.1:8000/ for the chat page, or point a client at http://127.0.0.1:8000/v1 (GET /v1/models,
+POST /v1/completions, POST /v1/chat/completions; stream=true streams server-sent events as OpenAI's do). A chat
+request needs a chat model (fine-tuned on a chat dataset); a base model answers /v1/completions, and a chat request
+gets a 400 saying so. Ctrl-C stops it.
+"""
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpt_toolkit.startup import start_script
+
+start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
+
+from types import SimpleNamespace
+
+from gpt_toolkit import hardware
+from gpt_toolkit.checkpoint import BEST
+from gpt_toolkit.cli import parse_bool, tool_parser
+from gpt_toolkit.errors import UserError, import_optional, run_main
+from gpt_toolkit.process import setup_process
+from gpt_toolkit.sampling import load_model
+from gpt_toolkit.serving import API, Engine, Limits, app, is_loopback
+from gpt_toolkit.train_config import check_init_from
+
+
+def parser():
+    p = tool_parser(__file__, __doc__)
+    p.add_argument("--out_dir", default="out", help="the run to serve (its ckpt.pt, or --checkpoint)")
+    p.add_argument("--checkpoint", default=BEST, help="which checkpoint of out_dir (default ckpt.pt, the best)")
+    p.add_argument("--init_from", default="resume", help="resume (out_dir), a transformers directory, or gpt2*")
+    p.add_argument("--model_name", default="", help="the model's id in the API (default: out_dir's name)")
+    p.add_argument("--host", default="127.0.0.1", help="where to listen (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api_key", default="", help="require 'Authorization: Bearer KEY' (default: no key)")
+    p.add_argument("--max_tokens", type=int, default=2048, help="the most tokens one request may ask for (default 2048)")
+    p.add_argument("--max_n", type=int, default=8, help="the most choices (n) one request may ask for (default 8)")
+    p.add_argument("--max_body_kb", type=int, default=1024, help="the largest request body, in kB (default 1024)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--dtype", default="auto", choices=hardware.DTYPE_CHOICES, help="precision (default auto)")
+    p.add_argument("--verify_checkpoint", type=parse_bool, default=True, help="check the checkpoint's checksum")
+    return p
+
+
+def main(argv):
+    args = parser().parse(argv)[0]
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port={args.port} is not a port: use 1 to 65535")
+    if args.max_tokens < 1 or args.max_n < 1 or args.max_body_kb < 1:
+        raise UserError("--max_tokens, --max_n and --max_body_kb must be positive")
+    check_init_from(args.init_from, ("resume",))
+    import_optional("fastapi", "tools/serve.py")
+    uvicorn = import_optional("uvicorn", "tools/serve.py")
+    check_listen(args.host, args.port)
+    device = hardware.resolve_device(args.device)
+    dtype = hardware.resolve_dtype(args.dtype, device)
+    setup_process(device, keep_cpu_memory=False)
+    model, tokenizer = load_model(SimpleNamespace(init_from=args.init_from, out_dir=args.out_dir,
+                                                  checkpoint=args.checkpoint, verify_checkpoint=args.verify_checkpoint),
+                                  device)
+    model_id = args.model_name or (Path(args.out_dir).resolve().name if args.init_from == "resume" else
+                                   Path(args.init_from).name)
+    engine = Engine(model, tokenizer, device=device, ctx=hardware.autocast(device, dtype),
+                    report=lambda line: print(line, file=sys.stderr, flush=True))
+    api = API(engine, model_id=model_id, block_size=model.config.block_size, api_key=args.api_key or None,
+              limits=Limits(max_tokens=args.max_tokens, n=args.max_n, body_bytes=args.max_body_kb * 1024))
+    where = f"http://{args.host}:{args.port}"
+    kind = "a chat model" if api.is_chat else "a base model (chat requests get a 400: use /v1/completions)"
+    print(f"serving '{model_id}' ({kind}, {model.get_num_params() / 1e6:.2f}M parameters, {device}, {dtype}) at "
+          f"{where}/v1; the chat page is {where}/", flush=True)
+    if not is_loopback(args.host):
+        print(f"note: --host={args.host} is reachable from the network: anyone who can reach this machine can use "
+              f"the model{'' if args.api_key else ' (--api_key=KEY asks for a key)'}", flush=True)
+    check_listen(args.host, args.port)
+    server = uvicorn.Server(uvicorn.Config(app(api), host=args.host, port=args.port, log_level="warning",
+                                           access_log=False))
+    try:
+        server.run()  # Ctrl-C or SIGTERM: it finishes the requests in flight, then raises the signal again
+    except KeyboardInterrupt:
+        pass
+    print("server stopped", flush=True)
+    return 0
+
+
+def check_listen(host, port):
+    """Refuse, in one line, a port that is taken or a host that is not this machine's (before loading anything)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port (or --host)") from None
+
+
+if __name__ == "__main__":
+    run_main(main)
