@@ -84,11 +84,13 @@ class OutDir:
         """The new run has saved: what was set aside goes. Returns a line for the log, or None."""
         if self.set_aside is None:
             return None
+        kept = _keep_old_logs(self.set_aside, self.path)
         done = self.set_aside.with_name(self.set_aside.name + ".done")
         os.replace(self.set_aside, done)  # one rename: a start after a kill from here on knows the new run saved
         shutil.rmtree(done, ignore_errors=True)
         self.set_aside = None
-        return "--overwrite=True: the earlier run's checkpoints are now replaced"
+        return ("--overwrite=True: the earlier run's checkpoints are now replaced"
+                + (f" (its {', '.join(kept)} kept)" if kept else ""))
 
     def __exit__(self, *exc):
         if self.set_aside is not None:  # the run ended before its first save: the old checkpoints come back
@@ -124,6 +126,7 @@ def settle_killed_overwrites(out_dir):
             continue
         journal = _journal(d)
         if m.group(2):  # the new run had saved and was removing it
+            _keep_old_logs(d, Path(out_dir))
             shutil.rmtree(d, ignore_errors=True)
         elif journal is None or any(p.name not in journal for p in d.iterdir() if p.name != JOURNAL):
             if journal is None and not any(p.name != JOURNAL and not p.name.startswith(".") for p in d.iterdir()):
@@ -132,7 +135,8 @@ def settle_killed_overwrites(out_dir):
                 notes.append(f"left {d} as it is: it holds files a killed --overwrite=True run set aside, and its "
                              f"journal does not account for them all; move back what you need")
         elif any(os.stat(p).st_ino not in journal.values() for p in existing_checkpoints(out_dir)):
-            shutil.rmtree(d, ignore_errors=True)  # the new run saved before it was killed: the overwrite completes
+            _keep_old_logs(d, Path(out_dir))  # the new run saved before it was killed: the overwrite completes
+            shutil.rmtree(d, ignore_errors=True)
         else:
             names, kept = _restore(d, Path(out_dir))
             notes.append(f"put back the checkpoints ({', '.join(n for n in names if n.endswith('.pt'))}) that a run "
@@ -157,16 +161,35 @@ def _restore(folder, out_dir):
             continue
         target = out_dir / p.name
         if target.exists():
-            n = 1
-            while target.with_name(f"{p.name}.{n}").exists():
-                n += 1
-            os.replace(target, target.with_name(f"{p.name}.{n}"))
-            kept.append(f"{p.name}.{n}")
+            newer = _free_name(target)
+            os.replace(target, newer)
+            kept.append(newer.name)
         os.replace(p, target)
         names.append(p.name)
     shutil.rmtree(folder, ignore_errors=True)
     fsync_dir(out_dir)
     return names, kept
+
+
+def _free_name(target):
+    n = 1
+    while target.with_name(f"{target.name}.{n}").exists():
+        n += 1
+    return target.with_name(f"{target.name}.{n}")
+
+
+def _keep_old_logs(folder, out_dir):
+    """The replaced run's logs and config.json are a record, not state: they stay in out_dir as NAME.1 (NAME.2, ...)
+    when its checkpoints go. Returns the names they were kept under."""
+    kept = []
+    for name in RUN_FILES:
+        if (folder / name).is_file():
+            target = _free_name(out_dir / name)
+            os.replace(folder / name, target)
+            kept.append(target.name)
+    if kept:
+        fsync_dir(out_dir)
+    return kept
 
 
 def _with_logs(names, kept):

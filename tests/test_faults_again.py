@@ -124,6 +124,7 @@ def test_a_kill_after_the_first_save_of_an_overwrite_keeps_the_new_run(data_dir,
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout and "at step 20" in r.stdout
     assert not list(many_saves.glob(".replaced.*")) and not list(many_saves.glob("ckpt_step*.pt"))
+    assert not re.search(r"seed += 7", (many_saves / "training.log.1").read_text())  # the old run's log, kept
 
 
 def test_an_overwrite_that_saves_nothing_gives_back_the_logs_with_the_checkpoints(data_dir, tmp_path):

@@ -3,6 +3,7 @@ and leaves every file on disk as it was."""
 import hashlib
 import json
 import random
+import re
 import resource
 import shutil
 import signal
@@ -216,7 +217,10 @@ def test_overwrite_replaces_an_old_run_on_request(ws, capsys):
     code, out, _ = run_cli(train.main, train_argv(ws, f"--out_dir={ws / 'out'}", "--overwrite=True", "--max_iters=10"), capsys)
     assert code == 0
     assert torch.load(ws / "out" / "latest.pt", weights_only=True)["iter_num"] == 10
-    assert (ws / "out" / "training.log.1").exists()  # the old run's log is set aside, not lost
+    old_log = (ws / "out" / "training.log.1").read_text()  # the old run's log is kept, not lost
+    assert re.search(r"max_iters += 20", old_log) and "step 0:" in old_log
+    assert "the earlier run's checkpoints are now replaced (its training.log.1, metrics.jsonl.1, config.json.1 kept)" \
+        in out
 
 
 @pytest.mark.slow
