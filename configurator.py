@@ -140,8 +140,9 @@ def _run_config_file(path, config, defaults, choices):
 
 def format_help(defaults, helps, usage):
     lines = [usage, "", "keys (default, meaning):"]
-    width = max(len(f"--{k}={v}") for k, v in defaults.items())
-    for key, value in defaults.items():
+    shown = {k: repr(v) if isinstance(v, str) and not v.isprintable() else v for k, v in defaults.items()}  # '\n'
+    width = max(len(f"--{k}={v}") for k, v in shown.items())
+    for key, value in shown.items():
         lines.append(f"  {f'--{key}={value}':<{width}}  {helps.get(key, '')}")
     return "\n".join(lines)
 

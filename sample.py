@@ -132,15 +132,19 @@ def main(argv):
 
 def stdin_lines(greeting, prompt):
     """The lines typed on stdin (without their newline) until an empty one or its end; on a terminal, greeted once
-    and prompted for each."""
-    if sys.stdin.isatty():
+    and prompted for each. Piped in, each line is echoed after the prompt on stdout, so the output reads as the
+    session would (the prompt, what was sent, the answer)."""
+    terminal = sys.stdin.isatty()
+    if terminal:
         print(greeting, file=sys.stderr)
     while True:
-        if sys.stdin.isatty():
+        if terminal:
             print(prompt, end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line.strip():
             return
+        if not terminal:
+            print(prompt + line.rstrip("\n"), flush=True)
         yield line.rstrip("\n")
 
 

@@ -50,7 +50,16 @@ from gpt_toolkit.files import write_run_file
 from gpt_toolkit.init_from import build_model, check_init_tokenizer, check_memory, check_resume
 from gpt_toolkit.outdir import OutDir, check_out_dir
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.runlog import LogWriteError, RunLog, TensorBoardTracker, WandbTracker, eval_line, progress_line, took_line
+from gpt_toolkit.runlog import (
+    LogWriteError,
+    RunLog,
+    TensorBoardTracker,
+    WandbTracker,
+    eval_line,
+    progress_line,
+    took_line,
+    total_time_line,
+)
 from gpt_toolkit.schedule import lr_at
 from gpt_toolkit.sharding import local_numel
 from gpt_toolkit.stopping import EarlyStopping, Interrupted, StopRequest
@@ -128,7 +137,7 @@ def main(argv, *, watch_class=Watch):
             set_rng_state(state.rng, world.device)  # dropout continues exactly where it stopped
         watch.say_when_sized_for_another_machine(state.iter_num, state.evaluated)
 
-        t_start = time.time()
+        t_start = state.part_started = time.time()
         advice = lambda: f"{memory.smaller_step_advice(cfg)}; {run.saves.kept()}"
         try:
             with memory.explain_out_of_memory(lambda: f"at step {state.iter_num}", advice), \
@@ -137,6 +146,8 @@ def main(argv, *, watch_class=Watch):
         except Interrupted as e:  # a long phase ended by the first signal: save the state after the last whole step
             exit_code = stop_and_save(run, state, watch, e.signum)
         log.print(took_line(time.time() - t_start))
+        if state.seconds_before:  # a resumed run: the summary's Time counts every part
+            log.print(total_time_line(state.seconds()))
     distributed.destroy_process_group(world.size)
     return exit_code
 
@@ -370,6 +381,8 @@ def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, st
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     log.print(f"device {world.device}, dtype {world.dtype}, compile {world.compile}, {world.size} process(es); "
               f"tokens per iteration: {tokens_per_iter:,}")
+    if note := hardware.dtype_note(world.dtype, world.device):
+        log.print(note)
     sharded = cfg.parallel == "fsdp"
     # the model on its device, with its optimizer (AdamW, or Muon), autocast context and GradScaler (float16)
     training = build_training(model, cfg, device=world.device, dtype=world.dtype, shard=sharded)
@@ -399,7 +412,7 @@ def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, st
     watch = watch_class(stop=stop, cfg=cfg, world=world, log=log, model=model, training=training, wrap=wrap,
                         on_compile_failure=compile_failed, peak_flops=peak, peak_source=source)
     if world.master:
-        log.print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s ({source})")
+        log.print(f"MFU is measured against {hardware.flops_text(peak)} ({source})")
     run_info["resolved_compile"] = watch.compiling
     if world.master and not cfg.eval_only:  # an evaluation leaves the trained run's description as it is
         write_run_file(out_path / "config.json", json.dumps(run_info, indent=2))

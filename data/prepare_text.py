@@ -52,7 +52,9 @@ def main(argv):
                               bpe_sample_mb=args.bpe_sample_mb)
     print(f"{args.tokenizer} vocab size {summary['vocab_size']:,}; train {summary['train']:,} tokens, val "
           f"{summary['val']:,} tokens ({(summary['train'] + summary['val']) / source.size:.3f} tokens per byte)")
-    print(f"wrote {out_dir}: train with  python train.py config/train_shakespeare_char.py --dataset={args.name}")
+    where = "" if out_dir.parent.resolve() == Path("data").resolve() else f" --data_dir={out_dir.parent}"
+    print(f"wrote {out_dir}: train with  python train.py config/train_shakespeare_char_cpu.py --dataset={args.name}"
+          f"{where} --out_dir=out-{args.name}  (sized for a CPU; on a GPU: config/train_shakespeare_char.py)")
     return 0
 
 

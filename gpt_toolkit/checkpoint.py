@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,27 +177,37 @@ class TrainingState:
     """Where a run is, beyond its weights and optimizer: what a checkpoint saves and a resume restores whole.
     iter_num: optimizer steps done; best_val_loss: the lowest val loss evaluated; evaluated: no evaluation is owed at
     iter_num (False when one is due there and has not run, e.g. a stop cut it short: a resume runs it first);
-    early_stop: EarlyStopping's count; rng: this process's RNG state to continue from (None: a fresh run's)."""
+    early_stop: EarlyStopping's count; rng: this process's RNG state to continue from (None: a fresh run's);
+    seconds_before: the training time of the parts of the run before this one (to their last save); part_started:
+    when this part's training began (time.time()), set by train.py."""
     iter_num: int = 0
     best_val_loss: float = math.inf
     evaluated: bool = False
     early_stop: dict = field(default_factory=dict)
     rng: dict | None = None
+    seconds_before: float = 0.0
+    part_started: float | None = None
+
+    def seconds(self):
+        """The run's training time so far, over every part."""
+        return self.seconds_before + (time.time() - self.part_started if self.part_started is not None else 0.0)
 
     def saved(self, *, rng_states, seed):
         """This state's checkpoint keys beyond nanoGPT's iter_num and best_val_loss (rng_states: every process's RNG
         state, in rank order)."""
         return {"rng": rng_states, "sampler": {"kind": "seed_and_step", "seed": seed, "next_step": self.iter_num},
-                "early_stop": self.early_stop, "evaluated": self.evaluated}
+                "early_stop": self.early_stop, "evaluated": self.evaluated, "train_seconds": self.seconds()}
 
     @classmethod
     def restored(cls, ckpt, *, rank, world_size):
         """The state a checkpoint holds, with process `rank`'s RNG state (None when it has none for this many
         processes: nanoGPT's checkpoints, another world size)."""
         rng = ckpt.get("rng")
+        seconds = ckpt.get("train_seconds")
         return cls(iter_num=ckpt["iter_num"], best_val_loss=float(ckpt["best_val_loss"]),
                    evaluated=ckpt.get("evaluated", True), early_stop=dict(ckpt.get("early_stop") or {}),
-                   rng=rng[rank] if rng and len(rng) == world_size else None)
+                   rng=rng[rank] if rng and len(rng) == world_size else None,
+                   seconds_before=float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0)
 
 
 def load_optimizer_state(ckpt, *, optimizer, scaler):

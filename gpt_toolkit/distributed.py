@@ -15,8 +15,10 @@ def ranks(cfg):
         return 0, 0, 1
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if cfg.gradient_accumulation_steps % world_size:
+        near = max(world_size, round(cfg.gradient_accumulation_steps / world_size) * world_size)
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
-                          f"{world_size} DDP processes: each process runs an equal share of the micro-steps")
+                          f"{world_size} DDP processes (each runs an equal share of the micro-steps): use "
+                          f"--gradient_accumulation_steps={near}")
     return rank, local_rank, world_size
 
 

@@ -81,7 +81,8 @@ def run_main(main, argv=None):
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not (isinstance(e, ConfigError) and int(os.environ.get("LOCAL_RANK", 0)) > 0):  # the settings' error: every
+            print(f"error: {e}", file=sys.stderr, flush=True)  # torchrun process finds it, the first on a node says it
         sys.exit(e.exit_code)
     except BaseException as e:
         interrupt = interrupt_behind(e)

@@ -155,6 +155,20 @@ def resolve_dtype(name, device):
     return name
 
 
+def dtype_note(dtype, device):
+    """A line for the log when the dtype asked for is not one this device is built for, or None."""
+    if dtype != "float16" or device_type(device) != "cpu":
+        return None
+    try:
+        flags = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        flags = {}
+    fp16 = "this CPU has AVX512-FP16/AMX-FP16" if flags.get("avx512_fp16") or flags.get("amx_fp16") else \
+        "this CPU has no float16 matmul units: slower than float32 here"
+    return (f"note: dtype=float16 on a CPU trains as on a T4 or V100: float16 autocast with a GradScaler that skips "
+            f"the steps whose gradients overflow ({fp16}); --dtype=auto picks {resolve_dtype('auto', device)}")
+
+
 def resolve_compile(flag, device):
     """'auto' compiles on CUDA only: on CPU and MPS compile time is rarely won back."""
     if flag == "auto":
@@ -258,10 +272,38 @@ def gpu_spec_peaks(name):
 
 @functools.cache  # measured once per process
 def peak_flops(device, dtype):
-    """(FLOP/s, where the figure comes from) for MFU: a spec table for known GPUs, else a measured matmul."""
+    """(FLOP/s, where the figure comes from) for MFU: a spec table for known GPUs, else a measured matmul; on a CPU a
+    measured figure below a tenth of its cores' FMA rate (a busy machine: once 0.00 TFLOP/s) gives way to that rate."""
     if device_type(device) == "cuda":
         name = torch.cuda.get_device_name(device)
         peaks = gpu_spec_peaks(name)
         if dtype in peaks:
             return peaks[dtype], f"{name} {dtype} spec"
-    return measure_matmul_flops(device, dtype), f"measured {dtype} matmul on {device}"
+    measured = measure_matmul_flops(device, dtype)
+    if device_type(device) == "cpu":
+        rate = cpu_fma_flops()
+        if rate and measured < rate[0] / 10:
+            return rate[0], (f"{rate[1]}: the measured {dtype} matmul, {flops_text(measured)}, is too low to be this "
+                             f"CPU's peak (a busy machine?)")
+    return measured, f"measured {dtype} matmul on {device}"
+
+
+def cpu_fma_flops():
+    """(float32 FLOP/s, how) of this process's cores at their clock: 2 x the float32 lanes of an FMA per cycle (AVX512
+    16, AVX2 8), one FMA unit counted; None where the clock or the vector width is unknown."""
+    try:
+        flags = torch._C._cpu._get_cpu_capability()
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            mhz = float(next(line.split(":")[1] for line in f if line.startswith("cpu MHz")))
+    except (AttributeError, RuntimeError, OSError, StopIteration, ValueError):
+        return None
+    lanes = 16 if flags.get("avx512_f") else 8 if flags.get("avx2") and flags.get("fma3") else 0
+    if not lanes or mhz <= 0:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores * mhz * 1e6 * 2 * lanes, f"{cores} cores x {mhz / 1000:.2f} GHz x {2 * lanes} float32 FLOP per cycle"
+
+
+def flops_text(flops):
+    """'1.25 TFLOP/s', or in GFLOP/s below one TFLOP/s (a CPU's figure is not 0.00)."""
+    return f"{flops / 1e12:.2f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"

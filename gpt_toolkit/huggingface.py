@@ -2,6 +2,9 @@
 (a download on first use, then its cache), a local transformers GPT-2 directory (someone's fine-tuned model, or one
 we exported; offline), and our checkpoints exported as such a directory (GPT2LMHeadModel + tokenizer files)."""
 import json
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -54,14 +57,44 @@ def load_pretrained(source, dropout=0.0):
 
 
 def load_gpt2(model_type, dropout=0.0):
-    """GPT(model_type) with OpenAI's weights; a missing package or an offline first use is a one-line UserError."""
+    """GPT(model_type) with OpenAI's weights; a missing package or an offline first use is a one-line UserError, said
+    at once: where the Hub cannot be reached, weights in the Hugging Face cache load offline, and without them
+    there is nothing to retry (huggingface_hub's retries took 30-72 s before the same error)."""
     import_optional("transformers", f"init_from={model_type}")
+    import huggingface_hub
+    from huggingface_hub import constants
     try:
-        return GPT.from_pretrained(model_type, dict(dropout=dropout))
+        if _hub_reachable(constants.ENDPOINT):
+            return GPT.from_pretrained(model_type, dict(dropout=dropout))
+        if not isinstance(huggingface_hub.try_to_load_from_cache(model_type, "config.json"), str):
+            raise UserError(f"could not load {model_type} weights from Hugging Face (cannot reach {constants.ENDPOINT}, "
+                            f"and they are not in the Hugging Face cache): the first use needs internet; afterwards "
+                            f"they come from the cache")
+        offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True  # from the cache, with no request
+        try:
+            return GPT.from_pretrained(model_type, dict(dropout=dropout))
+        finally:
+            constants.HF_HUB_OFFLINE = offline
     except OSError as e:
         first = first_line(e)
         raise UserError(f"could not load {model_type} weights from Hugging Face ({first[:150]}): the first use needs "
                         f"internet; afterwards they come from the Hugging Face cache") from None
+
+
+def _hub_reachable(endpoint, timeout=3.0):
+    """False when HF_HUB_OFFLINE is set or a TCP connection to the Hub's host fails within `timeout` seconds; True
+    behind a proxy (the connection goes through it: huggingface_hub's own requests decide)."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _transformers(needed_for):
@@ -199,6 +232,9 @@ def export_hf(model, tokenizer, to, *, dropout=0.0):
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, layer_norm_epsilon=1e-5,
         bos_token_id=eot, eos_token_id=eos, tie_word_embeddings=True)
     hf_model = transformers.GPT2LMHeadModel(hf_config)
+    # generate() past n_positions fails (IndexError: GPT-2's position table ends there; sample.py crops instead):
+    # a generation given no length stops at the context (docs/huggingface.md)
+    hf_model.generation_config.max_length = cfg.block_size
     hf_keys = {k: v.shape for k, v in hf_model.state_dict().items()}
     missing, unexpected = hf_model.load_state_dict(hf_state_dict(model, hf_keys, vocab_size), strict=False)
     missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]

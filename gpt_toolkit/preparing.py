@@ -6,8 +6,10 @@ second tokenizes), so this process only hands out offsets and writes; documents 
 
 Splits. A single text file: its first (1 - val_fraction) of the characters are train, the rest val,
 as nanoGPT's shakespeare scripts cut it (a dataset prepared before comes out byte for byte the same). Documents
-(a directory's files in sorted order, or JSONL lines): the last documents are val (at least one); gpt2 puts the
-end-of-text token after each document (as data/openwebtext/prepare.py), char a blank line ("\\n\\n").
+(a directory's files in sorted order, or JSONL lines) are one stream cut the same way: the first (1 - val_fraction)
+of their text's bytes are train, the rest val, the document at the cut split at a character (whole documents would
+give val 36% of the tokens of four files); gpt2 puts the end-of-text token after each document (as
+data/openwebtext/prepare.py), char a blank line ("\\n\\n").
 """
 import collections
 import contextlib
@@ -153,6 +155,12 @@ class DocumentSource:
         if self.count == 0:
             raise UserError(f"input '{path}' holds no documents (every line is blank)")
 
+    def text_bytes(self):
+        """The UTF-8 bytes of all the documents' text: a directory's file sizes; a JSONL file's text fields, read."""
+        if self.files is not None:
+            return self.size
+        return sum(len(doc.encode("utf-8")) for doc in self.documents(lambda n: None))
+
     def documents(self, progress):
         """Each document's text, in order; progress(n) with the bytes each came from."""
         if self.files is not None:
@@ -227,8 +235,10 @@ class _CharEncoder:
         ids = self.lut[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
         return ids.tobytes()
 
-    def encode_documents(self, docs):
-        return self.encode("".join(d + DOC_SEPARATOR for d in docs))
+    def encode_documents(self, docs, open_last=False):
+        """Each document and a separator; none after the last with open_last (a document the split cuts)."""
+        text = "".join(d + DOC_SEPARATOR for d in docs)
+        return self.encode(text[:-len(DOC_SEPARATOR)] if open_last and docs else text)
 
 
 class _TiktokenEncoder:
@@ -240,9 +250,12 @@ class _TiktokenEncoder:
     def encode(self, text):  # a literal <|endoftext|> separates documents
         return self.enc.encode_to_numpy(text, allowed_special={EOT}).astype(np.uint16).tobytes()
 
-    def encode_documents(self, docs):
+    def encode_documents(self, docs, open_last=False):
         eot = np.array([self.enc.encode_single_token(EOT)], dtype=np.uint32)
         parts = [a for doc in docs for a in (self.enc.encode_to_numpy(doc, disallowed_special=()), eot)]
+        if open_last and parts:
+            parts.pop()
+        parts = parts or [np.zeros(0, dtype=np.uint32)]
         return np.concatenate(parts).astype(np.uint16).tobytes()
 
 
@@ -276,8 +289,9 @@ def _encode_range(task):
     return _encoder.encode(_read_text(*task))
 
 
-def _encode_documents(docs):
-    return _encoder.encode_documents(docs)
+def _encode_documents(task):
+    docs, open_last = task
+    return _encoder.encode_documents(docs, open_last=open_last)
 
 
 class _Workers:
@@ -351,7 +365,7 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
     if documents and source.count < 2:
         raise UserError(f"input '{source.path}' holds {source.count} document: train and val need at least two")
     out_dir = Path(out_dir)
-    n_train = source.count - max(1, round(source.count * val_fraction)) if documents else None
+    train_bytes = int(source.text_bytes() * (1 - val_fraction)) if documents else None  # where the stream is cut
     passes = 2 if tokenizer == "char" or not documents else 1
     with owned_dataset_dir(out_dir), tqdm(total=passes * source.size, unit="B", unit_scale=True,
                                           desc=f"prepare {out_dir.name}", mininterval=0.5, disable=not progress) as bar:
@@ -361,7 +375,7 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
             vocabulary, split = _scan(source, tokenizer, val_fraction, num_proc, bar.update)
         if tokenizer == "bpe":
             bar.clear()
-            vocabulary = _train_bpe(source, split if not documents else n_train, vocab_size, bpe_sample_mb, report)
+            vocabulary = _train_bpe(source, split if not documents else train_bytes, vocab_size, bpe_sample_mb, report)
         counts = {}
 
         def write_all(files):
@@ -369,7 +383,7 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
             t0 = time.perf_counter()
             with _Workers(num_proc, tokenizer, vocabulary) as workers:
                 if documents:
-                    counts.update(_write_documents(source, bins, workers, n_train, bar.update))
+                    counts.update(_write_documents(source, bins, workers, train_bytes, bar.update))
                 else:
                     cut = _char_start if tokenizer == "char" else _bpe_cut
                     for s, (a, b) in (("train", (0, split)), ("val", (split, source.size))):
@@ -424,14 +438,13 @@ def dataset_meta(tokenizer, vocabulary):
 
 
 def _train_bpe(source, train_end, vocab_size, sample_mb, report):
-    """tokenizer.json of a BPE trained on (a sample of) the train split: a text file's bytes before train_end, or its
-    first train_end documents. Reports the sample and the vocabulary it gave."""
+    """tokenizer.json of a BPE trained on (a sample of) the train split: the first train_end bytes of a text file or
+    of the documents' text. Reports the sample and the vocabulary it gave."""
     limit = int(sample_mb * 2**20)
+    train_bytes = train_end
     if isinstance(source, DocumentSource):
-        train_bytes = int(source.size * train_end / source.count)  # about
-        sample, sampled = _document_sample(source, train_end, limit, train_bytes)
+        sample, sampled = _document_sample(source, train_end, limit)
     else:
-        train_bytes = train_end
         sample, sampled = _text_sample(source.path, train_end, limit)
     if train_bytes == 0 or not sample:
         raise UserError("the train split is empty: nothing to train a BPE on (give more text, or a smaller "
@@ -463,18 +476,34 @@ def _text_sample(path, end, limit, pieces=64):
     return texts, total
 
 
-def _document_sample(source, n_train, limit, train_bytes):
-    """([texts], bytes) of the first n_train documents: every k-th of them, so about `limit` bytes spread over all
-    (train_bytes, their size in the input, counts a JSON line's markup too: the sample is the text)."""
+def _document_sample(source, train_bytes, limit):
+    """([texts], bytes) of the train split's documents (the first train_bytes of their text): every k-th of them, so
+    about `limit` bytes spread over all."""
     every = max(1, -(-train_bytes // limit))
     texts, total = [], 0
-    for i, doc in enumerate(source.documents(lambda n: None)):
-        if i >= n_train:
+    for i, (train, _) in enumerate(_cut_documents(source.documents(lambda n: None), train_bytes)):
+        if train is None:
             break
         if i % every == 0:
-            texts.append(doc)
-            total += len(doc.encode("utf-8"))
+            texts.append(train)
+            total += len(train.encode("utf-8"))
     return texts, total
+
+
+def _cut_documents(docs, train_bytes):
+    """(train text, val text) for each document: one of the two None but at the cut, the document where the first
+    train_bytes of the text end, split at the character there."""
+    seen = 0
+    for doc in docs:
+        size = len(doc.encode("utf-8")) if not doc.isascii() else len(doc)
+        if seen >= train_bytes:
+            yield None, doc
+        elif seen + size <= train_bytes:
+            yield doc, None
+        else:
+            head = doc.encode("utf-8")[:train_bytes - seen].decode("utf-8", errors="ignore")
+            yield head, doc[len(head):]
+        seen += size
 
 
 @contextlib.contextmanager
@@ -576,29 +605,35 @@ def _write_ids(results, f, done=None):
     return written
 
 
-def _write_documents(source, bins, workers, n_train, progress):
-    """Documents in batches of about CHUNK_CHARS characters: the first n_train into train.bin, the rest val.bin."""
+def _write_documents(source, bins, workers, train_bytes, progress):
+    """Documents in batches of about CHUNK_CHARS characters: the first train_bytes of their text into train.bin, the
+    rest into val.bin. The document at the cut ends train without a separator (it goes on in val), as a text file's
+    cut does."""
     counts = {}
-    docs = iter(enumerate(source.documents(progress)))
-    pending = None
-    for split, end in (("train", n_train), ("val", source.count)):
-        def batches(end=end):
-            nonlocal pending
-            batch, size = [], 0
-            while True:
-                item = pending if pending is not None else next(docs, None)
-                pending = None
-                if item is None or item[0] >= end:
-                    pending = item
-                    break
-                batch.append(item[1])
-                size += len(item[1])
-                if size >= CHUNK_CHARS:
-                    yield batch
-                    batch, size = [], 0
-            if batch:
-                yield batch
-        counts[split] = _write_ids(workers.map(_encode_documents, batches()), bins[split])
+    cut = _cut_documents(source.documents(progress), train_bytes)
+    carry = []
+
+    def batches(split):
+        nonlocal carry
+        batch, size, carry = carry, sum(map(len, carry)), []
+        for train, val in cut:
+            if split == "train" and train is None:  # the cut fell between two documents
+                carry = [val]
+                break
+            if split == "train" and val is not None:  # the document at the cut: its head ends train
+                carry = [val]
+                yield batch + [train], True
+                return
+            batch.append(train if split == "train" else val)
+            size += len(batch[-1])
+            if size >= CHUNK_CHARS:
+                yield batch, False
+                batch, size = [], 0
+        if batch:
+            yield batch, False
+
+    for split in ("train", "val"):
+        counts[split] = _write_ids(workers.map(_encode_documents, batches(split)), bins[split])
     return counts
 
 

@@ -20,6 +20,7 @@ from gpt_toolkit.files import atomic_write_text, open_no_follow
 EVAL_RE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER_RE = re.compile(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms(?:, mfu (-?[\d.]+)%)?")  # -100%: older logs, nanoGPT's
 TOOK_RE = re.compile(r"training took ([\d.]+) seconds")
+TOTAL_TIME_RE = re.compile(r"with the parts before this resume: ([\d.]+) seconds of training in all")
 
 
 def eval_line(step, train_loss, val_loss):
@@ -38,6 +39,11 @@ def plural(n, word):
 
 def took_line(seconds):
     return f"training took {seconds:.2f} seconds"
+
+
+def total_time_line(seconds):
+    """A resumed run's time over all its parts (worded so the tutorial's "training took" regex finds this part's)."""
+    return f"with the parts before this resume: {seconds:.2f} seconds of training in all"
 
 
 def duration(seconds):
@@ -281,6 +287,8 @@ def _read_text_log(run, path):
                 run.iters[int(m.group(1))] = {"loss": float(m.group(2)), "time_ms": float(m.group(3)),
                                               "mfu": float(m.group(4)) / 100 if m.group(4) else None}
             elif m := TOOK_RE.search(line):
+                run.took = float(m.group(1))
+            elif m := TOTAL_TIME_RE.search(line):
                 run.took = float(m.group(1))
             elif m := PARAMS_RE.search(line):
                 run.num_params = round(float(m.group(1)) * 1e6)

@@ -223,7 +223,8 @@ def test_chat_session_keeps_history_and_drops_the_oldest_turns_when_full(chat, m
     r = run_script("sample.py", f"--out_dir={tuned}", "--chat=True", "--max_new_tokens=20", "--temperature=0",
                    "--system=Be brief.")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.endswith("\n") and r.stdout.count("\n") >= 4  # four answers, each ended by a newline
+    assert r.stdout.endswith("\n") and r.stdout.count("\n") >= 8  # four turns and answers, each ended by a newline
+    assert r.stdout.startswith("you> Who art thou, Romeo?\n") and "\nyou> Where is Juliet?\n" in r.stdout  # echoed
     assert "<|" not in r.stdout  # an answer ends at <|end|>, which is not printed
     # 64 positions, 20 kept for the answer: the history outgrows the rest, and the oldest turns go
     dropped = re.findall(r"the conversation no longer fits the model's context of 64 tokens: the oldest (\d+) turn\(s\) "

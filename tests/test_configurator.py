@@ -171,3 +171,10 @@ def test_tool_bool_option_rejects_other_values():
         tool_parser_for_test().parse(["--iters"])
     with pytest.raises(ConfigError, match=r"unknown config key 'iter' \(closest: "):  # no abbreviation of --iters
         tool_parser_for_test().parse(["--iter=3"])
+
+
+def test_help_shows_a_default_that_is_not_printable_as_python_writes_it():
+    """sample.py's --start defaults to a newline: --help shows '\\n' on its line, not a line break."""
+    r = run_script("sample.py", "--help")
+    line = next(line for line in r.stdout.splitlines() if line.strip().startswith("--start="))
+    assert line.split()[0] == "--start='\\n'" and "the prompt" in line, line

@@ -297,6 +297,7 @@ def test_float16_scaler_skips_an_inf_step_and_training_goes_on(data_dir, tmp_pat
     code, out, err = run_train(capsys, *args, f"--out_dir={tmp_path / 'skipped'}", watch=inf_gradients(at_steps={5}))
     assert code == 0, err
     assert "NaN/Inf" not in out and "step 20: train loss" in out
+    assert "note: dtype=float16 on a CPU trains as on a T4 or V100: float16 autocast with a GradScaler" in out  # said
     plain = torch.load(tmp_path / "plain" / "latest.pt", weights_only=True)["scaler"]
     skipped = torch.load(tmp_path / "skipped" / "latest.pt", weights_only=True)["scaler"]
     assert skipped["scale"] == plain["scale"] / 2  # exactly one step was skipped

@@ -2,6 +2,7 @@
 which shards weights, gradients and AdamW state and trains to the same losses as DDP."""
 import json
 import re
+import subprocess
 
 import pytest
 from conftest import AUTO_DTYPE, ROOT, TINY_TRAIN, assert_one_line_error, run_script, run_torchrun, torchrun_commands, wait_all
@@ -125,3 +126,29 @@ def test_fsdp_with_the_default_dtype_and_early_stopping(data_dir, tmp_path):
     assert stopped, r.stdout[-2000:]
     assert int(stopped.group(1)) == int(stopped.group(3)) + 2 * 10 < 400
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == int(stopped.group(3))
+
+
+@pytest.mark.parametrize("accum, world, use", [(1, 2, 2), (3, 2, 4), (5, 4, 4), (7, 4, 8)])
+def test_accumulation_that_does_not_split_over_the_processes_names_the_value_to_use(monkeypatch, accum, world, use):
+    from gpt_toolkit.distributed import ranks
+    from gpt_toolkit.errors import UserError
+    from gpt_toolkit.train_config import load_config
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg, _ = load_config([f"--gradient_accumulation_steps={accum}"])
+    with pytest.raises(UserError, match=rf"must be a multiple of the {world} DDP processes .*: use "
+                                        rf"--gradient_accumulation_steps={use}$"):
+        ranks(cfg)
+
+
+@pytest.mark.slow
+def test_a_settings_error_under_torchrun_is_said_once(data_dir, tmp_path):
+    """Both processes find it; the first says it (torchrun's own failure summary follows, docs/distributed.md)."""
+    [cmd] = torchrun_commands(ROOT / "train.py", *RUN, "--gradient_accumulation_steps=3", f"--data_dir={data_dir}",
+                              f"--out_dir={tmp_path / 'o'}")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    said = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert said == ["error: gradient_accumulation_steps=3 must be a multiple of the 2 DDP processes (each runs an equal "
+                    "share of the micro-steps): use --gradient_accumulation_steps=4"], r.stderr[-3000:]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, assert_one_line_error, run_script
+from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt_toolkit.huggingface import tokenizer_for_hf_dir
@@ -122,3 +122,18 @@ def test_bad_targets_and_sources_are_one_line_errors(trained, tmp_path):
     assert_one_line_error(run_script("train.py", *TINY_TRAIN, f"--init_from={llama}", f"--out_dir={tmp_path / 'o'}",
                                      "--data_dir=/nonexistent"), "holds a 'llama' model")
     assert not (tmp_path / "o").exists()
+
+
+def test_an_export_stops_at_its_context_and_past_it_is_the_documented_error(trained):
+    """block_size=32: generation_config's max_length is 32, so a pipeline given no length ends there; asked for more,
+    transformers raises the IndexError docs/huggingface.md names (sample.py crops the context instead)."""
+    _, hf = trained
+    assert json.loads((hf / "generation_config.json").read_text())["max_length"] == 32
+    generate = transformers.pipeline("text-generation", model=str(hf), device="cpu")
+    ids = generate.tokenizer("ROMEO:")["input_ids"]
+    text = generate("ROMEO:", do_sample=False)[0]["generated_text"]
+    assert text.startswith("ROMEO:") and len(generate.tokenizer(text)["input_ids"]) <= 32
+    assert len(generate("ROMEO:", do_sample=False, max_new_tokens=32 - len(ids))[0]["generated_text"]) > len(text) - 1
+    with pytest.raises(IndexError, match="index out of range in self"):
+        generate("ROMEO:", do_sample=False, max_new_tokens=34 - len(ids))  # reads position 32: past the table
+    assert "raises `IndexError: index out of range in self`" in (ROOT / "docs" / "huggingface.md").read_text()

@@ -139,10 +139,10 @@ def interrupted_then_resumed(data_dir, tmp_path, extra, signal_after, pause, exp
 
 @pytest.mark.slow
 def test_ctrl_c_during_an_evaluation_saves_and_the_resume_is_exact(data_dir, tmp_path):
-    long_eval = ["--eval_iters=2500", "--dropout=0.1", "--log_interval=1", "--max_iters=40", "--lr_decay_iters=40"]
-    # each evaluation (5,000 batches) takes a second or more: the signal lands in it
+    long_eval = ["--eval_iters=800", "--dropout=0.1", "--log_interval=1", "--max_iters=40", "--lr_decay_iters=40"]
+    # each evaluation (1,600 batches) takes a second or more: the signal, 0.3 s after step 19, lands in step 20's
     reference, interrupted, resumed = interrupted_then_resumed(
-        data_dir, tmp_path, long_eval, "iter 19:", 0.5,
+        data_dir, tmp_path, long_eval, "iter 19:", 0.3,
         "interrupted (SIGINT) during the evaluation at step 20: saved {latest} with the state after step 20 (its "
         "evaluation runs first when it resumes)")
     done = [line for line in loss_lines(interrupted) if not line.startswith("step 20:")]

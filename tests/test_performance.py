@@ -381,3 +381,17 @@ def test_bench_allocator_needs_a_cpu_run(data_dir, monkeypatch):
     monkeypatch.setattr(hardware, "resolve_device", lambda name: "cuda")  # as on a machine with a GPU
     r = run_script("tools/bench.py", "--allocator", "config/train_shakespeare_char_fast.py", f"--data_dir={data_dir}")
     assert_one_line_error(r, "--allocator", "--device=cpu")
+
+
+def test_a_measured_cpu_peak_too_low_to_be_true_gives_way_to_the_cores_fma_rate(monkeypatch):
+    """On a busy machine the matmul measured 0.004 TFLOP/s and MFU was 'measured against 0.00 TFLOP/s'."""
+    from gpt_toolkit import hardware
+    rate = hardware.cpu_fma_flops()
+    if rate is None:
+        pytest.skip("this CPU's clock or vector width is unknown")
+    monkeypatch.setattr(hardware, "measure_matmul_flops", lambda device, dtype: 4e9)
+    peak, source = hardware.peak_flops.__wrapped__("cpu", "float32")
+    assert peak == rate[0] and "the measured float32 matmul, 4.0 GFLOP/s, is too low" in source, source
+    monkeypatch.setattr(hardware, "measure_matmul_flops", lambda device, dtype: rate[0] / 2)
+    assert hardware.peak_flops.__wrapped__("cpu", "float32") == (rate[0] / 2, "measured float32 matmul on cpu")
+    assert hardware.flops_text(4e9) == "4.0 GFLOP/s" and hardware.flops_text(1.25e12) == "1.25 TFLOP/s"

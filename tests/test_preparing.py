@@ -2,10 +2,11 @@
 byte for byte what one pass over the whole text gives, with one-line errors and nothing half-written."""
 import json
 import pickle
+import shlex
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_script
 
 from gpt_toolkit import preparing
 from gpt_toolkit.locking import LOCK_NAME
@@ -76,16 +77,38 @@ def test_documents_from_a_directory_and_from_jsonl(tmp_path):
     lines.insert(3, "")  # blank lines are not documents
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     enc = GPT2Tokenizer()
-    expected = {"train": [t for d in docs[:9] for t in enc.encode_ordinary(d) + [50256]],
-                "val": [t for d in docs[9:] for t in enc.encode_ordinary(d) + [50256]]}  # the last 10%: one document
+    # the documents are one stream cut as a text file is: 90% of their text's bytes train, the document at the cut
+    # split there (its head ends train with no end-of-text: it goes on in val)
+    cut = int(sum(map(len, docs)) * 0.9)
+    at, seen = next((i, sum(map(len, docs[:i]))) for i in range(len(docs)) if sum(map(len, docs[:i + 1])) > cut)
+    head, tail = docs[at][:cut - seen], docs[at][cut - seen:]
+    assert head and tail
+    expected = {"train": [t for d in docs[:at] for t in enc.encode_ordinary(d) + [50256]] + enc.encode_ordinary(head),
+                "val": [t for d in [tail, *docs[at + 1:]] for t in enc.encode_ordinary(d) + [50256]]}
     for name, source in (("d", DocumentSource(tmp_path / "dir")), ("j", DocumentSource(tmp_path / "docs.jsonl", "content"))):
         prepare_dataset(source, tmp_path / name, "gpt2", num_proc=2, progress=False)
         got = {s: np.fromfile(tmp_path / name / f"{s}.bin", dtype=np.uint16).tolist() for s in ("train", "val")}
         assert got == expected, name
     prepare_dataset(DocumentSource(tmp_path / "dir"), tmp_path / "c", "char", num_proc=1, progress=False)
     itos = read_meta(tmp_path / "c")["itos"]
-    val = np.fromfile(tmp_path / "c" / "val.bin", dtype=np.uint16)
-    assert "".join(itos[i] for i in val) == docs[9] + "\n\n"  # char documents end with a blank line
+    decoded = {s: "".join(itos[i] for i in np.fromfile(tmp_path / "c" / f"{s}.bin", dtype=np.uint16))
+               for s in ("train", "val")}
+    assert decoded["train"] == "".join(d + "\n\n" for d in docs[:at]) + head  # char documents end with a blank line
+    assert decoded["val"] == "".join(d + "\n\n" for d in [tail, *docs[at + 1:]])
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_a_few_documents_split_about_ten_percent_of_the_tokens(tmp_path, shakespeare_text, tokenizer):
+    """Four files of different sizes: val holds about val_fraction of the tokens (whole documents gave one file: 36%)."""
+    (tmp_path / "corpus").mkdir()
+    sizes = [40_000, 25_000, 20_000, 36_000]
+    start = 0
+    for i, size in enumerate(sizes):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(shakespeare_text[start:start + size], encoding="utf-8")
+        start += size
+    counts = prepare_dataset(DocumentSource(tmp_path / "corpus"), tmp_path / "out", tokenizer, num_proc=1,
+                             progress=False)
+    assert 0.09 < counts["val"] / (counts["train"] + counts["val"]) < 0.11, counts
 
 
 def test_bad_inputs_are_one_line_errors_and_leave_the_old_dataset(tmp_path, data_dir):
@@ -147,3 +170,22 @@ def test_a_file_cut_inside_a_character_is_named_with_the_offset(tmp_path, tokeni
     with pytest.raises(preparing.UserError, match=r"is not UTF-8 text \(it ends inside a character, at byte 1000\)"):
         prepare_dataset(TextSource(path), tmp_path / "out", tokenizer, num_proc=1, progress=False)
     assert not (tmp_path / "out" / "train.bin").exists()
+
+
+def test_the_command_prepare_text_prints_trains_as_printed(tmp_path, shakespeare_text):
+    """Its last line is a command sized for a CPU, with its own out_dir: it runs as printed (a few steps added)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text(shakespeare_text[:50_000], encoding="utf-8")
+    r = run_script("data/prepare_text.py", f"--input={notes}", "--name=notes", f"--data_dir={tmp_path / 'data'}",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    printed = r.stdout.strip().splitlines()[-1].split("train with  python ")[1].split("  (")[0]
+    assert printed == "train.py config/train_shakespeare_char_cpu.py --dataset=notes --out_dir=out-notes"  # data/ here
+    args = shlex.split(printed)
+    args[1] = str(ROOT / args[1])
+    r = run_script(*args, "--max_iters=2", "--eval_iters=1", "--eval_interval=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out-notes" / "ckpt.pt").exists()
+    r = run_script("data/prepare_text.py", f"--input={notes}", "--name=notes", f"--data_dir={tmp_path / 'elsewhere'}",
+                   cwd=tmp_path)
+    assert f"--dataset=notes --data_dir={tmp_path / 'elsewhere'} --out_dir=out-notes" in r.stdout  # not ./data: named

@@ -72,6 +72,7 @@ def test_interactive_answers_each_line_until_an_empty_one(run, monkeypatch):
     r = run_script("sample.py", f"--out_dir={out}", "--interactive=True", "--dtype=float32", *ARGS)
     assert r.returncode == 0, r.stderr
     answers = [texts[0] for texts in expected(model, tokenizer, ["ROMEO:", "KING:"])]
-    assert r.stdout == "".join(a[len(p):] + "\n---------------\n" for a, p in zip(answers, ["ROMEO:", "KING:"]))
+    rest = [a[len(p):] + "\n---------------\n" for a, p in zip(answers, ["ROMEO:", "KING:"])]
+    assert r.stdout == "> ROMEO:\n" + rest[0] + "> JULIET: 東\n" + "> KING:\n" + rest[1]  # piped: each prompt echoed
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "outside this dataset's vocabulary: '東'" in errors[0]

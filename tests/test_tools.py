@@ -257,3 +257,19 @@ def test_time_to_quality_refuses_bad_runs_before_running_any(tmp_path):
     for args, message in cases:
         assert_one_line_error(run_script("tools/time_to_quality.py", *args), message)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_resumed_runs_time_counts_every_part(data_dir, tmp_path):
+    """The summary's Time once counted only the last part of a resumed run (its 'training took' line)."""
+    out = tmp_path / "exp9_resumed"
+    assert run_script("train.py", *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out}").returncode == 0
+    r = run_script("train.py", *TINY_TRAIN, "--max_iters=40", "--init_from=resume", f"--data_dir={data_dir}",
+                   f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    log = (out / "training.log").read_text()
+    first, second = (float(s) for s in re.findall(r"training took ([\d.]+) seconds", log))
+    total = float(re.search(r"with the parts before this resume: ([\d.]+) seconds of training in all", log).group(1))
+    assert second < total <= first + second + 0.01
+    assert read_run(out).took == total
+    row = run_script("tools/summarize_experiments.py", tmp_path, "--format=csv").stdout
+    assert f"{total:.1f}s" in row, row

@@ -1,4 +1,6 @@
 """Impossible settings are refused before any work, each with one line naming the key and the fix."""
+import time
+
 import pytest
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
@@ -96,3 +98,17 @@ def test_gpt2_weights_offline_is_a_clear_error(data_dir, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_cache")}
     r = run_script("sample.py", "--init_from=gpt2", "--num_samples=1", "--max_new_tokens=5", "--device=cpu", env=env)
     assert_one_line_error(r, "could not load gpt2 weights from Hugging Face", "the first use needs internet")
+
+
+@pytest.mark.slow
+def test_gpt2_weights_with_the_hub_unreachable_are_a_clear_error_at_once(tmp_path):
+    """No HF_HUB_OFFLINE, as a user who is offline has: the Hub's host does not answer. huggingface_hub retried for
+    30-72 s, printing 'Retrying in 8s' lines, before the error."""
+    pytest.importorskip("transformers")
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "empty_hf_cache"), "HF_HUB_OFFLINE": "0"}
+    t0 = time.time()
+    r = run_script("sample.py", "--init_from=gpt2", "--num_samples=1", "--max_new_tokens=5", "--device=cpu", env=env)
+    assert time.time() - t0 < 20
+    assert_one_line_error(r, "could not load gpt2 weights from Hugging Face (cannot reach http://127.0.0.1:9, and "
+                          "they are not in the Hugging Face cache)", "the first use needs internet")
+    assert "Retrying" not in r.stdout + r.stderr
