@@ -11,11 +11,13 @@ tutorial's command. Environment knobs:
                           eval_interval / 5; eval_iters / 10 (a 5x larger learning rate stays 5x larger;
                           a 0, like --warmup_iters=0, stays 0)
     RERUN=1               train again even if experiments/NAME already finished with these settings
+    EXTRA="--key=value .."  appended to every run's overrides, last (e.g. EXTRA="--max_iters=4" tries a script)
 `finish` writes experiments/FAMILY_comparison.png and FAMILY_summary.md and prints the table.
 """
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -70,6 +72,7 @@ def run(name, overrides, exp_dir="experiments"):
     overrides = scaled_overrides(overrides, os.environ.get("SCALE", "full") or "full")
     if os.environ.get("DEVICE"):
         overrides.append(f"--device={os.environ['DEVICE']}")
+    overrides += shlex.split(os.environ.get("EXTRA", ""))
     out_dir = exp_dir / name
     if os.environ.get("RERUN") != "1" and already_done(out_dir, overrides):
         print(f"{name}: already finished with these settings in {out_dir} (RERUN=1 to train again)")
