@@ -15,5 +15,8 @@ run exp1_small_batch --max_iters=1000 --batch_size=16
 # The tutorial gives only --n_layer=8 --n_embd=512, but 512 is not divisible by the config's 6 heads,
 # so this run uses 8 heads, as experiment 5's large model does.
 run exp1_large_model --max_iters=1000 --n_layer=8 --n_embd=512 --n_head=8
+# Not the tutorial's: the baseline again with another seed. How far the two end apart is the noise the report
+# holds every difference to ("no difference within noise" inside it).
+run exp1_baseline_seed2 --max_iters=1000 --seed=1338
 
 python tools/experiment.py finish exp1 --title "Experiment 1: learning rate, batch size, model size"

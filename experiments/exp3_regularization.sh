@@ -13,5 +13,7 @@ run exp3_overfit      --max_iters=5000 --dropout=0.0 --weight_decay=0.0
 run exp3_dropout      --max_iters=5000 --dropout=0.2 --weight_decay=0.0
 run exp3_weight_decay --max_iters=5000 --dropout=0.0 --weight_decay=0.1
 run exp3_both         --max_iters=5000 --dropout=0.2 --weight_decay=0.1
+# Not the tutorial's: the unregularised run again with another seed, the noise the report holds differences to.
+run exp3_overfit_seed2 --max_iters=5000 --dropout=0.0 --weight_decay=0.0 --seed=1338
 
 python tools/experiment.py finish exp3 --title "Experiment 3: overfitting and regularization"

@@ -26,18 +26,25 @@ def plot_single(run, output):
     return save_figure(fig, output)
 
 
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+DASHES = ["-", (0, (6, 2)), (0, (1, 1.5)), (0, (5, 2, 1, 2)), (0, (3, 3)), (0, (8, 2, 1, 2, 1, 2))]
+
+
 def plot_compare(runs, output, title="Experiment Comparison", by_time=False):
-    """Val loss solid and train loss dashed, one colour per run; against steps, or with by_time against the seconds
-    since each run started (the evaluations metrics.jsonl timed)."""
+    """Val loss as thick lines and train loss as thin ones, against steps, or with by_time against the seconds since each
+    run started (the evaluations metrics.jsonl timed). Each run has its own colour, marker and dash pattern, and the
+    later runs are drawn thinner on top, so curves that overlap still show (four of exp3's once looked like two)."""
     fig, ax = subplots(figsize=(14, 7))
     for i, run in enumerate(runs):
-        color = f"C{i % 10}"
+        style = dict(color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], markevery=max(1, len(run.steps) // 12))
+        dashes = DASHES[i % len(DASHES)]
+        width = max(1.0, 3.5 - 0.6 * i)
         steps = [s for s in run.steps if s in run.elapsed] if by_time else run.steps
         xs = [run.elapsed[s] for s in steps] if by_time else steps
-        ax.plot(xs, [run.evals[s][1] for s in steps], color=color, linewidth=2, marker="o", markersize=3,
-                label=f"{run.name} (val)")
-        ax.plot(xs, [run.evals[s][0] for s in steps], color=color, linewidth=1, linestyle="--", alpha=0.7,
-                label=f"{run.name} (train)")
+        ax.plot(xs, [run.evals[s][1] for s in steps], linewidth=width, linestyle=dashes, markersize=6, zorder=2 + i,
+                label=f"{run.name} (val)", **style)
+        ax.plot(xs, [run.evals[s][0] for s in steps], linewidth=width / 2.5, linestyle=dashes, markersize=3,
+                alpha=0.6, zorder=2 + i, label=f"{run.name} (train)", **style)
     ax.set(xlabel="Seconds" if by_time else "Steps", ylabel="Loss", title=title)
     ax.legend(fontsize=9)
     ax.grid(True, alpha=0.3)

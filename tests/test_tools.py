@@ -273,3 +273,61 @@ def test_a_resumed_runs_time_counts_every_part(data_dir, tmp_path):
     assert read_run(out).took == total
     row = run_script("tools/summarize_experiments.py", tmp_path, "--format=csv").stdout
     assert f"{total:.1f}s" in row, row
+
+
+def test_overlapping_curves_get_their_own_style(exp_dir, tmp_path, monkeypatch):
+    """Four runs with the same curve (exp3's dropout and both looked like one line): each val line has its own
+    colour, marker and dash pattern, and the later ones are drawn thinner, on top."""
+    from gpt_toolkit import plots
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, output: figures.append(fig) or output)
+    same = read_run(exp_dir / "exp9_a.log")
+    runs = []
+    for name in "abcd":
+        run = read_run(exp_dir / "exp9_a.log", name=f"exp3_{name}")
+        assert run.evals == same.evals
+        runs.append(run)
+    plots.plot_compare(runs, tmp_path / "x.png")
+    val = [line for line in figures[0].axes[0].get_lines() if line.get_label().endswith("(val)")]
+    assert len(val) == 4 and len({line.get_color() for line in val}) == len({line.get_marker() for line in val}) == 4
+    assert len({(line.get_linestyle(), str(line._dash_pattern)) for line in val}) == 4  # four dash patterns
+    widths = [line.get_linewidth() for line in val]
+    assert widths == sorted(widths, reverse=True) and [line.get_zorder() for line in val] == [2, 3, 4, 5]
+
+
+def fake_run(name, *, vals, whole, **config):
+    from types import SimpleNamespace
+
+    from gpt_toolkit.runlog import Run
+    run = Run(name, None)
+    run.evals = {i * 100: (v - 0.2, v) for i, v in enumerate(vals)}
+    run.config = {"learning_rate": 1e-3, "seed": 1337, "dropout": 0.0, "weight_decay": 0.0, **config}
+    run.whole, run.num_params = SimpleNamespace(loss=whole), 800_000
+    return run
+
+
+def test_the_report_calls_a_difference_inside_the_seeds_spread_no_difference():
+    """Experiment 1 at SCALE=cpu once named a best and a worst learning rate 0.003 apart; with a seed twin the
+    report holds each difference to the seeds' spread, on the whole split."""
+    from tools.report import analysis_exp1, analysis_exp3
+    curve = [4.2, 3.0, 2.6, 2.5]
+    runs = [fake_run("exp1_baseline", vals=curve, whole=2.5030),
+            fake_run("exp1_baseline_seed2", vals=curve, whole=2.4990, seed=1338),
+            fake_run("exp1_large_lr", vals=curve, whole=2.4999, learning_rate=5e-3),
+            fake_run("exp1_small_lr", vals=[4.2, 3.9, 3.6, 3.4], whole=3.4000, learning_rate=1e-4)]
+    text = analysis_exp1(runs)
+    assert "learning_rate 0.005 (exp1_large_lr): whole-split val 2.4999, the lowest" in text
+    assert "learning_rate 0.001 (exp1_baseline): whole-split val 2.5030, +0.0031: no difference within noise" in text
+    assert "learning_rate 0.0001 (exp1_small_lr): whole-split val 3.4000, +0.9001: worse" in text
+    assert "noise: exp1_baseline and exp1_baseline_seed2, the same run with another seed, end 0.0040 apart" in text
+    alone = analysis_exp1([r for r in runs if r.name != "exp1_baseline_seed2"])
+    assert "+0.0031: worse (noise unmeasured)" in alone and "no seed twin to measure the noise against" in alone
+    runs = [fake_run("exp3_overfit", vals=[4.0, 2.5, 2.6, 2.7], whole=2.5882),
+            fake_run("exp3_overfit_seed2", vals=[4.0, 2.5, 2.6, 2.7], whole=2.5850, seed=1338),
+            fake_run("exp3_dropout", vals=[4.0, 2.6, 2.55, 2.5], whole=2.5000, dropout=0.2),
+            fake_run("exp3_weight_decay", vals=[4.0, 2.5, 2.6, 2.7], whole=2.5880, weight_decay=0.1)]
+    text = analysis_exp3(runs)
+    assert "val loss climbs 0.2000 from its best (step 100) while train loss falls: overfitting" in text
+    assert "exp3_dropout: whole-split val 2.5000 against exp3_overfit's 2.5882 (-0.0882): better than none" in text
+    assert "exp3_weight_decay: whole-split val 2.5880 against exp3_overfit's 2.5882 (-0.0002): no difference " \
+           "within noise" in text

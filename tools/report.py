@@ -85,6 +85,38 @@ def setting(run, key):
     return run.config.get(key, "?")
 
 
+def val_of(run):
+    """(val loss to compare runs by, what it is): the best checkpoint on the whole split, else the log's last figure."""
+    score = getattr(run, "whole", None)
+    return (score.loss, "whole-split val") if score is not None else (run.val_losses[-1], "final val (20 batches)")
+
+
+def seed_noise(runs):
+    """(how far apart two runs that differ only in their seed end, their names), or None: the noise a difference
+    between settings must clear."""
+    same = lambda a, b: {k: v for k, v in a.config.items() if k not in SEED_FREE} == \
+        {k: v for k, v in b.config.items() if k not in SEED_FREE}
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            if a.config and b.config and a.config.get("seed") != b.config.get("seed") and same(a, b):
+                return abs(val_of(a)[0] - val_of(b)[0]), (a.name, b.name)
+    return None
+
+
+def within_noise(diff, noise):
+    """A verdict on a difference in val loss: inside twice the seeds' spread (and 0.005) is no difference."""
+    if noise is None:
+        return None
+    return abs(diff) <= max(2 * noise[0], 0.005)
+
+
+def noise_text(noise):
+    if noise is None:
+        return ("no seed twin to measure the noise against (the family's script runs one): differences under ~0.03 "
+                "may be noise")
+    return f"noise: {noise[1][0]} and {noise[1][1]}, the same run with another seed, end {noise[0]:.4f} apart"
+
+
 def analysis_exp1(runs):
     by = {r.name: r for r in runs}
     fastest = max(first_drop(r) for r in runs)
@@ -95,13 +127,23 @@ def analysis_exp1(runs):
             r = by[name]
             out.append(f"#### {name} ({label}: learning_rate {setting(r, 'learning_rate')}, batch_size "
                        f"{setting(r, 'batch_size')}, {r.num_params / 1e6:.2f}M parameters)\n{describe_run(r, fastest)}")
-    lr_runs = [by[n] for n in ("exp1_baseline", "exp1_large_lr", "exp1_small_lr") if n in by]
+    lr_runs = [by[n] for n in ("exp1_baseline", "exp1_large_lr", "exp1_small_lr", "exp1_huge_lr") if n in by]
     if lr_runs:
-        best = min(lr_runs, key=lambda r: r.val_losses[-1])
-        worst = max(lr_runs, key=lambda r: r.val_losses[-1])
-        out.append(f"#### Summary\n- best learning rate: {setting(best, 'learning_rate')} ({best.name}, final val "
-                   f"{best.val_losses[-1]:.4f}); worst: {setting(worst, 'learning_rate')} ({worst.name}, "
-                   f"{worst.val_losses[-1]:.4f}, {convergence(worst)})")
+        noise = seed_noise(runs)
+        what = val_of(lr_runs[0])[1]
+        best = min(lr_runs, key=lambda r: val_of(r)[0])
+        lines = []
+        for r in sorted(lr_runs, key=lambda r: float(setting(r, "learning_rate"))):
+            diff = val_of(r)[0] - val_of(best)[0]
+            if r is best:
+                verdict = "the lowest"
+            elif within_noise(diff, noise):
+                verdict = f"{diff:+.4f}: no difference within noise"
+            else:
+                verdict = f"{diff:+.4f}: worse" + ("" if noise else " (noise unmeasured)")
+            lines.append(f"- learning_rate {setting(r, 'learning_rate')} ({r.name}): {what} {val_of(r)[0]:.4f}, "
+                         f"{verdict}; {convergence(r)}")
+        out.append("#### Summary\n" + "\n".join(lines) + f"\n- {noise_text(noise)}")
     return "\n\n".join(out)
 
 
@@ -126,10 +168,23 @@ def analysis_exp3(runs):
         lines.append(f"- {r.name} (dropout {setting(r, 'dropout')}, weight_decay {setting(r, 'weight_decay')}): "
                      f"train {r.train_losses[-1]:.4f}, val {r.val_losses[-1]:.4f}, gap {gap:.4f}: "
                      f"{overfitting_verdict(gap)}; best val {r.best_val()[1]:.4f} at step {r.best_val()[0]}")
-    gaps = {r.name: r.val_losses[-1] - r.train_losses[-1] for r in runs}
-    widest, narrowest = max(gaps, key=gaps.get), min(gaps, key=gaps.get)
-    lines.append(f"- summary: the gap is widest in {widest} ({gaps[widest]:.4f}) and narrowest in {narrowest} "
-                 f"({gaps[narrowest]:.4f})")
+    by = {r.name: r for r in runs}
+    base = by.get("exp3_overfit")
+    if base is not None:
+        noise = seed_noise(runs)
+        what = val_of(base)[1]
+        climb = base.val_losses[-1] - base.best_val()[1]
+        lines.append(f"- without regularisation (exp3_overfit) val loss climbs {climb:.4f} from its best (step "
+                     f"{base.best_val()[0]}) while train loss falls: " + ("overfitting" if climb > 0.01 else
+                                                                           "no overfitting at this length"))
+        for name in ("exp3_dropout", "exp3_weight_decay", "exp3_both"):
+            if name in by:
+                diff = val_of(by[name])[0] - val_of(base)[0]
+                verdict = ("no difference within noise" if within_noise(diff, noise) else
+                           "better than none" if diff < 0 else "worse than none")
+                lines.append(f"- {name}: {what} {val_of(by[name])[0]:.4f} against exp3_overfit's "
+                             f"{val_of(base)[0]:.4f} ({diff:+.4f}): {verdict}")
+        lines.append(f"- {noise_text(noise)}")
     return "\n".join(lines)
 
 
@@ -195,6 +250,7 @@ def analysis_exp7(runs, exp_dir):
             + "\n".join(row for _, row in sorted(rows)))
 
 
+SEED_FREE = {"seed", "out_dir", "wandb_run_name", "resolved_device", "resolved_dtype", "resolved_compile"}
 ANALYSES = {"exp1": analysis_exp1, "exp2": analysis_exp2, "exp3": analysis_exp3, "exp4": analysis_exp4, "exp5": analysis_exp5,
             "exp6": analysis_exp6, "exp7": analysis_exp7}
 
@@ -209,16 +265,23 @@ def generated_sample(out_dir, max_new_tokens=200, seed=1337):
     return tokenizer.decode(model.generate(start, max_new_tokens, temperature=0.8, top_k=200)[0].tolist())
 
 
-def whole_split_table(exp_dir, runs):
-    """Markdown table of each run's best checkpoint scored on every token of its val split (tools/evaluate.py),
-    beside the 20-batch figure its log ends with; None when no run has a checkpoint."""
-    rows = []
+def score_whole_split(exp_dir, runs):
+    """Each run's best checkpoint scored on every token of its val split (tools/evaluate.py): run.whole (None
+    without a checkpoint). The verdicts compare runs by it."""
     for r in runs:
         path = exp_dir / r.name / BEST
-        if not path.exists():
+        r.whole = checkpoint_split(load_checkpoint(path), split="val").score(
+            batch_size=8, device="cpu", ctx=contextlib.nullcontext()) if path.exists() else None
+
+
+def whole_split_table(runs):
+    """Markdown table of each run's whole-split score, beside the 20-batch figure its log ends with; None when no run
+    has one."""
+    rows = []
+    for r in runs:
+        score = getattr(r, "whole", None)
+        if score is None:
             continue
-        score = checkpoint_split(load_checkpoint(path), split="val").score(batch_size=8, device="cpu",
-                                                                           ctx=contextlib.nullcontext())
         bpb = f"{score.bits_per_byte:.4f}" if score.bits_per_byte is not None else "N/A"
         rows.append(f"| {r.name} | {score.loss:.4f} | {math.exp(min(score.loss, 700)):.2f} | {bpb} | {score.tokens:,} | "
                     f"{r.best_val()[1]:.4f} |")
@@ -242,6 +305,8 @@ def build_report(exp_dir, samples=True, whole_split=True):
                       f"{'/compiled' if r.config.get('resolved_compile') else ''}" for r in all_runs})
     parts = [f"# Experiment report\n\nGenerated by `python tools/report.py {exp_dir}` on {date.today()} from "
              f"{len(all_runs)} runs (device/dtype, and /compiled where torch.compile ran: {', '.join(devices)}).\n\n{RULES}"]
+    if whole_split:
+        score_whole_split(exp_dir, all_runs)
     known = [f for f in FAMILIES if any(r.name.startswith(f + "_") for r in all_runs)]
     others = [r for r in all_runs if not any(r.name.startswith(f + "_") for f in FAMILIES)]
     for family in known:
@@ -260,7 +325,7 @@ def build_report(exp_dir, samples=True, whole_split=True):
         parts.append("\n\n".join(section))
     if others:
         parts.append("## Other runs\n\n" + format_table([summary_row(r) for r in others], "markdown"))
-    table = whole_split_table(exp_dir, all_runs) if whole_split else None
+    table = whole_split_table(all_runs) if whole_split else None
     if table:
         parts.append(table)
     if samples:
