@@ -125,11 +125,17 @@ def cpu_has_native_bf16():
 
 
 @functools.cache
-def _detected_cpu_bf16():
+def cpu_flags():
+    """torch's view of this CPU: its instruction-set flags (avx2, avx512_bf16, amx_bf16, ...), {} where unknown."""
     try:
-        flags = torch._C._cpu._get_cpu_capability()
+        return torch._C._cpu._get_cpu_capability()
     except (AttributeError, RuntimeError):
-        flags = {}
+        return {}
+
+
+@functools.cache
+def _detected_cpu_bf16():
+    flags = cpu_flags()
     if flags.get("architecture") in ("x86_64", "x86", "AMD64"):
         return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
     try:
@@ -159,10 +165,7 @@ def dtype_note(dtype, device):
     """A line for the log when the dtype asked for is not one this device is built for, or None."""
     if dtype != "float16" or device_type(device) != "cpu":
         return None
-    try:
-        flags = torch._C._cpu._get_cpu_capability()
-    except (AttributeError, RuntimeError):
-        flags = {}
+    flags = cpu_flags()
     fp16 = "this CPU has AVX512-FP16/AMX-FP16" if flags.get("avx512_fp16") or flags.get("amx_fp16") else \
         "this CPU has no float16 matmul units: slower than float32 here"
     return (f"note: dtype=float16 on a CPU trains as on a T4 or V100: float16 autocast with a GradScaler that skips "
@@ -291,11 +294,11 @@ def peak_flops(device, dtype):
 def cpu_fma_flops():
     """(float32 FLOP/s, how) of this process's cores at their clock: 2 x the float32 lanes of an FMA per cycle (AVX512
     16, AVX2 8), one FMA unit counted; None where the clock or the vector width is unknown."""
+    flags = cpu_flags()
     try:
-        flags = torch._C._cpu._get_cpu_capability()
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             mhz = float(next(line.split(":")[1] for line in f if line.startswith("cpu MHz")))
-    except (AttributeError, RuntimeError, OSError, StopIteration, ValueError):
+    except (OSError, StopIteration, ValueError):
         return None
     lanes = 16 if flags.get("avx512_f") else 8 if flags.get("avx2") and flags.get("fma3") else 0
     if not lanes or mhz <= 0:

@@ -30,7 +30,11 @@ SKIP = {
 }
 # What makes a training command a few steps long, and every experiment's run (EXTRA, which the runs take last).
 STEPS = {"max_iters": 4, "eval_interval": 2, "eval_iters": 2, "log_interval": 1, "warmup_iters": 1, "lr_decay_iters": 4}
-EXTRA = "--max_iters=4 --eval_interval=2 --eval_iters=2 --log_interval=1 --warmup_iters=1 --lr_decay_iters=4"
+# And a smaller model where a command builds a new one (a resume or a fine-tune takes its run's): the order of the
+# commands is what is tested here, not their models.
+SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=4"]
+EXTRA = " ".join(["--max_iters=4 --eval_interval=2 --eval_iters=2 --log_interval=1 --warmup_iters=1 --lr_decay_iters=4",
+                  *SMALL, "--block_size=32"])
 STDIN = {"--interactive=True": "ROMEO:\n\n", "--chat=True": "Good morrow, sir.\n\n"}
 
 
@@ -67,6 +71,8 @@ def shortened(words):
     if "max_iters" in keys and int(keys["max_iters"].split("=")[1]) == 0:
         steps["max_iters"] = 0
     extra = [f"--{k}={v}" for k, v in steps.items()]
+    if "--init_from=resume" not in words and not any("finetune" in w for w in words):
+        extra += SMALL
     if "grad_monitor_interval" in keys:
         extra.append("--grad_monitor_interval=2")
     return [*words, *extra]
@@ -112,7 +118,7 @@ def run(words, clone, monkeypatch):
                               env={**os.environ, **env, "EXTRA": EXTRA, "PYTHONUNBUFFERED": "1"})
     assert words[0] == "python", words
     script, args = words[1], words[2:]
-    if script == "train.py" and "--help" not in args:
+    if script == "train.py" and "--help" not in args and "--block_size=100000" not in args:  # that one: as shown
         args = shortened(args)
     if script == "sample.py":
         args = [*args, "--max_new_tokens=20", "--num_samples=1"]
@@ -120,7 +126,7 @@ def run(words, clone, monkeypatch):
             if flag in args:
                 monkeypatch.setattr(sys, "stdin", io.StringIO(text))
     if script == "tools/lr_finder.py":
-        args = [*args, "--steps=40"]
+        args = [*args, "--steps=40", *SMALL]
     if script.startswith("data/"):
         return subprocess.run([sys.executable, str(clone / script), *args], cwd=clone, capture_output=True, text=True,
                               timeout=600, env={**os.environ, **env})

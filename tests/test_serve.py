@@ -66,6 +66,9 @@ class Server:
         return self.proc.returncode, out, err
 
 
+
+pytestmark = pytest.mark.slow  # every test here starts a server process (-m "not slow" leaves servers out)
+
 @pytest.fixture(scope="module")
 def base_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "base"

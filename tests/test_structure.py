@@ -8,7 +8,7 @@ import sys
 import tomllib
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import IN_PROCESS, ROOT, run_script
 
 PACKAGE = ROOT / "gpt_toolkit"
 ROOT_MODULES = {"model", "train", "sample", "configurator"}  # the design card's scripts; model and configurator public
@@ -172,7 +172,9 @@ def test_checkpoint_names_are_spelled_in_one_place():
         assert not strings & {"ckpt.pt", "latest.pt"}, path.name
 
 
-@pytest.mark.parametrize("tool", sorted(p.stem for p in (ROOT / "tools").glob("*.py")))
+@pytest.mark.parametrize("tool", [  # a tool that has no main() to run in this process starts an interpreter: slow
+    t if f"tools/{t}.py" in IN_PROCESS else pytest.param(t, marks=pytest.mark.slow)
+    for t in sorted(p.stem for p in (ROOT / "tools").glob("*.py"))])
 def test_every_tool_has_help(tool):
     r = run_script(f"tools/{tool}.py", "--help")
     assert r.returncode == 0, r.stderr
@@ -243,6 +245,7 @@ def test_scripts_run_from_any_working_directory(tmp_path):
         assert "usage" in out.lower(), (path, out)
 
 
+@pytest.mark.slow  # three fresh interpreters
 @pytest.mark.parametrize("preset, expected", [({}, "1000"), ({"GOMP_SPINCOUNT": "50"}, "50"),
                                               ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
 def test_scripts_make_openmp_threads_spin_briefly_unless_told(preset, expected):
