@@ -272,15 +272,18 @@ def _scan_range(task, codes=False):
     return count, np.flatnonzero(present).astype(np.uint32)
 
 
-def _worker_init(load):
+def _worker_init(load, parent):
     """A worker leaves Ctrl-C to the main process (which ends the pool) and, on Linux, dies with it: a main process
-    that is killed leaves no worker printing a BrokenPipeError traceback."""
+    that is killed leaves no worker printing a BrokenPipeError traceback, or waiting for tasks forever (one killed
+    between the fork and the prctl is found by its parent's pid: the worker then ends itself)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
+    if os.getppid() != parent:
+        os._exit(1)
     if load is not None:
         _init(*load)
 
@@ -305,7 +308,7 @@ class _Workers:
             _init(kind, vocabulary)  # forked workers inherit the loaded tokenizer instead of each loading it again
         if num_proc > 1:
             self.pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(
-                num_proc, initializer=_worker_init, initargs=(None if fork else (kind, vocabulary),))
+                num_proc, initializer=_worker_init, initargs=(None if fork else (kind, vocabulary), os.getpid()))
         self.limit = 4 * num_proc  # enough queued that no worker waits for the next chunk
 
     def map(self, fn, tasks):
