@@ -427,6 +427,20 @@ def test_a_killed_preparation_leaves_no_worker_traceback(tmp_path, shakespeare_t
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
+def test_a_worker_whose_parent_died_before_it_started_ends_itself():
+    """The kill can land between a worker's fork and its PR_SET_PDEATHSIG: the worker finds another parent and exits
+    (an orphan once waited for tasks forever, holding the killed-preparation test's pipe open)."""
+    from gpt_toolkit import preparing
+    pid = os.fork()
+    if pid == 0:  # the worker: given a parent that is not its own, as after the kill
+        try:
+            preparing._worker_init(None, os.getppid() + 1)
+        finally:
+            os._exit(0)  # only reached without the check (or if it raised): never back into pytest
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 1
+
+
 # ----------------------------------------------------------------------------- 9. messages that say what happened
 
 def test_too_few_train_tokens_names_max_train_tokens(data_dir, tmp_path):
