@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import format_config
 from gpt_toolkit import dataset as datasets
-from gpt_toolkit import distributed, evaluation, hardware, memory, sharding
+from gpt_toolkit import distributed, evaluation, hardware, lora, memory, sharding
 from gpt_toolkit.checkpoint import (
     BEST,
     LATEST,
@@ -47,7 +47,7 @@ from gpt_toolkit.diagnostics import check_batch, check_init
 from gpt_toolkit.errors import Aborted, ConfigError, SecondInterrupt, UserError, import_optional, run_main
 from gpt_toolkit.evaluation import token_byte_lengths
 from gpt_toolkit.files import write_run_file
-from gpt_toolkit.init_from import build_model, check_init_tokenizer, check_memory, check_resume
+from gpt_toolkit.init_from import build_model, check_init_tokenizer, check_memory, check_resume, init_checkpoint_path
 from gpt_toolkit.outdir import OutDir, check_out_dir
 from gpt_toolkit.process import setup_process
 from gpt_toolkit.runlog import (
@@ -112,6 +112,8 @@ def main(argv, *, watch_class=Watch):
 
     # model init: from scratch, from a checkpoint to resume, from another run, GPT-2 or a transformers directory
     model, model_args, model_notes = build_model(cfg, dataset, ckpt)
+    if cfg.init_from != "resume":
+        ckpt = None  # another run's weights are in the model now: their copy in the file's dict is freed
     check_model_and_data(cfg, dataset, model_args["vocab_size"])
 
     # from here on the run writes to out_dir, which it owns (rank 0 writes) until it ends; Ctrl-C and SIGTERM end a
@@ -262,10 +264,12 @@ def evaluation_due(cfg, step):
 def checkpoint(run, state, rng_states):
     """What a save writes: nanoGPT's keys (its train.py resumes from them and its sample.py samples from them), then
     ours, which nanoGPT ignores: the GradScaler's state, the vocabulary, and the rest of the training state (every
-    process's RNG state, early stopping's count, whether the evaluation at iter_num ran)."""
+    process's RNG state, early stopping's count, whether the evaluation at iter_num ran). A LoRA run's 'model' is its
+    adapters only, and 'lora' names the base they fit (gpt_toolkit/lora.py)."""
     model_state, optimizer_state = sharding.state_dicts(run.model, run.training.optimizer)  # FSDP: gathers shards
+    adapters = getattr(run.model, "lora", None)  # a LoRA run saves its adapters, and names the base they fit
     return {
-        "model": model_state,
+        "model": lora.adapters_only(model_state) if adapters else model_state,
         "optimizer": optimizer_state,
         "model_args": run.model_args,
         "iter_num": state.iter_num,
@@ -273,6 +277,7 @@ def checkpoint(run, state, rng_states):
         "config": dataclasses.asdict(run.cfg),
         "scaler": run.training.scaler.state_dict(),
         "meta": run.dataset.vocabulary,
+        **({"lora": adapters} if adapters else {}),
         **state.saved(rng_states=rng_states, seed=run.cfg.seed),  # rng, sampler, early_stop, evaluated
     }
 
@@ -363,7 +368,7 @@ def check_data_and_out_dir(cfg, cli_keys, world):
         ckpt = load_checkpoint(ckpt_path, map_location=world.device, verify=cfg.verify_checkpoint)
         cfg = check_resume(ckpt, cfg, cli_keys, dataset)
     elif is_run_dir(cfg.init_from):  # another run's best weights (its newest when none is best yet)
-        ckpt_path = Path(cfg.init_from) / (BEST if (Path(cfg.init_from) / BEST).exists() else LATEST)
+        ckpt_path = init_checkpoint_path(cfg.init_from)
         ckpt = load_checkpoint(ckpt_path, verify=cfg.verify_checkpoint)
     check_init_tokenizer(cfg, dataset, ckpt if cfg.init_from != "resume" else None)
     dataset.check_block_size(cfg.block_size)
@@ -387,6 +392,9 @@ def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, st
     # the model on its device, with its optimizer (AdamW, or Muon), autocast context and GradScaler (float16)
     training = build_training(model, cfg, device=world.device, dtype=world.dtype, shard=sharded)
     log.print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
+    if getattr(model, "lora", None):  # only the adapters have gradients and optimizer state
+        trained, total = lora.trainable_count(model), sum(p.numel() for p in model.parameters())
+        log.print(f"LoRA: {trained:,} of {total:,} parameters train ({100 * trained / total:.2f}%)")
     if world.size > 1:  # float32 weights, gradients and AdamW's two moments: 16 bytes per parameter held
         log.print(f"{cfg.parallel}: weights, gradients and AdamW state take {16 * local_numel(model) / 2**20:.1f} MB "
                   f"per process")

@@ -11,6 +11,9 @@ run() { python tools/experiment.py run "$@"; }
 run exp1_baseline    --max_iters=1000
 run exp1_large_lr    --max_iters=1000 --learning_rate=5e-3
 run exp1_small_lr    --max_iters=1000 --learning_rate=1e-4
+# Not the tutorial's: 50x the base rate. A small model takes 5x (SCALE=cpu's hardly notices it); this one shows what
+# a rate too large does.
+run exp1_too_large_lr --max_iters=1000 --learning_rate=5e-2
 run exp1_small_batch --max_iters=1000 --batch_size=16
 # The tutorial gives only --n_layer=8 --n_embd=512, but 512 is not divisible by the config's 6 heads,
 # so this run uses 8 heads, as experiment 5's large model does.

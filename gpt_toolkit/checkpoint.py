@@ -149,6 +149,13 @@ def save_checkpoint(ckpt, path):
                         f"checkpoint is intact; free disk space and continue with --init_from=resume") from None
 
 
+def save_weights(path, model_state, *, model_args, meta, config, iter_num=0, best_val_loss=float("inf"), **extra):
+    """A checkpoint of weights only, no optimizer (so not resumable): nanoGPT's keys, which its sample.py, our readers
+    and init_from=DIR read. What a LoRA merge and a benchmark's base write."""
+    save_checkpoint({"model": model_state, "model_args": model_args, "iter_num": iter_num,
+                     "best_val_loss": best_val_loss, "config": config, "meta": meta, **extra}, path)
+
+
 def _write_failure(exc):
     """A RuntimeError from torch.save that means the file could not be written."""
     text = str(exc)
@@ -328,20 +335,26 @@ def check_contents(ckpt, path):
                         f"the file was edited or damaged; {_another(path)}")
     if not isinstance(ckpt["model"], dict):
         raise UserError(f"{where}: 'model' is not a state dict: {_another(path)}")
-    for key in ("config", "meta"):
+    for key in ("config", "meta", "lora"):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             raise UserError(f"{where}: '{key}' is not a dict: the file was edited or damaged; {_another(path)}")
     if ckpt.get("meta") is not None:
         check_meta(ckpt["meta"], f"{where}'s vocabulary", _another(path))
 
 
-def model_from_checkpoint(ckpt, dropout=0.0):
-    """The GPT a loaded checkpoint holds (ours or nanoGPT's), on the CPU. Weights that do not fit its model_args
-    (an edited file) are a one-line UserError."""
+def plain_model(ckpt, dropout=0.0):
+    """The GPT a loaded checkpoint of a whole model holds (ours or nanoGPT's), on the device its tensors were loaded
+    to. Weights that do not fit its model_args (an edited file) are a one-line UserError. Any checkpoint, a LoRA run's
+    too: gpt_toolkit.loading.model_from_checkpoint."""
+    if ckpt.get("lora") is not None:
+        raise ValueError("a LoRA run's checkpoint holds adapters only: load it with gpt_toolkit.loading")
     args = {k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]}
-    model = GPT(GPTConfig(**{**args, "dropout": dropout}))
+    with torch.device("meta"):  # no random weights to make and then overwrite: the file's tensors become the model's
+        model = GPT(GPTConfig(**{**args, "dropout": dropout}))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
+                              assign=True)
+        model.transformer.wte.weight = model.lm_head.weight  # tied, as GPT() ties them
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else first_line(e)

@@ -6,6 +6,7 @@ and GradScaler is only enabled for float16.
 import contextlib
 import functools
 import os
+import platform
 import re
 import time
 
@@ -125,6 +126,21 @@ def cpu_has_native_bf16():
 
 
 @functools.cache
+def cpu_name():
+    """The CPU's model name and the bf16 units it shows (for benchmark output: every figure names its machine)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        if "model name" in info:
+            name = f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
+    except OSError:
+        pass
+    units = [f for f in ("amx_bf16", "avx512_bf16") if cpu_flags().get(f)]
+    return f"{name}, {os.cpu_count()} cores, {' + '.join(units) if units else 'no bf16 units'}"
+
+
 def cpu_flags():
     """torch's view of this CPU: its instruction-set flags (avx2, avx512_bf16, amx_bf16, ...), {} where unknown."""
     try:

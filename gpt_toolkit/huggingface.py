@@ -314,3 +314,42 @@ def write_gpt2_tokenizer(directory, max_length):
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "bos_token": eot, "eos_token": eot,
               "unk_token": eot, "add_prefix_space": False}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def export_peft_adapter(model, to):
+    """Write a LoRA model's adapters as a PEFT adapter directory at `to` (adapter_config.json and
+    adapter_model.safetensors, peft's names and shapes: GPT-2's Conv1D layers take them with fan_in_fan_out), which
+    peft.PeftModel.from_pretrained loads onto the base model's export. All of it or nothing. Returns the file names."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from gpt_toolkit.lora import LoRALinear
+    info = model.lora
+    if info.get("token_ids"):
+        raise UserError(f"this LoRA run also trained the embedding rows of its {len(info['token_ids'])} chat tokens, "
+                        f"which the base model's export does not have: export the merged model instead (drop --lora)")
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.detach().float().cpu().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.detach().float().cpu().contiguous()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": info["rank"], "lora_alpha": info["alpha"],
+              "lora_dropout": info["dropout"], "target_modules": list(info["targets"]), "fan_in_fan_out": True,
+              "bias": "none", "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+              "base_model_name_or_path": info["base"]["path"]}
+
+    def fill(directory):
+        (Path(directory) / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    remove_stale_temps(Path(to).parent)
+    try:
+        write_directory(to, fill)
+    except UserError:
+        raise
+    except Exception as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else _cut(first_line(e))
+        raise UserError(f"could not write the adapter to {to} ({cause}): nothing was left behind; free disk space or "
+                        f"choose another --to") from None
+    return sorted(p.name for p in Path(to).iterdir())

@@ -2,11 +2,13 @@
 OpenAI's GPT-2 or a transformers directory (build_model), and the checks made before building it: a resume against
 its checkpoint, the tokenizer of fine-tuned weights against the data's, the memory the run needs."""
 import dataclasses
+from pathlib import Path
 
-from gpt_toolkit import hardware, memory
-from gpt_toolkit.checkpoint import ARCHITECTURE, MODEL_ARGS, is_run_dir, model_from_checkpoint
+from gpt_toolkit import hardware, lora, memory
+from gpt_toolkit.checkpoint import ARCHITECTURE, BEST, LATEST, MODEL_ARGS, is_run_dir
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained, tokenizer_for_hf_dir
+from gpt_toolkit.loading import lora_model, model_from_checkpoint
 from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, describe, same_vocabulary, strip_chat, vocabulary_of
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
 
@@ -59,7 +61,26 @@ def check_resume(ckpt, cfg, cli_keys, dataset):
         raise UserError(f"the checkpoint's tokenizer ({describe(ckpt['meta'])}) is not dataset '{cfg.dataset}''s "
                         f"({describe(dataset.meta)}): was the data prepared again, or with another tokenizer? resume on "
                         f"the data the model was trained on")
-    return dataclasses.replace(cfg, optimizer=trained_with, **{key: args[key] for key in ARCHITECTURE})
+    lora_keys = check_resume_lora(ckpt, cfg, cli_keys)
+    return dataclasses.replace(cfg, optimizer=trained_with, **{key: args[key] for key in ARCHITECTURE}, **lora_keys)
+
+
+def check_resume_lora(ckpt, cfg, cli_keys):
+    """A resume keeps its run's LoRA settings (none for a full fine-tune): refuse flags that change them, and return
+    the checkpoint's as Config keys."""
+    info = ckpt.get("lora")
+    trained = {"lora_rank": info["rank"], "lora_alpha": info["alpha"], "lora_dropout": info["dropout"],
+               "lora_targets": ",".join(info["targets"])} if info else {"lora_rank": 0}
+    for key in ("lora_rank", "lora_alpha", "lora_targets"):
+        if key in cli_keys and key in trained and getattr(cfg, key) != trained[key]:
+            raise UserError(f"checkpoint was trained with {key}={trained[key]} but --{key}={getattr(cfg, key)} was "
+                            f"given: drop --{key} to resume this run, or start a new one in another --out_dir")
+    return trained
+
+
+def init_checkpoint_path(init_from):
+    """The checkpoint init_from=OUT_DIR starts from: the run's best weights (its newest when none is best yet)."""
+    return Path(init_from) / (BEST if (Path(init_from) / BEST).exists() else LATEST)
 
 
 def check_init_tokenizer(cfg, dataset, init_ckpt=None):
@@ -105,8 +126,8 @@ def build_model(cfg, dataset, ckpt):
                          f"({GPT2_VOCAB_SIZE} padded to a multiple of 64)")
         model_args = scratch_model_args(cfg, dataset.model_vocab_size)
         model = GPT(GPTConfig(**model_args))
-    elif cfg.init_from == "resume":
-        model = model_from_checkpoint(ckpt, cfg.dropout)
+    elif cfg.init_from == "resume":  # a LoRA run's: its base again, with the adapters unmerged
+        model = lora_model(ckpt, cfg.dropout) if ckpt.get("lora") else model_from_checkpoint(ckpt, cfg.dropout)
         model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
     elif is_run_dir(cfg.init_from):
         notes.append(f"initializing from the run in {cfg.init_from} (its weights at step {ckpt.get('iter_num', '?')}; a "
@@ -119,6 +140,7 @@ def build_model(cfg, dataset, ckpt):
         model = load_pretrained(cfg.init_from, cfg.dropout)
         model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
     model.config.fast_cpu_attention = cfg.fast_cpu_attention
+    base_print = lora.fingerprint(model.state_dict()) if cfg.lora_rank and cfg.init_from != "resume" else None
     if dataset.is_chat and cfg.init_from != "scratch" and dataset.vocab_size > model_args["vocab_size"]:
         grown = dataset.vocab_size - model_args["vocab_size"]
         model.grow_vocabulary(dataset.vocab_size)
@@ -134,4 +156,21 @@ def build_model(cfg, dataset, ckpt):
     elif cfg.block_size > model.config.block_size:
         raise UserError(f"block_size={cfg.block_size} is larger than the model's {model.config.block_size}: "
                         f"use --block_size={model.config.block_size} or less")
+    if base_print is not None:
+        notes.append(add_adapters(model, cfg, dataset, base_print))
     return model, model_args, notes
+
+
+def add_adapters(model, cfg, dataset, base_print):
+    """Freeze model and give it cfg's LoRA adapters (and trained rows for the chat tokens the base never saw);
+    model.lora describes them and the base for the checkpoints. Returns a line for the log."""
+    settings = lora.LoRASettings.of(cfg)
+    token_ids = lora.chat_token_ids(dataset.meta) if dataset.is_chat else []
+    matrices = lora.add_lora(model, settings, token_ids=token_ids)
+    init_path = init_checkpoint_path(cfg.init_from) if is_run_dir(cfg.init_from) else None
+    model.lora = {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
+                  "targets": list(settings.targets), "token_ids": token_ids,
+                  "base": {**lora.base_source(cfg.init_from, init_path), "fingerprint": base_print}}
+    rows = f" and the embedding rows of the {len(token_ids)} chat tokens" if token_ids else ""
+    return (f"LoRA {lora.describe(model.lora)} ({len(matrices)} matrices){rows}: the base weights from "
+            f"{cfg.init_from} are frozen")

@@ -9,6 +9,7 @@ import re
 
 import torch
 
+from gpt_toolkit import lora
 from gpt_toolkit.errors import ConfigError, UserError
 
 UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30, "TB": 2**40}
@@ -62,7 +63,11 @@ def memory_estimate(cfg, *, n_params, vocab_size, dtype, batch_size=None, device
     tokens = batch_size * block_size
     block = block_activation_bytes(cfg, tokens, dtype)
     checkpointing = getattr(cfg, "activation_checkpointing", False)
-    parts = {"parameters": 4 * n_params, "gradients": 4 * n_params, "AdamW state": 8 * n_params}
+    trained = n_params  # LoRA: only the adapters have gradients and optimizer state
+    if getattr(cfg, "lora_rank", 0):
+        trained = lora.param_count(n_layer=cfg.n_layer, n_embd=cfg.n_embd, rank=cfg.lora_rank,
+                                   targets=lora.parse_targets(cfg.lora_targets))
+    parts = {"parameters": 4 * n_params, "gradients": 4 * trained, "AdamW state": 8 * trained}
     if dtype != "float32":
         parts["autocast weight copies"] = 2 * n_params
     # around the blocks: embedding sum, final LayerNorm input and output, and the logits, their log-softmax

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from gpt_toolkit.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoint
+from gpt_toolkit.checkpoint import load_checkpoint, run_checkpoint
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.huggingface import is_hf_dir, load_gpt2, load_hf_dir, tokenizer_for_hf_dir
+from gpt_toolkit.loading import model_from_checkpoint
 from gpt_toolkit.memory import available_memory, fmt_bytes
 from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, read_meta, read_text, tokenizer_from_meta
 

@@ -68,11 +68,12 @@ class StepClock(Watch):
         return False
 
 
-def train_in_process(cfg, *, steps, clock=StepClock, memory=None):
+def train_in_process(cfg, *, steps, clock=StepClock, memory=None, keep_init=False):
     """Run train.py with Config `cfg` for `steps` steps in this process (its output hidden, out_dir a temporary
     directory, one evaluation batch), clocked by StepClock or a subclass. Returns the clock. A bad config is train.py's
     one-line UserError; a Ctrl-C, a KeyboardInterrupt. memory: None, or the peak memory from "steps" (what the steps
-    add to the model and data) or the "whole_run" (from before train.py builds the model)."""
+    add to the model and data) or the "whole_run" (from before train.py builds the model). The model is a fresh one
+    unless keep_init: then cfg's init_from (fine-tuning, LoRA)."""
     device, start = hardware.resolve_device(cfg.device), None
     if memory == "whole_run":
         start = hardware.memory_in_use(device)
@@ -81,7 +82,8 @@ def train_in_process(cfg, *, steps, clock=StepClock, memory=None):
         import torch._dynamo
         torch._dynamo.reset()  # each run compiles a new model: the last run's graphs count against dynamo's limit
     with tempfile.TemporaryDirectory(prefix="gpt-toolkit-timing-") as tmp:
-        cfg = dataclasses.replace(cfg, out_dir=str(Path(tmp) / "out"), init_from="scratch", eval_iters=1,
+        init_from = cfg.init_from if keep_init else "scratch"
+        cfg = dataclasses.replace(cfg, out_dir=str(Path(tmp) / "out"), init_from=init_from, eval_iters=1,
                                   eval_interval=max(cfg.max_iters, steps) + 1, max_iters=max(cfg.max_iters, steps),
                                   log_interval=max(cfg.max_iters, steps) + 1, overwrite=False, eval_only=False,
                                   wandb_log=False, tensorboard_log=False, keep_last=0)

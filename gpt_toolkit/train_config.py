@@ -9,6 +9,7 @@ from configurator import defaults_of, help_of, parse_args
 from gpt_toolkit.errors import ConfigError
 from gpt_toolkit.hardware import DTYPE_CHOICES
 from gpt_toolkit.huggingface import hf_dir_config, is_hf_dir, is_init_source
+from gpt_toolkit.lora import parse_targets
 from model import GPT2_SIZES
 
 
@@ -46,6 +47,11 @@ class Config:
     n_embd: int = 768  # embedding width
     dropout: float = 0.0  # dropout probability in [0, 1): 0 for pretraining, 0.1+ for finetuning
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    # LoRA fine-tuning (of the weights init_from names)
+    lora_rank: int = 0  # train rank-R updates of the blocks' matrices, the init_from weights frozen (0 = off: train them all)
+    lora_alpha: float = 16.0  # the LoRA update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout probability on the LoRA adapters' input
+    lora_targets: str = "c_attn,c_proj,c_fc"  # block matrices with adapters: c_attn, c_fc, c_proj (attn.c_proj/mlp.c_proj: one)
     # AdamW
     learning_rate: float = 6e-4  # peak learning rate (also --lr)
     max_iters: int = 600000  # optimizer steps to train
@@ -156,5 +162,29 @@ def validate(cfg):
                           "--parallel=ddp with Muon, or AdamW with FSDP")
     if cfg.packing and cfg.padding:
         raise ConfigError("packing=True and padding=True are two ways of batching documents: choose one")
+    validate_lora(cfg)
     if cfg.mask_token < -1:
         raise ConfigError(f"mask_token={cfg.mask_token} must be a token id, or -1 for a random token")
+
+
+def validate_lora(cfg):
+    """The LoRA keys: a rank on weights that exist (not init_from=scratch), and settings LoRA can use."""
+    if cfg.lora_rank < 0:
+        raise ConfigError(f"lora_rank={cfg.lora_rank} must not be negative (0 trains every weight)")
+    if not cfg.lora_rank:
+        return
+    if cfg.init_from == "scratch":
+        raise ConfigError(f"lora_rank={cfg.lora_rank} fine-tunes trained weights, and init_from=scratch has none (LoRA "
+                          f"keeps the base weights frozen, so a new model would stay random): give --init_from=OUT_DIR, "
+                          f"gpt2 or a transformers directory, or drop --lora_rank to train every weight")
+    if not cfg.lora_alpha > 0:
+        raise ConfigError(f"lora_alpha={cfg.lora_alpha} must be positive (the update is scaled by lora_alpha / lora_rank)")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout={cfg.lora_dropout} must be in [0, 1)")
+    try:
+        parse_targets(cfg.lora_targets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.parallel == "fsdp":
+        raise ConfigError("LoRA trains adapters over frozen weights that each process holds whole: use --parallel=ddp "
+                          "(the frozen weights need no gradients or optimizer state to shard)")

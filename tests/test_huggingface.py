@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt_toolkit.checkpoint import load_checkpoint, save_checkpoint
 from gpt_toolkit.huggingface import tokenizer_for_hf_dir
 from gpt_toolkit.init_from import build_model
+from gpt_toolkit.loading import model_from_checkpoint
 from gpt_toolkit.tokenizer import GPT2Tokenizer, read_meta
 from gpt_toolkit.train_config import load_config
 from model import GPT, GPTConfig

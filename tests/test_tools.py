@@ -200,10 +200,11 @@ def test_cpu_scale_keeps_ratios():
     args = scaled_overrides(["--max_iters=1000", "--learning_rate=5e-3"], "cpu")
     assert args[:2] == ["--max_iters=1000", "--learning_rate=5e-3"]  # the tutorial's overrides stay, the 5x rate included
     assert args[2:] == ["--n_embd=96", "--block_size=64", "--batch_size=16", "--max_iters=200", "--lr_decay_iters=1000",
-                        "--warmup_iters=20", "--eval_interval=50", "--eval_iters=20"]
+                        "--warmup_iters=20", "--eval_interval=50", "--eval_iters=20", "--weight_decay=0.5"]
     small = scaled_overrides(["--batch_size=16", "--n_layer=8", "--n_embd=512", "--n_head=8"], "cpu")
     assert "--batch_size=4" in small and "--n_embd=128" in small  # still 1/4 of the baseline's batch, 512/384 wide
     assert "--warmup_iters=0" in scaled_overrides(["--warmup_iters=0", "--decay_lr=False"], "cpu")  # no warmup stays none
+    assert "--weight_decay=0.0" in scaled_overrides(["--weight_decay=0.0"], "cpu")  # no decay stays none
 
 
 def test_report_on_a_tiny_run(data_dir, tmp_path, exp_dir):

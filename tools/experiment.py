@@ -8,8 +8,9 @@ tutorial's command. Environment knobs:
     DEVICE=cpu|cuda|...   passed as --device (default: train.py's auto)
     SCALE=cpu             shrink the run to finish in minutes on 2 CPU cores, keeping its ratios:
                           n_embd, block_size and batch_size / 4; max_iters, lr_decay_iters, warmup_iters and
-                          eval_interval / 5; eval_iters / 10 (a 5x larger learning rate stays 5x larger;
-                          a 0, like --warmup_iters=0, stays 0)
+                          eval_interval / 5; eval_iters / 10; weight_decay x 5, so that it shrinks the weights
+                          as much over the shorter run (a 5x larger learning rate stays 5x larger; a 0, like
+                          --warmup_iters=0 or --weight_decay=0.0, stays 0)
     RERUN=1               train again even if experiments/NAME already finished with these settings
     EXTRA="--key=value .."  appended to every run's overrides, last (e.g. EXTRA="--max_iters=4" tries a script)
 `finish` writes experiments/FAMILY_comparison.png and FAMILY_summary.md and prints the table.
@@ -42,6 +43,9 @@ from gpt_toolkit.train_config import load_config, validate
 BASE_CONFIG = "config/train_shakespeare_char.py"
 CPU_SCALE = {"n_embd": 4, "block_size": 4, "batch_size": 4, "max_iters": 5, "lr_decay_iters": 5, "warmup_iters": 5,
              "eval_interval": 5, "eval_iters": 10}
+# AdamW's decoupled weight decay shrinks the weights by lr x weight_decay each step: with 5x fewer steps, 5x the
+# decay shrinks them as much over the run as the tutorial's does
+CPU_SCALE_UP = {"weight_decay": 5}
 
 
 def scaled_overrides(overrides, scale, base_config=BASE_CONFIG):
@@ -52,6 +56,7 @@ def scaled_overrides(overrides, scale, base_config=BASE_CONFIG):
         raise UserError(f"unknown SCALE={scale}: use SCALE=cpu, or leave it unset for the tutorial's full-size runs")
     cfg, _ = load_config([str(ROOT / base_config), *overrides])
     shrunk = {key: max(1, getattr(cfg, key) // factor) if getattr(cfg, key) else 0 for key, factor in CPU_SCALE.items()}
+    shrunk.update({key: round(getattr(cfg, key) * factor, 6) for key, factor in CPU_SCALE_UP.items()})
     return [*overrides, *(f"--{k}={v}" for k, v in shrunk.items())]
 
 

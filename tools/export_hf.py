@@ -6,6 +6,12 @@ The directory holds config.json and model.safetensors (GPT2LMHeadModel.from_pret
 and the tokenizer: GPT-2 BPE models get vocab.json, merges.txt and tokenizer_config.json (AutoTokenizer reads
 them); character models get char_vocab.json ({"itos": [...]}: token i is the character itos[i]).
 `--init_from=DIR` in train.py and sample.py loads it back.
+
+A LoRA run (--lora_rank) exports merged: a plain GPT-2 with the adapters folded in. `--lora=adapter` writes a PEFT
+adapter directory instead (adapter_config.json, adapter_model.safetensors), for the base model's own export:
+    python tools/export_hf.py --out_dir=BASE_RUN --to=hf-base
+    python tools/export_hf.py --out_dir=LORA_RUN --to=hf-adapter --lora=adapter
+    model = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("hf-base"), "hf-adapter")
 """
 import sys
 from pathlib import Path
@@ -16,10 +22,12 @@ from gpt_toolkit.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.checkpoint import BEST, load_checkpoint, model_from_checkpoint, run_checkpoint
+from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.huggingface import export_hf
+from gpt_toolkit.huggingface import export_hf, export_peft_adapter
+from gpt_toolkit.loading import lora_model, model_from_checkpoint
+from gpt_toolkit.lora import describe
 from gpt_toolkit.sampling import tokenizer_for_checkpoint
 
 
@@ -29,6 +37,8 @@ def main(argv):
     parser.add_argument("--to", required=True, help="the directory to create (must not exist, or be empty)")
     parser.add_flag("--verify_checkpoint", default=True, help="check the checkpoint's checksum")
     parser.add_argument("--checkpoint", default=BEST, help=f"file in out_dir (default {BEST}, the lowest val loss)")
+    parser.add_argument("--lora", default="merged", choices=["merged", "adapter"],
+                        help="a LoRA run: merged (a plain GPT-2, the adapters folded in) or adapter (a PEFT adapter)")
     args, _ = parser.parse(argv)
     to = Path(args.to)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
@@ -36,6 +46,8 @@ def main(argv):
                         f"overwritten)")
     source = run_checkpoint(args.out_dir, args.checkpoint)
     ckpt = load_checkpoint(source, verify=args.verify_checkpoint)
+    if args.lora == "adapter":
+        return export_adapter(ckpt, source, to)
     model = model_from_checkpoint(ckpt)
     tokenizer = tokenizer_for_checkpoint(ckpt)
     files = export_hf(model, tokenizer, to, dropout=ckpt["model_args"].get("dropout", 0.0))
@@ -43,6 +55,18 @@ def main(argv):
     print(f"exported {source} (step {step}, {tokenizer.kind} tokenizer) to {to}: "
           f"{', '.join(files)}")
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(to)!r}), or --init_from={to}")
+    return 0
+
+
+def export_adapter(ckpt, source, to):
+    if ckpt.get("lora") is None:
+        raise UserError(f"{source} is not a LoRA run's checkpoint (it was trained without --lora_rank): there is no "
+                        f"adapter to export; drop --lora=adapter to export the model")
+    files = export_peft_adapter(lora_model(ckpt), to)
+    print(f"exported the LoRA adapter of {source} (step {ckpt.get('iter_num', '?')}, {describe(ckpt['lora'])}) to "
+          f"{to}: {', '.join(files)}")
+    print(f"load it with peft.PeftModel.from_pretrained(BASE, {str(to)!r}), BASE the export of "
+          f"{ckpt['lora']['base']['path']}")
     return 0
 
 
