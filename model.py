@@ -240,9 +240,13 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*H*Q*T."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*H*Q*T. A frozen weight (LoRA's
+        base) takes 4, not 6: its backward passes the gradient on but computes none for the weight."""
         cfg = self.config
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
+        frozen = sum(p.numel() for name, p in self.named_parameters()
+                     if not p.requires_grad and name != "transformer.wpe.weight")
+        attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
+        return 6 * self.get_num_params() - 2 * frozen + attention
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
         """AdamW with weight decay on 2-D tensors only (matmul weights, embeddings), not on biases or

@@ -64,7 +64,7 @@ from gpt_toolkit.schedule import lr_at
 from gpt_toolkit.sharding import local_numel
 from gpt_toolkit.stopping import EarlyStopping, Interrupted, StopRequest
 from gpt_toolkit.tokenizer import tokenizer_from_meta
-from gpt_toolkit.train_config import Config, load_config, validate
+from gpt_toolkit.train_config import Config, load_config, validate, validate_lora
 from gpt_toolkit.training import Training, build_training
 from gpt_toolkit.watch import Watch
 
@@ -262,7 +262,8 @@ def evaluation_due(cfg, step):
 
 
 def checkpoint(run, state, rng_states):
-    """What a save writes: nanoGPT's keys (its train.py resumes from them and its sample.py samples from them), then
+    """What a save writes: nanoGPT's keys (its train.py resumes from them and its sample.py samples from them; from a
+    LoRA run's once tools/merge_lora.py has merged it), then
     ours, which nanoGPT ignores: the GradScaler's state, the vocabulary, and the rest of the training state (every
     process's RNG state, early stopping's count, whether the evaluation at iter_num ran). A LoRA run's 'model' is its
     adapters only, and 'lora' names the base they fit (gpt_toolkit/lora.py)."""
@@ -367,6 +368,7 @@ def check_data_and_out_dir(cfg, cli_keys, world):
         ckpt_path = resume_path(cfg.out_dir)
         ckpt = load_checkpoint(ckpt_path, map_location=world.device, verify=cfg.verify_checkpoint)
         cfg = check_resume(ckpt, cfg, cli_keys, dataset)
+        validate_lora(cfg)  # the run's own LoRA settings, as the checkpoint gives them
     elif is_run_dir(cfg.init_from):  # another run's best weights (its newest when none is best yet)
         ckpt_path = init_checkpoint_path(cfg.init_from)
         ckpt = load_checkpoint(ckpt_path, verify=cfg.verify_checkpoint)

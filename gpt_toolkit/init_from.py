@@ -71,8 +71,12 @@ def check_resume_lora(ckpt, cfg, cli_keys):
     info = ckpt.get("lora")
     trained = {"lora_rank": info["rank"], "lora_alpha": info["alpha"], "lora_dropout": info["dropout"],
                "lora_targets": ",".join(info["targets"])} if info else {"lora_rank": 0}
-    for key in ("lora_rank", "lora_alpha", "lora_targets"):
-        if key in cli_keys and key in trained and getattr(cfg, key) != trained[key]:
+    def same(key):
+        if key == "lora_targets":  # the same matrices, however they are written
+            return set(lora.parse_targets(cfg.lora_targets)) == set(info["targets"])
+        return getattr(cfg, key) == trained[key]
+    for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
+        if key in cli_keys and key in trained and not same(key):
             raise UserError(f"checkpoint was trained with {key}={trained[key]} but --{key}={getattr(cfg, key)} was "
                             f"given: drop --{key} to resume this run, or start a new one in another --out_dir")
     return trained

@@ -22,9 +22,13 @@ def load_base(source, dropout=0.0):
     path = source["path"]
     if source["kind"] in ("run", "hf") and not Path(path).exists():
         raise UserError(f"this LoRA run's base model {path} is gone: the adapters apply to those weights only; put "
-                        f"the base back there (or merge the adapters with tools/merge_lora.py while it exists)")
+                        f"the base back there (and merge them with tools/merge_lora.py, which needs no base after)")
     if source["kind"] == "run":
-        return model_from_checkpoint(load_checkpoint(path), dropout)
+        ckpt = load_checkpoint(path)
+        if (ckpt.get("lora") or {}).get("base", {}).get("path") == path:
+            raise UserError(f"this LoRA run's base {path} has been replaced by a LoRA checkpoint that names itself as "
+                            f"its base: the base weights are gone; train the adapters again from a kept base")
+        return model_from_checkpoint(ckpt, dropout)
     return load_pretrained(path, dropout)
 
 
@@ -50,6 +54,7 @@ def lora_model(ckpt, dropout=0.0):
     missing = [k for k in result.missing_keys if lora.is_adapter_key(k)]
     if result.unexpected_keys or missing:
         raise UserError(f"the checkpoint's adapters do not fit its LoRA settings ({lora.describe(info)}; "
-                        f"{(result.unexpected_keys or missing)[0]}): the file was edited or damaged")
+                        f"{(result.unexpected_keys or missing)[0]}): the file was edited or damaged; use another "
+                        f"checkpoint of the run (latest.pt, ckpt.pt)")
     model.lora = info
     return model

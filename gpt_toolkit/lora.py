@@ -195,7 +195,7 @@ def base_source(init_from, base_ckpt_path=None):
     directory (absolute paths), or a GPT-2 name."""
     if base_ckpt_path is not None:
         return {"kind": "run", "path": str(Path(base_ckpt_path).resolve())}
-    if Path(init_from).is_dir():
+    if (Path(init_from) / "config.json").is_file():  # a transformers directory (huggingface.is_hf_dir)
         return {"kind": "hf", "path": str(Path(init_from).resolve())}
     return {"kind": "gpt2", "path": init_from}
 

@@ -4,6 +4,7 @@
 train.py and every tool that takes a training config read it here, so `--key=value` means the same everywhere.
 """
 from dataclasses import dataclass
+from pathlib import Path
 
 from configurator import defaults_of, help_of, parse_args
 from gpt_toolkit.errors import ConfigError
@@ -177,6 +178,10 @@ def validate_lora(cfg):
         raise ConfigError(f"lora_rank={cfg.lora_rank} fine-tunes trained weights, and init_from=scratch has none (LoRA "
                           f"keeps the base weights frozen, so a new model would stay random): give --init_from=OUT_DIR, "
                           f"gpt2 or a transformers directory, or drop --lora_rank to train every weight")
+    if cfg.init_from != "resume" and Path(cfg.init_from).resolve() == Path(cfg.out_dir).resolve():
+        raise ConfigError(f"lora_rank={cfg.lora_rank} with init_from={cfg.init_from} and the same out_dir: the adapters "
+                          f"need their base kept as it is, and this run would replace it; give the LoRA run another "
+                          f"--out_dir")
     if not cfg.lora_alpha > 0:
         raise ConfigError(f"lora_alpha={cfg.lora_alpha} must be positive (the update is scaled by lora_alpha / lora_rank)")
     if not 0.0 <= cfg.lora_dropout < 1.0:

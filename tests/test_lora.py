@@ -12,9 +12,13 @@ from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script, run_to
 
 from gpt_toolkit import lora
 from gpt_toolkit.checkpoint import load_checkpoint
+from gpt_toolkit.dataset import Dataset
+from gpt_toolkit.errors import ConfigError
+from gpt_toolkit.init_from import check_resume
 from gpt_toolkit.loading import lora_model, model_from_checkpoint
 from gpt_toolkit.memory import memory_estimate
-from gpt_toolkit.train_config import load_config
+from gpt_toolkit.train_config import load_config, validate_lora
+from gpt_toolkit.watch import Watch
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # training follows the precision dtype=auto picks (.ci/run runs it in both)
@@ -50,17 +54,36 @@ def base(data_dir, tmp_path_factory):
     return out
 
 
-def lora_run(data_dir, base, out, *extra):
+class Kept(Watch):
+    """Keeps the run's model and optimizer, to look at once it has trained."""
+    seen = {}
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        Kept.seen.update(model=kw["model"], optimizer=kw["training"].optimizer)
+
+
+def lora_run(data_dir, base, out, *extra, watch=None):
     r = run_script("train.py", *TINY_TRAIN, *LORA, f"--init_from={base}", f"--data_dir={data_dir}", f"--out_dir={out}",
-                   *extra)
+                   *extra, watch=watch)
     assert r.returncode == 0, r.stderr
     return r
+
+
+def assert_only_adapters_trained(model, optimizer, base_state):
+    """The model as it trained: its frozen weights still the base's, bit for bit, and none of them in the optimizer."""
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(torch.equal(p.detach().cpu(), base_state[n]) for n, p in frozen.items())
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not optimized & {id(p) for p in frozen.values()}
 
 
 @pytest.fixture(scope="module")
 def tuned(data_dir, base):
     out = base.parent / "tuned"
-    return out, lora_run(data_dir, base, out).stdout
+    stdout = lora_run(data_dir, base, out, watch=Kept).stdout
+    return out, stdout, dict(Kept.seen)
 
 
 def test_adapters_start_at_zero_so_the_first_forward_is_the_base_models():
@@ -77,6 +100,14 @@ def test_adapters_start_at_zero_so_the_first_forward_is_the_base_models():
     only_attn = tiny_gpt()
     assert lora.add_lora(only_attn, settings(targets="attn.c_proj")) == ["transformer.h.0.attn.c_proj",
                                                                          "transformer.h.1.attn.c_proj"]
+
+
+def test_frozen_weights_count_four_flops_not_six():
+    model = tiny_gpt()
+    full = model.flops_per_token(32)
+    lora.add_lora(model, settings())
+    frozen = model.get_num_params() - lora.trainable_count(model)
+    assert model.flops_per_token(32) == full + 6 * lora.trainable_count(model) - 2 * frozen
 
 
 def test_merged_equals_unmerged_with_trained_adapters_and_token_rows():
@@ -108,7 +139,8 @@ def test_memory_estimate_counts_gradients_and_optimizer_state_of_the_adapters_on
 
 @pytest.mark.slow  # trains (the fast tests above check the maths)
 def test_only_the_adapters_train_the_base_stays_bit_identical(tuned, base):
-    out, stdout = tuned
+    out, stdout, seen = tuned
+    assert_only_adapters_trained(seen["model"], seen["optimizer"], load_checkpoint(base / "ckpt.pt")["model"])
     ckpt, base_ckpt = load_checkpoint(out / "latest.pt"), load_checkpoint(base / "ckpt.pt")
     trained = lora.param_count(n_layer=2, n_embd=32, rank=4, targets=lora.parse_targets(lora.DEFAULT_TARGETS))
     total = trained + sum(v.numel() for k, v in base_ckpt["model"].items() if k != "lm_head.weight")
@@ -142,7 +174,7 @@ def test_a_stopped_lora_run_resumes_exactly(data_dir, base, tuned, tmp_path):
 
 @pytest.mark.slow  # trains (the fast tests above check the maths)
 def test_readers_take_a_lora_out_dir_and_merging_changes_nothing(data_dir, tuned, tmp_path):
-    out, _ = tuned
+    out = tuned[0]
     merged = tmp_path / "merged"
     r = run_script("tools/merge_lora.py", f"--out_dir={out}", f"--to={merged}")
     assert r.returncode == 0 and f"wrote {merged / 'ckpt.pt'}" in r.stdout, r.stderr
@@ -193,6 +225,21 @@ def test_bad_lora_settings_are_one_line_errors(data_dir, base, tuned, tmp_path):
     resume = run_script("train.py", *TINY_TRAIN, *LORA, "--init_from=resume", "--lora_rank=8", f"--data_dir={data_dir}",
                         f"--out_dir={tmp_path / 'copy'}")
     assert_one_line_error(resume, "trained with lora_rank=4 but --lora_rank=8", "drop --lora_rank")
+    r = run_script("train.py", *TINY_TRAIN, *LORA[:-4], "--max_iters=40", "--init_from=resume", f"--data_dir={data_dir}",
+                   f"--out_dir={tmp_path / 'copy'}", "--lora_dropout=0.3")
+    assert_one_line_error(r, "lora_dropout=0.1 but --lora_dropout=0.3")
+    # a resume takes the run's LoRA settings from its checkpoint, and they are checked as given ones are
+    cfg, cli_keys = load_config(["--init_from=resume", "--parallel=fsdp", "--dataset=shakespeare_char"])
+    resumed = check_resume(load_checkpoint(tuned[0] / "latest.pt"), cfg, cli_keys, Dataset(data_dir, "shakespeare_char"))
+    assert (resumed.lora_rank, resumed.lora_dropout, resumed.lora_targets) == (4, 0.1, "c_attn,c_proj,c_fc")
+    with pytest.raises(ConfigError, match="--parallel=ddp"):
+        validate_lora(resumed)
+    reordered = run_script("train.py", *TINY_TRAIN, *LORA[:-4], "--max_iters=32", "--lr_decay_iters=30",
+                           "--init_from=resume", "--lora_targets=c_fc, c_proj ,c_attn", f"--data_dir={data_dir}",
+                           f"--out_dir={tmp_path / 'copy'}")
+    assert reordered.returncode == 0 and "resuming from" in reordered.stdout, reordered.stderr
+    assert_one_line_error(run_script(*train, f"--init_from={base}", "--lora_rank=4", f"--out_dir={base}"),
+                          "the same out_dir", "another --out_dir")
     assert_one_line_error(run_script("tools/merge_lora.py", f"--out_dir={base}", f"--to={tmp_path / 'm'}"),
                           "is not a LoRA run's checkpoint")
     assert_one_line_error(run_script("tools/export_hf.py", f"--out_dir={base}", f"--to={tmp_path / 'a'}", "--lora=adapter"),
@@ -217,7 +264,7 @@ def test_muon_trains_the_adapters_and_checkpointing_changes_nothing(data_dir, ba
 def test_peft_loads_the_adapter_onto_the_base_export_with_the_merged_logits(tuned, base, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    out, _ = tuned
+    out = tuned[0]
     for args in ((base, "hf-base"), (out, "hf-merged"), (out, "hf-adapter", "--lora=adapter")):
         r = run_script("tools/export_hf.py", f"--out_dir={args[0]}", f"--to={tmp_path / args[1]}", *args[2:])
         assert r.returncode == 0, r.stderr
@@ -254,8 +301,10 @@ def test_lora_on_chat_data_trains_the_chat_tokens_rows_and_answers(data_dir, bas
     assert r.returncode == 0, r.stderr
     out = tmp_path / "chat"
     r = run_script("train.py", *TINY_TRAIN, "--block_size=64", "--dataset=lora_chat", "--lora_rank=4", "--max_iters=20",
-                   f"--init_from={base}", f"--data_dir={tmp_path}", f"--out_dir={out}")
+                   f"--init_from={base}", f"--data_dir={tmp_path}", f"--out_dir={out}", watch=Kept)
     assert r.returncode == 0, r.stderr
+    grown = lora_model(load_checkpoint(out / "ckpt.pt")).state_dict()  # the base's rows, and the chat rows' start
+    assert_only_adapters_trained(Kept.seen["model"], Kept.seen["optimizer"], grown)
     assert "and the embedding rows of the 5 chat tokens" in r.stdout and "padded (--padding=True" in r.stdout
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["lora"]["token_ids"] == [65, 66, 67, 68, 69] and ckpt["model_args"]["vocab_size"] == 70
