@@ -296,7 +296,7 @@ def test_overlapping_curves_get_their_own_style(exp_dir, tmp_path, monkeypatch):
     assert widths == sorted(widths, reverse=True) and [line.get_zorder() for line in val] == [2, 3, 4, 5]
 
 
-def fake_run(name, *, vals, whole, **config):
+def fake_run(name, *, vals, whole, last=None, **config):
     from types import SimpleNamespace
 
     from gpt_toolkit.runlog import Run
@@ -304,6 +304,7 @@ def fake_run(name, *, vals, whole, **config):
     run.evals = {i * 100: (v - 0.2, v) for i, v in enumerate(vals)}
     run.config = {"learning_rate": 1e-3, "seed": 1337, "dropout": 0.0, "weight_decay": 0.0, **config}
     run.whole, run.num_params = SimpleNamespace(loss=whole), 800_000
+    run.whole_last = SimpleNamespace(loss=last) if last is not None else None
     return run
 
 
@@ -323,12 +324,15 @@ def test_the_report_calls_a_difference_inside_the_seeds_spread_no_difference():
     assert "noise: exp1_baseline and exp1_baseline_seed2, the same run with another seed, end 0.0040 apart" in text
     alone = analysis_exp1([r for r in runs if r.name != "exp1_baseline_seed2"])
     assert "+0.0031: worse (noise unmeasured)" in alone and "no seed twin to measure the noise against" in alone
-    runs = [fake_run("exp3_overfit", vals=[4.0, 2.5, 2.6, 2.7], whole=2.5882),
-            fake_run("exp3_overfit_seed2", vals=[4.0, 2.5, 2.6, 2.7], whole=2.5850, seed=1338),
-            fake_run("exp3_dropout", vals=[4.0, 2.6, 2.55, 2.5], whole=2.5000, dropout=0.2),
-            fake_run("exp3_weight_decay", vals=[4.0, 2.5, 2.6, 2.7], whole=2.5880, weight_decay=0.1)]
+    # experiment 3 judges where training ends (the last checkpoint): the best one is from before the overfitting
+    runs = [fake_run("exp3_overfit", vals=[4.0, 2.5, 2.6, 2.7], whole=2.5882, last=2.7400),
+            fake_run("exp3_overfit_seed2", vals=[4.0, 2.5, 2.6, 2.7], whole=2.5850, last=2.7300, seed=1338),
+            fake_run("exp3_dropout", vals=[4.0, 2.6, 2.55, 2.5], whole=2.5000, last=2.5100, dropout=0.2),
+            fake_run("exp3_weight_decay", vals=[4.0, 2.5, 2.6, 2.7], whole=2.5880, last=2.7350, weight_decay=0.1)]
     text = analysis_exp3(runs)
     assert "val loss climbs 0.2000 from its best (step 100) while train loss falls: overfitting" in text
-    assert "exp3_dropout: whole-split val 2.5000 against exp3_overfit's 2.5882 (-0.0882): better than none" in text
-    assert "exp3_weight_decay: whole-split val 2.5880 against exp3_overfit's 2.5882 (-0.0002): no difference " \
-           "within noise" in text
+    assert "exp3_dropout: whole-split val at the end 2.5100 against exp3_overfit's 2.7400 (-0.2300): less " \
+           "overfitting than none; best checkpoint 2.5000 against 2.5882" in text
+    assert "exp3_weight_decay: whole-split val at the end 2.7350 against exp3_overfit's 2.7400 (-0.0050): no " \
+           "difference within noise" in text
+    assert "end 0.0100 apart" in text

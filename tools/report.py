@@ -21,7 +21,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 
 import torch
 
-from gpt_toolkit.checkpoint import BEST, load_checkpoint
+from gpt_toolkit.checkpoint import BEST, LATEST, load_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.evaluation import checkpoint_split
@@ -91,15 +91,22 @@ def val_of(run):
     return (score.loss, "whole-split val") if score is not None else (run.val_losses[-1], "final val (20 batches)")
 
 
-def seed_noise(runs):
-    """(how far apart two runs that differ only in their seed end, their names), or None: the noise a difference
-    between settings must clear."""
+def final_of(run):
+    """(val loss at the end of training, what it is): the last checkpoint on the whole split, else the log's last
+    figure. Overfitting shows here, where the best checkpoint hides it."""
+    score = getattr(run, "whole_last", None)
+    return (score.loss, "whole-split val at the end") if score is not None else (run.val_losses[-1], "final val (20 batches)")
+
+
+def seed_noise(runs, of=val_of):
+    """(how far apart two runs that differ only in their seed end, by `of`, their names), or None: the noise a
+    difference between settings must clear."""
     same = lambda a, b: {k: v for k, v in a.config.items() if k not in SEED_FREE} == \
         {k: v for k, v in b.config.items() if k not in SEED_FREE}
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
             if a.config and b.config and a.config.get("seed") != b.config.get("seed") and same(a, b):
-                return abs(val_of(a)[0] - val_of(b)[0]), (a.name, b.name)
+                return abs(of(a)[0] - of(b)[0]), (a.name, b.name)
     return None
 
 
@@ -127,7 +134,7 @@ def analysis_exp1(runs):
             r = by[name]
             out.append(f"#### {name} ({label}: learning_rate {setting(r, 'learning_rate')}, batch_size "
                        f"{setting(r, 'batch_size')}, {r.num_params / 1e6:.2f}M parameters)\n{describe_run(r, fastest)}")
-    lr_runs = [by[n] for n in ("exp1_baseline", "exp1_large_lr", "exp1_small_lr", "exp1_huge_lr") if n in by]
+    lr_runs = [by[n] for n in ("exp1_baseline", "exp1_large_lr", "exp1_small_lr", "exp1_too_large_lr") if n in by]
     if lr_runs:
         noise = seed_noise(runs)
         what = val_of(lr_runs[0])[1]
@@ -171,19 +178,20 @@ def analysis_exp3(runs):
     by = {r.name: r for r in runs}
     base = by.get("exp3_overfit")
     if base is not None:
-        noise = seed_noise(runs)
-        what = val_of(base)[1]
+        noise = seed_noise(runs, of=final_of)
+        what = final_of(base)[1]
         climb = base.val_losses[-1] - base.best_val()[1]
         lines.append(f"- without regularisation (exp3_overfit) val loss climbs {climb:.4f} from its best (step "
                      f"{base.best_val()[0]}) while train loss falls: " + ("overfitting" if climb > 0.01 else
                                                                            "no overfitting at this length"))
         for name in ("exp3_dropout", "exp3_weight_decay", "exp3_both"):
-            if name in by:
-                diff = val_of(by[name])[0] - val_of(base)[0]
+            if name in by:  # where training ends: how much of the climb the regularisation prevented
+                diff = final_of(by[name])[0] - final_of(base)[0]
                 verdict = ("no difference within noise" if within_noise(diff, noise) else
-                           "better than none" if diff < 0 else "worse than none")
-                lines.append(f"- {name}: {what} {val_of(by[name])[0]:.4f} against exp3_overfit's "
-                             f"{val_of(base)[0]:.4f} ({diff:+.4f}): {verdict}")
+                           "less overfitting than none" if diff < 0 else "worse than none")
+                lines.append(f"- {name}: {what} {final_of(by[name])[0]:.4f} against exp3_overfit's "
+                             f"{final_of(base)[0]:.4f} ({diff:+.4f}): {verdict}; best checkpoint "
+                             f"{val_of(by[name])[0]:.4f} against {val_of(base)[0]:.4f}")
         lines.append(f"- {noise_text(noise)}")
     return "\n".join(lines)
 
@@ -268,10 +276,12 @@ def generated_sample(out_dir, max_new_tokens=200, seed=1337):
 def score_whole_split(exp_dir, runs):
     """Each run's best checkpoint scored on every token of its val split (tools/evaluate.py): run.whole (None
     without a checkpoint). The verdicts compare runs by it."""
-    for r in runs:
-        path = exp_dir / r.name / BEST
-        r.whole = checkpoint_split(load_checkpoint(path), split="val").score(
+    def score(path):
+        return checkpoint_split(load_checkpoint(path), split="val").score(
             batch_size=8, device="cpu", ctx=contextlib.nullcontext()) if path.exists() else None
+    for r in runs:
+        r.whole = score(exp_dir / r.name / BEST)
+        r.whole_last = score(exp_dir / r.name / LATEST) if r.name.startswith("exp3_") else None  # overfitting's end
 
 
 def whole_split_table(runs):
@@ -283,16 +293,18 @@ def whole_split_table(runs):
         if score is None:
             continue
         bpb = f"{score.bits_per_byte:.4f}" if score.bits_per_byte is not None else "N/A"
+        last = getattr(r, "whole_last", None)
         rows.append(f"| {r.name} | {score.loss:.4f} | {math.exp(min(score.loss, 700)):.2f} | {bpb} | {score.tokens:,} | "
-                    f"{r.best_val()[1]:.4f} |")
+                    f"{r.best_val()[1]:.4f} | {f'{last.loss:.4f}' if last is not None else '-'} |")
     if not rows:
         return None
     return ("## Whole-split val loss\n\nEach run's best checkpoint (ckpt.pt) scored on every token of its val split "
             "(float32, as `python tools/evaluate.py --out_dir=RUN` prints it). Compare runs by this column: the "
             "training log's figure is 20 sampled batches and moves by about +-0.03 with the rows it draws. Runs with "
-            "different tokenizers compare by bits per byte, not by loss per token.\n\n"
-            "| run | whole-split val loss | perplexity | bits per byte | tokens | best val in the log (20 batches) |\n"
-            "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows))
+            "different tokenizers compare by bits per byte, not by loss per token. Experiment 3's runs are also scored "
+            "at the end of training (latest.pt), where overfitting shows.\n\n"
+            "| run | whole-split val loss | perplexity | bits per byte | tokens | best val in the log (20 batches) | "
+            "whole-split val at the end |\n| --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows))
 
 
 def build_report(exp_dir, samples=True, whole_split=True):
