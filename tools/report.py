@@ -101,8 +101,9 @@ def final_of(run):
 def seed_noise(runs, of=val_of):
     """(how far apart two runs that differ only in their seed end, by `of`, their names), or None: the noise a
     difference between settings must clear."""
-    same = lambda a, b: {k: v for k, v in a.config.items() if k not in SEED_FREE} == \
-        {k: v for k, v in b.config.items() if k not in SEED_FREE}
+    def same(a, b):  # keys one config lacks (a run from before the key existed) are not a difference
+        keys = (set(a.config) & set(b.config)) - SEED_FREE
+        return all(a.config[k] == b.config[k] for k in keys)
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
             if a.config and b.config and a.config.get("seed") != b.config.get("seed") and same(a, b):
