@@ -85,6 +85,22 @@ def atomic_write(path, write):
     fsync_dir(path.parent)
 
 
+def atomic_write_path(path, write):
+    """atomic_write for writers that open the file themselves: write(tmp) writes a file at the temp path `tmp`, which
+    becomes `path` only once it is complete and on disk."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def write_run_file(path, text):
     """atomic_write_text of a file the toolkit keeps in a run's directory (config.json): a directory in its place, a
     full disk or a read-only directory is a one-line UserError naming it."""

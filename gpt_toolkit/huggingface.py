@@ -300,16 +300,22 @@ def char_tokenizer_json(itos):
     return tok.to_str()
 
 
+def read_gpt2_file(name):
+    """The bytes of GPT-2's vocab.json or merges.txt, from tiktoken's cache (no network when it is filled)."""
+    import tiktoken.load
+    url, sha256 = GPT2_BPE_FILES[name]
+    try:
+        return tiktoken.load.read_file_cached(url, sha256)
+    except Exception as e:
+        raise UserError(f"cannot read GPT-2's {name} ({type(e).__name__}: {e}); offline, point TIKTOKEN_CACHE_DIR "
+                        f"at a directory holding tiktoken's cached gpt2 files") from None
+
+
 def write_gpt2_tokenizer(directory, max_length):
     """vocab.json and merges.txt (from tiktoken's cache: no network when it is filled) and the config that makes
     AutoTokenizer read them as GPT-2's tokenizer."""
-    import tiktoken.load
-    for name, (url, sha256) in GPT2_BPE_FILES.items():
-        try:
-            (directory / name).write_bytes(tiktoken.load.read_file_cached(url, sha256))
-        except Exception as e:
-            raise UserError(f"cannot read GPT-2's {name} ({type(e).__name__}: {e}); offline, point TIKTOKEN_CACHE_DIR "
-                            f"at a directory holding tiktoken's cached gpt2 files") from None
+    for name in GPT2_BPE_FILES:
+        (directory / name).write_bytes(read_gpt2_file(name))
     eot = "<|endoftext|>"
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "bos_token": eot, "eos_token": eot,
               "unk_token": eot, "add_prefix_space": False}

@@ -92,7 +92,7 @@ def test_what_the_readmes_commands_write_in_the_root_is_ignored_by_git():
     """The default outputs of the README's commands (plots, the export) are neither tracked nor left as untracked."""
 
     names = ["loss_curve.png", "comparison.png", "grad_viz.png", "lr_finder.png", "lr_schedule.png", "hf-shakespeare/x",
-             "out-shakespeare-char-cpu/ckpt.pt", "experiments/exp1_baseline.log"]
+             "out-shakespeare-char-cpu/ckpt.pt", "experiments/exp1_baseline.log", "shakespeare.gguf", "Modelfile"]
     r = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=ROOT, capture_output=True, text=True)
     if r.returncode == 128:
         pytest.skip("not a git checkout")

@@ -154,3 +154,4 @@ def test_the_readmes_commands_run_in_order(clone, monkeypatch):
         assert r.returncode == 0, f"{line}\n--- stdout ---\n{r.stdout[-2000:]}\n--- stderr ---\n{r.stderr[-3000:]}"
     assert len(ran) >= 25
     assert (clone / "out-shakespeare-char-fast" / "ckpt.pt").exists() and (clone / "hf-shakespeare").is_dir()
+    assert (clone / "shakespeare.gguf").stat().st_size > 0 and (clone / "out-shakespeare-chat-merged" / "ckpt.pt").exists()
