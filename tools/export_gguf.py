@@ -5,9 +5,10 @@
 
 The file holds llama.cpp's GPT-2 architecture and the tokenizer (GPT-2's, an own BPE, or a character vocabulary),
 with a chat model's tokens and template. llama.cpp runs the model's own context only (block_size tokens, prompt and
-generation together): GPT-2's learned positions end there, and llama.cpp does not slide a window as sample.py does. Matrices are stored in --dtype (default f16; q8_0: 8-bit
-blocks, about half of f16's size), norms and biases in float32. A LoRA run exports with its adapters merged in. The
-file is written beside --to and renamed into place once whole.
+generation together): GPT-2's learned positions end there, and llama.cpp does not slide a window as sample.py does.
+Matrices are stored in --dtype (default f16; q8_0: 8-bit blocks, about half of f16's size), norms and biases in
+float32. A LoRA run exports with its adapters merged in. The file is written beside --to and renamed into place once
+whole.
 """
 import sys
 from pathlib import Path
