@@ -46,8 +46,8 @@ def main(argv):
     write_directory(to, lambda directory: save_weights(
         Path(directory) / BEST, model.state_dict(), model_args=ckpt["model_args"], meta=ckpt.get("meta"),
         config=config, iter_num=ckpt["iter_num"], best_val_loss=ckpt.get("best_val_loss"), merged_from=merged_from))
-    print(f"merged the adapters of {source} ({describe(ckpt['lora'])}) into {ckpt['lora']['base']['path']}: wrote "
-          f"{to / BEST}")
+    print(f"merged the adapters of {source} ({describe(ckpt['lora'])}) with their base {ckpt['lora']['base']['path']} "
+          f"(left as it was): wrote {to / BEST}")
     print(f"sample it with python sample.py --out_dir={to}, or fine-tune it further with --init_from={to}")
     return 0
 
