@@ -26,7 +26,7 @@ TOLERANCE = {"f32": 1e-2, "f16": 3e-2, "q8_0": 0.3}  # max |logit difference|: l
 
 
 def train(data_dir, out, *extra):
-    r = run_script("train.py", *TINY_TRAIN, "--max_iters=200", "--lr_decay_iters=200", "--eval_interval=100",
+    r = run_script("train.py", *TINY_TRAIN, "--max_iters=100", "--lr_decay_iters=100", "--eval_interval=50",
                    f"--data_dir={data_dir}", f"--out_dir={out}", *extra)
     assert r.returncode == 0, r.stderr
     return out
