@@ -81,7 +81,8 @@ def data_dir(tmp_path_factory, shakespeare_text):
 # an interpreter start-up (and torch import) per call.
 IN_PROCESS = {"train.py": "train", "sample.py": "sample", **{f"tools/{name}.py": f"tools.{name}" for name in (
     "plot_loss", "summarize_experiments", "compare_runs", "plot_lr", "report", "sweep", "lr_finder", "grad_viz",
-    "estimate", "debug_training", "bench", "experiment", "evaluate", "export_hf", "time_to_quality")},
+    "estimate", "debug_training", "bench", "experiment", "evaluate", "export_hf", "time_to_quality", "export_gguf",
+    "merge_lora")},
     "data/prepare_text.py": "data.prepare_text"}
 
 
