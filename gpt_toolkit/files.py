@@ -71,29 +71,24 @@ def write_failure_cause(exc, path):
 def atomic_write(path, write):
     """Call write(f) on a binary file that becomes `path` only once it is complete and on disk. Any error
     (a full disk, an interrupt) leaves `path` as it was and no temp file."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
+    def to_file(tmp):
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write_path(path, to_file, synced=True)
 
 
-def atomic_write_path(path, write):
+def atomic_write_path(path, write, *, synced=False):
     """atomic_write for writers that open the file themselves: write(tmp) writes a file at the temp path `tmp`, which
-    becomes `path` only once it is complete and on disk."""
+    becomes `path` only once it is complete and on disk (synced: write has flushed it to disk already)."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if not synced:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
