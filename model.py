@@ -4,6 +4,10 @@ Pre-LayerNorm transformer blocks (optional biases), causal self-attention throug
 torch's scaled_dot_product_attention, a 4x GELU MLP, and an output head tied to the token
 embedding. Parameter names match nanoGPT and (after transposing Conv1D weights) Hugging Face
 GPT-2, so checkpoints move between them.
+
+Opt-in options from the modern speedruns (GPTConfig, all off by default, so a default model is nanoGPT's GPT-2):
+rotary positions instead of learned ones, RMSNorm instead of LayerNorm, RMS-normalized queries and keys, a ReLU^2
+MLP, an output head of its own, value embeddings added to each layer's values, and tanh soft-capped logits.
 """
 import math
 from dataclasses import dataclass
@@ -25,8 +29,61 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2; False is a bit faster and better
+    # opt-in architecture options (MODEL_OPTIONS); a model with any of them is no longer GPT-2's architecture
+    rotary: bool = False  # rotary position embeddings on queries and keys, no learned position embedding (wpe)
+    rmsnorm: bool = False  # RMSNorm (a gain, no mean, no bias) instead of LayerNorm
+    qk_norm: bool = False  # RMSNorm over each head's query and key before attention
+    activation: str = "gelu"  # the MLP's: "gelu" (exact, GPT-2's) or "relu2" (relu(x)^2)
+    untied_head: bool = False  # the output layer has its own weights (zero at start) instead of the token embedding's
+    value_embeddings: bool = False  # each layer adds a per-token embedding (zero at start) to its attention values
+    logit_softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap); 0 = off
     fast_cpu_attention: bool = True  # the CPU attention detours in attention(); not saved in checkpoints
     activation_checkpointing: bool = False  # recompute each block in the backward pass; not saved in checkpoints
+
+
+MODEL_OPTIONS = {"rotary": False, "rmsnorm": False, "qk_norm": False, "activation": "gelu", "untied_head": False,
+                 "value_embeddings": False, "logit_softcap": 0.0}  # each option's off value
+ACTIVATIONS = ("gelu", "relu2")
+ROPE_BASE = 10000.0
+
+
+def model_options(config):
+    """{option: value} of the architecture options config turns on (empty: GPT-2's architecture)."""
+    return {k: getattr(config, k) for k, off in MODEL_OPTIONS.items() if getattr(config, k) != off}
+
+
+def check_config(config):
+    """ValueError (one line) for a GPTConfig no GPT can be built from."""
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+    if config.activation not in ACTIVATIONS:
+        raise ValueError(f"activation={config.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    if config.rotary and (config.n_embd // config.n_head) % 2:
+        raise ValueError(f"rotary needs an even head size, and n_embd / n_head = {config.n_embd // config.n_head}")
+    if not (isinstance(config.logit_softcap, (int, float)) and config.logit_softcap >= 0
+            and math.isfinite(config.logit_softcap)):
+        raise ValueError(f"logit_softcap={config.logit_softcap} must be 0 (off) or a positive number, e.g. 15")
+
+
+def norm(config, size):
+    return nn.RMSNorm(size, eps=1e-5) if config.rmsnorm else nn.LayerNorm(size, bias=config.bias)
+
+
+def rotary_tables(pos, head_size):
+    """cos and sin (..., T, head_size / 2) of each position's rotation angles pos * base^(-2i / head_size)."""
+    inv_freq = ROPE_BASE ** -(torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
+    angles = pos.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, rope):
+    """x (B, nh, T, hs) with each pair (x_i, x_{i + hs/2}) rotated by its position's angle: a query-key dot product
+    then depends on the distance between their positions, not where they are."""
+    cos, sin = rope
+    if cos.dim() == 3:  # per-row positions (B, T, hs/2): documents packed in a row
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
 class CheapMaskDropout(torch.autograd.Function):
@@ -110,20 +167,29 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+        check_config(config)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=1e-5)
+            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=1e-5)
         self.config = config  # shared with the model: config.fast_cpu_attention can be switched on it
 
-    def forward(self, x, mask=None, cache=None, layer=0):
+    def forward(self, x, mask=None, cache=None, layer=0, rope=None, ve=None):
         """mask: None for plain causal attention, else a (B, 1, T, T) bool mask (True = may attend).
-        cache: a KVCache whose keys and values for `layer` are extended with this call's tokens."""
+        cache: a KVCache whose keys and values for `layer` are extended with this call's tokens.
+        rope: (cos, sin) tables of the tokens' positions (rotary); ve: (B, T, C) value embeddings added to v."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs)
+        if ve is not None:
+            v = v + ve.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         causal = True
         if cache is not None:
             causal = cache.length == 0  # a prompt attends causally; one new token attends to everything before it
@@ -138,7 +204,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU() if config.activation == "gelu" else ReLU2()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -146,37 +212,53 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class ReLU2(nn.Module):
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+    def forward(self, x, mask=None, cache=None, layer=0, rope=None, ve=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, rope, ve)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        check_config(config)
         self.config = config
+        parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not config.rotary:
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.value_embeddings:  # outside the blocks (".h."), so Muon leaves these embeddings to AdamW
+            parts["ve"] = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.n_layer)])
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **parts,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if not config.untied_head:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): two residual adds per layer
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # options that start as no change: the model first learns as without them (modded-nanogpt zeroes its head)
+        if config.untied_head:
+            torch.nn.init.zeros_(self.lm_head.weight)
+        for table in self.transformer.ve if config.value_embeddings else ():
+            torch.nn.init.zeros_(table.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -190,7 +272,7 @@ class GPT(nn.Module):
         """Parameter count. The position embedding is left out by default; the token embedding
         is counted once because it is shared with lm_head."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -206,29 +288,47 @@ class GPT(nn.Module):
             pos, mask = torch.arange(start, start + T, dtype=torch.long, device=idx.device), None
         else:
             pos, mask = document_positions_and_mask(idx, doc_sep)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        checkpointing = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        cfg = self.config
+        x = self.transformer.wte(idx)
+        rope = None
+        if cfg.rotary:
+            rope = rotary_tables(pos, cfg.n_embd // cfg.n_head)
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
+        checkpointing = cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
+            ve = self.transformer.ve[i](idx) if cfg.value_embeddings else None
             if checkpointing:  # keep only the block's input; its activations are recomputed (same dropout masks)
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, kv_cache, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, kv_cache, i, rope, ve, use_reentrant=False)
             else:
-                x = block(x, mask, kv_cache, i)
+                x = block(x, mask, kv_cache, i, rope, ve)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # generation needs only the last position
-        logits = self.lm_head(x)
+            return self.softcap(self.lm_head(x[:, [-1], :])), None  # generation needs only the last position
+        logits = self.softcap(self.lm_head(x))
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def softcap(self, logits):
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def grow_vocabulary(self, vocab_size):
         """More rows for the (tied) token embedding and output layer: new tokens (a chat template's) start at the mean
         of the existing rows, so at first they look like an average token rather than a random one."""
-        old = self.transformer.wte.weight.data
-        wte = nn.Embedding(vocab_size, old.size(1)).to(device=old.device, dtype=old.dtype)
-        wte.weight.data[:old.size(0)] = old
-        wte.weight.data[old.size(0):] = old.mean(dim=0)
-        self.transformer.wte = wte
-        self.lm_head.weight = wte.weight
+        def grown(old):
+            new = torch.empty(vocab_size, old.size(1), device=old.device, dtype=old.dtype)
+            new[:old.size(0)] = old
+            new[old.size(0):] = old.mean(dim=0)
+            return nn.Parameter(new)
+        self.transformer.wte.weight = grown(self.transformer.wte.weight.data)
+        self.transformer.wte.num_embeddings = vocab_size
+        self.lm_head.weight = self.transformer.wte.weight if not self.config.untied_head else grown(self.lm_head.weight.data)
+        self.lm_head.out_features = vocab_size
+        for table in self.transformer.ve if self.config.value_embeddings else ():
+            table.weight = grown(table.weight.data)
+            table.num_embeddings = vocab_size
         self.config.vocab_size = vocab_size
 
     def crop_block_size(self, block_size):
@@ -237,16 +337,21 @@ class GPT(nn.Module):
             raise ValueError(f"block_size {block_size} is larger than the model's {self.config.block_size}: "
                              f"a context window can only be cropped")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:  # rotary positions need no cropping
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*H*Q*T. A frozen weight (LoRA's
         base) takes 4, not 6: its backward passes the gradient on but computes none for the weight."""
         cfg = self.config
+        lookups = ("transformer.wpe.weight", "transformer.ve.")  # embeddings are lookups: no matmul FLOPs
+        if cfg.untied_head:  # else the shared weight counts once, as the head's matmul
+            lookups += ("transformer.wte.weight",)
+        n_matmul = sum(p.numel() for name, p in self.named_parameters() if not name.startswith(lookups))
         frozen = sum(p.numel() for name, p in self.named_parameters()
-                     if not p.requires_grad and name != "transformer.wpe.weight")
+                     if not p.requires_grad and not name.startswith(lookups))
         attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
-        return 6 * self.get_num_params() - 2 * frozen + attention
+        return 6 * n_matmul - 2 * frozen + attention
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
         """AdamW with weight decay on 2-D tensors only (matmul weights, embeddings), not on biases or

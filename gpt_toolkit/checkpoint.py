@@ -7,7 +7,8 @@ In out_dir:
 Each is a dict with nanoGPT's keys
     model          state_dict (nanoGPT's parameter names)
     optimizer      AdamW state_dict
-    model_args     n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout
+    model_args     n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout (and any model option turned on:
+                   model.MODEL_OPTIONS; a default model's model_args are nanoGPT's, which its GPTConfig takes)
     iter_num       optimizer steps completed
     best_val_loss  best val loss seen so far
     config         the run's full config
@@ -37,10 +38,22 @@ from gpt_toolkit import sharding
 from gpt_toolkit.errors import UserError, first_line, interrupt_behind
 from gpt_toolkit.files import atomic_write, fsync_dir, temp_path, write_failure_cause
 from gpt_toolkit.tokenizer import check_meta
-from model import GPT, GPTConfig
+from model import GPT, MODEL_OPTIONS, GPTConfig, model_options
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # what a resume may not change
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", *MODEL_OPTIONS)  # what a resume may not change
+
+
+def model_args_of(config):
+    """A GPTConfig's model_args for a checkpoint: nanoGPT's keys, plus the model options it turns on (so nanoGPT's
+    GPTConfig(**model_args) still takes a default model's)."""
+    return {**{k: getattr(config, k) for k in MODEL_ARGS}, **model_options(config)}
+
+
+def architecture(model_args, key):
+    """model_args[key], an option's off value where the checkpoint does not name it (nanoGPT's, or one saved before
+    the option existed)."""
+    return model_args.get(key, MODEL_OPTIONS.get(key))
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile puts in front of parameter names
 BEST = "ckpt.pt"  # the lowest val loss so far (nanoGPT's file name, so its sample.py finds the best model)
 LATEST = "latest.pt"  # the newest saved state: what init_from=resume continues from
@@ -348,13 +361,14 @@ def plain_model(ckpt, dropout=0.0):
     too: gpt_toolkit.loading.model_from_checkpoint."""
     if ckpt.get("lora") is not None:
         raise ValueError("a LoRA run's checkpoint holds adapters only: load it with gpt_toolkit.loading")
-    args = {k: ckpt["model_args"][k] for k in MODEL_ARGS if k in ckpt["model_args"]}
+    args = {k: ckpt["model_args"][k] for k in (*MODEL_ARGS, *MODEL_OPTIONS) if k in ckpt["model_args"]}
     with torch.device("meta"):  # no random weights to make and then overwrite: the file's tensors become the model's
         model = GPT(GPTConfig(**{**args, "dropout": dropout}))
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
                               assign=True)
-        model.transformer.wte.weight = model.lm_head.weight  # tied, as GPT() ties them
+        if not model.config.untied_head:
+            model.transformer.wte.weight = model.lm_head.weight  # tied, as GPT() ties them
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else first_line(e)

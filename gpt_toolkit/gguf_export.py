@@ -15,6 +15,7 @@ import torch
 
 from gpt_toolkit.errors import UserError, import_optional
 from gpt_toolkit.files import atomic_write_path, write_failure_cause
+from gpt_toolkit.huggingface import check_gpt2_architecture
 from gpt_toolkit.tokenizer import CHAT_TEMPLATE, EOT
 
 DTYPES = ("f32", "f16", "q8_0")
@@ -96,6 +97,7 @@ def gguf_tensors(model, vocab_size):
 
 def write_gguf(model, tokenizer, path, *, dtype="f16", name="gpt-toolkit"):
     """Write model (our GPT) and tokenizer as a GGUF file at path, whole or not at all. Returns the file's size."""
+    check_gpt2_architecture(model.config, "llama.cpp's GPT-2 architecture")
     gguf = import_optional("gguf", "tools/export_gguf.py")
     if dtype not in DTYPES:
         raise UserError(f"--dtype={dtype} is not one of {', '.join(DTYPES)}")

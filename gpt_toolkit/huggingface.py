@@ -24,7 +24,7 @@ from gpt_toolkit.tokenizer import (
     ChatTokenizer,
     GPT2Tokenizer,
 )
-from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, config_from_hf, state_dict_from_hf
+from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, config_from_hf, model_options, state_dict_from_hf
 
 CHAR_VOCAB = "char_vocab.json"  # an exported character model's vocabulary: {"tokenizer": "char", "itos": [...]}
 # What tiktoken's gpt2 encoding is built from: byte for byte the vocab.json and merges.txt transformers reads.
@@ -214,11 +214,23 @@ def hf_state_dict(model, hf_keys, vocab_size):
     return out
 
 
+def check_gpt2_architecture(config, target):
+    """A model with options (model.MODEL_OPTIONS) GPT-2's architecture lacks cannot be written as one: a one-line
+    UserError naming them, before anything is written."""
+    options = model_options(config)
+    if options:
+        named = ", ".join(f"{k}={v}" for k, v in options.items())
+        raise UserError(f"this model was trained with {named}, which {target} cannot express (it is GPT-2's "
+                        f"architecture): sample.py, tools/evaluate.py, tools/serve.py and --init_from run it as it is; to "
+                        f"export, train a model without those options")
+
+
 def export_hf(model, tokenizer, to, *, dropout=0.0):
     """Write `model` (our GPT, float32) with its tokenizer as a transformers GPT-2 directory at `to`: all of it
     or nothing (built beside it, then renamed into place), every file readable as any other. The tokenizer is a
     tokenizer.json (characters, an own BPE) or GPT-2's vocab.json and merges.txt, so AutoTokenizer encodes as we do.
     Returns the names of the files written."""
+    check_gpt2_architecture(model.config, "transformers' GPT2LMHeadModel")
     transformers = _transformers("tools/export_hf.py")
     cfg = model.config
     vocab_size = tokenizer.vocab_size
@@ -326,6 +338,7 @@ def export_peft_adapter(model, to):
     """Write a LoRA model's adapters as a PEFT adapter directory at `to` (adapter_config.json and
     adapter_model.safetensors, peft's names and shapes: GPT-2's Conv1D layers take them with fan_in_fan_out), which
     peft.PeftModel.from_pretrained loads onto the base model's export. All of it or nothing. Returns the file names."""
+    check_gpt2_architecture(model.config, "transformers' GPT2LMHeadModel (the adapter's base)")
     import json
 
     from safetensors.torch import save_file

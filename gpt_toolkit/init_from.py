@@ -5,18 +5,19 @@ import dataclasses
 from pathlib import Path
 
 from gpt_toolkit import hardware, lora, memory
-from gpt_toolkit.checkpoint import ARCHITECTURE, BEST, LATEST, MODEL_ARGS, is_run_dir
+from gpt_toolkit.checkpoint import ARCHITECTURE, BEST, LATEST, architecture, is_run_dir, model_args_of
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained, tokenizer_for_hf_dir
 from gpt_toolkit.loading import lora_model, model_from_checkpoint
 from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, describe, same_vocabulary, strip_chat, vocabulary_of
-from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, GPTConfig
+from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, MODEL_OPTIONS, GPTConfig
 
 
 def scratch_model_args(cfg, vocab_size):
     """GPTConfig fields of a fresh model with cfg's architecture: what init_from=scratch trains."""
+    options = {k: getattr(cfg, k) for k, off in MODEL_OPTIONS.items() if getattr(cfg, k) != off}
     return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size, bias=cfg.bias,
-                vocab_size=vocab_size, dropout=cfg.dropout)
+                vocab_size=vocab_size, dropout=cfg.dropout, **options)
 
 
 def planned_model_args(cfg, dataset, ckpt):
@@ -46,9 +47,9 @@ def check_resume(ckpt, cfg, cli_keys, dataset):
                         "them with tools/export_hf.py and pass --init_from=THAT_DIR")
     args = ckpt["model_args"]
     for key in ARCHITECTURE:
-        if key in cli_keys and getattr(cfg, key) != args[key]:
-            raise UserError(f"checkpoint has {key}={args[key]} but --{key}={getattr(cfg, key)} was given: drop --{key} "
-                            f"to resume this run, or train a new model in another --out_dir")
+        if key in cli_keys and getattr(cfg, key) != architecture(args, key):
+            raise UserError(f"checkpoint has {key}={architecture(args, key)} but --{key}={getattr(cfg, key)} was given: "
+                            f"drop --{key} to resume this run, or train a new model in another --out_dir")
     trained_with = ckpt.get("config", {}).get("optimizer", "adamw")
     if "optimizer" in cli_keys and cfg.optimizer != trained_with:
         raise UserError(f"checkpoint was trained with optimizer={trained_with} but --optimizer={cfg.optimizer} was given: "
@@ -62,7 +63,8 @@ def check_resume(ckpt, cfg, cli_keys, dataset):
                         f"({describe(dataset.meta)}): was the data prepared again, or with another tokenizer? resume on "
                         f"the data the model was trained on")
     lora_keys = check_resume_lora(ckpt, cfg, cli_keys)
-    return dataclasses.replace(cfg, optimizer=trained_with, **{key: args[key] for key in ARCHITECTURE}, **lora_keys)
+    return dataclasses.replace(cfg, optimizer=trained_with, **{key: architecture(args, key) for key in ARCHITECTURE},
+                               **lora_keys)
 
 
 def check_resume_lora(ckpt, cfg, cli_keys):
@@ -113,7 +115,8 @@ def check_memory(cfg, dataset, ckpt, device, dtype, world_size):
     args = planned_model_args(cfg, dataset, ckpt)
     shape = dataclasses.replace(cfg, **{k: v for k, v in args.items() if k != "vocab_size"})
     n_params = memory.param_count(n_layer=args["n_layer"], n_embd=args["n_embd"], block_size=args["block_size"],
-                                  vocab_size=args["vocab_size"], bias=args["bias"])
+                                  vocab_size=args["vocab_size"], bias=args["bias"], n_head=args["n_head"],
+                                  options={k: architecture(args, k) for k in MODEL_OPTIONS})
     sharing = memory.processes_on_this_machine() if hardware.device_type(device) == "cpu" else 1
     if cfg.parallel == "fsdp" and world_size > 1:
         n_params = -(-n_params // world_size)  # each process holds its shard of the weights and their state
@@ -132,17 +135,17 @@ def build_model(cfg, dataset, ckpt):
         model = GPT(GPTConfig(**model_args))
     elif cfg.init_from == "resume":  # a LoRA run's: its base again, with the adapters unmerged
         model = lora_model(ckpt, cfg.dropout) if ckpt.get("lora") else model_from_checkpoint(ckpt, cfg.dropout)
-        model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
+        model_args = model_args_of(model.config)
     elif is_run_dir(cfg.init_from):
         notes.append(f"initializing from the run in {cfg.init_from} (its weights at step {ckpt.get('iter_num', '?')}; a "
                      f"new optimizer and schedule)")
         model = model_from_checkpoint(ckpt, cfg.dropout)
-        model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
+        model_args = model_args_of(model.config)
     else:
         source = "the Hugging Face model in" if is_hf_dir(cfg.init_from) else "OpenAI GPT-2 weights:"
         notes.append(f"initializing from {source} {cfg.init_from}")
         model = load_pretrained(cfg.init_from, cfg.dropout)
-        model_args = {k: getattr(model.config, k) for k in MODEL_ARGS}
+        model_args = model_args_of(model.config)
     model.config.fast_cpu_attention = cfg.fast_cpu_attention
     base_print = lora.fingerprint(model.state_dict()) if cfg.lora_rank and cfg.init_from != "resume" else None
     if dataset.is_chat and cfg.init_from != "scratch" and dataset.vocab_size > model_args["vocab_size"]:
@@ -170,6 +173,10 @@ def add_adapters(model, cfg, dataset, base_print):
     model.lora describes them and the base for the checkpoints. Returns a line for the log."""
     settings = lora.LoRASettings.of(cfg)
     token_ids = lora.chat_token_ids(dataset.meta) if dataset.is_chat else []
+    if token_ids and model.config.untied_head:
+        raise UserError(f"LoRA on chat data trains the rows of the {len(token_ids)} chat tokens in the embedding the "
+                        f"output layer shares, and this base was trained with untied_head=True: fine-tune it fully "
+                        f"(drop --lora_rank), or use LoRA on a base with a tied head")
     matrices = lora.add_lora(model, settings, token_ids=token_ids)
     init_path = init_checkpoint_path(cfg.init_from) if is_run_dir(cfg.init_from) else None
     model.lora = {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,

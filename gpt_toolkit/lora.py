@@ -215,9 +215,9 @@ def chat_token_ids(meta):
 
 def merged_model(model):
     """A plain GPT equal to the LoRA model (adapters folded in): what sampling, evaluation and exports run."""
-    from gpt_toolkit.checkpoint import MODEL_ARGS
+    from gpt_toolkit.checkpoint import model_args_of
     from model import GPTConfig
-    plain = GPT(GPTConfig(**{k: getattr(model.config, k) for k in MODEL_ARGS}))
+    plain = GPT(GPTConfig(**model_args_of(model.config)))
     plain.load_state_dict(merged_state_dict(model))
     plain.config.fast_cpu_attention = model.config.fast_cpu_attention
     return plain

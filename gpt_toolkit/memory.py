@@ -37,11 +37,18 @@ def fmt_bytes(n):
     return f"{n:.0f} B"
 
 
-def param_count(*, n_layer, n_embd, block_size, vocab_size, bias):
-    """Exact parameter count of model.GPT (sum of p.numel(), the tied embedding once), without building it."""
+def param_count(*, n_layer, n_embd, block_size, vocab_size, bias, n_head=1, options=None):
+    """Exact parameter count of model.GPT (sum of p.numel(), the tied embedding once), without building it; options:
+    the model options it turns on (model.MODEL_OPTIONS keys)."""
+    options = options or {}
     d = n_embd
-    per_block = 12 * d * d + (13 * d if bias else 2 * d)  # attention 4d^2, MLP 8d^2; LayerNorms, biases
-    return vocab_size * d + block_size * d + n_layer * per_block + (2 * d if bias else d)
+    norm = d if options.get("rmsnorm") or not bias else 2 * d  # a gain, and LayerNorm's bias when there are biases
+    per_block = 12 * d * d + (9 * d if bias else 0) + 2 * norm  # attention 4d^2, MLP 8d^2; their biases; two norms
+    if options.get("qk_norm"):
+        per_block += 2 * (d // n_head)  # the query and key norms' gains
+    positions = 0 if options.get("rotary") else block_size * d
+    tables = 1 + bool(options.get("untied_head")) + (n_layer if options.get("value_embeddings") else 0)
+    return tables * vocab_size * d + positions + n_layer * per_block + norm
 
 
 def block_activation_bytes(cfg, tokens, dtype):

@@ -11,7 +11,7 @@ from gpt_toolkit.errors import ConfigError
 from gpt_toolkit.hardware import DTYPE_CHOICES
 from gpt_toolkit.huggingface import hf_dir_config, is_hf_dir, is_init_source
 from gpt_toolkit.lora import parse_targets
-from model import GPT2_SIZES
+from model import ACTIVATIONS, GPT2_SIZES
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,14 @@ class Config:
     n_embd: int = 768  # embedding width
     dropout: float = 0.0  # dropout probability in [0, 1): 0 for pretraining, 0.1+ for finetuning
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    # opt-in model options (off: nanoGPT's GPT-2); a model with any of them exports to no GPT-2 format (docs/speedrun.md)
+    rotary: bool = False  # rotary position embeddings instead of learned positions
+    rmsnorm: bool = False  # RMSNorm instead of LayerNorm
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys
+    activation: str = "gelu"  # the MLP's activation: gelu | relu2
+    untied_head: bool = False  # an output layer of its own instead of the token embedding's
+    value_embeddings: bool = False  # per-layer token embeddings added to the attention values
+    logit_softcap: float = 0.0  # logits = c * tanh(logits / c) for c > 0 (0 = off)
     # LoRA fine-tuning (of the weights init_from names)
     lora_rank: int = 0  # train rank-R updates of the blocks' matrices, the init_from weights frozen (0 = off: train them all)
     lora_alpha: float = 16.0  # the LoRA update is scaled by lora_alpha / lora_rank
@@ -100,6 +108,7 @@ CHOICES = {
     "dtype": DTYPE_CHOICES,
     "compile": ["auto", True, False],
     "lr_schedule": ["cosine", "wsd", "constant", "exponential"],
+    "activation": list(ACTIVATIONS),
 }
 ALIASES = {"lr": "learning_rate"}
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it, plus the rank (torchrun's processes: seed + rank)
@@ -150,6 +159,13 @@ def validate(cfg):
                           f"dimensions; use an n_head from {fits} or change n_embd")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout={cfg.dropout} must be in [0, 1)")
+    if cfg.activation not in ACTIVATIONS:
+        raise ConfigError(f"activation={cfg.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    if cfg.rotary and (cfg.n_embd // cfg.n_head) % 2:
+        raise ConfigError(f"rotary=True rotates pairs of dimensions, and each head has n_embd / n_head = "
+                          f"{cfg.n_embd // cfg.n_head}: use an n_head that leaves an even head size")
+    if not 0.0 <= cfg.logit_softcap < float("inf"):
+        raise ConfigError(f"logit_softcap={cfg.logit_softcap} must be 0 (off) or a positive number, e.g. 15")
     for key in ("beta1", "beta2", "mask_prob"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1)")

@@ -250,11 +250,13 @@ def test_optimizer_family_compares_at_equal_steps_and_equal_time(tmp_path):
 
 
 def test_time_to_quality_refuses_bad_runs_before_running_any(tmp_path):
-    cases = [(["--runs=nanogpt,main"], "unknown run main: choose from nanogpt, recipe, cpu, cpu_muon, fast"),
+    cases = [(["--runs=nanogpt,main"], "unknown run main: choose from nanogpt, recipe, cpu, cpu_muon, fast, speedrun"),
              (["--runs=nanogpt,fast"], "--runs names nanogpt but no checkout is given: pass --nanogpt=PATH"),
              ([f"--nanogpt={tmp_path}"], "has no train.py: give the directory of a nanoGPT checkout"),
              (["--runs=fast", "--rounds=0"], "--rounds=0 must be at least 1"),
-             (["--runs=fast", f"--data_dir={tmp_path}"], f"no shakespeare_char in {tmp_path}")]
+             (["--runs=fast", f"--data_dir={tmp_path}"], f"no shakespeare_char in {tmp_path}"),
+             (["--runs=fast", "--seeds=1,2"], "--seeds names 2 seeds for 1 rounds: give one seed per round"),
+             (["--runs=fast", "--rounds=2", "--seeds=1,x"], "--seeds=1,x must be comma-separated whole numbers")]
     for args, message in cases:
         assert_one_line_error(run_script("tools/time_to_quality.py", *args), message)
     assert not list(tmp_path.iterdir())

@@ -2,6 +2,7 @@
 the val split (its ckpt.pt, float32). The figures behind README's Performance section.
 
     python tools/time_to_quality.py [--nanogpt=PATH] [--rounds=1] [--runs=NAME,NAME] [--data_dir=data]
+                                    [--seeds=1337,1,2] [--train_args="--max_iters=600 ..."]
 
 Runs (alternated round by round, so the machine's drift hits all alike; --runs picks some):
   nanogpt          nanoGPT's own train.py (a checkout at --nanogpt) with its README's CPU recipe
@@ -9,6 +10,9 @@ Runs (alternated round by round, so the machine's drift hits all alike; --runs p
   cpu              config/train_shakespeare_char_cpu.py: nanoGPT's recipe at a better learning rate (2000 AdamW steps)
   cpu_muon         that config with --optimizer=muon
   fast             config/train_shakespeare_char_fast.py, the README's main job: 2 layers, Muon, batch 32, 280 steps
+  speedrun         config/train_shakespeare_char_speedrun.py: the model options, context 256, to val ~1.60 (docs/speedrun.md)
+--seeds gives each round one seed for our runs (round i: the i-th seed; nanoGPT's keeps its own), so three rounds are
+also three seeds; --train_args go to our runs too.
 Each run writes to a temp directory; nothing in the toolkit's out dirs is touched.
 """
 import os
@@ -46,10 +50,11 @@ RUNS = {
     "cpu": ["config/train_shakespeare_char_cpu.py"],
     "cpu_muon": ["config/train_shakespeare_char_cpu.py", "--optimizer=muon"],
     "fast": ["config/train_shakespeare_char_fast.py"],
+    "speedrun": ["config/train_shakespeare_char_speedrun.py"],
 }
 
 
-def run_once(name, work, data_dir, nanogpt):
+def run_once(name, work, data_dir, nanogpt, extra=()):
     """(wall seconds, out_dir) of one whole run, started as a user starts it."""
     out = work / f"{name}-{time.time_ns()}"
     if name == "nanogpt":
@@ -66,7 +71,7 @@ def run_once(name, work, data_dir, nanogpt):
         env = dict(os.environ, PYTHONPATH=str(Path(nanogpt)))
     else:
         cwd, env = ROOT, None
-        cmd = [sys.executable, str(ROOT / "train.py"), *RUNS[name], f"--out_dir={out}", f"--data_dir={data_dir}"]
+        cmd = [sys.executable, str(ROOT / "train.py"), *RUNS[name], *extra, f"--out_dir={out}", f"--data_dir={data_dir}"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -88,6 +93,9 @@ def main(argv):
     parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma-separated runs (default {DEFAULT_RUNS})")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of all runs (default 1)")
     parser.add_argument("--data_dir", default=str(ROOT / "data"), help="where shakespeare_char is prepared")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds, one per round for our runs (default: the "
+                                                    "config's seed in every round)")
+    parser.add_argument("--train_args", default="", help="more --key=value flags for our runs, e.g. --max_iters=600")
     args, _ = parser.parse(argv)
     names = [n for n in args.runs.split(",") if n]
     unknown = [n for n in names if n not in RUNS]
@@ -102,16 +110,28 @@ def main(argv):
         raise UserError(f"--nanogpt={args.nanogpt} has no train.py: give the directory of a nanoGPT checkout")
     if args.rounds < 1:
         raise UserError(f"--rounds={args.rounds} must be at least 1")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds={args.seeds} must be comma-separated whole numbers, e.g. 1337,1,2") from None
+    if seeds and len(seeds) != args.rounds:
+        raise UserError(f"--seeds names {len(seeds)} seeds for {args.rounds} rounds: give one seed per round (and "
+                        f"--rounds={len(seeds)})")
     if not (Path(args.data_dir) / "shakespeare_char" / "val.bin").exists():
         raise UserError(f"no shakespeare_char in {args.data_dir}: run python data/shakespeare_char/prepare.py")
+    extra = args.train_args.split()
     walls, losses = {n: [] for n in names}, {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
+            seed = seeds[round_] if seeds else None
             for name in names:
-                wall, out = run_once(name, Path(tmp), args.data_dir, args.nanogpt)
+                ours = name != "nanogpt"
+                flags = [*extra, *([f"--seed={seed}"] if seed is not None else [])] if ours else []
+                wall, out = run_once(name, Path(tmp), args.data_dir, args.nanogpt, flags)
                 walls[name].append(wall)
                 losses[name].append(score(out, args.data_dir))
-                print(f"{name:<10} {wall:7.1f} s  whole-split val loss {losses[name][-1]:.4f}", flush=True)
+                shown = f"  (seed {seed})" if seed is not None and ours else ""
+                print(f"{name:<10} {wall:7.1f} s  whole-split val loss {losses[name][-1]:.4f}{shown}", flush=True)
     print(f"\n{'run':<10} {'wall (median)':>14} {'val loss (whole split)':>24}   vs nanoGPT")
     base = statistics.median(walls["nanogpt"]) if "nanogpt" in walls else None
     for name in names:
