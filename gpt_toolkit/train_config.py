@@ -48,7 +48,7 @@ class Config:
     n_embd: int = 768  # embedding width
     dropout: float = 0.0  # dropout probability in [0, 1): 0 for pretraining, 0.1+ for finetuning
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
-    # opt-in model options (off: nanoGPT's GPT-2); a model with any of them exports to no GPT-2 format (docs/speedrun.md)
+    # opt-in model options (off: nanoGPT's GPT-2); with any of them, no GPT-2 export (docs/performance.md, CPU speedrun)
     rotary: bool = False  # rotary position embeddings instead of learned positions
     rmsnorm: bool = False  # RMSNorm instead of LayerNorm
     qk_norm: bool = False  # RMSNorm of each head's queries and keys

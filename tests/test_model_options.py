@@ -5,6 +5,7 @@ nanoGPT's), and a model with them trains, resumes, samples (with and without the
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from gpt_toolkit.checkpoint import MODEL_ARGS, load_checkpoint, model_args_of
 from gpt_toolkit.errors import ConfigError
 from gpt_toolkit.loading import model_from_checkpoint
 from gpt_toolkit.optimizers import muon_parameters
+from gpt_toolkit.sampling import load_model
 from gpt_toolkit.train_config import load_config, validate
 from model import GPT, MODEL_OPTIONS, GPTConfig, apply_rotary, rotary_tables
 
@@ -171,11 +173,14 @@ def test_bad_option_values_are_config_errors():
             validate(load_config(["config/train_shakespeare_char.py", *flags])[0])
 
 
+OPTIONS_RUN = [*TINY_TRAIN, *ALL_ON_FLAGS, "--block_size=64", "--optimizer=muon", "--max_iters=16", "--eval_interval=8",
+               "--always_save_checkpoint=True", "--log_interval=1"]
+
+
 @pytest.fixture(scope="module")
 def options_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("options") / "run"
-    r = run_script("train.py", *TINY_TRAIN, *ALL_ON_FLAGS, "--block_size=64", "--optimizer=muon", "--max_iters=20",
-                   "--eval_interval=10", "--always_save_checkpoint=True", f"--data_dir={data_dir}", f"--out_dir={out}")
+    r = run_script("train.py", *OPTIONS_RUN, f"--data_dir={data_dir}", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -191,14 +196,11 @@ def test_a_model_with_options_saves_them_resumes_exactly_and_refuses_changing_th
     model = model_from_checkpoint(ckpt)
     assert model.config.untied_head and model.lm_head.weight is not model.transformer.wte.weight
     out = tmp_path / "stopped"
-    common = [*TINY_TRAIN, *ALL_ON_FLAGS, "--optimizer=muon", "--eval_interval=10", "--always_save_checkpoint=True",
-              "--log_interval=1", f"--data_dir={data_dir}", f"--out_dir={out}"]
-    assert run_script("train.py", *common, "--max_iters=10", "--lr_decay_iters=60").returncode == 0
-    full = tmp_path / "full"
-    assert run_script("train.py", *common[:-1], "--max_iters=20", f"--out_dir={full}").returncode == 0
-    r = run_script("train.py", *common, "--max_iters=20", "--init_from=resume")
+    common = [*OPTIONS_RUN, f"--data_dir={data_dir}", f"--out_dir={out}"]
+    assert run_script("train.py", *common, "--max_iters=8").returncode == 0
+    r = run_script("train.py", *common, "--init_from=resume")
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
-    assert {k: v for k, v in train_losses(out).items() if k > 10} == {k: v for k, v in train_losses(full).items() if k > 10}
+    assert train_losses(out) == train_losses(options_run)  # steps 9-16 after the resume: the same losses to the bit
     assert_one_line_error(run_script("train.py", *common, "--max_iters=30", "--init_from=resume", "--rotary=False"),
                           "checkpoint has rotary=True but --rotary=False")
 
@@ -213,10 +215,11 @@ def test_readers_fine_tuning_and_exports_of_a_model_with_options(data_dir, optio
     lora = run_script("train.py", *TINY_TRAIN, "--block_size=64", "--max_iters=4", "--lora_rank=4", f"--init_from={options_run}",
                       f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'lora'}")
     assert lora.returncode == 0 and "LoRA: " in lora.stdout, lora.stderr
-    tuned = load_checkpoint(tmp_path / "lora" / "ckpt.pt")
-    assert model_from_checkpoint(tuned).config.rotary  # the adapters sit on the base with its options
-    again = run_script("sample.py", f"--out_dir={tmp_path / 'lora'}", "--num_samples=1", "--max_new_tokens=20")
-    assert again.returncode == 0, again.stderr
+    # what tools/serve.py and the chat load: the LoRA run merged onto its base, options and all
+    served, _ = load_model(SimpleNamespace(init_from="resume", out_dir=str(tmp_path / "lora"), checkpoint="ckpt.pt"),
+                           "cpu")
+    assert served.config.rotary and served.config.value_embeddings
+    assert served.generate(torch.zeros(1, 1, dtype=torch.long), 80, temperature=0).shape == (1, 81)  # past block_size
     for tool, target in (("tools/export_hf.py", "transformers' GPT2LMHeadModel"),
                          ("tools/export_gguf.py", "llama.cpp's GPT-2 architecture")):
         to = tmp_path / ("export" + (".gguf" if "gguf" in tool else ""))

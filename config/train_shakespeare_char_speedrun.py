@@ -1,0 +1,48 @@
+# The tutorial's quality on a CPU: tiny-shakespeare (characters) to a whole-split val loss of about 1.60 in under
+# twice the time of nanoGPT's own CPU recipe (which stops near 1.90). Prepare the data first:
+#   python data/shakespeare_char/prepare.py
+#   python train.py config/train_shakespeare_char_speedrun.py && python sample.py --out_dir=out-shakespeare-char-speedrun
+# The model is the CPU recipe's size (4 layers x 128, 0.8M parameters) with the modern speedruns' options turned on:
+# rotary positions, RMSNorm, QK-norm, a ReLU^2 MLP, an untied head, value embeddings and logit soft-capping (model.py).
+# Such a model samples, evaluates, resumes, serves and fine-tunes like any other, but is no longer GPT-2's
+# architecture, so tools/export_hf.py and tools/export_gguf.py refuse it.
+# What each piece gains, the seeds and the time against nanoGPT: docs/performance.md (CPU speedrun);
+# measured with python tools/time_to_quality.py --nanogpt=PATH --runs=nanogpt,speedrun --rounds=3 --seeds=1337,1,2
+
+out_dir = "out-shakespeare-char-speedrun"
+eval_interval = 150
+eval_iters = 8  # evaluations are a large share of a CPU run: the score that counts is tools/evaluate.py's whole split
+log_interval = 10
+always_save_checkpoint = False
+
+dataset = "shakespeare_char"
+gradient_accumulation_steps = 1
+batch_size = 64
+block_size = 128
+
+n_layer = 4
+n_head = 2
+n_embd = 128
+dropout = 0.0  # 0.1 learns slower than it regularizes at this length (docs/performance.md)
+bias = False
+
+rotary = True
+rmsnorm = True
+qk_norm = True
+activation = "relu2"
+untied_head = True
+value_embeddings = True
+logit_softcap = 15.0
+
+optimizer = "muon"
+learning_rate = 2e-2
+max_iters = 300
+lr_schedule = "wsd"  # warmup, hold, then decay over the last 40%
+decay_frac = 0.4
+lr_decay_iters = 300
+min_lr = 2e-3
+beta2 = 0.99
+warmup_iters = 20
+
+device = "cpu"
+compile = False
