@@ -41,8 +41,8 @@ class GPTConfig:
     activation_checkpointing: bool = False  # recompute each block in the backward pass; not saved in checkpoints
 
 
-MODEL_OPTIONS = {"rotary": False, "rmsnorm": False, "qk_norm": False, "activation": "gelu", "untied_head": False,
-                 "value_embeddings": False, "logit_softcap": 0.0}  # each option's off value
+MODEL_OPTIONS = {name: GPTConfig.__dataclass_fields__[name].default for name in (
+    "rotary", "rmsnorm", "qk_norm", "activation", "untied_head", "value_embeddings", "logit_softcap")}  # each one's off value
 ACTIVATIONS = ("gelu", "relu2")
 ROPE_BASE = 10000.0
 
@@ -204,7 +204,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU() if config.activation == "gelu" else ReLU2()
+        self.gelu = nn.GELU() if config.activation == "gelu" else ReLU2()  # nanoGPT's name, whichever it is
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

@@ -10,7 +10,7 @@
 # measured with python tools/time_to_quality.py --nanogpt=PATH --runs=nanogpt,speedrun --rounds=3 --seeds=1337,1,2
 
 out_dir = "out-shakespeare-char-speedrun"
-eval_interval = 150
+eval_interval = 310  # evaluations: at the start and the end only
 eval_iters = 8  # evaluations are a large share of a CPU run: the score that counts is tools/evaluate.py's whole split
 log_interval = 10
 always_save_checkpoint = False
@@ -36,10 +36,10 @@ logit_softcap = 15.0
 
 optimizer = "muon"
 learning_rate = 2e-2
-max_iters = 300
+max_iters = 310
 lr_schedule = "wsd"  # warmup, hold, then decay over the last 40%
 decay_frac = 0.4
-lr_decay_iters = 300
+lr_decay_iters = 310
 min_lr = 2e-3
 beta2 = 0.99
 warmup_iters = 20

@@ -43,6 +43,12 @@ from model import GPT, MODEL_OPTIONS, GPTConfig, model_options
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", *MODEL_OPTIONS)  # what a resume may not change
 
+COMPILED_PREFIX = "_orig_mod."  # what torch.compile puts in front of parameter names
+BEST = "ckpt.pt"  # the lowest val loss so far (nanoGPT's file name, so its sample.py finds the best model)
+LATEST = "latest.pt"  # the newest saved state: what init_from=resume continues from
+CHECKSUM = "checksum"  # {"sha256": hex} of the rest of the checkpoint (state_checksum)
+SET_ASIDE = "gpt-toolkit-set-aside"  # .replaced.<pid>.gpt-toolkit-set-aside/: what --overwrite=True replaces (outdir)
+
 
 def model_args_of(config):
     """A GPTConfig's model_args for a checkpoint: nanoGPT's keys, plus the model options it turns on (so nanoGPT's
@@ -54,11 +60,6 @@ def architecture(model_args, key):
     """model_args[key], an option's off value where the checkpoint does not name it (nanoGPT's, or one saved before
     the option existed)."""
     return model_args.get(key, MODEL_OPTIONS.get(key))
-COMPILED_PREFIX = "_orig_mod."  # what torch.compile puts in front of parameter names
-BEST = "ckpt.pt"  # the lowest val loss so far (nanoGPT's file name, so its sample.py finds the best model)
-LATEST = "latest.pt"  # the newest saved state: what init_from=resume continues from
-CHECKSUM = "checksum"  # {"sha256": hex} of the rest of the checkpoint (state_checksum)
-SET_ASIDE = "gpt-toolkit-set-aside"  # .replaced.<pid>.gpt-toolkit-set-aside/: what --overwrite=True replaces (outdir)
 
 
 def step_name(step):

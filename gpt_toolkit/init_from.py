@@ -10,14 +10,13 @@ from gpt_toolkit.errors import UserError
 from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained, tokenizer_for_hf_dir
 from gpt_toolkit.loading import lora_model, model_from_checkpoint
 from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, describe, same_vocabulary, strip_chat, vocabulary_of
-from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, MODEL_OPTIONS, GPTConfig
+from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, MODEL_OPTIONS, GPTConfig, model_options
 
 
 def scratch_model_args(cfg, vocab_size):
     """GPTConfig fields of a fresh model with cfg's architecture: what init_from=scratch trains."""
-    options = {k: getattr(cfg, k) for k, off in MODEL_OPTIONS.items() if getattr(cfg, k) != off}
     return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size, bias=cfg.bias,
-                vocab_size=vocab_size, dropout=cfg.dropout, **options)
+                vocab_size=vocab_size, dropout=cfg.dropout, **model_options(cfg))
 
 
 def planned_model_args(cfg, dataset, ckpt):

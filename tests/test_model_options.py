@@ -243,3 +243,19 @@ def test_chat_fine_tuning_grows_every_table_of_a_model_with_options(data_dir, op
     assert all(t.weight.shape[0] == 70 for t in tuned.transformer.ve)
     assert_one_line_error(run_script(*train, "--lora_rank=4", f"--out_dir={tmp_path / 'lora'}"),
                           "untied_head=True", "drop --lora_rank")
+
+
+def test_estimate_and_the_memory_check_count_the_options_parameters(data_dir):
+    config = "config/train_shakespeare_char_speedrun.py"
+    r = run_script("tools/estimate.py", config, f"--data_dir={data_dir}")
+    assert r.returncode == 0, r.stderr
+    cfg = load_config([config])[0]
+    built = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          vocab_size=65, bias=cfg.bias, **{k: getattr(cfg, k) for k in MODEL_OPTIONS}))
+    exact = sum(p.numel() for p in built.parameters())
+    assert f"parameters (exact, sum of p.numel()): {exact:,}" in r.stdout
+    assert "model options: rotary=True, rmsnorm=True, qk_norm=True, activation=relu2, untied_head=True" in r.stdout
+    # the memory check's count, made before any model is built, is the same number
+    assert memory.param_count(n_layer=cfg.n_layer, n_embd=cfg.n_embd, block_size=cfg.block_size, vocab_size=65,
+                              bias=cfg.bias, n_head=cfg.n_head,
+                              options={k: getattr(cfg, k) for k in MODEL_OPTIONS}) == exact

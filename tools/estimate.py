@@ -25,7 +25,7 @@ from gpt_toolkit.init_from import scratch_model_args
 from gpt_toolkit.memory import fit_advice, fmt_bytes, memory_estimate, parse_size, with_checkpointing
 from gpt_toolkit.process import setup_process
 from gpt_toolkit.timing import train_in_process
-from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
+from model import GPT, GPT2_PADDED_VOCAB, GPTConfig, model_options
 
 
 def parser():
@@ -61,6 +61,9 @@ def main(argv):
     exact = sum(p.numel() for p in model.parameters())
     vocab_note = "" if meta_vocab else " (dataset not prepared: GPT-2's)"
     print(f"model: {L} layers x {cfg.n_head} heads x {d} wide, block {T}, vocab {V}{vocab_note}")
+    if model_options(model.config):
+        print(f"model options: {', '.join(f'{k}={v}' for k, v in model_options(model.config).items())} (not GPT-2's "
+              f"architecture: the tutorial's formulas below count GPT-2's)")
     print(f"parameters (exact, sum of p.numel()): {exact:,}  ({exact / 1e6:.2f}M; {model.get_num_params():,} without "
           f"the position embedding, as nanoGPT reports)")
     for label, value, note in (

@@ -136,7 +136,7 @@ def main(argv):
     base = statistics.median(walls["nanogpt"]) if "nanogpt" in walls else None
     for name in names:
         wall = statistics.median(walls[name])
-        ratio = f"{base / wall:.2f}x faster" if base else ""
+        ratio = "" if not base else f"{base / wall:.2f}x faster" if wall <= base else f"{wall / base:.2f}x its time"
         print(f"{name:<10} {wall:12.1f} s {statistics.median(losses[name]):24.4f}   {ratio}")
     return 0
 
