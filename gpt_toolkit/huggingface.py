@@ -220,9 +220,9 @@ def check_gpt2_architecture(config, target):
     options = model_options(config)
     if options:
         named = ", ".join(f"{k}={v}" for k, v in options.items())
-        raise UserError(f"this model was trained with {named}, which {target} cannot express (it is GPT-2's "
-                        f"architecture): sample.py, tools/evaluate.py, tools/serve.py and --init_from run it as it is; to "
-                        f"export, train a model without those options")
+        raise UserError(f"this model was trained with {named}, which {target} cannot express (GPT-2's architecture "
+                        f"has none of them): sample.py, tools/evaluate.py, tools/serve.py and --init_from run it as it "
+                        f"is; to export, train a model without those options")
 
 
 def export_hf(model, tokenizer, to, *, dropout=0.0):
