@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 
 class UserError(Exception):
@@ -74,6 +75,9 @@ def quiet_interrupts():
     sys.excepthook = hook
 
 
+OTHER_RANKS_WAIT_S = 30
+
+
 def run_main(main, argv=None):
     """Run an entry point; turn UserError into 'error: ...' and its exit code, and a Ctrl-C into one line (exit 130)."""
     if signal.getsignal(signal.SIGINT) is _exit_at_once:  # the imports are done: a Ctrl-C is a KeyboardInterrupt again
@@ -81,8 +85,12 @@ def run_main(main, argv=None):
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        if not (isinstance(e, ConfigError) and int(os.environ.get("LOCAL_RANK", 0)) > 0):  # the settings' error: every
-            print(f"error: {e}", file=sys.stderr, flush=True)  # torchrun process finds it, the first on a node says it
+        if isinstance(e, ConfigError) and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+            # The settings' error: every torchrun process finds it, and the first on a node says it. The others wait:
+            # one that exited first would have torchrun stop the first before its line. torchrun stops them once it
+            # has exited; one still here after the wait found an error of its own, and says it.
+            time.sleep(OTHER_RANKS_WAIT_S)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except BaseException as e:
         interrupt = interrupt_behind(e)

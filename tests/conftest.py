@@ -7,10 +7,12 @@ import importlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -126,10 +128,19 @@ def run_torchrun_together(*jobs, nproc=2, timeout=300):
 def wait_all(commands, timeout):
     """Run the commands at once and wait for all. A non-zero exit fails the test with the exit code, the (last 20)
     stderr lines that name an error, then stderr's tail: a tail alone can cut off the cause."""
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in commands]
-    results = []
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for cmd in commands]  # a group each: a timeout stops its workers
+    results, deadline = [], time.monotonic() + timeout
     for cmd, proc in zip(commands, procs):
-        out, err = proc.communicate(timeout=timeout)
+        try:
+            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            tails = [r.stderr[-1500:] for r in results]  # what each had said: a slow machine or a hang, and where
+            for other in procs[len(results):]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(other.pid, signal.SIGKILL)
+                tails.append(other.communicate()[1][-1500:])
+            pytest.fail(f"torchrun still running after {timeout} s, stopped; stderr of each:\n" + "\n---\n".join(tails))
         results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
     for r in results:
         if r.returncode != 0:
