@@ -303,8 +303,9 @@ def test_bench_runs_both_modes(data_dir, monkeypatch):
     floors = re.findall(r"matmul floor +([\d.]+) ms/iter \(([\d.]+) GFLOP at ([\d,]+) GFLOP/s \w+\): this step takes "
                         r"([\d.]+)x that", r.stdout)
     assert len(floors) == 2, r.stdout
-    for floor, gflop, peak, _ in floors:  # the floor is the step's FLOPs over the peak
-        assert float(floor) == pytest.approx(float(gflop) / float(peak.replace(",", "")) * 1000, rel=0.02, abs=0.06)
+    for floor, gflop, peak, _ in floors:  # the floor is the step's FLOPs over the peak, both printed rounded (a busy
+        gflop, peak = float(gflop), float(peak.replace(",", ""))  # machine measures a small peak: 10 +- 0.5 is 5%)
+        assert 1000 * (gflop - 0.005) / (peak + 0.5) - 0.05 <= float(floor) <= 1000 * (gflop + 0.005) / (peak - 0.5) + 0.05
     r = run_script("tools/bench.py", "--sample", "config/train_shakespeare_char_cpu.py", f"--data_dir={data_dir}",
                    "--max_new_tokens=20", "--rounds=1")
     assert r.returncode == 0, r.stderr
