@@ -246,10 +246,11 @@ def test_chat_fine_tuning_grows_every_table_of_a_model_with_options(data_dir, op
 
 
 def test_estimate_and_the_memory_check_count_the_options_parameters(data_dir):
-    config = "config/train_shakespeare_char_speedrun.py"
-    r = run_script("tools/estimate.py", config, f"--data_dir={data_dir}")
+    config = ["config/train_shakespeare_char_speedrun.py", "--untied_head=True", "--value_embeddings=True",
+              "--activation=relu2"]  # the config's options and the rest: every option at once
+    r = run_script("tools/estimate.py", *config, f"--data_dir={data_dir}")
     assert r.returncode == 0, r.stderr
-    cfg = load_config([config])[0]
+    cfg = load_config(config)[0]
     built = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           vocab_size=65, bias=cfg.bias, **{k: getattr(cfg, k) for k in MODEL_OPTIONS}))
     exact = sum(p.numel() for p in built.parameters())
