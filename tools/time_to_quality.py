@@ -10,7 +10,7 @@ Runs (alternated round by round, so the machine's drift hits all alike; --runs p
   cpu              config/train_shakespeare_char_cpu.py: nanoGPT's recipe at a better learning rate (2000 AdamW steps)
   cpu_muon         that config with --optimizer=muon
   fast             config/train_shakespeare_char_fast.py, the README's main job: 2 layers, Muon, batch 32, 280 steps
-  speedrun         config/train_shakespeare_char_speedrun.py: 4 x 128 with model options, Muon, 350 steps
+  speedrun         config/train_shakespeare_char_speedrun.py: 4 x 128 with model options, Muon, 300 steps
 --seeds gives each round one seed for our runs (round i: the i-th seed; nanoGPT's keeps its own), so three rounds are
 also three seeds; --train_args go to our runs too.
 Each run writes to a temp directory; nothing in the toolkit's out dirs is touched.
