@@ -1,5 +1,5 @@
 # The tutorial's quality on a CPU: tiny-shakespeare (characters) to a whole-split val loss under 1.60 (1.58) in
-# twice the time of nanoGPT's own CPU recipe (which stops near 1.90). Prepare the data first:
+# under twice the time of nanoGPT's own CPU recipe (which stops near 1.90). Prepare the data first:
 #   python data/shakespeare_char/prepare.py
 #   python train.py config/train_shakespeare_char_speedrun.py && python sample.py --out_dir=out-shakespeare-char-speedrun
 # The model is the CPU recipe's size (4 layers x 128, 0.8M parameters) with those of the modern speedruns' options
