@@ -249,6 +249,13 @@ def test_optimizer_family_compares_at_equal_steps_and_equal_time(tmp_path):
            "exp6_muon val 1.7000 at step 100" in analysis
 
 
+def test_time_to_quality_says_each_runs_time_against_nanogpts_the_way_round_that_reads_over_1():
+    from tools.time_to_quality import versus
+    assert versus(13.9, 66.8) == "4.81x faster"
+    assert versus(377.4, 252.0) == "1.50x its time"
+    assert versus(252.0, 252.0) == "1.00x faster"
+
+
 def test_time_to_quality_refuses_bad_runs_before_running_any(tmp_path):
     cases = [(["--runs=nanogpt,main"], "unknown run main: choose from nanogpt, recipe, cpu, cpu_muon, fast, speedrun"),
              (["--runs=nanogpt,fast"], "--runs names nanogpt but no checkout is given: pass --nanogpt=PATH"),

@@ -136,9 +136,14 @@ def main(argv):
     base = statistics.median(walls["nanogpt"]) if "nanogpt" in walls else None
     for name in names:
         wall = statistics.median(walls[name])
-        ratio = "" if not base else f"{base / wall:.2f}x faster" if wall <= base else f"{wall / base:.2f}x its time"
+        ratio = "" if base is None else "1.00x" if name == "nanogpt" else versus(wall, base)
         print(f"{name:<10} {wall:12.1f} s {statistics.median(losses[name]):24.4f}   {ratio}")
     return 0
+
+
+def versus(wall, base):
+    """A run's median wall time against nanoGPT's, said the way round that reads as more than 1."""
+    return f"{base / wall:.2f}x faster" if wall <= base else f"{wall / base:.2f}x its time"
 
 
 if __name__ == "__main__":
