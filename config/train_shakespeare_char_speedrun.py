@@ -2,6 +2,7 @@
 # under twice the time of nanoGPT's own CPU recipe (which stops near 1.90). Prepare the data first:
 #   python data/shakespeare_char/prepare.py
 #   python train.py config/train_shakespeare_char_speedrun.py && python sample.py --out_dir=out-shakespeare-char-speedrun
+# Under 1.50 (about 5.6x nanoGPT's recipe's time): --max_iters=1000 --out_dir=out-shakespeare-char-speedrun-1000
 # The model is the CPU recipe's size (4 layers x 128, 0.8M parameters) with those of the modern speedruns' options
 # that pay at this length: rotary positions, RMSNorm, QK-norm and logit soft-capping (model.py).
 # Such a model samples, evaluates, resumes, serves and fine-tunes like any other, but is no longer GPT-2's
