@@ -44,7 +44,7 @@ from gpt_toolkit.checkpoint import (
 )
 from gpt_toolkit.dataset import Dataset, eval_offsets, run_batches, step_batches
 from gpt_toolkit.diagnostics import check_batch, check_init
-from gpt_toolkit.errors import Aborted, ConfigError, SecondInterrupt, UserError, import_optional, run_main
+from gpt_toolkit.errors import Aborted, ConfigError, FollowerError, SecondInterrupt, UserError, import_optional, run_main
 from gpt_toolkit.evaluation import token_byte_lengths
 from gpt_toolkit.files import write_run_file
 from gpt_toolkit.init_from import build_model, check_init_tokenizer, check_memory, check_resume, init_checkpoint_path
@@ -121,7 +121,7 @@ def main(argv, *, watch_class=Watch):
     resuming = cfg.init_from == "resume"
     with StopRequest(phases=world.size == 1) as stop, OutDir(cfg, writer=world.master) as out_dir, \
             RunLog(cfg.out_dir, append=resuming, enabled=world.master, trackers=trackers(cfg),
-                   resumed_at=ckpt["iter_num"] if resuming else None) as log:
+                   resumed_at=ckpt["iter_num"] if resuming else None, defer_failures=world.size > 1) as log:
         distributed.init_process_group(cfg.backend, world.device, world.size)
         try:
             with stop.interruptible():
@@ -145,6 +145,8 @@ def main(argv, *, watch_class=Watch):
             with memory.explain_out_of_memory(lambda: f"at step {state.iter_num}", advice), \
                     save_if_the_log_fails(run, state):
                 exit_code = train(run, state, watch)
+                if log.failed and exit_code == 0:  # DDP: rank 0's log failed after the last step the processes agreed at
+                    raise log.failed
         except Interrupted as e:  # a long phase ended by the first signal: save the state after the last whole step
             exit_code = stop_and_save(run, state, watch, e.signum)
         log.print(took_line(time.time() - t_start))
@@ -317,18 +319,24 @@ def stop_and_save(run, state, watch, signum):
 @contextlib.contextmanager
 def save_if_the_log_fails(run, state):
     """A failed write of training.log or metrics.jsonl (a full disk) stops the run the way a failed save does: the
-    state is saved if the disk allows and unless it is saved already, and one line says what is on disk."""
+    state is saved if the disk allows and unless it is saved already, and one line says what is on disk. Several
+    DDP processes save only when all of them stopped for it together (the save's RNG states are a collective), and
+    rank 0 says the line."""
     try:
         yield
     except LogWriteError as e:
-        step = state.iter_num
-        if step != run.saves.last_step and not run.cfg.eval_only:
-            try:
-                rng_states = distributed.all_rng_states(run.world.device, run.world.size)
-                if run.saves.takes_part:
-                    run.saves.save(checkpoint(run, state, rng_states), improved=False)
-            except UserError:
-                pass  # the disk is full for the checkpoint too: the last one stays as it was
+        step, world = state.iter_num, run.world
+        if world.size == 1 or e.every_process:
+            unsaved = step != run.saves.last_step and not run.cfg.eval_only  # rank 0 knows what it saved
+            if distributed.agree_with_master(unsaved, world.device, world.size):
+                try:
+                    rng_states = distributed.all_rng_states(world.device, world.size)
+                    if run.saves.takes_part:
+                        run.saves.save(checkpoint(run, state, rng_states), improved=False)
+                except UserError:
+                    pass  # the disk is full for the checkpoint too: the last one stays as it was
+        if not world.master:
+            raise FollowerError(str(e)) from None
         kept = (f"saved {Path(run.cfg.out_dir) / LATEST} at step {step}; continue with --init_from=resume once there "
                 f"is space" if run.saves.last_step == step and not run.cfg.eval_only else f"{run.saves.kept()}; free "
                 f"disk space and continue "

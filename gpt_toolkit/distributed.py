@@ -71,13 +71,14 @@ def agree_with_master(flag, device, world_size):
     return bool(t.item())
 
 
-def largest_signal(signum, device, world_size):
-    """The stop signal if any process got one, so that all ranks stop after the same step (a collective)."""
+def stop_reasons(signum, log_failed, device, world_size):
+    """(the stop signal if any process got one, whether any process's log write failed): all ranks stop after the
+    same step (a collective)."""
     if world_size == 1:
-        return signum
-    flag = torch.tensor([signum or 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) or None
+        return signum, log_failed
+    flags = torch.tensor([signum or 0, int(log_failed)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags[0].item()) or None, bool(flags[1].item())
 
 
 def all_rng_states(device, world_size):

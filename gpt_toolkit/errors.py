@@ -27,6 +27,11 @@ class ConfigError(UserError):
     exit_code = 2
 
 
+class FollowerError(UserError):
+    """A torchrun process stops for an error that another process says (rank 0, which writes the run's files): this
+    one says it only if torchrun has not stopped it by then."""
+
+
 def first_line(exc):
     """An exception's first message line (library errors run to many lines), or its type when it has no message."""
     text = str(exc).strip()
@@ -76,6 +81,20 @@ def quiet_interrupts():
 
 
 OTHER_RANKS_WAIT_S = 30
+# what gloo and NCCL say in a collective whose other processes have exited
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+PEER_GONE_LINE = "another process of this torchrun job failed (its error is above), so this one stopped too"
+
+
+def peer_gone(exc):
+    """Whether exc is a collective failing because another torchrun process exited (its own error says why)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    while exc is not None:
+        if type(exc).__name__ in ("DistBackendError", "DistNetworkError") or any(m in str(exc) for m in PEER_GONE):
+            return True
+        exc = exc.__context__
+    return False
 
 
 def run_main(main, argv=None):
@@ -85,15 +104,20 @@ def run_main(main, argv=None):
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        if isinstance(e, ConfigError) and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        if isinstance(e, FollowerError) or isinstance(e, ConfigError) and int(os.environ.get("LOCAL_RANK", 0)) > 0:
             # The settings' error: every torchrun process finds it, and the first on a node says it. The others wait:
             # one that exited first would have torchrun stop the first before its line. torchrun stops them once it
-            # has exited; one still here after the wait found an error of its own, and says it.
+            # has exited; one still here after the wait found an error of its own, and says it. Likewise for an
+            # error that rank 0 says.
             time.sleep(OTHER_RANKS_WAIT_S)
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except BaseException as e:
         interrupt = interrupt_behind(e)
+        if interrupt is None and peer_gone(e):  # the other's error is the one to read: torchrun stops this one first
+            time.sleep(OTHER_RANKS_WAIT_S)
+            print(f"error: {PEER_GONE_LINE}", file=sys.stderr, flush=True)
+            sys.exit(1)
         if interrupt is None:
             raise
         second = isinstance(interrupt, SecondInterrupt)

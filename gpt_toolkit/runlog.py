@@ -91,6 +91,16 @@ class LogWriteError(UserError):
     def __init__(self, path, error):
         super().__init__(f"could not write {path} ({error.strerror or error})")
         self.path, self.error = path, error
+        self.every_process = False  # several DDP processes: whether all of them stop for it together
+
+
+class LogFailedOnRank0(LogWriteError):
+    """What the other DDP processes stop with when rank 0, which writes the logs, could not write them."""
+
+    def __init__(self):
+        UserError.__init__(self, "rank 0 could not write the run's log, so every process stopped (rank 0's error says "
+                                 "what was saved)")
+        self.every_process = True
 
 
 class RunLog:
@@ -100,11 +110,13 @@ class RunLog:
     after dropping from metrics.jsonl what came after the checkpoint it resumes (a killed run logged those steps,
     and the resumed run logs them again) and a last record a kill cut short, so each step is recorded once.
     A write that fails leaves the file ending in a whole line and raises LogWriteError; from then on print() only
-    prints, so the run can say what it does about it. Each metrics record also goes to the optional trackers
-    (TensorBoard, W&B). With enabled=False (non-zero DDP ranks) every call does nothing."""
+    prints, so the run can say what it does about it. With defer_failures (rank 0 of several DDP processes) the
+    failure is kept in .failed instead: the processes stop for it together at the next log step
+    (watch.Watch.between_steps), so that none waits alone in a collective. Each metrics record also goes to the
+    optional trackers (TensorBoard, W&B). With enabled=False (non-zero DDP ranks) every call does nothing."""
 
-    def __init__(self, out_dir, append=False, enabled=True, trackers=(), resumed_at=None):
-        self.enabled = enabled
+    def __init__(self, out_dir, append=False, enabled=True, trackers=(), resumed_at=None, defer_failures=False):
+        self.enabled, self.defer_failures = enabled, defer_failures
         self.trackers = list(trackers)
         self.text = self.jsonl = None
         self.failed = None
@@ -150,7 +162,8 @@ class RunLog:
                 os.truncate(path, end)
             except OSError:
                 pass
-            raise self.failed from None
+            if not self.defer_failures:
+                raise self.failed from None
 
     def close(self):
         for f in (self.text, self.jsonl):

@@ -17,7 +17,7 @@ from gpt_toolkit.compiling import CompiledOrEager
 from gpt_toolkit.diagnostics import GradMonitor, NonFiniteGuard, grad_record_lines
 from gpt_toolkit.evaluation import eval_to_step_ratio
 from gpt_toolkit.progress import Eta, Heartbeat, StepTimer
-from gpt_toolkit.runlog import duration, ends_at, iter_line, plural
+from gpt_toolkit.runlog import LogFailedOnRank0, duration, ends_at, iter_line, plural
 from gpt_toolkit.stopping import Interrupted
 
 # tutorial ch01 7.1's quick-experiment model, n_head included: the GPU config's 6 heads do not divide n_embd=128
@@ -165,13 +165,20 @@ class Watch:
     def between_steps(self, step):
         """After a step and its log line, `step` steps done: once three are timed the whole run's estimate, a line now
         and then through slow steps; returns the signal that asks the loop to stop now, or None. Several DDP
-        processes agree on it at log steps (a collective), so that all stop after the same step."""
+        processes agree on it at log steps (a collective), so that all stop after the same step; likewise for a log
+        write that failed on rank 0 (every process raises LogWriteError there)."""
         if self.master and not self.estimated and step - self.first_step >= 3:
             self.estimated = self.print_estimate(step)
         if self.master:
             self.heartbeat.beat(lambda: training_line(step, self.cfg.max_iters, self.eta.per_step(time.time())))
         if self.world.size == 1 or step % self.cfg.log_interval == 0:
-            return distributed.largest_signal(self.stop_request.signum, self.device, self.world.size)
+            signum, log_failed = distributed.stop_reasons(self.stop_request.signum, self.log.failed is not None,
+                                                          self.device, self.world.size)
+            if log_failed and self.world.size > 1:
+                failure = self.log.failed or LogFailedOnRank0()
+                failure.every_process = True
+                raise failure
+            return signum
         return None
 
     # ------------------------------------------------------------------ lines about the whole run
