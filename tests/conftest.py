@@ -85,7 +85,7 @@ IN_PROCESS = {"train.py": "train", "sample.py": "sample", **{f"tools/{name}.py":
     "plot_loss", "summarize_experiments", "compare_runs", "plot_lr", "report", "sweep", "lr_finder", "grad_viz",
     "estimate", "debug_training", "bench", "experiment", "evaluate", "export_hf", "time_to_quality", "export_gguf",
     "merge_lora")},
-    "data/prepare_text.py": "data.prepare_text"}
+    "data/prepare_text.py": "data.prepare_text", "data/prepare_chat.py": "data.prepare_chat"}
 
 
 def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False, watch=None):

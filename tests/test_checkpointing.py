@@ -49,6 +49,8 @@ def test_same_loss_and_gradients_with_dropout_in_float32(pair, monkeypatch):
     assert len(calls) == 3
 
 
+# an opt-in memory option under torch.compile (a compile of the tiny model each side): left to the whole suite
+@pytest.mark.slow
 def test_compiled_with_checkpointing_matches_eager(pair):
     """torch.compile traces the non-reentrant checkpoint (aot_eager: no C++ compiler needed, the same graph capture)."""
     plain, checkpointed, x = pair
@@ -66,6 +68,8 @@ def test_compiled_with_checkpointing_matches_eager(pair):
         torch.testing.assert_close(p.grad, grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+# four training runs of an opt-in memory option: left to the whole suite
+@pytest.mark.slow
 def test_resume_with_checkpointing_is_bit_exact(data_dir, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "b"
     args = ["--max_iters=60", "--lr_decay_iters=60", "--activation_checkpointing=True"]
