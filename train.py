@@ -145,14 +145,15 @@ def main(argv, *, watch_class=Watch):
             with memory.explain_out_of_memory(lambda: f"at step {state.iter_num}", advice), \
                     save_if_the_log_fails(run, state):
                 exit_code = train(run, state, watch)
-                if log.failed and exit_code == 0:  # DDP: rank 0's log failed after the last step the processes agreed at
-                    raise log.failed
+                watch.stop_if_the_log_failed()  # DDP: rank 0's log failed after the last step the processes agreed at
         except Interrupted as e:  # a long phase ended by the first signal: save the state after the last whole step
             exit_code = stop_and_save(run, state, watch, e.signum)
         log.print(took_line(time.time() - t_start))
         if state.seconds_before:  # a resumed run: the summary's Time counts every part
             log.print(total_time_line(state.seconds()))
     distributed.destroy_process_group(world.size)
+    if log.failed:  # DDP: a line after the loop (a stop's, the time's) could not be written; every process is done
+        raise log.failed
     return exit_code
 
 

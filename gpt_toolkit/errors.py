@@ -81,20 +81,22 @@ def quiet_interrupts():
 
 
 OTHER_RANKS_WAIT_S = 30
-# what gloo and NCCL say in a collective whose other processes have exited
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
-PEER_GONE_LINE = "another process of this torchrun job failed (its error is above), so this one stopped too"
+# what gloo says in a collective whose other process has exited (its own error says why)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
 def peer_gone(exc):
-    """Whether exc is a collective failing because another torchrun process exited (its own error says why)."""
+    """gloo's words for a collective whose other process exited, under torchrun, or None."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return False
+        return None
     while exc is not None:
-        if type(exc).__name__ in ("DistBackendError", "DistNetworkError") or any(m in str(exc) for m in PEER_GONE):
-            return True
+        text = str(exc)
+        if "gloo" in text:
+            for words in PEER_GONE:
+                if words in text:
+                    return words
         exc = exc.__context__
-    return False
+    return None
 
 
 def run_main(main, argv=None):
@@ -114,9 +116,11 @@ def run_main(main, argv=None):
         sys.exit(e.exit_code)
     except BaseException as e:
         interrupt = interrupt_behind(e)
-        if interrupt is None and peer_gone(e):  # the other's error is the one to read: torchrun stops this one first
+        gone = peer_gone(e) if interrupt is None else None
+        if gone:  # the other's error is the one to read: torchrun stops this one first
             time.sleep(OTHER_RANKS_WAIT_S)
-            print(f"error: {PEER_GONE_LINE}", file=sys.stderr, flush=True)
+            print(f"error: another process of this torchrun job failed (its error is above), so this one stopped too "
+                  f"(gloo: {gone})", file=sys.stderr, flush=True)
             sys.exit(1)
         if interrupt is None:
             raise

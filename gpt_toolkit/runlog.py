@@ -100,6 +100,7 @@ class LogFailedOnRank0(LogWriteError):
     def __init__(self):
         UserError.__init__(self, "rank 0 could not write the run's log, so every process stopped (rank 0's error says "
                                  "what was saved)")
+        self.path = self.error = None  # rank 0's
         self.every_process = True
 
 

@@ -174,12 +174,22 @@ class Watch:
         if self.world.size == 1 or step % self.cfg.log_interval == 0:
             signum, log_failed = distributed.stop_reasons(self.stop_request.signum, self.log.failed is not None,
                                                           self.device, self.world.size)
-            if log_failed and self.world.size > 1:
-                failure = self.log.failed or LogFailedOnRank0()
-                failure.every_process = True
-                raise failure
+            if log_failed:
+                self.stop_for_the_log()
             return signum
         return None
+
+    def stop_if_the_log_failed(self):
+        """Once the loop has ended (on every process: a collective): rank 0's log write that failed after the last
+        step the processes agreed at stops them all the same way."""
+        if distributed.stop_reasons(None, self.log.failed is not None, self.device, self.world.size)[1]:
+            self.stop_for_the_log()
+
+    def stop_for_the_log(self):
+        """Every DDP process raises LogWriteError for rank 0's failed log write: rank 0 its own, the others theirs."""
+        failure = self.log.failed or LogFailedOnRank0()
+        failure.every_process = True
+        raise failure
 
     # ------------------------------------------------------------------ lines about the whole run
 
