@@ -327,15 +327,14 @@ def save_if_the_log_fails(run, state):
         yield
     except LogWriteError as e:
         step, world = state.iter_num, run.world
-        if world.size == 1 or e.every_process:
-            unsaved = step != run.saves.last_step and not run.cfg.eval_only  # rank 0 knows what it saved
-            if distributed.agree_with_master(unsaved, world.device, world.size):
-                try:
-                    rng_states = distributed.all_rng_states(world.device, world.size)
-                    if run.saves.takes_part:
-                        run.saves.save(checkpoint(run, state, rng_states), improved=False)
-                except UserError:
-                    pass  # the disk is full for the checkpoint too: the last one stays as it was
+        unsaved = step != run.saves.last_step and not run.cfg.eval_only  # rank 0 knows what it saved
+        if distributed.agree_with_master(unsaved, world.device, world.size):  # DDP: all are here (Watch.stop_for_the_log)
+            try:
+                rng_states = distributed.all_rng_states(world.device, world.size)
+                if run.saves.takes_part:
+                    run.saves.save(checkpoint(run, state, rng_states), improved=False)
+            except UserError:
+                pass  # the disk is full for the checkpoint too: the last one stays as it was
         if not world.master:
             raise FollowerError(str(e)) from None
         kept = (f"saved {Path(run.cfg.out_dir) / LATEST} at step {step}; continue with --init_from=resume once there "

@@ -91,7 +91,6 @@ class LogWriteError(UserError):
     def __init__(self, path, error):
         super().__init__(f"could not write {path} ({error.strerror or error})")
         self.path, self.error = path, error
-        self.every_process = False  # several DDP processes: whether all of them stop for it together
 
 
 class LogFailedOnRank0(LogWriteError):
@@ -101,7 +100,6 @@ class LogFailedOnRank0(LogWriteError):
         UserError.__init__(self, "rank 0 could not write the run's log, so every process stopped (rank 0's error says "
                                  "what was saved)")
         self.path = self.error = None  # rank 0's
-        self.every_process = True
 
 
 class RunLog:

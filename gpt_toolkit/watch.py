@@ -187,9 +187,7 @@ class Watch:
 
     def stop_for_the_log(self):
         """Every DDP process raises LogWriteError for rank 0's failed log write: rank 0 its own, the others theirs."""
-        failure = self.log.failed or LogFailedOnRank0()
-        failure.every_process = True
-        raise failure
+        raise self.log.failed or LogFailedOnRank0()
 
     # ------------------------------------------------------------------ lines about the whole run
 

@@ -38,6 +38,10 @@ TINY_TRAIN = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_em
               "--batch_size=8", "--gradient_accumulation_steps=1", "--eval_iters=4", "--log_interval=10",
               "--warmup_iters=5", "--lr_decay_iters=60", "--max_iters=60", "--eval_interval=20",
               "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
+# A torchrun run of TINY_TRAIN: dropout off, so that one process can be compared with two (each process draws its own
+# masks); float32, the precision of the DDP-FSDP agreement
+DDP_RUN = ["config/train_shakespeare_char.py", *TINY_TRAIN, "--gradient_accumulation_steps=4", "--max_iters=20",
+           "--lr_decay_iters=20", "--eval_interval=10", "--log_interval=1", "--dropout=0", "--dtype=float32"]
 # What dtype=auto gives on this CPU, and the other CPU training precision, whose code path differs (autocast,
 # the explicit bf16 attention): the headline guarantees are tested in both, and in float16 (the GradScaler path
 # that T4/V100 cards get from auto).
@@ -125,11 +129,14 @@ def run_torchrun_together(*jobs, nproc=2, timeout=300):
     return wait_all([command for job in jobs for command in torchrun_commands(*job, nproc=nproc)], timeout)
 
 
-def wait_all(commands, timeout):
-    """Run the commands at once and wait for all. A non-zero exit fails the test with the exit code, the (last 20)
-    stderr lines that name an error, then stderr's tail: a tail alone can cut off the cause."""
+def wait_all(commands, timeout, *, preexec_fns=None, check=True):
+    """Run the commands at once and wait for all (preexec_fns: one per command, or None). With check, a non-zero
+    exit fails the test with the exit code, the (last 20) stderr lines that name an error, then stderr's tail: a
+    tail alone can cut off the cause. A job still running after `timeout` s (a slow machine, or a process waiting in
+    a collective the others never join) fails the test, and is stopped."""
+    preexec_fns = preexec_fns or [None] * len(commands)
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True) for cmd in commands]  # a group each: a timeout stops its workers
+                              preexec_fn=fn, start_new_session=True) for cmd, fn in zip(commands, preexec_fns)]
     results, deadline = [], time.monotonic() + timeout
     for cmd, proc in zip(commands, procs):
         try:
@@ -137,11 +144,18 @@ def wait_all(commands, timeout):
         except subprocess.TimeoutExpired:
             tails = [r.stderr[-1500:] for r in results]  # what each had said: a slow machine or a hang, and where
             for other in procs[len(results):]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(other.pid, signal.SIGKILL)
-                tails.append(other.communicate()[1][-1500:])
+                other.terminate()  # torchrun stops its workers (each in a session of its own, out of its group)
+            for other in procs[len(results):]:
+                try:
+                    tails.append(other.communicate(timeout=60)[1][-1500:])
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(other.pid, signal.SIGKILL)
+                    tails.append(other.communicate()[1][-1500:])
             pytest.fail(f"torchrun still running after {timeout} s, stopped; stderr of each:\n" + "\n---\n".join(tails))
         results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    if not check:
+        return results
     for r in results:
         if r.returncode != 0:
             named = [line for line in r.stderr.splitlines() if "Error" in line or "error:" in line]

@@ -5,16 +5,12 @@ import re
 import subprocess
 
 import pytest
-from conftest import AUTO_DTYPE, ROOT, TINY_TRAIN, assert_one_line_error, run_script, run_torchrun, torchrun_commands, wait_all
+from conftest import AUTO_DTYPE, ROOT, assert_one_line_error, run_script, run_torchrun, torchrun_commands, wait_all
+from conftest import DDP_RUN as RUN
 
 from gpt_toolkit.checkpoint import load_checkpoint
 
-# dropout off, so that one process can be compared with two (each process draws its own masks); float32, the
-# precision of the DDP-FSDP agreement the issue asks for
 pytestmark = pytest.mark.slow  # every test here launches torchrun
-
-RUN = ["config/train_shakespeare_char.py", *TINY_TRAIN, "--gradient_accumulation_steps=4", "--max_iters=20",
-       "--lr_decay_iters=20", "--eval_interval=10", "--log_interval=1", "--dropout=0", "--dtype=float32"]
 
 
 def losses(out_dir):

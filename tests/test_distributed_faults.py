@@ -2,19 +2,16 @@
 that fails there (a file-size limit here, a full disk for a user) must stop every process without a hang or a
 traceback. The launches run at once (their start-ups overlap)."""
 import json
-import os
 import re
 import resource
 import signal
-import subprocess
 
 import pytest
-from conftest import ROOT, TINY_TRAIN, run_script, torchrun_commands
+from conftest import DDP_RUN as RUN
+from conftest import ROOT, run_script, torchrun_commands, wait_all
 
 from gpt_toolkit.checkpoint import load_checkpoint
 
-RUN = ["config/train_shakespeare_char.py", *TINY_TRAIN, "--gradient_accumulation_steps=4", "--max_iters=20",
-       "--lr_decay_iters=20", "--eval_interval=10", "--log_interval=1", "--dropout=0", "--dtype=float32"]
 TINIER = ["--n_layer=1", "--n_embd=16", "--max_iters=1000", "--lr_decay_iters=1000", "--eval_interval=1000"]
 
 
@@ -24,28 +21,6 @@ def small_files(limit):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG (as Python has it)
     return cap
-
-
-def run_all_with_small_files(jobs, timeout=240):
-    """[(torchrun command, file-size limit)] run at once; a job still running after `timeout` s (a process waiting in
-    a collective the others never join) fails the test."""
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              preexec_fn=small_files(limit), start_new_session=True) for cmd, limit in jobs]
-    results = []
-    for (cmd, _), proc in zip(jobs, procs):
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.terminate()  # torchrun stops its workers (they are not in its process group), then itself
-            try:
-                err = proc.communicate(timeout=60)[1]
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                err = proc.communicate()[1]
-            pytest.fail(f"the job hung: still running after {timeout} s; stderr:\n{err[-3000:]}")
-        results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +34,8 @@ def full(data_dir, tmp_path_factory):
                                   f"--data_dir={data_dir}", f"--out_dir={log}")
     save = root / "save"
     [save_cmd] = torchrun_commands(ROOT / "train.py", *RUN, f"--data_dir={data_dir}", f"--out_dir={save}")
-    log_result, save_result = run_all_with_small_files([(log_cmd, 200_000), (save_cmd, 100_000)])
+    log_result, save_result = wait_all([log_cmd, save_cmd], 240, preexec_fns=[small_files(200_000), small_files(100_000)],
+                                       check=False)
     return {"log": (log, log_result), "save": (save, save_result)}
 
 
