@@ -113,10 +113,12 @@ CPU_BF16_ENV = "GPT_TOOLKIT_CPU_BF16"  # 1 or 0: take the CPU as having bf16 in 
 
 
 def cpu_has_native_bf16():
-    """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16), where bf16 autocast pays.
-    On x86 the CPU's own feature flags decide: oneDNN also reports bf16 support on AVX512 CPUs without them, where it
-    emulates bf16 several times slower than float32. Elsewhere (ARM) oneDNN's answer. GPT_TOOLKIT_CPU_BF16=1 or =0
-    overrides the detection, so a machine of either kind can run what the other would."""
+    """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16) faster than float32, where
+    bf16 autocast pays. On x86 the CPU's own feature flags come first: oneDNN also reports bf16 support on AVX512 CPUs
+    without them, where it emulates bf16 several times slower than float32. Elsewhere (ARM) oneDNN's answer. Then a
+    short matmul race: some CPUs with AVX512-BF16 (an Intel Xeon with AMX hidden) multiply bf16 at half float32's
+    rate. GPT_TOOLKIT_CPU_BF16=1 or =0 overrides the detection, so a machine of either kind can run what the other
+    would."""
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
@@ -149,8 +151,16 @@ def cpu_flags():
         return {}
 
 
-@functools.cache
+BF16_MUST_BEAT = 1.25  # bf16 matmuls must be this much faster than float32's for auto to pick bf16
+
+
+@functools.cache  # measured once per process
 def _detected_cpu_bf16():
+    return cpu_bf16_units() and cpu_bf16_matmul_speedup() >= BF16_MUST_BEAT
+
+
+def cpu_bf16_units():
+    """Whether this CPU has bf16 matmul instructions at all (AVX512-BF16 or AMX-BF16 on x86, oneDNN's word on ARM)."""
     flags = cpu_flags()
     if flags.get("architecture") in ("x86_64", "x86", "AMD64"):
         return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
@@ -160,9 +170,19 @@ def _detected_cpu_bf16():
         return False
 
 
+def cpu_bf16_matmul_speedup(n=512, rounds=3, seconds=0.02):
+    """bf16's matmul FLOP/s over float32's on this CPU: the best of each, the two alternated so that a busy moment
+    hits both (about 0.1 s where bf16 is in hardware). Either way round the gap is about 2x, far beyond the noise."""
+    best = {"float32": 0.0, "bfloat16": 0.0}
+    for _ in range(rounds):
+        for dtype in best:
+            best[dtype] = max(best[dtype], square_matmul_flops("cpu", dtype, n, seconds))
+    return best["bfloat16"] / best["float32"]
+
+
 def resolve_dtype(name, device):
     """'auto' -> bfloat16 on CUDA GPUs that support it, else float16 (with GradScaler); on CPU bfloat16 where
-    the CPU multiplies bf16 in hardware (AVX512-BF16/AMX), else float32; float32 on MPS."""
+    the CPU multiplies bf16 in hardware (AVX512-BF16/AMX) faster than float32, else float32; float32 on MPS."""
     kind = device_type(device)
     if name == "auto":
         if kind == "cuda":

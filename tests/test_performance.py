@@ -98,6 +98,36 @@ def test_timers_wait_for_asynchronous_devices(monkeypatch):
     assert calls == ["mps", "cuda"]
 
 
+def test_bf16_counts_as_native_only_where_its_matmuls_beat_float32(monkeypatch):
+    # An Intel Xeon with AVX512-BF16 and AMX hidden multiplied bf16 at half float32's rate: auto must stay float32.
+    monkeypatch.delenv(hardware.CPU_BF16_ENV, raising=False)
+    raced = []
+
+    def race(rate):
+        def square(device, dtype, n, seconds):
+            raced.append(dtype)
+            return rate[dtype]
+        return square
+
+    for flags, rate, expected in [
+        ({"architecture": "x86_64", "avx512_bf16": True}, {"float32": 270e9, "bfloat16": 145e9}, False),
+        ({"architecture": "x86_64", "avx512_bf16": True}, {"float32": 190e9, "bfloat16": 420e9}, True),
+        ({"architecture": "x86_64", "amx_bf16": True}, {"float32": 190e9, "bfloat16": 230e9}, False),  # < 1.25x
+        ({"architecture": "x86_64", "avx512_f": True}, {"float32": 300e9, "bfloat16": 900e9}, False),  # no units
+    ]:
+        hardware._detected_cpu_bf16.cache_clear()
+        raced.clear()
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(hardware, "square_matmul_flops", race(rate))
+        assert hardware.cpu_has_native_bf16() is expected, (flags, rate)
+        assert hardware.resolve_dtype("auto", "cpu") == ("bfloat16" if expected else "float32")
+        # the race alternates the two dtypes, and runs only where the CPU has bf16 instructions
+        assert raced == ([] if "avx512_f" in flags else ["float32", "bfloat16"] * 3)
+    hardware._detected_cpu_bf16.cache_clear()
+    monkeypatch.setenv(hardware.CPU_BF16_ENV, "1")  # the override skips the race
+    assert hardware.cpu_has_native_bf16() is True
+
+
 def test_auto_dtype_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
     assert hardware.resolve_dtype("auto", "cpu") == "bfloat16"
