@@ -172,7 +172,7 @@ def cpu_bf16_units():
 
 def cpu_bf16_matmul_speedup(n=512, rounds=3, seconds=0.02):
     """bf16's matmul FLOP/s over float32's on this CPU: the best of each, the two alternated so that a busy moment
-    hits both (about 0.1 s where bf16 is in hardware). Either way round the gap is about 2x, far beyond the noise."""
+    hits both (about 0.1 s; docs/training.md has the figures that set BF16_MUST_BEAT)."""
     best = {"float32": 0.0, "bfloat16": 0.0}
     for _ in range(rounds):
         for dtype in best:

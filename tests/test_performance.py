@@ -124,8 +124,9 @@ def test_bf16_counts_as_native_only_where_its_matmuls_beat_float32(monkeypatch):
         # the race alternates the two dtypes, and runs only where the CPU has bf16 instructions
         assert raced == ([] if "avx512_f" in flags else ["float32", "bfloat16"] * 3)
     hardware._detected_cpu_bf16.cache_clear()
+    raced.clear()
     monkeypatch.setenv(hardware.CPU_BF16_ENV, "1")  # the override skips the race
-    assert hardware.cpu_has_native_bf16() is True
+    assert hardware.cpu_has_native_bf16() is True and raced == []
 
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):
