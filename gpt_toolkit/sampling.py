@@ -78,27 +78,58 @@ class TextStream:
 class StopAtStrings:
     """Streamed text cut at the first of some stop strings, which is not written: push(text) returns what can be
     written now, holding back an end that could still become a stop string (one split across two tokens); `stopped`
-    turns True once one was seen. end() returns what is held back when no stop string came."""
+    turns True once one was seen. end() returns what is held back when no stop string came.
+
+    Each stop string is followed by its Knuth-Morris-Pratt automaton (how many of its first characters end the text
+    so far), so a push costs the length of its text, not the stop strings' lengths squared: a server's one generation
+    thread must not be stalled by a client's long stop string."""
 
     def __init__(self, stops):
         self.stops = [s for s in stops if s]
+        self.fallbacks = [_kmp_fallbacks(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # of each stop string, how many first characters end the text so far
         self.held, self.stopped = "", False
 
     def push(self, text):
         if self.stopped or not self.stops:
             return "" if self.stopped else text
         self.held += text
-        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        complete = False
+        for i, (stop, fallback) in enumerate(zip(self.stops, self.fallbacks)):
+            matched = self.matched[i]
+            for ch in text:
+                while matched and stop[matched] != ch:
+                    matched = fallback[matched - 1]
+                if stop[matched] == ch:
+                    matched += 1
+                if matched == len(stop):
+                    complete = True
+                    break
+            self.matched[i] = matched
+        if complete:  # the earliest stop string in what is held (held is shorter than the longest stop plus text)
+            cut = min(i for i in (self.held.find(s) for s in self.stops) if i >= 0)
             out, self.held, self.stopped = self.held[:cut], "", True
             return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        keep = max(self.matched)  # the longest end of the text that could still become a stop string
         out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
         return out
 
     def end(self):
         out, self.held = ("" if self.stopped else self.held), ""
         return out
+
+
+def _kmp_fallbacks(s):
+    """fallback[k - 1]: the length of the longest proper prefix of s[:k] that is also its suffix (Knuth-Morris-Pratt's
+    failure function), where a partial match of k characters falls back to when the next character does not fit."""
+    fallback, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fallback[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fallback[i] = k
+    return fallback
 
 
 def write_samples(model, tokenizer, prompt, *, num_samples, max_new_tokens, controls, kv_cache, device, ctx, write,
@@ -136,14 +167,19 @@ def write_samples(model, tokenizer, prompt, *, num_samples, max_new_tokens, cont
 
 def fit_history(tokenizer, history, limit):
     """(the prompt ids of the conversation with an assistant turn opened, how many of the oldest non-system turns
-    had to go for it to fit `limit` tokens); the newest turn always stays."""
+    had to go for it to fit `limit` tokens); the newest turn always stays (cut from the left if it alone is too long).
+    Each turn is rendered once (the template is the turns' renderings one after another), so a long history costs its
+    length, not its length times its turns."""
     keep_system = int(bool(history) and history[0]["role"] == "system")
-    for dropped in range(len(history) - keep_system):
-        turns = history[:keep_system] + history[keep_system + dropped:]
-        ids, _ = tokenizer.render(turns, add_generation_prompt=True)
-        if len(ids) <= limit or dropped == len(history) - keep_system - 1:
-            return ids[-limit:], dropped
-    return [], 0
+    pieces = [tokenizer.render([turn])[0] for turn in history]
+    opening, _ = tokenizer.render([], add_generation_prompt=True)
+    total = len(opening) + sum(len(p) for p in pieces)
+    dropped, droppable = 0, len(history) - keep_system - 1
+    while total > limit and dropped < droppable:
+        total -= len(pieces[keep_system + dropped])
+        dropped += 1
+    ids = [t for p in pieces[:keep_system] + pieces[keep_system + dropped:] for t in p] + opening
+    return ids[-limit:], dropped
 
 
 def stop_token_ids(tokenizer):

@@ -9,6 +9,7 @@ has), so greedy text over the API is sample.py --temperature=0's."""
 import asyncio
 import contextlib
 import json
+import math
 import queue
 import random
 import secrets
@@ -37,12 +38,20 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+STOPPING = RequestError(503, "the server is stopping: this generation was cut short", kind="server_error",
+                        code="server_stopping")
+
+
 @dataclass
 class Limits:
-    """What one request may ask for: max_tokens, n, and the body's bytes."""
+    """What one request may carry and cost: max_tokens, n, the body's bytes, a chat's messages, the characters of its
+    prompt or messages together, and the seconds its headers and body may take to arrive."""
     max_tokens: int = 2048
     n: int = 8
     body_bytes: int = 1 << 20
+    messages: int = 2048
+    chars: int = 256 * 1024
+    read_seconds: float = 30.0
 
 
 @dataclass
@@ -61,29 +70,42 @@ class Job:
     completion_tokens: int = 0
 
     def put(self, text, end=None):  # from the engine's thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (text, end))
+        with contextlib.suppress(RuntimeError):  # the event loop has closed (the server stopped): nobody listens
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (text, end))
 
 
 class Engine:
-    """The model, generating for every Job in flight on one worker thread, a token of each in turn."""
+    """The model, generating for every Job in flight on one worker thread, a token of each in turn. stop() ends every
+    job (each gets STOPPING) and every job submitted after it."""
 
     def __init__(self, model, tokenizer, *, device, ctx, report=print):
         self.model, self.tokenizer, self.device, self.ctx, self.report = model, tokenizer, device, ctx, report
         self.stop_tokens = stop_token_ids(tokenizer)
         self.incoming = queue.SimpleQueue()
+        self.stopping = False
         self.thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self.thread.start()
 
     def submit(self, job):
         self.incoming.put(job)
 
+    def stop(self):
+        self.stopping = True
+        self.incoming.put(None)  # wakes the thread if it waits for work
+
     def _run(self):
         active = []  # (job, its token stream, its text decoder, its stop-string cutter)
         while True:
-            if not active:  # wait for work
-                active.append(self._start(self.incoming.get()))
+            arrived = [] if active else [self.incoming.get()]  # wait for work
             while not self.incoming.empty():
-                active.append(self._start(self.incoming.get()))
+                arrived.append(self.incoming.get())
+            active += [self._start(job) for job in arrived if job is not None]
+            if self.stopping:
+                for job, stream, *_ in active:
+                    stream.close()
+                    job.put(None, STOPPING)
+                active = []
+                continue
             for entry in list(active):
                 if self._step(*entry):
                     active.remove(entry)
@@ -125,21 +147,57 @@ class Engine:
 
 # ----------------------------------------------------------------------------- requests
 
+MAX_STOP_CHARS = 400  # the longest stop string (stop matching costs its length on the one generation thread)
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: OpenAI's newer name
+
+
 def _number(body, key, default, *, low=None, high=None, integer=False):
-    value = body.get(key, default)
+    value = body.get(key)
     if value is None:
         return default
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise RequestError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, got {value!r}", param=key)
+    if isinstance(value, bool) or not isinstance(value, kind) or isinstance(value, float) and not math.isfinite(value):
+        raise RequestError(400, f"'{key}' must be {'an integer' if integer else 'a finite number'}, got "
+                                f"{_shown(value)}", param=key, code="invalid_type")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise RequestError(400, f"'{key}' is {value}: it must be {bounds}", param=key, code="invalid_value")
+        raise RequestError(400, f"'{key}' is {_shown(value)}: it must be {bounds}", param=key, code="invalid_value")
     return value
 
 
-def parse_controls(body, limits, *, default_max_tokens):
-    """(max_tokens, n, the model's sampling controls, stop strings, seed) of a request body, checked."""
+def _shown(value):
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _flag(body, key):
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(400, f"'{key}' must be true or false, got {_shown(value)}", param=key, code="invalid_type")
+    return bool(value)
+
+
+def _string(body, key):
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise RequestError(400, f"'{key}' must be a string, got {_shown(value)}", param=key, code="invalid_type")
+    return value
+
+
+@dataclass
+class Request:
+    """A completion or chat request, every field checked (before any generation starts)."""
+    max_tokens: int
+    n: int
+    controls: dict
+    stops: list
+    seed: int | None
+    stream: bool
+    with_usage: bool
+
+
+def parse_request(body, limits, *, default_max_tokens):
+    """The Request of a body's common fields: max_tokens, n, the sampling controls, stop strings, seed, stream."""
     for key in ("presence_penalty", "frequency_penalty"):
         if _number(body, key, 0.0, low=-2.0, high=2.0):
             raise RequestError(400, f"'{key}' is not supported by this server: use repetition_penalty (transformers' "
@@ -148,6 +206,10 @@ def parse_controls(body, limits, *, default_max_tokens):
     for key in ("logprobs", "echo", "top_logprobs", "tools", "functions", "logit_bias", "suffix"):
         if body.get(key) not in (None, False, 0, [], {}):
             raise RequestError(400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
+    if _number(body, "best_of", 1, low=1, integer=True) != 1:
+        raise RequestError(400, "'best_of' is not supported by this server: ask for n choices", param="best_of",
+                           code="unsupported_parameter")
+    _string(body, "user")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, key, default_max_tokens, low=1, high=limits.max_tokens, integer=True)
     n = _number(body, "n", 1, low=1, high=limits.n, integer=True)
@@ -161,9 +223,66 @@ def parse_controls(body, limits, *, default_max_tokens):
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS:
-        raise RequestError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop")
+        raise RequestError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop",
+                           code="invalid_type")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise RequestError(400, f"a stop string of {max(map(len, stops)):,} characters: each may have at most "
+                                f"{MAX_STOP_CHARS}", param="stop", code="invalid_value")
     seed = _number(body, "seed", None, low=0, high=2**63 - 1, integer=True)
-    return max_tokens, n, controls, stops, seed
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise RequestError(400, f"'stream_options' must be an object, got {_shown(options)}", param="stream_options",
+                           code="invalid_type")
+    with_usage = _flag(options or {}, "include_usage")
+    return Request(max_tokens, n, controls, stops, seed, stream, with_usage)
+
+
+def chat_turns(body, limits):
+    """The {role, content} turns of a chat body's `messages`, checked: text content only (a string, or OpenAI's text
+    parts), at most limits.messages of them and limits.chars characters in all."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list of {role, content}", param="messages",
+                           code="invalid_type")
+    if len(messages) > limits.messages:
+        raise RequestError(400, f"{len(messages):,} messages: this server takes at most {limits.messages:,} in one "
+                                f"request (the oldest turns are dropped to fit the model's context anyway: send the "
+                                f"newest)", param="messages", code="too_many_messages")
+    turns, chars = [], 0
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # OpenAI's content parts: text ones only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise RequestError(400, f"messages[{i}]: content parts must be {{\"type\": \"text\", \"text\": "
+                                        f"string}} (this model reads text only)", param="messages", code="invalid_type")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(role, str) or role not in ROLES or not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}] must be {{\"role\": \"system\"|\"user\"|\"assistant\", "
+                                    f"\"content\": text}}", param="messages", code="invalid_type")
+        chars += len(content)
+        if chars > limits.chars:
+            raise RequestError(400, f"the messages hold over {limits.chars:,} characters, this server's limit for one "
+                                    f"request: send fewer or shorter turns", param="messages", code="too_long")
+        turns.append({"role": ROLES[role], "content": content})
+    return turns
+
+
+def completion_prompt(body, limits):
+    """The prompt text of a /v1/completions body, checked."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError(400, "'prompt' must be a non-empty string (one prompt per request)", param="prompt",
+                           code="invalid_type")
+    if len(prompt) > limits.chars:
+        raise RequestError(400, f"the prompt has {len(prompt):,} characters, over this server's limit of "
+                                f"{limits.chars:,}: send the end of it (only the last block_size tokens are read)",
+                           param="prompt", code="too_long")
+    return prompt
 
 
 def generators(seed, n, device):
@@ -173,7 +292,8 @@ def generators(seed, n, device):
 
 
 class API:
-    """The endpoints' logic, for a model with an id and an Engine; FastAPI calls it (app)."""
+    """The endpoints' logic, for a model with an id and an Engine; FastAPI calls it (app). completion() and chat()
+    check a whole body and tokenize it (they run off the event loop); submit() starts its jobs."""
 
     def __init__(self, engine, *, model_id, block_size, limits, api_key=None):
         self.engine, self.model_id, self.block_size, self.limits, self.api_key = engine, model_id, block_size, limits, api_key
@@ -193,76 +313,66 @@ class API:
                 "chat": self.is_chat, "context_length": self.block_size}
 
     def check_model(self, body):
-        if body.get("model") not in (None, self.model_id):
-            raise RequestError(404, f"The model '{body.get('model')}' does not exist: this server serves "
-                                    f"'{self.model_id}'", param="model", code="model_not_found")
+        model = _string(body, "model")
+        if model not in (None, self.model_id):
+            raise RequestError(404, f"The model '{model}' does not exist: this server serves '{self.model_id}'",
+                               param="model", code="model_not_found")
 
-    def completion_jobs(self, body):
-        """(jobs, prompt tokens) of a /v1/completions body."""
+    def completion(self, body):
+        """(Request, prompt ids) of a /v1/completions body."""
         self.check_model(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise RequestError(400, "'prompt' must be a non-empty string (one prompt per request)", param="prompt")
-        return self._jobs(body, self._encode(prompt), default_max_tokens=16)
+        prompt = completion_prompt(body, self.limits)
+        request = parse_request(body, self.limits, default_max_tokens=16)
+        return request, self._encode(prompt)
 
-    def chat_jobs(self, body):
-        """(jobs, prompt tokens) of a /v1/chat/completions body: the model's chat template, the oldest turns dropped
+    def chat(self, body):
+        """(Request, prompt ids) of a /v1/chat/completions body: the model's chat template, the oldest turns dropped
         when the conversation outgrows the context (as sample.py --chat does)."""
         self.check_model(body)
         if not self.is_chat:
             raise RequestError(400, f"'{self.model_id}' is not a chat model (it was trained without the chat tokens): "
                                     f"use /v1/completions, or fine-tune it on a chat dataset first (README: a model "
                                     f"that answers)", param="messages", code="not_a_chat_model")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError(400, "'messages' must be a non-empty list of {role, content}", param="messages")
-        turns = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # OpenAI's content parts: the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(
-                    content, str):
-                raise RequestError(400, "each message must be {\"role\": \"system\"|\"user\"|\"assistant\", \"content\": "
-                                        "text}", param="messages")
-            turns.append({"role": m["role"], "content": content})
-        max_tokens, *_ = parse_controls(body, self.limits, default_max_tokens=self.limits.max_tokens)
-        room = min(max_tokens, self.block_size // 2)
+        turns = chat_turns(body, self.limits)
+        request = parse_request(body, self.limits, default_max_tokens=self.limits.max_tokens)
+        room = min(request.max_tokens, self.block_size // 2)
         try:
             ids, _ = fit_history(self.engine.tokenizer, turns, self.block_size - room)
         except Exception as e:  # a character the model never saw
-            raise RequestError(400, str(e), param="messages") from None
-        return self._jobs(body, ids, default_max_tokens=self.limits.max_tokens)
+            raise RequestError(400, str(e), param="messages", code="invalid_value") from None
+        return request, ids
 
     def _encode(self, text):
         try:
             return self.engine.tokenizer.encode(text)
         except Exception as e:  # a character a character-level model never saw
-            raise RequestError(400, str(e), param="prompt") from None
+            raise RequestError(400, str(e), param="prompt", code="invalid_value") from None
 
-    def _jobs(self, body, ids, *, default_max_tokens):
-        max_tokens, n, controls, stops, seed = parse_controls(body, self.limits, default_max_tokens=default_max_tokens)
+    def submit(self, request, ids):
+        """The jobs of a checked request, one per choice, handed to the engine."""
         loop = asyncio.get_running_loop()
-        jobs = [Job(ids=list(ids), max_tokens=max_tokens, controls=dict(controls), stops=stops, generator=g, loop=loop)
-                for g in generators(seed, n, self.engine.device)]
+        jobs = [Job(ids=list(ids), max_tokens=request.max_tokens, controls=dict(request.controls), stops=request.stops,
+                    generator=g, loop=loop) for g in generators(request.seed, request.n, self.engine.device)]
         for job in jobs:
             self.engine.submit(job)
-        return jobs, len(ids)
+        return jobs
 
 
 async def collect(job):
-    """(text, finish_reason) of a whole job."""
+    """(text, finish_reason or the RequestError it ended with) of a whole job."""
     parts = []
     while True:
         text, end = await job.events.get()
         if text:
             parts.append(text)
         if end is not None:
-            if isinstance(end, RequestError):
-                raise end
             return "".join(parts), end
+
+
+async def disconnected(request):
+    """Returns once the client of a request whose body has been read hangs up."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def usage(prompt_tokens, jobs):
@@ -277,7 +387,7 @@ def sse(payload):
 def app(api, *, page=PAGE):
     """The FastAPI application of an API."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
     server = FastAPI(title="gpt-toolkit", docs_url=None, redoc_url=None, openapi_url=None)
@@ -297,15 +407,24 @@ def app(api, *, page=PAGE):
 
     async def body_of(request):
         api.check_key(request.headers.get("authorization"))
-        if int(request.headers.get("content-length") or 0) > api.limits.body_bytes:
-            raise RequestError(413, f"the request body is over this server's limit of {api.limits.body_bytes:,} bytes",
-                               code="request_too_large")
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > api.limits.body_bytes:
-                raise RequestError(413, f"the request body is over this server's limit of {api.limits.body_bytes:,} "
-                                        f"bytes", code="request_too_large")
+        limit = api.limits.body_bytes
+        too_large = RequestError(413, f"the request body is over this server's limit of {limit:,} bytes",
+                                 code="request_too_large")
+        length = request.headers.get("content-length") or "0"
+        if not length.isdigit():
+            raise RequestError(400, "the Content-Length header is not a number", code="invalid_request")
+        if int(length) > limit:
+            raise too_large
+        raw = bytearray()
+        try:
+            async with asyncio.timeout(api.limits.read_seconds):  # a client that trickles its body in is let go
+                async for chunk in request.stream():
+                    raw += chunk
+                    if len(raw) > limit:
+                        raise too_large
+        except TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {api.limits.read_seconds:g} seconds",
+                               code="request_timeout") from None
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
@@ -333,32 +452,42 @@ def app(api, *, page=PAGE):
     @server.post("/v1/completions")
     async def completions(request: Request):
         body = await body_of(request)
-        jobs, prompt_tokens = api.completion_jobs(body)
-        return await respond(request, body, jobs, prompt_tokens, chat=False)
+        checked, ids = await asyncio.to_thread(api.completion, body)  # tokenizing a long prompt: off the event loop
+        return await respond(request, checked, api.submit(checked, ids), len(ids), chat=False)
 
     @server.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_of(request)
-        jobs, prompt_tokens = api.chat_jobs(body)
-        return await respond(request, body, jobs, prompt_tokens, chat=True)
+        checked, ids = await asyncio.to_thread(api.chat, body)  # fitting a long history: off the event loop
+        return await respond(request, checked, api.submit(checked, ids), len(ids), chat=True)
 
-    async def respond(request, body, jobs, prompt_tokens, *, chat):
+    async def respond(request, checked, jobs, prompt_tokens, *, chat):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
-        if not body.get("stream"):
-            try:
-                results = [await collect(job) for job in jobs]
-            finally:
-                for job in jobs:
-                    job.cancelled = True  # a client gone while it waited: the rest need not be generated
-            choices = [({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": end} if chat
-                        else {"index": i, "text": text, "logprobs": None, "finish_reason": end})
-                       for i, (text, end) in enumerate(results)]
-            return {"id": rid, "object": kind, "created": created, "model": api.model_id, "choices": choices,
-                    "usage": usage(prompt_tokens, jobs)}
-        with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(stream(rid, created, jobs, prompt_tokens, chat=chat, with_usage=with_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if checked.stream:
+            return StreamingResponse(stream(rid, created, jobs, prompt_tokens, chat=chat, with_usage=checked.with_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results = asyncio.ensure_future(asyncio.gather(*(collect(job) for job in jobs)))
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait((results, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for job in jobs:
+                job.cancelled = True  # the client has gone, or all are done: nothing more to generate for it
+            gone.cancel()
+        if not results.done():  # the client hung up: nobody to answer
+            results.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await results  # its cancellation is retrieved (else asyncio logs it)
+            return Response(status_code=499)
+        for _, end in results.result():
+            if isinstance(end, RequestError):
+                raise end
+        choices = [({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": end} if chat
+                    else {"index": i, "text": text, "logprobs": None, "finish_reason": end})
+                   for i, (text, end) in enumerate(results.result())]
+        return {"id": rid, "object": kind, "created": created, "model": api.model_id, "choices": choices,
+                "usage": usage(prompt_tokens, jobs)}
 
     async def stream(rid, created, jobs, prompt_tokens, *, chat, with_usage):
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -394,6 +523,78 @@ def app(api, *, page=PAGE):
                 job.cancelled = True
 
     return server
+
+
+def serve(api, *, host, port, report):
+    """Serve api with uvicorn until Ctrl-C or SIGTERM; returns that signal's number. The signal ends every generation
+    in flight at once (its client gets STOPPING: a 503, or an error event in a stream), so a busy server stops within
+    about a second, where uvicorn alone would wait for every stream to finish. A client whose request headers or body
+    arrive slower than limits.read_seconds is let go."""
+    import signal
+
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    read_seconds = api.limits.read_seconds
+
+    class Protocol(H11Protocol):
+        """uvicorn's HTTP/1.1 protocol with a clock on each request's headers (uvicorn times out only idle
+        connections, so a client could trickle its headers in for ever and hold the connection)."""
+        headers_due = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.expect_headers()
+
+        def expect_headers(self):
+            if self.headers_due is not None:
+                self.headers_due.cancel()
+            self.headers_due = self.loop.call_later(read_seconds, self.headers_late)
+
+        def handle_events(self):
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle and self.headers_due is not None:  # a request's headers are complete
+                self.headers_due.cancel()
+                self.headers_due = None
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.expect_headers()  # the next request's
+
+        def connection_lost(self, exc):
+            if self.headers_due is not None:
+                self.headers_due.cancel()
+            super().connection_lost(exc)
+
+        def headers_late(self):
+            self.headers_due = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                report(f"a client sent no complete request within {read_seconds:g} seconds: disconnected it")
+                self.transport.close()
+
+    class Server(uvicorn.Server):
+        stopped_by = None
+
+        def handle_exit(self, sig, frame):
+            if self.stopped_by is None:
+                self.stopped_by = sig
+                api.engine.stop()  # the streams end now, and the graceful shutdown has nothing left to wait for
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # uvicorn's, less raising the signal again once stopped: the caller says it
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    server = Server(uvicorn.Config(app(api), host=host, port=port, http=Protocol, log_level="warning",
+                                   access_log=False, timeout_graceful_shutdown=1))
+    server.run()
+    return server.stopped_by
 
 
 def is_loopback(host):

@@ -25,13 +25,17 @@ def free_port():
 
 
 class Server:
-    """tools/serve.py in a process of its own, until stop()."""
+    """tools/serve.py in a process of its own, until stop(). Its output goes to files (log() reads them at any time):
+    a pipe nobody reads would fill and stall a server that says much."""
 
     def __init__(self, *args):
+        import tempfile
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.out, self.err = (tempfile.NamedTemporaryFile("w+", encoding="utf-8", suffix=f".{name}")
+                              for name in ("out", "err"))
         self.proc = subprocess.Popen([sys.executable, "tools/serve.py", f"--port={self.port}", *map(str, args)],
-                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     cwd=ROOT, stdout=self.out, stderr=self.err, text=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -43,28 +47,32 @@ class Server:
                     return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise AssertionError(f"the server exited: {self.proc.stderr.read()}") from None
+                    raise AssertionError(f"the server exited: {self.log()[1]}") from None
                 time.sleep(0.3)
         raise AssertionError("the server did not start")
+
+    def log(self):
+        """(stdout, stderr) so far."""
+        return tuple(open(f.name, encoding="utf-8").read() for f in (self.out, self.err))
 
     def client(self, **kw):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
 
-    def post(self, path, data, headers=None):
+    def post(self, path, data, headers=None, timeout=60):
         """(status, body as JSON) of a raw POST."""
         req = urllib.request.Request(f"{self.url}{path}", data=data, method="POST",
                                      headers={"Content-Type": "application/json", **(headers or {})})
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    def stop(self):
-        self.proc.send_signal(signal.SIGINT)
-        out, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, out, err
-
+    def stop(self, sig=signal.SIGINT):
+        """(exit code, stdout, stderr) once a signal has stopped it."""
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        return (self.proc.returncode, *self.log())
 
 
 pytestmark = pytest.mark.slow  # every test here starts a server process (-m "not slow" leaves servers out)

@@ -8,6 +8,7 @@ POST /v1/completions, POST /v1/chat/completions; stream=true streams server-sent
 request needs a chat model (fine-tuned on a chat dataset); a base model answers /v1/completions, and a chat request
 gets a 400 saying so. Ctrl-C stops it.
 """
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from gpt_toolkit.cli import parse_bool, tool_parser
 from gpt_toolkit.errors import UserError, import_optional, run_main
 from gpt_toolkit.process import setup_process
 from gpt_toolkit.sampling import load_model
-from gpt_toolkit.serving import API, Engine, Limits, app, is_loopback
+from gpt_toolkit.serving import API, Engine, Limits, is_loopback, serve
 from gpt_toolkit.train_config import check_init_from
 
 
@@ -42,6 +43,11 @@ def parser():
     p.add_argument("--max_tokens", type=int, default=2048, help="the most tokens one request may ask for (default 2048)")
     p.add_argument("--max_n", type=int, default=8, help="the most choices (n) one request may ask for (default 8)")
     p.add_argument("--max_body_kb", type=int, default=1024, help="the largest request body, in kB (default 1024)")
+    p.add_argument("--max_messages", type=int, default=2048, help="the most messages in one chat request (default 2048)")
+    p.add_argument("--max_chars", type=int, default=262144,
+                   help="the most characters of one request's prompt or messages together (default 262144)")
+    p.add_argument("--read_timeout", type=float, default=30.0,
+                   help="seconds a client may take to send a request's headers, and again its body (default 30)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     p.add_argument("--dtype", default="auto", choices=hardware.DTYPE_CHOICES, help="precision (default auto)")
     p.add_argument("--verify_checkpoint", type=parse_bool, default=True, help="check the checkpoint's checksum")
@@ -52,11 +58,13 @@ def main(argv):
     args = parser().parse(argv)[0]
     if not 0 < args.port < 65536:
         raise UserError(f"--port={args.port} is not a port: use 1 to 65535")
-    if args.max_tokens < 1 or args.max_n < 1 or args.max_body_kb < 1:
-        raise UserError("--max_tokens, --max_n and --max_body_kb must be positive")
+    if min(args.max_tokens, args.max_n, args.max_body_kb, args.max_messages, args.max_chars) < 1:
+        raise UserError("--max_tokens, --max_n, --max_body_kb, --max_messages and --max_chars must be positive")
+    if not 0 < args.read_timeout < float("inf"):
+        raise UserError(f"--read_timeout={args.read_timeout} must be a positive number of seconds")
     check_init_from(args.init_from, ("resume",))
     import_optional("fastapi", "tools/serve.py")
-    uvicorn = import_optional("uvicorn", "tools/serve.py")
+    import_optional("uvicorn", "tools/serve.py")
     check_listen(args.host, args.port)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
@@ -69,7 +77,8 @@ def main(argv):
     engine = Engine(model, tokenizer, device=device, ctx=hardware.autocast(device, dtype),
                     report=lambda line: print(line, file=sys.stderr, flush=True))
     api = API(engine, model_id=model_id, block_size=model.config.block_size, api_key=args.api_key or None,
-              limits=Limits(max_tokens=args.max_tokens, n=args.max_n, body_bytes=args.max_body_kb * 1024))
+              limits=Limits(max_tokens=args.max_tokens, n=args.max_n, body_bytes=args.max_body_kb * 1024,
+                            messages=args.max_messages, chars=args.max_chars, read_seconds=args.read_timeout))
     where = f"http://{args.host}:{args.port}"
     kind = "a chat model" if api.is_chat else "a base model (chat requests get a 400: use /v1/completions)"
     print(f"serving '{model_id}' ({kind}, {model.get_num_params() / 1e6:.2f}M parameters, {device}, {dtype}) at "
@@ -78,14 +87,9 @@ def main(argv):
         print(f"note: --host={args.host} is reachable from the network: anyone who can reach this machine can use "
               f"the model{'' if args.api_key else ' (--api_key=KEY asks for a key)'}", flush=True)
     check_listen(args.host, args.port)
-    server = uvicorn.Server(uvicorn.Config(app(api), host=args.host, port=args.port, log_level="warning",
-                                           access_log=False))
-    try:
-        server.run()  # Ctrl-C or SIGTERM: it finishes the requests in flight, then raises the signal again
-    except KeyboardInterrupt:
-        pass
+    stopped_by = serve(api, host=args.host, port=args.port, report=engine.report)  # until Ctrl-C or SIGTERM
     print("server stopped", flush=True)
-    return 0
+    return 128 + signal.SIGTERM if stopped_by == signal.SIGTERM else 0  # 143, as a process SIGTERM ends
 
 
 def check_listen(host, port):
