@@ -54,6 +54,17 @@ class SecondInterrupt(KeyboardInterrupt):
         self.signum = signum
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where a Ctrl-C raises KeyboardInterrupt: a script stops the same way for both, in one line,
+    and exits 128 + the signal (143)."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signal.Signals(signum).name)
+
+
 INTERRUPTED = "interrupted: stopped before finishing; no file was left half-written"
 
 
@@ -62,14 +73,20 @@ def _exit_at_once(signum, frame):
     os._exit(128 + signum)
 
 
+def _under_torchrun():
+    """A torchrun worker: torchrun itself ends the workers with SIGTERM when one fails, and says so; they go quietly."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def quiet_interrupts():
-    """Make a Ctrl-C that arrives while a script is still importing (torch takes seconds) end it in one line instead
-    of a traceback. Scripts call this before their other imports. Until run_main starts the script's main, SIGINT
-    exits at once: nothing is written yet, and a KeyboardInterrupt raised inside a library's import can be swallowed
-    by it or leave a module half-imported that fails later with a traceback. Also sets sys.excepthook to print a
-    KeyboardInterrupt that escapes otherwise in one line."""
+    """Make a Ctrl-C or SIGTERM that arrives while a script is still importing (torch takes seconds) end it in one
+    line instead of a traceback (or, for SIGTERM, no word at all). Scripts call this before their other imports. Until
+    run_main starts the script's main, either signal exits at once: nothing is written yet, and a KeyboardInterrupt
+    raised inside a library's import can be swallowed by it or leave a module half-imported that fails later with a
+    traceback. Also sets sys.excepthook to print a KeyboardInterrupt that escapes otherwise in one line."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _exit_at_once)
+        for sig in (signal.SIGINT, signal.SIGTERM) if not _under_torchrun() else (signal.SIGINT,):
+            signal.signal(sig, _exit_at_once)
     previous = sys.excepthook
 
     def hook(kind, value, tb):
@@ -100,9 +117,12 @@ def peer_gone(exc):
 
 
 def run_main(main, argv=None):
-    """Run an entry point; turn UserError into 'error: ...' and its exit code, and a Ctrl-C into one line (exit 130)."""
+    """Run an entry point; turn UserError into 'error: ...' and its exit code, and a Ctrl-C or SIGTERM into one line
+    (exit 130 or 143)."""
     if signal.getsignal(signal.SIGINT) is _exit_at_once:  # the imports are done: a Ctrl-C is a KeyboardInterrupt again
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is _exit_at_once:  # and a SIGTERM one too (Terminated)
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
@@ -127,7 +147,7 @@ def run_main(main, argv=None):
         second = isinstance(interrupt, SecondInterrupt)
         print("aborted by a second interrupt: nothing more was saved" if second else INTERRUPTED, file=sys.stderr,
               flush=True)
-        sys.exit(128 + interrupt.signum if second else 130)
+        sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))
     sys.exit(code or 0)
 
 

@@ -273,10 +273,11 @@ def _scan_range(task, codes=False):
 
 
 def _worker_init(load, parent):
-    """A worker leaves Ctrl-C to the main process (which ends the pool) and, on Linux, dies with it: a main process
-    that is killed leaves no worker printing a BrokenPipeError traceback, or waiting for tasks forever (one killed
-    between the fork and the prctl is found by its parent's pid: the worker then ends itself)."""
+    """A worker leaves Ctrl-C to the main process (which ends the pool), dies at SIGTERM and, on Linux, dies with the
+    main process: one that is killed leaves no worker printing a BrokenPipeError traceback, or waiting for tasks forever
+    (one killed between the fork and the prctl is found by its parent's pid: the worker then ends itself)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool ends its workers with it (the script's handler raises)
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
