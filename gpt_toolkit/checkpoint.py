@@ -91,6 +91,9 @@ def run_checkpoint(out_dir, checkpoint=BEST):
     out_dir = Path(out_dir)
     if out_dir.is_file() and out_dir.suffix == ".pt":
         return out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"out_dir '{out_dir}' is a file, not a run's directory (or a .pt checkpoint): pass the "
+                        f"--out_dir you trained with")
     if not out_dir.is_dir():
         raise UserError(f"out_dir '{out_dir}' does not exist{nearby_runs(out_dir)}: pass the --out_dir you trained "
                         f"with")
@@ -146,9 +149,13 @@ def state_checksum(ckpt):
     return h.hexdigest()
 
 
-def save_checkpoint(ckpt, path):
+RESUME_AFTER_FAILURE = "the previous checkpoint is intact; free disk space and continue with --init_from=resume"
+
+
+def save_checkpoint(ckpt, path, *, after_failure=RESUME_AFTER_FAILURE):
     """Write whole or not at all (files.atomic_write), with its checksum. A failed write (a full disk, a file-size
-    limit) leaves the old file untouched and is reported as a UserError."""
+    limit) leaves the old file untouched and is reported as a UserError, ending with after_failure (what is kept,
+    and what to do)."""
     path = Path(path)
     ckpt = {**ckpt, CHECKSUM: {"sha256": state_checksum(ckpt)}}
     try:
@@ -159,15 +166,17 @@ def save_checkpoint(ckpt, path):
             raise interrupt from None
         if isinstance(e, RuntimeError) and not _write_failure(e):
             raise
-        raise UserError(f"could not save the checkpoint to {path} ({write_failure_cause(e, path)}): the previous "
-                        f"checkpoint is intact; free disk space and continue with --init_from=resume") from None
+        raise UserError(f"could not save the checkpoint to {path} ({write_failure_cause(e, path)}): "
+                        f"{after_failure}") from None
 
 
-def save_weights(path, model_state, *, model_args, meta, config, iter_num=0, best_val_loss=float("inf"), **extra):
+def save_weights(path, model_state, *, model_args, meta, config, iter_num=0, best_val_loss=float("inf"),
+                 after_failure="nothing was kept; free disk space or write it elsewhere", **extra):
     """A checkpoint of weights only, no optimizer (so not resumable): nanoGPT's keys, which its sample.py, our readers
     and init_from=DIR read. What a LoRA merge and a benchmark's base write."""
     save_checkpoint({"model": model_state, "model_args": model_args, "iter_num": iter_num,
-                     "best_val_loss": best_val_loss, "config": config, "meta": meta, **extra}, path)
+                     "best_val_loss": best_val_loss, "config": config, "meta": meta, **extra}, path,
+                    after_failure=after_failure)
 
 
 def _write_failure(exc):

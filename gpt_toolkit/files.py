@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from gpt_toolkit.errors import UserError
@@ -37,19 +38,31 @@ def process_alive(pid):
 
 
 def open_no_follow(path, flags, mode=0o644):
-    """os.open of a file the toolkit owns in a directory (a lock, a log), never through a symbolic link or onto a
-    directory: either is a one-line UserError naming it, so that nothing outside the directory is written."""
+    """os.open of a file the toolkit owns in a directory (a lock, a log), never through a symbolic link, onto a
+    directory or onto anything but a regular file (opening a FIFO waits for ever for its other end): each is a one-line
+    UserError naming it, so that nothing outside the directory is written and nothing hangs."""
     path = Path(path)
     if path.is_symlink():
         raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}): the toolkit writes this file itself and "
                         f"does not follow links out of {path.parent}; remove the link")
     if path.is_dir():
         raise UserError(f"{path} is a directory, where the toolkit keeps a file of that name: move it away")
+    not_regular = UserError(f"{path} is not a regular file (a FIFO, a socket or a device), where the toolkit keeps a "
+                            f"file of that name: move it away")
+    if path.exists() and not path.is_file():
+        raise not_regular
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # a FIFO put there after the look above must not hang the open either
     try:
-        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | nonblock, mode)
     except OSError as e:
         raise UserError(f"could not open {path} ({e.strerror or e}): check the directory's permissions and free "
                         f"space") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise not_regular
+    if nonblock:
+        os.set_blocking(fd, True)
+    return fd
 
 
 def write_failure_cause(exc, path):
@@ -79,9 +92,10 @@ def atomic_write(path, write):
     atomic_write_path(path, to_file, synced=True)
 
 
-def atomic_write_path(path, write, *, synced=False):
+def atomic_write_path(path, write, *, synced=False, replace=True):
     """atomic_write for writers that open the file themselves: write(tmp) writes a file at the temp path `tmp`, which
-    becomes `path` only once it is complete and on disk (synced: write has flushed it to disk already)."""
+    becomes `path` only once it is complete and on disk (synced: write has flushed it to disk already). With
+    replace=False a file that appeared at `path` meanwhile is never replaced (put_new)."""
     path = Path(path)
     tmp = temp_path(path)
     try:
@@ -89,11 +103,62 @@ def atomic_write_path(path, write, *, synced=False):
         if not synced:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            put_new(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def put_new(tmp, path):
+    """Give the complete file `tmp` the name `path` only if nothing has that name: a hard link, which the system
+    refuses when path exists (a file, a directory, a link, made by anyone at any moment before), then tmp's name goes.
+    Where the file system has no hard links, a rename, after one last look (Windows' rename refuses an existing file
+    too). Something at `path` is a one-line UserError; it is left as it is."""
+    path = Path(path)
+    taken = UserError(f"{path} appeared while this file was being written (another process made it): it was left as "
+                      f"it is and this one was not kept; choose another name")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise taken from None
+    except OSError:  # no hard links here (FAT, some network shares)
+        if path.exists() or path.is_symlink():
+            raise taken from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_output(path, data, *, ours, what, flag):
+    """Write `data` (bytes) at a path the user named for a tool's output (a plot, a table), whole or not at all. A file
+    already there is replaced only when ours(its first 4 kB) says it is a `what` this toolkit wrote; anything else
+    there (a checkpoint, a dataset, a user's file, a link, a directory) is a one-line UserError naming `flag`, and is
+    left as it is, as is a file that appears there while this one is written."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise UserError(f"the {what}'s output {path} is a directory: give a file name, e.g. {flag} "
+                        f"{path / ('out' + path.suffix)}")
+    existing = path.exists() or path.is_symlink()
+    if existing and (path.is_symlink() or not path.is_file() or not ours(_head(path))):
+        raise UserError(f"{path} exists and is not a {what} this toolkit wrote: it is left as it is; choose another "
+                        f"{flag} (or move the file away)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_path(path, lambda tmp: Path(tmp).write_bytes(data), replace=existing)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({write_failure_cause(e, path)}): choose another {flag}") from None
+
+
+def _head(path, size=4096):
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
 
 
 def write_run_file(path, text):
@@ -135,7 +200,8 @@ def write_directory(path, fill):
         try:
             os.replace(tmp, path)
         except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) or (path.exists() and not path.is_dir()):
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR) or path.is_symlink() or (
+                    path.exists() and not path.is_dir()):
                 raise UserError(f"{path} was written by another process while this one wrote it (another export to "
                                 f"the same place?): this one was not kept; check {path}, or write to another place"
                                 ) from None
@@ -144,6 +210,18 @@ def write_directory(path, fill):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+def check_new_directory(path, flag="--to"):
+    """Refuse, in one line and before any work, a directory to create (write_directory) where something is already:
+    anything but nothing or an empty directory; a symbolic link too (nothing is written through one)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{flag}={path} is a symbolic link (to {os.readlink(path)}): give the path of a new directory "
+                        f"(nothing is written through links)")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{flag}={path} already exists and is not an empty directory: choose a new {flag} (nothing is "
+                        f"overwritten)")
 
 
 def _file_mode():

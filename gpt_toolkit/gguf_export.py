@@ -130,10 +130,10 @@ def write_gguf(model, tokenizer, path, *, dtype="f16", name="gpt-toolkit"):
         writer.add_add_bos_token(False)
         if EOT in specials:
             writer.add_bos_token_id(specials[EOT])
-            writer.add_eos_token_id(specials[EOT])
         end = getattr(tokenizer, "end_of_turn", None)
-        if end is not None:  # a chat model: its answer ends at <|end|>, and the template makes the turns
-            writer.add_eos_token_id(end)
+        if end is not None or EOT in specials:  # a chat model's answer ends at <|end|> (each key is written once)
+            writer.add_eos_token_id(end if end is not None else specials[EOT])
+        if end is not None:  # and the template makes the turns
             writer.add_eot_token_id(end)
             writer.add_chat_template(CHAT_TEMPLATE)
         for tensor_name, data in tensors:
@@ -145,7 +145,7 @@ def write_gguf(model, tokenizer, path, *, dtype="f16", name="gpt-toolkit"):
         writer.close()
 
     try:
-        atomic_write_path(path, write)
+        atomic_write_path(path, write, replace=False)  # a file made at path meanwhile is never replaced
     except OSError as e:
         raise UserError(f"could not write {path} ({write_failure_cause(e, path)}): nothing was left behind; free disk "
                         f"space or choose another --to") from None

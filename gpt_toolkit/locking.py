@@ -3,12 +3,13 @@ writes there. The lock is the operating system's (flock on a file in the directo
 even on SIGKILL: there is never a stale lock to remove by hand. Readers (sample, evaluate, export, plots) take none."""
 import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.files import open_no_follow
+from gpt_toolkit.files import open_no_follow, process_alive
 
 LOCK_NAME = ".gpt-toolkit.lock"  # the lock file; it stays when its owner ends, unlocked
 
@@ -60,10 +61,11 @@ class DirectoryLock:
 
     def _refuse(self, f):
         f.seek(0)
-        owner = f.read().strip() or "another process"
+        recorded = f.read().strip()
+        holder = lock_holder(f)
         f.close()
-        raise UserError(f"{self.what} '{self.path.parent}' is being written by {owner}: wait for it to finish "
-                        f"{self.fix}") from None
+        raise UserError(f"{self.what} '{self.path.parent}' is being written by {describe_holder(holder, recorded)}: wait "
+                        f"for it to finish {self.fix}") from None
 
     def release(self):
         if self.file is not None:
@@ -75,6 +77,49 @@ class DirectoryLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def describe_holder(pid, recorded):
+    """Who holds a lock, in words: the process the system names (pid, or None where it cannot tell) with what its
+    lock file says when that was written by it, else its command line; the file's words alone when the system cannot
+    tell and the process they name still runs. The file may name an earlier holder (a process that has ended while one
+    it started, which shares the lock, goes on; a lock taken by a program that writes nothing)."""
+    written = re.match(r"pid (\d+) ", recorded + " ")
+    if pid is None:
+        if written and process_alive(int(written.group(1))):
+            return recorded
+        return "another process (which one cannot be told here" + (f"; the lock file names {recorded!r}, which has "
+                                                                    f"ended" if written else "") + ")"
+    if written and int(written.group(1)) == pid:
+        return recorded
+    return f"pid {pid} ({command_line(pid) or 'its command line cannot be read'})"
+
+
+def lock_holder(f):
+    """The id of the process holding a flock on the open file f, from /proc/locks (Linux), or None where that cannot
+    be told. Lines read 'N: FLOCK  ADVISORY  WRITE PID MAJOR:MINOR:INODE 0 EOF'; a waiter's line has '->'."""
+    try:
+        st = os.fstat(f.fileno())
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return None
+    exact, same_inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}", f":{st.st_ino}"
+    found = [(parts[5], int(parts[4])) for parts in map(str.split, lines)
+             if len(parts) >= 6 and parts[1] == "FLOCK" and "->" not in parts and parts[4].isdigit()]
+    for device in (exact, same_inode):  # an overlay file system reports another device than fstat
+        pids = {pid for where, pid in found if where == device or (device == same_inode and where.endswith(device))}
+        if len(pids) == 1 and 0 not in pids:
+            return pids.pop()
+    return None
+
+
+def command_line(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", errors="replace").strip()[:200]
+    except OSError:
+        return None
 
 
 def _lock(f):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from gpt_toolkit.errors import UserError
-from gpt_toolkit.files import atomic_write_bytes
+from gpt_toolkit.files import write_output
+
+SOFTWARE = "gpt-toolkit"  # the PNG's Software text: how a plot this toolkit wrote is known (and may be replaced)
 
 
 def subplots(*args, figsize, **kwargs):
@@ -51,18 +52,19 @@ def plot_compare(runs, output, title="Experiment Comparison", by_time=False):
     return save_figure(fig, output)
 
 
-def save_figure(fig, output):
-    """Write fig as a PNG at output (its directory made if needed). Returns the path. An output that is a directory
-    or cannot be written is a one-line UserError."""
+def save_figure(fig, output, flag="-o"):
+    """Write fig as a PNG at output (its directory made if needed). Returns the path. A file there is replaced only
+    when it is a plot (a PNG that this toolkit or matplotlib wrote: earlier versions did not mark theirs); a directory,
+    anything else there, or a place that cannot be written is a one-line UserError."""
     output = Path(output)
-    if output.is_dir():
-        raise UserError(f"the plot's output {output} is a directory: give a file name, e.g. -o {output / 'plot.png'}")
     fig.tight_layout()
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(output, png.getvalue())
-    except OSError as e:
-        raise UserError(f"cannot write the plot to {output} ({e.strerror or e}): choose another -o") from None
+    fig.savefig(png, format="png", dpi=120, metadata={"Software": SOFTWARE})
+    write_output(output, png.getvalue(), ours=is_plot, what="plot", flag=flag)
     return output
+
+
+def is_plot(head):
+    """Whether a file's first bytes are a PNG that this toolkit or matplotlib wrote (their Software text chunk)."""
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and (b"tEXtSoftware\x00" + SOFTWARE.encode() in head
+                                                        or b"tEXtSoftware\x00Matplotlib" in head)

@@ -75,6 +75,12 @@ def format_table(rows, fmt):
     return tabulate(rows, headers=HEADERS, tablefmt={"grid": "grid", "markdown": "github"}[fmt], disable_numparse=True)
 
 
+def is_table(head):
+    """Whether a file's first bytes are a table format_table wrote (its header row, in any of the three formats)."""
+    lines = head.decode("utf-8", errors="replace").splitlines()[:3]
+    return any(all(name in line for name in HEADERS[:3]) for line in lines)
+
+
 def curve_difference(run_a, run_b, which="val"):
     """(steps both runs evaluated, mean |a - b|, max |a - b|) of their val (or train) losses."""
     index = 1 if which == "val" else 0

@@ -25,6 +25,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.files import check_new_directory
 from gpt_toolkit.huggingface import export_hf, export_peft_adapter
 from gpt_toolkit.loading import lora_model, model_from_checkpoint
 from gpt_toolkit.lora import describe
@@ -41,9 +42,7 @@ def main(argv):
                         help="a LoRA run: merged (a plain GPT-2, the adapters folded in) or adapter (a PEFT adapter)")
     args, _ = parser.parse(argv)
     to = Path(args.to)
-    if to.exists() and (not to.is_dir() or any(to.iterdir())):
-        raise UserError(f"--to={to} already exists and is not an empty directory: choose a new --to (nothing is "
-                        f"overwritten)")
+    check_new_directory(to)
     source = run_checkpoint(args.out_dir, args.checkpoint)
     ckpt = load_checkpoint(source, verify=args.verify_checkpoint)
     if args.lora == "adapter":

@@ -19,7 +19,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint, save_weights
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.files import write_directory
+from gpt_toolkit.files import check_new_directory, write_directory
 from gpt_toolkit.loading import lora_model
 from gpt_toolkit.lora import describe, merged_model
 
@@ -32,9 +32,7 @@ def main(argv):
     parser.add_flag("--verify_checkpoint", default=True, help="check the checkpoint's checksum")
     args, _ = parser.parse(argv)
     to = Path(args.to)
-    if to.exists() and (not to.is_dir() or any(to.iterdir())):
-        raise UserError(f"--to={to} already exists and is not an empty directory: choose a new --to (nothing is "
-                        f"overwritten)")
+    check_new_directory(to)
     source = run_checkpoint(args.out_dir, args.checkpoint)
     ckpt = load_checkpoint(source, verify=args.verify_checkpoint)
     if ckpt.get("lora") is None:
@@ -45,7 +43,8 @@ def main(argv):
     merged_from = {"checkpoint": str(Path(source).resolve()), **ckpt["lora"]}
     write_directory(to, lambda directory: save_weights(
         Path(directory) / BEST, model.state_dict(), model_args=ckpt["model_args"], meta=ckpt.get("meta"),
-        config=config, iter_num=ckpt["iter_num"], best_val_loss=ckpt.get("best_val_loss"), merged_from=merged_from))
+        config=config, iter_num=ckpt["iter_num"], best_val_loss=ckpt.get("best_val_loss"), merged_from=merged_from,
+        after_failure=f"nothing was kept at {to}; free disk space or choose another --to"))
     print(f"merged the adapters of {source} ({describe(ckpt['lora'])}) with their base {ckpt['lora']['base']['path']} "
           f"(left as it was): wrote {to / BEST}")
     print(f"sample it with python sample.py --out_dir={to}, or fine-tune it further with --init_from={to}")

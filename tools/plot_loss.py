@@ -24,7 +24,8 @@ from gpt_toolkit.summary import load_runs
 def main(argv):
     parser = tool_parser(__file__, __doc__, usage="plot_loss.py [-o FILE] LOG | plot_loss.py compare [-o FILE] LOG1 LOG2 ...")
     parser.add_argument("inputs", nargs="+", help="logs, metrics.jsonl files or out_dirs (first word 'compare' to compare)")
-    parser.add_argument("-o", "--output", help="PNG to write (default loss_curve.png, or comparison.png when comparing)")
+    parser.add_argument("-o", "--output", help="PNG to write (default loss_curve.png, or comparison.png when comparing); a "
+                        "file there is replaced only if it is a plot (a PNG the toolkit or matplotlib wrote)")
     parser.add_argument("--title", help="figure title when comparing")
     args, _ = parser.parse(argv)
     if args.inputs[0] == "compare":

@@ -18,8 +18,8 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.files import atomic_write_text
-from gpt_toolkit.summary import SORT_KEYS, find_runs, format_table, sorted_rows, summary_row
+from gpt_toolkit.files import write_output
+from gpt_toolkit.summary import SORT_KEYS, find_runs, format_table, is_table, sorted_rows, summary_row
 
 
 def main(argv):
@@ -27,7 +27,8 @@ def main(argv):
     parser.add_argument("exp_dir", nargs="?", default="experiments", help="directory of runs (default experiments)")
     parser.add_argument("--format", choices=["grid", "markdown", "csv"], default="grid")
     parser.add_argument("--match", default="*", help="only runs whose name matches this glob, e.g. 'exp1_*'")
-    parser.add_argument("-o", "--output", help="write the table to this file instead of printing it")
+    parser.add_argument("-o", "--output", help="write the table to this file instead of printing it (a file there is "
+                        "replaced only if it is a table this tool wrote)")
     parser.add_argument("--sort", choices=list(SORT_KEYS), default="name", help="order the runs by name (default), "
                         "final val loss, best val loss, or val bits per byte (runs with other tokenizers compare by it)")
     args, _ = parser.parse(argv)
@@ -37,7 +38,8 @@ def main(argv):
                         f"NAME/training.log, NAME/metrics.jsonl or NAME.log")
     table = format_table(sorted_rows([summary_row(r) for r in runs], args.sort), args.format)
     if args.output:
-        atomic_write_text(args.output, table + ("" if table.endswith("\n") else "\n"))
+        write_output(args.output, (table + ("" if table.endswith("\n") else "\n")).encode("utf-8"), ours=is_table,
+                     what="summary table", flag="-o")
         print(f"summary of {len(runs)} runs written to {args.output}")
     elif args.format == "grid":
         print("=" * 80 + "\nExperiment summary\n" + "=" * 80)
