@@ -43,6 +43,8 @@ def main(argv):
     if bool(args.tokenizer) == bool(args.tokenizer_from):
         raise UserError("give the tokenizer: --tokenizer_from=OUT_DIR (the model to fine-tune) or --tokenizer=char|gpt2|bpe "
                         "(a new model)")
+    if args.block_size is not None and args.block_size < 1:
+        raise UserError(f"--block_size={args.block_size} must be a positive number of tokens (the longest conversation)")
     if not args.name or args.name in (".", "..") or any(sep in args.name for sep in "/\\") or args.name.startswith("."):
         raise UserError(f"--name={args.name!r} must be a plain directory name (the dataset goes to data/NAME/)")
     conversations, skipped = read_conversations(args.input, skip_bad=args.skip_bad)

@@ -42,7 +42,8 @@ def train_bpe(texts, vocab_size):
 
 
 def _train_bpe_into(send, texts, vocab_size):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent takes Ctrl-C, and ends this process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent takes Ctrl-C, and ends this process with SIGTERM,
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # which must kill it at once (the script's handler would wait for Rust)
     try:
         send.send((None, _train_bpe(texts, vocab_size)))
     except Exception as e:  # shown by the parent, which raises it

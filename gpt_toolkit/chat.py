@@ -131,7 +131,10 @@ def prepare_chat_dataset(conversations, out_dir, *, tokenizer=None, tokenizer_fr
     n_val = max(1, round(len(conversations) * val_fraction))
     if len(conversations) - n_val < 1:
         raise UserError(f"{len(conversations)} conversation(s): train and val need at least one each")
-    texts = [m["content"] for _, messages in conversations[:-n_val] for m in messages]
+    # as data/prepare_text.py does: a character vocabulary holds every character of both splits (a character only
+    # val has would refuse a valid file); a BPE learns from train only (its bytes cover any text)
+    texts = [m["content"] for _, messages in (conversations if tokenizer == "char" else conversations[:-n_val])
+             for m in messages]
     base_meta, model_block = base_tokenizer(tokenizer=tokenizer, tokenizer_from=tokenizer_from, vocab_size=vocab_size,
                                             texts=texts)
     block_size = block_size or model_block or 1024

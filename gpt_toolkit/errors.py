@@ -1,4 +1,5 @@
 """User-facing errors: bad input becomes one line on stderr and a non-zero exit, never a traceback."""
+import gc
 import importlib
 import os
 import signal
@@ -118,11 +119,18 @@ def peer_gone(exc):
 
 def run_main(main, argv=None):
     """Run an entry point; turn UserError into 'error: ...' and its exit code, and a Ctrl-C or SIGTERM into one line
-    (exit 130 or 143)."""
+    (exit 130 or 143). With argv None (a script's own command line) the process ends here, promptly: gc.freeze first
+    keeps the interpreter's last garbage collections from walking every object torch made (about a second, longer
+    on a busy machine: a Ctrl-C would take that long to end a tool)."""
     if signal.getsignal(signal.SIGINT) is _exit_at_once:  # the imports are done: a Ctrl-C is a KeyboardInterrupt again
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGTERM) is _exit_at_once:  # and a SIGTERM one too (Terminated)
         signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def end(code):
+        if argv is None:
+            gc.freeze()
+        sys.exit(code)
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
@@ -133,7 +141,7 @@ def run_main(main, argv=None):
             # error that rank 0 says.
             time.sleep(OTHER_RANKS_WAIT_S)
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+        end(e.exit_code)
     except BaseException as e:
         interrupt = interrupt_behind(e)
         gone = peer_gone(e) if interrupt is None else None
@@ -141,14 +149,14 @@ def run_main(main, argv=None):
             time.sleep(OTHER_RANKS_WAIT_S)
             print(f"error: another process of this torchrun job failed (its error is above), so this one stopped too "
                   f"(gloo: {gone})", file=sys.stderr, flush=True)
-            sys.exit(1)
+            end(1)
         if interrupt is None:
             raise
         second = isinstance(interrupt, SecondInterrupt)
         print("aborted by a second interrupt: nothing more was saved" if second else INTERRUPTED, file=sys.stderr,
               flush=True)
-        sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))
-    sys.exit(code or 0)
+        end(128 + getattr(interrupt, "signum", signal.SIGINT))
+    end(code or 0)
 
 
 def interrupt_behind(exc):

@@ -171,6 +171,11 @@ def add_adapters(model, cfg, dataset, base_print):
     """Freeze model and give it cfg's LoRA adapters (and trained rows for the chat tokens the base never saw);
     model.lora describes them and the base for the checkpoints. Returns a line for the log."""
     settings = lora.LoRASettings.of(cfg)
+    highest = lora.max_rank(model, settings.targets)
+    if settings.rank > highest:
+        raise UserError(f"lora_rank={settings.rank} is above the smallest dimension of the matrices it adapts ({highest}, "
+                        f"the base's n_embd): such an update is not low-rank and costs more than the matrix itself; use "
+                        f"--lora_rank={max(1, min(64, highest // 4))} or another value up to {highest}")
     token_ids = lora.chat_token_ids(dataset.meta) if dataset.is_chat else []
     if token_ids and model.config.untied_head:
         raise UserError(f"LoRA on chat data trains the rows of the {len(token_ids)} chat tokens in the embedding the "

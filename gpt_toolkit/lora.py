@@ -133,6 +133,13 @@ class RowsHead(nn.Module):
         return self._rows.logits(x, self.weight)
 
 
+def max_rank(model, targets):
+    """The highest useful rank on model's targeted matrices: the smallest dimension among them (a rank above it adds
+    no expressive power, only cost: more parameters than the matrix itself)."""
+    return min(min(m.in_features, m.out_features) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and targeted(name, targets))
+
+
 def add_lora(model, settings, *, token_ids=()):
     """Freeze every weight of model and put adapters on the targeted matrices (and trained rows for token_ids).
     Returns the names of the adapted matrices."""

@@ -192,7 +192,22 @@ def test_curve_difference_arithmetic(tmp_path):
     assert curve_difference(a, b, "train")[2] == pytest.approx(0.01)
     r = run_script("tools/compare_runs.py", tmp_path / "a.log", tmp_path / "b.log")
     assert "val loss over 3 evals (steps 0..20): mean abs diff 0.016667, max abs diff 0.030000" in r.stdout
-    assert "NOT within 0.01" in r.stdout
+    assert "NOT within 0.01" in r.stdout and r.returncode == 1  # a script can test the verdict
+    r = run_script("tools/compare_runs.py", tmp_path / "a.log", tmp_path / "b.log", "--tolerance=0.03")
+    assert "val curves within 0.03" in r.stdout and r.returncode == 0
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "-1", "inf"])
+def test_compare_runs_refuses_a_tolerance_that_is_not_a_difference(tmp_path, tolerance):
+    write_log(tmp_path / "a.log", {0: (4.0, 4.1)})
+    r = run_script("tools/compare_runs.py", tmp_path / "a.log", tmp_path / "a.log", f"--tolerance={tolerance}")
+    assert_one_line_error(r, f"--tolerance={float(tolerance)} must be a number of 0 or more")
+
+
+def test_identical_runs_are_within_any_tolerance_even_0(tmp_path):
+    write_log(tmp_path / "a.log", {0: (4.0, 4.1), 10: (3.0, 3.1)})
+    r = run_script("tools/compare_runs.py", tmp_path / "a.log", tmp_path / "a.log", "--tolerance=0")
+    assert "val curves within 0.0 of each other (max difference 0.0000" in r.stdout and r.returncode == 0
 
 
 def test_cpu_scale_keeps_ratios():

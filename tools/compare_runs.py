@@ -1,8 +1,11 @@
 """Compare two runs' loss curves step by step: the tutorial's experiment 2 check that gradient accumulation
 matches a large batch (they predict a difference below 0.01).
 
-    python tools/compare_runs.py experiments/exp2_large_batch experiments/exp2_grad_accum
+    python tools/compare_runs.py experiments/exp2_large_batch experiments/exp2_grad_accum [--tolerance=0.01]
+
+Exits 0 when the val curves are within the tolerance of each other, 1 when they differ by more (a script can test it).
 """
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +28,9 @@ def main(argv):
     parser.add_argument("--tolerance", type=float, help="the difference that counts as 'the same' (default: the "
                         "tutorial's 0.01 for float32 runs, more for bfloat16 and float16 ones)")
     args, _ = parser.parse(argv)
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise UserError(f"--tolerance={args.tolerance} must be a number of 0 or more (the largest val-loss difference "
+                        f"that counts as the same, e.g. 0.01)")
     try:
         a, b = read_run(args.run_a), read_run(args.run_b)
     except ValueError as e:
@@ -35,10 +41,10 @@ def main(argv):
               f"mean abs diff {mean:.6f}, max abs diff {worst:.6f}")
     _, _, worst_val = curve_difference(a, b, "val")
     tolerance, why = (args.tolerance, "given") if args.tolerance is not None else tolerance_for(a, b)
-    verdict = "within" if worst_val < tolerance else "NOT within"
-    print(f"{a.name} vs {b.name}: val curves {verdict} {tolerance} of each other (max difference {worst_val:.4f}; "
-          f"tolerance {tolerance}: {why})")
-    return 0
+    within = worst_val <= tolerance
+    print(f"{a.name} vs {b.name}: val curves {'within' if within else 'NOT within'} {tolerance} of each other (max "
+          f"difference {worst_val:.4f}; tolerance {tolerance}: {why})")
+    return 0 if within else 1
 
 
 if __name__ == "__main__":
