@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import signal
 
+from gpt_toolkit.errors import forking_with_default_sigterm
+
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenizer pattern: what tokenizers' ByteLevel(use_regex=True) splits on, and tiktoken's gpt2 pat_str
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -24,7 +26,8 @@ def train_bpe(texts, vocab_size):
     receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
     child = multiprocessing.get_context("fork").Process(target=_train_bpe_into, args=(send, texts, vocab_size),
                                                         daemon=True)
-    child.start()
+    with forking_with_default_sigterm():  # the child dies at the SIGTERM that ends it, even inside Rust
+        child.start()
     send.close()
     try:
         while not receive.poll(0.1):
@@ -42,8 +45,7 @@ def train_bpe(texts, vocab_size):
 
 
 def _train_bpe_into(send, texts, vocab_size):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent takes Ctrl-C, and ends this process with SIGTERM,
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # which must kill it at once (the script's handler would wait for Rust)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent takes Ctrl-C, and ends this process
     try:
         send.send((None, _train_bpe(texts, vocab_size)))
     except Exception as e:  # shown by the parent, which raises it

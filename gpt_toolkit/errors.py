@@ -1,4 +1,5 @@
 """User-facing errors: bad input becomes one line on stderr and a non-zero exit, never a traceback."""
+import contextlib
 import gc
 import importlib
 import os
@@ -66,6 +67,22 @@ def _raise_terminated(signum, frame):
     raise Terminated(signal.Signals(signum).name)
 
 
+@contextlib.contextmanager
+def forking_with_default_sigterm():
+    """Around forking child processes: SIGTERM at its default (death) meanwhile, so that a child dies of the SIGTERM
+    its parent ends it with from its first instruction. A forked child inherits the script's handler, which raises
+    in Python: a child inside Rust or C never runs it, and one that set its own handler just after the signal came
+    swallows it (a pool ended at once waited for ever)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 INTERRUPTED = "interrupted: stopped before finishing; no file was left half-written"
 
 
@@ -121,7 +138,8 @@ def run_main(main, argv=None):
     """Run an entry point; turn UserError into 'error: ...' and its exit code, and a Ctrl-C or SIGTERM into one line
     (exit 130 or 143). With argv None (a script's own command line) the process ends here, promptly: gc.freeze first
     keeps the interpreter's last garbage collections from walking every object torch made (about a second, longer
-    on a busy machine: a Ctrl-C would take that long to end a tool)."""
+    on a busy machine: a Ctrl-C would take that long to end a tool), and a signal that arrives during those last
+    steps is ignored instead of ending a finished tool with no word."""
     if signal.getsignal(signal.SIGINT) is _exit_at_once:  # the imports are done: a Ctrl-C is a KeyboardInterrupt again
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGTERM) is _exit_at_once:  # and a SIGTERM one too (Terminated)
@@ -130,6 +148,8 @@ def run_main(main, argv=None):
     def end(code):
         if argv is None:
             gc.freeze()
+            for sig in (signal.SIGINT, signal.SIGTERM):  # the work is over: a signal now would only kill the exit
+                signal.signal(sig, signal.SIG_IGN)       # (Python's last steps reset handlers to the default)
         sys.exit(code)
     try:
         code = main(sys.argv[1:] if argv is None else argv)
