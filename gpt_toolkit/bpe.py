@@ -5,9 +5,8 @@ several times faster than the tokenizers library on one thread, and the same ids
 import json
 import multiprocessing
 import os
-import signal
 
-from gpt_toolkit.errors import forking_with_default_sigterm
+from gpt_toolkit.errors import child_signals, forking_children
 
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenizer pattern: what tokenizers' ByteLevel(use_regex=True) splits on, and tiktoken's gpt2 pat_str
@@ -26,7 +25,7 @@ def train_bpe(texts, vocab_size):
     receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
     child = multiprocessing.get_context("fork").Process(target=_train_bpe_into, args=(send, texts, vocab_size),
                                                         daemon=True)
-    with forking_with_default_sigterm():  # the child dies at the SIGTERM that ends it, even inside Rust
+    with forking_children():  # the child dies at the SIGTERM that ends it, even inside Rust
         child.start()
     send.close()
     try:
@@ -45,7 +44,7 @@ def train_bpe(texts, vocab_size):
 
 
 def _train_bpe_into(send, texts, vocab_size):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent takes Ctrl-C, and ends this process
+    child_signals()  # the parent takes Ctrl-C, and ends this process
     try:
         send.send((None, _train_bpe(texts, vocab_size)))
     except Exception as e:  # shown by the parent, which raises it

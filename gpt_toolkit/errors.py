@@ -68,19 +68,36 @@ def _raise_terminated(signum, frame):
 
 
 @contextlib.contextmanager
-def forking_with_default_sigterm():
-    """Around forking child processes: SIGTERM at its default (death) meanwhile, so that a child dies of the SIGTERM
-    its parent ends it with from its first instruction. A forked child inherits the script's handler, which raises
-    in Python: a child inside Rust or C never runs it, and one that set its own handler just after the signal came
-    swallows it (a pool ended at once waited for ever)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+def forking_children():
+    """Around forking child processes that the parent ends with SIGTERM (a pool, a trainer in Rust). Ctrl-C and SIGTERM
+    are blocked in this thread meanwhile, so each child starts with them blocked and pending until its first call,
+    child_signals(), makes SIGTERM fatal: the script's handler that a child inherits raises in Python, which a child
+    inside Rust or C never runs, and one that replaced it just after the signal came swallowed it (a pool ended at once
+    waited for ever). In this process a signal that another thread takes meanwhile is only recorded (raised inside a
+    fork hook it would be swallowed: a Ctrl-C lost), and raised again once the children exist."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield  # Windows: no fork, and children start fresh
         return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    held, caught = (signal.SIGINT, signal.SIGTERM), []
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # one that waited for this thread reaches its handler now
+        for signum in caught[:1]:
+            signal.raise_signal(signum)
+
+
+def child_signals():
+    """A child's first call (see forking_children): Ctrl-C ignored (the parent takes it and ends the children), SIGTERM
+    fatal, then both unblocked (a SIGTERM that came since the fork ends the child now)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 INTERRUPTED = "interrupted: stopped before finishing; no file was left half-written"
@@ -148,8 +165,8 @@ def run_main(main, argv=None):
     def end(code):
         if argv is None:
             gc.freeze()
-            for sig in (signal.SIGINT, signal.SIGTERM):  # the work is over: a signal now would only kill the exit
-                signal.signal(sig, signal.SIG_IGN)       # (Python's last steps reset handlers to the default)
+            for sig in () if _under_torchrun() else (signal.SIGINT, signal.SIGTERM):  # the work is over: a signal
+                signal.signal(sig, signal.SIG_IGN)  # now would only kill the exit (Python's last steps reset handlers)
         sys.exit(code)
     try:
         code = main(sys.argv[1:] if argv is None else argv)

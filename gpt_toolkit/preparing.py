@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt_toolkit.bpe import EOT, MAX_VOCAB, MIN_VOCAB, tiktoken_encoding, train_bpe
-from gpt_toolkit.errors import UserError, forking_with_default_sigterm
+from gpt_toolkit.errors import UserError, child_signals, forking_children
 from gpt_toolkit.files import atomic_write, fingerprint, remove_stale_temps, replace_together
 from gpt_toolkit.locking import LOCK_NAME, DirectoryLock
 from gpt_toolkit.tokenizer import (
@@ -274,10 +274,10 @@ def _scan_range(task, codes=False):
 
 def _worker_init(load, parent):
     """A worker leaves Ctrl-C to the main process (which ends the pool with SIGTERM, at its default: the pool is made
-    with forking_with_default_sigterm) and, on Linux, dies with it: a main process that is killed leaves no worker
+    with forking_children) and, on Linux, dies with it: a main process that is killed leaves no worker
     printing a BrokenPipeError traceback, or waiting for tasks forever (one killed between the fork and the prctl is
     found by its parent's pid: the worker then ends itself)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    child_signals()
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -308,7 +308,7 @@ class _Workers:
         if num_proc == 1 or fork:
             _init(kind, vocabulary)  # forked workers inherit the loaded tokenizer instead of each loading it again
         if num_proc > 1:
-            with forking_with_default_sigterm():
+            with forking_children():
                 self.pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(
                     num_proc, initializer=_worker_init, initargs=(None if fork else (kind, vocabulary), os.getpid()))
         self.limit = 4 * num_proc  # enough queued that no worker waits for the next chunk
