@@ -276,15 +276,22 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, doc_sep=None, kv_cache=None):
+    def forward(self, idx, targets=None, doc_sep=None, kv_cache=None, layout=None):
         """Logits (and the loss when targets are given). With doc_sep (an end-of-text token id), each row may
         hold several documents: positions restart after every doc_sep and attention stays inside a document.
-        With kv_cache, idx continues the tokens already in the cache."""
+        With kv_cache, idx continues the tokens already in the cache. layout = (positions (B, T), mask (B, 1, T, T),
+        keep (B, T) bool) gives each token its position and what it may attend to (a shared context followed by
+        several continuations of it, each attending to the context and to itself): the logits (N, vocab) of the
+        positions keep marks come back, in row order."""
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
+        if layout is not None:
+            pos, mask, keep = layout
+            if int(pos.max()) >= self.config.block_size:
+                raise ValueError(f"position {int(pos.max())} is past block_size {self.config.block_size}")
+        elif start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
-        if doc_sep is None:
+        elif doc_sep is None:
             pos, mask = torch.arange(start, start + T, dtype=torch.long, device=idx.device), None
         else:
             pos, mask = document_positions_and_mask(idx, doc_sep)
@@ -304,8 +311,10 @@ class GPT(nn.Module):
             else:
                 x = block(x, mask, kv_cache, i, rope, ve)
         x = self.transformer.ln_f(x)
-        if targets is None:
+        if targets is None and layout is None:
             return self.softcap(self.lm_head(x[:, [-1], :])), None  # generation needs only the last position
+        if targets is None:
+            return self.softcap(self.lm_head(x[keep])), None
         logits = self.softcap(self.lm_head(x))
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss

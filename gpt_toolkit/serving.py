@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gpt_toolkit.sampling import StopAtStrings, TextStream, fit_history, stop_token_ids
+from gpt_toolkit.tokenizer import CHAT_TEMPLATE
 from model import check_sampling
 
 PAGE = Path(__file__).resolve().parent / "chat_page.html"
@@ -52,6 +53,7 @@ class Limits:
     messages: int = 2048
     chars: int = 256 * 1024
     read_seconds: float = 30.0
+    prompts: int = 64  # prompts in one /v1/completions request (lm-eval sends a batch of them)
 
 
 @dataclass
@@ -68,6 +70,10 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     completion_tokens: int = 0
+    logprobs: int | None = None  # how many top alternatives per token, when the request asked for logprobs
+    echo: bool = False  # the prompt's tokens are scored too
+    generated: list = field(default_factory=list)  # the ids generated (for logprobs)
+    scores: dict | None = None  # OpenAI's legacy logprobs object, set by the engine before the job's last event
 
     def put(self, text, end=None):  # from the engine's thread
         with contextlib.suppress(RuntimeError):  # the event loop has closed (the server stopped): nobody listens
@@ -99,7 +105,11 @@ class Engine:
             arrived = [] if active else [self.incoming.get()]  # wait for work
             while not self.incoming.empty():
                 arrived.append(self.incoming.get())
-            active += [self._start(job) for job in arrived if job is not None]
+            for job in arrived:
+                if job is not None and job.max_tokens == 0:  # scoring only (echo): nothing to generate
+                    self._finish(job, "", "length")
+                elif job is not None:
+                    active.append(self._start(job))
             if self.stopping:
                 for job, stream, *_ in active:
                     stream.close()
@@ -131,18 +141,63 @@ class Engine:
         token = None if token is None else token.item()
         if token is not None and token not in self.stop_tokens:
             job.completion_tokens += 1
+            job.generated.append(token)
             piece = cut.push(text.push(token))
             if piece:
                 job.put(piece)
             if cut.stopped:
-                job.put(None, "stop")
                 stream.close()
+                self._finish(job, "", "stop")
                 return True
             if job.completion_tokens < job.max_tokens:
                 return False
-        job.put(cut.push(text.end()) + cut.end(), "length" if token is None or token not in self.stop_tokens else "stop")
         stream.close()
+        self._finish(job, cut.push(text.end()) + cut.end(), "length" if token is None or token not in self.stop_tokens
+                     else "stop")
         return True
+
+    def _finish(self, job, text, end):
+        """The job's last text and its finish reason, its logprobs first when it asked for them."""
+        if job.logprobs is not None:
+            try:
+                job.scores = self._scores(job)
+            except Exception as e:  # never the server's end: the request gets the error
+                job.put(None, RequestError(500, f"scoring failed: {type(e).__name__}: {e}", kind="server_error"))
+                return
+        job.put(text, end)
+
+    @torch.no_grad()
+    def _scores(self, job):
+        """OpenAI's legacy logprobs object of the job's tokens (the prompt's too with echo): the model's own
+        distribution (before temperature and the other controls), one forward over prompt and generated tokens."""
+        ids = job.ids + job.generated
+        with self.ctx:
+            logits, _ = self.model(torch.tensor([ids[:-1]], device=self.device), layout=causal_layout(len(ids) - 1,
+                                                                                                     self.device))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        first = 0 if job.echo else len(job.ids)
+        tokens, token_logprobs, top, offsets, at = [], [], [], [], 0
+        for i in range(first, len(ids)):
+            piece = self.tokenizer.decode([ids[i]])
+            tokens.append(piece)
+            offsets.append(at)
+            at += len(piece)
+            if i == 0:  # the first token has no context to be predicted from
+                token_logprobs.append(None)
+                top.append(None)
+                continue
+            row = logprobs[i - 1]
+            token_logprobs.append(float(row[ids[i]]))
+            values, indices = row.topk(min(job.logprobs, row.numel())) if job.logprobs else (row[:0], row[:0].long())
+            top.append({self.tokenizer.decode([int(t)]): float(v) for v, t in zip(values, indices)})
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def causal_layout(T, device):
+    """GPT.forward's layout for one plain row of T tokens whose every position's logits are wanted."""
+    pos = torch.arange(T, device=device)[None]
+    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+    return pos, mask, torch.ones(1, T, dtype=torch.bool, device=device)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -194,24 +249,34 @@ class Request:
     seed: int | None
     stream: bool
     with_usage: bool
+    echo: bool = False
+    logprobs: int | None = None
 
 
-def parse_request(body, limits, *, default_max_tokens):
-    """The Request of a body's common fields: max_tokens, n, the sampling controls, stop strings, seed, stream."""
+MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
+
+
+def parse_request(body, limits, *, default_max_tokens, scoring=False):
+    """The Request of a body's common fields: max_tokens, n, the sampling controls, stop strings, seed, stream; with
+    scoring (/v1/completions), also echo and logprobs (0 to 5), and max_tokens may be 0 (score the prompt only)."""
     for key in ("presence_penalty", "frequency_penalty"):
         if _number(body, key, 0.0, low=-2.0, high=2.0):
             raise RequestError(400, f"'{key}' is not supported by this server: use repetition_penalty (transformers' "
                                     f"definition: above 1 makes tokens already in the text less likely)", param=key,
                                code="unsupported_parameter")
-    for key in ("logprobs", "echo", "top_logprobs", "tools", "functions", "logit_bias", "suffix"):
+    for key in ("top_logprobs", "tools", "functions", "logit_bias", "suffix", *(() if scoring else ("logprobs", "echo"))):
         if body.get(key) not in (None, False, 0, [], {}):
-            raise RequestError(400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
+            raise RequestError(400, f"'{key}' is not supported by this server" + (
+                " on /v1/chat/completions: /v1/completions scores tokens (echo, logprobs)" if key in ("logprobs", "echo")
+                else ""), param=key, code="unsupported_parameter")
+    echo = _flag(body, "echo") if scoring else False
+    logprobs = _number(body, "logprobs", None, low=0, high=MAX_LOGPROBS, integer=True) if scoring else None
     if _number(body, "best_of", 1, low=1, integer=True) != 1:
         raise RequestError(400, "'best_of' is not supported by this server: ask for n choices", param="best_of",
                            code="unsupported_parameter")
     _string(body, "user")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, key, default_max_tokens, low=1, high=limits.max_tokens, integer=True)
+    max_tokens = _number(body, key, default_max_tokens, low=0 if echo else 1, high=limits.max_tokens, integer=True)
     n = _number(body, "n", 1, low=1, high=limits.n, integer=True)
     controls = dict(temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0),
                     top_p=_number(body, "top_p", 1.0), top_k=_number(body, "top_k", 0, low=0, integer=True) or None,
@@ -235,7 +300,10 @@ def parse_request(body, limits, *, default_max_tokens):
         raise RequestError(400, f"'stream_options' must be an object, got {_shown(options)}", param="stream_options",
                            code="invalid_type")
     with_usage = _flag(options or {}, "include_usage")
-    return Request(max_tokens, n, controls, stops, seed, stream, with_usage)
+    if stream and logprobs is not None:
+        raise RequestError(400, "'logprobs' with stream=true is not supported by this server: ask without streaming",
+                           param="logprobs", code="unsupported_parameter")
+    return Request(max_tokens, n, controls, stops, seed, stream, with_usage, echo, logprobs)
 
 
 def chat_turns(body, limits):
@@ -270,19 +338,28 @@ def chat_turns(body, limits):
     return turns
 
 
-def completion_prompt(body, limits):
-    """The prompt text of a /v1/completions body, checked."""
+def completion_prompts(body, limits):
+    """The prompts of a /v1/completions body, checked: each a string or a list of token ids (OpenAI's forms: a
+    string, a list of strings, a list of ids, a list of lists of ids)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise RequestError(400, "'prompt' must be a non-empty string (one prompt per request)", param="prompt",
-                           code="invalid_type")
-    if len(prompt) > limits.chars:
-        raise RequestError(400, f"the prompt has {len(prompt):,} characters, over this server's limit of "
-                                f"{limits.chars:,}: send the end of it (only the last block_size tokens are read)",
-                           param="prompt", code="too_long")
-    return prompt
+    is_ids = lambda p: isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+    if isinstance(prompt, str) or is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise RequestError(400, "'prompt' must be a non-empty string, a list of token ids, or a list of either",
+                           param="prompt", code="invalid_type")
+    if len(prompts) > limits.prompts:
+        raise RequestError(400, f"{len(prompts):,} prompts: this server takes at most {limits.prompts} in one request",
+                           param="prompt", code="too_many_prompts")
+    if any(p == "" for p in prompts):
+        raise RequestError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
+    if sum(len(p) for p in prompts) > limits.chars:
+        raise RequestError(400, f"the prompt has over {limits.chars:,} characters or tokens, this server's limit: send "
+                                f"the end of it (only the last block_size tokens are read)", param="prompt",
+                           code="too_long")
+    return prompts
 
 
 def generators(seed, n, device):
@@ -319,11 +396,26 @@ class API:
                                param="model", code="model_not_found")
 
     def completion(self, body):
-        """(Request, prompt ids) of a /v1/completions body."""
+        """(Request, [prompt ids, ...]) of a /v1/completions body."""
         self.check_model(body)
-        prompt = completion_prompt(body, self.limits)
-        request = parse_request(body, self.limits, default_max_tokens=16)
-        return request, self._encode(prompt)
+        prompts = completion_prompts(body, self.limits)
+        request = parse_request(body, self.limits, default_max_tokens=16, scoring=True)
+        ids = [self._encode(p) if isinstance(p, str) else self._check_ids(p) for p in prompts]
+        if request.logprobs is not None:  # scored by one forward over prompt and generation: they must fit together
+            longest = max(len(p) for p in ids) + max(request.max_tokens - 1, 0)
+            if longest > self.block_size:
+                raise RequestError(400, f"'logprobs' needs the prompt and max_tokens within the model's context of "
+                                        f"{self.block_size} tokens, and they make {longest}: shorten the prompt",
+                                   param="logprobs", code="context_length_exceeded")
+        return request, ids
+
+    def _check_ids(self, ids):
+        vocab = self.engine.model.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(400, f"token id {bad} is not in this model's vocabulary (0 to {vocab - 1})",
+                               param="prompt", code="invalid_value")
+        return list(ids)
 
     def chat(self, body):
         """(Request, prompt ids) of a /v1/chat/completions body: the model's chat template, the oldest turns dropped
@@ -340,7 +432,7 @@ class API:
             ids, _ = fit_history(self.engine.tokenizer, turns, self.block_size - room)
         except Exception as e:  # a character the model never saw
             raise RequestError(400, str(e), param="messages", code="invalid_value") from None
-        return request, ids
+        return request, [ids]
 
     def _encode(self, text):
         try:
@@ -348,14 +440,40 @@ class API:
         except Exception as e:  # a character a character-level model never saw
             raise RequestError(400, str(e), param="prompt", code="invalid_value") from None
 
-    def submit(self, request, ids):
-        """The jobs of a checked request, one per choice, handed to the engine."""
+    def submit(self, request, prompts):
+        """The jobs of a checked request, n per prompt (prompt i's choice j is job i * n + j), handed to the engine."""
         loop = asyncio.get_running_loop()
         jobs = [Job(ids=list(ids), max_tokens=request.max_tokens, controls=dict(request.controls), stops=request.stops,
-                    generator=g, loop=loop) for g in generators(request.seed, request.n, self.engine.device)]
+                    generator=g, loop=loop, logprobs=request.logprobs, echo=request.echo)
+                for ids in prompts for g in generators(request.seed, request.n, self.engine.device)]
         for job in jobs:
             self.engine.submit(job)
         return jobs
+
+    def tokenizer_info(self):
+        tok = self.engine.tokenizer
+        eot = getattr(tok, "eot", None)
+        return {"eos_token": tok.decode([eot]) if eot is not None else None, "bos_token": None, "pad_token": None,
+                "model_max_length": self.block_size, "vocab_size": self.engine.model.config.vocab_size,
+                "tokenizer_kind": tok.kind, **({"chat_template": CHAT_TEMPLATE} if self.is_chat else {})}
+
+    def tokenize(self, body):
+        self.check_model(body)
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise RequestError(400, "'prompt' must be a string", param="prompt", code="invalid_type")
+        if len(text) > self.limits.chars:
+            raise RequestError(400, f"the prompt has over {self.limits.chars:,} characters, this server's limit",
+                               param="prompt", code="too_long")
+        ids = self._encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.block_size}
+
+    def detokenize(self, body):
+        self.check_model(body)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise RequestError(400, "'tokens' must be a list of token ids", param="tokens", code="invalid_type")
+        return {"prompt": self.engine.tokenizer.decode(self._check_ids(ids))}
 
 
 async def collect(job):
@@ -452,14 +570,28 @@ def app(api, *, page=PAGE):
     @server.post("/v1/completions")
     async def completions(request: Request):
         body = await body_of(request)
-        checked, ids = await asyncio.to_thread(api.completion, body)  # tokenizing a long prompt: off the event loop
-        return await respond(request, checked, api.submit(checked, ids), len(ids), chat=False)
+        checked, prompts = await asyncio.to_thread(api.completion, body)  # tokenizing a long prompt: off the loop
+        return await respond(request, checked, api.submit(checked, prompts), sum(map(len, prompts)), chat=False)
 
     @server.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_of(request)
-        checked, ids = await asyncio.to_thread(api.chat, body)  # fitting a long history: off the event loop
-        return await respond(request, checked, api.submit(checked, ids), len(ids), chat=True)
+        checked, prompts = await asyncio.to_thread(api.chat, body)  # fitting a long history: off the event loop
+        return await respond(request, checked, api.submit(checked, prompts), sum(map(len, prompts)), chat=True)
+
+    # the tokenizer, as vLLM serves it (lm-evaluation-harness's local-completions tokenizes through these)
+    @server.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        api.check_key(request.headers.get("authorization"))
+        return api.tokenizer_info()
+
+    @server.post("/tokenize")
+    async def tokenize(request: Request):
+        return await asyncio.to_thread(api.tokenize, await body_of(request))
+
+    @server.post("/detokenize")
+    async def detokenize(request: Request):
+        return await asyncio.to_thread(api.detokenize, await body_of(request))
 
     async def respond(request, checked, jobs, prompt_tokens, *, chat):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
@@ -484,10 +616,13 @@ def app(api, *, page=PAGE):
             if isinstance(end, RequestError):
                 raise end
         choices = [({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": end} if chat
-                    else {"index": i, "text": text, "logprobs": None, "finish_reason": end})
-                   for i, (text, end) in enumerate(results.result())]
+                    else {"index": i, "text": echoed(job) + text, "logprobs": job.scores, "finish_reason": end})
+                   for i, (job, (text, end)) in enumerate(zip(jobs, results.result()))]
         return {"id": rid, "object": kind, "created": created, "model": api.model_id, "choices": choices,
                 "usage": usage(prompt_tokens, jobs)}
+
+    def echoed(job):
+        return api.engine.tokenizer.decode(job.ids) if job.echo else ""
 
     async def stream(rid, created, jobs, prompt_tokens, *, chat, with_usage):
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -504,6 +639,8 @@ def app(api, *, page=PAGE):
                 for i in range(len(jobs)):
                     yield chunk(i, role=True)
             for i, job in enumerate(jobs):  # the choices one after another (they are generated at once)
+                if job.echo:
+                    yield chunk(i, echoed(job))
                 while True:
                     text, end = await job.events.get()
                     if isinstance(end, RequestError):

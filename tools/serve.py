@@ -6,7 +6,10 @@
 Then open http://127.0.0.1:8000/ for the chat page, or point a client at http://127.0.0.1:8000/v1 (GET /v1/models,
 POST /v1/completions, POST /v1/chat/completions; stream=true streams server-sent events as OpenAI's do). A chat
 request needs a chat model (fine-tuned on a chat dataset); a base model answers /v1/completions, and a chat request
-gets a 400 saying so. Ctrl-C stops it.
+gets a 400 saying so. /v1/completions also scores text (echo, logprobs, max_tokens=0, token-id prompts) and
+/tokenize, /detokenize and /tokenizer_info serve the tokenizer, which is what lm-evaluation-harness needs:
+    lm_eval --model local-completions --model_args base_url=http://127.0.0.1:8000/v1/completions,model=ID,max_length=N
+(N: the model's block_size + 1; docs/evaluation.md). Ctrl-C stops it.
 """
 import signal
 import socket
