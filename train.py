@@ -63,6 +63,7 @@ from gpt_toolkit.runlog import (
 from gpt_toolkit.schedule import lr_at
 from gpt_toolkit.sharding import local_numel
 from gpt_toolkit.stopping import EarlyStopping, Interrupted, StopRequest
+from gpt_toolkit.task_scoring import EvalTasks
 from gpt_toolkit.tokenizer import tokenizer_from_meta
 from gpt_toolkit.train_config import Config, load_config, validate, validate_lora
 from gpt_toolkit.training import Training, build_training
@@ -96,6 +97,7 @@ class Run:
     saves: RunCheckpoints
     log: RunLog
     out_dir: OutDir
+    tasks: EvalTasks | None = None  # --eval_tasks, scored at each evaluation (rank 0)
 
 
 def main(argv, *, watch_class=Watch):
@@ -108,6 +110,7 @@ def main(argv, *, watch_class=Watch):
     world, trackers = check_setup(cfg)  # the DDP process, its device, dtype (auto: bf16 where it is fast), compile
     setup_process(world.device, keep_cpu_memory=cfg.keep_cpu_memory)
     cfg, dataset, ckpt, ckpt_path, notes = check_data_and_out_dir(cfg, cli_keys, world)
+    tasks = EvalTasks(cfg.eval_tasks, cfg.eval_tasks_limit, dataset.meta) if cfg.eval_tasks and world.master else None
     torch.manual_seed(cfg.seed + world.rank)
 
     # model init: from scratch, from a checkpoint to resume, from another run, GPT-2 or a transformers directory
@@ -131,6 +134,7 @@ def main(argv, *, watch_class=Watch):
             log.print(f"interrupted ({signal.Signals(e.signum).name}) while building the run: nothing was trained or "
                       f"saved")
             return 128 + e.signum
+        run.tasks = tasks
         state = resume(run, ckpt if resuming else None, ckpt_path)
         del ckpt
         if world.master and (cfg.debug_data or cfg.check_init):
@@ -207,6 +211,8 @@ def train(run, state, watch):
                 state.evaluated = True  # what is saved from now on holds this evaluation
                 if losses is not None:
                     log_evaluation(run, watch, iter_num, losses, lr)
+                    if run.tasks:  # --eval_tasks: standard tasks scored too (no randomness: the losses stay the same)
+                        log_tasks(run, watch, iter_num)
                     improved = losses["val"] < state.best_val_loss
                     state.best_val_loss = min(state.best_val_loss, losses["val"])
                     stop_early = not cfg.eval_only and early.update(losses["val"], iter_num)
@@ -359,6 +365,14 @@ def log_evaluation(run, watch, step, losses, lr):
                  "progress": step / cfg.max_iters if cfg.max_iters else 1.0})
     if not all(math.isfinite(v) for v in losses.values()):
         watch.guard.stop(step, run.saves.kept(), log.print)
+
+
+def log_tasks(run, watch, step):
+    """--eval_tasks: each task's score on the model now, in a line that names their cost and a metrics record."""
+    with watch.phase(f"the tasks at step {step}"):  # Ctrl-C ends it at once
+        scores = run.tasks.score(run.model, device=run.world.device, ctx=run.training.ctx)
+    run.log.print(EvalTasks.line(step, scores))
+    run.log.metrics(EvalTasks.record(step, scores))
 
 
 def check_data_and_out_dir(cfg, cli_keys, world):

@@ -18,13 +18,35 @@ def subplots(*args, figsize, **kwargs):
 
 
 def plot_single(run, output):
-    fig, ax = subplots(figsize=(12, 6))
+    """Train and val loss against steps; with --eval_tasks' scores, a panel of them below (each task's centered score
+    and the CORE-style mean)."""
+    fig, axes = subplots(2 if run.core else 1, 1, figsize=(12, 9 if run.core else 6), squeeze=False)
+    ax = axes[0][0]
     ax.plot(run.steps, run.train_losses, label="Train Loss", linewidth=2)
     ax.plot(run.steps, run.val_losses, label="Val Loss", linewidth=2)
     ax.set(xlabel="Steps", ylabel="Loss", title=f"Training Progress: {run.name}")
     ax.legend()
     ax.grid(True, alpha=0.3)
+    if run.core:
+        plot_tasks(axes[1][0], [run], each_task=True)
     return save_figure(fig, output)
+
+
+def plot_tasks(ax, runs, each_task=False):
+    """The CORE-style score of each run against steps (and, with each_task, every task's centered score)."""
+    for i, run in enumerate(runs):
+        steps = sorted(run.core)
+        ax.plot(steps, [run.core[s] for s in steps], color=f"C{i % 10}", linewidth=2, marker=MARKERS[i % len(MARKERS)],
+                label=f"{run.name} (CORE-style)" if not each_task else "CORE-style")
+        if each_task:
+            for j, name in enumerate(sorted({t for s in steps for t in run.tasks[s]})):
+                have = [s for s in steps if name in run.tasks[s]]
+                ax.plot(have, [run.tasks[s][name]["centered"] for s in have], linestyle=DASHES[(j + 1) % len(DASHES)],
+                        linewidth=1, label=name)
+    ax.set(xlabel="Steps", ylabel="centered score ((acc - random) / (1 - random))", title="Tasks (--eval_tasks)")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.legend(fontsize=9)
+    ax.grid(True, alpha=0.3)
 
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -35,7 +57,9 @@ def plot_compare(runs, output, title="Experiment Comparison", by_time=False):
     """Val loss as thick lines and train loss as thin ones, against steps, or with by_time against the seconds since each
     run started (the evaluations metrics.jsonl timed). Each run has its own colour, marker and dash pattern, and the
     later runs are drawn thinner on top, so curves that overlap still show (four of exp3's once looked like two)."""
-    fig, ax = subplots(figsize=(14, 7))
+    scored = [run for run in runs if run.core]
+    fig, axes = subplots(2 if scored else 1, 1, figsize=(14, 11 if scored else 7), squeeze=False)
+    ax = axes[0][0]
     for i, run in enumerate(runs):
         style = dict(color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], markevery=max(1, len(run.steps) // 12))
         dashes = DASHES[i % len(DASHES)]
@@ -49,6 +73,8 @@ def plot_compare(runs, output, title="Experiment Comparison", by_time=False):
     ax.set(xlabel="Seconds" if by_time else "Steps", ylabel="Loss", title=title)
     ax.legend(fontsize=9)
     ax.grid(True, alpha=0.3)
+    if scored:
+        plot_tasks(axes[1][0], scored)
     return save_figure(fig, output)
 
 

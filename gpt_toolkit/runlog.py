@@ -257,6 +257,8 @@ class Run:
         self.val_bpb = {}  # step -> val bits per byte, where metrics.jsonl has it
         self.elapsed = {}  # step -> seconds since the run (or its latest resume) started, from metrics.jsonl
         self.iters = {}  # iter -> dict(loss, time_ms, mfu, tokens_per_s)
+        self.tasks = {}  # step -> {task: {acc, acc_norm, ..., centered}}, from --eval_tasks' records
+        self.core = {}  # step -> the CORE-style mean of the tasks' centered scores
         self.took = None  # seconds, from "training took N seconds"
         self.num_params = None
         self.tokens_per_iter = None
@@ -321,6 +323,8 @@ def well_formed(record):
         return "step" in record and number(record.get("train_loss")) and number(record.get("val_loss"))
     if record["type"] == "train":
         return "iter" in record and number(record.get("loss"))
+    if record["type"] == "tasks":
+        return "step" in record and number(record.get("core")) and isinstance(record.get("scores"), dict)
     return True
 
 
@@ -353,6 +357,8 @@ def _read_metrics(run, path):
                 run.elapsed[record["step"]] = record["elapsed_s"]
         elif record.get("type") == "train":
             run.iters[record["iter"]] = record
+        elif record.get("type") == "tasks":
+            run.tasks[record["step"]], run.core[record["step"]] = record["scores"], record["core"]
 
 
 def read_config_json(path):

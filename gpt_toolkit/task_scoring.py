@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt_toolkit.sampling import StopAtStrings, TextStream
-from gpt_toolkit.tasks import load_task
+from gpt_toolkit.tasks import check_task_name, load_task
 
 HEADLINE = {"choice": "acc_norm", "last_word": "acc", "generate": "exact_match"}  # what the CORE-style mean centers
 
@@ -57,8 +57,11 @@ def core_score(scores):
 
 
 def load_tasks(spec, *, limit=None, cache_dir=None):
-    """The Tasks of 'hellaswag,arc_easy,path/to/own.jsonl' (names, or task files)."""
-    return [load_task(name.strip(), cache_dir=cache_dir, limit=limit) for name in spec.split(",") if name.strip()]
+    """The Tasks of 'hellaswag,arc_easy,path/to/own.jsonl' (names, or task files), every name checked first."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    for name in names:
+        check_task_name(name)
+    return [load_task(name, cache_dir=cache_dir, limit=limit) for name in names]
 
 
 def encode_pair(tokenizer, context, continuation):
@@ -202,3 +205,27 @@ def score_task(model, tokenizer, task, *, device, ctx, batch_size=8, shared=True
                    "perplexity": math.exp(min(-sum(lls) / len(lls), 700))}
     return TaskScore(task.name, len(task.items), metrics, task.kind, task.random_baseline, cropped,
                      time.perf_counter() - t0, per_item=[[ll for ll, _ in s] for s in scored])
+
+
+class EvalTasks:
+    """--eval_tasks: the tasks a training run scores at each evaluation (the first `limit` items of each), with the
+    run's tokenizer; each evaluation gives a log line naming their cost, and a metrics record."""
+
+    def __init__(self, spec, limit, meta):
+        from gpt_toolkit.tokenizer import tokenizer_from_meta
+        self.tasks = load_tasks(spec, limit=limit or None)
+        self.tokenizer = tokenizer_from_meta(meta)
+
+    def score(self, model, *, device, ctx):
+        return [score_task(model, self.tokenizer, task, device=device, ctx=ctx) for task in self.tasks]
+
+    @staticmethod
+    def line(step, scores):
+        each = ", ".join(f"{s.name} {HEADLINE[s.kind]} {s.headline:.4f} ({s.items} items)" for s in scores)
+        return (f"tasks at step {step}: {each}; CORE-style {core_score(scores):.4f} (took "
+                f"{sum(s.seconds for s in scores):.1f} s)")
+
+    @staticmethod
+    def record(step, scores):
+        return {"type": "tasks", "step": step, "core": core_score(scores), "seconds": sum(s.seconds for s in scores),
+                "scores": {s.name: {**s.metrics, "centered": s.centered, "items": s.items} for s in scores}}

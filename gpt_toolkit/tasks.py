@@ -211,15 +211,23 @@ def _download(source):
     return source.read(files)
 
 
+def is_task_file(name):
+    return name.endswith(".jsonl") or os.sep in name or "/" in name
+
+
+def check_task_name(name):
+    """Refuse a name that is neither a known task nor a task file's path (before anything is downloaded)."""
+    if name not in SOURCES and not is_task_file(name):
+        raise UserError(f"unknown task '{name}': the known tasks are {', '.join(SOURCES)}, or give a task file "
+                        f"(NAME.jsonl, docs/evaluation.md)")
+
+
 def load_task(name, *, cache_dir=None, limit=None):
     """A Task by name (downloaded on first use into cache_dir, read from there afterwards) or by the path of a task
     file; limit keeps its first items."""
+    check_task_name(name)
     if name not in SOURCES:
-        if name.endswith(".jsonl") or os.sep in name or "/" in name:
-            task = read_task_file(name)
-        else:
-            raise UserError(f"unknown task '{name}': the known tasks are {', '.join(SOURCES)}, or give a task file "
-                            f"(NAME.jsonl, docs/evaluation.md)")
+        task = read_task_file(name)
     else:
         path = Path(cache_dir or default_cache_dir()) / f"{name}.jsonl"
         if not path.exists():
@@ -229,8 +237,8 @@ def load_task(name, *, cache_dir=None, limit=None):
             except (OSError, ValueError, KeyError) as e:
                 where = next(iter(source.files.values()))
                 raise UserError(f"task '{name}' could not be downloaded from {urllib.parse.urlsplit(where).netloc} "
-                                f"({getattr(e, 'reason', None) or e}): offline, put its file at {path} or pass "
-                                f"--task_file=FILE (docs/evaluation.md: working offline)") from None
+                                f"({getattr(e, 'reason', None) or e}): offline, put its file at {path}, or give a task "
+                                f"file instead (docs/evaluation.md: working offline)") from None
             path.parent.mkdir(parents=True, exist_ok=True)
             write_task_file(path, items)
         task = read_task_file(path, name)

@@ -25,6 +25,8 @@ class Config:
     log_interval: int = 1  # print the training loss every N steps
     eval_iters: int = 200  # batches of batch_size per split in each evaluation
     eval_only: bool = False  # evaluate once and exit
+    eval_tasks: str = ""  # also score standard tasks at each evaluation: hellaswag, arc_easy, piqa, lambada or task files
+    eval_tasks_limit: int = 100  # the first N items of each of eval_tasks (0 = all of them)
     always_save_checkpoint: bool = True  # save latest.pt at every evaluation (False: only when val improves and at the end)
     keep_last: int = 0  # also keep the last N saves as ckpt_stepNNNNNNNN.pt (0 = none)
     overwrite: bool = False  # let init_from=scratch/gpt2* replace the checkpoints already in out_dir (refused otherwise)
@@ -139,7 +141,8 @@ def validate(cfg):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "seed", "peak_flops",
-                "max_train_tokens", "keep_last", "early_stop_patience", "early_stop_min_delta", "grad_monitor_interval"):
+                "max_train_tokens", "keep_last", "early_stop_patience", "early_stop_min_delta", "grad_monitor_interval",
+                "eval_tasks_limit"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
     if cfg.seed > MAX_SEED:
@@ -179,6 +182,9 @@ def validate(cfg):
                           "--parallel=ddp with Muon, or AdamW with FSDP")
     if cfg.packing and cfg.padding:
         raise ConfigError("packing=True and padding=True are two ways of batching documents: choose one")
+    if cfg.eval_tasks and cfg.parallel == "fsdp":
+        raise ConfigError("eval_tasks scores the whole model on rank 0, and parallel=fsdp shards it: score the saved "
+                          "checkpoint with tools/evaluate.py --tasks=... instead, or use --parallel=ddp")
     validate_lora(cfg)
     if cfg.mask_token < -1:
         raise ConfigError(f"mask_token={cfg.mask_token} must be a token id, or -1 for a random token")

@@ -115,7 +115,7 @@ def test_an_unknown_task_lists_the_known_ones_and_an_undownloadable_one_says_how
     monkeypatch.setitem(tasks.SOURCES, "piqa", tasks.Source({"valid.jsonl": "http://127.0.0.1:9/valid.jsonl"},
                                                             tasks.piqa_items, "validation"))
     with pytest.raises(UserError, match=r"task 'piqa' could not be downloaded from 127.0.0.1:9 .*offline, put its file "
-                                        r"at .*piqa.jsonl or pass --task_file=FILE"):
+                                        r"at .*piqa.jsonl, or give a task file"):
         load_task("piqa", cache_dir=tmp_path)
     assert not list(tmp_path.iterdir())
 
@@ -182,3 +182,42 @@ def test_downloads_become_the_prompts_lm_eval_builds_and_are_read_from_the_cache
     monkeypatch.setattr(tasks, "_fetch", lambda url: pytest.fail("read from the cache, never downloaded again"))
     assert load_task("hellaswag", cache_dir=tmp_path, limit=1).items == hellaswag.items[:1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arc_easy.jsonl", "hellaswag.jsonl", "lambada.jsonl", "piqa.jsonl"]
+
+
+# ----------------------------------------------------------------------------- during training
+
+def test_eval_tasks_scores_at_each_evaluation_and_leaves_the_losses_as_they_were(data_dir, tmp_path):
+    from gpt_toolkit.runlog import read_run
+    args = [*TINY_TRAIN, "--max_iters=40", "--eval_interval=20", "--dtype=float32", f"--data_dir={data_dir}"]
+    plain_run = run_script("train.py", *args, f"--out_dir={tmp_path / 'plain'}")
+    tasked = run_script("train.py", *args, f"--out_dir={tmp_path / 'tasked'}", "--eval_tasks_limit=10",
+                        f"--eval_tasks={TASKS / 'shakespeare_mc.jsonl'},{TASKS / 'shakespeare_words.jsonl'}")
+    assert plain_run.returncode == 0 and tasked.returncode == 0, tasked.stderr
+    losses = lambda r: [line.split(", time")[0] for line in r.stdout.splitlines() if line.startswith(("step ", "iter "))]
+    assert losses(tasked) == losses(plain_run)  # scoring draws nothing at random and leaves the model as it was
+    lines = [line for line in tasked.stdout.splitlines() if line.startswith("tasks at step ")]
+    assert [line.split(":")[0] for line in lines] == ["tasks at step 0", "tasks at step 20", "tasks at step 40"]
+    assert "shakespeare_mc acc_norm " in lines[0] and "(10 items)" in lines[0] and "; CORE-style " in lines[0]
+    assert lines[0].endswith(" s)") and "(took " in lines[0]  # its cost, named
+    run = read_run(tmp_path / "tasked")
+    assert sorted(run.core) == [0, 20, 40] and set(run.tasks[40]) == {"shakespeare_mc", "shakespeare_words"}
+    assert run.tasks[40]["shakespeare_mc"]["items"] == 10 and "centered" in run.tasks[40]["shakespeare_words"]
+    r = run_script("tools/plot_loss.py", tmp_path / "tasked", "-o", tmp_path / "curve.png")
+    assert r.returncode == 0 and (tmp_path / "curve.png").stat().st_size > 10_000
+    (tmp_path / "exps").mkdir()
+    for name in ("plain", "tasked"):
+        (tmp_path / "exps" / name).symlink_to(tmp_path / name)
+    r = run_script("tools/report.py", tmp_path / "exps", "--samples=False", "--whole_split=False")
+    report = (tmp_path / "exps" / "REPORT.md").read_text()
+    assert r.returncode == 0 and "## Tasks (--eval_tasks)" in report
+    assert "| run | step | shakespeare_mc | shakespeare_words | CORE-style |" in report and "| tasked | 40 | " in report
+
+
+def test_an_unknown_eval_task_is_refused_before_anything_is_written(data_dir, tmp_path):
+    r = run_script("train.py", *TINY_TRAIN, "--eval_tasks=piqa,mmlu", f"--data_dir={data_dir}",
+                   f"--out_dir={tmp_path / 'out'}")
+    assert_one_line_error(r, "unknown task 'mmlu': the known tasks are hellaswag, arc_easy, piqa, lambada")
+    assert not (tmp_path / "out").exists()
+    r = run_script("train.py", *TINY_TRAIN, "--eval_tasks=piqa", "--parallel=fsdp", f"--data_dir={data_dir}",
+                   f"--out_dir={tmp_path / 'out'}")
+    assert_one_line_error(r, "eval_tasks scores the whole model on rank 0, and parallel=fsdp shards it")

@@ -324,6 +324,25 @@ def whole_split_table(runs):
             "whole-split val at the end |\n| --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows))
 
 
+def tasks_table(runs):
+    """Markdown table of the --eval_tasks scores at each run's last evaluation; None when no run scored tasks."""
+    scored = [r for r in runs if r.core]
+    if not scored:
+        return None
+    names = sorted({name for r in scored for name in r.tasks[max(r.core)]})
+    rows = []
+    for r in scored:
+        last = r.tasks[max(r.core)]
+        cells = [(f"{last[n].get('acc_norm', last[n].get('acc', last[n].get('exact_match'))):.4f}" if n in last else "-")
+                 for n in names]
+        rows.append(f"| {r.name} | {max(r.core)} | " + " | ".join(cells) + f" | {r.core[max(r.core)]:.4f} |")
+    return ("## Tasks (--eval_tasks)\n\nEach task's accuracy at the run's last evaluation (acc_norm for multiple choice, "
+            "acc for last word, exact match for generation) on its first eval_tasks_limit items, and the CORE-style mean "
+            "of the scores centered on chance ((acc - random) / (1 - random)).\n\n"
+            f"| run | step | {' | '.join(names)} | CORE-style |\n| --- | --- | {' | '.join('---' for _ in names)} | --- |\n"
+            + "\n".join(rows))
+
+
 REPORT_TITLE = b"# Experiment report"
 
 
@@ -358,6 +377,9 @@ def build_report(exp_dir, samples=True, whole_split=True):
     if others:
         parts.append("## Other runs\n\n" + format_table([summary_row(r) for r in others], "markdown"))
     table = whole_split_table(all_runs) if whole_split else None
+    if table:
+        parts.append(table)
+    table = tasks_table(all_runs)
     if table:
         parts.append(table)
     if samples:
