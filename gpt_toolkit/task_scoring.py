@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from gpt_toolkit.errors import UserError
 from gpt_toolkit.sampling import StopAtStrings, TextStream
-from gpt_toolkit.tasks import check_task_name, load_task
+from gpt_toolkit.tasks import Task, check_task_name, load_task
 
 HEADLINE = {"choice": "acc_norm", "last_word": "acc", "generate": "exact_match"}  # what the CORE-style mean centers
 
@@ -29,6 +30,7 @@ class TaskScore:
     random: float
     cropped: int = 0  # items whose context was cut from the left to fit the model's block_size
     seconds: float = 0.0
+    skipped: int = 0  # items with characters a character-level vocabulary does not have (not scored)
     per_item: list = field(default_factory=list, repr=False)  # (log-likelihoods of the choices, or the generation)
 
     @property
@@ -42,6 +44,8 @@ class TaskScore:
     def line(self):
         shown = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items())
         cropped = f" ({self.cropped:,} cropped to fit the context)" if self.cropped else ""
+        if self.skipped:
+            cropped += f" ({self.skipped:,} skipped: characters outside the model's vocabulary)"
         return (f"{self.name}: {shown} over {self.items:,} items{cropped}; random {self.random:.4f}, centered "
                 f"{self.centered:.4f}; {self.seconds:.1f} s")
 
@@ -177,8 +181,34 @@ def generate_greedy(model, tokenizer, item, *, device, ctx, max_tokens):
     return "".join(text)
 
 
+def encodable(tokenizer, task):
+    """(the items whose every text the tokenizer encodes, how many it cannot: a character-level vocabulary lacks
+    characters of most English text)."""
+    kept = []
+    for item in task.items:
+        try:
+            for text in (item.context, *item.choices):
+                tokenizer.encode(text)
+            kept.append(item)
+        except UserError:
+            continue
+    if not kept:
+        raise UserError(f"no item of task '{task.name}' can be written in this model's vocabulary ({tokenizer.kind}, "
+                        f"{getattr(tokenizer, 'vocab_size', '?')} tokens): score a model with a GPT-2 or BPE tokenizer")
+    return Task(task.name, tuple(kept), task.source), len(task.items) - len(kept)
+
+
 def score_task(model, tokenizer, task, *, device, ctx, batch_size=8, shared=True, max_tokens=32):
-    """The TaskScore of a model on a task."""
+    """The TaskScore of a model on a task (items its vocabulary cannot write are skipped, and counted)."""
+    t0 = time.perf_counter()
+    task, skipped = encodable(tokenizer, task)
+    score = _score(model, tokenizer, task, device=device, ctx=ctx, batch_size=batch_size, shared=shared,
+                   max_tokens=max_tokens)
+    score.skipped, score.seconds = skipped, time.perf_counter() - t0
+    return score
+
+
+def _score(model, tokenizer, task, *, device, ctx, batch_size, shared, max_tokens):
     t0 = time.perf_counter()
     if task.kind == "generate":
         was_training = model.training

@@ -99,6 +99,11 @@ def clone(tmp_path_factory, shakespeare_text):
         (root / "corpus" / f"{i}.txt").write_text(shakespeare_text[i * 20_000:(i + 1) * 20_000], encoding="utf-8")
     (root / "dump.jsonl").write_text("".join(json.dumps({"text": shakespeare_text[i:i + 2000]}) + "\n"
                                              for i in range(0, 60_000, 2000)), encoding="utf-8")
+    # the standard tasks as if downloaded already (tests never download): the tests' own items, under their names
+    tasks = root.parent / "tasks"
+    tasks.mkdir()
+    for name, own in (("hellaswag", "mc"), ("arc_easy", "mc"), ("piqa", "mc"), ("lambada", "words")):
+        shutil.copy2(ROOT / "tests" / "data" / "tasks" / f"shakespeare_{own}.jsonl", tasks / f"{name}.jsonl")
     return root
 
 
@@ -139,6 +144,7 @@ def test_the_readme_lists_what_this_test_runs():
 
 @pytest.mark.slow
 def test_the_readmes_commands_run_in_order(clone, monkeypatch):
+    monkeypatch.setenv("GPT_TOOLKIT_TASKS_DIR", str(clone.parent / "tasks"))
     ran = []
     for words in readme_commands():
         if skipped(words):
