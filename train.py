@@ -211,8 +211,6 @@ def train(run, state, watch):
                 state.evaluated = True  # what is saved from now on holds this evaluation
                 if losses is not None:
                     log_evaluation(run, watch, iter_num, losses, lr)
-                    if run.tasks:  # --eval_tasks: standard tasks scored too (no randomness: the losses stay the same)
-                        log_tasks(run, watch, iter_num)
                     improved = losses["val"] < state.best_val_loss
                     state.best_val_loss = min(state.best_val_loss, losses["val"])
                     stop_early = not cfg.eval_only and early.update(losses["val"], iter_num)
@@ -352,7 +350,7 @@ def save_if_the_log_fails(run, state):
 
 def log_evaluation(run, watch, step, losses, lr):
     """The tutorial's 'step N: train loss X, val loss Y' line, the run's progress, and the metrics record (rank 0);
-    a NaN/Inf loss stops the run (nothing broken is saved)."""
+    a NaN/Inf loss stops the run (nothing broken is saved); then --eval_tasks' scores."""
     cfg, log, now = run.cfg, run.log, time.time()
     left = watch.seconds_left(step, now)
     log.print(eval_line(step, losses["train"], losses["val"]))
@@ -365,6 +363,8 @@ def log_evaluation(run, watch, step, losses, lr):
                  "progress": step / cfg.max_iters if cfg.max_iters else 1.0})
     if not all(math.isfinite(v) for v in losses.values()):
         watch.guard.stop(step, run.saves.kept(), log.print)
+    if run.tasks:  # --eval_tasks: standard tasks scored too (nothing random: the run's losses stay the same)
+        log_tasks(run, watch, step)
 
 
 def log_tasks(run, watch, step):

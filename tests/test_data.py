@@ -156,12 +156,10 @@ def test_token_stream_writer(tmp_path):
 
 
 def test_openwebtext_prepare_without_datasets_package(tmp_path):
-    try:
-        import datasets  # noqa: F401
-        pytest.skip("the datasets package is installed here")
-    except ImportError:
-        pass
-    r = run_script("data/openwebtext/prepare.py", "--out_dir", tmp_path)
+    # as where it is not installed (lm-eval, a test tool, brings it): a module of that name that cannot be imported
+    (tmp_path / "shadow").mkdir()
+    (tmp_path / "shadow" / "datasets.py").write_text("raise ImportError(\"No module named 'datasets'\")\n")
+    r = run_script("data/openwebtext/prepare.py", "--out_dir", tmp_path, env={"PYTHONPATH": str(tmp_path / "shadow")})
     assert_one_line_error(r, "data/openwebtext/prepare.py needs the datasets package: pip install datasets")
 
 

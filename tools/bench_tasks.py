@@ -23,6 +23,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 import torch
 
 from gpt_toolkit import hardware
+from gpt_toolkit.checkpoint import BEST
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.process import setup_process
@@ -73,7 +74,7 @@ def main(argv):
     models = {"GPT-2 124M shape (random)": (GPT(GPTConfig(**GPT2_SIZES["gpt2"], vocab_size=50304, block_size=1024)),
                                             tokenizer_from_meta(None))}
     if args.out_dir:
-        models[args.out_dir] = load_model(SimpleNamespace(init_from="resume", out_dir=args.out_dir, checkpoint="ckpt.pt"),
+        models[args.out_dir] = load_model(SimpleNamespace(init_from="resume", out_dir=args.out_dir, checkpoint=BEST),
                                           device)
     print(f"{len(task.items)} items of {task.name}, batch {args.batch_size}, {device}, "
           f"{hardware.resolve_dtype('auto', device)}")
