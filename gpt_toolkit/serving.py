@@ -171,10 +171,12 @@ class Engine:
         """OpenAI's legacy logprobs object of the job's tokens (the prompt's too with echo): the model's own
         distribution (before temperature and the other controls), one forward over prompt and generated tokens."""
         ids = job.ids + job.generated
-        with self.ctx:
-            logits, _ = self.model(torch.tensor([ids[:-1]], device=self.device), layout=causal_layout(len(ids) - 1,
-                                                                                                     self.device))
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = None
+        if len(ids) > 1:  # a single token has nothing to be predicted from
+            with self.ctx:
+                logits, _ = self.model(torch.tensor([ids[:-1]], device=self.device),
+                                       layout=causal_layout(len(ids) - 1, self.device))
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
         first = 0 if job.echo else len(job.ids)
         tokens, token_logprobs, top, offsets, at = [], [], [], [], 0
         for i in range(first, len(ids)):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.sampling import StopAtStrings, TextStream
+from gpt_toolkit.sampling import StopAtStrings, TextStream, stop_token_ids
 from gpt_toolkit.tasks import Task, check_task_name, load_task
 
 HEADLINE = {"choice": "acc_norm", "last_word": "acc", "generate": "exact_match"}  # what the CORE-style mean centers
@@ -168,11 +168,13 @@ def score_requests(model, requests, *, device, ctx, batch_size=8, shared=True):
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, item, *, device, ctx, max_tokens):
-    """The greedy continuation of item.context, cut at the first of item.until (not included)."""
+    """The greedy continuation of item.context, cut at the first of item.until (not included) or an end token."""
     ids = torch.tensor([tokenizer.encode(item.context)], dtype=torch.long, device=device)
-    cut, text, stream = StopAtStrings(list(item.until)), [], TextStream(tokenizer)
+    cut, text, stream, stops = StopAtStrings(list(item.until)), [], TextStream(tokenizer), stop_token_ids(tokenizer)
     with ctx:
-        for token in model.stream(ids, max_tokens, temperature=0, kv_cache=True):
+        for token in model.stream(ids, max_tokens, temperature=0, kv_cache=True, stop_tokens=stops):
+            if token.item() in stops:  # <|endoftext|> or a chat's <|end|> ends it, as the server's generation
+                break
             text.append(cut.push(stream.push(token.item())))
             if cut.stopped:
                 break

@@ -109,5 +109,8 @@ def test_scoring_requests_are_checked(server):
     assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert body["choices"][0]["text"].startswith("HI") and body["choices"][2]["text"].startswith("J")
     assert body["usage"]["prompt_tokens"] == 3
+    status, body = server.post("/v1/completions", json.dumps({"prompt": [20], "max_tokens": 0, "echo": True,
+                                                             "logprobs": 1}).encode())  # one token: nothing to predict
+    assert status == 200 and body["choices"][0]["logprobs"]["token_logprobs"] == [None], body
     info = json.loads(urllib.request.urlopen(f"{server.url}/tokenizer_info").read())
     assert info["model_max_length"] == BLOCK and "eos_token" in info

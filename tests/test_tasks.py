@@ -89,8 +89,8 @@ def test_evaluate_prints_each_task_and_the_core_style_line(trained):
     assert lines[1].startswith("shakespeare_words: acc ") and ", perplexity " in lines[1]
     assert lines[2].startswith("shakespeare_gen: exact_match ")
     assert lines[3].startswith("CORE-style: ") and "the mean of 3 centered score(s)" in lines[3]
-    unshared = run_script("tools/evaluate.py", f"--out_dir={out}", f"--task_file={TASKS / 'shakespeare_mc.jsonl'}",
-                          "--dtype=float32", "--shared_context=False")
+    unshared = run_script("tools/evaluate.py", f"--init_from={out}", f"--task_file={TASKS / 'shakespeare_mc.jsonl'}",
+                          "--dtype=float32", "--shared_context=False")  # a run's directory as init_from, as train.py
     assert unshared.stdout.split(";")[0] == lines[0].split(";")[0]  # the same accuracies either way
 
 

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 from tqdm import tqdm
 
 from gpt_toolkit import hardware
-from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
+from gpt_toolkit.checkpoint import BEST, is_run_dir, load_checkpoint, run_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.dataset import SPLITS
 from gpt_toolkit.errors import UserError, run_main
@@ -80,6 +80,8 @@ def evaluate_tasks(args):
     if args.tasks_limit < 0:
         raise UserError(f"--tasks_limit={args.tasks_limit} must be 0 (every item) or a number of items")
     check_init_from(args.init_from, ("resume",))
+    if is_run_dir(args.init_from):  # another run's directory: its checkpoint, as --out_dir would
+        args.out_dir, args.init_from = args.init_from, "resume"
     if args.init_from == "resume" and not args.out_dir:
         raise UserError("give the model: --out_dir=OUT_DIR (a trained run), or --init_from=gpt2 or a transformers directory")
     tasks = load_tasks(",".join([args.tasks, *args.task_file]), limit=args.tasks_limit or None, cache_dir=args.tasks_dir)
