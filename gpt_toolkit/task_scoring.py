@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.sampling import StopAtStrings, TextStream, stop_token_ids
 from gpt_toolkit.tasks import Task, check_task_name, load_task
+from gpt_toolkit.tokenizer import tokenizer_from_meta
 
 HEADLINE = {"choice": "acc_norm", "last_word": "acc", "generate": "exact_match"}  # what the CORE-style mean centers
 
@@ -244,7 +245,6 @@ class EvalTasks:
     run's tokenizer; each evaluation gives a log line naming their cost, and a metrics record."""
 
     def __init__(self, spec, limit, meta):
-        from gpt_toolkit.tokenizer import tokenizer_from_meta
         self.tasks = load_tasks(spec, limit=limit or None)
         self.tokenizer = tokenizer_from_meta(meta)
 
