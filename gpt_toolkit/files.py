@@ -139,6 +139,18 @@ def write_output(path, data, *, ours, what, flag):
     there (a checkpoint, a dataset, a user's file, a link, a directory) is a one-line UserError naming `flag`, and is
     left as it is, as is a file that appears there while this one is written."""
     path = Path(path)
+    existing = check_output(path, ours=ours, what=what, flag=flag)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_path(path, lambda tmp: Path(tmp).write_bytes(data), replace=existing)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({write_failure_cause(e, path)}): choose another {flag}") from None
+
+
+def check_output(path, *, ours, what, flag):
+    """write_output's refusals, for a tool to make before its work (a range test, a report's scoring): returns whether
+    a file of ours is there to be replaced."""
+    path = Path(path)
     if path.is_dir() and not path.is_symlink():
         raise UserError(f"the {what}'s output {path} is a directory: give a file name, e.g. {flag} "
                         f"{path / ('out' + path.suffix)}")
@@ -146,11 +158,7 @@ def write_output(path, data, *, ours, what, flag):
     if existing and (path.is_symlink() or not path.is_file() or not ours(_head(path))):
         raise UserError(f"{path} exists and is not a {what} this toolkit wrote: it is left as it is; choose another "
                         f"{flag} (or move the file away)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_path(path, lambda tmp: Path(tmp).write_bytes(data), replace=existing)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({write_failure_cause(e, path)}): choose another {flag}") from None
+    return existing
 
 
 def _head(path, size=4096):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from gpt_toolkit.files import write_output
+from gpt_toolkit.files import check_output, write_output
 
 SOFTWARE = "gpt-toolkit"  # the PNG's Software text: how a plot this toolkit wrote is known (and may be replaced)
 
@@ -78,7 +78,12 @@ def plot_compare(runs, output, title="Experiment Comparison", by_time=False):
     return save_figure(fig, output)
 
 
-def save_figure(fig, output, flag="-o"):
+def check_plot_output(output):
+    """Refuse, before a tool's work, an output save_figure would refuse."""
+    check_output(output, ours=is_plot, what="plot", flag="-o")
+
+
+def save_figure(fig, output):
     """Write fig as a PNG at output (its directory made if needed). Returns the path. A file there is replaced only
     when it is a plot (a PNG that this toolkit or matplotlib wrote: earlier versions did not mark theirs); a directory,
     anything else there, or a place that cannot be written is a one-line UserError."""
@@ -86,7 +91,7 @@ def save_figure(fig, output, flag="-o"):
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120, metadata={"Software": SOFTWARE})
-    write_output(output, png.getvalue(), ours=is_plot, what="plot", flag=flag)
+    write_output(output, png.getvalue(), ours=is_plot, what="plot", flag="-o")
     return output
 
 

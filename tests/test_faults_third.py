@@ -97,6 +97,7 @@ def test_the_report_replaces_only_its_own_report(run, tmp_path):
     (exps / "REPORT.md").write_text("my own notes")
     r = run_script("tools/report.py", exps, "--samples=False", "--whole_split=False")
     assert_one_line_error(r, f"{exps / 'REPORT.md'} exists and is not a report this toolkit wrote")
+    assert not (exps / "exp1_comparison.png").exists()  # refused before any work
     (exps / "REPORT.md").unlink()
     for _ in range(2):
         assert run_script("tools/report.py", exps, "--samples=False", "--whole_split=False").returncode == 0
@@ -237,3 +238,10 @@ def test_a_signal_stops_a_tool_at_work_in_one_line(run, data_dir, tmp_path, tool
     assert err.rstrip().endswith(INTERRUPTED) and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "big" / "train.bin").exists()
     print(f"{tool} stopped {took:.2f} s after {signal.Signals(sig).name}")
+
+
+def test_the_lr_finder_refuses_its_output_before_its_training(run, data_dir):
+    before = digest(run / "ckpt.pt")
+    r = run_script("tools/lr_finder.py", *TINY_TRAIN, f"--data_dir={data_dir}", "-o", run / "ckpt.pt")
+    assert_one_line_error(r, f"{run / 'ckpt.pt'} exists and is not a plot this toolkit wrote")
+    assert "range test" not in r.stdout and digest(run / "ckpt.pt") == before

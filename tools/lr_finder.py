@@ -19,7 +19,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 from gpt_toolkit import hardware
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import ConfigError, UserError, run_main
-from gpt_toolkit.plots import save_figure, subplots
+from gpt_toolkit.plots import check_plot_output, save_figure, subplots
 from gpt_toolkit.process import setup_process
 from gpt_toolkit.timing import StepClock, train_in_process
 
@@ -78,6 +78,7 @@ def main(argv):
     args, cfg = parser().parse(argv)
     if args.steps < 20 or not 0 < args.lr_start < args.lr_end:
         raise ConfigError("need --steps >= 20 and 0 < --lr_start < --lr_end")
+    check_plot_output(args.output)  # before the range test's training, not after it
     setup_process(hardware.resolve_device(cfg.device), keep_cpu_memory=cfg.keep_cpu_memory)
     print(f"range test: {args.steps} steps, learning rate {args.lr_start:.0e} -> {args.lr_end:.0e}")
     history = range_test(cfg, args.steps, args.lr_start, args.lr_end, args.smoothing)

@@ -25,7 +25,7 @@ from gpt_toolkit.checkpoint import BEST, LATEST, load_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.evaluation import checkpoint_split
-from gpt_toolkit.files import remove_stale_temps, write_output
+from gpt_toolkit.files import check_output, remove_stale_temps, write_output
 from gpt_toolkit.plots import plot_compare
 from gpt_toolkit.sampling import load_model
 from gpt_toolkit.summary import (
@@ -350,6 +350,8 @@ def build_report(exp_dir, samples=True, whole_split=True):
     exp_dir = Path(exp_dir)
     all_runs = find_runs(exp_dir)
     remove_stale_temps(exp_dir)  # plots and tables a killed run of this tool left half-written
+    is_report = lambda head: head.startswith(REPORT_TITLE)
+    check_output(exp_dir / "REPORT.md", ours=is_report, what="report", flag="the report")  # before the scoring
     if not all_runs:
         raise UserError(f"no runs with logs in {exp_dir}: run an experiment script first")
     devices = sorted({f"{r.config.get('resolved_device', '?')}/{r.config.get('resolved_dtype', '?')}"
@@ -392,8 +394,7 @@ def build_report(exp_dir, samples=True, whole_split=True):
             heading = "## Samples (200 tokens from each run's checkpoint, seed 1337, temperature 0.8)"
             parts.append(heading + "\n\n" + "\n\n".join(texts))
     report = exp_dir / "REPORT.md"
-    write_output(report, ("\n\n".join(parts) + "\n").encode("utf-8"), ours=lambda head: head.startswith(REPORT_TITLE),
-                 what="report", flag="the report")
+    write_output(report, ("\n\n".join(parts) + "\n").encode("utf-8"), ours=is_report, what="report", flag="the report")
     return report
 
 
