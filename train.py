@@ -8,11 +8,10 @@ Several processes with DDP (gloo on CPU, nccl on CUDA):
 It reads in nanoGPT's order, under nanoGPT's names (tutorial ch03 walks through it line by line): the config, the
 setup, the model, the optimizer, then train(): get_batch, estimate_loss, get_lr and the training loop. What a robust
 run adds (Ctrl-C and SIGTERM, exact resume, the NaN/Inf guard, torch.compile's fallback, timing, DDP's agreement) is
-one line each in the loop, behind its Watch (gpt_toolkit/watch.py). docs/train_py.md maps the tutorial's walkthrough
+one line each in the loop, behind its guards (gpt_toolkit/guards.py). docs/train_py.md maps the tutorial's walkthrough
 to this file. Every key of gpt_toolkit.train_config.Config can be set by a config file or --key=value;
 `python train.py --help` lists them.
 """
-import contextlib
 import dataclasses
 import json
 import math
@@ -32,8 +31,6 @@ from configurator import format_config
 from gpt_toolkit import dataset as datasets
 from gpt_toolkit import distributed, evaluation, hardware, lora, memory, sharding
 from gpt_toolkit.checkpoint import (
-    BEST,
-    LATEST,
     RunCheckpoints,
     TrainingState,
     is_run_dir,
@@ -44,30 +41,22 @@ from gpt_toolkit.checkpoint import (
 )
 from gpt_toolkit.dataset import Dataset, eval_offsets, run_batches, step_batches
 from gpt_toolkit.diagnostics import check_batch, check_init
-from gpt_toolkit.errors import Aborted, ConfigError, FollowerError, SecondInterrupt, UserError, import_optional, run_main
+from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main
 from gpt_toolkit.evaluation import token_byte_lengths
 from gpt_toolkit.files import write_run_file
 from gpt_toolkit.init_from import build_model, check_init_tokenizer, check_memory, check_resume, init_checkpoint_path
 from gpt_toolkit.outdir import OutDir, check_out_dir
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.runlog import (
-    LogWriteError,
-    RunLog,
-    TensorBoardTracker,
-    WandbTracker,
-    eval_line,
-    progress_line,
-    took_line,
-    total_time_line,
-)
+from gpt_toolkit.guards import CompileFallback, guards_for
+from gpt_toolkit.progress import StepTimer, flops_per_step
+from gpt_toolkit.runlog import LogWriteError, RunLog, TensorBoardTracker, WandbTracker, eval_line, took_line, total_time_line
 from gpt_toolkit.schedule import lr_at
 from gpt_toolkit.sharding import local_numel
-from gpt_toolkit.stopping import EarlyStopping, Interrupted, StopRequest
+from gpt_toolkit.stopping import Interrupted, StopRequest
 from gpt_toolkit.task_scoring import EvalTasks
 from gpt_toolkit.tokenizer import tokenizer_from_meta
 from gpt_toolkit.train_config import Config, load_config, validate, validate_lora
 from gpt_toolkit.training import Training, build_training
-from gpt_toolkit.watch import Watch
 
 
 @dataclass
@@ -91,18 +80,17 @@ class Run:
     cfg: Config
     world: World
     dataset: Dataset
-    model: torch.nn.Module  # the model itself: evaluated and saved (a step runs watch's module: compiled, in DDP)
+    model: torch.nn.Module  # the model itself: evaluated and saved (a step runs the guards' module: compiled, in DDP)
     model_args: dict  # GPTConfig's fields, as nanoGPT's checkpoints hold them
     training: Training  # its optimizer, the autocast context, the GradScaler
     saves: RunCheckpoints
     log: RunLog
     out_dir: OutDir
-    tasks: EvalTasks | None = None  # --eval_tasks, scored at each evaluation (rank 0)
 
 
-def main(argv, *, watch_class=Watch):
-    """The run, top to bottom. watch_class is what the loop watches with: tools and tests pass a subclass of Watch
-    (it is where they observe steps or put a fault). Returns the exit code."""
+def main(argv, *, guards=()):
+    """The run, top to bottom. guards: a tool's or a test's own guards.Guard objects, called after the run's own at
+    each of the loop's points (where they time steps, observe them, or put a fault). Returns the exit code."""
     # config: the defaults, then config files, then --key=value (tutorial ch01); everything that bad input can break
     # fails here in one line, before anything is written
     cfg, cli_keys = load_config(argv)
@@ -128,30 +116,32 @@ def main(argv, *, watch_class=Watch):
         distributed.init_process_group(cfg.backend, world.device, world.size)
         try:
             with stop.interruptible():
-                run, watch = build_run(cfg, world, dataset, model, model_args, notes=notes + out_dir.notes + model_notes,
-                                       log=log, out_dir=out_dir, stop=stop, watch_class=watch_class)
+                run, compiled, timer = build_run(cfg, world, dataset, model, model_args, log=log, out_dir=out_dir,
+                                                 notes=notes + out_dir.notes + model_notes)
         except Interrupted as e:
             log.print(f"interrupted ({signal.Signals(e.signum).name}) while building the run: nothing was trained or "
                       f"saved")
             return 128 + e.signum
-        run.tasks = tasks
         state = resume(run, ckpt if resuming else None, ckpt_path)
         del ckpt
         if world.master and (cfg.debug_data or cfg.check_init):
             check_data_and_init(run, state.iter_num)
         if state.rng is not None:  # the last thing before the loop, so no setup step draws from the restored state
             set_rng_state(state.rng, world.device)  # dropout continues exactly where it stopped
-        watch.say_when_sized_for_another_machine(state.iter_num, state.evaluated)
+        # the loop's guards: the NaN/Inf guard, timing and its log lines, --eval_tasks, early stopping, DDP's
+        # agreement on a stop, the saver (gpt_toolkit/guards.py), then the tool's or test's own
+        guards = guards_for(cfg, world, stop=stop, compiled=compiled, timer=timer, tasks=tasks, extra=guards,
+                            checkpoint=lambda rng_states: checkpoint(run, state, rng_states))
+        guards.start(run, state)
 
         t_start = state.part_started = time.time()
         advice = lambda: f"{memory.smaller_step_advice(cfg)}; {run.saves.kept()}"
         try:
-            with memory.explain_out_of_memory(lambda: f"at step {state.iter_num}", advice), \
-                    save_if_the_log_fails(run, state):
-                exit_code = train(run, state, watch)
-                watch.stop_if_the_log_failed()  # DDP: rank 0's log failed after the last step the processes agreed at
-        except Interrupted as e:  # a long phase ended by the first signal: save the state after the last whole step
-            exit_code = stop_and_save(run, state, watch, e.signum)
+            with memory.explain_out_of_memory(lambda: f"at step {state.iter_num}", advice):
+                exit_code = train(run, state, guards)
+                guards.end()  # DDP: rank 0's log failed after the last step the processes agreed at
+        except (Interrupted, LogWriteError) as stop_reason:  # a signal or a full disk: the saver saves what it can
+            exit_code = guards.on_stop(stop_reason)
         log.print(took_line(time.time() - t_start))
         if state.seconds_before:  # a resumed run: the summary's Time counts every part
             log.print(total_time_line(state.seconds()))
@@ -161,17 +151,17 @@ def main(argv, *, watch_class=Watch):
     return exit_code
 
 
-def train(run, state, watch):
+def train(run, state, guards):
     """nanoGPT's training loop (tutorial ch03), from the step in state on: evaluate and save when due, one optimizer
-    step over gradient_accumulation_steps micro-batches, log. Returns the exit code: 0 when the run is done, or
-    128 + the signal that stopped it after a step. state is kept current: a stop saves it."""
+    step over gradient_accumulation_steps micro-batches, log. Returns the exit code, 0 (a signal's stop is raised as
+    Interrupted, for main's saver). state is kept current: a stop saves it. The guards (gpt_toolkit/guards.py) are
+    called at five points: around an evaluation, after it, around a step, after it, and on a stop (in main)."""
     cfg, world, log, dataset = run.cfg, run.world, run.log, run.dataset
     optimizer, scaler, ctx = run.training.optimizer, run.training.scaler, run.training.ctx
     master_process, fsdp, ddp = world.master, cfg.parallel == "fsdp", world.size > 1 and cfg.parallel == "ddp"
     gradient_accumulation_steps = cfg.gradient_accumulation_steps // world.size  # this process's share of them
     doc_sep = dataset.eot_token if cfg.packing else None  # packed documents: attention stops at each one's end
     byte_lengths = token_byte_lengths(dataset.vocabulary, run.model_args["vocab_size"]) if master_process else None
-    early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, state.early_stop)
 
     def get_batch(split, it):
         """This process's micro-batches [(X, Y), ...] of rows of `split` for optimizer step `it`, Y the rows of X
@@ -183,16 +173,15 @@ def train(run, state, watch):
     def estimate_loss():
         """The mean loss of each split over the same eval_iters batches at every evaluation (and the bits per byte),
         the model in eval mode: no dropout, no gradients."""
-        with watch.phase(f"the evaluation at step {state.iter_num}"):  # Ctrl-C ends it at once
+        with guards.evaluation(state.iter_num) as progress:  # Ctrl-C ends it at once
             return evaluation.estimate_loss(run.model, dataset, cfg, device=world.device, ctx=ctx,
                                             vocab_size=run.model_args["vocab_size"], byte_lengths=byte_lengths,
-                                            progress=watch.evaluation_progress(state.iter_num))
+                                            progress=progress)
 
     def get_lr(it):
         """The learning rate of step `it`: linear warmup, then cosine decay to min_lr (or the schedule cfg names)."""
         return lr_at(cfg, it)
 
-    watch.start(state.iter_num)
     while True:
         iter_num = state.iter_num
 
@@ -204,21 +193,18 @@ def train(run, state, watch):
         # evaluate the loss on train/val sets and write checkpoints when one is owed (evaluation_due: every
         # eval_interval steps and after the last)
         if not state.evaluated or cfg.eval_only:
-            stop_early = False
-            with watch.evaluation(iter_num):  # its time is left out of the steps' time per iteration
-                rng_states = distributed.all_rng_states(world.device, world.size)  # for the checkpoint (a collective)
-                losses = estimate_loss() if master_process or fsdp else None  # FSDP: its forward takes every process
-                state.evaluated = True  # what is saved from now on holds this evaluation
-                if losses is not None:
-                    log_evaluation(run, watch, iter_num, losses, lr)
-                    improved = losses["val"] < state.best_val_loss
-                    state.best_val_loss = min(state.best_val_loss, losses["val"])
-                    stop_early = not cfg.eval_only and early.update(losses["val"], iter_num)
-                    if not cfg.eval_only and iter_num > 0 and (improved or cfg.always_save_checkpoint
-                                                               or iter_num == cfg.max_iters or stop_early):
-                        run.saves.save(checkpoint(run, state, rng_states), improved=improved)
-            if cfg.early_stop_patience and distributed.agree_with_master(stop_early, world.device, world.size):
-                log.print(early.message(iter_num, Path(cfg.out_dir) / BEST))
+            rng_states = distributed.all_rng_states(world.device, world.size)  # for the checkpoint (a collective)
+            losses = estimate_loss() if master_process or fsdp else None  # FSDP: its forward takes every process
+            state.evaluated = True  # what is saved from now on holds this evaluation
+            if losses is not None:
+                log.print(eval_line(iter_num, losses["train"], losses["val"]))
+                improved = losses["val"] < state.best_val_loss
+                state.best_val_loss = min(state.best_val_loss, losses["val"])
+            stop = guards.evaluated(iter_num, losses, lr)  # the metrics, NaN/Inf, --eval_tasks, early stopping
+            if losses is not None and not cfg.eval_only and iter_num > 0 and (
+                    improved or cfg.always_save_checkpoint or iter_num == cfg.max_iters or stop):
+                run.saves.save(checkpoint(run, state, rng_states), improved=improved)
+            if stop:
                 return 0
         if cfg.eval_only or iter_num >= cfg.max_iters:
             return 0
@@ -226,11 +212,12 @@ def train(run, state, watch):
         # forward backward update, with gradient accumulation to simulate a larger batch (tutorial ch03 steps 1-5)
         micro_batches = get_batch("train", iter_num)
         train_loss = torch.zeros((), device=world.device)  # the step's mean loss, for the log
-        with watch.step(iter_num) as model:  # compiled and in DDP as asked; Ctrl-C ends the step at once
+        with guards.step(iter_num) as attempt:  # compiled and in DDP as asked; Ctrl-C ends the step at once
+            model = attempt.module
             for micro_step, (X, Y) in enumerate(micro_batches):
                 if ddp:  # average the gradients across processes in the last micro-step's backward only
                     model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-                elif fsdp:
+                if fsdp:  # likewise for FSDP's sharded gradients
                     model.set_requires_gradient_sync(micro_step == gradient_accumulation_steps - 1)
                 with ctx:  # autocast: bfloat16 or float16 matmuls where the run's dtype asks for them
                     logits, loss = model(X, Y, doc_sep)
@@ -239,11 +226,10 @@ def train(run, state, watch):
                 # backward pass; in float16 the scaler multiplies the loss first, so small gradients do not underflow
                 scaler.scale(loss).backward()
                 train_loss += loss.detach()
-        if watch.redo:  # torch.compile failed in that step: it runs again, eagerly, from the same state
+        if attempt.redo:  # torch.compile failed in that step: it runs again, eagerly, from the same state
             continue
         # clip the gradient: unscale it first, so that grad_clip bounds the true gradient (tutorial ch03 step 4)
         scaler.unscale_(optimizer)
-        watch.gradients_ready(iter_num)  # the gradient monitor looks at them here
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip != 0.0 else None
         # step the optimizer and the scaler (float16: the scaler skips a step whose gradients overflowed)
         scaler.step(optimizer)
@@ -251,16 +237,12 @@ def train(run, state, watch):
         # flush the gradients as soon as we can, no need for this memory anymore
         optimizer.zero_grad(set_to_none=True)
         state.iter_num, state.evaluated = iter_num + 1, not evaluation_due(cfg, iter_num + 1)  # what a save now holds
-        watch.step_done(iter_num, train_loss, norm, lr)  # the NaN/Inf guard's record, the step's time
 
-        # timing and logging
-        if iter_num % cfg.log_interval == 0:
-            watch.check_finite(iter_num)  # on every process: all stop at the same step
-            if master_process:
-                watch.log_step(iter_num, train_loss.item(), lr)
-        signum = watch.between_steps(state.iter_num)  # the run's estimate, a line through slow steps; a signal?
-        if signum:
-            return stop_and_save(run, state, watch, signum)
+        # timing and logging: the NaN/Inf guard, 'iter N: loss X, time Yms, mfu Z%' every log_interval steps, the
+        # estimate; a signal's stop after this whole step (every DDP process agrees on the step)
+        stop = guards.after_step(iter_num, train_loss, norm, lr)
+        if stop:
+            raise stop
 
 
 def evaluation_due(cfg, step):
@@ -290,91 +272,6 @@ def checkpoint(run, state, rng_states):
     }
 
 
-def stop_and_save(run, state, watch, signum):
-    """Stop for a signal: save the state after state.iter_num steps unless latest.pt holds it already (or nothing
-    was trained while --overwrite=True's earlier checkpoints wait to come back), and say exactly what was kept.
-    Returns the exit code, 128 + the signal."""
-    name, latest, step, during = signal.Signals(signum).name, Path(run.cfg.out_dir) / LATEST, state.iter_num, watch.during
-    watch.check_finite(step)
-    rng_states = distributed.all_rng_states(run.world.device, run.world.size)
-    where = f"after step {step}" if during is None else f"during {during}"
-    if run.cfg.eval_only:
-        run.log.print(f"interrupted ({name}) {where}: an --eval_only run saves nothing")
-    elif run.saves.last_step == step:
-        run.log.print(f"interrupted ({name}) {where}: {latest} holds the state after step {step} already; continue "
-                      f"with --init_from=resume")
-    elif step == 0 and run.out_dir.set_aside is not None:
-        run.log.print(f"interrupted ({name}) {where}: nothing was trained, so nothing was saved")
-    else:
-        try:
-            if run.saves.takes_part:
-                run.saves.save(checkpoint(run, state, rng_states), improved=False)
-        except SecondInterrupt as e:
-            raise Aborted(f"aborted by a second interrupt ({e}) while saving the state after step {step}: "
-                          f"{run.saves.kept()}", e.signum) from None
-        if during is None:
-            run.log.print(f"interrupted ({name}) after step {step}: saved {latest}; continue with --init_from=resume")
-        else:
-            later = "" if state.evaluated else " (its evaluation runs first when it resumes)"
-            run.log.print(f"interrupted ({name}) during {during}: saved {latest} with the state after step {step}"
-                          f"{later}; continue with --init_from=resume")
-    return 128 + signum
-
-
-@contextlib.contextmanager
-def save_if_the_log_fails(run, state):
-    """A failed write of training.log or metrics.jsonl (a full disk) stops the run the way a failed save does: the
-    state is saved if the disk allows and unless it is saved already, and one line says what is on disk. Several
-    DDP processes save only when all of them stopped for it together (the save's RNG states are a collective), and
-    rank 0 says the line."""
-    try:
-        yield
-    except LogWriteError as e:
-        step, world = state.iter_num, run.world
-        unsaved = step != run.saves.last_step and not run.cfg.eval_only  # rank 0 knows what it saved
-        if distributed.agree_with_master(unsaved, world.device, world.size):  # DDP: all are here (Watch.stop_for_the_log)
-            try:
-                rng_states = distributed.all_rng_states(world.device, world.size)
-                if run.saves.takes_part:
-                    run.saves.save(checkpoint(run, state, rng_states), improved=False)
-            except UserError:
-                pass  # the disk is full for the checkpoint too: the last one stays as it was
-        if not world.master:
-            raise FollowerError(str(e)) from None
-        kept = (f"saved {Path(run.cfg.out_dir) / LATEST} at step {step}; continue with --init_from=resume once there "
-                f"is space" if run.saves.last_step == step and not run.cfg.eval_only else f"{run.saves.kept()}; free "
-                f"disk space and continue "
-                f"with --init_from=resume")
-        raise UserError(f"{e}: {kept}") from None
-
-
-def log_evaluation(run, watch, step, losses, lr):
-    """The tutorial's 'step N: train loss X, val loss Y' line, the run's progress, and the metrics record (rank 0);
-    a NaN/Inf loss stops the run (nothing broken is saved); then --eval_tasks' scores."""
-    cfg, log, now = run.cfg, run.log, time.time()
-    left = watch.seconds_left(step, now)
-    log.print(eval_line(step, losses["train"], losses["val"]))
-    watch.heartbeat.quiet()
-    if not cfg.eval_only and 0 < step < cfg.max_iters:
-        log.print(progress_line(step, cfg.max_iters, now - watch.run_started, left, now))
-    log.metrics({"type": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                 **{k: losses[k] for k in ("train_bpb", "val_bpb") if k in losses},
-                 "lr": lr, "elapsed_s": now - watch.run_started, "eta_s": left,
-                 "progress": step / cfg.max_iters if cfg.max_iters else 1.0})
-    if not all(math.isfinite(v) for v in losses.values()):
-        watch.guard.stop(step, run.saves.kept(), log.print)
-    if run.tasks:  # --eval_tasks: standard tasks scored too (nothing random: the run's losses stay the same)
-        log_tasks(run, watch, step)
-
-
-def log_tasks(run, watch, step):
-    """--eval_tasks: each task's score on the model now, in a line that names their cost and a metrics record."""
-    with watch.phase(f"the tasks at step {step}"):  # Ctrl-C ends it at once
-        scores = run.tasks.score(run.model, device=run.world.device, ctx=run.training.ctx)
-    run.log.print(EvalTasks.line(step, scores))
-    run.log.metrics(EvalTasks.record(step, scores))
-
-
 def check_data_and_out_dir(cfg, cli_keys, world):
     """(cfg, the dataset, the checkpoint the model comes from and its path, or None, None; lines for the log):
     whether out_dir may be written, the data, a resume's checkpoint against the config (cfg comes back with its
@@ -401,9 +298,10 @@ def check_data_and_out_dir(cfg, cli_keys, world):
     return cfg, dataset, ckpt, ckpt_path, notes
 
 
-def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, stop, watch_class):
-    """(Run, its Watch): the model on its device with its optimizer and precision, compiled and in DDP as the run asks,
-    the config.json that describes the run, and what the loop saves with; the header of the log on the way."""
+def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir):
+    """(Run, its CompileFallback, its StepTimer): the model on its device with its optimizer and precision, compiled
+    and in DDP as the run asks, the config.json that describes the run, and what the loop saves with; the header of
+    the log on the way."""
     log.print("config:\n" + format_config(dataclasses.asdict(cfg)))
     for note in notes:
         log.print(note)
@@ -441,18 +339,17 @@ def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, st
     peak, source = cfg.peak_flops or 1.0, "--peak_flops"  # only rank 0 logs MFU, so only it measures the peak
     if world.master and not cfg.peak_flops:
         peak, source = hardware.peak_flops(world.device, world.dtype)
-    watch = watch_class(stop=stop, cfg=cfg, world=world, log=log, model=model, training=training, wrap=wrap,
-                        on_compile_failure=compile_failed, peak_flops=peak, peak_source=source)
+    compiled = CompileFallback(model, compile=world.compile, wrap=wrap, log=log, on_failure=compile_failed)
+    timer = StepTimer(flops_per_iter=flops_per_step(model, cfg, world.size), peak_flops=peak, peak_source=source)
     if world.master:
         log.print(f"MFU is measured against {hardware.flops_text(peak)} ({source})")
-    run_info["resolved_compile"] = watch.compiling
+    run_info["resolved_compile"] = compiled.compiling
     if world.master and not cfg.eval_only:  # an evaluation leaves the trained run's description as it is
         write_run_file(out_path / "config.json", json.dumps(run_info, indent=2))
     saves = RunCheckpoints(out_path, keep_last=cfg.keep_last, writer=world.master, collective=sharded,
                            report=log.print, after_first_save=out_dir.first_save_done)
-    watch.kept = saves.kept
     return Run(cfg=cfg, world=world, dataset=dataset, model=model, model_args=model_args, training=training,
-               saves=saves, log=log, out_dir=out_dir), watch
+               saves=saves, log=log, out_dir=out_dir), compiled, timer
 
 
 def resume(run, ckpt, ckpt_path):

@@ -113,13 +113,14 @@ class GradMonitor:
         return self.interval > 0 and step % self.interval == 0
 
     @torch.no_grad()
-    def gradients(self, step):
-        """Statistics of the current (unscaled) gradients; call between backward and the optimizer step."""
+    def gradients(self, step, scale=1.0):
+        """Statistics of the current gradients, divided by `scale` (float16's GradScaler multiplies them by it);
+        call between backward and the optimizer step."""
         layers, total_sq, max_abs, grads = {}, 0.0, 0.0, []
         for name, p in self.model.named_parameters():
             if p.grad is None:
                 continue
-            g = p.grad.detach().float()
+            g = p.grad.detach().float() / scale
             sq = g.pow(2).sum().item()
             total_sq += sq
             layers[layer_of(name)] = layers.get(layer_of(name), 0.0) + sq

@@ -3,6 +3,12 @@ and an estimate of the time left from the measured time per step and per evaluat
 import time
 
 
+def flops_per_step(model, cfg, world_size):
+    """The FLOPs of one optimizer step in one of world_size processes (its share of the micro-batches)."""
+    per_rank_accum = cfg.gradient_accumulation_steps // world_size
+    return model.flops_per_token(cfg.block_size) * cfg.block_size * cfg.batch_size * per_rank_accum
+
+
 class StepTimer:
     """Milliseconds per iteration since the last log line, evaluations left out, and the MFU's running average
     (0.9 old, 0.1 new, nanoGPT's), started once a process has run 5 steps (allocation, compilation pass first)."""
@@ -87,10 +93,14 @@ class Heartbeat:
     when `first` seconds have passed since the phase began, then every `every` seconds. Any other output resets it
     (quiet())."""
 
-    def __init__(self, report, *, first=5.0, every=15.0):
-        self.report, self.first, self.every = report, first, every
+    FIRST, EVERY = 5.0, 15.0
+
+    def __init__(self, report, *, first=None, every=None):
+        self.report = report
+        self.first = self.FIRST if first is None else first
+        self.every = self.EVERY if every is None else every
         self.last = time.time()
-        self.waiting = first
+        self.waiting = self.first
 
     def quiet(self):
         """Something was just printed: wait `first` seconds again before the next line."""

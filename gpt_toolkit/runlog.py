@@ -111,7 +111,7 @@ class RunLog:
     A write that fails leaves the file ending in a whole line and raises LogWriteError; from then on print() only
     prints, so the run can say what it does about it. With defer_failures (rank 0 of several DDP processes) the
     failure is kept in .failed instead: the processes stop for it together once a multiple of log_interval steps is
-    done or the loop ends (watch.Watch), so that none waits alone in a collective. Each metrics record also goes to the
+    done or the loop ends (guards.Agreement), so that none waits alone in a collective. Each metrics record also goes to the
     optional trackers (TensorBoard, W&B). With enabled=False (non-zero DDP ranks) every call does nothing."""
 
     def __init__(self, out_dir, append=False, enabled=True, trackers=(), resumed_at=None, defer_failures=False):

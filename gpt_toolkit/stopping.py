@@ -15,6 +15,7 @@ class Interrupted(BaseException):
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.during = None  # the phase it ended ("iter 5", "the evaluation at step 100"); None: after a whole step
 
 
 class StopRequest:

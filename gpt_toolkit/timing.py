@@ -1,82 +1,75 @@
-"""The training step as users run it, timed: train.py itself, run in this process with a Watch that clocks its
-steps (StepClock) and ends the run once it has seen enough. tools/bench.py, tools/estimate.py, tools/experiment.py,
-tools/gpu_check.py and tools/lr_finder.py measure or drive training this way, so there is one step sequence: the
-loop's."""
+"""The training step as users run it, timed: train.py's own loop (its main(), which a tool imports and hands to
+train_in_process) run in this process with a StepClock guard that clocks its steps and ends the run once it has seen
+enough. tools/bench.py, tools/estimate.py, tools/experiment.py, tools/gpu_check.py and tools/lr_finder.py measure or
+drive training this way, so there is one step sequence: the loop's."""
 import contextlib
 import dataclasses
 import io
-import runpy
-import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from gpt_toolkit import hardware
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.watch import Watch
-
-TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
+from gpt_toolkit.guards import Guard
+from gpt_toolkit.progress import flops_per_step
 
 
 class Enough(Exception):
     """A StepClock has seen the steps it was asked for: the run ends here, before any later evaluation or save."""
 
 
-class StepClock(Watch):
-    """Clocks each step of the loop (device synchronized): seconds from the end of the previous step (or of an
-    evaluation) to the end of this one's logging, so a step's batch, update and logging are all in it. Records each
-    step's loss and learning rate (a host sync per step, as nanoGPT's log line makes), and with measure_memory the
-    peak memory: `peak` bytes above `memory_before`, what the process held when the steps began (or, with
-    train_in_process's whole_run=True, when the run began; on CPU: Linux's resident set). Ends the run after `steps`
-    steps; stop(step, loss) returning True ends it sooner."""
-    steps = memory_before = None
-    measure_memory = False
+class StepClock(Guard):
+    """Clocks each step of the loop (device synchronized): seconds from the end of the previous step (or of the
+    evaluation before the first) to the end of this one's logging, so a step's batch, update and logging are all in
+    it. Records each step's loss and learning rate (a host sync per step, as nanoGPT's log line makes), and with
+    measure_memory the peak memory: `peak` bytes above `memory_before`, what the process held when the steps began
+    (or, with train_in_process's memory="whole_run", when the run began; on CPU: Linux's resident set). Ends the run
+    after `steps` steps; stop(step, loss) returning True ends it sooner. The run's model and timer are seen in start."""
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
+    def __init__(self, steps=None, *, measure_memory=False, memory_before=None):
+        self.steps, self.measure_memory, self.memory_before = steps, measure_memory, memory_before
         self.seconds, self.losses, self.lrs = [], [], []
-        self.peak = self.clock = None
+        self.peak = self.clock = self.device = None
 
-    @contextlib.contextmanager
-    def evaluation(self, step):
-        with super().evaluation(step):
-            yield
+    def start(self, run, state):
+        self.device, self.flops_per_iter = run.world.device, flops_per_step(run.model, run.cfg, run.world.size)
+
+    def evaluated(self, step, losses, lr):
         hardware.synchronize(self.device)
         if self.measure_memory and self.memory_before is None:  # the steps begin: the model and its data are there
             self.memory_before = hardware.memory_in_use(self.device)
             hardware.reset_peak_memory(self.device)
         self.clock = time.perf_counter()
 
-    def step_done(self, step, loss, norm, lr):
-        super().step_done(step, loss, norm, lr)
+    def after_step(self, step, loss, norm, lr):
         self.losses.append(loss.item())
         self.lrs.append(lr)
-
-    def between_steps(self, step):
-        signum = super().between_steps(step)
         hardware.synchronize(self.device)
         self.seconds.append(time.perf_counter() - self.clock)
         if self.measure_memory:
             self.peak = hardware.peak_memory(self.device) - self.memory_before
-        if len(self.seconds) >= self.steps or self.stop(step, self.losses[-1]):
+        if len(self.seconds) >= self.steps or self.stop(step + 1, self.losses[-1]):
             raise Enough
         self.clock = time.perf_counter()
-        return signum
 
     def stop(self, step, loss):
+        """True ends the run after `step` steps (loss: the last step's)."""
         return False
 
 
-def train_in_process(cfg, *, steps, clock=StepClock, memory=None, keep_init=False):
-    """Run train.py with Config `cfg` for `steps` steps in this process (its output hidden, out_dir a temporary
-    directory, one evaluation batch), clocked by StepClock or a subclass. Returns the clock. A bad config is train.py's
-    one-line UserError; a Ctrl-C, a KeyboardInterrupt. memory: None, or the peak memory from "steps" (what the steps
-    add to the model and data) or the "whole_run" (from before train.py builds the model). The model is a fresh one
-    unless keep_init: then cfg's init_from (fine-tuning, LoRA)."""
-    device, start = hardware.resolve_device(cfg.device), None
+def train_in_process(main, cfg, *, steps, clock=None, memory=None, keep_init=False):
+    """Run train.py's main (the tool imports train and passes train.main) with Config `cfg` for `steps` steps in this
+    process (its output hidden, out_dir a temporary directory, one evaluation batch), clocked by `clock`, a StepClock
+    (a fresh one when None). Returns the clock. A bad config is train.py's one-line UserError; a Ctrl-C, a
+    KeyboardInterrupt. memory: None, or the peak memory from "steps" (what the steps add to the model and data) or the
+    "whole_run" (from before train.py builds the model). The model is a fresh one unless keep_init: then cfg's
+    init_from (fine-tuning, LoRA)."""
+    device = hardware.resolve_device(cfg.device)
+    clock = clock or StepClock()
+    clock.steps, clock.measure_memory = steps, memory is not None
     if memory == "whole_run":
-        start = hardware.memory_in_use(device)
+        clock.memory_before = hardware.memory_in_use(device)
         hardware.reset_peak_memory(device)
     if hardware.resolve_compile(cfg.compile, device):
         import torch._dynamo
@@ -87,27 +80,15 @@ def train_in_process(cfg, *, steps, clock=StepClock, memory=None, keep_init=Fals
                                   eval_interval=max(cfg.max_iters, steps) + 1, max_iters=max(cfg.max_iters, steps),
                                   log_interval=max(cfg.max_iters, steps) + 1, overwrite=False, eval_only=False,
                                   wandb_log=False, tensorboard_log=False, keep_last=0)
-        clocks, kw_steps = [], steps
-
-        class Clock(clock):
-            steps, memory_before, measure_memory = kw_steps, start, memory is not None
-
-            def __init__(self, **kw):
-                super().__init__(**kw)
-                clocks.append(self)
-        handler, hook = signal.getsignal(signal.SIGINT), sys.excepthook
-        main = runpy.run_path(str(TRAIN_PY), run_name="train_in_process")["main"]
-        signal.signal(signal.SIGINT, handler)  # train.py's start-up settings are for its own process: undone
-        sys.excepthook = hook
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                code = main(config_argv(cfg), watch_class=Clock)
+                code = main(config_argv(cfg), guards=[clock])
         except Enough:
-            return clocks[0]
+            return clock
         if code > 128:  # a Ctrl-C or SIGTERM stopped it (and saved into the temporary directory)
             raise KeyboardInterrupt
-        raise UserError(f"training stopped after {len(clocks[0].seconds) if clocks else 0} of {steps} steps (exit code "
-                        f"{code}): run train.py with this config to see why")
+        raise UserError(f"training stopped after {len(clock.seconds)} of {steps} steps (exit code {code}): run "
+                        f"train.py with this config to see why")
 
 
 def config_argv(cfg):
@@ -115,7 +96,7 @@ def config_argv(cfg):
     return [f"--{field.name}={getattr(cfg, field.name)!r}" for field in dataclasses.fields(cfg)]
 
 
-def timed_steps(cfg, *, steps):
+def timed_steps(main, cfg, *, steps):
     """Seconds of each of `steps` training steps of a fresh model with cfg (its batches, optimizer, precision), as
-    train.py takes them. The first pays for allocation."""
-    return train_in_process(cfg, steps=steps).seconds
+    train.py's main takes them. The first pays for allocation."""
+    return train_in_process(main, cfg, steps=steps).seconds

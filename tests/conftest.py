@@ -92,13 +92,13 @@ IN_PROCESS = {"train.py": "train", "sample.py": "sample", **{f"tools/{name}.py":
     "data/prepare_text.py": "data.prepare_text", "data/prepare_chat.py": "data.prepare_chat"}
 
 
-def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False, watch=None):
+def run_script(*args, cwd=ROOT, timeout=300, env=None, subprocess_only=False, guard=None):
     """Run one of the toolkit's scripts (path relative to the toolkit root) as `python SCRIPT ARGS` would:
     in this process when it has a main() (listed above), else, or with env or subprocess_only, in a new one.
-    watch: for train.py, the Watch subclass its loop runs with (a test's fault or observer goes there)."""
+    guard: for train.py, a guards.Guard its loop runs with after its own (a test's fault or observer goes there)."""
     script, rest = args[0], [str(a) for a in args[1:]]
     if script in IN_PROCESS and env is None and not subprocess_only:
-        return _run_in_process(IN_PROCESS[script], rest, cwd, {"watch_class": watch} if watch else {})
+        return _run_in_process(IN_PROCESS[script], rest, cwd, {"guards": [guard]} if guard else {})
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *rest], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)

@@ -14,15 +14,15 @@ from gpt_toolkit.dataset import Dataset, step_batches
 from gpt_toolkit.diagnostics import MAX_SKIPPED_STEPS, GradMonitor, check_batch, grad_warnings
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.schedule import get_lr
-from gpt_toolkit.watch import Watch
+from gpt_toolkit.guards import Guard
 from model import GPT, GPTConfig, document_positions_and_mask
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
 
 
-def run_train(capsys, *argv, watch=Watch):
+def run_train(capsys, *argv, guard=None):
     with pytest.raises(SystemExit) as e:
-        run_main(lambda args: train.main(args, watch_class=watch), [str(a) for a in argv])
+        run_main(lambda args: train.main(args, guards=[guard] if guard else []), [str(a) for a in argv])
     out, err = capsys.readouterr()
     return e.value.code, out, err
 
@@ -104,9 +104,9 @@ def test_nan_guard_stops_and_keeps_the_checkpoint(data_dir, tmp_path, capsys):
     out_dir = tmp_path / "nan"
     assert run_train(capsys, *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out_dir}")[0] == 0
     saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")}
-    watch = inf_gradients(at_steps={23})  # the 4th step after the resume
+    guard = inf_gradients(at_steps={23})  # the 4th step after the resume
     code, out, err = run_train(capsys, *TINY_TRAIN, "--max_iters=40", "--log_interval=1", "--init_from=resume",
-                               f"--data_dir={data_dir}", f"--out_dir={out_dir}", watch=watch)
+                               f"--data_dir={data_dir}", f"--out_dir={out_dir}", guard=guard)
     assert code == 1
     assert "loss or gradients became NaN/Inf by step 23" in err and "step 20) is from before and untouched" in err
     assert "learning rate too high" in out and "--grad_clip=1.0" in out and "--dtype=bfloat16" in out
@@ -282,19 +282,19 @@ def test_padding_needs_an_end_of_text_token(data_dir, tmp_path, capsys):
 
 
 def inf_gradients(at_steps):
-    """A Watch whose steps in at_steps end with an inf gradient in the first parameter."""
-    class InfGradients(Watch):
+    """A Guard whose steps in at_steps end with an inf gradient in the first parameter."""
+    class InfGradients(Guard):
         def after_backward(self, step, module):
             if step in at_steps:
                 next(module.parameters()).grad[0, 0] = float("inf")
-    return InfGradients
+    return InfGradients()
 
 
 def test_float16_scaler_skips_an_inf_step_and_training_goes_on(data_dir, tmp_path, capsys):
     """float16's GradScaler skips a step whose gradients overflowed and halves its scale: that is normal, not a NaN."""
     args = [*TINY_TRAIN, "--dtype=float16", "--max_iters=20", "--log_interval=1", f"--data_dir={data_dir}"]
     assert run_train(capsys, *args, f"--out_dir={tmp_path / 'plain'}")[0] == 0
-    code, out, err = run_train(capsys, *args, f"--out_dir={tmp_path / 'skipped'}", watch=inf_gradients(at_steps={5}))
+    code, out, err = run_train(capsys, *args, f"--out_dir={tmp_path / 'skipped'}", guard=inf_gradients(at_steps={5}))
     assert code == 0, err
     assert "NaN/Inf" not in out and "step 20: train loss" in out
     assert "note: dtype=float16 on a CPU trains as on a T4 or V100: float16 autocast with a GradScaler" in out  # said
@@ -310,7 +310,7 @@ def test_float16_guard_stops_a_run_of_skipped_steps(data_dir, tmp_path, capsys):
     saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out_dir.glob("*.pt")}
     code, out, err = run_train(capsys, *args, "--max_iters=100", "--lr_decay_iters=100", "--log_interval=1",
                                "--eval_interval=100", "--init_from=resume",
-                               watch=inf_gradients(at_steps=range(23, 10_000)))  # broken from step 23 on
+                               guard=inf_gradients(at_steps=range(23, 10_000)))  # broken from step 23 on
     assert code == 1
     assert f"the GradScaler skipped the last {MAX_SKIPPED_STEPS} steps for inf/NaN gradients" in out
     assert f"loss or gradients became NaN/Inf by step {23 + MAX_SKIPPED_STEPS - 1}" in err

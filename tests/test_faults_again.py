@@ -17,7 +17,7 @@ from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit.checkpoint import load_checkpoint
 from gpt_toolkit.locking import LOCK_NAME
-from gpt_toolkit.watch import Watch
+from gpt_toolkit.guards import Guard
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
@@ -248,11 +248,10 @@ def test_a_second_ctrl_c_inside_the_stops_save_is_an_abort_not_a_full_disk(data_
     """The first SIGINT comes after step 5; the second lands inside torch's writer as it writes the stop's save."""
     out = tmp_path / "out"
 
-    class FirstCtrlC(Watch):
-        def between_steps(self, step):
-            if step == 5:
+    class FirstCtrlC(Guard):
+        def after_step(self, step, loss, norm, lr):
+            if step + 1 == 5:
                 os.kill(os.getpid(), signal.SIGINT)
-            return super().between_steps(step)
 
     real = torch.save
 
@@ -270,7 +269,7 @@ def test_a_second_ctrl_c_inside_the_stops_save_is_an_abort_not_a_full_disk(data_
                 return getattr(f, name)
         return real(obj, Writer(), *args, **kwargs)
     monkeypatch.setattr(torch, "save", second_ctrl_c_midway)
-    r = run_script(*train_args(data_dir, out), watch=FirstCtrlC)
+    r = run_script(*train_args(data_dir, out), guard=FirstCtrlC())
     line = assert_one_line_error(r, "aborted by a second interrupt (SIGINT) while saving the state after step 5: "
                                     "no checkpoint had been saved yet", code=130)
     assert "disk" not in line and not list(out.glob("*.pt")) and not list(out.glob(".*.tmp*"))
@@ -467,12 +466,11 @@ def test_two_exports_to_one_place_at_once_tell_the_loser_why(sampled_run, tmp_pa
 def test_a_stopped_run_in_this_process_leaves_the_signal_handlers_as_they_were(data_dir, tmp_path):
     """A run stopped by a signal (in a tool or a test's process) gives SIGINT and SIGTERM back: the processes started
     afterwards would otherwise inherit an ignored Ctrl-C."""
-    class CtrlC(Watch):
-        def between_steps(self, step):
-            if step == 3:
+    class CtrlC(Guard):
+        def after_step(self, step, loss, norm, lr):
+            if step + 1 == 3:
                 os.kill(os.getpid(), signal.SIGINT)
-            return super().between_steps(step)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    r = run_script(*train_args(data_dir, tmp_path / "out"), watch=CtrlC)
+    r = run_script(*train_args(data_dir, tmp_path / "out"), guard=CtrlC())
     assert r.returncode == 130, r.stderr
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

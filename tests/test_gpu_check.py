@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit.timing import StepClock, train_in_process
+from train import main as train_main
 from gpt_toolkit.train_config import load_config
 from tools.gpu_check import measure, nanogpts, ours
 
@@ -54,12 +55,12 @@ def test_nanogpts_step_trains_and_is_timed(tmp_path):
 
 def test_a_ctrl_c_in_a_timed_run_is_a_keyboard_interrupt(data_dir):
     class CtrlC(StepClock):
-        def between_steps(self, step):
+        def after_step(self, step, loss, norm, lr):
             os.kill(os.getpid(), signal.SIGINT)  # train.py's stop: it saves into its temporary out_dir, exits 130
-            return super().between_steps(step)
+            super().after_step(step, loss, norm, lr)
     cfg, _ = load_config([*TINY_TRAIN, f"--data_dir={data_dir}"])
     with pytest.raises(KeyboardInterrupt):
-        train_in_process(cfg, steps=5, clock=CtrlC)
+        train_in_process(train_main, cfg, steps=5, clock=CtrlC())
 
 
 def test_a_directory_without_model_py_is_refused(tmp_path):

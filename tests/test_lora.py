@@ -20,7 +20,7 @@ from gpt_toolkit.loading import lora_model, model_from_checkpoint
 from gpt_toolkit.memory import memory_estimate
 from gpt_toolkit.sampling import load_model
 from gpt_toolkit.train_config import load_config, validate_lora
-from gpt_toolkit.watch import Watch
+from gpt_toolkit.guards import Guard
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # training follows the precision dtype=auto picks (.ci/run runs it in both)
@@ -56,18 +56,17 @@ def base(data_dir, tmp_path_factory):
     return out
 
 
-class Kept(Watch):
+class Kept(Guard):
     """Keeps the run's model and optimizer, to look at once it has trained."""
     seen = {}
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        Kept.seen.update(model=kw["model"], optimizer=kw["training"].optimizer)
+    def start(self, run, state):
+        Kept.seen.update(model=run.model, optimizer=run.training.optimizer)
 
 
-def lora_run(data_dir, base, out, *extra, watch=None):
+def lora_run(data_dir, base, out, *extra, guard=None):
     r = run_script("train.py", *TINY_TRAIN, *LORA, f"--init_from={base}", f"--data_dir={data_dir}", f"--out_dir={out}",
-                   *extra, watch=watch)
+                   *extra, guard=guard)
     assert r.returncode == 0, r.stderr
     return r
 
@@ -84,7 +83,7 @@ def assert_only_adapters_trained(model, optimizer, base_state):
 @pytest.fixture(scope="module")
 def tuned(data_dir, base):
     out = base.parent / "tuned"
-    stdout = lora_run(data_dir, base, out, watch=Kept).stdout
+    stdout = lora_run(data_dir, base, out, guard=Kept()).stdout
     return out, stdout, dict(Kept.seen)
 
 
@@ -307,7 +306,7 @@ def test_lora_on_chat_data_trains_the_chat_tokens_rows_and_answers(data_dir, bas
     assert r.returncode == 0, r.stderr
     out = tmp_path / "chat"
     r = run_script("train.py", *TINY_TRAIN, "--block_size=64", "--dataset=lora_chat", "--lora_rank=4", "--max_iters=20",
-                   f"--init_from={base}", f"--data_dir={tmp_path}", f"--out_dir={out}", watch=Kept)
+                   f"--init_from={base}", f"--data_dir={tmp_path}", f"--out_dir={out}", guard=Kept())
     assert r.returncode == 0, r.stderr
     grown = lora_model(load_checkpoint(out / "ckpt.pt")).state_dict()  # the base's rows, and the chat rows' start
     assert_only_adapters_trained(Kept.seen["model"], Kept.seen["optimizer"], grown)

@@ -13,7 +13,7 @@ from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 from gpt_toolkit import memory
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.train_config import load_config
-from gpt_toolkit.watch import Watch
+from gpt_toolkit.guards import Guard
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
@@ -67,14 +67,14 @@ def test_out_of_memory_during_training_is_one_line_and_keeps_the_checkpoint(data
     assert run_script("train.py", *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out}").returncode == 0
     saved = {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in out.glob("*.pt")}
 
-    class AllocationFails(Watch):
+    class AllocationFails(Guard):
         def after_backward(self, step, module):
             if step == 23:  # the 4th step after the resume
                 raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
                                    "memory: you tried to allocate 320000000000 bytes. Error code 12 (Cannot allocate "
                                    "memory)")
     r = run_script("train.py", *TINY_TRAIN, "--max_iters=40", "--init_from=resume", f"--data_dir={data_dir}",
-                   f"--out_dir={out}", watch=AllocationFails)
+                   f"--out_dir={out}", guard=AllocationFails())
     line = assert_one_line_error(r, "out of memory at step 23 (asked for 298.02 GB more): ",
                                  f"the last checkpoint ({out / 'latest.pt'}, step 20) is from before and untouched")
     assert "--batch_size=" in line

@@ -46,6 +46,7 @@ from gpt_toolkit.init_from import scratch_model_args
 from gpt_toolkit.process import setup_process
 from gpt_toolkit.timing import StepClock, train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
+from train import main as train_main  # the entry point: its loop, with our clock among its guards
 
 
 def parser():
@@ -87,8 +88,8 @@ class Variant:
     def steps(self, n, warmup):
         """One round: a fresh run, warmup steps, then n timed; returns seconds per step (and adds the real tokens
         per second, padding left out, to self.rates)."""
-        clock = train_in_process(self.cfg, steps=warmup + n)
-        self.flops_per_iter = clock.timer.flops_per_iter
+        clock = train_in_process(train_main, self.cfg, steps=warmup + n)
+        self.flops_per_iter = clock.flops_per_iter
         seconds = sum(clock.seconds[warmup:])
         real = sum(int((Y >= 0).sum()) for step in range(warmup, warmup + n)
                    for _, Y in run_batches(self.cfg, self.dataset, step, "cpu"))
@@ -97,7 +98,7 @@ class Variant:
 
     def peak_memory(self):
         """Peak memory two training steps add to what the process holds (model, data) before them."""
-        return train_in_process(self.cfg, steps=2, memory="steps").peak
+        return train_in_process(train_main, self.cfg, steps=2, memory="steps").peak
 
 
 def variant(which, cfg, dataset):
@@ -114,14 +115,14 @@ def variant(which, cfg, dataset):
 class FaultCounter(StepClock):
     """A StepClock that also counts the process's page faults after each step."""
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
+    def __init__(self):
+        super().__init__()
         self.faults = []
 
-    def between_steps(self, step):
+    def after_step(self, step, loss, norm, lr):
         import resource  # Unix: the page-fault count
         self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
-        return super().between_steps(step)
+        super().after_step(step, loss, norm, lr)
 
 
 def fresh_process(argv, *names):
@@ -145,8 +146,8 @@ def train_bench(cfg, opts, argv):
         print(f"peak_bytes {variant(opts['memory_of'], cfg, dataset).peak_memory()}")
         return
     if opts["steps_of"]:
-        clock = train_in_process(variant(opts["steps_of"], cfg, dataset).cfg, steps=opts["warmup"] + opts["iters"],
-                                 clock=FaultCounter)
+        clock = train_in_process(train_main, variant(opts["steps_of"], cfg, dataset).cfg,
+                                 steps=opts["warmup"] + opts["iters"], clock=FaultCounter())
         seconds = sum(clock.seconds[opts["warmup"]:]) / opts["iters"]
         faults = (clock.faults[-1] - clock.faults[opts["warmup"] - 1]) / opts["iters"]
         print(f"seconds_per_iter {seconds} faults_per_iter {faults}")

@@ -37,6 +37,7 @@ from gpt_toolkit.hardware import cpu_name
 from gpt_toolkit.timing import train_in_process
 from gpt_toolkit.train_config import load_config, validate
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
+from train import main as train_main  # the entry point: its loop, clocked
 
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, vocab_size=GPT2_PADDED_VOCAB)
 
@@ -55,7 +56,7 @@ def measure(argv, steps):
     """(ms per step, the process's peak resident bytes) of train.py with argv, in this process."""
     cfg, _ = load_config(argv)
     validate(cfg)
-    clock = train_in_process(cfg, steps=1 + steps, keep_init=True)
+    clock = train_in_process(train_main, cfg, steps=1 + steps, keep_init=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
     return 1000 * statistics.median(clock.seconds[1:]), peak
 

@@ -26,6 +26,7 @@ from gpt_toolkit.memory import fit_advice, fmt_bytes, memory_estimate, parse_siz
 from gpt_toolkit.process import setup_process
 from gpt_toolkit.timing import train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig, model_options
+from train import main as train_main  # the entry point: its loop, clocked
 
 
 def parser():
@@ -40,7 +41,7 @@ def parser():
 def measure(cfg, steps):
     """(peak bytes a training run adds, ms per iteration) from a few real steps of train.py; memory as CUDA's
     allocator peak on GPU, the process's peak RSS on CPU."""
-    clock = train_in_process(cfg, steps=steps, memory="whole_run")
+    clock = train_in_process(train_main, cfg, steps=steps, memory="whole_run")
     steady = clock.seconds[1:] or clock.seconds  # the first step pays for allocation
     return clock.peak, 1000 * sum(steady) / len(steady)
 

@@ -39,6 +39,7 @@ from gpt_toolkit.plots import plot_compare
 from gpt_toolkit.summary import find_runs, format_table, summary_row
 from gpt_toolkit.timing import timed_steps
 from gpt_toolkit.train_config import load_config, validate
+from train import main as train_main  # the entry point: its loop, clocked
 
 BASE_CONFIG = "config/train_shakespeare_char.py"
 CPU_SCALE = {"n_embd": 4, "block_size": 4, "batch_size": 4, "max_iters": 5, "lr_decay_iters": 5, "warmup_iters": 5,
@@ -101,7 +102,7 @@ def steps_for(seconds, overrides, probe=8):
     equal wall-clock time."""
     cfg, _ = load_config([str(ROOT / BASE_CONFIG), *overrides])
     validate(cfg)
-    times = timed_steps(cfg, steps=probe)
+    times = timed_steps(train_main, cfg, steps=probe)
     return max(1, int(seconds / statistics.median(times[1:])))
 
 

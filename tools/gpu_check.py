@@ -37,6 +37,7 @@ from gpt_toolkit.timing import train_in_process
 from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE
 from gpt_toolkit.train_config import load_config
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
+from train import main as train_main  # the entry point: its loop, clocked
 
 # (name, config file, vocabulary size of its data)
 MODELS = {"char": ("shakespeare_char", "config/train_shakespeare_char.py", 65),
@@ -79,7 +80,7 @@ def ours(cfg, data_dir, vocab_size, *, dtype, warmup, steps, compiled):
     optimizer and precision, on synthetic tokens: one micro-batch a step."""
     cfg = dataclasses.replace(cfg, data_dir=str(data_dir), dataset=synthetic_dataset(data_dir, vocab_size),
                               gradient_accumulation_steps=1, compile=compiled, dtype=dtype)
-    clock = train_in_process(cfg, steps=warmup + steps, memory="steps")
+    clock = train_in_process(train_main, cfg, steps=warmup + steps, memory="steps")
     return 1000 * statistics.median(clock.seconds[warmup:]), clock.memory_before + clock.peak
 
 

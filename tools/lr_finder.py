@@ -22,6 +22,7 @@ from gpt_toolkit.errors import ConfigError, UserError, run_main
 from gpt_toolkit.plots import check_plot_output, save_figure, subplots
 from gpt_toolkit.process import setup_process
 from gpt_toolkit.timing import StepClock, train_in_process
+from train import main as train_main  # the entry point: its loop, with the sweep among its guards
 
 
 def parser():
@@ -62,7 +63,7 @@ def range_test(cfg, steps, lr_start, lr_end, smoothing=0.0, report=print):
             return False
     sweep = dataclasses.replace(cfg, lr_schedule="exponential", min_lr=lr_start, learning_rate=lr_end, warmup_iters=0,
                                 max_iters=steps)
-    train_in_process(sweep, steps=steps, clock=Sweep)
+    train_in_process(train_main, sweep, steps=steps, clock=Sweep())
     if not history:
         raise UserError(f"the loss was not finite from the first step, at lr {lr_start:.2e}: lower --lr_start")
     return history
