@@ -22,8 +22,9 @@ from gpt_toolkit.checkpoint import BEST
 from gpt_toolkit.compiling import CompiledOrEager
 from gpt_toolkit.errors import ConfigError, UserError, run_main
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.sampling import check_generation_fits, fit_history, load_model, read_prompt, stop_token_ids, write_samples
-from gpt_toolkit.train_config import MAX_SEED, check_init_from
+from gpt_toolkit.sampling import check_generation_fits, fit_history, read_prompt, stop_token_ids, write_samples
+from gpt_toolkit.source import RESUME, ModelSource, load_model
+from gpt_toolkit.train_config import MAX_SEED
 from model import check_sampling
 
 
@@ -58,7 +59,8 @@ USAGE = "usage: python sample.py [CONFIG_FILE ...] [--key=value ...]"
 
 
 def validate(cfg):
-    check_init_from(cfg.init_from, ("resume",))
+    """Bad settings in one line each; returns the model's source."""
+    source = ModelSource.parse(cfg.init_from, out_dir=cfg.out_dir, allowed=(RESUME,))
     if cfg.max_new_tokens <= 0:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be positive")
     if cfg.num_samples <= 0:
@@ -72,6 +74,7 @@ def validate(cfg):
         raise ConfigError(str(e)) from None
     if cfg.chat and cfg.interactive:
         raise ConfigError("chat=True and interactive=True are two ways of reading stdin: choose one")
+    return source
 
 
 def unescape(text):
@@ -85,7 +88,7 @@ def main(argv):
                                   help_of(Config), CHOICES, usage=USAGE)
     cfg = SimpleNamespace(**config)
     cfg.stop = stops + ([unescape(cfg.stop)] if cfg.stop else [])
-    validate(cfg)
+    source = validate(cfg)
     if (cfg.interactive or cfg.chat) and "num_samples" not in cli_keys:
         cfg.num_samples = 1  # a conversation: one streamed answer per prompt
     device = hardware.resolve_device(cfg.device)
@@ -94,7 +97,7 @@ def main(argv):
     prompt = None if cfg.interactive or cfg.chat else read_prompt(cfg.start)
     if prompt == "":
         raise UserError("the prompt is empty: give --start some text (the default is a newline)")
-    model, tokenizer = load_model(cfg, device)
+    model, tokenizer = load_model(source, device, checkpoint=cfg.checkpoint, verify=cfg.verify_checkpoint)
     if cfg.chat and not hasattr(tokenizer, "render"):
         raise UserError("this model has no chat template: fine-tune it on a chat dataset first (data/prepare_chat.py, "
                         "config/finetune_chat_shakespeare.py), or sample it with --interactive=True")

@@ -14,7 +14,6 @@ to this file. Every key of gpt_toolkit.train_config.Config can be set by a confi
 """
 import dataclasses
 import json
-import math
 import signal
 import time
 from dataclasses import dataclass
@@ -30,28 +29,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import format_config
 from gpt_toolkit import dataset as datasets
 from gpt_toolkit import distributed, evaluation, hardware, lora, memory, sharding
-from gpt_toolkit.checkpoint import (
-    RunCheckpoints,
-    TrainingState,
-    is_run_dir,
-    load_checkpoint,
-    load_optimizer_state,
-    resume_path,
-    set_rng_state,
-)
+from gpt_toolkit.checkpoint import RunCheckpoints, TrainingState, load_optimizer_state, set_rng_state
 from gpt_toolkit.dataset import Dataset, eval_offsets, run_batches, step_batches
 from gpt_toolkit.diagnostics import check_batch, check_init
 from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main
 from gpt_toolkit.evaluation import token_byte_lengths
 from gpt_toolkit.files import write_run_file
-from gpt_toolkit.init_from import build_model, check_init_tokenizer, check_memory, check_resume, init_checkpoint_path
+from gpt_toolkit.guards import CompileFallback, guards_for
+from gpt_toolkit.init_from import build_model, check_init_tokenizer, check_memory, check_resume
 from gpt_toolkit.outdir import OutDir, check_out_dir
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.guards import CompileFallback, guards_for
 from gpt_toolkit.progress import StepTimer, flops_per_step
 from gpt_toolkit.runlog import LogWriteError, RunLog, TensorBoardTracker, WandbTracker, eval_line, took_line, total_time_line
 from gpt_toolkit.schedule import lr_at
 from gpt_toolkit.sharding import local_numel
+from gpt_toolkit.source import ModelSource
 from gpt_toolkit.stopping import Interrupted, StopRequest
 from gpt_toolkit.task_scoring import EvalTasks
 from gpt_toolkit.tokenizer import tokenizer_from_meta
@@ -95,22 +87,23 @@ def main(argv, *, guards=()):
     # fails here in one line, before anything is written
     cfg, cli_keys = load_config(argv)
     validate(cfg)
-    world, trackers = check_setup(cfg)  # the DDP process, its device, dtype (auto: bf16 where it is fast), compile
+    source = ModelSource.for_training(cfg)  # init_from, resolved once: scratch, resume, a run, a transformers dir, gpt2*
+    world, trackers = check_setup(cfg, source)  # the DDP process, its device, dtype (auto: bf16 where fast), compile
     setup_process(world.device, keep_cpu_memory=cfg.keep_cpu_memory)
-    cfg, dataset, ckpt, ckpt_path, notes = check_data_and_out_dir(cfg, cli_keys, world)
+    cfg, dataset, ckpt, ckpt_path, notes = check_data_and_out_dir(cfg, source, cli_keys, world)
     tasks = EvalTasks(cfg.eval_tasks, cfg.eval_tasks_limit, dataset.meta) if cfg.eval_tasks and world.master else None
     torch.manual_seed(cfg.seed + world.rank)
 
     # model init: from scratch, from a checkpoint to resume, from another run, GPT-2 or a transformers directory
-    model, model_args, model_notes = build_model(cfg, dataset, ckpt)
-    if cfg.init_from != "resume":
+    model, model_args, model_notes = build_model(cfg, source, dataset, ckpt)
+    if not source.resumes:
         ckpt = None  # another run's weights are in the model now: their copy in the file's dict is freed
     check_model_and_data(cfg, dataset, model_args["vocab_size"])
 
     # from here on the run writes to out_dir, which it owns (rank 0 writes) until it ends; Ctrl-C and SIGTERM end a
     # long phase (building, an evaluation, a step's forward and backward) at once, then the run saves
-    resuming = cfg.init_from == "resume"
-    with StopRequest(phases=world.size == 1) as stop, OutDir(cfg, writer=world.master) as out_dir, \
+    resuming = source.resumes
+    with StopRequest(phases=world.size == 1) as stop, OutDir(cfg, source, writer=world.master) as out_dir, \
             RunLog(cfg.out_dir, append=resuming, enabled=world.master, trackers=trackers(cfg),
                    resumed_at=ckpt["iter_num"] if resuming else None, defer_failures=world.size > 1) as log:
         distributed.init_process_group(cfg.backend, world.device, world.size)
@@ -272,29 +265,26 @@ def checkpoint(run, state, rng_states):
     }
 
 
-def check_data_and_out_dir(cfg, cli_keys, world):
+def check_data_and_out_dir(cfg, source, cli_keys, world):
     """(cfg, the dataset, the checkpoint the model comes from and its path, or None, None; lines for the log):
     whether out_dir may be written, the data, a resume's checkpoint against the config (cfg comes back with its
     architecture), or the weights of the run init_from names with its tokenizer, and the memory the run needs."""
-    notes = check_out_dir(cfg) if world.master else []
+    notes = check_out_dir(cfg, source) if world.master else []
     dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
     if dataset.is_chat and not (cfg.padding or cfg.packing):  # a row must not start mid-conversation
         cfg = dataclasses.replace(cfg, padding=True)
         notes.append(f"'{cfg.dataset}' is a chat dataset: each row is one whole conversation, padded (--padding=True; "
                      f"--packing=True packs them instead)")
-    ckpt = ckpt_path = None
-    if cfg.init_from == "resume":
-        ckpt_path = resume_path(cfg.out_dir)
-        ckpt = load_checkpoint(ckpt_path, map_location=world.device, verify=cfg.verify_checkpoint)
+    # a resume's latest.pt, or another run's best weights (its newest when none is best yet)
+    ckpt, ckpt_path = source.load_checkpoint(map_location=world.device if source.resumes else "cpu",
+                                             verify=cfg.verify_checkpoint)
+    if source.resumes:
         cfg = check_resume(ckpt, cfg, cli_keys, dataset)
         validate_lora(cfg)  # the run's own LoRA settings, as the checkpoint gives them
-    elif is_run_dir(cfg.init_from):  # another run's best weights (its newest when none is best yet)
-        ckpt_path = init_checkpoint_path(cfg.init_from)
-        ckpt = load_checkpoint(ckpt_path, verify=cfg.verify_checkpoint)
-    check_init_tokenizer(cfg, dataset, ckpt if cfg.init_from != "resume" else None)
+    check_init_tokenizer(cfg, source, dataset, ckpt if not source.resumes else None)
     dataset.check_block_size(cfg.block_size)
     if cfg.check_memory:
-        check_memory(cfg, dataset, ckpt, world.device, world.dtype, world.size)
+        check_memory(cfg, source, dataset, ckpt, world)
     return cfg, dataset, ckpt, ckpt_path, notes
 
 
@@ -368,14 +358,14 @@ def resume(run, ckpt, ckpt_path):
     return state
 
 
-def check_setup(cfg):
+def check_setup(cfg, source):
     """(World, a function that opens the wanted trackers): the optional packages the config needs, this process's
     rank and device, the dtype and compile setting. Raises a one-line error for what cannot work."""
     wandb = import_optional("wandb", "wandb_log=True") if cfg.wandb_log else None
     if cfg.tensorboard_log:
         import_optional("tensorboard", "tensorboard_log=True")
-    if cfg.init_from not in ("scratch", "resume"):
-        import_optional("transformers", f"init_from={cfg.init_from}")
+    if source.fine_tunes:
+        import_optional("transformers", f"init_from={source}")
     rank, local_rank, world_size = distributed.ranks(cfg)
     if cfg.parallel == "fsdp":
         distributed.check_fsdp(cfg, world_size)

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from gpt_toolkit import sharding
-from gpt_toolkit.errors import UserError, first_line, interrupt_behind
+from gpt_toolkit.errors import UserError, first_line, interrupt_behind, short
 from gpt_toolkit.files import atomic_write, fsync_dir, temp_path, write_failure_cause
 from gpt_toolkit.tokenizer import check_meta
-from model import GPT, MODEL_OPTIONS, GPTConfig, model_options
+from model import MODEL_OPTIONS, model_options
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", *MODEL_OPTIONS)  # what a resume may not change
@@ -316,7 +316,7 @@ def load_checkpoint(path, map_location="cpu", verify=True):
             raise UserError(f"checkpoint {path} holds a Python object that weights-only loading refuses ({culprit}): "
                             f"train.py never writes one, and loading it otherwise could run code; load only "
                             f"checkpoints you trust") from None
-        raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({_short(first_line(e))}): {_another(path)}"
+        raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({short(first_line(e))}): {_another(path)}"
                         ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not a nanoGPT-style checkpoint (no 'model'/'model_args'): check the path")
@@ -332,11 +332,6 @@ def _another(path):
     """What to use instead of a damaged checkpoint."""
     others = [p.name for p in existing_checkpoints(Path(path).parent) if p != Path(path)]
     return f"use another checkpoint ({', '.join(others)})" if others else "train again, or use a copy of it"
-
-
-def _short(text, limit=200):
-    """A library message cut at a word, not mid-word."""
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _refused_global(exc):
@@ -363,28 +358,6 @@ def check_contents(ckpt, path):
             raise UserError(f"{where}: '{key}' is not a dict: the file was edited or damaged; {_another(path)}")
     if ckpt.get("meta") is not None:
         check_meta(ckpt["meta"], f"{where}'s vocabulary", _another(path))
-
-
-def plain_model(ckpt, dropout=0.0):
-    """The GPT a loaded checkpoint of a whole model holds (ours or nanoGPT's), on the device its tensors were loaded
-    to. Weights that do not fit its model_args (an edited file) are a one-line UserError. Any checkpoint, a LoRA run's
-    too: gpt_toolkit.loading.model_from_checkpoint."""
-    if ckpt.get("lora") is not None:
-        raise ValueError("a LoRA run's checkpoint holds adapters only: load it with gpt_toolkit.loading")
-    args = {k: ckpt["model_args"][k] for k in (*MODEL_ARGS, *MODEL_OPTIONS) if k in ckpt["model_args"]}
-    with torch.device("meta"):  # no random weights to make and then overwrite: the file's tensors become the model's
-        model = GPT(GPTConfig(**{**args, "dropout": dropout}))
-    try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
-                              assign=True)
-        if not model.config.untied_head:
-            model.transformer.wte.weight = model.lm_head.weight  # tied, as GPT() ties them
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else first_line(e)
-        raise UserError(f"the checkpoint's weights do not fit its model_args {args} ({_short(detail, 160)}): the "
-                        f"file was edited or damaged; use another checkpoint") from None
-    return model
 
 
 def clean_state_dict(state):

@@ -34,6 +34,11 @@ class FollowerError(UserError):
     one says it only if torchrun has not stopped it by then."""
 
 
+def short(text, limit=200):
+    """A library message cut at a word, not mid-word."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def first_line(exc):
     """An exception's first message line (library errors run to many lines), or its type when it has no message."""
     text = str(exc).strip()

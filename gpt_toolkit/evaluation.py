@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, padded_batch
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.loading import model_from_checkpoint
+from gpt_toolkit.source import model_from_checkpoint
 from gpt_toolkit.tokenizer import describe, same_vocabulary, strip_chat, tokenizer_from_meta
 
 

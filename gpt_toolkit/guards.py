@@ -26,7 +26,6 @@ from gpt_toolkit.evaluation import eval_to_step_ratio
 from gpt_toolkit.progress import Eta, Heartbeat
 from gpt_toolkit.runlog import (
     LogFailedOnRank0,
-    LogWriteError,
     duration,
     ends_at,
     iter_line,

@@ -24,7 +24,7 @@ from gpt_toolkit.tokenizer import (
     ChatTokenizer,
     GPT2Tokenizer,
 )
-from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, config_from_hf, model_options, state_dict_from_hf
+from model import GPT, GPT2_PADDED_VOCAB, config_from_hf, model_options, state_dict_from_hf
 
 CHAR_VOCAB = "char_vocab.json"  # an exported character model's vocabulary: {"tokenizer": "char", "itos": [...]}
 # What tiktoken's gpt2 encoding is built from: byte for byte the vocab.json and merges.txt transformers reads.
@@ -39,21 +39,9 @@ GELUS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def is_init_source(name):
-    """True for what init_from may name besides scratch/resume: a gpt2* size, a local transformers directory, or
-    another run's out_dir."""
-    return name in GPT2_SIZES or is_hf_dir(name) or is_run_dir(name)
-
-
 def is_hf_dir(path):
     """A transformers model directory (config.json), not a run's out_dir (which has a config.json of its own)."""
     return Path(path).is_dir() and (Path(path) / "config.json").is_file() and not is_run_dir(path)
-
-
-def load_pretrained(source, dropout=0.0):
-    """GPT with the weights init_from names: a local transformers directory, else OpenAI's gpt2* (transformers'
-    own order: a directory of that name comes first)."""
-    return load_hf_dir(source, dropout) if is_hf_dir(source) else load_gpt2(source, dropout)
 
 
 def load_gpt2(model_type, dropout=0.0):

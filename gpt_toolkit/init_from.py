@@ -1,14 +1,13 @@
-"""The model a run starts from, by init_from: a fresh one (scratch), a resumed run's, another run's best weights,
-OpenAI's GPT-2 or a transformers directory (build_model), and the checks made before building it: a resume against
-its checkpoint, the tokenizer of fine-tuned weights against the data's, the memory the run needs."""
+"""The model a run starts from, by its source (source.ModelSource: a fresh one, a resumed run's, another run's best
+weights, OpenAI's GPT-2 or a transformers directory): build_model, and the checks made before building it: a resume
+against its checkpoint, the tokenizer of fine-tuned weights against the data's, the memory the run needs."""
 import dataclasses
-from pathlib import Path
 
 from gpt_toolkit import hardware, lora, memory
-from gpt_toolkit.checkpoint import ARCHITECTURE, BEST, LATEST, architecture, is_run_dir, model_args_of
+from gpt_toolkit.checkpoint import ARCHITECTURE, architecture, model_args_of
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.huggingface import hf_dir_model_args, is_hf_dir, load_pretrained, tokenizer_for_hf_dir
-from gpt_toolkit.loading import lora_model, model_from_checkpoint
+from gpt_toolkit.huggingface import hf_dir_model_args
+from gpt_toolkit.source import HF, RESUME, RUN, SCRATCH
 from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, describe, same_vocabulary, strip_chat, vocabulary_of
 from model import GPT, GPT2_PADDED_VOCAB, GPT2_SIZES, MODEL_OPTIONS, GPTConfig, model_options
 
@@ -19,21 +18,21 @@ def scratch_model_args(cfg, vocab_size):
                 vocab_size=vocab_size, dropout=cfg.dropout, **model_options(cfg))
 
 
-def planned_model_args(cfg, dataset, ckpt):
+def planned_model_args(cfg, source, dataset, ckpt):
     """The GPTConfig fields build_model will use, known before building it (ckpt: the checkpoint it comes from, when
     resuming or starting from another run)."""
-    if cfg.init_from == "scratch":
+    if source.kind == SCRATCH:
         return scratch_model_args(cfg, dataset.model_vocab_size)
-    if cfg.init_from == "resume":
+    if source.kind == RESUME:
         return {**ckpt["model_args"], "dropout": cfg.dropout}
-    if is_run_dir(cfg.init_from):  # another run's model: grown for a chat dataset's tokens, its context maybe cropped
+    if source.kind == RUN:  # another run's model: grown for a chat dataset's tokens, its context maybe cropped
         args = ckpt["model_args"]
         return {**args, "dropout": cfg.dropout, "vocab_size": max(args["vocab_size"], dataset.vocab_size or 0),
                 "block_size": min(cfg.block_size, args["block_size"])}
-    if is_hf_dir(cfg.init_from):
-        args = hf_dir_model_args(cfg.init_from, cfg.dropout)
+    if source.kind == HF:
+        args = hf_dir_model_args(source.where, cfg.dropout)
         return {**args, "block_size": min(cfg.block_size, args["block_size"])}
-    return dict(GPT2_SIZES[cfg.init_from], block_size=min(cfg.block_size, 1024), bias=True, vocab_size=GPT2_VOCAB_SIZE,
+    return dict(GPT2_SIZES[source.where], block_size=min(cfg.block_size, 1024), bias=True, vocab_size=GPT2_VOCAB_SIZE,
                 dropout=cfg.dropout)
 
 
@@ -83,35 +82,32 @@ def check_resume_lora(ckpt, cfg, cli_keys):
     return trained
 
 
-def init_checkpoint_path(init_from):
-    """The checkpoint init_from=OUT_DIR starts from: the run's best weights (its newest when none is best yet)."""
-    return Path(init_from) / (BEST if (Path(init_from) / BEST).exists() else LATEST)
-
-
-def check_init_tokenizer(cfg, dataset, init_ckpt=None):
+def check_init_tokenizer(cfg, source, dataset, init_ckpt=None):
     """Fine-tuning weights (gpt2*, a transformers directory, another run's checkpoint init_ckpt) on a dataset needs
     the dataset in their tokenizer (a chat dataset: with the chat tokens added to it): a one-line error naming both
     otherwise (a model would learn ids that mean other text to it)."""
-    if cfg.init_from in ("scratch", "resume") or dataset.meta is None:
+    if not source.fine_tunes or dataset.meta is None:
         return
     if init_ckpt is not None:
         model_vocab = init_ckpt.get("meta")
     else:
-        model_vocab = vocabulary_of(tokenizer_for_hf_dir(cfg.init_from)) if is_hf_dir(cfg.init_from) else None
+        model_vocab = vocabulary_of(source.tokenizer()) if source.kind == HF else None
     if dataset.is_chat:
         same = same_vocabulary(strip_chat(model_vocab or {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE}),
                                strip_chat(dataset.vocabulary))
     else:
         same = same_vocabulary(model_vocab, dataset.vocabulary)
     if not same:
-        raise UserError(f"init_from={cfg.init_from} has the tokenizer {describe(model_vocab)}, and dataset '{cfg.dataset}' "
+        raise UserError(f"init_from={source} has the tokenizer {describe(model_vocab)}, and dataset '{cfg.dataset}' "
                         f"was prepared with {describe(dataset.vocabulary)}: prepare the data with the model's tokenizer "
                         f"(data/prepare_text.py --tokenizer=...), or train a new model on this dataset")
 
 
-def check_memory(cfg, dataset, ckpt, device, dtype, world_size):
-    """Refuse a run that cannot fit before the model is built (building it alone can take minutes or fail)."""
-    args = planned_model_args(cfg, dataset, ckpt)
+def check_memory(cfg, source, dataset, ckpt, world):
+    """Refuse a run that cannot fit before the model is built (building it alone can take minutes or fail); world:
+    train.py's World (device, dtype, processes)."""
+    device, dtype, world_size = world.device, world.dtype, world.size
+    args = planned_model_args(cfg, source, dataset, ckpt)
     shape = dataclasses.replace(cfg, **{k: v for k, v in args.items() if k != "vocab_size"})
     n_params = memory.param_count(n_layer=args["n_layer"], n_embd=args["n_embd"], block_size=args["block_size"],
                                   vocab_size=args["vocab_size"], bias=args["bias"], n_head=args["n_head"],
@@ -123,31 +119,27 @@ def check_memory(cfg, dataset, ckpt, device, dtype, world_size):
                       processes=min(sharing, world_size))
 
 
-def build_model(cfg, dataset, ckpt):
-    """(model, model_args, notes to log) for cfg.init_from; ckpt is the loaded checkpoint when resuming."""
+def build_model(cfg, source, dataset, ckpt):
+    """(model, model_args, notes to log) from the run's source; ckpt: its loaded checkpoint (resume, another run)."""
     notes = []
-    if cfg.init_from == "scratch":
+    if source.kind == SCRATCH:
         if dataset.vocab_size is None:
             notes.append(f"no vocabulary file in the dataset: using GPT-2's vocab_size {GPT2_PADDED_VOCAB} "
                          f"({GPT2_VOCAB_SIZE} padded to a multiple of 64)")
         model_args = scratch_model_args(cfg, dataset.model_vocab_size)
         model = GPT(GPTConfig(**model_args))
-    elif cfg.init_from == "resume":  # a LoRA run's: its base again, with the adapters unmerged
-        model = lora_model(ckpt, cfg.dropout) if ckpt.get("lora") else model_from_checkpoint(ckpt, cfg.dropout)
-        model_args = model_args_of(model.config)
-    elif is_run_dir(cfg.init_from):
-        notes.append(f"initializing from the run in {cfg.init_from} (its weights at step {ckpt.get('iter_num', '?')}; a "
-                     f"new optimizer and schedule)")
-        model = model_from_checkpoint(ckpt, cfg.dropout)
-        model_args = model_args_of(model.config)
-    else:
-        source = "the Hugging Face model in" if is_hf_dir(cfg.init_from) else "OpenAI GPT-2 weights:"
-        notes.append(f"initializing from {source} {cfg.init_from}")
-        model = load_pretrained(cfg.init_from, cfg.dropout)
+    else:  # a LoRA run's resume: its base again, with the adapters unmerged
+        if source.kind == RUN:
+            notes.append(f"initializing from the run in {source} (its weights at step {ckpt.get('iter_num', '?')}; a "
+                         f"new optimizer and schedule)")
+        elif source.pretrained:
+            notes.append(f"initializing from {'the Hugging Face model in' if source.kind == HF else 'OpenAI GPT-2 weights:'} "
+                         f"{source}")
+        model = source.model(ckpt, dropout=cfg.dropout, adapters=source.resumes)
         model_args = model_args_of(model.config)
     model.config.fast_cpu_attention = cfg.fast_cpu_attention
-    base_print = lora.fingerprint(model.state_dict()) if cfg.lora_rank and cfg.init_from != "resume" else None
-    if dataset.is_chat and cfg.init_from != "scratch" and dataset.vocab_size > model_args["vocab_size"]:
+    base_print = lora.fingerprint(model.state_dict()) if cfg.lora_rank and not source.resumes else None
+    if dataset.is_chat and not source.scratch and dataset.vocab_size > model_args["vocab_size"]:
         grown = dataset.vocab_size - model_args["vocab_size"]
         model.grow_vocabulary(dataset.vocab_size)
         model_args["vocab_size"] = dataset.vocab_size
@@ -163,11 +155,11 @@ def build_model(cfg, dataset, ckpt):
         raise UserError(f"block_size={cfg.block_size} is larger than the model's {model.config.block_size}: "
                         f"use --block_size={model.config.block_size} or less")
     if base_print is not None:
-        notes.append(add_adapters(model, cfg, dataset, base_print))
+        notes.append(add_adapters(model, cfg, source, dataset, base_print))
     return model, model_args, notes
 
 
-def add_adapters(model, cfg, dataset, base_print):
+def add_adapters(model, cfg, source, dataset, base_print):
     """Freeze model and give it cfg's LoRA adapters (and trained rows for the chat tokens the base never saw);
     model.lora describes them and the base for the checkpoints. Returns a line for the log."""
     settings = lora.LoRASettings.of(cfg)
@@ -182,10 +174,9 @@ def add_adapters(model, cfg, dataset, base_print):
                         f"output layer shares, and this base was trained with untied_head=True: fine-tune it fully "
                         f"(drop --lora_rank), or use LoRA on a base with a tied head")
     matrices = lora.add_lora(model, settings, token_ids=token_ids)
-    init_path = init_checkpoint_path(cfg.init_from) if is_run_dir(cfg.init_from) else None
     model.lora = {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
                   "targets": list(settings.targets), "token_ids": token_ids,
-                  "base": {**lora.base_source(cfg.init_from, init_path), "fingerprint": base_print}}
+                  "base": {**source.base_record(), "fingerprint": base_print}}
     rows = f" and the embedding rows of the {len(token_ids)} chat tokens" if token_ids else ""
     return (f"LoRA {lora.describe(model.lora)} ({len(matrices)} matrices){rows}: the base weights from "
-            f"{cfg.init_from} are frozen")
+            f"{source} are frozen")

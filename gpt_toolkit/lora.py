@@ -3,22 +3,21 @@ own weights stay frozen: W x + (alpha / r) B A x, with A (r x in) random and B (
 the base model's.
 
 A LoRA run's checkpoint holds the adapters only (and their optimizer state), with `lora` naming the base they apply to
-and its weights' fingerprint; gpt_toolkit.loading puts them back on that base (or refuses a base that changed).
+and its weights' fingerprint; gpt_toolkit.source puts them back on that base (or refuses a base that changed).
 Chat data adds tokens the base never learned: their rows of the (tied) token embedding train too, as extra
 parameters (peft's trainable tokens), the rest of the embedding frozen.
 """
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt_toolkit.train_config import BLOCK_LINEARS, parse_targets
 from model import GPT
 
-BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # nanoGPT's names inside each block
 DEFAULT_TARGETS = "c_attn,c_proj,c_fc"  # every matrix of every block (QLoRA: all of them, to match full fine-tuning)
 ADAPTER_MARKS = (".lora_A", ".lora_B", "lora_token_rows.")
 SHAPES = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}  # (in, out) / n_embd
@@ -39,17 +38,6 @@ class LoRASettings:
     @property
     def scaling(self):
         return self.alpha / self.rank
-
-
-def parse_targets(text):
-    """('c_attn', 'c_proj', ...) from 'c_attn,c_proj'; ValueError naming what is not a block's matrix."""
-    targets = tuple(t.strip() for t in str(text).split(",") if t.strip())
-    known = {part for name in BLOCK_LINEARS for part in (name, name.split(".")[1])}
-    unknown = [t for t in targets if t not in known]
-    if not targets or unknown:
-        raise ValueError(f"lora_targets={text!r}: {', '.join(unknown) or 'no target'} is not a matrix of a block; use "
-                         f"names from {', '.join(sorted(known))} (c_proj is both attn.c_proj and mlp.c_proj)")
-    return targets
 
 
 def param_count(*, n_layer, n_embd, rank, targets):
@@ -195,16 +183,6 @@ def fingerprint(state_dict):
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def base_source(init_from, base_ckpt_path=None):
-    """Where a LoRA run's base comes from, as its checkpoint names it: a run's checkpoint file or a transformers
-    directory (absolute paths), or a GPT-2 name."""
-    if base_ckpt_path is not None:
-        return {"kind": "run", "path": str(Path(base_ckpt_path).resolve())}
-    if (Path(init_from) / "config.json").is_file():  # a transformers directory (huggingface.is_hf_dir)
-        return {"kind": "hf", "path": str(Path(init_from).resolve())}
-    return {"kind": "gpt2", "path": init_from}
 
 
 def describe(lora):

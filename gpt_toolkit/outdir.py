@@ -21,10 +21,11 @@ def _lock(out_dir):
     return DirectoryLock(out_dir, what="out_dir", fix="or choose another --out_dir")
 
 
-def check_out_dir(cfg):
+def check_out_dir(cfg, source):
     """Refuse, before any work: an out_dir another run is writing (naming it), replacing an earlier run's checkpoints
     without --overwrite=True, and an out_dir that cannot be written. Returns lines for the run's log: checkpoints a
-    killed --overwrite=True run had set aside are put back first (so a resume finds them)."""
+    killed --overwrite=True run had set aside are put back first (so a resume finds them). source: the run's
+    source.ModelSource."""
     out_dir = Path(cfg.out_dir)
     notes = []
     if out_dir.is_file() and out_dir.suffix == ".pt":
@@ -33,11 +34,11 @@ def check_out_dir(cfg):
         _lock(out_dir).check_free()  # the run takes the lock itself once every check has passed
         notes = settle_killed_overwrites(out_dir)
     found = existing_checkpoints(out_dir) if out_dir.is_dir() else []
-    if found and cfg.eval_only and cfg.init_from == "scratch":
+    if found and cfg.eval_only and source.scratch:
         raise UserError(f"out_dir '{out_dir}' holds a trained checkpoint ({found[-1].name}), and --eval_only=True with "
                         f"init_from=scratch would evaluate a new, untrained model: evaluate the trained one with "
                         f"--init_from=resume")
-    if found and cfg.init_from != "resume" and not cfg.eval_only and not cfg.overwrite:
+    if found and not source.resumes and not cfg.eval_only and not cfg.overwrite:
         raise UserError(f"out_dir '{out_dir}' already holds a checkpoint ({found[-1].name}): continue it with "
                         f"--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")
     existing = out_dir
@@ -56,9 +57,9 @@ class OutDir:
     describe their run (set_aside: a journal first, then the moves). first_save_done() drops them once the new run has
     saved; leaving before that puts them back. notes are lines for the run's log."""
 
-    def __init__(self, cfg, *, writer=True):
+    def __init__(self, cfg, source, *, writer=True):
         self.path, self.writer = Path(cfg.out_dir), writer
-        self.overwrite = cfg.overwrite and cfg.init_from != "resume" and not cfg.eval_only
+        self.overwrite = cfg.overwrite and not source.resumes and not cfg.eval_only
         self.lock, self.set_aside, self.notes = None, None, []
 
     def __enter__(self):

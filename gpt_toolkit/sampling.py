@@ -1,51 +1,19 @@
-"""Loading a trained model for generation: from an out_dir's checkpoint (ours or nanoGPT's) with the vocabulary it
-was trained on, a local Hugging Face GPT-2 directory, or OpenAI's GPT-2 weights; and reading the prompt.
-sample.py and tools/report.py generate with it."""
+"""Generation's pieces: reading the prompt, the memory a batch of samples needs, streaming text token by token and
+cutting it at stop strings, writing samples. sample.py and tools/report.py generate with them (the model comes from
+gpt_toolkit.source.load_model)."""
 import codecs
-from pathlib import Path
 
 import torch
 
-from gpt_toolkit.checkpoint import load_checkpoint, run_checkpoint
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.huggingface import is_hf_dir, load_gpt2, load_hf_dir, tokenizer_for_hf_dir
-from gpt_toolkit.loading import model_from_checkpoint
 from gpt_toolkit.memory import available_memory, fmt_bytes
-from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, read_meta, read_text, tokenizer_from_meta
+from gpt_toolkit.tokenizer import read_text
 
 
 def read_prompt(start):
     if not start.startswith("FILE:"):
         return start
     return read_text(start[len("FILE:"):], what="prompt file")
-
-
-def tokenizer_for_checkpoint(ckpt):
-    """The vocabulary the model was trained with: stored in our checkpoints; for nanoGPT's, the dataset's
-    meta.pkl; with neither, GPT-2 BPE when the vocabulary is GPT-2 sized."""
-    meta = ckpt.get("meta")
-    config = ckpt.get("config", {})
-    if meta is None and "dataset" in config:
-        meta = read_meta(Path(config.get("data_dir", "data")) / config["dataset"])
-    if meta is None and ckpt["model_args"]["vocab_size"] < GPT2_VOCAB_SIZE:
-        where = Path(config.get("data_dir", "data")) / config.get("dataset", "?")
-        raise UserError(f"the model has a {ckpt['model_args']['vocab_size']}-token vocabulary but {where} has no meta.pkl "
-                        f"or meta.json to decode it: re-run that dataset's prepare.py")
-    return tokenizer_from_meta(meta)
-
-
-def load_model(cfg, device):
-    if cfg.init_from == "resume":
-        path = run_checkpoint(cfg.out_dir, cfg.checkpoint)
-        ckpt = load_checkpoint(path, map_location="cpu", verify=getattr(cfg, "verify_checkpoint", True))
-        model = model_from_checkpoint(ckpt)
-        tokenizer = tokenizer_for_checkpoint(ckpt)
-    elif is_hf_dir(cfg.init_from):
-        model, tokenizer = load_hf_dir(cfg.init_from), tokenizer_for_hf_dir(cfg.init_from)
-    else:
-        model = load_gpt2(cfg.init_from)
-        tokenizer = tokenizer_from_meta(None)
-    return model.eval().to(device), tokenizer
 
 
 def check_generation_fits(model, num_samples, device):

@@ -4,14 +4,13 @@
 train.py and every tool that takes a training config read it here, so `--key=value` means the same everywhere.
 """
 from dataclasses import dataclass
-from pathlib import Path
 
 from configurator import defaults_of, help_of, parse_args
 from gpt_toolkit.errors import ConfigError
 from gpt_toolkit.hardware import DTYPE_CHOICES
-from gpt_toolkit.huggingface import hf_dir_config, is_hf_dir, is_init_source
-from gpt_toolkit.lora import parse_targets
-from model import ACTIVATIONS, GPT2_SIZES
+from model import ACTIVATIONS
+
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # nanoGPT's names inside each block
 
 
 @dataclass(frozen=True)
@@ -124,14 +123,15 @@ def load_config(argv):
     return Config(**config), cli_keys
 
 
-def check_init_from(init_from, keywords):
-    """init_from is one of keywords, a GPT-2 size, or a local transformers directory (train.py and sample.py)."""
-    if init_from not in keywords and not is_init_source(init_from):
-        named = ", ".join([*keywords, *GPT2_SIZES])
-        raise ConfigError(f"init_from={init_from!r} is not one of {named}, nor a directory with a Hugging Face "
-                          f"config.json, nor a run's out_dir (ckpt.pt): check the name or the path")
-    if is_hf_dir(init_from):
-        hf_dir_config(init_from)  # a directory of another architecture is refused before any data is read
+def parse_targets(text):
+    """('c_attn', 'c_proj', ...) from 'c_attn,c_proj'; ValueError naming what is not a block's matrix."""
+    targets = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    known = {part for name in BLOCK_LINEARS for part in (name, name.split(".")[1])}
+    unknown = [t for t in targets if t not in known]
+    if not targets or unknown:
+        raise ValueError(f"lora_targets={text!r}: {', '.join(unknown) or 'no target'} is not a matrix of a block; use "
+                         f"names from {', '.join(sorted(known))} (c_proj is both attn.c_proj and mlp.c_proj)")
+    return targets
 
 
 def validate(cfg):
@@ -153,7 +153,6 @@ def validate(cfg):
     if cfg.peak_flops and not 1e6 <= cfg.peak_flops <= 1e21:
         raise ConfigError(f"peak_flops={cfg.peak_flops:g} is not a device's FLOP/s (1e6 to 1e21): give the device's "
                           f"peak, e.g. 312e12 for an A100's bfloat16, or 0 to have it looked up or measured")
-    check_init_from(cfg.init_from, ("scratch", "resume"))
     if cfg.learning_rate <= 0:
         raise ConfigError(f"learning_rate={cfg.learning_rate} must be positive")
     if cfg.n_embd % cfg.n_head:
@@ -191,19 +190,11 @@ def validate(cfg):
 
 
 def validate_lora(cfg):
-    """The LoRA keys: a rank on weights that exist (not init_from=scratch), and settings LoRA can use."""
+    """The LoRA keys: settings LoRA can use (that its base exists is source.ModelSource.for_training's check)."""
     if cfg.lora_rank < 0:
         raise ConfigError(f"lora_rank={cfg.lora_rank} must not be negative (0 trains every weight)")
     if not cfg.lora_rank:
         return
-    if cfg.init_from == "scratch":
-        raise ConfigError(f"lora_rank={cfg.lora_rank} fine-tunes trained weights, and init_from=scratch has none (LoRA "
-                          f"keeps the base weights frozen, so a new model would stay random): give --init_from=OUT_DIR, "
-                          f"gpt2 or a transformers directory, or drop --lora_rank to train every weight")
-    if cfg.init_from != "resume" and Path(cfg.init_from).resolve() == Path(cfg.out_dir).resolve():
-        raise ConfigError(f"lora_rank={cfg.lora_rank} with init_from={cfg.init_from} and the same out_dir: the adapters "
-                          f"need their base kept as it is, and this run would replace it; give the LoRA run another "
-                          f"--out_dir")
     if not cfg.lora_alpha > 0:
         raise ConfigError(f"lora_alpha={cfg.lora_alpha} must be positive (the update is scaled by lora_alpha / lora_rank)")
     if not 0.0 <= cfg.lora_dropout < 1.0:

@@ -204,7 +204,7 @@ def hand_bits_per_byte(out, data_root, name, tokenizer):
     """Sum of the model's losses over every token of val (one window at a time, float32), over the UTF-8 bytes of
     the text those tokens encode, by hand."""
     from gpt_toolkit.checkpoint import load_checkpoint
-    from gpt_toolkit.loading import model_from_checkpoint
+    from gpt_toolkit.source import model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).eval()
     ids = np.fromfile(data_root / name / "val.bin", dtype=np.uint16).astype(np.int64)
     T = model.config.block_size

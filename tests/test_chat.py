@@ -14,7 +14,7 @@ from gpt_toolkit.chat import read_conversations
 from gpt_toolkit.checkpoint import load_checkpoint
 from gpt_toolkit.dataset import Dataset, document_segments, padded_batch
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.loading import model_from_checkpoint
+from gpt_toolkit.source import model_from_checkpoint
 from gpt_toolkit.tokenizer import (
     CHAT_TOKENS,
     GPT2_EOT,

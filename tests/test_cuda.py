@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script, run_torchrun
 
 from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.loading import model_from_checkpoint
+from gpt_toolkit.source import model_from_checkpoint
 from gpt_toolkit.tokenizer import CharTokenizer, read_meta
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -13,8 +13,8 @@ from gpt_toolkit import dataset
 from gpt_toolkit.dataset import Dataset, step_batches
 from gpt_toolkit.diagnostics import MAX_SKIPPED_STEPS, GradMonitor, check_batch, grad_warnings
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.schedule import get_lr
 from gpt_toolkit.guards import Guard
+from gpt_toolkit.schedule import get_lr
 from model import GPT, GPTConfig, document_positions_and_mask
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)

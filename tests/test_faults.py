@@ -456,7 +456,8 @@ sys.meta_path.insert(0, SignalOnImport())
 @pytest.mark.slow
 @pytest.mark.parametrize("module, sig", [("torch", "SIGINT"), ("numpy.__config__", "SIGINT"),
                                          ("numpy._typing._array_like", "SIGINT"), ("torch.nn.functional", "SIGINT"),
-                                         ("gpt_toolkit.guards", "SIGINT"), ("torch", "SIGTERM"), ("gpt_toolkit.guards", "SIGTERM")])
+                                         ("gpt_toolkit.guards", "SIGINT"), ("torch", "SIGTERM"),
+                                         ("gpt_toolkit.guards", "SIGTERM")])
 def test_ctrl_c_or_sigterm_while_a_script_imports_is_one_line(tmp_path, module, sig):
     """The signal lands inside the first import of `module` (a sitecustomize's import hook sends it), at stages of
     train.py's start-up: torch's import; numpy's inside torch's C extension, which swallows the KeyboardInterrupt

@@ -16,8 +16,8 @@ import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.locking import LOCK_NAME
 from gpt_toolkit.guards import Guard
+from gpt_toolkit.locking import LOCK_NAME
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)

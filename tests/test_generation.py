@@ -8,8 +8,8 @@ import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.loading import model_from_checkpoint
 from gpt_toolkit.sampling import StopAtStrings
+from gpt_toolkit.source import model_from_checkpoint
 from gpt_toolkit.tokenizer import CharTokenizer, read_meta
 from model import GPT, GPTConfig, filter_logits, sample_next
 

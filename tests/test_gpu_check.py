@@ -10,9 +10,9 @@ import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit.timing import StepClock, train_in_process
-from train import main as train_main
 from gpt_toolkit.train_config import load_config
 from tools.gpu_check import measure, nanogpts, ours
+from train import main as train_main
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: tests/test_cuda.py runs the tool")

@@ -9,7 +9,7 @@ from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 from gpt_toolkit.checkpoint import load_checkpoint, save_checkpoint
 from gpt_toolkit.huggingface import tokenizer_for_hf_dir
 from gpt_toolkit.init_from import build_model
-from gpt_toolkit.loading import model_from_checkpoint
+from gpt_toolkit.source import ModelSource, model_from_checkpoint
 from gpt_toolkit.tokenizer import GPT2Tokenizer, read_meta
 from gpt_toolkit.train_config import load_config
 from model import GPT, GPTConfig
@@ -61,7 +61,8 @@ def test_trained_char_model_exports_with_zero_biases_and_its_vocabulary(trained,
 def test_export_then_init_from_gives_the_same_logits_and_samples(trained, data_dir):
     out, hf = trained
     cfg, _ = load_config([*TINY_TRAIN, f"--init_from={hf}", "--dropout=0.0", f"--data_dir={data_dir}"])
-    model, model_args, notes = build_model(cfg, dataset=type("D", (), {"vocab_size": 65, "is_chat": False})(), ckpt=None)
+    model, model_args, notes = build_model(cfg, ModelSource.for_training(cfg),
+                                           dataset=type("D", (), {"vocab_size": 65, "is_chat": False})(), ckpt=None)
     assert model_args["vocab_size"] == 65 and "the Hugging Face model in" in notes[0]
     ours = model_from_checkpoint(load_checkpoint(out / "ckpt.pt"))
     x = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(1))

@@ -9,14 +9,13 @@ import os
 import subprocess
 import sys
 import urllib.request
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, run_script
 from test_serve import Server
 
-from gpt_toolkit.sampling import load_model
+from gpt_toolkit.source import ModelSource, load_model
 from gpt_toolkit.task_scoring import score_task
 from gpt_toolkit.tasks import read_task_file
 
@@ -54,7 +53,7 @@ def test_lm_eval_through_the_server_scores_what_the_native_evaluator_scores(run,
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Using remote tokenizer backend" in r.stderr  # it tokenizes through /tokenizer_info and /tokenize
     results = json.loads(open(glob.glob(str(out / "toolkit" / "results_*.json"))[0]).read())["results"]
-    model, tokenizer = load_model(SimpleNamespace(init_from="resume", out_dir=str(run), checkpoint="ckpt.pt"), "cpu")
+    model, tokenizer = load_model(ModelSource.run(str(run)), "cpu", checkpoint="ckpt.pt")
     for name, theirs in (("mc", "toolkit_mc"), ("words", "toolkit_words"), ("gen", "toolkit_gen")):
         native = score_task(model.float(), tokenizer, read_task_file(TASKS / f"shakespeare_{name}.jsonl"), device="cpu",
                             ctx=contextlib.nullcontext())

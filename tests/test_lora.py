@@ -5,7 +5,6 @@ onto the base's export with the merged model's logits."""
 import json
 import re
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,12 +14,11 @@ from gpt_toolkit import lora
 from gpt_toolkit.checkpoint import load_checkpoint
 from gpt_toolkit.dataset import Dataset
 from gpt_toolkit.errors import ConfigError
-from gpt_toolkit.init_from import check_resume
-from gpt_toolkit.loading import lora_model, model_from_checkpoint
-from gpt_toolkit.memory import memory_estimate
-from gpt_toolkit.sampling import load_model
-from gpt_toolkit.train_config import load_config, validate_lora
 from gpt_toolkit.guards import Guard
+from gpt_toolkit.init_from import check_resume
+from gpt_toolkit.memory import memory_estimate
+from gpt_toolkit.source import ModelSource, load_model, lora_model, model_from_checkpoint
+from gpt_toolkit.train_config import load_config, validate_lora
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # training follows the precision dtype=auto picks (.ci/run runs it in both)
@@ -188,7 +186,7 @@ def test_readers_take_a_lora_out_dir_and_merging_changes_nothing(data_dir, tuned
     assert scores[0].returncode == 0 and re.match(r"val loss \d\.\d{4}", scores[0].stdout), scores[0].stderr
     assert scores[0].stdout == scores[1].stdout
     # what tools/serve.py and --chat load a run with
-    served, _ = load_model(SimpleNamespace(init_from="resume", out_dir=str(out), checkpoint="ckpt.pt"), "cpu")
+    served, _ = load_model(ModelSource.run(str(out)), "cpu", checkpoint="ckpt.pt")
     x = torch.randint(0, 65, (1, 16))
     assert torch.equal(served(x, x)[0], model_from_checkpoint(plain).eval()(x, x)[0])
     # a merged run is an ordinary one: fine-tune it further from its weights

@@ -5,7 +5,6 @@ nanoGPT's), and a model with them trains, resumes, samples (with and without the
 import json
 import math
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,9 +15,8 @@ import model as model_module
 from gpt_toolkit import memory
 from gpt_toolkit.checkpoint import MODEL_ARGS, load_checkpoint, model_args_of
 from gpt_toolkit.errors import ConfigError
-from gpt_toolkit.loading import model_from_checkpoint
 from gpt_toolkit.optimizers import muon_parameters
-from gpt_toolkit.sampling import load_model
+from gpt_toolkit.source import ModelSource, load_model, model_from_checkpoint
 from gpt_toolkit.train_config import load_config, validate
 from model import GPT, MODEL_OPTIONS, GPTConfig, apply_rotary, rotary_tables
 
@@ -216,8 +214,8 @@ def test_readers_fine_tuning_and_exports_of_a_model_with_options(data_dir, optio
                       f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'lora'}")
     assert lora.returncode == 0 and "LoRA: " in lora.stdout, lora.stderr
     # what tools/serve.py and the chat load: the LoRA run merged onto its base, options and all
-    served, _ = load_model(SimpleNamespace(init_from="resume", out_dir=str(tmp_path / "lora"), checkpoint="ckpt.pt"),
-                           "cpu")
+    served, _ = load_model(ModelSource.run(str(tmp_path / "lora")),
+                           "cpu", checkpoint="ckpt.pt")
     assert served.config.rotary and served.config.value_embeddings
     assert served.generate(torch.zeros(1, 1, dtype=torch.long), 80, temperature=0).shape == (1, 81)  # past block_size
     for tool, target in (("tools/export_hf.py", "transformers' GPT2LMHeadModel"),

@@ -8,8 +8,8 @@ import torch
 from conftest import TINY_TRAIN, run_script
 
 from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.loading import model_from_checkpoint
 from gpt_toolkit.sampling import TextStream, write_samples
+from gpt_toolkit.source import model_from_checkpoint
 from gpt_toolkit.tokenizer import CharTokenizer, GPT2Tokenizer, read_meta
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)

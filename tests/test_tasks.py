@@ -5,7 +5,6 @@ import contextlib
 import http.server
 import json
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit import tasks
 from gpt_toolkit.errors import UserError
-from gpt_toolkit.sampling import load_model
+from gpt_toolkit.source import ModelSource, load_model
 from gpt_toolkit.task_scoring import TaskScore, core_score, encode_pair, score_requests, score_task
 from gpt_toolkit.tasks import Item, Task, load_task, read_task_file
 
@@ -28,7 +27,7 @@ def trained(data_dir, tmp_path_factory):
     r = run_script("train.py", *TINY_TRAIN, "--block_size=48", "--max_iters=100", "--lr_decay_iters=100", "--dtype=float32",
                    f"--data_dir={data_dir}", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr
-    model, tokenizer = load_model(SimpleNamespace(init_from="resume", out_dir=str(out), checkpoint="ckpt.pt"), "cpu")
+    model, tokenizer = load_model(ModelSource.run(str(out)), "cpu", checkpoint="ckpt.pt")
     return out, model.float(), tokenizer
 
 

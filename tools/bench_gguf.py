@@ -23,13 +23,12 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 import torch
 
 from gpt_toolkit import hardware
-from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
+from gpt_toolkit.checkpoint import BEST
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, import_optional, run_main
 from gpt_toolkit.gguf_export import DTYPES, write_gguf
 from gpt_toolkit.hardware import cpu_name
-from gpt_toolkit.loading import model_from_checkpoint
-from gpt_toolkit.sampling import tokenizer_for_checkpoint
+from gpt_toolkit.source import ModelSource, load_model
 
 
 def time_ours(model, ids, n, ctx):
@@ -62,8 +61,7 @@ def main(argv):
     llama_cpp = import_optional("llama_cpp", "tools/bench_gguf.py")
     if min(args.max_new_tokens, args.rounds, args.threads) <= 0:
         raise UserError("--max_new_tokens, --rounds and --threads must be positive")
-    ckpt = load_checkpoint(run_checkpoint(args.out_dir, args.checkpoint))
-    model, tokenizer = model_from_checkpoint(ckpt).eval(), tokenizer_for_checkpoint(ckpt)
+    model, tokenizer = load_model(ModelSource.run(args.out_dir), "cpu", checkpoint=args.checkpoint)
     n = min(args.max_new_tokens, model.config.block_size - 1)
     torch.set_num_threads(args.threads)
     dtype = hardware.resolve_dtype("auto", "cpu")

@@ -11,7 +11,6 @@ import random
 import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,7 +26,7 @@ from gpt_toolkit.checkpoint import BEST
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.sampling import load_model
+from gpt_toolkit.source import ModelSource, load_model
 from gpt_toolkit.task_scoring import score_task
 from gpt_toolkit.tasks import Item, Task, read_task_file
 from gpt_toolkit.tokenizer import read_text, tokenizer_from_meta
@@ -74,8 +73,7 @@ def main(argv):
     models = {"GPT-2 124M shape (random)": (GPT(GPTConfig(**GPT2_SIZES["gpt2"], vocab_size=50304, block_size=1024)),
                                             tokenizer_from_meta(None))}
     if args.out_dir:
-        models[args.out_dir] = load_model(SimpleNamespace(init_from="resume", out_dir=args.out_dir, checkpoint=BEST),
-                                          device)
+        models[args.out_dir] = load_model(ModelSource.run(args.out_dir), device, checkpoint=BEST)
     print(f"{len(task.items)} items of {task.name}, batch {args.batch_size}, {device}, "
           f"{hardware.resolve_dtype('auto', device)}")
     for name, (model, tokenizer) in models.items():

@@ -21,19 +21,17 @@ from gpt_toolkit.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from types import SimpleNamespace
 
 from tqdm import tqdm
 
 from gpt_toolkit import hardware
-from gpt_toolkit.checkpoint import BEST, is_run_dir, load_checkpoint, run_checkpoint
+from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.dataset import SPLITS
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.evaluation import checkpoint_split, score_line
-from gpt_toolkit.sampling import load_model
+from gpt_toolkit.source import RESUME, ModelSource, load_model
 from gpt_toolkit.task_scoring import core_line, load_tasks, score_task
-from gpt_toolkit.train_config import check_init_from
 
 
 def main(argv):
@@ -79,17 +77,13 @@ def evaluate_tasks(args):
     """Each task's scores (one line each) and the CORE-style line."""
     if args.tasks_limit < 0:
         raise UserError(f"--tasks_limit={args.tasks_limit} must be 0 (every item) or a number of items")
-    check_init_from(args.init_from, ("resume",))
-    if is_run_dir(args.init_from):  # another run's directory: its checkpoint, as --out_dir would
-        args.out_dir, args.init_from = args.init_from, "resume"
-    if args.init_from == "resume" and not args.out_dir:
+    source = ModelSource.parse(args.init_from, out_dir=args.out_dir or "", allowed=(RESUME,))  # or another run's dir
+    if source.resumes and not args.out_dir:
         raise UserError("give the model: --out_dir=OUT_DIR (a trained run), or --init_from=gpt2 or a transformers directory")
     tasks = load_tasks(",".join([args.tasks, *args.task_file]), limit=args.tasks_limit or None, cache_dir=args.tasks_dir)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
-    model, tokenizer = load_model(SimpleNamespace(init_from=args.init_from, out_dir=args.out_dir or "",
-                                                  checkpoint=args.checkpoint, verify_checkpoint=args.verify_checkpoint),
-                                  device)
+    model, tokenizer = load_model(source, device, checkpoint=args.checkpoint, verify=args.verify_checkpoint)
     scores = []
     for task in tasks:
         scores.append(score_task(model, tokenizer, task, device=device, ctx=hardware.autocast(device, dtype),

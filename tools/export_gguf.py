@@ -19,13 +19,11 @@ from gpt_toolkit.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
+from gpt_toolkit.checkpoint import BEST
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.gguf_export import DTYPES, write_gguf
-from gpt_toolkit.huggingface import is_hf_dir, load_hf_dir, tokenizer_for_hf_dir
-from gpt_toolkit.loading import model_from_checkpoint
-from gpt_toolkit.sampling import tokenizer_for_checkpoint
+from gpt_toolkit.source import ModelSource
 
 
 def main(argv):
@@ -41,14 +39,11 @@ def main(argv):
         raise UserError(f"--to={to} already exists: choose a new file name (nothing is overwritten)")
     if not to.parent.is_dir():
         raise UserError(f"--to={to}: the directory {to.parent} does not exist; create it or choose another place")
-    if is_hf_dir(args.out_dir):
-        model, tokenizer, source = load_hf_dir(args.out_dir), tokenizer_for_hf_dir(args.out_dir), args.out_dir
-    else:
-        source = run_checkpoint(args.out_dir, args.checkpoint)
-        ckpt = load_checkpoint(source, verify=args.verify_checkpoint)
-        model, tokenizer = model_from_checkpoint(ckpt), tokenizer_for_checkpoint(ckpt)
+    source = ModelSource.at(args.out_dir)  # a run's directory (--checkpoint in it), or a transformers directory
+    ckpt, path = source.load_checkpoint(args.checkpoint, verify=args.verify_checkpoint)
+    model, tokenizer = source.model(ckpt), source.tokenizer(ckpt)
     size = write_gguf(model.eval(), tokenizer, to, dtype=args.dtype, name=Path(args.out_dir).name)
-    print(f"exported {source} ({tokenizer.kind} tokenizer, {args.dtype}) to {to}: {size / 2**20:.1f} MB")
+    print(f"exported {path or source} ({tokenizer.kind} tokenizer, {args.dtype}) to {to}: {size / 2**20:.1f} MB")
     block = model.config.block_size
     print(f"run it with llama.cpp: llama-cli -m {to} -c {block} -n {block // 2} -p 'ROMEO:' (its context is {block} "
           f"tokens: keep the prompt and -n inside it, GPT-2's learned positions end there), or see the README for ollama")

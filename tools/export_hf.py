@@ -22,14 +22,13 @@ from gpt_toolkit.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
+from gpt_toolkit.checkpoint import BEST
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.files import check_new_directory
 from gpt_toolkit.huggingface import export_hf, export_peft_adapter
-from gpt_toolkit.loading import lora_model, model_from_checkpoint
 from gpt_toolkit.lora import describe
-from gpt_toolkit.sampling import tokenizer_for_checkpoint
+from gpt_toolkit.source import ModelSource
 
 
 def main(argv):
@@ -43,12 +42,12 @@ def main(argv):
     args, _ = parser.parse(argv)
     to = Path(args.to)
     check_new_directory(to)
-    source = run_checkpoint(args.out_dir, args.checkpoint)
-    ckpt = load_checkpoint(source, verify=args.verify_checkpoint)
+    run = ModelSource.run(args.out_dir)
+    ckpt, source = run.load_checkpoint(args.checkpoint, verify=args.verify_checkpoint)
     if args.lora == "adapter":
-        return export_adapter(ckpt, source, to)
-    model = model_from_checkpoint(ckpt)
-    tokenizer = tokenizer_for_checkpoint(ckpt)
+        return export_adapter(run, ckpt, source, to)
+    model = run.model(ckpt)
+    tokenizer = run.tokenizer(ckpt)
     files = export_hf(model, tokenizer, to, dropout=ckpt["model_args"].get("dropout", 0.0))
     step = ckpt.get("iter_num", "?")
     print(f"exported {source} (step {step}, {tokenizer.kind} tokenizer) to {to}: "
@@ -57,11 +56,11 @@ def main(argv):
     return 0
 
 
-def export_adapter(ckpt, source, to):
+def export_adapter(run, ckpt, source, to):
     if ckpt.get("lora") is None:
         raise UserError(f"{source} is not a LoRA run's checkpoint (it was trained without --lora_rank): there is no "
                         f"adapter to export; drop --lora=adapter to export the model")
-    files = export_peft_adapter(lora_model(ckpt), to)
+    files = export_peft_adapter(run.model(ckpt, adapters=True), to)
     print(f"exported the LoRA adapter of {source} (step {ckpt.get('iter_num', '?')}, {describe(ckpt['lora'])}) to "
           f"{to}: {', '.join(files)}")
     print(f"load it with peft.PeftModel.from_pretrained(BASE, {str(to)!r}), BASE the export of "

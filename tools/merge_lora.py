@@ -16,12 +16,12 @@ from gpt_toolkit.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint, save_weights
+from gpt_toolkit.checkpoint import BEST, save_weights
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.files import check_new_directory, write_directory
-from gpt_toolkit.loading import lora_model
-from gpt_toolkit.lora import describe, merged_model
+from gpt_toolkit.lora import describe
+from gpt_toolkit.source import ModelSource
 
 
 def main(argv):
@@ -33,12 +33,12 @@ def main(argv):
     args, _ = parser.parse(argv)
     to = Path(args.to)
     check_new_directory(to)
-    source = run_checkpoint(args.out_dir, args.checkpoint)
-    ckpt = load_checkpoint(source, verify=args.verify_checkpoint)
+    run = ModelSource.run(args.out_dir)
+    ckpt, source = run.load_checkpoint(args.checkpoint, verify=args.verify_checkpoint)
     if ckpt.get("lora") is None:
         raise UserError(f"{source} is not a LoRA run's checkpoint (it was trained without --lora_rank): its weights "
                         f"are whole already; use --init_from={args.out_dir} or copy {source}")
-    model = merged_model(lora_model(ckpt))
+    model = run.model(ckpt)  # the adapters merged in
     config = dict(ckpt.get("config") or {}, lora_rank=0, out_dir=str(to))
     merged_from = {"checkpoint": str(Path(source).resolve()), **ckpt["lora"]}
     write_directory(to, lambda directory: save_weights(

@@ -11,7 +11,6 @@ import math
 import sys
 from datetime import date
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,7 +26,7 @@ from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.evaluation import checkpoint_split
 from gpt_toolkit.files import check_output, remove_stale_temps, write_output
 from gpt_toolkit.plots import plot_compare
-from gpt_toolkit.sampling import load_model
+from gpt_toolkit.source import ModelSource, load_model
 from gpt_toolkit.summary import (
     curve_difference,
     find_runs,
@@ -279,7 +278,7 @@ def generated_sample(out_dir, max_new_tokens=200, seed=1337):
     if not (Path(out_dir) / BEST).exists():
         return None
     model_and_tokenizer = unless_broken(f"the sample of {Path(out_dir).name}", lambda: load_model(
-        SimpleNamespace(init_from="resume", out_dir=str(out_dir), checkpoint=BEST), "cpu"))
+        ModelSource.run(out_dir), "cpu", checkpoint=BEST))
     if model_and_tokenizer is None:
         return None
     model, tokenizer = model_and_tokenizer

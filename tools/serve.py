@@ -22,16 +22,14 @@ from gpt_toolkit.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from types import SimpleNamespace
 
 from gpt_toolkit import hardware
 from gpt_toolkit.checkpoint import BEST
 from gpt_toolkit.cli import parse_bool, tool_parser
 from gpt_toolkit.errors import UserError, import_optional, run_main
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.sampling import load_model
 from gpt_toolkit.serving import API, Engine, Limits, is_loopback, serve
-from gpt_toolkit.train_config import check_init_from
+from gpt_toolkit.source import RESUME, ModelSource, load_model
 
 
 def parser():
@@ -65,18 +63,15 @@ def main(argv):
         raise UserError("--max_tokens, --max_n, --max_body_kb, --max_messages and --max_chars must be positive")
     if not 0 < args.read_timeout < float("inf"):
         raise UserError(f"--read_timeout={args.read_timeout} must be a positive number of seconds")
-    check_init_from(args.init_from, ("resume",))
+    source = ModelSource.parse(args.init_from, out_dir=args.out_dir, allowed=(RESUME,))
     import_optional("fastapi", "tools/serve.py")
     import_optional("uvicorn", "tools/serve.py")
     check_listen(args.host, args.port)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
     setup_process(device, keep_cpu_memory=False)
-    model, tokenizer = load_model(SimpleNamespace(init_from=args.init_from, out_dir=args.out_dir,
-                                                  checkpoint=args.checkpoint, verify_checkpoint=args.verify_checkpoint),
-                                  device)
-    model_id = args.model_name or (Path(args.out_dir).resolve().name if args.init_from == "resume" else
-                                   Path(args.init_from).name)
+    model, tokenizer = load_model(source, device, checkpoint=args.checkpoint, verify=args.verify_checkpoint)
+    model_id = args.model_name or source.name
     engine = Engine(model, tokenizer, device=device, ctx=hardware.autocast(device, dtype),
                     report=lambda line: print(line, file=sys.stderr, flush=True))
     api = API(engine, model_id=model_id, block_size=model.config.block_size, api_key=args.api_key or None,
