@@ -22,7 +22,7 @@ from gpt_toolkit.checkpoint import BEST
 from gpt_toolkit.compiling import CompiledOrEager
 from gpt_toolkit.errors import ConfigError, UserError, run_main
 from gpt_toolkit.process import setup_process
-from gpt_toolkit.sampling import check_generation_fits, fit_history, read_prompt, stop_token_ids, write_samples
+from gpt_toolkit.sampling import Samples, check_generation_fits, fit_history, read_prompt, stop_token_ids, write_samples
 from gpt_toolkit.source import RESUME, ModelSource, load_model
 from gpt_toolkit.train_config import MAX_SEED
 from model import check_sampling
@@ -115,10 +115,10 @@ def main(argv):
         sys.stdout.flush()
 
     def sample(text, echo_prompt=True, separator="\n---------------\n"):
-        return write_samples(model, tokenizer, text, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
-                             controls=controls, kv_cache=cfg.kv_cache, device=device, ctx=hardware.autocast(device, dtype),
-                             write=write, echo_prompt=echo_prompt, stop=cfg.stop, stop_tokens=stop_tokens,
-                             separator=separator)
+        samples = Samples(cfg.num_samples, cfg.max_new_tokens, controls, kv_cache=cfg.kv_cache, echo_prompt=echo_prompt,
+                          stop=cfg.stop, stop_tokens=stop_tokens, separator=separator)
+        return write_samples(model, tokenizer, text, samples, device=device, ctx=hardware.autocast(device, dtype),
+                             write=write)
 
     if cfg.chat:
         return chat(cfg, tokenizer, model.config.block_size, sample)

@@ -30,7 +30,7 @@ from configurator import format_config
 from gpt_toolkit import dataset as datasets
 from gpt_toolkit import distributed, evaluation, hardware, lora, memory, sharding
 from gpt_toolkit.checkpoint import RunCheckpoints, TrainingState, load_optimizer_state, set_rng_state
-from gpt_toolkit.dataset import Dataset, eval_offsets, run_batches, step_batches
+from gpt_toolkit.dataset import BatchPlan, Dataset, eval_offsets
 from gpt_toolkit.diagnostics import check_batch, check_init
 from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main
 from gpt_toolkit.evaluation import token_byte_lengths
@@ -41,7 +41,7 @@ from gpt_toolkit.outdir import OutDir, check_out_dir
 from gpt_toolkit.process import setup_process
 from gpt_toolkit.progress import StepTimer, flops_per_step
 from gpt_toolkit.runlog import LogWriteError, RunLog, TensorBoardTracker, WandbTracker, eval_line, took_line, total_time_line
-from gpt_toolkit.schedule import lr_at
+from gpt_toolkit.schedule import Schedule
 from gpt_toolkit.sharding import local_numel
 from gpt_toolkit.source import ModelSource
 from gpt_toolkit.stopping import Interrupted, StopRequest
@@ -155,25 +155,27 @@ def train(run, state, guards):
     gradient_accumulation_steps = cfg.gradient_accumulation_steps // world.size  # this process's share of them
     doc_sep = dataset.eot_token if cfg.packing else None  # packed documents: attention stops at each one's end
     byte_lengths = token_byte_lengths(dataset.vocabulary, run.model_args["vocab_size"]) if master_process else None
+    batches = BatchPlan.of(cfg, device=world.device, rank=world.rank, world_size=world.size,
+                           vocab_size=run.model_args["vocab_size"])  # this process's share of each step's rows
+    schedule = Schedule.of(cfg)
 
     def get_batch(split, it):
         """This process's micro-batches [(X, Y), ...] of rows of `split` for optimizer step `it`, Y the rows of X
         shifted by one token (tutorial ch02). nanoGPT draws rows at random; these are a function of (seed, it) alone:
         a resumed run trains on the very batches an uninterrupted one would, and 64 x 1 rows are those of 16 x 4."""
-        return run_batches(cfg, dataset, it, world.device, split=split, rank=world.rank, world_size=world.size,
-                           vocab_size=run.model_args["vocab_size"])
+        return batches.step(dataset, split, it, padding=cfg.padding)
 
     def estimate_loss():
         """The mean loss of each split over the same eval_iters batches at every evaluation (and the bits per byte),
         the model in eval mode: no dropout, no gradients."""
         with guards.evaluation(state.iter_num) as progress:  # Ctrl-C ends it at once
-            return evaluation.estimate_loss(run.model, dataset, cfg, device=world.device, ctx=ctx,
-                                            vocab_size=run.model_args["vocab_size"], byte_lengths=byte_lengths,
-                                            progress=progress)
+            return evaluation.eval_losses(run.model, dataset, cfg, device=world.device, ctx=ctx,
+                                          vocab_size=run.model_args["vocab_size"], byte_lengths=byte_lengths,
+                                          progress=progress)
 
     def get_lr(it):
         """The learning rate of step `it`: linear warmup, then cosine decay to min_lr (or the schedule cfg names)."""
-        return lr_at(cfg, it)
+        return schedule.lr(it)
 
     while True:
         iter_num = state.iter_num
@@ -399,15 +401,15 @@ def check_data_and_init(run, step):
     """--debug_data (a batch decoded, Y checked to be X shifted by one) and --check_init (the fresh model's loss
     against ln(vocab_size)), before the first step."""
     cfg, device, vocab_size, dataset = run.cfg, run.world.device, run.model_args["vocab_size"], run.dataset
-    X, Y = step_batches(dataset.splits["train"], step, batch_size=cfg.batch_size, accum_steps=1,
-                        block_size=cfg.block_size, seed=cfg.seed, device=device, vocab_size=vocab_size)[0]
+    X, Y = BatchPlan(cfg.batch_size, cfg.block_size, seed=cfg.seed, device=device, vocab_size=vocab_size).rows(
+        dataset.splits["train"], step)[0]
     if cfg.debug_data:
         check_batch(X, Y, tokenizer_from_meta(dataset.meta).decode, run.log.print)
     if cfg.check_init:
         val = dataset.splits["val"]
         rows = eval_offsets(seed=cfg.seed, split="val", count=cfg.batch_size, split_len=len(val),
                             block_size=cfg.block_size)
-        Xv, Yv = datasets.get_batch(val, rows, block_size=cfg.block_size, device=device, vocab_size=vocab_size)
+        Xv, Yv = datasets.batch_at(val, rows, block_size=cfg.block_size, device=device, vocab_size=vocab_size)
         check_init(run.model, Xv, Yv, dataset.vocab_size or vocab_size, run.training.ctx, run.log.print)
 
 

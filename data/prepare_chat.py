@@ -23,6 +23,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 from gpt_toolkit.chat import prepare_chat_dataset, read_conversations
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.preparing import TokenizerChoice
 
 
 def main(argv):
@@ -48,10 +49,9 @@ def main(argv):
     if not args.name or args.name in (".", "..") or any(sep in args.name for sep in "/\\") or args.name.startswith("."):
         raise UserError(f"--name={args.name!r} must be a plain directory name (the dataset goes to data/NAME/)")
     conversations, skipped = read_conversations(args.input, skip_bad=args.skip_bad)
-    summary = prepare_chat_dataset(conversations, Path(args.data_dir) / args.name, tokenizer=args.tokenizer,
-                                   tokenizer_from=args.tokenizer_from, vocab_size=args.vocab_size,
-                                   block_size=args.block_size, val_fraction=args.val_fraction, skip_bad=args.skip_bad,
-                                   skipped=skipped)
+    tokenizer = TokenizerChoice(args.tokenizer, vocab_size=args.vocab_size, of_model=args.tokenizer_from)
+    summary = prepare_chat_dataset(conversations, Path(args.data_dir) / args.name, tokenizer, block_size=args.block_size,
+                                   val_fraction=args.val_fraction, skip_bad=args.skip_bad, skipped=skipped)
     if summary["skipped"]:
         print(f"skipped {sum(summary['skipped'].values())} bad line(s): " + ", ".join(
             f"{n} {reason}" for reason, n in sorted(summary["skipped"].items())))

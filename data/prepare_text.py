@@ -23,7 +23,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.preparing import BPE_SAMPLE_MB, open_source, prepare_dataset
+from gpt_toolkit.preparing import BPE_SAMPLE_MB, TokenizerChoice, open_source, prepare_dataset
 
 
 def main(argv):
@@ -47,9 +47,8 @@ def main(argv):
         raise UserError(f"--num_proc={args.num_proc} must be positive (or 0 for one per core)")
     source = open_source(args.input, args.text_field)
     out_dir = Path(args.data_dir) / args.name
-    summary = prepare_dataset(source, out_dir, args.tokenizer, val_fraction=args.val_fraction,
-                              num_proc=args.num_proc or None, vocab_size=args.vocab_size,
-                              bpe_sample_mb=args.bpe_sample_mb)
+    tokenizer = TokenizerChoice(args.tokenizer, vocab_size=args.vocab_size, bpe_sample_mb=args.bpe_sample_mb)
+    summary = prepare_dataset(source, out_dir, tokenizer, val_fraction=args.val_fraction, num_proc=args.num_proc or None)
     print(f"{args.tokenizer} vocab size {summary['vocab_size']:,}; train {summary['train']:,} tokens, val "
           f"{summary['val']:,} tokens ({(summary['train'] + summary['val']) / source.size:.3f} tokens per byte)")
     where = "" if out_dir.parent.resolve() == Path("data").resolve() else f" --data_dir={out_dir.parent}"

@@ -113,11 +113,12 @@ def chat_vocabulary(base_meta, specials, vocab_size):
                      "base_eot_token": base_meta.get("eot_token")}}
 
 
-def prepare_chat_dataset(conversations, out_dir, *, tokenizer=None, tokenizer_from=None, vocab_size=None,
-                         block_size=None, val_fraction=0.1, skip_bad=False, skipped=None, report=print):
+def prepare_chat_dataset(conversations, out_dir, tokenizer, *, block_size=None, val_fraction=0.1, skip_bad=False,
+                         skipped=None, report=print):
     """Render (line number, messages) conversations with the template and write a chat dataset into out_dir:
     train.bin/val.bin (uint16 ids), train.mask.bin/val.mask.bin (1 where the target is trained), meta.json (the base
-    vocabulary, the chat tokens), tokenizer.json for a BPE; all together or not at all. The last conversations
+    vocabulary, the chat tokens), tokenizer.json for a BPE; all together or not at all. tokenizer: a
+    preparing.TokenizerChoice (a new one, or the model's to fine-tune: of_model). The last conversations
     (val_fraction, at least one) are val. A conversation longer than block_size + 1 tokens, or with characters a
     character vocabulary lacks, is a one-line error with its line number, or with skip_bad skipped and counted."""
     import numpy as np
@@ -133,10 +134,10 @@ def prepare_chat_dataset(conversations, out_dir, *, tokenizer=None, tokenizer_fr
         raise UserError(f"{len(conversations)} conversation(s): train and val need at least one each")
     # as data/prepare_text.py does: a character vocabulary holds every character of both splits (a character only
     # val has would refuse a valid file); a BPE learns from train only (its bytes cover any text)
-    texts = [m["content"] for _, messages in (conversations if tokenizer == "char" else conversations[:-n_val])
+    texts = [m["content"] for _, messages in (conversations if tokenizer.kind == "char" else conversations[:-n_val])
              for m in messages]
-    base_meta, model_block = base_tokenizer(tokenizer=tokenizer, tokenizer_from=tokenizer_from, vocab_size=vocab_size,
-                                            texts=texts)
+    base_meta, model_block = base_tokenizer(tokenizer=tokenizer.kind, tokenizer_from=tokenizer.of_model,
+                                            vocab_size=tokenizer.vocab_size, texts=texts)
     block_size = block_size or model_block or 1024
     base = tokenizer_from_meta(base_meta)
     specials = special_ids(base)

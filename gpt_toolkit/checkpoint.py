@@ -170,13 +170,13 @@ def save_checkpoint(ckpt, path, *, after_failure=RESUME_AFTER_FAILURE):
                         f"{after_failure}") from None
 
 
-def save_weights(path, model_state, *, model_args, meta, config, iter_num=0, best_val_loss=float("inf"),
+def save_weights(path, model_state, *, model_args, meta, config,
                  after_failure="nothing was kept; free disk space or write it elsewhere", **extra):
     """A checkpoint of weights only, no optimizer (so not resumable): nanoGPT's keys, which its sample.py, our readers
-    and init_from=DIR read. What a LoRA merge and a benchmark's base write."""
-    save_checkpoint({"model": model_state, "model_args": model_args, "iter_num": iter_num,
-                     "best_val_loss": best_val_loss, "config": config, "meta": meta, **extra}, path,
-                    after_failure=after_failure)
+    and init_from=DIR read (iter_num 0 and best_val_loss inf unless extra gives them). What a LoRA merge and a
+    benchmark's base write."""
+    save_checkpoint({"model": model_state, "model_args": model_args, "iter_num": 0, "best_val_loss": float("inf"),
+                     "config": config, "meta": meta, **extra}, path, after_failure=after_failure)
 
 
 def _write_failure(exc):

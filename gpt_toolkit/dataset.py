@@ -13,6 +13,7 @@ Batches are a pure function of (seed, step): the rows of one optimizer step are 
 then split into micro-batches (and across DDP ranks), so 64x1 and 16x4 train on the same rows and a
 resumed run continues with the very batches an uninterrupted one would have seen.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,7 @@ class Dataset:
 
     def check_token_ids(self, vocab_size, max_scan=100_000_000):
         """Fail early if a split holds ids the model cannot embed (the wrong meta, or a corrupt file).
-        Huge splits are checked batch by batch instead (see get_batch)."""
+        Huge splits are checked batch by batch instead (see batch_at)."""
         for split, data in self.splits.items():
             if len(data) > max_scan:
                 continue
@@ -167,7 +168,7 @@ def eval_offsets(*, seed, split, count, split_len, block_size):
     return _rng(seed, 1, SPLITS.index(split)).integers(0, split_len - block_size, size=count)
 
 
-def get_batch(data, offsets, *, block_size, device="cpu", vocab_size=None, trained=None):
+def batch_at(data, offsets, *, block_size, device="cpu", vocab_size=None, trained=None):
     """Rows data[o : o+block_size] as inputs X and the same rows shifted by one as targets Y, int64 (B, T). With
     trained (a chat dataset's 0/1 per token), targets that are not trained are -1, which the loss ignores."""
     rows = data[offsets[:, None] + np.arange(block_size + 1)]
@@ -224,46 +225,66 @@ def _to_device(t, device):
     return t.to(device) if device != "cpu" else t
 
 
-def step_batches(data, step, *, batch_size, accum_steps, block_size, seed, device, rank=0, world_size=1,
-                 vocab_size=None, mask_prob=0.0, mask_token=-1, segments=None, pad=0, trained=None):
-    """This process's micro-batches [(X, Y), ...] for optimizer step `step`.
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a run cuts a split into the micro-batches of each optimizer step, for this process: its Config keys
+    (batch_size, block_size, gradient_accumulation_steps, seed, mask_prob, mask_token) and its place in the job
+    (device, rank, world_size; vocab_size to check the ids against)."""
+    batch_size: int
+    block_size: int
+    gradient_accumulation_steps: int = 1
+    seed: int = 1337
+    device: str = "cpu"
+    rank: int = 0
+    world_size: int = 1
+    vocab_size: int | None = None
+    mask_prob: float = 0.0
+    mask_token: int = -1
 
-    All batch_size * accum_steps rows of the step are drawn at once from (seed, step), then cut into
-    micro-batches and dealt to DDP ranks in order, so how a step is split never changes its rows.
-    With segments (document_segments), the rows are whole documents, each micro-batch padded to its longest.
-    mask_prob > 0 replaces that fraction of the inputs X (never the targets Y) with mask_token, or with a
-    random token when mask_token is -1 (BERT-style augmentation, tutorial's challenge 5)."""
-    split_len, span = (len(data), block_size) if segments is None else (len(segments[0]), 0)
-    offsets = train_offsets(seed=seed, step=step, count=batch_size * accum_steps, split_len=split_len, block_size=span)
-    per_rank = accum_steps // world_size
-    mine = offsets.reshape(accum_steps, batch_size)[rank * per_rank:(rank + 1) * per_rank]
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 2, step, rank])) if mask_prob > 0 else None
-    if segments is not None:
-        batches = [padded_batch(data, segments[0][rows], segments[1][rows], pad=pad, device=device,
-                                vocab_size=vocab_size, trained=trained) for rows in mine]
-        return [(_masked(X, rng, mask_prob, mask_token, vocab_size) if rng is not None else X, Y) for X, Y in batches]
-    X, Y = get_batch(data, mine.reshape(-1), block_size=block_size, device=device, vocab_size=vocab_size,
-                     trained=trained)
-    if rng is not None:
-        X = _masked(X, rng, mask_prob, mask_token, vocab_size)
-    return list(zip(X.split(batch_size), Y.split(batch_size)))
+    @classmethod
+    def of(cls, cfg, *, device="cpu", rank=0, world_size=1, vocab_size=None):
+        """The plan of a run's config (an object with the Config keys) in process `rank` of world_size."""
+        return cls(batch_size=cfg.batch_size, block_size=cfg.block_size,
+                   gradient_accumulation_steps=cfg.gradient_accumulation_steps, seed=cfg.seed, device=device, rank=rank,
+                   world_size=world_size, vocab_size=vocab_size, mask_prob=cfg.mask_prob, mask_token=cfg.mask_token)
 
+    def step(self, dataset, split, step, *, padding=False):
+        """This process's micro-batches of a Dataset's split for optimizer step `step` (padding: whole documents,
+        each micro-batch padded to its longest, as --padding=True trains)."""
+        segments = dataset.documents(split, self.block_size) if padding else None
+        return self.rows(dataset.splits[split], step, segments=segments, pad=dataset.eot_token or 0,
+                         trained=dataset.trained[split])
 
-def _masked(X, rng, mask_prob, mask_token, vocab_size):
-    X = X.clone()  # X and Y are views of one buffer: masking X in place would change Y
-    masked = torch.from_numpy(rng.random(tuple(X.shape)) < mask_prob).to(X.device)
-    if mask_token == -1:
-        fill = torch.from_numpy(rng.integers(0, vocab_size, size=tuple(X.shape))).to(X.device)
-        return torch.where(masked, fill, X)
-    return X.masked_fill(masked, mask_token)
+    def rows(self, data, step, *, segments=None, pad=0, trained=None):
+        """This process's micro-batches [(X, Y), ...] of token array `data` for optimizer step `step`.
 
+        All batch_size * gradient_accumulation_steps rows of the step are drawn at once from (seed, step), then cut
+        into micro-batches and dealt to DDP ranks in order, so how a step is split never changes its rows. With
+        segments (document_segments), the rows are whole documents, each micro-batch padded to its longest (pad: the
+        id X is padded with). mask_prob > 0 replaces that fraction of the inputs X (never the targets Y) with
+        mask_token, or with a random token when mask_token is -1 (BERT-style augmentation, tutorial's challenge 5).
+        trained: a chat split's 0/1 per token (targets not trained are -1)."""
+        accum, batch_size, vocab_size = self.gradient_accumulation_steps, self.batch_size, self.vocab_size
+        split_len, span = (len(data), self.block_size) if segments is None else (len(segments[0]), 0)
+        offsets = train_offsets(seed=self.seed, step=step, count=batch_size * accum, split_len=split_len, block_size=span)
+        per_rank = accum // self.world_size
+        mine = offsets.reshape(accum, batch_size)[self.rank * per_rank:(self.rank + 1) * per_rank]
+        masking = self.mask_prob > 0
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 2, step, self.rank])) if masking else None
+        if segments is not None:
+            batches = [padded_batch(data, segments[0][rows], segments[1][rows], pad=pad, device=self.device,
+                                    vocab_size=vocab_size, trained=trained) for rows in mine]
+            return [(self._masked(X, rng) if masking else X, Y) for X, Y in batches]
+        X, Y = batch_at(data, mine.reshape(-1), block_size=self.block_size, device=self.device, vocab_size=vocab_size,
+                        trained=trained)
+        if masking:
+            X = self._masked(X, rng)
+        return list(zip(X.split(batch_size), Y.split(batch_size)))
 
-def run_batches(cfg, dataset, step, device, *, split="train", rank=0, world_size=1, vocab_size=None):
-    """step_batches of a split (training's: train) with a run's config: its batch size, accumulation, block size,
-    seed, masking and batching (padded documents with --padding=True)."""
-    segments = dataset.documents(split, cfg.block_size) if cfg.padding else None
-    return step_batches(dataset.splits[split], step, batch_size=cfg.batch_size,
-                        accum_steps=cfg.gradient_accumulation_steps, block_size=cfg.block_size, seed=cfg.seed,
-                        device=device, rank=rank, world_size=world_size, vocab_size=vocab_size,
-                        mask_prob=cfg.mask_prob, mask_token=cfg.mask_token, segments=segments, pad=dataset.eot_token or 0,
-                        trained=dataset.trained[split])
+    def _masked(self, X, rng):
+        X = X.clone()  # X and Y are views of one buffer: masking X in place would change Y
+        masked = torch.from_numpy(rng.random(tuple(X.shape)) < self.mask_prob).to(X.device)
+        if self.mask_token == -1:
+            fill = torch.from_numpy(rng.integers(0, self.vocab_size, size=tuple(X.shape))).to(X.device)
+            return torch.where(masked, fill, X)
+        return X.masked_fill(masked, self.mask_token)

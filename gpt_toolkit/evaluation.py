@@ -1,5 +1,5 @@
-"""How good a model is: the loss over a run's fixed evaluation batches (estimate_loss, what train.py logs), the loss
-and bits per byte over every token of a split (score_split, what tools/evaluate.py reports), and what an evaluation
+"""How good a model is: the loss over a run's fixed evaluation batches (eval_losses, what train.py logs), the loss
+and bits per byte over every token of a split (Scoring.score, what tools/evaluate.py reports), and what an evaluation
 costs against a training step."""
 import math
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt_toolkit.dataset import Dataset, eval_offsets, get_batch, padded_batch
+from gpt_toolkit.dataset import Dataset, batch_at, eval_offsets, padded_batch
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.source import model_from_checkpoint
 from gpt_toolkit.tokenizer import describe, same_vocabulary, strip_chat, tokenizer_from_meta
@@ -21,7 +21,7 @@ def eval_to_step_ratio(cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, dataset, cfg, *, device, ctx, vocab_size=None, progress=None, byte_lengths=None):
+def eval_losses(model, dataset, cfg, *, device, ctx, vocab_size=None, progress=None, byte_lengths=None):
     """Mean loss over cfg.eval_iters fixed batches of cfg.batch_size rows per split ({'train': x, 'val': y}), model in
     eval mode; with cfg.padding, batches of whole documents as training draws them (with cfg.packing, attention
     stopping at each document's end). With byte_lengths (bytes per id), also the bits per byte of those batches
@@ -41,7 +41,7 @@ def estimate_loss(model, dataset, cfg, *, device, ctx, vocab_size=None, progress
         nats, n_bytes = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), device=device)
         for done, rows in enumerate(offsets.reshape(eval_iters, batch_size)):
             if segments is None:
-                X, Y = get_batch(data, rows, block_size=block_size, device=device, vocab_size=vocab_size,
+                X, Y = batch_at(data, rows, block_size=block_size, device=device, vocab_size=vocab_size,
                                  trained=dataset.trained[split])
             else:
                 X, Y = padded_batch(data, segments[0][rows], segments[1][rows], pad=dataset.eot_token, device=device,
@@ -73,37 +73,6 @@ class Score:
     @property
     def bits_per_byte(self):
         return self.loss * self.tokens / math.log(2) / self.text_bytes if self.text_bytes else None
-
-
-@torch.no_grad()
-def score_split(model, data, *, block_size, batch_size, device, ctx, byte_lengths=None, trained=None, progress=None):
-    """Score over every token of a split: non-overlapping windows of block_size (the last one shorter), each token
-    predicted once from the tokens before it in its window. Reads the split batch by batch (memory stays bounded for
-    any size of val.bin); byte_lengths (bytes per id, token_byte_lengths) counts the text's bytes; a chat split's
-    trained mask scores only the assistant's tokens; progress(n) is called with the tokens of each batch."""
-    was_training = model.training
-    model.eval()
-    scored = len(data) - 1
-    starts = np.arange(0, scored, block_size)
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    n_bytes = torch.zeros((), dtype=torch.long, device=device)
-    lengths = None if byte_lengths is None else byte_lengths.to(device)
-    for length, group in ((block_size, starts[starts + block_size <= scored]), (None, starts[starts + block_size > scored])):
-        for i in range(0, len(group), batch_size):
-            rows = group[i:i + batch_size]
-            T = length or scored - int(rows[0])
-            X, Y = get_batch(data, rows, block_size=T, device=device, trained=trained)
-            with ctx:
-                logits, _ = model(X, Y)
-            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), Y.reshape(-1), reduction="sum",
-                                     ignore_index=-1).double()
-            count += int((Y >= 0).sum()) if trained is not None else Y.numel()
-            if lengths is not None:
-                n_bytes += lengths[Y.clamp(min=0)][Y >= 0].sum()
-            if progress:
-                progress(Y.numel())
-    model.train(was_training)
-    return Score(total.item() / count, count, int(n_bytes.item()) if lengths is not None else None)
 
 
 def score_line(split, score):
@@ -153,7 +122,7 @@ def checkpoint_split(ckpt, *, split="val", dataset=None, data_dir=None):
 
 @dataclass
 class Scoring:
-    """What score_split needs for a checkpoint: its model (CPU), the split's tokens, which of them are trained (chat
+    """A split to score a model on: its model (CPU), the split's tokens, which of them are trained (chat
     data) or None, the dataset's name, and the bytes per token id (None when the tokenizer is unknown)."""
     model: torch.nn.Module
     data: np.ndarray
@@ -161,7 +130,36 @@ class Scoring:
     name: str
     byte_lengths: torch.Tensor | None
 
+    @torch.no_grad()
     def score(self, *, block_size=None, batch_size, device, ctx, progress=None):
-        return score_split(self.model.to(device), self.data, block_size=block_size or self.model.config.block_size,
-                           batch_size=batch_size, device=device, ctx=ctx, byte_lengths=self.byte_lengths,
-                           trained=self.trained, progress=progress)
+        """The Score over every token of the split: non-overlapping windows of block_size (the model's unless given;
+        the last one shorter), each token predicted once from the tokens before it in its window. Reads the split batch
+        by batch (memory stays bounded for any size of val.bin); byte_lengths (bytes per id, token_byte_lengths)
+        counts the text's bytes; a chat split's trained mask scores only the assistant's tokens; progress(n) is
+        called with the tokens of each batch."""
+        model, data, trained = self.model.to(device), self.data, self.trained
+        block_size, byte_lengths = block_size or model.config.block_size, self.byte_lengths
+        was_training = model.training
+        model.eval()
+        scored = len(data) - 1
+        starts = np.arange(0, scored, block_size)
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+        n_bytes = torch.zeros((), dtype=torch.long, device=device)
+        lengths = None if byte_lengths is None else byte_lengths.to(device)
+        whole, last = starts[starts + block_size <= scored], starts[starts + block_size > scored]
+        for length, group in ((block_size, whole), (None, last)):
+            for i in range(0, len(group), batch_size):
+                rows = group[i:i + batch_size]
+                T = length or scored - int(rows[0])
+                X, Y = batch_at(data, rows, block_size=T, device=device, trained=trained)
+                with ctx:
+                    logits, _ = model(X, Y)
+                total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), Y.reshape(-1), reduction="sum",
+                                         ignore_index=-1).double()
+                count += int((Y >= 0).sum()) if trained is not None else Y.numel()
+                if lengths is not None:
+                    n_bytes += lengths[Y.clamp(min=0)][Y >= 0].sum()
+                if progress:
+                    progress(Y.numel())
+        model.train(was_training)
+        return Score(total.item() / count, count, int(n_bytes.item()) if lengths is not None else None)

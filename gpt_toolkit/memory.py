@@ -69,9 +69,9 @@ def memory_estimate(cfg, *, n_params, vocab_size, dtype, batch_size=None, device
     block_size = block_size or cfg.block_size
     tokens = batch_size * block_size
     block = block_activation_bytes(cfg, tokens, dtype)
-    checkpointing = getattr(cfg, "activation_checkpointing", False)
+    checkpointing = cfg.activation_checkpointing
     trained = n_params  # LoRA: only the adapters have gradients and optimizer state
-    if getattr(cfg, "lora_rank", 0):
+    if cfg.lora_rank:
         trained = lora.param_count(n_layer=cfg.n_layer, n_embd=cfg.n_embd, rank=cfg.lora_rank,
                                    targets=lora.parse_targets(cfg.lora_targets))
     parts = {"parameters": 4 * n_params, "gradients": 4 * trained, "AdamW state": 8 * trained}
@@ -143,7 +143,7 @@ def fit_advice(cfg, *, n_params, vocab_size, dtype, budget, device_type):
     gradients and AdamW state take half the budget or more, sharding them with FSDP (or a smaller model); else the
     longest context that fits at batch_size=1."""
     sizes = dict(n_params=n_params, vocab_size=vocab_size, dtype=dtype, device_type=device_type)
-    if not getattr(cfg, "activation_checkpointing", False):
+    if not cfg.activation_checkpointing:
         need = memory_estimate(with_checkpointing(cfg), **sizes)["total"]
         if need <= budget:
             return (f"use --activation_checkpointing=True (each block recomputed in the backward pass, the same "
@@ -181,7 +181,7 @@ def smaller_step_advice(cfg):
     the micro-batch with twice the accumulation (the same effective batch), else half the context, else a smaller
     model."""
     step = _smaller_step(cfg)
-    if not getattr(cfg, "activation_checkpointing", False):
+    if not cfg.activation_checkpointing:
         return f"use --activation_checkpointing=True (the same batch, less memory), or {step.removeprefix('use ')}"
     return step
 

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -354,13 +355,31 @@ def _safe_cut(text, start):
 
 # ----------------------------------------------------------------------------- the whole preparation
 
-def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_proc=None, progress=True,
-                    vocab_size=None, bpe_sample_mb=BPE_SAMPLE_MB, report=print):
+@dataclass(frozen=True)
+class TokenizerChoice:
+    """The tokenizer a dataset is prepared with: kind char, gpt2 or bpe (a byte-level BPE of vocab_size ids trained
+    on at most bpe_sample_mb of the train split, never on val); or, for chat data, the tokenizer of the model in
+    of_model (a run's out_dir, a transformers directory, a prepared dataset) with kind None."""
+    kind: str | None = "char"
+    vocab_size: int | None = None
+    bpe_sample_mb: float = BPE_SAMPLE_MB
+    of_model: str | None = None
+
+    @classmethod
+    def of(cls, tokenizer):
+        """A TokenizerChoice as it is, or one of a kind's name ("char", "gpt2")."""
+        return tokenizer if isinstance(tokenizer, cls) else cls(tokenizer)
+
+
+def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_proc=None, progress=True, report=print):
     """Tokenize a TextSource or DocumentSource and write train.bin, val.bin and the vocabulary into out_dir, replacing
-    what was there only once everything is written. tokenizer: char, gpt2, or bpe (a byte-level BPE of vocab_size
-    ids trained on at most bpe_sample_mb of the train split, never on val). report(line) says what the BPE was
-    trained on. Returns {"train": tokens, "val": tokens, "vocab_size": n, "text_bytes": {split: bytes}}."""
+    what was there only once everything is written. tokenizer: a TokenizerChoice, or the name of a kind. report(line)
+    says what the BPE was trained on. Returns {"train": tokens, "val": tokens, "vocab_size": n, "text_bytes": {split:
+    bytes}}."""
     from tqdm import tqdm
+
+    choice = TokenizerChoice.of(tokenizer)
+    tokenizer, vocab_size, bpe_sample_mb = choice.kind, choice.vocab_size, choice.bpe_sample_mb
 
     check_tokenizer_settings(tokenizer, vocab_size, bpe_sample_mb)
     if not 0.0 < val_fraction < 1.0:

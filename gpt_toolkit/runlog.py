@@ -248,7 +248,7 @@ PARAMS_RE = re.compile(r"number of parameters: ([\d.]+)M")
 TOKENS_PER_ITER_RE = re.compile(r"tokens per iteration: ([\d,]+)")
 
 
-class Run:
+class LoggedRun:
     """What a finished (or running) training run logged: eval curve, iteration losses, time, size."""
 
     def __init__(self, name, path):
@@ -378,7 +378,7 @@ def read_run(path, name=None):
     when nothing parseable is found."""
     path = Path(path)
     if path.is_dir():
-        run = Run(name or path.name, path)
+        run = LoggedRun(name or path.name, path)
         if (path / "training.log").exists():
             _read_text_log(run, path / "training.log")
         if (path / "metrics.jsonl").exists():
@@ -386,7 +386,7 @@ def read_run(path, name=None):
         run.config = read_config_json(path / "config.json") or {}
         run.num_params = run.config.get("num_params", run.num_params)
     elif path.exists():
-        run = Run(name or path.name.removesuffix(".log").removesuffix(".jsonl"), path)
+        run = LoggedRun(name or path.name.removesuffix(".log").removesuffix(".jsonl"), path)
         (_read_metrics if path.suffix == ".jsonl" else _read_text_log)(run, path)
     else:
         raise ValueError(f"{path} does not exist")

@@ -2,6 +2,7 @@
 cutting it at stop strings, writing samples. sample.py and tools/report.py generate with them (the model comes from
 gpt_toolkit.source.load_model)."""
 import codecs
+from dataclasses import dataclass
 
 import torch
 
@@ -100,13 +101,29 @@ def _kmp_fallbacks(s):
     return fallback
 
 
-def write_samples(model, tokenizer, prompt, *, num_samples, max_new_tokens, controls, kv_cache, device, ctx, write,
-                  echo_prompt=True, stop=(), stop_tokens=(), separator="\n---------------\n"):
-    """Generate num_samples continuations of prompt (prompt is text, or token ids), each written with write(text)
-    and ended by separator. controls are sample_next's (temperature, top_k, top_p, min_p, repetition_penalty). A
-    sample ends at one of stop_tokens (not written) or at one of the stop strings (not written either). One sample
-    streams (its text is written as its tokens are drawn); several run as one batch (each generation step then reads
-    the weights once for every sample) and are written at the end. Returns the new ids of the last sample."""
+@dataclass(frozen=True)
+class Samples:
+    """What write_samples generates: num_samples continuations of up to max_new_tokens each, drawn with controls
+    (sample_next's: temperature, top_k, top_p, min_p, repetition_penalty) and the KV cache or not; each ends at one
+    of stop_tokens or stop strings (neither written), is written after the prompt (echo_prompt) and ended by
+    separator."""
+    num_samples: int
+    max_new_tokens: int
+    controls: dict
+    kv_cache: bool = True
+    echo_prompt: bool = True
+    stop: tuple = ()
+    stop_tokens: tuple = ()
+    separator: str = "\n---------------\n"
+
+
+def write_samples(model, tokenizer, prompt, samples, *, device, ctx, write):
+    """Generate the Samples of prompt (text, or token ids), each written with write(text). One sample streams (its
+    text is written as its tokens are drawn); several run as one batch (each generation step then reads the weights
+    once for every sample) and are written at the end. Returns the new ids of the last sample."""
+    num_samples, max_new_tokens, kv_cache = samples.num_samples, samples.max_new_tokens, samples.kv_cache
+    echo_prompt, stop, stop_tokens, separator = samples.echo_prompt, samples.stop, samples.stop_tokens, samples.separator
+    controls = samples.controls
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...].repeat(num_samples, 1)
     controls = {**controls, "top_k": controls.get("top_k") or None, "stop_tokens": stop_tokens}

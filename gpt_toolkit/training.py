@@ -25,13 +25,13 @@ def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None,
     as cfg says. shard=True shards the model with FSDP first (under torchrun), so the optimizer's state is sharded
     too. Process-wide settings (TF32, the CPU allocator) are the script's to make: process.setup_process."""
     kind = hardware.device_type(device)
-    model.config.activation_checkpointing = getattr(cfg, "activation_checkpointing", False)
+    model.config.activation_checkpointing = cfg.activation_checkpointing
     model.to(device)
     if shard:
         sharding.shard_model(model)
     fused = cfg.fused_adamw if fused is None else fused
     lr = learning_rate or cfg.learning_rate
-    if getattr(cfg, "optimizer", "adamw") == "muon":
+    if cfg.optimizer == "muon":
         # Newton-Schulz in bfloat16 where the device multiplies it fast (where auto picks it), else in float32
         fast_bf16 = hardware.resolve_dtype("auto", device) == "bfloat16"
         optimizer = muon_with_adamw(model, weight_decay=cfg.weight_decay, learning_rate=lr, betas=(cfg.beta1, cfg.beta2),

@@ -15,7 +15,7 @@ from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit.bpe import EOT, train_bpe
 from gpt_toolkit.huggingface import load_hf_dir
-from gpt_toolkit.preparing import TextSource, prepare_dataset
+from gpt_toolkit.preparing import TextSource, TokenizerChoice, prepare_dataset
 from gpt_toolkit.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, read_meta
 
 CHINESE = ("床前明月光，疑是地上霜。举头望明月，低头思故乡。" "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"
@@ -31,8 +31,8 @@ def chinese_bpe(tmp_path_factory):
     """A BPE of 400 ids trained on Chinese text (its train split), as data/prepare_text.py makes it."""
     root = tmp_path_factory.mktemp("zh")
     (root / "zh.txt").write_text(CHINESE + "\n" + "".join(HARD[:4]) * 20, encoding="utf-8")
-    summary = prepare_dataset(TextSource(root / "zh.txt"), root / "data" / "zh", "bpe", vocab_size=400, progress=False,
-                              num_proc=2, report=lambda line: None)
+    summary = prepare_dataset(TextSource(root / "zh.txt"), root / "data" / "zh", TokenizerChoice("bpe", vocab_size=400),
+                              progress=False, num_proc=2, report=lambda line: None)
     return root / "data", summary
 
 
@@ -56,7 +56,7 @@ def test_the_bpe_is_trained_on_the_train_split_only(tmp_path):
     train = "the quick brown fox jumps over the lazy dog. " * 400
     val = "zqxj" * 3000  # only in the last tenth: a BPE that saw it would merge these letters
     (tmp_path / "t.txt").write_text(train + val)
-    prepare_dataset(TextSource(tmp_path / "t.txt"), tmp_path / "d", "bpe", vocab_size=300, progress=False,
+    prepare_dataset(TextSource(tmp_path / "t.txt"), tmp_path / "d", TokenizerChoice("bpe", vocab_size=300), progress=False,
                     val_fraction=len(val) / len(train + val), report=lambda line: None)
     vocab = json.loads((tmp_path / "d" / "tokenizer.json").read_text())["model"]["vocab"]
     assert not [t for t in vocab if len(t) > 1 and set(t) <= set("zqxj")], "merged from the val split"
@@ -135,7 +135,7 @@ def test_train_bpe_gives_the_eot_token_id_zero_then_the_bytes():
 def trained_bpe(tmp_path_factory, shakespeare_text):
     root = tmp_path_factory.mktemp("bpe_run")
     (root / "s.txt").write_text(shakespeare_text[:200000])
-    prepare_dataset(TextSource(root / "s.txt"), root / "data" / "sb", "bpe", vocab_size=512, progress=False,
+    prepare_dataset(TextSource(root / "s.txt"), root / "data" / "sb", TokenizerChoice("bpe", vocab_size=512), progress=False,
                     report=lambda line: None)
     out = root / "out"
     r = run_script("train.py", *TINY_TRAIN, "--dataset=sb", f"--data_dir={root / 'data'}", f"--out_dir={out}")
@@ -190,7 +190,7 @@ def test_fine_tuning_or_resuming_on_another_tokenizer_is_one_line(trained_bpe, d
     assert_one_line_error(r, f"init_from={hf} has the tokenizer bpe, 512 tokens (tokenizer ", "and dataset "
                           "'shakespeare_char' was prepared with char, 65 tokens")
     (root / "s2.txt").write_text((root / "s.txt").read_text()[::-1])  # other text: another BPE of the same size
-    prepare_dataset(TextSource(root / "s2.txt"), tmp_path / "data" / "sb", "bpe", vocab_size=512, progress=False,
+    prepare_dataset(TextSource(root / "s2.txt"), tmp_path / "data" / "sb", TokenizerChoice("bpe", vocab_size=512), progress=False,
                     report=lambda line: None)
     r = run_script("train.py", *TINY_TRAIN, "--dataset=sb", f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}",
                    "--init_from=resume", "--max_iters=80")

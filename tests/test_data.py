@@ -8,10 +8,14 @@ import pytest
 import torch
 from conftest import assert_one_line_error, build_dataset, drop_file_list, run_script
 
-from gpt_toolkit.dataset import Dataset, get_batch, step_batches
+from gpt_toolkit.dataset import BatchPlan, Dataset, batch_at
 from gpt_toolkit.errors import UserError
 from gpt_toolkit.preparing import prepare_main
 from gpt_toolkit.tokenizer import CharTokenizer, read_meta, tokenizer_from_meta
+
+
+def step_batches(data, step, *, accum_steps, **plan):  # a BatchPlan's micro-batches of step `step`
+    return BatchPlan(gradient_accumulation_steps=accum_steps, **plan).rows(data, step)
 
 
 def test_char_dataset_matches_nanogpt(data_dir):
@@ -81,7 +85,7 @@ def test_get_batch_shapes_dtype_and_shift(data_dir):
     ds = Dataset(data_dir, "shakespeare_char")
     data = ds.splits["train"]
     offsets = np.array([0, 5, 1000])
-    X, Y = get_batch(data, offsets, block_size=16)
+    X, Y = batch_at(data, offsets, block_size=16)
     assert X.shape == Y.shape == (3, 16) and X.dtype == Y.dtype == torch.int64
     assert torch.equal(X[:, 1:], Y[:, :-1])
     assert X[1].tolist() == data[5:21].tolist() and Y[1].tolist() == data[6:22].tolist()

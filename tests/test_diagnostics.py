@@ -10,12 +10,21 @@ from conftest import TINY_TRAIN
 
 import train
 from gpt_toolkit import dataset
-from gpt_toolkit.dataset import Dataset, step_batches
+from gpt_toolkit.dataset import BatchPlan, Dataset
 from gpt_toolkit.diagnostics import MAX_SKIPPED_STEPS, GradMonitor, check_batch, grad_warnings
 from gpt_toolkit.errors import UserError, run_main
 from gpt_toolkit.guards import Guard
-from gpt_toolkit.schedule import get_lr
+from gpt_toolkit.schedule import Schedule
 from model import GPT, GPTConfig, document_positions_and_mask
+
+
+def step_batches(data, step, *, accum_steps, **plan):  # a BatchPlan's micro-batches of step `step`
+    return BatchPlan(gradient_accumulation_steps=accum_steps, **plan).rows(data, step)
+
+
+def get_lr(it, **settings):  # the schedule's learning rate at step it
+    return Schedule(**settings).lr(it)
+
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
 
@@ -43,12 +52,12 @@ def test_debug_data_prints_and_checks_the_shift(data_dir, tmp_path, capsys):
 
 
 def test_data_check_catches_a_broken_shift(data_dir, tmp_path, capsys, monkeypatch):
-    real = dataset.get_batch
+    real = dataset.batch_at
 
     def unshifted(*args, **kw):
         X, Y = real(*args, **kw)
         return X, X.clone()  # the bug the check exists for: targets equal to inputs
-    monkeypatch.setattr(dataset, "get_batch", unshifted)
+    monkeypatch.setattr(dataset, "batch_at", unshifted)
     code, _, err = run_train(capsys, *TINY_TRAIN, "--debug_data=True", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}")
     assert code == 1 and "data check failed: Y is not X shifted by one token" in err
     with pytest.raises(UserError, match="not X shifted by one"):

@@ -14,7 +14,7 @@ from conftest import ROOT, TINY_TRAIN, assert_one_line_error, build_dataset, run
 
 from gpt_toolkit.checkpoint import load_checkpoint, save_weights
 from gpt_toolkit.gguf_export import gguf_vocabulary, rwkv_escaped
-from gpt_toolkit.preparing import TextSource, prepare_dataset
+from gpt_toolkit.preparing import TextSource, TokenizerChoice, prepare_dataset
 from gpt_toolkit.source import model_from_checkpoint, tokenizer_for_checkpoint
 from model import GPT, GPTConfig
 
@@ -38,7 +38,7 @@ def runs(data_dir, shakespeare_text, tmp_path_factory):
     build_dataset(shakespeare_text[:100_000], root / "data" / "sp_gpt2", "gpt2")
     prepare_source = root / "bpe.txt"
     prepare_source.write_text(shakespeare_text[:100_000], encoding="utf-8")
-    prepare_dataset(TextSource(prepare_source), root / "data" / "sp_bpe", "bpe", vocab_size=512, progress=False)
+    prepare_dataset(TextSource(prepare_source), root / "data" / "sp_bpe", TokenizerChoice("bpe", vocab_size=512), progress=False)
     return {"char": train(data_dir, root / "char"),
             "gpt2": train(root / "data", root / "gpt2", "--dataset=sp_gpt2", "--max_iters=30"),
             "bpe": train(root / "data", root / "bpe", "--dataset=sp_bpe", "--max_iters=60")}

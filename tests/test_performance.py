@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit import hardware
-from gpt_toolkit.dataset import Dataset, get_batch, train_offsets
+from gpt_toolkit.dataset import Dataset, batch_at, train_offsets
 from model import GPT, CheapMaskDropout, GPTConfig, attention, explicit_attention
 
 
@@ -244,7 +244,7 @@ def test_get_batch_does_not_grow_memory(data_dir):
     data = Dataset(data_dir, "shakespeare_char").splits["train"]
     before = hardware.memory_in_use("cpu")
     for step in range(10_000):
-        get_batch(data, train_offsets(seed=1337, step=step, count=12, split_len=len(data), block_size=64), block_size=64)
+        batch_at(data, train_offsets(seed=1337, step=step, count=12, split_len=len(data), block_size=64), block_size=64)
     grown = hardware.memory_in_use("cpu") - before
     assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB"  # the 2 MB file's pages at most, plus noise
 
@@ -259,7 +259,7 @@ def test_memmap_is_opened_once(data_dir, monkeypatch):
     for step in range(50):
         for split in ("train", "val"):
             data = ds.splits[split]
-            get_batch(data, train_offsets(seed=1337, step=step, count=4, split_len=len(data), block_size=32), block_size=32)
+            batch_at(data, train_offsets(seed=1337, step=step, count=4, split_len=len(data), block_size=32), block_size=32)
     assert sorted(p.name for p in opened) == ["train.bin", "val.bin"]
     assert not ds.splits["train"].flags.writeable
 

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_TRAIN, run_script
 
 from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.sampling import TextStream, write_samples
+from gpt_toolkit.sampling import Samples, TextStream, write_samples
 from gpt_toolkit.source import model_from_checkpoint
 from gpt_toolkit.tokenizer import CharTokenizer, GPT2Tokenizer, read_meta
 
@@ -43,9 +43,8 @@ def test_one_sample_streams_the_batch_text_token_by_token(run):
     assert r.stdout == expected(model, tokenizer, ["ROMEO:"])[0][0] + "\n---------------\n"
     pieces = []
     torch.manual_seed(1337)
-    write_samples(model, tokenizer, "ROMEO:", num_samples=1, max_new_tokens=60,
-                  controls=dict(temperature=0.9, top_k=200), kv_cache=True, device="cpu",
-                  ctx=torch.autocast("cpu", enabled=False), write=pieces.append)
+    write_samples(model, tokenizer, "ROMEO:", Samples(1, 60, dict(temperature=0.9, top_k=200), kv_cache=True),
+                  device="cpu", ctx=torch.autocast("cpu", enabled=False), write=pieces.append)
     assert len(pieces) == 1 + 60 + 1 and "".join(pieces) == r.stdout  # the prompt, each token, the end
 
 

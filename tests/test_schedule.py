@@ -3,7 +3,12 @@ import math
 
 import pytest
 
-from gpt_toolkit.schedule import get_lr
+from gpt_toolkit.schedule import Schedule
+
+
+def get_lr(it, **settings):  # the schedule's learning rate at step it
+    return Schedule(**settings).lr(it)
+
 
 LR, WARMUP, DECAY, MIN = 1e-3, 100, 5000, 1e-4
 

@@ -323,7 +323,7 @@ def test_overlapping_curves_get_their_own_style(exp_dir, tmp_path, monkeypatch):
 def fake_run(name, *, vals, whole, last=None, **config):
     from types import SimpleNamespace
 
-    from gpt_toolkit.runlog import Run
+    from gpt_toolkit.runlog import LoggedRun as Run
     run = Run(name, None)
     run.evals = {i * 100: (v - 0.2, v) for i, v in enumerate(vals)}
     run.config = {"learning_rate": 1e-3, "seed": 1337, "dropout": 0.0, "weight_decay": 0.0, **config}

@@ -40,7 +40,7 @@ import torch
 
 from gpt_toolkit import hardware
 from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.dataset import Dataset, run_batches
+from gpt_toolkit.dataset import BatchPlan, Dataset
 from gpt_toolkit.errors import ConfigError, UserError, run_main
 from gpt_toolkit.init_from import scratch_model_args
 from gpt_toolkit.process import setup_process
@@ -92,7 +92,7 @@ class Variant:
         self.flops_per_iter = clock.flops_per_iter
         seconds = sum(clock.seconds[warmup:])
         real = sum(int((Y >= 0).sum()) for step in range(warmup, warmup + n)
-                   for _, Y in run_batches(self.cfg, self.dataset, step, "cpu"))
+                   for _, Y in BatchPlan.of(self.cfg).step(self.dataset, "train", step, padding=self.cfg.padding))
         self.rates.append(real / seconds)
         return seconds / n
 

@@ -19,7 +19,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 from gpt_toolkit.chat import prepare_chat_dataset, read_conversations
 from gpt_toolkit.cli import tool_parser
 from gpt_toolkit.errors import run_main
-from gpt_toolkit.preparing import open_source, prepare_dataset
+from gpt_toolkit.preparing import TokenizerChoice, open_source, prepare_dataset
 from gpt_toolkit.tokenizer import TINY_SHAKESPEARE_URL, download, read_text
 
 CHAR_DATA = HERE.parent / "shakespeare_char"
@@ -63,7 +63,7 @@ def main(argv):
     chats.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
     conversations, _ = read_conversations(chats)
     summary = prepare_chat_dataset(conversations, Path(args.data_dir) / "shakespeare_chat",
-                                   tokenizer_from=str(Path(args.data_dir) / "shakespeare_char"),
+                                   TokenizerChoice(None, of_model=str(Path(args.data_dir) / "shakespeare_char")),
                                    block_size=args.block_size)
     print(f"{summary['conversations']:,} conversations from the play's dialogue ({summary['train_conversations']:,} "
           f"train, {summary['val_conversations']:,} val); {summary['tokens']:,} tokens, {summary['trained']:,} of them "
