@@ -17,7 +17,7 @@ import os
 import tokenize
 import types
 
-from gpt_toolkit.errors import ConfigError
+from gpt_toolkit.core.errors import ConfigError
 
 
 def defaults_of(cls):

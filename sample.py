@@ -10,21 +10,21 @@ One sample is printed as it is generated; several are generated as one batch and
 import sys
 from types import SimpleNamespace
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import torch
 
 from configurator import defaults_of, help_of, parse_args
-from gpt_toolkit import hardware
-from gpt_toolkit.checkpoint import BEST
-from gpt_toolkit.compiling import CompiledOrEager
-from gpt_toolkit.errors import ConfigError, UserError, run_main
-from gpt_toolkit.process import setup_process
-from gpt_toolkit.sampling import Samples, check_generation_fits, fit_history, read_prompt, stop_token_ids, write_samples
-from gpt_toolkit.source import RESUME, ModelSource, load_model
-from gpt_toolkit.train_config import MAX_SEED
+from gpt_toolkit.core import hardware
+from gpt_toolkit.core.config import MAX_SEED
+from gpt_toolkit.core.errors import ConfigError, UserError, run_main
+from gpt_toolkit.core.process import setup_process
+from gpt_toolkit.models.checkpoint import BEST
+from gpt_toolkit.models.source import RESUME, ModelSource, load_model
+from gpt_toolkit.serving.sampling import Samples, check_generation_fits, fit_history, read_prompt, stop_token_ids, write_samples
+from gpt_toolkit.training.compiling import CompiledOrEager
 from model import check_sampling
 
 

@@ -8,8 +8,8 @@ Several processes with DDP (gloo on CPU, nccl on CUDA):
 It reads in nanoGPT's order, under nanoGPT's names (tutorial ch03 walks through it line by line): the config, the
 setup, the model, the optimizer, then train(): get_batch, estimate_loss, get_lr and the training loop. What a robust
 run adds (Ctrl-C and SIGTERM, exact resume, the NaN/Inf guard, torch.compile's fallback, timing, DDP's agreement) is
-one line each in the loop, behind its guards (gpt_toolkit/guards.py). docs/train_py.md maps the tutorial's walkthrough
-to this file. Every key of gpt_toolkit.train_config.Config can be set by a config file or --key=value;
+one line each in the loop, behind its guards (gpt_toolkit/training/guards.py). docs/train_py.md maps the tutorial's walkthrough
+to this file. Every key of gpt_toolkit.core.config.Config can be set by a config file or --key=value;
 `python train.py --help` lists them.
 """
 import dataclasses
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
@@ -27,28 +27,38 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import format_config
-from gpt_toolkit import dataset as datasets
-from gpt_toolkit import distributed, evaluation, hardware, lora, memory, sharding
-from gpt_toolkit.checkpoint import RunCheckpoints, TrainingState, load_optimizer_state, set_rng_state
-from gpt_toolkit.dataset import BatchPlan, Dataset, eval_offsets
-from gpt_toolkit.diagnostics import check_batch, check_init
-from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main
-from gpt_toolkit.evaluation import token_byte_lengths
-from gpt_toolkit.files import write_run_file
-from gpt_toolkit.guards import CompileFallback, guards_for
-from gpt_toolkit.init_from import build_model, check_init_tokenizer, check_memory, check_resume
-from gpt_toolkit.outdir import OutDir, check_out_dir
-from gpt_toolkit.process import setup_process
-from gpt_toolkit.progress import StepTimer, flops_per_step
-from gpt_toolkit.runlog import LogWriteError, RunLog, TensorBoardTracker, WandbTracker, eval_line, took_line, total_time_line
-from gpt_toolkit.schedule import Schedule
-from gpt_toolkit.sharding import local_numel
-from gpt_toolkit.source import ModelSource
-from gpt_toolkit.stopping import Interrupted, StopRequest
-from gpt_toolkit.task_scoring import EvalTasks
-from gpt_toolkit.tokenizer import tokenizer_from_meta
-from gpt_toolkit.train_config import Config, load_config, validate, validate_lora
-from gpt_toolkit.training import Training, build_training
+from gpt_toolkit.core import hardware
+from gpt_toolkit.core.config import Config, load_config, validate, validate_lora
+from gpt_toolkit.core.errors import ConfigError, UserError, import_optional, run_main
+from gpt_toolkit.core.files import write_run_file
+from gpt_toolkit.core.process import setup_process
+from gpt_toolkit.core.tokenizer import tokenizer_from_meta
+from gpt_toolkit.data import dataset as datasets
+from gpt_toolkit.data.dataset import BatchPlan, Dataset, eval_offsets
+from gpt_toolkit.models import lora, memory, sharding
+from gpt_toolkit.models.checkpoint import RunCheckpoints, TrainingState, load_optimizer_state, set_rng_state
+from gpt_toolkit.models.sharding import local_numel
+from gpt_toolkit.models.source import ModelSource
+from gpt_toolkit.serving.task_scoring import EvalTasks
+from gpt_toolkit.training import distributed, evaluation
+from gpt_toolkit.training.diagnostics import check_batch, check_init
+from gpt_toolkit.training.evaluation import token_byte_lengths
+from gpt_toolkit.training.guards import CompileFallback, guards_for
+from gpt_toolkit.training.init_from import build_model, check_init_tokenizer, check_memory, check_resume
+from gpt_toolkit.training.outdir import OutDir, check_out_dir
+from gpt_toolkit.training.progress import StepTimer, flops_per_step
+from gpt_toolkit.training.runlog import (
+    LogWriteError,
+    RunLog,
+    TensorBoardTracker,
+    WandbTracker,
+    eval_line,
+    took_line,
+    total_time_line,
+)
+from gpt_toolkit.training.schedule import Schedule
+from gpt_toolkit.training.setup import Training, build_training
+from gpt_toolkit.training.stopping import Interrupted, StopRequest
 
 
 @dataclass
@@ -78,6 +88,8 @@ class Run:
     saves: RunCheckpoints
     log: RunLog
     out_dir: OutDir
+    batches: BatchPlan  # this process's share of each step's rows: batch size, context, accumulation, seed, masking
+    schedule: Schedule  # the learning rate of each step
 
 
 def main(argv, *, guards=()):
@@ -122,7 +134,7 @@ def main(argv, *, guards=()):
         if state.rng is not None:  # the last thing before the loop, so no setup step draws from the restored state
             set_rng_state(state.rng, world.device)  # dropout continues exactly where it stopped
         # the loop's guards: the NaN/Inf guard, timing and its log lines, --eval_tasks, early stopping, DDP's
-        # agreement on a stop, the saver (gpt_toolkit/guards.py), then the tool's or test's own
+        # agreement on a stop, the saver (gpt_toolkit/training/guards.py), then the tool's or test's own
         guards = guards_for(cfg, world, stop=stop, compiled=compiled, timer=timer, tasks=tasks, extra=guards,
                             checkpoint=lambda rng_states: checkpoint(run, state, rng_states))
         guards.start(run, state)
@@ -146,24 +158,20 @@ def main(argv, *, guards=()):
 
 def train(run, state, guards):
     """nanoGPT's training loop (tutorial ch03), from the step in state on: evaluate and save when due, one optimizer
-    step over gradient_accumulation_steps micro-batches, log. Returns the exit code, 0 (a signal's stop is raised as
-    Interrupted, for main's saver). state is kept current: a stop saves it. The guards (gpt_toolkit/guards.py) are
-    called at five points: around an evaluation, after it, around a step, after it, and on a stop (in main)."""
+    step over gradient_accumulation_steps micro-batches, log. Returns 0 when done (a signal's stop is raised, for
+    main's saver); state is kept current. The guards (gpt_toolkit/training/guards.py) are called at named points."""
     cfg, world, log, dataset = run.cfg, run.world, run.log, run.dataset
     optimizer, scaler, ctx = run.training.optimizer, run.training.scaler, run.training.ctx
     master_process, fsdp, ddp = world.master, cfg.parallel == "fsdp", world.size > 1 and cfg.parallel == "ddp"
     gradient_accumulation_steps = cfg.gradient_accumulation_steps // world.size  # this process's share of them
     doc_sep = dataset.eot_token if cfg.packing else None  # packed documents: attention stops at each one's end
     byte_lengths = token_byte_lengths(dataset.vocabulary, run.model_args["vocab_size"]) if master_process else None
-    batches = BatchPlan.of(cfg, device=world.device, rank=world.rank, world_size=world.size,
-                           vocab_size=run.model_args["vocab_size"])  # this process's share of each step's rows
-    schedule = Schedule.of(cfg)
 
     def get_batch(split, it):
         """This process's micro-batches [(X, Y), ...] of rows of `split` for optimizer step `it`, Y the rows of X
         shifted by one token (tutorial ch02). nanoGPT draws rows at random; these are a function of (seed, it) alone:
         a resumed run trains on the very batches an uninterrupted one would, and 64 x 1 rows are those of 16 x 4."""
-        return batches.step(dataset, split, it, padding=cfg.padding)
+        return run.batches.step(dataset, split, it, padding=cfg.padding)
 
     def estimate_loss():
         """The mean loss of each split over the same eval_iters batches at every evaluation (and the bits per byte),
@@ -175,7 +183,7 @@ def train(run, state, guards):
 
     def get_lr(it):
         """The learning rate of step `it`: linear warmup, then cosine decay to min_lr (or the schedule cfg names)."""
-        return schedule.lr(it)
+        return run.schedule.lr(it)
 
     while True:
         iter_num = state.iter_num
@@ -250,7 +258,7 @@ def checkpoint(run, state, rng_states):
     LoRA run's once tools/merge_lora.py has merged it), then
     ours, which nanoGPT ignores: the GradScaler's state, the vocabulary, and the rest of the training state (every
     process's RNG state, early stopping's count, whether the evaluation at iter_num ran). A LoRA run's 'model' is its
-    adapters only, and 'lora' names the base they fit (gpt_toolkit/lora.py)."""
+    adapters only, and 'lora' names the base they fit (gpt_toolkit/models/lora.py)."""
     model_state, optimizer_state = sharding.state_dicts(run.model, run.training.optimizer)  # FSDP: gathers shards
     adapters = getattr(run.model, "lora", None)  # a LoRA run saves its adapters, and names the base they fit
     return {
@@ -340,8 +348,10 @@ def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir):
         write_run_file(out_path / "config.json", json.dumps(run_info, indent=2))
     saves = RunCheckpoints(out_path, keep_last=cfg.keep_last, writer=world.master, collective=sharded,
                            report=log.print, after_first_save=out_dir.first_save_done)
+    batches = BatchPlan.of(cfg, device=world.device, rank=world.rank, world_size=world.size,
+                           vocab_size=model_args["vocab_size"])
     return Run(cfg=cfg, world=world, dataset=dataset, model=model, model_args=model_args, training=training,
-               saves=saves, log=log, out_dir=out_dir), compiled, timer
+               saves=saves, log=log, out_dir=out_dir, batches=batches, schedule=Schedule.of(cfg)), compiled, timer
 
 
 def resume(run, ckpt, ckpt_path):

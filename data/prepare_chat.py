@@ -1,6 +1,6 @@
 """Turn conversations into a chat dataset for fine-tuning: JSON Lines of {"messages": [{"role": "system"|"user"|
 "assistant", "content": "..."}]} or {"prompt": "...", "completion": "..."}, rendered with the chat template
-(gpt_toolkit/chat.py) and stored with which targets are trained (the assistant's tokens and their <|end|>).
+(gpt_toolkit/data/chat.py) and stored with which targets are trained (the assistant's tokens and their <|end|>).
 
     python data/prepare_chat.py --input=chats.jsonl --name=mychat --tokenizer_from=out-shakespeare-char  # a run's
     python data/prepare_chat.py --input=chats.jsonl --name=mychat --tokenizer=gpt2                       # GPT-2's
@@ -16,14 +16,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the toolkit root, for the library modules
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.chat import prepare_chat_dataset, read_conversations
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.preparing import TokenizerChoice
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.data.chat import prepare_chat_dataset, read_conversations
+from gpt_toolkit.data.preparing import TokenizerChoice
 
 
 def main(argv):

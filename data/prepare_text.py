@@ -17,13 +17,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the toolkit root, for the library modules
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.preparing import BPE_SAMPLE_MB, TokenizerChoice, open_source, prepare_dataset
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.data.preparing import BPE_SAMPLE_MB, TokenizerChoice, open_source, prepare_dataset
 
 
 def main(argv):

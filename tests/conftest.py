@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from gpt_toolkit.errors import run_main  # noqa: E402
-from gpt_toolkit.hardware import resolve_dtype  # noqa: E402
-from gpt_toolkit.preparing import TextSource, prepare_dataset  # noqa: E402
-from gpt_toolkit.tokenizer import TINY_SHAKESPEARE_URL, download, read_text  # noqa: E402
+from gpt_toolkit.core.errors import run_main  # noqa: E402
+from gpt_toolkit.core.hardware import resolve_dtype  # noqa: E402
+from gpt_toolkit.core.tokenizer import TINY_SHAKESPEARE_URL, download, read_text  # noqa: E402
+from gpt_toolkit.data.preparing import TextSource, prepare_dataset  # noqa: E402
 
 # A model small enough that a training run takes a couple of seconds on 2 CPU cores. It pins the size of the run
 # only: dtype, compile, the MFU peak and the speed features stay at the defaults a user gets (a suite that pinned

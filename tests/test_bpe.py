@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit.bpe import EOT, train_bpe
-from gpt_toolkit.huggingface import load_hf_dir
-from gpt_toolkit.preparing import TextSource, TokenizerChoice, prepare_dataset
-from gpt_toolkit.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, read_meta
+from gpt_toolkit.core.bpe import EOT, train_bpe
+from gpt_toolkit.core.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, read_meta
+from gpt_toolkit.data.preparing import TextSource, TokenizerChoice, prepare_dataset
+from gpt_toolkit.models.huggingface import load_hf_dir
 
 CHINESE = ("床前明月光，疑是地上霜。举头望明月，低头思故乡。" "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"
            "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。") * 40
@@ -203,8 +203,8 @@ def test_fine_tuning_or_resuming_on_another_tokenizer_is_one_line(trained_bpe, d
 def hand_bits_per_byte(out, data_root, name, tokenizer):
     """Sum of the model's losses over every token of val (one window at a time, float32), over the UTF-8 bytes of
     the text those tokens encode, by hand."""
-    from gpt_toolkit.checkpoint import load_checkpoint
-    from gpt_toolkit.source import model_from_checkpoint
+    from gpt_toolkit.models.checkpoint import load_checkpoint
+    from gpt_toolkit.models.source import model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).eval()
     ids = np.fromfile(data_root / name / "val.bin", dtype=np.uint16).astype(np.int64)
     T = model.config.block_size

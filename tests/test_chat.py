@@ -10,12 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit.chat import read_conversations
-from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.dataset import Dataset, document_segments, padded_batch
-from gpt_toolkit.errors import UserError
-from gpt_toolkit.source import model_from_checkpoint
-from gpt_toolkit.tokenizer import (
+from gpt_toolkit.core.errors import UserError
+from gpt_toolkit.core.tokenizer import (
     CHAT_TOKENS,
     GPT2_EOT,
     BPETokenizer,
@@ -26,6 +22,10 @@ from gpt_toolkit.tokenizer import (
     special_ids,
     tokenizer_from_meta,
 )
+from gpt_toolkit.data.chat import read_conversations
+from gpt_toolkit.data.dataset import Dataset, document_segments, padded_batch
+from gpt_toolkit.models.checkpoint import load_checkpoint
+from gpt_toolkit.models.source import model_from_checkpoint
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # training and sampling follow the precision dtype=auto picks
@@ -197,8 +197,8 @@ def test_a_chat_dataset_trains_on_padded_conversations_by_default(chat, data_dir
 @pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
 def test_exported_template_gives_our_ids_through_apply_chat_template(kind, shakespeare_text, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from gpt_toolkit.bpe import train_bpe
-    from gpt_toolkit.huggingface import write_tokenizer
+    from gpt_toolkit.core.bpe import train_bpe
+    from gpt_toolkit.models.huggingface import write_tokenizer
     base = {"char": lambda: CharTokenizer(sorted(set(shakespeare_text))),
             "bpe": lambda: BPETokenizer(train_bpe([shakespeare_text[:200_000]], 300)),
             "gpt2": GPT2Tokenizer}[kind]()
@@ -274,7 +274,7 @@ def test_grown_rows_start_at_the_mean_of_the_others():
 
 def test_a_gpt2_chat_model_exports_as_gpt2_with_its_chat_tokens(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from gpt_toolkit.huggingface import export_hf, tokenizer_for_hf_dir
+    from gpt_toolkit.models.huggingface import export_hf, tokenizer_for_hf_dir
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=1, n_embd=8)).eval()
     tok = ChatTokenizer(GPT2Tokenizer(), special_ids(GPT2Tokenizer()))

@@ -7,8 +7,8 @@ import torch
 from conftest import run_script
 from test_resume import assert_same_as_reference, records, train_args
 
-from gpt_toolkit import memory
-from gpt_toolkit.train_config import load_config
+from gpt_toolkit.core.config import load_config
+from gpt_toolkit.models import memory
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)

@@ -43,7 +43,7 @@ def test_training_falls_back_to_eager_with_the_same_losses(data_dir, tmp_path, n
 def test_a_compiled_forward_falls_back_once(no_compiler):
     """sample.py's compiled forward (CompiledOrEager; that sample.py uses it is checked below): the first call's
     compile fails, the call is answered eagerly, one warning, and later calls go straight to the eager function."""
-    from gpt_toolkit.compiling import CompiledOrEager
+    from gpt_toolkit.training.compiling import CompiledOrEager
     calls, warnings = [], []
 
     def forward(x):

@@ -5,8 +5,8 @@ import pytest
 from conftest import assert_one_line_error, run_script
 
 from configurator import help_of, parse_args
-from gpt_toolkit.errors import ConfigError
-from gpt_toolkit.train_config import Config, load_config
+from gpt_toolkit.core.config import Config, load_config
+from gpt_toolkit.core.errors import ConfigError
 
 
 class Defaults:
@@ -76,7 +76,7 @@ def test_alias_and_cli_keys():
 
 def _train_parse_args():
     from configurator import defaults_of
-    from gpt_toolkit.train_config import ALIASES, CHOICES
+    from gpt_toolkit.core.config import ALIASES, CHOICES
     return defaults_of(Config), help_of(Config), CHOICES, ALIASES
 
 
@@ -112,7 +112,7 @@ def test_config_file_errors(tmp_path):
 def test_shipped_configs_pass_validation(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from gpt_toolkit.train_config import validate
+    from gpt_toolkit.core.config import validate
     shipped = sorted(Path(__file__).resolve().parents[1].glob("config/*.py"))
     assert len(shipped) >= 12
     monkeypatch.chdir(tmp_path)
@@ -145,7 +145,7 @@ def test_bad_type_from_command_line_exits_2():
 
 
 def tool_parser_for_test():
-    from gpt_toolkit.cli import tool_parser
+    from gpt_toolkit.core.cli import tool_parser
     p = tool_parser("tools/x.py", "x: a tool", training_config=True)
     p.add_flag("--compare", help="compare")
     p.add_argument("--iters", type=int, default=20)

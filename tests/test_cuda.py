@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script, run_torchrun
 
-from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.source import model_from_checkpoint
-from gpt_toolkit.tokenizer import CharTokenizer, read_meta
+from gpt_toolkit.core.tokenizer import CharTokenizer, read_meta
+from gpt_toolkit.models.checkpoint import load_checkpoint
+from gpt_toolkit.models.source import model_from_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device (torch.cuda.is_available() is False): these tests need an NVIDIA "

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import assert_one_line_error, build_dataset, drop_file_list, run_script
 
-from gpt_toolkit.dataset import BatchPlan, Dataset, batch_at
-from gpt_toolkit.errors import UserError
-from gpt_toolkit.preparing import prepare_main
-from gpt_toolkit.tokenizer import CharTokenizer, read_meta, tokenizer_from_meta
+from gpt_toolkit.core.errors import UserError
+from gpt_toolkit.core.tokenizer import CharTokenizer, read_meta, tokenizer_from_meta
+from gpt_toolkit.data.dataset import BatchPlan, Dataset, batch_at
+from gpt_toolkit.data.preparing import prepare_main
 
 
 def step_batches(data, step, *, accum_steps, **plan):  # a BatchPlan's micro-batches of step `step`
@@ -151,7 +151,7 @@ def test_nanogpt_meta_pkl_is_read(tmp_path):
 
 
 def test_token_stream_writer(tmp_path):
-    from gpt_toolkit.preparing import write_token_stream
+    from gpt_toolkit.data.preparing import write_token_stream
     total = write_token_stream(iter([[1, 2, 50256], np.array([7, 50256])]), tmp_path / "train.bin")
     assert total == 5 and np.fromfile(tmp_path / "train.bin", dtype=np.uint16).tolist() == [1, 2, 50256, 7, 50256]
     with pytest.raises(UserError, match="does not fit in uint16"):

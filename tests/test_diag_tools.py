@@ -5,9 +5,9 @@ import re
 import pytest
 from conftest import AUTO_DTYPE, TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit import memory
-from gpt_toolkit.memory import memory_estimate, parse_size
-from gpt_toolkit.train_config import load_config
+from gpt_toolkit.core.config import load_config
+from gpt_toolkit.models import memory
+from gpt_toolkit.models.memory import memory_estimate, parse_size
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)

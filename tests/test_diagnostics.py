@@ -9,12 +9,12 @@ import torch
 from conftest import TINY_TRAIN
 
 import train
-from gpt_toolkit import dataset
-from gpt_toolkit.dataset import BatchPlan, Dataset
-from gpt_toolkit.diagnostics import MAX_SKIPPED_STEPS, GradMonitor, check_batch, grad_warnings
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.guards import Guard
-from gpt_toolkit.schedule import Schedule
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.data import dataset
+from gpt_toolkit.data.dataset import BatchPlan, Dataset
+from gpt_toolkit.training.diagnostics import MAX_SKIPPED_STEPS, GradMonitor, check_batch, grad_warnings
+from gpt_toolkit.training.guards import Guard
+from gpt_toolkit.training.schedule import Schedule
 from model import GPT, GPTConfig, document_positions_and_mask
 
 

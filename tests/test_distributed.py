@@ -8,7 +8,7 @@ import pytest
 from conftest import AUTO_DTYPE, ROOT, assert_one_line_error, run_script, run_torchrun, torchrun_commands, wait_all
 from conftest import DDP_RUN as RUN
 
-from gpt_toolkit.checkpoint import load_checkpoint
+from gpt_toolkit.models.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # every test here launches torchrun
 
@@ -131,7 +131,7 @@ def test_a_settings_error_on_another_rank_waits_for_the_first_to_say_it(monkeypa
     found an error of its own, and says it."""
     import time
 
-    from gpt_toolkit import errors
+    from gpt_toolkit.core import errors
     monkeypatch.setattr(errors, "OTHER_RANKS_WAIT_S", 0.5)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
 
@@ -147,9 +147,9 @@ def test_a_settings_error_on_another_rank_waits_for_the_first_to_say_it(monkeypa
 
 @pytest.mark.parametrize("accum, world, use", [(1, 2, 2), (3, 2, 4), (5, 4, 4), (7, 4, 8)])
 def test_accumulation_that_does_not_split_over_the_processes_names_the_value_to_use(monkeypatch, accum, world, use):
-    from gpt_toolkit.distributed import ranks
-    from gpt_toolkit.errors import UserError
-    from gpt_toolkit.train_config import load_config
+    from gpt_toolkit.core.config import load_config
+    from gpt_toolkit.core.errors import UserError
+    from gpt_toolkit.training.distributed import ranks
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(world))

@@ -10,7 +10,7 @@ import pytest
 from conftest import DDP_RUN as RUN
 from conftest import ROOT, run_script, torchrun_commands, wait_all
 
-from gpt_toolkit.checkpoint import load_checkpoint
+from gpt_toolkit.models.checkpoint import load_checkpoint
 
 TINIER = ["--n_layer=1", "--n_embd=16", "--max_iters=1000", "--lr_decay_iters=1000", "--eval_interval=1000"]
 
@@ -94,7 +94,7 @@ def test_a_collective_whose_peer_exited_is_one_line_after_the_wait(monkeypatch, 
     one line; any other error stays what it is."""
     import time
 
-    from gpt_toolkit import errors
+    from gpt_toolkit.core import errors
     monkeypatch.setattr(errors, "OTHER_RANKS_WAIT_S", 0.5)
     monkeypatch.setenv("WORLD_SIZE", world_size)
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 from configurator import defaults_of
-from gpt_toolkit.train_config import Config
+from gpt_toolkit.core.config import Config
 
 ZH = (ROOT / "README.zh-CN.md").read_text(encoding="utf-8")
 EN = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -97,3 +97,17 @@ def test_what_the_readmes_commands_write_in_the_root_is_ignored_by_git():
     if r.returncode == 128:
         pytest.skip("not a git checkout")
     assert sorted(r.stdout.split()) == sorted(names)
+
+
+def test_the_architecture_page_names_every_room_and_module():
+    """docs/architecture.md's diagram names each room of gpt_toolkit/ and each module in it (renamed or added ones
+    too), in the order tests/test_structure.py keeps the imports."""
+    from test_structure import ROOMS
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    diagram = text.split("```mermaid")[1].split("```")[0]
+    assert [room for room in ROOMS if f'["{room}<br/>' in diagram] == ROOMS
+    for room in ROOMS:
+        line = next(line for line in diagram.splitlines() if f'["{room}<br/>' in line)
+        for module in (ROOT / "gpt_toolkit" / room).glob("*.py"):
+            if module.stem != "__init__":
+                assert module.stem in line, (room, module.stem)

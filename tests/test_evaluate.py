@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, assert_one_line_error, drop_file_list, run_script
 
-from gpt_toolkit.checkpoint import load_checkpoint, save_checkpoint
+from gpt_toolkit.models.checkpoint import load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 
 

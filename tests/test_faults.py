@@ -17,11 +17,11 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, build_dataset, run_script
 
-from gpt_toolkit.checkpoint import load_checkpoint, save_checkpoint
-from gpt_toolkit.dataset import Dataset
-from gpt_toolkit.files import TEMP_MARKER
-from gpt_toolkit.locking import LOCK_NAME
-from gpt_toolkit.runlog import read_metrics
+from gpt_toolkit.core.files import TEMP_MARKER
+from gpt_toolkit.core.locking import LOCK_NAME
+from gpt_toolkit.data.dataset import Dataset
+from gpt_toolkit.models.checkpoint import load_checkpoint, save_checkpoint
+from gpt_toolkit.training.runlog import read_metrics
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
 
@@ -456,8 +456,8 @@ sys.meta_path.insert(0, SignalOnImport())
 @pytest.mark.slow
 @pytest.mark.parametrize("module, sig", [("torch", "SIGINT"), ("numpy.__config__", "SIGINT"),
                                          ("numpy._typing._array_like", "SIGINT"), ("torch.nn.functional", "SIGINT"),
-                                         ("gpt_toolkit.guards", "SIGINT"), ("torch", "SIGTERM"),
-                                         ("gpt_toolkit.guards", "SIGTERM")])
+                                         ("gpt_toolkit.training.guards", "SIGINT"), ("torch", "SIGTERM"),
+                                         ("gpt_toolkit.training.guards", "SIGTERM")])
 def test_ctrl_c_or_sigterm_while_a_script_imports_is_one_line(tmp_path, module, sig):
     """The signal lands inside the first import of `module` (a sitecustomize's import hook sends it), at stages of
     train.py's start-up: torch's import; numpy's inside torch's C extension, which swallows the KeyboardInterrupt
@@ -492,7 +492,7 @@ def test_a_model_scored_on_another_vocabulary_is_told_so(finished, data_dir, tmp
 
 
 def test_huge_losses_print_as_inf(finished, data_dir, monkeypatch):
-    from gpt_toolkit.evaluation import Score, Scoring
+    from gpt_toolkit.training.evaluation import Score, Scoring
     monkeypatch.setattr(Scoring, "score", lambda *a, **k: Score(812.5, 1000, 1000))
     r = run_script("tools/evaluate.py", f"--out_dir={finished}", f"--data_dir={data_dir}")
     assert r.returncode == 0, r.stderr

@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.guards import Guard
-from gpt_toolkit.locking import LOCK_NAME
+from gpt_toolkit.core.locking import LOCK_NAME
+from gpt_toolkit.models.checkpoint import load_checkpoint
+from gpt_toolkit.training.guards import Guard
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
@@ -298,7 +298,7 @@ def test_a_full_disk_during_a_save_says_no_space_left(data_dir, tmp_path):
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="mounts a tmpfs: needs root and unshare")
 def test_a_write_failure_torch_reports_without_its_cause_is_named_from_the_full_disk(tmp_path):
     """torch's writer can report a failed write as only 'unexpected pos': on a disk that is full, the cause is that."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from gpt_toolkit.files import write_failure_cause; "
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from gpt_toolkit.core.files import write_failure_cause; "
             f"open({str(tmp_path / 'fill')!r}, 'wb').write(b'x' * 2**20)\n"
             f"print(write_failure_cause(RuntimeError('[enforce fail at inline_container.cc:642] . unexpected pos 64 vs "
             f"0'), {str(tmp_path / 'ckpt.pt')!r}))")
@@ -429,7 +429,7 @@ def test_a_killed_preparation_leaves_no_worker_traceback(tmp_path, shakespeare_t
 def test_a_worker_whose_parent_died_before_it_started_ends_itself():
     """The kill can land between a worker's fork and its PR_SET_PDEATHSIG: the worker finds another parent and exits
     (an orphan once waited for tasks forever, holding the killed-preparation test's pipe open)."""
-    from gpt_toolkit import preparing
+    from gpt_toolkit.data import preparing
     pid = os.fork()
     if pid == 0:  # the worker: given a parent that is not its own, as after the kill
         try:

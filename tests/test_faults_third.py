@@ -13,8 +13,8 @@ import time
 import pytest
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit.errors import INTERRUPTED
-from gpt_toolkit.locking import LOCK_NAME
+from gpt_toolkit.core.errors import INTERRUPTED
+from gpt_toolkit.core.locking import LOCK_NAME
 
 pytestmark = pytest.mark.precision  # its runs train in the precision dtype=auto picks (.ci/run runs it in both)
 
@@ -44,7 +44,7 @@ def lora_run(run, data_dir):
 
 def test_export_gguf_never_replaces_a_file_that_appears_during_the_export(run, tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from gpt_toolkit import gguf_export
+    from gpt_toolkit.models import gguf_export
     to = tmp_path / "model.gguf"
     encoded = gguf_export.encoded
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from gpt_toolkit.files import (
+from gpt_toolkit.core.files import (
     TEMP_MARKER,
     atomic_write,
     atomic_write_text,

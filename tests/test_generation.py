@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.sampling import StopAtStrings
-from gpt_toolkit.source import model_from_checkpoint
-from gpt_toolkit.tokenizer import CharTokenizer, read_meta
+from gpt_toolkit.core.tokenizer import CharTokenizer, read_meta
+from gpt_toolkit.models.checkpoint import load_checkpoint
+from gpt_toolkit.models.source import model_from_checkpoint
+from gpt_toolkit.serving.sampling import StopAtStrings
 from model import GPT, GPTConfig, filter_logits, sample_next
 
 pytestmark = pytest.mark.precision  # sampling runs in the precision dtype=auto picks

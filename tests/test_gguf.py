@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, build_dataset, run_script
 
-from gpt_toolkit.checkpoint import load_checkpoint, save_weights
-from gpt_toolkit.gguf_export import gguf_vocabulary, rwkv_escaped
-from gpt_toolkit.preparing import TextSource, TokenizerChoice, prepare_dataset
-from gpt_toolkit.source import model_from_checkpoint, tokenizer_for_checkpoint
+from gpt_toolkit.data.preparing import TextSource, TokenizerChoice, prepare_dataset
+from gpt_toolkit.models.checkpoint import load_checkpoint, save_weights
+from gpt_toolkit.models.gguf_export import gguf_vocabulary, rwkv_escaped
+from gpt_toolkit.models.source import model_from_checkpoint, tokenizer_for_checkpoint
 from model import GPT, GPTConfig
 
 # the models train in the precision dtype=auto picks; llama.cpp loads and runs them (slow: a few seconds a test)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit.timing import StepClock, train_in_process
-from gpt_toolkit.train_config import load_config
+from gpt_toolkit.core.config import load_config
+from gpt_toolkit.training.timing import StepClock, train_in_process
 from tools.gpu_check import measure, nanogpts, ours
 from train import main as train_main
 
@@ -65,6 +65,6 @@ def test_a_ctrl_c_in_a_timed_run_is_a_keyboard_interrupt(data_dir):
 
 def test_a_directory_without_model_py_is_refused(tmp_path):
     cfg, _ = load_config(TINY_TRAIN)
-    from gpt_toolkit.errors import UserError
+    from gpt_toolkit.core.errors import UserError
     with pytest.raises(UserError, match="has no model.py"):
         nanogpts(tmp_path, cfg, 65, "cpu", "float32", False)

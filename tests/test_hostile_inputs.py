@@ -17,9 +17,9 @@ from conftest import ROOT, TINY_TRAIN, drop_file_list, run_script
 
 import sample
 import train
-from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.tokenizer import read_meta
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.core.tokenizer import read_meta
+from gpt_toolkit.models.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

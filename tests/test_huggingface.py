@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit.checkpoint import load_checkpoint, save_checkpoint
-from gpt_toolkit.huggingface import tokenizer_for_hf_dir
-from gpt_toolkit.init_from import build_model
-from gpt_toolkit.source import ModelSource, model_from_checkpoint
-from gpt_toolkit.tokenizer import GPT2Tokenizer, read_meta
-from gpt_toolkit.train_config import load_config
+from gpt_toolkit.core.config import load_config
+from gpt_toolkit.core.tokenizer import GPT2Tokenizer, read_meta
+from gpt_toolkit.models.checkpoint import load_checkpoint, save_checkpoint
+from gpt_toolkit.models.huggingface import tokenizer_for_hf_dir
+from gpt_toolkit.models.source import ModelSource, model_from_checkpoint
+from gpt_toolkit.training.init_from import build_model
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")

@@ -12,9 +12,9 @@ import time
 import pytest
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.progress import Heartbeat
-from gpt_toolkit.runlog import EVAL_RE, ITER_RE, TOOK_RE, iter_line
+from gpt_toolkit.models.checkpoint import load_checkpoint
+from gpt_toolkit.training.progress import Heartbeat
+from gpt_toolkit.training.runlog import EVAL_RE, ITER_RE, TOOK_RE, iter_line
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
 

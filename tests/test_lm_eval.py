@@ -15,9 +15,9 @@ import torch
 from conftest import ROOT, TINY_TRAIN, run_script
 from test_serve import Server
 
-from gpt_toolkit.source import ModelSource, load_model
-from gpt_toolkit.task_scoring import score_task
-from gpt_toolkit.tasks import read_task_file
+from gpt_toolkit.data.tasks import read_task_file
+from gpt_toolkit.models.source import ModelSource, load_model
+from gpt_toolkit.serving.task_scoring import score_task
 
 pytestmark = pytest.mark.slow  # a server, and lm_eval in a process of its own
 lm_eval = pytest.importorskip("lm_eval")

@@ -6,8 +6,8 @@ import time
 import pytest
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit.errors import ConfigError
-from gpt_toolkit.runlog import RunLog, WandbTracker
+from gpt_toolkit.core.errors import ConfigError
+from gpt_toolkit.training.runlog import RunLog, WandbTracker
 
 EVAL = {"type": "eval", "step": 20, "train_loss": 2.5, "val_loss": 2.6, "lr": 1e-3, "elapsed_s": 1.0}
 TRAIN = {"type": "train", "iter": 10, "loss": 2.7, "lr": 1e-3, "time_ms": 5.0, "mfu": 0.25, "tokens_per_s": 100.0}

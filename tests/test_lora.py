@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script, run_torchrun
 
-from gpt_toolkit import lora
-from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.dataset import Dataset
-from gpt_toolkit.errors import ConfigError
-from gpt_toolkit.guards import Guard
-from gpt_toolkit.init_from import check_resume
-from gpt_toolkit.memory import memory_estimate
-from gpt_toolkit.source import ModelSource, load_model, lora_model, model_from_checkpoint
-from gpt_toolkit.train_config import load_config, validate_lora
+from gpt_toolkit.core.config import load_config, validate_lora
+from gpt_toolkit.core.errors import ConfigError
+from gpt_toolkit.data.dataset import Dataset
+from gpt_toolkit.models import lora
+from gpt_toolkit.models.checkpoint import load_checkpoint
+from gpt_toolkit.models.memory import memory_estimate
+from gpt_toolkit.models.source import ModelSource, load_model, lora_model, model_from_checkpoint
+from gpt_toolkit.training.guards import Guard
+from gpt_toolkit.training.init_from import check_resume
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # training follows the precision dtype=auto picks (.ci/run runs it in both)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit import memory
-from gpt_toolkit.errors import UserError
-from gpt_toolkit.guards import Guard
-from gpt_toolkit.train_config import load_config
+from gpt_toolkit.core.config import load_config
+from gpt_toolkit.core.errors import UserError
+from gpt_toolkit.models import memory
+from gpt_toolkit.training.guards import Guard
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from gpt_toolkit import hardware
+from gpt_toolkit.core import hardware
 from model import GPT, GPTConfig, state_dict_from_hf
 
 SMALL = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)

@@ -12,12 +12,12 @@ from conftest import TINY_TRAIN, assert_one_line_error, run_script
 from torch.nn import functional as F
 
 import model as model_module
-from gpt_toolkit import memory
-from gpt_toolkit.checkpoint import MODEL_ARGS, load_checkpoint, model_args_of
-from gpt_toolkit.errors import ConfigError
-from gpt_toolkit.optimizers import muon_parameters
-from gpt_toolkit.source import ModelSource, load_model, model_from_checkpoint
-from gpt_toolkit.train_config import load_config, validate
+from gpt_toolkit.core.config import load_config, validate
+from gpt_toolkit.core.errors import ConfigError
+from gpt_toolkit.models import memory
+from gpt_toolkit.models.checkpoint import MODEL_ARGS, load_checkpoint, model_args_of
+from gpt_toolkit.models.source import ModelSource, load_model, model_from_checkpoint
+from gpt_toolkit.training.optimizers import muon_parameters
 from model import GPT, MODEL_OPTIONS, GPTConfig, apply_rotary, rotary_tables
 
 ALL_ON = dict(rotary=True, rmsnorm=True, qk_norm=True, activation="relu2", untied_head=True, value_embeddings=True,

@@ -7,8 +7,8 @@ import torch
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 from test_resume import assert_same_as_reference, records, train_args
 
-from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.optimizers import Muon, muon_parameters, muon_with_adamw
+from gpt_toolkit.models.checkpoint import load_checkpoint
+from gpt_toolkit.training.optimizers import Muon, muon_parameters, muon_with_adamw
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit import hardware
-from gpt_toolkit.dataset import Dataset, batch_at, train_offsets
+from gpt_toolkit.core import hardware
+from gpt_toolkit.data.dataset import Dataset, batch_at, train_offsets
 from model import GPT, CheapMaskDropout, GPTConfig, attention, explicit_attention
 
 
@@ -251,7 +251,7 @@ def test_get_batch_does_not_grow_memory(data_dir):
 
 def test_memmap_is_opened_once(data_dir, monkeypatch):
     """Each split is mapped once per run (nanoGPT maps it again for every batch), read-only."""
-    from gpt_toolkit import dataset
+    from gpt_toolkit.data import dataset
     opened = []
     real = np.memmap
     monkeypatch.setattr(dataset.np, "memmap", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
@@ -369,8 +369,8 @@ def test_cpu_training_keeps_freed_memory_instead_of_page_faulting_it_back(keep, 
     keep freed memory for reuse. With glibc's defaults a block over 32 MB is mapped afresh every time (16,384 faults
     for 64 MB); kept, it faults no more. The setting holds for the whole process, so the off case checks that it is
     not asked for."""
-    from gpt_toolkit import process
-    from gpt_toolkit.train_config import load_config
+    from gpt_toolkit.core import process
+    from gpt_toolkit.core.config import load_config
     calls = []
     real = process.keep_freed_memory
     monkeypatch.setattr(process, "keep_freed_memory", lambda: calls.append(1) or real())
@@ -417,7 +417,7 @@ def test_bench_allocator_needs_a_cpu_run(data_dir, monkeypatch):
 
 def test_a_measured_cpu_peak_too_low_to_be_true_gives_way_to_the_cores_fma_rate(monkeypatch):
     """On a busy machine the matmul measured 0.004 TFLOP/s and MFU was 'measured against 0.00 TFLOP/s'."""
-    from gpt_toolkit import hardware
+    from gpt_toolkit.core import hardware
     rate = hardware.cpu_fma_flops()
     if rate is None:
         pytest.skip("this CPU's clock or vector width is unknown")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_one_line_error, run_script
 
-from gpt_toolkit import preparing
-from gpt_toolkit.locking import LOCK_NAME
-from gpt_toolkit.preparing import DocumentSource, TextSource, prepare_dataset
-from gpt_toolkit.tokenizer import GPT2Tokenizer, read_meta
+from gpt_toolkit.core.locking import LOCK_NAME
+from gpt_toolkit.core.tokenizer import GPT2Tokenizer, read_meta
+from gpt_toolkit.data import preparing
+from gpt_toolkit.data.preparing import DocumentSource, TextSource, prepare_dataset
 
 
 def bins(d):

@@ -6,8 +6,8 @@ import re
 import pytest
 from conftest import TINY_TRAIN, run_script
 
-from gpt_toolkit.progress import Eta
-from gpt_toolkit.runlog import EVAL_RE, duration, progress_line
+from gpt_toolkit.training.progress import Eta
+from gpt_toolkit.training.runlog import EVAL_RE, duration, progress_line
 
 
 def test_eta_from_steady_steps_and_evaluations():

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import AUTO_DTYPE, OTHER_DTYPE, ROOT, TINY_TRAIN, run_script, run_torchrun, run_torchrun_together
 
-from gpt_toolkit import hardware
-from gpt_toolkit.checkpoint import load_checkpoint, rng_state
+from gpt_toolkit.core import hardware
+from gpt_toolkit.models.checkpoint import load_checkpoint, rng_state
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
 

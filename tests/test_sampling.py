@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, run_script
 
-from gpt_toolkit.checkpoint import load_checkpoint
-from gpt_toolkit.sampling import Samples, TextStream, write_samples
-from gpt_toolkit.source import model_from_checkpoint
-from gpt_toolkit.tokenizer import CharTokenizer, GPT2Tokenizer, read_meta
+from gpt_toolkit.core.tokenizer import CharTokenizer, GPT2Tokenizer, read_meta
+from gpt_toolkit.models.checkpoint import load_checkpoint
+from gpt_toolkit.models.source import model_from_checkpoint
+from gpt_toolkit.serving.sampling import Samples, TextStream, write_samples
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
 

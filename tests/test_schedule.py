@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from gpt_toolkit.schedule import Schedule
+from gpt_toolkit.training.schedule import Schedule
 
 
 def get_lr(it, **settings):  # the schedule's learning rate at step it

@@ -164,7 +164,7 @@ def test_stop_strings_are_caught_across_tokens_and_not_returned(base, base_run):
 
 
 def test_chat_completion_follows_the_template_and_ends_at_end(chat, chat_run):
-    from gpt_toolkit.tokenizer import tokenizer_from_meta
+    from gpt_toolkit.core.tokenizer import tokenizer_from_meta
     client = chat.client()
     got = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "who is Romeo?"}],
                                          temperature=0, max_tokens=30)

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 from test_serve import Server, base_run, chat_run  # noqa: F401 (the fixtures: a tiny base model and a chat model)
 
-from gpt_toolkit.sampling import StopAtStrings
+from gpt_toolkit.serving.sampling import StopAtStrings
 
 pytestmark = pytest.mark.slow  # servers in processes of their own
 
@@ -135,7 +135,7 @@ def test_tokenizing_and_fitting_run_off_the_event_loop():
     on the event loop it would, and this test would wait for ever."""
     import uvicorn
 
-    from gpt_toolkit.serving import API, Limits, app
+    from gpt_toolkit.serving.server import API, Limits, app
     release, entered = threading.Event(), threading.Event()
 
     class SlowTokenizer:
@@ -217,7 +217,7 @@ def test_a_long_stop_string_costs_its_length_per_token_not_its_square():
     """20,000 pushes against a 100,000-character stop string that the text keeps almost matching: linear in the text
     here (well under a second); at the old O(len(stop)**2) per push, days. In a process of its own, so that a
     regression fails at the timeout instead of holding the suite."""
-    code = ("from gpt_toolkit.sampling import StopAtStrings\n"
+    code = ("from gpt_toolkit.serving.sampling import StopAtStrings\n"
             "cut = StopAtStrings(['a' * 100_000, 'b' * 400, 'ab' * 200])\n"
             "text = ''.join('a' if i % 997 else 'c' for i in range(20_000))\n"
             "written = ''.join(cut.push(ch) for ch in text)\n"
@@ -334,7 +334,7 @@ def _error_of(call):
 
 def test_stop_events_are_delivered_even_after_the_loop_closed():
     """The engine thread may end a job after its event loop has gone (a stopped server): no exception on that thread."""
-    from gpt_toolkit.serving import Job
+    from gpt_toolkit.serving.server import Job
     loop = asyncio.new_event_loop()
     job = Job(ids=[1], max_tokens=1, controls={}, stops=[], generator=None, loop=loop)
     loop.close()

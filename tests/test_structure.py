@@ -1,7 +1,8 @@
-"""The shape of the code. The root holds the design card's four scripts; the library is the gpt_toolkit package;
-scripts (train.py, sample.py, tools/*.py, data/**/prepare*.py) import the library and never each other, except the
-tools that time or drive training, which import train.py's entry point (main) to run its loop with their guards; the library
-never imports a script; model.py can be copied alone; importing a module changes no process-wide state."""
+"""The shape of the code. The root holds the design card's four scripts; the library is the gpt_toolkit package, in
+six rooms whose imports point one way (docs/architecture.md); scripts (train.py, sample.py, tools/*.py,
+data/**/prepare*.py) import the library and never each other, except the tools that time or drive training, which
+import train.py's entry point (main) to run its loop with their guards; the library never imports a script; model.py
+can be copied alone; importing a module changes no process-wide state."""
 import ast
 import os
 import subprocess
@@ -13,7 +14,9 @@ from conftest import IN_PROCESS, ROOT, run_script
 
 PACKAGE = ROOT / "gpt_toolkit"
 ROOT_MODULES = {"model", "train", "sample", "configurator"}  # the design card's scripts; model and configurator public
-LIBRARY = sorted(PACKAGE.glob("*.py"))
+LIBRARY = sorted(PACKAGE.rglob("*.py"))
+# the library's rooms, lowest first: a module imports from its own room or one below it, never from one above
+ROOMS = ["core", "models", "data", "training", "serving", "reports"]
 SCRIPTS = [ROOT / "train.py", ROOT / "sample.py", *sorted((ROOT / "tools").glob("*.py")),
            *sorted((ROOT / "data").glob("*.py")), *sorted((ROOT / "data").glob("*/prepare.py"))]
 SCRIPT_MODULES = {"train", "sample", "tools", "data", "prepare", "prepare_text", "prepare_chat"} | {
@@ -40,7 +43,27 @@ def top_level(names):
 def test_the_root_holds_the_design_cards_scripts_only():
     assert {p.stem for p in ROOT.glob("*.py")} == ROOT_MODULES
     assert (PACKAGE / "__init__.py").exists()
-    assert not [p for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"]  # one flat package
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(ROOMS)
+    assert [p.name for p in PACKAGE.glob("*.py")] == ["__init__.py"]  # every module in a room
+    for room in ROOMS:
+        assert (PACKAGE / room / "__init__.py").read_text(encoding="utf-8").startswith('"""'), room  # says what it holds
+
+
+def dotted(path):
+    """gpt_toolkit/core/errors.py -> gpt_toolkit.core.errors (a package's __init__.py: the package)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_down_the_rooms(path):
+    """A module of room R imports modules of R or of a room listed before it (docs/architecture.md's arrows)."""
+    room = path.relative_to(PACKAGE).parts[0] if path.parent != PACKAGE else None
+    for name in imports(path):
+        parts = name.split(".")
+        if room is None or parts[0] != "gpt_toolkit" or len(parts) < 2 or parts[1] not in ROOMS:
+            continue
+        assert ROOMS.index(parts[1]) <= ROOMS.index(room), f"{dotted(path)} ({room}) imports {name} ({parts[1]})"
 
 
 # the tools that run train.py's loop with their own guards (a clock, a sweep): the one arrow between scripts
@@ -62,14 +85,13 @@ def test_model_py_needs_only_torch():
 
 def test_configurator_needs_only_the_standard_library_and_the_errors_module():
     first_party = {n for n in imports(ROOT / "configurator.py") if n.split(".")[0] in ROOT_MODULES | {"gpt_toolkit"}}
-    assert first_party <= {"gpt_toolkit.errors", "gpt_toolkit.errors.ConfigError"}
+    assert first_party <= {"gpt_toolkit.core.errors", "gpt_toolkit.core.errors.ConfigError"}
 
 
 def test_first_party_imports_have_no_cycle():
     """The root's public modules and the package's modules import each other without a cycle (so any of them can be
     imported first)."""
-    modules = {p.stem: p for p in (ROOT / "model.py", ROOT / "configurator.py")} | {f"gpt_toolkit.{p.stem}": p
-                                                                                  for p in LIBRARY}
+    modules = {p.stem: p for p in (ROOT / "model.py", ROOT / "configurator.py")} | {dotted(p): p for p in LIBRARY}
     graph = {name: {n for n in imports(path) if n in modules and n != name} for name, path in modules.items()}
     state = {}
 
@@ -105,12 +127,12 @@ def calls_of(name):
 
 def test_one_place_builds_the_optimizer_and_writes_checkpoints():
     # ours in training.py; gpu_check.py calls it on nanoGPT's own model, to time nanoGPT beside us
-    assert calls_of("configure_optimizers") == {"gpt_toolkit/training.py", "tools/gpu_check.py"}
-    assert calls_of("set_float32_matmul_precision") == {"gpt_toolkit/process.py"}  # TF32: setup_process
-    assert calls_of("mallopt") == {"gpt_toolkit/process.py"}
+    assert calls_of("configure_optimizers") == {"gpt_toolkit/training/setup.py", "tools/gpu_check.py"}
+    assert calls_of("set_float32_matmul_precision") == {"gpt_toolkit/core/process.py"}  # TF32: setup_process
+    assert calls_of("mallopt") == {"gpt_toolkit/core/process.py"}
     assert calls_of("build_training") == {"train.py"}
-    assert calls_of("save_checkpoint") == {"gpt_toolkit/checkpoint.py"}
-    assert calls_of("fsync") == {"gpt_toolkit/files.py"}  # every file written in place goes through files.atomic_write
+    assert calls_of("save_checkpoint") == {"gpt_toolkit/models/checkpoint.py"}
+    assert calls_of("fsync") == {"gpt_toolkit/core/files.py"}  # every file written in place goes through files.atomic_write
 
 
 def test_one_step_sequence_the_loops():
@@ -120,7 +142,7 @@ def test_one_step_sequence_the_loops():
     assert calls_of("backward") == {"train.py", "tools/gpu_check.py", "tools/debug_training.py"}  # ch03 5: one backward
     assert calls_of("clip_grad_norm_") == {"train.py", "tools/gpu_check.py"}
     assert not calls_of("run_path") and not calls_of("run_module")  # the library runs no script
-    assert calls_of("compile_or_eager") == {"gpt_toolkit/compiling.py"}  # one compile wrapper: CompiledOrEager
+    assert calls_of("compile_or_eager") == {"gpt_toolkit/training/compiling.py"}  # one compile wrapper: CompiledOrEager
 
 
 def test_train_py_reads_as_the_tutorials_loop():
@@ -163,7 +185,7 @@ def test_every_script_makes_ctrl_c_during_its_imports_one_line():
                 seen_call = True
             elif isinstance(node, (ast.Import, ast.ImportFrom)) and not seen_call:
                 names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                assert all(n.split(".")[0] in sys.stdlib_module_names or n == "gpt_toolkit.startup" for n in names), (
+                assert all(n.split(".")[0] in sys.stdlib_module_names or n == "gpt_toolkit.core.startup" for n in names), (
                     path, names)
         assert seen_call, path
 
@@ -196,7 +218,7 @@ def test_importing_any_module_changes_no_process_state():
     collector's freeze, the exit handlers, the exception hook, TF32, the signal handlers and matplotlib's backend as
     they were (the third-party packages are imported first: what they do on import is theirs). Scripts make their
     settings at their start (errors.quiet_interrupts, process.setup_process)."""
-    modules = ["model", "configurator"] + [f"gpt_toolkit.{p.stem}" for p in LIBRARY]
+    modules = ["model", "configurator"] + [dotted(p) for p in LIBRARY]
     code = f"""
 import atexit, gc, signal, sys, matplotlib, matplotlib.figure, numpy, tabulate, tiktoken, tqdm, torch
 sys.path.insert(0, {str(ROOT)!r})
@@ -222,7 +244,7 @@ def test_setup_process_applies_the_fast_exit_tf32_and_the_allocator():
     code = f"""
 import atexit, gc, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-from gpt_toolkit import process
+from gpt_toolkit.core import process
 calls = []
 process.keep_freed_memory = lambda: calls.append("mallopt") or True
 torch.set_float32_matmul_precision = lambda p: calls.append(p)
@@ -261,8 +283,78 @@ def test_scripts_run_from_any_working_directory(tmp_path):
 def test_scripts_make_openmp_threads_spin_briefly_unless_told(preset, expected):
     """A script's first call sets GOMP_SPINCOUNT=1000 before torch loads OpenMP (the spinning threads of a training
     and a sample.py beside it take the cores from each other: tools/bench_busy.py); a user's own setting stays."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from gpt_toolkit.startup import start_script; "
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from gpt_toolkit.core.startup import start_script; "
             f"start_script(); import os, torch; print(os.environ.get('GOMP_SPINCOUNT'))")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GPT_TOOLKIT_OMP_DEFAULTS")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **preset}, timeout=120)
     assert r.stdout.strip() == str(expected), r.stderr
+
+
+def test_the_loop_calls_its_guards_at_named_points_only():
+    """train.py reaches the guards through Guards' named points, never a guard's fields; the loop (train()) stays
+    well inside the size limits: at most 90 lines, control flow at most 4 deep, and 8 guard lines."""
+    tree = ast.parse((ROOT / "train.py").read_text(encoding="utf-8"))
+    points = {"start", "evaluation", "evaluated", "step", "after_step", "end", "on_stop"}
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "guards"}
+    assert used <= points, used - points
+    loop = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train")
+    nested = (ast.If, ast.For, ast.While, ast.With, ast.Try)
+
+    def depth(node, level=0):
+        inner = [depth(child, level + isinstance(child, nested)) for child in ast.iter_child_nodes(node)
+                 if not isinstance(child, (ast.FunctionDef, ast.ClassDef))]
+        return max([level, *inner])
+    assert loop.end_lineno - loop.lineno + 1 <= 90 and depth(loop) <= 4
+    lines = ast.get_source_segment((ROOT / "train.py").read_text(encoding="utf-8"), loop).splitlines()
+    assert len([line for line in lines if "guards." in line or "attempt." in line or line.strip() == "raise stop"]) <= 8
+
+
+def test_no_tool_or_test_subclasses_the_loop():
+    """Tools and tests compose guards (guards.Guard subclasses handed to train.main), not a subclass of the loop's
+    machinery: the library has no Watch."""
+    assert not list(PACKAGE.rglob("watch.py"))
+    for path in SCRIPTS + sorted((ROOT / "tests").glob("*.py")):
+        bases = {getattr(b, "id", getattr(b, "attr", None)) for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, ast.ClassDef) for b in node.bases}
+        assert not bases & {"Watch", "Guards"}, path.name
+
+
+def test_init_from_is_read_in_one_module():
+    """The init_from string is resolved once into a source.ModelSource: no other module compares it, or compares
+    anything with "scratch" or "resume"; checkpoint.py builds no model; the config module imports no feature."""
+    source = PACKAGE / "models" / "source.py"
+    for path in ALL:
+        if path == source:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                assert not any(isinstance(o, ast.Attribute) and o.attr == "init_from" for o in operands), path.name
+                assert not any(isinstance(o, ast.Constant) and o.value in ("scratch", "resume") for o in operands), (
+                    path.name, node.lineno)
+    assert not {"GPT", "GPTConfig"} & {n.split(".")[-1] for n in imports(PACKAGE / "models" / "checkpoint.py")}
+    first_party = {n for n in imports(PACKAGE / "core" / "config.py") if n.split(".")[0] == "gpt_toolkit"}
+    assert {n.rsplit(".", 1)[0] if n.count(".") > 2 else n for n in first_party} <= {
+        "gpt_toolkit.core.errors", "gpt_toolkit.core.hardware"}
+
+
+def test_library_functions_take_at_most_8_parameters():
+    """More than ~8 parameters means a missing object (a BatchPlan, a Schedule, Samples, a TokenizerChoice)."""
+    for path in LIBRARY:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs] + [x.arg for x in (a.vararg, a.kwarg) if x]
+                count = len(names) - (names[:1] in (["self"], ["cls"]))
+                assert count <= 8, f"{dotted(path)}.{node.name} takes {count}"
+
+
+def test_the_tutorials_names_are_train_pys_alone():
+    """get_batch, estimate_loss, get_lr and Run are defined once, in train.py, where the tutorial reads them."""
+    for path in ALL:
+        if path.name == "train.py":
+            continue
+        defined = {node.name for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                   if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert not defined & {"get_batch", "estimate_loss", "get_lr", "Run"}, path.name

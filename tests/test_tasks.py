@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit import tasks
-from gpt_toolkit.errors import UserError
-from gpt_toolkit.source import ModelSource, load_model
-from gpt_toolkit.task_scoring import TaskScore, core_score, encode_pair, score_requests, score_task
-from gpt_toolkit.tasks import Item, Task, load_task, read_task_file
+from gpt_toolkit.core.errors import UserError
+from gpt_toolkit.data import tasks
+from gpt_toolkit.data.tasks import Item, Task, load_task, read_task_file
+from gpt_toolkit.models.source import ModelSource, load_model
+from gpt_toolkit.serving.task_scoring import TaskScore, core_score, encode_pair, score_requests, score_task
 
 TASKS = ROOT / "tests" / "data" / "tasks"
 NULL = contextlib.nullcontext()
@@ -186,7 +186,7 @@ def test_downloads_become_the_prompts_lm_eval_builds_and_are_read_from_the_cache
 # ----------------------------------------------------------------------------- during training
 
 def test_eval_tasks_scores_at_each_evaluation_and_leaves_the_losses_as_they_were(data_dir, tmp_path):
-    from gpt_toolkit.runlog import read_run
+    from gpt_toolkit.training.runlog import read_run
     args = [*TINY_TRAIN, "--max_iters=40", "--eval_interval=20", "--dtype=float32", f"--data_dir={data_dir}"]
     plain_run = run_script("train.py", *args, f"--out_dir={tmp_path / 'plain'}")
     tasked = run_script("train.py", *args, f"--out_dir={tmp_path / 'tasked'}", "--eval_tasks_limit=10",

@@ -7,9 +7,7 @@ import re
 import pytest
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
-from gpt_toolkit import runlog
-from gpt_toolkit.runlog import read_run
-from gpt_toolkit.summary import (
+from gpt_toolkit.reports.summary import (
     HEADERS,
     curve_difference,
     find_runs,
@@ -18,6 +16,8 @@ from gpt_toolkit.summary import (
     sorted_rows,
     summary_row,
 )
+from gpt_toolkit.training import runlog
+from gpt_toolkit.training.runlog import read_run
 from tools.experiment import scaled_overrides
 from tools.plot_lr import schedule
 
@@ -303,7 +303,7 @@ def test_a_resumed_runs_time_counts_every_part(data_dir, tmp_path):
 def test_overlapping_curves_get_their_own_style(exp_dir, tmp_path, monkeypatch):
     """Four runs with the same curve (exp3's dropout and both looked like one line): each val line has its own
     colour, marker and dash pattern, and the later ones are drawn thinner, on top."""
-    from gpt_toolkit import plots
+    from gpt_toolkit.reports import plots
     figures = []
     monkeypatch.setattr(plots, "save_figure", lambda fig, output: figures.append(fig) or output)
     same = read_run(exp_dir / "exp9_a.log")
@@ -323,7 +323,7 @@ def test_overlapping_curves_get_their_own_style(exp_dir, tmp_path, monkeypatch):
 def fake_run(name, *, vals, whole, last=None, **config):
     from types import SimpleNamespace
 
-    from gpt_toolkit.runlog import LoggedRun as Run
+    from gpt_toolkit.training.runlog import LoggedRun as Run
     run = Run(name, None)
     run.evals = {i * 100: (v - 0.2, v) for i, v in enumerate(vals)}
     run.config = {"learning_rate": 1e-3, "seed": 1337, "dropout": 0.0, "weight_decay": 0.0, **config}

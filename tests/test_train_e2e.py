@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import AUTO_DTYPE, OTHER_DTYPE, TINY_TRAIN, run_script
 
-from gpt_toolkit.checkpoint import load_checkpoint, save_checkpoint
+from gpt_toolkit.models.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
 

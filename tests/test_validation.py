@@ -5,8 +5,8 @@ import pytest
 from conftest import TINY_TRAIN, assert_one_line_error, run_script
 
 import train
-from gpt_toolkit.dataset import Dataset
-from gpt_toolkit.errors import ConfigError, UserError
+from gpt_toolkit.core.errors import ConfigError, UserError
+from gpt_toolkit.data.dataset import Dataset
 
 
 def run(data_dir, tmp_path, *extra):

@@ -7,7 +7,7 @@ the KV cache. Figures for README come from here.
     python tools/bench.py --checkpointing config/train_shakespeare_char.py --block_size=1024 --n_layer=6 --batch_size=4
     python tools/bench.py --allocator config/train_shakespeare_char.py --device=cpu [--iters=5] [--rounds=3]
 
-Training: train.py's own steps (gpt_toolkit.timing: each round a fresh train.py run in this process, --warmup steps
+Training: train.py's own steps (gpt_toolkit.training.timing: each round a fresh train.py run in this process, --warmup steps
 untimed, then --iters timed), ms per iteration (median over rounds), tokens/s, MFU against the peak of the device for
 that dtype (a spec table for known GPUs, else a measured matmul), and peak memory (CUDA allocator peak, or the
 process's peak resident set on CPU). --compare also runs the same config with every speed feature off (float32,
@@ -32,19 +32,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import torch
 
-from gpt_toolkit import hardware
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.dataset import BatchPlan, Dataset
-from gpt_toolkit.errors import ConfigError, UserError, run_main
-from gpt_toolkit.init_from import scratch_model_args
-from gpt_toolkit.process import setup_process
-from gpt_toolkit.timing import StepClock, train_in_process
+from gpt_toolkit.core import hardware
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import ConfigError, UserError, run_main
+from gpt_toolkit.core.process import setup_process
+from gpt_toolkit.data.dataset import BatchPlan, Dataset
+from gpt_toolkit.training.init_from import scratch_model_args
+from gpt_toolkit.training.timing import StepClock, train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 from train import main as train_main  # the entry point: its loop, with our clock among its guards
 

@@ -16,19 +16,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import torch
 
-from gpt_toolkit import hardware
-from gpt_toolkit.checkpoint import BEST
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, import_optional, run_main
-from gpt_toolkit.gguf_export import DTYPES, write_gguf
-from gpt_toolkit.hardware import cpu_name
-from gpt_toolkit.source import ModelSource, load_model
+from gpt_toolkit.core import hardware
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, import_optional, run_main
+from gpt_toolkit.core.hardware import cpu_name
+from gpt_toolkit.models.checkpoint import BEST
+from gpt_toolkit.models.gguf_export import DTYPES, write_gguf
+from gpt_toolkit.models.source import ModelSource, load_model
 
 
 def time_ours(model, ids, n, ctx):

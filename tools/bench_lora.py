@@ -5,7 +5,7 @@
 
 The base is GPT-2 124M's shape with random weights (offline; speed and memory do not depend on the weights), saved as
 a run to fine-tune from; the data a GPT-2-tokenized dataset (python data/shakespeare/prepare.py). Each measurement is
-train.py itself (gpt_toolkit.timing) in a fresh process, so its peak resident set is that run's peak memory (the base's
+train.py itself (gpt_toolkit.training.timing) in a fresh process, so its peak resident set is that run's peak memory (the base's
 checkpoint loaded, the model, its optimizer, the steps); one untimed step, then --steps timed (median). The two
 variants alternate for --rounds rounds; the ratios are LoRA's over full fine-tuning's medians. Extra --key=value
 arguments reach both runs (e.g. --lora_targets=c_attn, --dtype=float32).
@@ -23,19 +23,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import torch
 
-from gpt_toolkit.checkpoint import BEST, save_weights
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.dataset import Dataset
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.hardware import cpu_name
-from gpt_toolkit.timing import train_in_process
-from gpt_toolkit.train_config import load_config, validate
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.config import load_config, validate
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.core.hardware import cpu_name
+from gpt_toolkit.data.dataset import Dataset
+from gpt_toolkit.models.checkpoint import BEST, save_weights
+from gpt_toolkit.training.timing import train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 from train import main as train_main  # the entry point: its loop, clocked
 

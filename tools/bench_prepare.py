@@ -21,13 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.tokenizer import GPT2Tokenizer
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.core.tokenizer import GPT2Tokenizer
 
 
 def tree_rss(pid):

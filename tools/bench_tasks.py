@@ -15,21 +15,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import torch
 
-from gpt_toolkit import hardware
-from gpt_toolkit.checkpoint import BEST
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.process import setup_process
-from gpt_toolkit.source import ModelSource, load_model
-from gpt_toolkit.task_scoring import score_task
-from gpt_toolkit.tasks import Item, Task, read_task_file
-from gpt_toolkit.tokenizer import read_text, tokenizer_from_meta
+from gpt_toolkit.core import hardware
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.core.process import setup_process
+from gpt_toolkit.core.tokenizer import read_text, tokenizer_from_meta
+from gpt_toolkit.data.tasks import Item, Task, read_task_file
+from gpt_toolkit.models.checkpoint import BEST
+from gpt_toolkit.models.source import ModelSource, load_model
+from gpt_toolkit.serving.task_scoring import score_task
 from model import GPT, GPT2_SIZES, GPTConfig
 
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import torch
 from tabulate import tabulate
 
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, run_main
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
 from model import GPT, GPTConfig
 
 

@@ -11,20 +11,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 
-from gpt_toolkit import hardware
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.dataset import Dataset
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.evaluation import eval_to_step_ratio
-from gpt_toolkit.init_from import scratch_model_args
-from gpt_toolkit.memory import fit_advice, fmt_bytes, memory_estimate, parse_size, with_checkpointing
-from gpt_toolkit.process import setup_process
-from gpt_toolkit.timing import train_in_process
+from gpt_toolkit.core import hardware
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.core.process import setup_process
+from gpt_toolkit.data.dataset import Dataset
+from gpt_toolkit.models.memory import fit_advice, fmt_bytes, memory_estimate, parse_size, with_checkpointing
+from gpt_toolkit.training.evaluation import eval_to_step_ratio
+from gpt_toolkit.training.init_from import scratch_model_args
+from gpt_toolkit.training.timing import train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig, model_options
 from train import main as train_main  # the entry point: its loop, clocked
 

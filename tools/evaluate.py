@@ -17,21 +17,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 
 from tqdm import tqdm
 
-from gpt_toolkit import hardware
-from gpt_toolkit.checkpoint import BEST, load_checkpoint, run_checkpoint
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.dataset import SPLITS
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.evaluation import checkpoint_split, score_line
-from gpt_toolkit.source import RESUME, ModelSource, load_model
-from gpt_toolkit.task_scoring import core_line, load_tasks, score_task
+from gpt_toolkit.core import hardware
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.data.dataset import SPLITS
+from gpt_toolkit.models.checkpoint import BEST, load_checkpoint, run_checkpoint
+from gpt_toolkit.models.source import RESUME, ModelSource, load_model
+from gpt_toolkit.serving.task_scoring import core_line, load_tasks, score_task
+from gpt_toolkit.training.evaluation import checkpoint_split, score_line
 
 
 def main(argv):

@@ -27,18 +27,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.checkpoint import existing_checkpoints
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.files import atomic_write_text, remove_stale_temps
-from gpt_toolkit.plots import plot_compare
-from gpt_toolkit.summary import find_runs, format_table, summary_row
-from gpt_toolkit.timing import timed_steps
-from gpt_toolkit.train_config import load_config, validate
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.config import load_config, validate
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.core.files import atomic_write_text, remove_stale_temps
+from gpt_toolkit.models.checkpoint import existing_checkpoints
+from gpt_toolkit.reports.plots import plot_compare
+from gpt_toolkit.reports.summary import find_runs, format_table, summary_row
+from gpt_toolkit.training.timing import timed_steps
 from train import main as train_main  # the entry point: its loop, clocked
 
 BASE_CONFIG = "config/train_shakespeare_char.py"

@@ -1,6 +1,6 @@
 """What this toolkit does on the CUDA GPU it finds: for the tutorial's shakespeare_char model and GPT-2 124M
 (config/train_gpt2.py's model), training tokens/s and MFU compiled and eager, and peak memory of train.py's own
-steps (gpt_toolkit.timing: its batches from a memmap, its logging, its guards, as a run takes them); with
+steps (gpt_toolkit.training.timing: its batches from a memmap, its logging, its guards, as a run takes them); with
 --nanogpt=PATH, nanoGPT's own model.py with its train.py's step on the same model, its batches already on the GPU.
 Synthetic tokens (speed does not depend on them), so no download and no prepared data. A few minutes on one modern
 GPU.
@@ -21,21 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import numpy as np
 import torch
 
-from gpt_toolkit import hardware
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.init_from import scratch_model_args
-from gpt_toolkit.process import setup_process
-from gpt_toolkit.timing import train_in_process
-from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE
-from gpt_toolkit.train_config import load_config
+from gpt_toolkit.core import hardware
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.config import load_config
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.core.process import setup_process
+from gpt_toolkit.core.tokenizer import GPT2_VOCAB_SIZE
+from gpt_toolkit.training.init_from import scratch_model_args
+from gpt_toolkit.training.timing import train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 from train import main as train_main  # the entry point: its loop, clocked
 

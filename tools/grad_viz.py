@@ -9,17 +9,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import numpy as np
 
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.diagnostics import HIST_EDGES
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.plots import save_figure, subplots
-from gpt_toolkit.runlog import read_metrics
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.reports.plots import save_figure, subplots
+from gpt_toolkit.training.diagnostics import HIST_EDGES
+from gpt_toolkit.training.runlog import read_metrics
 
 
 def read_grad_records(out_dir):

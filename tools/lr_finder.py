@@ -12,16 +12,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit import hardware
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import ConfigError, UserError, run_main
-from gpt_toolkit.plots import check_plot_output, save_figure, subplots
-from gpt_toolkit.process import setup_process
-from gpt_toolkit.timing import StepClock, train_in_process
+from gpt_toolkit.core import hardware
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import ConfigError, UserError, run_main
+from gpt_toolkit.core.process import setup_process
+from gpt_toolkit.reports.plots import check_plot_output, save_figure, subplots
+from gpt_toolkit.training.timing import StepClock, train_in_process
 from train import main as train_main  # the entry point: its loop, with the sweep among its guards
 
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.checkpoint import BEST, save_weights
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.files import check_new_directory, write_directory
-from gpt_toolkit.lora import describe
-from gpt_toolkit.source import ModelSource
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.core.files import check_new_directory, write_directory
+from gpt_toolkit.models.checkpoint import BEST, save_weights
+from gpt_toolkit.models.lora import describe
+from gpt_toolkit.models.source import ModelSource
 
 
 def main(argv):

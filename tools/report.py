@@ -14,20 +14,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import torch
 
-from gpt_toolkit.checkpoint import BEST, LATEST, load_checkpoint
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.evaluation import checkpoint_split
-from gpt_toolkit.files import check_output, remove_stale_temps, write_output
-from gpt_toolkit.plots import plot_compare
-from gpt_toolkit.source import ModelSource, load_model
-from gpt_toolkit.summary import (
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.core.files import check_output, remove_stale_temps, write_output
+from gpt_toolkit.models.checkpoint import BEST, LATEST, load_checkpoint
+from gpt_toolkit.models.source import ModelSource, load_model
+from gpt_toolkit.reports.plots import plot_compare
+from gpt_toolkit.reports.summary import (
     curve_difference,
     find_runs,
     format_table,
@@ -35,6 +34,7 @@ from gpt_toolkit.summary import (
     summary_row,
     tolerance_for,
 )
+from gpt_toolkit.training.evaluation import checkpoint_split
 
 FAMILIES = {
     "exp1": "Experiment 1: configuration parameters (learning rate, batch size, model size)",

@@ -18,18 +18,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 
-from gpt_toolkit import hardware
-from gpt_toolkit.checkpoint import BEST
-from gpt_toolkit.cli import parse_bool, tool_parser
-from gpt_toolkit.errors import UserError, import_optional, run_main
-from gpt_toolkit.process import setup_process
-from gpt_toolkit.serving import API, Engine, Limits, is_loopback, serve
-from gpt_toolkit.source import RESUME, ModelSource, load_model
+from gpt_toolkit.core import hardware
+from gpt_toolkit.core.cli import parse_bool, tool_parser
+from gpt_toolkit.core.errors import UserError, import_optional, run_main
+from gpt_toolkit.core.process import setup_process
+from gpt_toolkit.models.checkpoint import BEST
+from gpt_toolkit.models.source import RESUME, ModelSource, load_model
+from gpt_toolkit.serving.server import API, Engine, Limits, is_loopback, serve
 
 
 def parser():

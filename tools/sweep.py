@@ -16,17 +16,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 from tabulate import tabulate
 
 from configurator import parse_value
-from gpt_toolkit.cli import tool_parser, training_config
-from gpt_toolkit.errors import ConfigError, UserError, import_optional, run_main
-from gpt_toolkit.runlog import read_metrics
-from gpt_toolkit.train_config import CHOICES, Config
+from gpt_toolkit.core.cli import tool_parser, training_config
+from gpt_toolkit.core.config import CHOICES, Config
+from gpt_toolkit.core.errors import ConfigError, UserError, import_optional, run_main
+from gpt_toolkit.training.runlog import read_metrics
 
 
 def parser():

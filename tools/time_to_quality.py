@@ -26,16 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import torch
 
-from gpt_toolkit.checkpoint import BEST, load_checkpoint
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import UserError, run_main
-from gpt_toolkit.evaluation import checkpoint_split
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.models.checkpoint import BEST, load_checkpoint
+from gpt_toolkit.training.evaluation import checkpoint_split
 
 # nanoGPT's README: "python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
 # --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000

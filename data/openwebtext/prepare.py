@@ -13,18 +13,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the toolkit root
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 import numpy as np
 
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import import_optional, run_main
-from gpt_toolkit.files import atomic_write_text
-from gpt_toolkit.preparing import write_token_stream
-from gpt_toolkit.tokenizer import GPT2_EOT as EOT
-from gpt_toolkit.tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import import_optional, run_main
+from gpt_toolkit.core.files import atomic_write_text
+from gpt_toolkit.core.tokenizer import GPT2_EOT as EOT
+from gpt_toolkit.core.tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer
+from gpt_toolkit.data.preparing import write_token_stream
 
 
 def main(argv):

@@ -9,12 +9,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the toolkit root, for dataset.py
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.errors import run_main
-from gpt_toolkit.preparing import prepare_main
+from gpt_toolkit.core.errors import run_main
+from gpt_toolkit.data.preparing import prepare_main
 
 if __name__ == "__main__":
     run_main(lambda argv: prepare_main(argv, __doc__.splitlines()[0], HERE, tokenizer="gpt2"))

@@ -12,15 +12,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the toolkit root
 
-from gpt_toolkit.startup import start_script
+from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-from gpt_toolkit.chat import prepare_chat_dataset, read_conversations
-from gpt_toolkit.cli import tool_parser
-from gpt_toolkit.errors import run_main
-from gpt_toolkit.preparing import TokenizerChoice, open_source, prepare_dataset
-from gpt_toolkit.tokenizer import TINY_SHAKESPEARE_URL, download, read_text
+from gpt_toolkit.core.cli import tool_parser
+from gpt_toolkit.core.errors import run_main
+from gpt_toolkit.core.tokenizer import TINY_SHAKESPEARE_URL, download, read_text
+from gpt_toolkit.data.chat import prepare_chat_dataset, read_conversations
+from gpt_toolkit.data.preparing import TokenizerChoice, open_source, prepare_dataset
 
 CHAR_DATA = HERE.parent / "shakespeare_char"
 

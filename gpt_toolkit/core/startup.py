@@ -1,0 +1,22 @@
+"""What every script does first, before it imports torch (seconds): start_script()."""
+import os
+
+from gpt_toolkit.core.errors import quiet_interrupts
+
+# OpenMP's threads wait for the next parallel region by spinning: GNU OpenMP (torch's on Linux) for 300,000 turns
+# before it sleeps. On a machine that other work shares (a training in one terminal, sample.py in another) the
+# processes' spinning threads take the cores from each other's real work: a training step beside sample.py took 5-18x
+# its time alone, sample.py beside a training streamed at 0.05-0.13x its speed. 1,000 turns keep a quiet machine's speed
+# (within the measurements' noise for training, a few percent for sampling) and make both degrade gracefully
+# (tools/bench_busy.py, docs/performance.md).
+SPIN_COUNT = "1000"
+
+
+def start_script():
+    """A script's first call, before its other imports: a Ctrl-C during the imports ends it in one line
+    (errors.quiet_interrupts), and OpenMP's idle threads spin only briefly before they sleep (GOMP_SPINCOUNT, read when
+    torch loads OpenMP) unless GOMP_SPINCOUNT or OMP_WAIT_POLICY is set already, or GPT_TOOLKIT_OMP_DEFAULTS=1 asks
+    for OpenMP's own."""
+    quiet_interrupts()
+    if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ) and os.environ.get("GPT_TOOLKIT_OMP_DEFAULTS") != "1":
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
