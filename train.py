@@ -287,7 +287,7 @@ def check_data_and_out_dir(cfg, source, cli_keys, world):
                      f"--packing=True packs them instead)")
     # a resume's latest.pt, or another run's best weights (its newest when none is best yet)
     ckpt, ckpt_path = source.load_checkpoint(map_location=world.device if source.resumes else "cpu",
-                                             verify=cfg.verify_checkpoint)
+                                             verify=cfg.verify_checkpoint, optimizer=source.resumes)
     if source.resumes:
         cfg = check_resume(ckpt, cfg, cli_keys, dataset)
         validate_lora(cfg)  # the run's own LoRA settings, as the checkpoint gives them

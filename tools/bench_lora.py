@@ -1,14 +1,17 @@
-"""LoRA against full fine-tuning at GPT-2 124M's shape: peak memory and time per step of the same batch.
+"""LoRA against full fine-tuning at GPT-2 124M's shape, from a real trained run: peak memory and time per step of
+the same batch; and what a reader (sample.py) holds to generate from that run.
 
     python tools/bench_lora.py [--dataset=shakespeare] [--batch_size=2] [--block_size=128] [--lora_rank=8]
                                [--steps=3] [--rounds=3] [--key=value ...]
 
-The base is GPT-2 124M's shape with random weights (offline; speed and memory do not depend on the weights), saved as
-a run to fine-tune from; the data a GPT-2-tokenized dataset (python data/shakespeare/prepare.py). Each measurement is
-train.py itself (gpt_toolkit.training.timing) in a fresh process, so its peak resident set is that run's peak memory (the base's
-checkpoint loaded, the model, its optimizer, the steps); one untimed step, then --steps timed (median). The two
-variants alternate for --rounds rounds; the ratios are LoRA's over full fine-tuning's medians. Extra --key=value
-arguments reach both runs (e.g. --lora_targets=c_attn, --dtype=float32).
+The base is a run of GPT-2 124M's shape trained by train.py for one step (random weights otherwise: offline; speed
+and memory do not depend on the weights), so its checkpoint holds what every trained run's does: the weights and
+AdamW's state, twice their size. The data is a GPT-2-tokenized dataset (python data/shakespeare/prepare.py). Each
+measurement is train.py itself (gpt_toolkit.training.timing) in a fresh process, so its peak resident set is that
+run's peak memory (the base's checkpoint loaded, the model, its optimizer, the steps); one untimed step, then --steps
+timed (median). The two variants alternate for --rounds rounds; the ratios are LoRA's over full fine-tuning's medians.
+Extra --key=value arguments reach both runs (e.g. --lora_targets=c_attn, --dtype=float32). Last, sample.py on the base
+(16 new tokens) in a fresh process: its peak above the interpreter with torch imported, against the weights' size.
 """
 import json
 import os
@@ -27,14 +30,11 @@ from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-import torch
 
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.config import load_config, validate
 from gpt_toolkit.core.errors import UserError, run_main
 from gpt_toolkit.core.hardware import cpu_name
-from gpt_toolkit.data.dataset import Dataset
-from gpt_toolkit.models.checkpoint import BEST, save_weights
 from gpt_toolkit.training.timing import train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 from train import main as train_main  # the entry point: its loop, clocked
@@ -43,13 +43,23 @@ GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, 
 
 
 def make_base(directory, *, data_dir, dataset):
-    """A run directory holding GPT-2 124M's shape with random weights, in the dataset's vocabulary."""
-    meta = Dataset(data_dir, dataset).vocabulary
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**GPT2_124M))
-    Path(directory).mkdir(parents=True)
-    save_weights(Path(directory) / BEST, model.state_dict(), model_args={**GPT2_124M, "dropout": 0.0}, meta=meta,
-                 config={"dataset": dataset})
+    """A run directory as train.py leaves it: GPT-2 124M's shape, one step trained (its checkpoint holds the weights and
+    AdamW's state), in the dataset's vocabulary. Trained in a fresh process: this one's peak stays its own."""
+    argv = ["--init_from=scratch", f"--out_dir={directory}", f"--dataset={dataset}", f"--data_dir={data_dir}",
+            "--max_iters=1", "--eval_iters=1", "--eval_interval=1", "--batch_size=1", "--gradient_accumulation_steps=1",
+            "--dropout=0.0", "--bias=True", "--compile=False", "--check_memory=False",
+            *(f"--{k}={v}" for k, v in GPT2_124M.items() if k != "vocab_size")]
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"training the base failed: {(r.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+
+
+def rss_peak():
+    """This process's peak resident bytes: Linux's VmHWM (ru_maxrss would include the parent's: Linux keeps it across
+    exec), else ru_maxrss."""
+    if Path("/proc/self/status").exists():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
 
 
 def measure(argv, steps):
@@ -57,13 +67,26 @@ def measure(argv, steps):
     cfg, _ = load_config(argv)
     validate(cfg)
     clock = train_in_process(train_main, cfg, steps=1 + steps, keep_init=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
-    return 1000 * statistics.median(clock.seconds[1:]), peak
+    return 1000 * statistics.median(clock.seconds[1:]), rss_peak()
+
+
+def measure_sample(out_dir):
+    """(ms, the peak resident bytes sample.py adds to an interpreter with torch imported) of 16 new tokens."""
+    import contextlib
+    import io
+    import time
+
+    from sample import main as sample_main  # the script's entry point, run in this process to see its peak
+    before, t0 = rss_peak(), time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        sample_main([f"--out_dir={out_dir}", "--num_samples=1", "--max_new_tokens=16", "--compile=False"])
+    return 1000 * (time.perf_counter() - t0), rss_peak() - before
 
 
 def child(variant, argv, steps):
     """One measurement in a fresh process: its peak memory is its own."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps({"argv": argv, "steps": steps})]
+    spec = {"sample": argv} if variant == "sample.py" else {"argv": argv, "steps": steps}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -74,7 +97,7 @@ def child(variant, argv, steps):
 def main(argv):
     if argv[:1] == ["--child"]:
         spec = json.loads(argv[1])
-        ms, peak = measure(spec["argv"], spec["steps"])
+        ms, peak = measure_sample(spec["sample"]) if "sample" in spec else measure(spec["argv"], spec["steps"])
         print(json.dumps({"ms": ms, "peak": peak}))
         return 0
     parser = tool_parser(__file__, __doc__)
@@ -100,6 +123,7 @@ def main(argv):
                 results[name].append(child(name, run_argv, args.steps))
                 print(f"round {r + 1}: {name}: {results[name][-1]['ms']:.0f} ms/step, peak "
                       f"{results[name][-1]['peak'] / 2**30:.2f} GiB", flush=True)
+        reader = child("sample.py", str(Path(tmp) / "base"), 0)
     print(f"\nGPT-2 124M shape, batch {args.batch_size} x {args.block_size}, {cpu_name()}; medians of {args.rounds} rounds:")
     med = {name: (statistics.median(x["ms"] for x in rs), statistics.median(x["peak"] for x in rs))
            for name, rs in results.items()}
@@ -107,6 +131,11 @@ def main(argv):
         print(f"  {name:18s} {ms:8.0f} ms/step   peak memory {peak / 2**30:6.2f} GiB")
     (full_ms, full_peak), (lora_ms, lora_peak) = med.values()
     print(f"  LoRA / full: step time {lora_ms / full_ms:.2f}x, peak memory {lora_peak / full_peak:.2f}x")
+    weights = sum(p.numel() for p in GPT(GPTConfig(**GPT2_124M)).parameters()) * 4  # float32, the tied matrix once
+    kv = 2 * GPT2_124M["n_layer"] * GPT2_124M["block_size"] * GPT2_124M["n_embd"] * 4
+    print(f"  sample.py from the run: {reader['peak'] / 2**20:.0f} MiB above the interpreter = "
+          f"{reader['peak'] / weights:.2f}x the weights ({weights / 2**20:.0f} MiB; a whole KV cache adds "
+          f"{kv / 2**20:.0f} MiB)")
     return 0
 
 

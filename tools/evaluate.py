@@ -61,7 +61,7 @@ def main(argv):
         return evaluate_tasks(args)
     if not args.out_dir:
         raise UserError("give the run to evaluate: --out_dir=OUT_DIR (or --tasks=... with --init_from=gpt2)")
-    ckpt = load_checkpoint(run_checkpoint(args.out_dir, args.checkpoint), verify=args.verify_checkpoint)
+    ckpt = load_checkpoint(run_checkpoint(args.out_dir, args.checkpoint), verify=args.verify_checkpoint, optimizer=False)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
     scoring = checkpoint_split(ckpt, split=args.split, dataset=args.dataset, data_dir=args.data_dir)

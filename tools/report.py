@@ -245,7 +245,7 @@ def analysis_exp7(runs, exp_dir):
         path = Path(exp_dir) / r.name / BEST
         if not path.exists():
             continue
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, optimizer=False)
         score = checkpoint_split(ckpt, split="val").score(batch_size=8, device="cpu", ctx=contextlib.nullcontext())
         meta = ckpt.get("meta") or {"tokenizer": "gpt2"}
         rows.append((score.bits_per_byte or math.inf, f"| {r.name} | {meta['tokenizer']} | "
@@ -294,7 +294,7 @@ def score_whole_split(exp_dir, runs):
         if not path.exists():
             return None
         return unless_broken(f"the whole-split score of {path}", lambda: checkpoint_split(
-            load_checkpoint(path), split="val").score(batch_size=8, device="cpu", ctx=contextlib.nullcontext()))
+            load_checkpoint(path, optimizer=False), split="val").score(batch_size=8, device="cpu", ctx=contextlib.nullcontext()))
     for r in runs:
         r.whole = score(exp_dir / r.name / BEST)
         r.whole_last = score(exp_dir / r.name / LATEST) if r.name.startswith("exp3_") else None  # overfitting's end

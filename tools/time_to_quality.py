@@ -81,7 +81,7 @@ def run_once(name, work, data_dir, nanogpt, extra=()):
 
 
 def score(out_dir, data_dir):
-    ckpt = load_checkpoint(out_dir / BEST)
+    ckpt = load_checkpoint(out_dir / BEST, optimizer=False)
     scoring = checkpoint_split(ckpt, split="val", dataset="shakespeare_char", data_dir=data_dir)
     return scoring.score(batch_size=32, device="cpu", ctx=torch.autocast("cpu", enabled=False)).loss
 

@@ -80,7 +80,7 @@ def base_tokenizer(*, tokenizer=None, tokenizer_from=None, vocab_size=None, text
     if tokenizer_from:
         source = Path(tokenizer_from)
         if (source / BEST).exists() or (source / LATEST).exists():
-            ckpt = load_checkpoint(source / BEST if (source / BEST).exists() else source / LATEST)
+            ckpt = load_checkpoint(source / BEST if (source / BEST).exists() else source / LATEST, optimizer=False)
             meta = ckpt.get("meta") or vocabulary_of_gpt2()
             return strip_chat(meta), ckpt["model_args"]["block_size"]
         if is_hf_dir(source):

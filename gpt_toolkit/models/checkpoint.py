@@ -157,7 +157,8 @@ def save_checkpoint(ckpt, path, *, after_failure=RESUME_AFTER_FAILURE):
     limit) leaves the old file untouched and is reported as a UserError, ending with after_failure (what is kept,
     and what to do)."""
     path = Path(path)
-    ckpt = {**ckpt, CHECKSUM: {"sha256": state_checksum(ckpt)}}
+    weights = {k: v for k, v in ckpt.items() if k != "optimizer"}  # what a reader loads: it is verified on its own
+    ckpt = {**ckpt, CHECKSUM: {"sha256": state_checksum(ckpt), "weights_sha256": state_checksum(weights)}}
     try:
         atomic_write(path, lambda f: torch.save(ckpt, f))
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
@@ -296,10 +297,12 @@ class RunCheckpoints:
         return f"the last checkpoint ({self.out_dir / LATEST}, step {self.last_step}) is from before and untouched"
 
 
-def load_checkpoint(path, map_location="cpu", verify=True):
+def load_checkpoint(path, map_location="cpu", verify=True, optimizer=True):
     """Load a checkpoint with weights_only=True and check what it holds. A missing, damaged, hostile or edited file is
     a one-line UserError naming it; with verify, so is one whose checksum does not match (ours carry one; nanoGPT's
-    and older ones do not)."""
+    and older ones do not). optimizer=False is a reader's load (sampling, serving, evaluation, exports, another run's
+    weights): the file is memory-mapped and its optimizer state, twice the weights in a trained run, is never read
+    (the checksum of the rest verifies it; a file from before that checksum is verified whole)."""
     path = Path(path)
     if not path.exists():
         aside = sorted(path.parent.glob(f".replaced.*.{SET_ASIDE}")) if path.parent.is_dir() else []
@@ -309,7 +312,7 @@ def load_checkpoint(path, map_location="cpu", verify=True):
                             f"--init_from=resume), or move them back by hand")
         raise UserError(f"no checkpoint at {path}: train one first (init_from=scratch) or check --out_dir")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = _load(path, map_location, mmap=not optimizer)
     except Exception as e:  # an unpickler fed damaged bytes can raise nearly anything (IndexError, OverflowError, ...)
         culprit = _refused_global(e) if isinstance(e, pickle.UnpicklingError) else None
         if culprit:  # weights_only refused something that is not plain data, and named it
@@ -320,12 +323,30 @@ def load_checkpoint(path, map_location="cpu", verify=True):
                         ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not a nanoGPT-style checkpoint (no 'model'/'model_args'): check the path")
-    if verify and isinstance(ckpt.get(CHECKSUM), dict) and ckpt[CHECKSUM].get("sha256") != state_checksum(ckpt):
+    stored = ckpt.get(CHECKSUM) if isinstance(ckpt.get(CHECKSUM), dict) else {}
+    if not optimizer and "weights_sha256" in stored:
+        ckpt.pop("optimizer", None)  # mapped, never read: its pages are not touched
+    key = "sha256" if "optimizer" in ckpt or "weights_sha256" not in stored else "weights_sha256"
+    if verify and stored and stored.get(key) != state_checksum(ckpt):
         raise UserError(f"checkpoint {path} fails its checksum: its bytes changed after it was written (a disk or copy "
                         f"error): {_another(path)}, or pass --verify_checkpoint=False to load it anyway")
+    if not optimizer:
+        ckpt.pop("optimizer", None)
     check_contents(ckpt, path)
     ckpt["model"] = clean_state_dict(ckpt["model"])
     return ckpt
+
+
+def _load(path, map_location, mmap):
+    """torch.load, weights only; with mmap the tensors are the file's pages, read when touched (not on Windows, where
+    a mapped file could not be replaced by the next save, and not for a file in torch's legacy format)."""
+    if mmap and os.name != "nt" and map_location == "cpu":
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # the legacy (pre-zip) format cannot be mapped: read it whole below
+                raise
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _another(path):

@@ -115,10 +115,13 @@ class ModelSource:
             return where / (BEST if (where / BEST).exists() else LATEST)
         return None
 
-    def load_checkpoint(self, checkpoint=None, *, map_location="cpu", verify=True):
-        """(the loaded checkpoint, its path), or (None, None) for sources without one."""
+    def load_checkpoint(self, checkpoint=None, *, map_location="cpu", verify=True, optimizer=False):
+        """(the loaded checkpoint, its path), or (None, None) for sources without one. The optimizer's state is read
+        only with optimizer=True (a resume); otherwise the weights are memory-mapped (checkpoint.load_checkpoint)."""
         path = self.checkpoint_path(checkpoint)
-        return (load_checkpoint(path, map_location=map_location, verify=verify), path) if path else (None, None)
+        if path is None:
+            return None, None
+        return load_checkpoint(path, map_location=map_location, verify=verify, optimizer=optimizer), path
 
     def model(self, ckpt=None, *, dropout=0.0, adapters=False):
         """The one loader: the GPT this source holds (ckpt: its loaded checkpoint, for resume and run). A LoRA run's
