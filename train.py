@@ -141,12 +141,12 @@ def main(argv, *, guards=()):
 
         t_start = state.part_started = time.time()
         advice = lambda: f"{memory.smaller_step_advice(cfg)}; {run.saves.kept()}"
-        try:
-            with memory.explain_out_of_memory(lambda: f"at step {state.iter_num}", advice):
+        with memory.explain_out_of_memory(lambda: f"at step {state.iter_num}", advice):
+            try:
                 exit_code = train(run, state, guards)
-                guards.end()  # DDP: rank 0's log failed after the last step the processes agreed at
-        except (Interrupted, LogWriteError) as stop_reason:  # a signal or a full disk: the saver saves what it can
-            exit_code = guards.on_stop(stop_reason)
+                guards.end()  # early stopping's line; DDP: rank 0's log failed after the last agreed step
+            except (Interrupted, LogWriteError) as stop_reason:  # a signal or a full disk: the saver saves what it can
+                exit_code = guards.on_stop(stop_reason)
         log.print(took_line(time.time() - t_start))
         if state.seconds_before:  # a resumed run: the summary's Time counts every part
             log.print(total_time_line(state.seconds()))
@@ -157,9 +157,8 @@ def main(argv, *, guards=()):
 
 
 def train(run, state, guards):
-    """nanoGPT's training loop (tutorial ch03), from the step in state on: evaluate and save when due, one optimizer
-    step over gradient_accumulation_steps micro-batches, log. Returns 0 when done (a signal's stop is raised, for
-    main's saver); state is kept current. The guards (gpt_toolkit/training/guards.py) are called at named points."""
+    """nanoGPT's training loop (tutorial ch03) from the step in state on, state kept current; returns 0 when done (a
+    signal's stop is raised, for main's saver). The guards (gpt_toolkit/training/guards.py) run at named points."""
     cfg, world, log, dataset = run.cfg, run.world, run.log, run.dataset
     optimizer, scaler, ctx = run.training.optimizer, run.training.scaler, run.training.ctx
     master_process, fsdp, ddp = world.master, cfg.parallel == "fsdp", world.size > 1 and cfg.parallel == "ddp"
@@ -193,20 +192,20 @@ def train(run, state, guards):
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
 
-        # evaluate the loss on train/val sets and write checkpoints when one is owed (evaluation_due: every
-        # eval_interval steps and after the last)
+        # evaluate the loss on train/val sets and write checkpoints when owed (every eval_interval steps, after the last)
         if not state.evaluated or cfg.eval_only:
             rng_states = distributed.all_rng_states(world.device, world.size)  # for the checkpoint (a collective)
             losses = estimate_loss() if master_process or fsdp else None  # FSDP: its forward takes every process
             state.evaluated = True  # what is saved from now on holds this evaluation
             if losses is not None:
                 log.print(eval_line(iter_num, losses["train"], losses["val"]))
+            stop = guards.evaluated(iter_num, losses, lr)  # the metrics, NaN/Inf, --eval_tasks, early stopping
+            if losses is not None:
                 improved = losses["val"] < state.best_val_loss
                 state.best_val_loss = min(state.best_val_loss, losses["val"])
-            stop = guards.evaluated(iter_num, losses, lr)  # the metrics, NaN/Inf, --eval_tasks, early stopping
-            if losses is not None and not cfg.eval_only and iter_num > 0 and (
-                    improved or cfg.always_save_checkpoint or iter_num == cfg.max_iters or stop):
-                run.saves.save(checkpoint(run, state, rng_states), improved=improved)
+                if not cfg.eval_only and iter_num > 0 and (improved or cfg.always_save_checkpoint
+                                                           or iter_num == cfg.max_iters or stop):
+                    run.saves.save(checkpoint(run, state, rng_states), improved=improved)
             if stop:
                 return 0
         if cfg.eval_only or iter_num >= cfg.max_iters:

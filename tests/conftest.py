@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # pytest-xdist runs the suite on every core (pyproject's addopts): one OpenMP thread per worker, and in the scripts
 # a test starts, so the workers do not fight over the cores (measured: 1.8x faster on 2 cores than one worker of two
 # threads). Set before torch loads OpenMP; a user's own setting stays.
+# the toolkit's cache (a CPU's quiet matmul peak): the tests' own, never the user's ~/.cache/gpt-toolkit
+os.environ["GPT_TOOLKIT_CACHE"] = tempfile.mkdtemp(prefix="gpt-toolkit-test-cache-")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -313,16 +313,6 @@ def test_the_loop_calls_its_guards_at_named_points_only():
     assert len([line for line in lines if "guards." in line or "attempt." in line or line.strip() == "raise stop"]) <= 8
 
 
-def test_no_tool_or_test_subclasses_the_loop():
-    """Tools and tests compose guards (guards.Guard subclasses handed to train.main), not a subclass of the loop's
-    machinery: the library has no Watch."""
-    assert not list(PACKAGE.rglob("watch.py"))
-    for path in SCRIPTS + sorted((ROOT / "tests").glob("*.py")):
-        bases = {getattr(b, "id", getattr(b, "attr", None)) for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-                 if isinstance(node, ast.ClassDef) for b in node.bases}
-        assert not bases & {"Watch", "Guards"}, path.name
-
-
 def test_init_from_is_read_in_one_module():
     """The init_from string is resolved once into a source.ModelSource: no other module compares it, or compares
     anything with "scratch" or "resume"; checkpoint.py builds no model; the config module imports no feature."""

@@ -5,14 +5,17 @@ and GradScaler is only enabled for float16.
 """
 import contextlib
 import functools
+import json
 import os
 import platform
 import re
 import time
+from pathlib import Path
 
 import torch
 
 from gpt_toolkit.core.errors import UserError
+from gpt_toolkit.core.files import atomic_write_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ["auto", *DTYPES]  # what every --dtype accepts
@@ -309,22 +312,76 @@ def gpu_spec_peaks(name):
     return max(matches, key=lambda m: len(m[0]))[1] if matches else {}
 
 
-@functools.cache  # measured once per process
+CACHE_ENV = "GPT_TOOLKIT_CACHE"  # where the toolkit keeps what it measured once (default ~/.cache/gpt-toolkit)
+
+
+@functools.cache  # once per process
 def peak_flops(device, dtype):
-    """(FLOP/s, where the figure comes from) for MFU: a spec table for known GPUs, else a measured matmul; on a CPU a
-    measured figure below a tenth of its cores' FMA rate (a busy machine: once 0.00 TFLOP/s) gives way to that rate."""
+    """(FLOP/s, where the figure comes from) for MFU: a spec table for known GPUs; on a CPU the matmul peak measured
+    when the machine was quiet, kept in the cache (peak_cache_path) so that a run on a busy machine uses it rather
+    than its own start-up race (a busy machine measured 55-80% MFU, and once 0.00 TFLOP/s). A CPU without a cached
+    figure measures now, and keeps the figure only when the machine is quiet; busy, its cores' FMA rate stands in
+    when it is higher."""
     if device_type(device) == "cuda":
         name = torch.cuda.get_device_name(device)
         peaks = gpu_spec_peaks(name)
         if dtype in peaks:
             return peaks[dtype], f"{name} {dtype} spec"
-    measured = measure_matmul_flops(device, dtype)
-    if device_type(device) == "cpu":
-        rate = cpu_fma_flops()
-        if rate and measured < rate[0] / 10:
-            return rate[0], (f"{rate[1]}: the measured {dtype} matmul, {flops_text(measured)}, is too low to be this "
-                             f"CPU's peak (a busy machine?)")
-    return measured, f"measured {dtype} matmul on {device}"
+    if device_type(device) != "cpu":
+        return measure_matmul_flops(device, dtype), f"measured {dtype} matmul on {device}"
+    key, cache = f"{cpu_name()}; {cpu_threads()} threads; {dtype}; torch {torch.__version__}", read_peak_cache()
+    if isinstance(cache.get(key), (int, float)) and cache[key] > 0:
+        return cache[key], f"{dtype} matmul measured on this CPU when it was quiet, kept in {peak_cache_path()}"
+    busy = machine_is_busy()
+    measured, rate = measure_matmul_flops(device, dtype), cpu_fma_flops()
+    if rate and measured < rate[0] / 10:  # a load the average has not caught yet (once 0.00 TFLOP/s): kept nowhere
+        return rate[0], (f"{rate[1]}: the measured {dtype} matmul, {flops_text(measured)}, is too low to be this "
+                         f"CPU's peak (a busy machine?)")
+    if not busy and not machine_is_busy():
+        write_peak_cache({**cache, key: measured})
+        return measured, f"measured {dtype} matmul on {device}"
+    if rate and measured < rate[0]:
+        return rate[0], (f"{rate[1]}: the machine is busy, and its measured {dtype} matmul, {flops_text(measured)}, is "
+                         f"not its peak")
+    return measured, f"measured {dtype} matmul on {device}, a busy machine (MFU may read high)"
+
+
+def cpu_threads():
+    return torch.get_num_threads()
+
+
+def machine_is_busy():
+    """True when the last minute's load average is above half this process's cores (other work shares them), False
+    where the load is unknown (Windows)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return load > cores / 2
+
+
+def peak_cache_path():
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpt-toolkit") / "peak_flops.json"
+
+
+def read_peak_cache():
+    """{key: FLOP/s} measured on quiet machines, {} when there is none (or it cannot be read: it is only a cache)."""
+    try:
+        cache = json.loads(peak_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def write_peak_cache(cache):
+    """Keep the figures (atomically); a cache that cannot be written is skipped: the next run measures again."""
+    path = peak_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cache, indent=1))
+    except (OSError, UserError):
+        pass
 
 
 def cpu_fma_flops():

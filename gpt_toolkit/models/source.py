@@ -99,8 +99,9 @@ class ModelSource:
 
     @property
     def name(self):
-        """A short name for the model: its directory's (a run, a transformers directory), or the GPT-2 size."""
-        return self.where if self.kind == GPT2 else Path(self.where).resolve().name
+        """A short name for the model: a resumed run's out_dir's, else the last part of what init_from names (a run
+        or transformers directory as given, a GPT-2 size)."""
+        return Path(self.where).resolve().name if self.kind == RESUME else Path(self.where).name
 
     def checkpoint_path(self, checkpoint=None):
         """The checkpoint file a run or a reader loads: resume: out_dir's latest.pt (ckpt.pt for nanoGPT's), or the

@@ -9,8 +9,9 @@ state, called at a few named points; the loop calls them all through Guards, in 
 
 A Guard overrides only the points it needs: start(run, state), evaluation_starts(step), evaluated(step, losses,
 lr), step_starts(step), after_backward(step, module) (inside the step: where a test puts a fault), after_step(step,
-loss, norm, lr) and on_stop(stop, step). Tools and tests pass their own guards to train.main(argv, guards=[...]):
-they run after the run's own at every point."""
+loss, norm, lr), end() and on_stop(stop, step). Tools and tests pass their own guards to train.main(argv,
+guards=[...]): their after_backward runs before the run's own (a fault there is part of the backward pass the run's
+guards then look at), every other point after the run's own (they observe the finished step)."""
 import contextlib
 import math
 import signal
@@ -28,6 +29,7 @@ from gpt_toolkit.training.evaluation import eval_to_step_ratio
 from gpt_toolkit.training.progress import Eta, Heartbeat
 from gpt_toolkit.training.runlog import (
     LogFailedOnRank0,
+    LogWriteError,
     duration,
     ends_at,
     iter_line,
@@ -61,6 +63,9 @@ class Guard:
     def after_step(self, step, loss, norm, lr):
         """The optimizer stepped: loss is the step's mean loss (a tensor), norm the gradient norm before clipping."""
 
+    def end(self):
+        """The loop has ended (on every process)."""
+
     def on_stop(self, stop, step):
         """A signal (Interrupted) or a failed log write (LogWriteError) stops the run after `step` whole steps."""
 
@@ -77,8 +82,8 @@ class Guards:
     """The run's guards, called in order, and the two that go around a step: Ctrl-C and SIGTERM (`stop`, the run's
     StopRequest) and torch.compile's fallback (`compiled`, a CompileFallback)."""
 
-    def __init__(self, stop, compiled, guards):
-        self.stop_request, self.compiled, self.guards = stop, compiled, list(guards)
+    def __init__(self, stop, compiled, guards, extra=()):
+        self.stop_request, self.compiled, self.guards, self.extra = stop, compiled, [*guards, *extra], list(extra)
         self.device = None
 
     def start(self, run, state):
@@ -88,16 +93,18 @@ class Guards:
 
     @contextlib.contextmanager
     def evaluation(self, step):
-        """Around estimate_loss: the guards see it begin (the NaN/Inf guard first: nothing broken is evaluated), it
-        is a phase, and it yields progress(split, batches done, of) for a line now and then."""
+        """Around estimate_loss: the guards see it begin, it is a phase, and it yields progress(split, batches done,
+        of) for a line now and then. (The NaN/Inf guard looked already, on every process, after the step before.)"""
         for guard in self.guards:
             guard.evaluation_starts(step)
         with phase(self.stop_request, f"the evaluation at step {step}"):
             yield self.first(Progress).evaluation_progress(step)
 
     def evaluated(self, step, losses, lr):
-        """Every guard sees the losses; True when one stops the run (early stopping, agreed by every DDP process)."""
-        return any([guard.evaluated(step, losses, lr) for guard in self.guards])
+        """Every guard sees the losses, the evaluation's own log lines first (as they were before NaN/Inf losses stop
+        the run); True when one stops the run (early stopping, agreed by every DDP process)."""
+        first = self.first(Progress)
+        return any([guard.evaluated(step, losses, lr) for guard in [first, *(g for g in self.guards if g is not first)]])
 
     @contextlib.contextmanager
     def step(self, step):
@@ -111,7 +118,7 @@ class Guards:
         try:
             with phase(self.stop_request, f"iter {step}"):
                 yield attempt
-                for guard in self.guards:
+                for guard in [*self.extra, *(g for g in self.guards if g not in self.extra)]:
                     guard.after_backward(step, attempt.module)
         except Interrupted:
             if rng is not None:
@@ -132,15 +139,23 @@ class Guards:
         return self.first(Agreement).stop_now(step + 1)
 
     def end(self):
-        """The loop ended on every process (a collective): a log write that failed on rank 0 after the last step
-        the processes agreed at stops them all the same way."""
+        """The loop ended on every process (a collective): each guard's last word (early stopping's line), then a log
+        write that failed on rank 0 after the last step the processes agreed at stops them all the same way."""
+        for guard in self.guards:
+            guard.end()
         self.first(Agreement).stop_now(None)
 
     def on_stop(self, stop):
         """A signal or a failed log write stopped the run: each guard in turn (the saver saves and says what is on
-        disk). Returns the exit code: 128 + the signal (a log failure raises its one-line error)."""
-        for guard in self.guards:
-            guard.on_stop(stop, self.state.iter_num)
+        disk). Returns the exit code: 128 + the signal (a log failure raises its one-line error, and a log write that
+        fails while a signal's stop is said is handled as a log failure: saved if the disk allows, said in one line)."""
+        try:
+            for guard in self.guards:
+                guard.on_stop(stop, self.state.iter_num)
+        except LogWriteError as failed:
+            if isinstance(stop, LogWriteError):
+                raise
+            return self.on_stop(failed)
         return 128 + stop.signum
 
     def first(self, kind):
@@ -153,12 +168,12 @@ def guards_for(cfg, world, *, stop, compiled, timer, tasks, checkpoint, extra=()
     None), early stopping, DDP's agreement on a stop, and the saver (checkpoint(rng_states): the run's checkpoint
     dict); then `extra`, a tool's or a test's. stop is the run's StopRequest, compiled its CompileFallback."""
     guards = [GradientMonitor(cfg.grad_monitor_interval)] if cfg.grad_monitor_interval and world.master else []
-    guards += [Progress(cfg, world, timer), NonFiniteStop()]
+    guards += [NonFiniteStop(), Progress(cfg, world, timer)]  # the NaN/Inf verdict before a step's log line
     if tasks is not None:
         guards.append(TaskScores(tasks, stop))
     if cfg.early_stop_patience:
         guards.append(EarlyStop())
-    return Guards(stop, compiled, [*guards, Agreement(stop), Saver(checkpoint), *extra])
+    return Guards(stop, compiled, [*guards, Agreement(stop), Saver(checkpoint)], extra)
 
 
 @contextlib.contextmanager
@@ -204,13 +219,10 @@ class NonFiniteStop(Guard):
     broken is evaluated or saved. float16: the GradScaler's skipped steps are counted instead."""
 
     def start(self, run, state):
-        self.cfg, self.log, self.kept = run.cfg, run.log, run.saves.kept
+        self.cfg, self.log, self.kept, self.state = run.cfg, run.log, run.saves.kept, state
         self.scaler = run.training.scaler
         self.guard = NonFiniteGuard(run.world.device, self.scaler)
         self.scale_before = None
-
-    def evaluation_starts(self, step):
-        self.guard.check(step, self.kept(), self.log.print)
 
     def evaluated(self, step, losses, lr):
         if losses is not None and not all(math.isfinite(v) for v in losses.values()):
@@ -223,7 +235,7 @@ class NonFiniteStop(Guard):
     def after_step(self, step, loss, norm, lr):
         skipped = self.scaler._scale < self.scale_before if self.scale_before is not None else None
         self.guard.record(loss, sharding.full_tensor(norm) if norm is not None else None, skipped)  # FSDP: all shards
-        if step % self.cfg.log_interval == 0:
+        if step % self.cfg.log_interval == 0 or not self.state.evaluated:  # a log step, or an evaluation comes next
             self.guard.check(step, self.kept(), self.log.print)  # on every process: all stop at the same step
 
     def on_stop(self, stop, step):
@@ -242,8 +254,10 @@ class GradientMonitor(Guard):
         self.monitor, self.log, self.scaler = GradMonitor(run.model, self.interval), run.log, run.training.scaler
 
     def after_backward(self, step, module):
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # float16: the gradients are scaled
-        self.record = self.monitor.gradients(step, scale=scale) if self.monitor.due(step) else None
+        self.record = None
+        if self.monitor.due(step):
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # float16: the gradients are scaled
+            self.record = self.monitor.gradients(step, scale=scale)
 
     def after_step(self, step, loss, norm, lr):
         if self.record is not None:
@@ -380,16 +394,20 @@ class EarlyStop(Guard):
     the run's TrainingState.early_stop, which checkpoints save); every DDP process follows rank 0's decision."""
 
     def start(self, run, state):
-        cfg, self.run = run.cfg, run
+        cfg, self.run, self.stopped_at = run.cfg, run, None
         self.early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta, state.early_stop)
 
     def evaluated(self, step, losses, lr):
         cfg, world = self.run.cfg, self.run.world
         due = losses is not None and not cfg.eval_only and self.early.update(losses["val"], step)
         if distributed.agree_with_master(due, world.device, world.size):
-            self.run.log.print(self.early.message(step, Path(cfg.out_dir) / BEST))
+            self.stopped_at = step
             return True
         return False
+
+    def end(self):
+        if self.stopped_at is not None:  # said once the loop has saved the state it stopped at
+            self.run.log.print(self.early.message(self.stopped_at, Path(self.run.cfg.out_dir) / BEST))
 
 
 class Agreement(Guard):
