@@ -1,11 +1,11 @@
 """An OpenAI-compatible server for a trained model (tools/serve.py): GET /v1/models, POST /v1/completions and
 /v1/chat/completions (with stream=true as server-sent events), OpenAI's error shape, and a chat page at /.
 
-Generation runs on one worker thread (Engine), off the event loop: every request in flight gets a token in turn, so
-many streams progress at once and /v1/models answers during a long one. Each request draws from its own
-torch.Generator (seeded by its `seed`, else at random): a request's text depends on its seed only, whatever runs
-beside it. Everything goes through the model's one generate path (model.stream: the KV cache, the controls sample.py
-has), so greedy text over the API is sample.py --temperature=0's."""
+Generation runs on one worker thread (Engine), off the event loop, with continuous batching: every request in flight
+gets its next token from one forward pass for all of them (batching.Slots), requests joining and leaving between
+steps, and /v1/models answers during a long one. Each request draws from its own torch.Generator (seeded by its
+`seed`, else at random): a request's text depends on its seed only, whatever runs beside it. Its prompt, the KV cache
+and the controls are sample.py's (model.stream's), so greedy text over the API is sample.py --temperature=0's."""
 import asyncio
 import contextlib
 import json
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gpt_toolkit.core.tokenizer import CHAT_TEMPLATE
+from gpt_toolkit.serving.batching import Slots, draw, prefill
 from gpt_toolkit.serving.sampling import StopAtStrings, TextStream, fit_history, stop_token_ids
 from model import check_sampling
 
@@ -80,9 +81,26 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (text, end))
 
 
+class Flight:
+    """A job being generated: its row in the batch, the text decoder and stop-string cutter of its stream, the ids so
+    far (prompt and generated: the repetition penalty's `previous`, and a rebuilt context's source), the last token."""
+
+    def __init__(self, job, tokenizer, device):
+        self.job, self.text, self.cut = job, TextStream(tokenizer), StopAtStrings(job.stops)
+        self.ids, self.device, self.token = list(job.ids), device, None
+
+    def previous(self):
+        """The ids so far as GPT.stream passes them to the repetition penalty (None when it is off)."""
+        if self.job.controls.get("repetition_penalty", 1.0) == 1.0:
+            return None
+        return torch.tensor([self.ids], dtype=torch.long, device=self.device)
+
+
 class Engine:
-    """The model, generating for every Job in flight on one worker thread, a token of each in turn. stop() ends every
-    job (each gets STOPPING) and every job submitted after it."""
+    """The model, generating for every Job in flight on one worker thread with continuous batching: each step runs
+    one forward pass for all of them together (batching.Slots: a KV cache row each, of its own length), and jobs join
+    (after their prompt's own forward pass) and leave between steps. Each job draws from its own generator, as
+    GPT.stream would for it alone. stop() ends every job (each gets STOPPING) and every job submitted after it."""
 
     def __init__(self, model, tokenizer, *, device, ctx, report=print):
         self.model, self.tokenizer, self.device, self.ctx, self.report = model, tokenizer, device, ctx, report
@@ -100,60 +118,88 @@ class Engine:
         self.incoming.put(None)  # wakes the thread if it waits for work
 
     def _run(self):
-        active = []  # (job, its token stream, its text decoder, its stop-string cutter)
+        active = []  # Flights, in their Slots rows' order
+        slots = Slots(self.model.config.n_layer, self.model.config.block_size)
         while True:
             arrived = [] if active else [self.incoming.get()]  # wait for work
             while not self.incoming.empty():
                 arrived.append(self.incoming.get())
+            if self.stopping:
+                for flight in active + [Flight(job, self.tokenizer, self.device) for job in arrived if job is not None]:
+                    flight.job.put(None, STOPPING)
+                active, slots = [], Slots(self.model.config.n_layer, self.model.config.block_size)
+                continue
             for job in arrived:
                 if job is not None and job.max_tokens == 0:  # scoring only (echo): nothing to generate
                     self._finish(job, "", "length")
                 elif job is not None:
-                    active.append(self._start(job))
-            if self.stopping:
-                for job, stream, *_ in active:
-                    stream.close()
-                    job.put(None, STOPPING)
-                active = []
-                continue
-            for entry in list(active):
-                if self._step(*entry):
-                    active.remove(entry)
+                    self._join(Flight(job, self.tokenizer, self.device), active, slots)
+            self._step(active, slots)
 
-    def _start(self, job):
-        x = torch.tensor([job.ids], dtype=torch.long, device=self.device)
-        stream = self.model.stream(x, job.max_tokens, kv_cache=True, stop_tokens=self.stop_tokens,
-                                   generator=job.generator, **job.controls)
-        return job, stream, TextStream(self.tokenizer), StopAtStrings(job.stops)
-
-    def _step(self, job, stream, text, cut):
-        """One token of job; True when it is done (finished, or its client gone)."""
-        if job.cancelled:
-            stream.close()
-            self.report(f"a client went away: its generation stopped after {job.completion_tokens} tokens")
-            return True
+    def _join(self, flight, active, slots):
+        """The job's prompt, alone (a prefill), and its first token; then a row for it, unless it is done already."""
         try:
             with torch.no_grad(), self.ctx:
-                token = next(stream, None)
+                logits, cache = prefill(self.model, flight.ids, self.device)
+                done = self._emit(flight, draw(logits, flight.job.controls, flight.previous(), flight.job.generator))
         except Exception as e:  # never the server's end: the request gets the error
-            job.put(None, RequestError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
-            return True
-        token = None if token is None else token.item()
-        if token is not None and token not in self.stop_tokens:
+            flight.job.put(None, RequestError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
+            return
+        if not done:
+            slots.join(cache)
+            active.append(flight)
+
+    def _step(self, active, slots):
+        """One token of every job in flight: one forward pass for all of them (a row whose context filled block_size
+        is rebuilt over its last half block first, as GPT.stream does); done jobs leave."""
+        if not active:
+            return
+        finished, block = [], self.model.config.block_size
+        try:
+            with torch.no_grad(), self.ctx:
+                for row, flight in enumerate(active):
+                    if slots.lengths[row] == block:  # the last half block before the new token, which the step adds
+                        slots.replace(row, prefill(self.model, flight.ids[-(block // 2):-1], self.device)[1])
+                tokens = torch.tensor([[f.token] for f in active], dtype=torch.long, device=self.device)
+                logits, _ = self.model(tokens, kv_cache=slots, layout=slots.layout(self.device))
+                for row, flight in enumerate(active):
+                    row_logits = logits[row:row + 1]
+                    if flight.job.cancelled:
+                        self.report(f"a client went away: its generation stopped after {flight.job.completion_tokens} "
+                                    f"tokens")
+                        finished.append(row)
+                    elif self._emit(flight, draw(row_logits, flight.job.controls, flight.previous(), flight.job.generator)):
+                        finished.append(row)
+        except Exception as e:  # never the server's end: every request in the step gets the error
+            for flight in active:
+                flight.job.put(None, RequestError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
+            active.clear()
+            slots.__init__(self.model.config.n_layer, block)
+            return
+        for row in sorted(finished, reverse=True):  # the last row moves into a leaving one's place
+            moved = slots.leave(row)
+            flight = active.pop()
+            if moved is not None:
+                active[row] = flight
+
+    def _emit(self, flight, token):
+        """A job's new token: its text out; True when the job is done (a stop token or string, max_tokens)."""
+        job = flight.job
+        if token not in self.stop_tokens:
             job.completion_tokens += 1
             job.generated.append(token)
-            piece = cut.push(text.push(token))
+            flight.ids.append(token)
+            flight.token = token
+            piece = flight.cut.push(flight.text.push(token))
             if piece:
                 job.put(piece)
-            if cut.stopped:
-                stream.close()
+            if flight.cut.stopped:
                 self._finish(job, "", "stop")
                 return True
             if job.completion_tokens < job.max_tokens:
                 return False
-        stream.close()
-        self._finish(job, cut.push(text.end()) + cut.end(), "length" if token is None or token not in self.stop_tokens
-                     else "stop")
+        self._finish(job, flight.cut.push(flight.text.end()) + flight.cut.end(),
+                     "stop" if token in self.stop_tokens else "length")
         return True
 
     def _finish(self, job, text, end):

@@ -1,0 +1,88 @@
+"""Continuous batching in the server's engine: the jobs in flight share one forward pass per step, each against its
+own KV cache row of its own length, and each job's text is what it would be alone (its own seed) and what GPT.stream
+gives (greedy: sample.py's)."""
+import asyncio
+import contextlib
+
+import pytest
+import torch
+
+from gpt_toolkit.serving.server import Engine, Job, collect
+from model import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module", params=["plain", "rotary"])
+def model(request):
+    torch.manual_seed(0)
+    options = dict(rotary=True) if request.param == "rotary" else {}
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, dropout=0.0, **options)).eval()
+
+
+class Chars:
+    """A tokenizer of 65 ids, one character each (what the engine decodes with)."""
+    itos = [chr(32 + i) for i in range(65)]
+    eot_token = None
+
+    def encode(self, text):
+        return [self.itos.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.itos[i] for i in ids)
+
+    def token_bytes(self, token):
+        return self.itos[token].encode()
+
+
+def run_jobs(model, specs):
+    """The texts of jobs (prompt ids, max_tokens, temperature, seed) submitted to one engine at once, and how many
+    forward passes the model ran meanwhile."""
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    engine = Engine(model, Chars(), device="cpu", ctx=contextlib.nullcontext(), report=lambda line: None)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(ids=list(ids), max_tokens=n, controls=dict(temperature=t, top_k=None, top_p=1.0, min_p=0.0,
+                                                                repetition_penalty=1.0), stops=[],
+                    generator=torch.Generator().manual_seed(seed), loop=loop) for ids, n, t, seed in specs]
+        for job in jobs:
+            engine.submit(job)
+        return [await collect(job) for job in jobs]
+    try:
+        return asyncio.run(go()), calls
+    finally:
+        engine.stop()
+        hook.remove()
+
+
+def alone(model, ids, n, temperature, seed):
+    """What GPT.stream gives for one prompt: sample.py's path."""
+    x = torch.tensor([ids])
+    tokens = model.stream(x, n, temperature=temperature, generator=torch.Generator().manual_seed(seed))
+    return "".join(Chars.itos[int(t)] for t in tokens)
+
+
+def test_sixteen_jobs_share_each_forward_pass(model):
+    specs = [([1 + i % 7] * (1 + i), 20, 0.8, i) for i in range(16)]  # prompts of 1 to 16 tokens
+    results, calls = run_jobs(model, specs)
+    assert all(end == "length" and len(text) == 20 for text, end in results)
+    batched = [shape for shape in calls if shape[1] == 1 and shape[0] > 1]
+    assert len(calls) <= 16 + 20 + 16  # each prompt alone, then a step for all (no 16 x 19 single-token passes)
+    assert batched and max(shape[0] for shape in batched) == 16, calls
+
+
+def test_a_jobs_text_is_its_own_alone_or_beside_fifteen_others(model):
+    """Seeded draws, greedy ones, prompts of different lengths and contexts that outgrow block_size (32) and are
+    rebuilt over their last half block: each text is GPT.stream's for that job alone."""
+    specs = [([3 + i % 11] * (2 + 2 * i), 24 + i, 0.0 if i % 4 == 0 else 0.9, 100 + i) for i in range(16)]
+    results, _ = run_jobs(model, specs)
+    assert [text for text, _ in results] == [alone(model, *spec) for spec in specs]
+    one, _ = run_jobs(model, specs[5:6])
+    assert one[0][0] == results[5][0]
+
+
+def test_jobs_join_and_leave_between_steps(model):
+    """Short jobs end while long ones go on; later rows move into the places of the ones that left."""
+    specs = [([2], 3, 0.9, 1), ([4, 5], 40, 0.9, 2), ([6], 1, 0.0, 3), ([7, 8, 9], 25, 0.9, 4), ([1], 10, 0.9, 5)]
+    results, _ = run_jobs(model, specs)
+    assert [text for text, _ in results] == [alone(model, *spec) for spec in specs]
