@@ -83,7 +83,9 @@ def test_the_cpu_advice_runs_as_printed(data_dir, tmp_path):
 @pytest.mark.slow
 def test_the_tutorials_gpu_config_on_a_cpu_is_told_and_stops_at_once_in_its_first_evaluation(data_dir, tmp_path):
     """The issue's command: its first evaluation takes minutes here. The note comes before it, progress during it,
-    and Ctrl-C ends it within two seconds, keeping the state after step 0."""
+    and Ctrl-C ends it at once, keeping the state after step 0: within two seconds on a quiet machine, and on a busy
+    one within the time four of its evaluation batches take there (the progress line says how fast they go), against
+    the 200 batches a finished evaluation would take."""
     out = tmp_path / "exp1_large_lr"
     proc = subprocess.Popen([sys.executable, "train.py", "config/train_shakespeare_char.py", "--max_iters=1000",
                              "--learning_rate=5e-3", f"--out_dir={out}", f"--data_dir={data_dir}"], cwd=ROOT,
@@ -94,10 +96,12 @@ def test_the_tutorials_gpu_config_on_a_cpu_is_told_and_stops_at_once_in_its_firs
         if line.startswith("evaluating at step 0:"):  # its first progress line, after about 5 s
             break
     assert any(line.startswith("note: this config is sized for a GPU: on cpu it needs at least") for line in seen), seen
+    batches, seconds = map(int, re.search(r"train (\d+)/200 batches, .*\((\d+)s so far", seen[-1]).groups())
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
     out_text, err = proc.communicate(timeout=60)
-    assert time.time() - t0 < 2.0 and proc.returncode == 130, (time.time() - t0, err)
+    took, bound = time.time() - t0, max(2.0, 4 * seconds / max(batches, 1))  # this machine's pace, not a laptop's
+    assert took < bound and proc.returncode == 130, (took, bound, err)
     assert f"interrupted (SIGINT) during the evaluation at step 0: saved {out / 'latest.pt'} with the state after " \
            f"step 0 (its evaluation runs first when it resumes)" in out_text
     ckpt = load_checkpoint(out / "latest.pt")
