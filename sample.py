@@ -97,7 +97,7 @@ def main(argv):
     prompt = None if cfg.interactive or cfg.chat else read_prompt(cfg.start)
     if prompt == "":
         raise UserError("the prompt is empty: give --start some text (the default is a newline)")
-    model, tokenizer = load_model(source, device, checkpoint=cfg.checkpoint, verify=cfg.verify_checkpoint)
+    model, tokenizer = load_model(source, device, checkpoint=cfg.checkpoint, verify=cfg.verify_checkpoint, dtype=dtype)
     if cfg.chat and not hasattr(tokenizer, "render"):
         raise UserError("this model has no chat template: fine-tune it on a chat dataset first (data/prepare_chat.py, "
                         "config/finetune_chat_shakespeare.py), or sample it with --interactive=True")

@@ -78,3 +78,37 @@ def test_a_checkpoint_from_before_the_weights_checksum_is_verified_whole(tmp_pat
     with pytest.raises(UserError, match="fails its checksum"):
         load_checkpoint(path, optimizer=False)
     assert "optimizer" not in load_checkpoint(path, optimizer=False, verify=False)
+
+
+def test_a_bf16_reader_holds_the_blocks_in_bf16_and_generates_the_same(tmp_path):
+    """Under bf16 autocast on a CPU, load_model holds the blocks' matrices in bfloat16 (autocast rounds them so at
+    every call anyway): the same logits and the same greedy and seeded text, from half their bytes."""
+    trained_run(tmp_path / "run", optimizer_mb=1)
+    plain, _ = load_model(ModelSource.run(tmp_path / "run"), "cpu", checkpoint="ckpt.pt")
+    held, _ = load_model(ModelSource.run(tmp_path / "run"), "cpu", checkpoint="ckpt.pt", dtype="bfloat16")
+    assert held.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    assert held.transformer.wte.weight.dtype == torch.float32  # the embedding (and the tied head) as trained
+    assert plain.transformer.h[0].mlp.c_fc.weight.dtype == torch.float32
+    x = torch.randint(0, 65, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(plain(x)[0], held(x)[0])
+        for temperature in (0.0, 1.0):
+            texts = [m.generate(x[:1], 30, temperature=temperature, generator=torch.Generator().manual_seed(1))
+                     for m in (plain, held)]
+            assert torch.equal(*texts)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak from Linux's /proc/self/status")
+def test_verifying_a_mapped_checkpoint_does_not_keep_it_in_memory(tmp_path):
+    """The checksum reads every weight of a 300 MB model file; each one's pages are given back once hashed."""
+    torch.manual_seed(0)
+    args = dict(ARGS, n_embd=1024, n_head=8, n_layer=6)  # ~76M parameters: 300 MB in float32
+    model = GPT(GPTConfig(**args))
+    (tmp_path / "run").mkdir()
+    save_checkpoint({"model": model.state_dict(), "model_args": args, "iter_num": 1, "best_val_loss": 2.0,
+                     "config": {}, "meta": None}, tmp_path / "run" / "ckpt.pt")
+    del model
+    code = PEAK.format(root=str(ROOT), path=str(tmp_path / "run" / "ckpt.pt"), optimizer=False)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.rsplit(" ", 1)[1]) < 100, r.stdout  # the largest tensor's pages at most, not 300 MB

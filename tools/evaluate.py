@@ -83,7 +83,7 @@ def evaluate_tasks(args):
     tasks = load_tasks(",".join([args.tasks, *args.task_file]), limit=args.tasks_limit or None, cache_dir=args.tasks_dir)
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
-    model, tokenizer = load_model(source, device, checkpoint=args.checkpoint, verify=args.verify_checkpoint)
+    model, tokenizer = load_model(source, device, checkpoint=args.checkpoint, verify=args.verify_checkpoint, dtype=dtype)
     scores = []
     for task in tasks:
         scores.append(score_task(model, tokenizer, task, device=device, ctx=hardware.autocast(device, dtype),

@@ -3,6 +3,7 @@ toolkit changes process-wide state, and importing a module changes none."""
 import atexit
 import ctypes
 import gc
+import os
 import sys
 
 import torch
@@ -30,6 +31,47 @@ def setup_process(device=None, *, keep_cpu_memory=True):
     if kind == "cpu" and keep_cpu_memory and keep_freed_memory():
         applied.append("CPU allocator keeps freed memory")
     return applied
+
+
+MADV_DONTNEED = 4  # Linux's <sys/mman.h>
+PAGE = 4096
+
+
+def mapped_ranges(path):
+    """[(start, end)] of this process's memory mappings of the file at `path` (Linux's /proc/self/maps; [] where
+    there is none, or elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    target, ranges = os.path.realpath(path), []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and os.path.realpath(parts[5]) == target:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_pages(tensor, ranges):
+    """Give back the resident pages of a CPU tensor that lies in one of `ranges`, a file's memory mappings
+    (mapped_ranges of a checkpoint checkpoint.load_checkpoint mapped): they are clean copies of the file, read again
+    from it if touched (the page cache has them), so a reader that has hashed or converted a weight need not keep it
+    in its resident set. Anything else (anonymous memory, which this would zero) is left alone. Linux only; whole
+    pages inside the tensor; never for a mapped tensor that was written to (its changes would be lost)."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or not tensor.numel():
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(low <= start and end <= high for low, high in ranges):
+        return
+    first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+    if last > first:
+        try:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
 
 
 def keep_freed_memory():

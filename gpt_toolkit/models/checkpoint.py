@@ -36,6 +36,7 @@ import torch
 
 from gpt_toolkit.core.errors import UserError, first_line, interrupt_behind, short
 from gpt_toolkit.core.files import atomic_write, fsync_dir, temp_path, write_failure_cause
+from gpt_toolkit.core.process import mapped_ranges, release_pages
 from gpt_toolkit.core.tokenizer import check_meta
 from gpt_toolkit.models import sharding
 from model import MODEL_OPTIONS, model_options
@@ -124,9 +125,11 @@ def existing_checkpoints(out_dir):
     return sorted(p for p in out_dir.glob("*.pt") if p.name in (BEST, LATEST) or p.name.startswith("ckpt_step"))
 
 
-def state_checksum(ckpt):
+def state_checksum(ckpt, mapped=()):
     """sha256 of a checkpoint's contents but its checksum: every tensor's dtype, shape and bytes, every other value's
-    repr, dict keys in a fixed order. The same before saving and after loading with weights_only."""
+    repr, dict keys in a fixed order. The same before saving and after loading with weights_only. mapped: the
+    memory mappings of the file the tensors were loaded from (process.mapped_ranges): each tensor's pages are given
+    back once hashed, so verifying does not hold the whole file in memory."""
     h = hashlib.sha256()
 
     def feed(obj):
@@ -134,6 +137,8 @@ def state_checksum(ckpt):
             t = obj.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy())
+            if mapped:
+                release_pages(t, mapped)
         elif isinstance(obj, dict):
             h.update(f"D{len(obj)};".encode())
             for key in sorted(obj, key=repr):
@@ -313,6 +318,7 @@ def load_checkpoint(path, map_location="cpu", verify=True, optimizer=True):
         raise UserError(f"no checkpoint at {path}: train one first (init_from=scratch) or check --out_dir")
     try:
         ckpt = _load(path, map_location, mmap=not optimizer)
+        mapped = mapped_ranges(path) if not optimizer else []
     except Exception as e:  # an unpickler fed damaged bytes can raise nearly anything (IndexError, OverflowError, ...)
         culprit = _refused_global(e) if isinstance(e, pickle.UnpicklingError) else None
         if culprit:  # weights_only refused something that is not plain data, and named it
@@ -327,7 +333,7 @@ def load_checkpoint(path, map_location="cpu", verify=True, optimizer=True):
     if not optimizer and "weights_sha256" in stored:
         ckpt.pop("optimizer", None)  # mapped, never read: its pages are not touched
     key = "sha256" if "optimizer" in ckpt or "weights_sha256" not in stored else "weights_sha256"
-    if verify and stored and stored.get(key) != state_checksum(ckpt):
+    if verify and stored and stored.get(key) != state_checksum(ckpt, mapped):
         raise UserError(f"checkpoint {path} fails its checksum: its bytes changed after it was written (a disk or copy "
                         f"error): {_another(path)}, or pass --verify_checkpoint=False to load it anyway")
     if not optimizer:

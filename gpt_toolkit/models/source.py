@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from gpt_toolkit.core.errors import ConfigError, UserError, first_line, short
+from gpt_toolkit.core.process import mapped_ranges, release_pages
 from gpt_toolkit.core.tokenizer import GPT2_VOCAB_SIZE, read_meta, tokenizer_from_meta
 from gpt_toolkit.models import lora
 from gpt_toolkit.models.checkpoint import BEST, LATEST, MODEL_ARGS, is_run_dir, load_checkpoint, resume_path, run_checkpoint
@@ -155,11 +156,27 @@ class ModelSource:
         return {"kind": GPT2, "path": self.where}
 
 
-def load_model(source, device, *, checkpoint=BEST, verify=True):
-    """(model in eval mode on device, its tokenizer) for a reader: sample.py, the server, evaluate, report."""
-    ckpt, _ = source.load_checkpoint(checkpoint, verify=verify)
+def load_model(source, device, *, checkpoint=BEST, verify=True, dtype="float32"):
+    """(model in eval mode on device, its tokenizer) for a reader: sample.py, the server, evaluate, report. dtype: the
+    precision it will run in (hardware.autocast's); under bfloat16 on a CPU the blocks' matrices are held in
+    bfloat16 (what autocast would cast them to at every call, and cache), their float32 pages given back."""
+    ckpt, path = source.load_checkpoint(checkpoint, verify=verify)
     model, tokenizer = source.model(ckpt), source.tokenizer(ckpt)
+    if dtype == "bfloat16" and str(device).startswith("cpu"):
+        hold_blocks_in_bfloat16(model, mapped_ranges(path) if path else [])
     return model.eval().to(device), tokenizer
+
+
+def hold_blocks_in_bfloat16(model, mapped):
+    """The transformer blocks' Linear weights as bfloat16 parameters, one at a time, each float32 original's pages
+    given back where it is the checkpoint file's (mapped): bf16 autocast rounds them the same way at each call, so
+    generation is unchanged, and the process holds half their bytes instead of the float32 weights and autocast's
+    bfloat16 copy of them."""
+    for module in model.transformer.h.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+            old = module.weight.data
+            module.weight = torch.nn.Parameter(old.to(torch.bfloat16), requires_grad=False)
+            release_pages(old, mapped)
 
 
 def model_from_checkpoint(ckpt, dropout=0.0):
