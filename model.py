@@ -53,13 +53,17 @@ def model_options(config):
 
 
 def check_config(config):
-    """ValueError (one line) for a GPTConfig no GPT can be built from."""
+    """ValueError (one line, with the fix) for a GPTConfig no GPT can be built from; train.py's config check calls it
+    too (any object with these fields)."""
     if config.n_embd % config.n_head:
-        raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+        fits = [h for h in range(1, 65) if config.n_embd % h == 0]
+        raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}: each head needs "
+                         f"n_embd/n_head dimensions; use an n_head from {fits} or change n_embd")
     if config.activation not in ACTIVATIONS:
         raise ValueError(f"activation={config.activation!r} is not one of {', '.join(ACTIVATIONS)}")
     if config.rotary and (config.n_embd // config.n_head) % 2:
-        raise ValueError(f"rotary needs an even head size, and n_embd / n_head = {config.n_embd // config.n_head}")
+        raise ValueError(f"rotary=True rotates pairs of dimensions and needs an even head size, and n_embd / n_head = "
+                         f"{config.n_embd // config.n_head}: use an n_head that leaves an even head size")
     if not (isinstance(config.logit_softcap, (int, float)) and config.logit_softcap >= 0
             and math.isfinite(config.logit_softcap)):
         raise ValueError(f"logit_softcap={config.logit_softcap} must be 0 (off) or a positive number, e.g. 15")

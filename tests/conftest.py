@@ -90,7 +90,7 @@ def data_dir(tmp_path_factory, shakespeare_text):
 IN_PROCESS = {"train.py": "train", "sample.py": "sample", **{f"tools/{name}.py": f"tools.{name}" for name in (
     "plot_loss", "summarize_experiments", "compare_runs", "plot_lr", "report", "sweep", "lr_finder", "grad_viz",
     "estimate", "debug_training", "bench", "experiment", "evaluate", "export_hf", "time_to_quality", "export_gguf",
-    "merge_lora")},
+    "merge_lora", "doctor")},
     "data/prepare_text.py": "data.prepare_text", "data/prepare_chat.py": "data.prepare_chat"}
 
 

@@ -136,3 +136,13 @@ def test_debug_training_table():
     names = [n for n, _ in GPT(GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=64, block_size=16)).named_parameters()]
     assert [row.split()[0] for row in rows] == names
     assert all(float(row.split()[3]) > 0 for row in rows)
+
+
+def test_the_doctor_says_what_this_machine_picks_in_one_screen():
+    r = run_script("tools/doctor.py")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["os", "torch", "cpu", "threads", "auto picks", "MFU peak", "memory",
+                                                      "disk", "data", "tiktoken cache", "packages", "smoke"], lines
+    assert re.match(r"auto picks: device cpu, dtype (float32|bfloat16) \(.+\), compile False$", lines[4]), lines[4]
+    assert "torch 2." in lines[10] and lines[-1].endswith(": ok") and len(lines) <= 25

@@ -142,7 +142,8 @@ def test_one_step_sequence_the_loops():
     """The tutorial's step is written once, in train.py's loop; the tools that time or drive training run train.py
     itself (train.main with a timing.StepClock among its guards). gpu_check.py's other copy is nanoGPT's own step,
     timed beside ours."""
-    assert calls_of("backward") == {"train.py", "tools/gpu_check.py", "tools/debug_training.py"}  # ch03 5: one backward
+    # ch03 5: one backward; the doctor's is a smoke test of torch on this machine (it must run before any dataset is)
+    assert calls_of("backward") == {"train.py", "tools/gpu_check.py", "tools/debug_training.py", "tools/doctor.py"}
     assert calls_of("clip_grad_norm_") == {"train.py", "tools/gpu_check.py"}
     assert not calls_of("run_path") and not calls_of("run_module")  # the library runs no script
     assert calls_of("compile_or_eager") == {"gpt_toolkit/training/compiling.py"}  # one compile wrapper: CompiledOrEager

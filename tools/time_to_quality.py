@@ -11,6 +11,7 @@ Runs (alternated round by round, so the machine's drift hits all alike; --runs p
   cpu_muon         that config with --optimizer=muon
   fast             config/train_shakespeare_char_fast.py, the README's main job: 2 layers, Muon, batch 32, 280 steps
   speedrun         config/train_shakespeare_char_speedrun.py: 4 x 128 with model options, Muon, 300 steps
+  record           config/train_shakespeare_char_record.py: the speedrun at 880 steps (val under 1.50 in 3x)
 --seeds gives each round one seed for our runs (round i: the i-th seed; nanoGPT's keeps its own), so three rounds are
 also three seeds; --train_args go to our runs too.
 Each run writes to a temp directory; nothing in the toolkit's out dirs is touched.
@@ -51,6 +52,7 @@ RUNS = {
     "cpu_muon": ["config/train_shakespeare_char_cpu.py", "--optimizer=muon"],
     "fast": ["config/train_shakespeare_char_fast.py"],
     "speedrun": ["config/train_shakespeare_char_speedrun.py"],
+    "record": ["config/train_shakespeare_char_record.py"],
 }
 
 

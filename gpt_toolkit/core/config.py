@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from configurator import defaults_of, help_of, parse_args
 from gpt_toolkit.core.errors import ConfigError
 from gpt_toolkit.core.hardware import DTYPE_CHOICES
-from model import ACTIVATIONS
+from model import ACTIVATIONS, check_config
 
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # nanoGPT's names inside each block
 
@@ -155,19 +155,12 @@ def validate(cfg):
                           f"peak, e.g. 312e12 for an A100's bfloat16, or 0 to have it looked up or measured")
     if cfg.learning_rate <= 0:
         raise ConfigError(f"learning_rate={cfg.learning_rate} must be positive")
-    if cfg.n_embd % cfg.n_head:
-        fits = [h for h in range(1, 65) if cfg.n_embd % h == 0]
-        raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs n_embd/n_head "
-                          f"dimensions; use an n_head from {fits} or change n_embd")
+    try:  # the model's own checks, written once (model.py): heads, activation, rotary, softcap
+        check_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout={cfg.dropout} must be in [0, 1)")
-    if cfg.activation not in ACTIVATIONS:
-        raise ConfigError(f"activation={cfg.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-    if cfg.rotary and (cfg.n_embd // cfg.n_head) % 2:
-        raise ConfigError(f"rotary=True rotates pairs of dimensions, and each head has n_embd / n_head = "
-                          f"{cfg.n_embd // cfg.n_head}: use an n_head that leaves an even head size")
-    if not 0.0 <= cfg.logit_softcap < float("inf"):
-        raise ConfigError(f"logit_softcap={cfg.logit_softcap} must be 0 (off) or a positive number, e.g. 15")
     for key in ("beta1", "beta2", "mask_prob"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1)")
