@@ -47,7 +47,7 @@ def run_jobs(model, specs):
                     generator=torch.Generator().manual_seed(seed), loop=loop) for ids, n, t, seed in specs]
         for job in jobs:
             engine.submit(job)
-        return [await collect(job) for job in jobs]
+        return [await asyncio.wait_for(collect(job), timeout=120) for job in jobs]  # a dead engine fails, not hangs
     try:
         return asyncio.run(go()), calls
     finally:
@@ -86,3 +86,19 @@ def test_jobs_join_and_leave_between_steps(model):
     specs = [([2], 3, 0.9, 1), ([4, 5], 40, 0.9, 2), ([6], 1, 0.0, 3), ([7, 8, 9], 25, 0.9, 4), ([1], 10, 0.9, 5)]
     results, _ = run_jobs(model, specs)
     assert [text for text, _ in results] == [alone(model, *spec) for spec in specs]
+
+
+def test_a_failed_join_answers_its_job_and_the_engine_serves_on(model, monkeypatch):
+    """Growing the batch's cache can run out of memory: that job gets a 500, the thread lives, the next job runs."""
+    from gpt_toolkit.serving import batching
+    real, calls = batching.Slots.join, []
+
+    def join(self, cache):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(self, cache)
+    monkeypatch.setattr(batching.Slots, "join", join)
+    results, _ = run_jobs(model, [([1, 2], 10, 0.9, 1), ([3], 10, 0.9, 2)])
+    assert results[0][1].status == 500 and "can't allocate memory" in results[0][1].body()["error"]["message"]
+    assert results[1] == (alone(model, [3], 10, 0.9, 2), "length")

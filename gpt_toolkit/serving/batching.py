@@ -21,6 +21,11 @@ class Slots:
     def __len__(self):
         return len(self.lengths)
 
+    def clear(self):
+        """No rows, and no buffers: what they held goes back (the engine clears them when it has nothing in flight)."""
+        self.keys = self.values = None
+        self.lengths = []
+
     def join(self, cache):
         """Add a row with a one-row KVCache's keys and values (a prefilled prompt); returns its row."""
         row = len(self.lengths)

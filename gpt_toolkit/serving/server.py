@@ -132,9 +132,11 @@ class Engine:
             for job in arrived:
                 if job is not None and job.max_tokens == 0:  # scoring only (echo): nothing to generate
                     self._finish(job, "", "length")
-                elif job is not None:
+                elif job is not None and not job.cancelled:  # a client gone before its turn costs no prefill
                     self._join(Flight(job, self.tokenizer, self.device), active, slots)
             self._step(active, slots)
+            if not active:
+                slots.clear()  # idle: the rows' memory goes back
 
     def _join(self, flight, active, slots):
         """The job's prompt, alone (a prefill), and its first token; then a row for it, unless it is done already."""
@@ -142,12 +144,11 @@ class Engine:
             with torch.no_grad(), self.ctx:
                 logits, cache = prefill(self.model, flight.ids, self.device)
                 done = self._emit(flight, draw(logits, flight.job.controls, flight.previous(), flight.job.generator))
-        except Exception as e:  # never the server's end: the request gets the error
+            if not done:
+                slots.join(cache)  # may grow the batch's cache: memory can run out here too
+                active.append(flight)
+        except Exception as e:  # never the server's end (nor its thread's): the request gets the error
             flight.job.put(None, RequestError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
-            return
-        if not done:
-            slots.join(cache)
-            active.append(flight)
 
     def _step(self, active, slots):
         """One token of every job in flight: one forward pass for all of them (a row whose context filled block_size
@@ -174,7 +175,7 @@ class Engine:
             for flight in active:
                 flight.job.put(None, RequestError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
             active.clear()
-            slots.__init__(self.model.config.n_layer, block)
+            slots.clear()
             return
         for row in sorted(finished, reverse=True):  # the last row moves into a leaving one's place
             moved = slots.leave(row)
