@@ -146,3 +146,17 @@ def test_the_doctor_says_what_this_machine_picks_in_one_screen():
                                                       "disk", "data", "tiktoken cache", "packages", "smoke"], lines
     assert re.match(r"auto picks: device cpu, dtype (float32|bfloat16) \(.+\), compile False$", lines[4]), lines[4]
     assert "torch 2." in lines[10] and lines[-1].endswith(": ok") and len(lines) <= 25
+
+
+@pytest.mark.slow
+def test_a_tool_whose_reader_goes_away_ends_without_a_traceback():
+    """`python tools/doctor.py | head -3`: the reader may be gone before the tool prints; it ends quietly."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    proc = subprocess.Popen([sys.executable, "tools/doctor.py", "--smoke=False"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
