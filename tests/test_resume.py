@@ -260,3 +260,15 @@ def test_random_sigkills_leave_a_loadable_checkpoint_and_resume_finishes(data_di
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(out / "latest.pt")["iter_num"] == finish_at
     assert not list(out.glob(".*.tmp*")), "a killed write's temp file is cleaned up by the next run"
+
+
+def test_resuming_a_finished_run_says_it_is_done_and_how_to_go_on(data_dir, tmp_path):
+    out = tmp_path / "done"
+    args = ["train.py", *TINY_TRAIN, "--max_iters=20", f"--data_dir={data_dir}", f"--out_dir={out}"]
+    assert run_script(*args).returncode == 0
+    r = run_script(*args, "--init_from=resume")
+    assert r.returncode == 0, r.stderr
+    assert "the run is done: it reached max_iters=20; to train further, resume with a larger --max_iters " \
+           "(e.g. --max_iters=40, and --lr_decay_iters to match)" in r.stdout
+    r = run_script(*args[:-2], "--max_iters=24", f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume")
+    assert r.returncode == 0 and "the run is done" not in r.stdout and "step 24: train loss" in r.stdout, r.stdout
