@@ -212,6 +212,19 @@ def test_an_unknown_model_is_404(base):
     assert e.value.body["code"] == "model_not_found" and "gpt-9" in e.value.message
 
 
+def test_the_responses_api_is_a_404_that_names_what_is_served(base, base_run):
+    """Newer OpenAI examples call client.responses.create: a 404 in OpenAI's shape that says where to go instead."""
+    with pytest.raises(openai.NotFoundError) as e:
+        base.client().responses.create(model=base_run.name, input="hi")
+    assert "/v1/chat/completions" in e.value.message and "Responses API is not served here" in e.value.message
+
+
+def test_it_says_it_is_loading_before_it_serves(base):
+    """A line at once on stderr (loading takes 20-40 s on a busy machine), and the "serving" line on stdout."""
+    out, err = base.log()
+    assert err.splitlines()[0].startswith("loading ") and out.splitlines()[0].startswith("serving "), (out, err)
+
+
 def test_malformed_bodies_and_big_ones_are_refused_and_the_server_keeps_serving(base, base_run):
     status, body = base.post("/v1/completions", b'{"prompt": "ROMEO:", ')
     assert status == 400 and body["error"]["code"] == "invalid_json"

@@ -70,6 +70,7 @@ def main(argv):
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
     setup_process(device, keep_cpu_memory=False)
+    print(f"loading {source.name} on {device} ({dtype}) ...", file=sys.stderr, flush=True)  # then "serving" (stdout)
     model, tokenizer = load_model(source, device, checkpoint=args.checkpoint, verify=args.verify_checkpoint, dtype=dtype)
     model_id = args.model_name or source.name
     engine = Engine(model, tokenizer, device=device, ctx=hardware.autocast(device, dtype),

@@ -565,8 +565,11 @@ def app(api, *, page=PAGE):
 
     @server.exception_handler(HTTPException)
     async def http_error(request, e):  # 404 and 405 of unknown paths and methods, in OpenAI's shape
-        return JSONResponse(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body(),
-                            status_code=e.status_code)
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        if request.url.path.rstrip("/").endswith("/responses"):  # newer OpenAI examples: say what is served instead
+            message += (": the Responses API is not served here; use /v1/chat/completions (messages) or "
+                        "/v1/completions (a prompt)")
+        return JSONResponse(RequestError(e.status_code, message).body(), status_code=e.status_code)
 
     @server.exception_handler(Exception)
     async def unexpected(request, e):  # never a traceback to the client, and the server keeps serving
