@@ -329,7 +329,7 @@ def peak_flops(device, dtype):
             return peaks[dtype], f"{name} {dtype} spec"
     if device_type(device) != "cpu":
         return measure_matmul_flops(device, dtype), f"measured {dtype} matmul on {device}"
-    key, cache = f"{cpu_name()}; {cpu_threads()} threads; {dtype}; torch {torch.__version__}", read_peak_cache()
+    key, cache = f"{cpu_name()}; {torch.get_num_threads()} threads; {dtype}; torch {torch.__version__}", read_peak_cache()
     if isinstance(cache.get(key), (int, float)) and cache[key] > 0:
         return cache[key], f"{dtype} matmul measured on this CPU when it was quiet, kept in {peak_cache_path()}"
     busy = machine_is_busy()
@@ -344,10 +344,6 @@ def peak_flops(device, dtype):
         return rate[0], (f"{rate[1]}: the machine is busy, and its measured {dtype} matmul, {flops_text(measured)}, is "
                          f"not its peak")
     return measured, f"measured {dtype} matmul on {device}, a busy machine (MFU may read high)"
-
-
-def cpu_threads():
-    return torch.get_num_threads()
 
 
 def machine_is_busy():

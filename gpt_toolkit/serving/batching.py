@@ -18,9 +18,6 @@ class Slots:
         self.keys = self.values = None
         self.lengths = []
 
-    def __len__(self):
-        return len(self.lengths)
-
     def clear(self):
         """No rows, and no buffers: what they held goes back (the engine clears them when it has nothing in flight)."""
         self.keys = self.values = None
