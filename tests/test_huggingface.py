@@ -1,6 +1,9 @@
 """Hugging Face both ways: our (and nanoGPT's) checkpoints exported as transformers GPT-2 directories with their
 tokenizer, and such directories loaded offline by train.py and sample.py."""
+import contextlib
 import json
+import logging
+import warnings
 
 import pytest
 import torch
@@ -39,13 +42,14 @@ def trained(data_dir, tmp_path_factory):
     r = run_script("tools/export_hf.py", f"--out_dir={out}", f"--to={root / 'hf'}")
     assert r.returncode == 0, r.stderr
     assert "exported" in r.stdout and "char tokenizer" in r.stdout
+    assert "its context is 32 tokens (config.json's n_positions)" in r.stdout
     return out, root / "hf"
 
 
 def test_trained_char_model_exports_with_zero_biases_and_its_vocabulary(trained, data_dir):
     out, hf = trained
-    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                    "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in hf.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                    "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     ours = model_from_checkpoint(load_checkpoint(out / "ckpt.pt"))
     x = torch.randint(0, 65, (3, 32), generator=torch.Generator().manual_seed(0))
     assert (hf_logits(hf, x) - our_logits(ours, x)).abs().max().item() < 1e-4
@@ -126,16 +130,58 @@ def test_bad_targets_and_sources_are_one_line_errors(trained, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_an_export_stops_at_its_context_and_past_it_is_the_documented_error(trained):
-    """block_size=32: generation_config's max_length is 32, so a pipeline given no length ends there; asked for more,
-    transformers raises the IndexError docs/huggingface.md names (sample.py crops the context instead)."""
+@contextlib.contextmanager
+def transformers_says():
+    """The messages transformers gives meanwhile: its warnings.warn and its logging at warning level (whatever
+    TRANSFORMERS_VERBOSITY says), once-only ones included. A list, filled in at the end."""
+    said, records = [], []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library = logging.getLogger("transformers")
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_warning()
+    logging.Logger.warning_once.cache_clear()
+    library.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield said
+    finally:
+        library.removeHandler(handler)
+        transformers.utils.logging.set_verbosity(verbosity)
+        said += [str(w.message) for w in caught] + [r.getMessage() for r in records]
+
+
+def test_a_pipeline_given_max_new_tokens_does_not_warn_and_past_the_context_is_the_documented_error(trained):
+    """The export once set generation_config's max_length to the context (32 here), and transformers then warned on
+    every call that gave max_new_tokens ("Both `max_new_tokens` (=10) and `max_length`(=32) seem to have been set").
+    The context is config.json's n_positions and the model card's instead; past it transformers logs that it is past
+    the model's maximum length, then raises the IndexError docs/huggingface.md and the card name."""
     _, hf = trained
-    assert json.loads((hf / "generation_config.json").read_text())["max_length"] == 32
+    assert "max_length" not in json.loads((hf / "generation_config.json").read_text())
+    assert json.loads((hf / "config.json").read_text())["n_positions"] == 32
+    card = (hf / "README.md").read_text()
+    assert "`tools/export_hf.py` from out/ckpt.pt (step 20): 2 layers" in card  # the run's name, not a local path
+    assert "## Context: 32 tokens" in card and "The context is **32 tokens** (`n_positions` in `config.json`)" in card
+    assert "maximum length (32)\" and\nthen stops with `IndexError: index out of range in self`" in card
     generate = transformers.pipeline("text-generation", model=str(hf), device="cpu")
-    ids = generate.tokenizer("ROMEO:")["input_ids"]
-    text = generate("ROMEO:", do_sample=False)[0]["generated_text"]
-    assert text.startswith("ROMEO:") and len(generate.tokenizer(text)["input_ids"]) <= 32
-    assert len(generate("ROMEO:", do_sample=False, max_new_tokens=32 - len(ids))[0]["generated_text"]) > len(text) - 1
+    prompt = len(generate.tokenizer("ROMEO:")["input_ids"])
+    with transformers_says() as said:
+        sampled = generate("ROMEO:", max_new_tokens=10)[0]["generated_text"]
+        greedy = generate("ROMEO:", do_sample=False, max_new_tokens=32 - prompt)[0]["generated_text"]
+    assert said == []
+    assert sampled.startswith("ROMEO:") and len(generate.tokenizer(sampled)["input_ids"]) == prompt + 10
+    assert greedy.startswith("ROMEO:") and len(generate.tokenizer(greedy)["input_ids"]) == 32
+    with transformers_says() as said, pytest.raises(IndexError, match="index out of range in self"):
+        generate("ROMEO:", do_sample=False, max_new_tokens=34 - prompt)  # reads position 32: past the table
+    assert said == ["This is a friendly reminder - the current text generation call has exceeded the model's "
+                    "predefined maximum length (32). Depending on the model, you may observe exceptions, performance "
+                    "degradation, or nothing at all."]
     with pytest.raises(IndexError, match="index out of range in self"):
-        generate("ROMEO:", do_sample=False, max_new_tokens=34 - len(ids))  # reads position 32: past the table
-    assert "raises `IndexError: index out of range in self`" in (ROOT / "docs" / "huggingface.md").read_text()
+        generate("ROMEO:", do_sample=False)  # the pipeline's own 256 new tokens, past a 32-token context
+    with transformers_says() as said:  # generate() itself, given no length: 20 new tokens, cut at the context
+        assert generate.model.generate(torch.ones(1, 6, dtype=torch.long), do_sample=False).shape == (1, 26)
+        assert generate.model.generate(torch.ones(1, 30, dtype=torch.long), do_sample=False).shape == (1, 32)
+    docs = " ".join((ROOT / "docs" / "huggingface.md").read_text().split())
+    assert "then raises `IndexError: index out of range in self`" in docs
+    assert "with no length asks for 256 new tokens (the pipeline's default)" in docs

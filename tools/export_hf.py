@@ -3,8 +3,9 @@
     python tools/export_hf.py --out_dir=out-shakespeare-char --to=hf-shakespeare-char [--checkpoint=ckpt.pt]
 
 The directory holds config.json and model.safetensors (GPT2LMHeadModel.from_pretrained(DIR) loads it, offline),
-and the tokenizer: GPT-2 BPE models get vocab.json, merges.txt and tokenizer_config.json (AutoTokenizer reads
-them); character models get char_vocab.json ({"itos": [...]}: token i is the character itos[i]).
+README.md (a model card that states the context: n_positions tokens, a hard limit in transformers),
+and the tokenizer: GPT-2 BPE models get vocab.json, merges.txt and tokenizer_config.json, character models and own
+BPEs a tokenizer.json and tokenizer_config.json (AutoTokenizer reads them).
 `--init_from=DIR` in train.py and sample.py loads it back.
 
 A LoRA run (--lora_rank) exports merged: a plain GPT-2 with the adapters folded in. `--lora=adapter` writes a PEFT
@@ -48,11 +49,15 @@ def main(argv):
         return export_adapter(run, ckpt, source, to)
     model = run.model(ckpt)
     tokenizer = run.tokenizer(ckpt)
-    files = export_hf(model, tokenizer, to, dropout=ckpt["model_args"].get("dropout", 0.0))
     step = ckpt.get("iter_num", "?")
+    files = export_hf(model, tokenizer, to, dropout=ckpt["model_args"].get("dropout", 0.0),
+                      source=f"{Path(source).parent.name}/{Path(source).name} (step {step})")  # no local path
     print(f"exported {source} (step {step}, {tokenizer.kind} tokenizer) to {to}: "
           f"{', '.join(files)}")
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(to)!r}), or --init_from={to}")
+    block = model.config.block_size
+    print(f"its context is {block} tokens (config.json's n_positions): give transformers' generate and pipeline "
+          f"max_new_tokens of at most {block} minus the prompt's tokens (README.md)")
     return 0
 
 

@@ -213,11 +213,12 @@ def check_gpt2_architecture(config, target):
                         f"is; to export, train a model without those options")
 
 
-def export_hf(model, tokenizer, to, *, dropout=0.0):
+def export_hf(model, tokenizer, to, *, dropout=0.0, source=None):
     """Write `model` (our GPT, float32) with its tokenizer as a transformers GPT-2 directory at `to`: all of it
     or nothing (built beside it, then renamed into place), every file readable as any other. The tokenizer is a
-    tokenizer.json (characters, an own BPE) or GPT-2's vocab.json and merges.txt, so AutoTokenizer encodes as we do.
-    Returns the names of the files written."""
+    tokenizer.json (characters, an own BPE) or GPT-2's vocab.json and merges.txt, so AutoTokenizer encodes as we do;
+    README.md, the model card, states the context (`source`: where the weights came from, for it). Returns the names
+    of the files written."""
     check_gpt2_architecture(model.config, "transformers' GPT2LMHeadModel")
     transformers = _transformers("tools/export_hf.py")
     cfg = model.config
@@ -232,9 +233,9 @@ def export_hf(model, tokenizer, to, *, dropout=0.0):
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, layer_norm_epsilon=1e-5,
         bos_token_id=eot, eos_token_id=eos, tie_word_embeddings=True)
     hf_model = transformers.GPT2LMHeadModel(hf_config)
-    # generate() past n_positions fails (IndexError: GPT-2's position table ends there; sample.py crops instead):
-    # a generation given no length stops at the context (docs/huggingface.md)
-    hf_model.generation_config.max_length = cfg.block_size
+    # generate() past n_positions fails (IndexError: GPT-2's position table ends there; sample.py crops instead). The
+    # limit is config.json's n_positions and the model card's, not a generation_config max_length: transformers warns
+    # on every call that gives max_new_tokens when that is set (docs/huggingface.md)
     hf_keys = {k: v.shape for k, v in hf_model.state_dict().items()}
     missing, unexpected = hf_model.load_state_dict(hf_state_dict(model, hf_keys, vocab_size), strict=False)
     missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
@@ -244,6 +245,7 @@ def export_hf(model, tokenizer, to, *, dropout=0.0):
     def fill(directory):
         hf_model.save_pretrained(directory)
         write_tokenizer(directory, tokenizer, cfg.block_size, transformers)
+        (directory / "README.md").write_text(model_card(Path(to).name, cfg, tokenizer, source), encoding="utf-8")
 
     remove_stale_temps(Path(to).parent)  # what exports killed mid-write left beside it
     try:
@@ -255,6 +257,44 @@ def export_hf(model, tokenizer, to, *, dropout=0.0):
         raise UserError(f"could not write the export to {to} ({cause}): nothing was left behind; free disk space or "
                         f"choose another --to") from None
     return sorted(p.name for p in Path(to).iterdir())
+
+
+def model_card(name, cfg, tokenizer, source=None):
+    """The export's README.md: what the model is and its context, the hard limit of a transformers generation, with a
+    pipeline call that keeps to it."""
+    n = cfg.block_size
+    origin = f" from {source}" if source else ""
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- gpt2
+- gpt-toolkit
+---
+# {name}
+
+A GPT-2 (`GPT2LMHeadModel`) exported by gpt-toolkit's `tools/export_hf.py`{origin}: {cfg.n_layer} layers, {cfg.n_head}
+heads, {cfg.n_embd}-dimensional embeddings, a {tokenizer.vocab_size:,}-token {tokenizer.kind} tokenizer.
+
+## Context: {n} tokens
+
+The context is **{n} tokens** (`n_positions` in `config.json`), and transformers does not crop a longer one: keep a
+prompt plus `max_new_tokens` within {n} tokens. A generation that reads a position past the context ({n + 2} tokens in
+all or more) logs "the current text generation call has exceeded the model's predefined maximum length ({n})" and
+then stops with `IndexError: index out of range in self`. The text-generation pipeline asks for 256 new tokens when
+given no length, so give it `max_new_tokens`:
+
+```python
+from transformers import pipeline
+
+generate = pipeline("text-generation", model="{name}")
+prompt = "ROMEO:"
+room = {n} - len(generate.tokenizer(prompt)["input_ids"])
+print(generate(prompt, max_new_tokens=min(100, room))[0]["generated_text"])
+```
+
+gpt-toolkit's `python sample.py --init_from=DIR` samples past the context (it keeps the last {n} tokens).
+"""
 
 
 def write_tokenizer(directory, tokenizer, max_length, transformers):
