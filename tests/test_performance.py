@@ -369,11 +369,11 @@ def test_cpu_training_keeps_freed_memory_instead_of_page_faulting_it_back(keep, 
     keep freed memory for reuse. With glibc's defaults a block over 32 MB is mapped afresh every time (16,384 faults
     for 64 MB); kept, it faults no more. The setting holds for the whole process, so the off case checks that it is
     not asked for."""
-    from gpt_toolkit.core import process
+    from gpt_toolkit.core import process, system
     from gpt_toolkit.core.config import load_config
     calls = []
-    real = process.keep_freed_memory
-    monkeypatch.setattr(process, "keep_freed_memory", lambda: calls.append(1) or real())
+    real = system.keep_freed_memory
+    monkeypatch.setattr(system, "keep_freed_memory", lambda: calls.append(1) or real())
     cfg, _ = load_config([] if keep else ["--keep_cpu_memory=False"])
     process.setup_process("cpu", keep_cpu_memory=cfg.keep_cpu_memory)
     assert len(calls) == (1 if keep else 0)

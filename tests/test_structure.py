@@ -132,7 +132,7 @@ def test_one_place_builds_the_optimizer_and_writes_checkpoints():
     # ours in training.py; gpu_check.py calls it on nanoGPT's own model, to time nanoGPT beside us
     assert calls_of("configure_optimizers") == {"gpt_toolkit/training/setup.py", "tools/gpu_check.py"}
     assert calls_of("set_float32_matmul_precision") == {"gpt_toolkit/core/process.py"}  # TF32: setup_process
-    assert calls_of("mallopt") == {"gpt_toolkit/core/process.py"}
+    assert calls_of("mallopt") == {"gpt_toolkit/core/system.py"}
     assert calls_of("build_training") == {"train.py"}
     assert calls_of("save_checkpoint") == {"gpt_toolkit/models/checkpoint.py"}
     assert calls_of("fsync") == {"gpt_toolkit/core/files.py"}  # every file written in place goes through files.atomic_write
@@ -248,9 +248,9 @@ def test_setup_process_applies_the_fast_exit_tf32_and_the_allocator():
     code = f"""
 import atexit, gc, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-from gpt_toolkit.core import process
+from gpt_toolkit.core import process, system
 calls = []
-process.keep_freed_memory = lambda: calls.append("mallopt") or True
+system.keep_freed_memory = lambda: calls.append("mallopt") or True
 torch.set_float32_matmul_precision = lambda p: calls.append(p)
 atexit.register(lambda: print("frozen", gc.get_freeze_count()))  # runs after setup_process's handler
 handlers = atexit._ncallbacks()
@@ -352,3 +352,48 @@ def test_the_tutorials_names_are_train_pys_alone():
         defined = {node.name for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                    if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
         assert not defined & {"get_batch", "estimate_loss", "get_lr", "Run"}, path.name
+
+
+SYSTEM = PACKAGE / "core" / "system.py"
+PLATFORM_MODULES = {"fcntl", "msvcrt", "resource", "ctypes", "multiprocessing", "winreg", "_winapi"}
+PLATFORM_ATTRIBUTES = {"O_NOFOLLOW", "O_NONBLOCK", "pthread_sigmask", "getloadavg", "sched_getaffinity", "sysconf",
+                       "getrusage", "prctl", "mallopt", "madvise", "get_context", "SIGKILL", "SIGBREAK", "fork",
+                       "kill", "platform"}  # os.kill, sys.platform
+PLATFORM_CALLS = {"system"}  # platform.system()
+
+
+def platform_calls(path):
+    """(line, what) for each platform-specific call in a file: an import of a platform module, an attribute that only
+    some systems have, a question about which system this is, or an open of /proc or /sys."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = {a.name for a in node.names} if isinstance(node, ast.Import) else {node.module or ""}
+            found += [(node.lineno, f"import {n}") for n in names if n.split(".")[0] in PLATFORM_MODULES]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            owner, name = node.value.id, node.attr
+            if (owner in ("os", "signal", "sys", "ctypes") and name in PLATFORM_ATTRIBUTES
+                    or owner == "platform" and name in PLATFORM_CALLS or owner == "os" and name == "name"):
+                found.append((node.lineno, f"{owner}.{name}"))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open" and node.args:
+            first = node.args[0]
+            text = first.value if isinstance(first, ast.Constant) else \
+                first.values[0].value if isinstance(first, ast.JoinedStr) and isinstance(first.values[0], ast.Constant) \
+                else ""
+            if isinstance(text, str) and text.startswith(("/proc", "/sys")):
+                found.append((node.lineno, f"open({text!r})"))
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in ALL if p != SYSTEM], ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_system_module_touches_the_operating_system(path):
+    """Locks, no-follow opens, child processes, signal masks, memory and CPU facts, the allocator: each goes through
+    gpt_toolkit/core/system.py with its fallback for Windows and macOS (issue 54), so that nothing else can forget it."""
+    assert platform_calls(path) == []
+
+
+def test_the_platform_check_finds_what_it_looks_for():
+    """The check above, on the system module itself, finds its calls (so an empty answer elsewhere means something)."""
+    found = {what for _, what in platform_calls(SYSTEM)}
+    assert {"import fcntl", "import msvcrt", "import ctypes", "os.getloadavg", "open('/proc/meminfo')",
+            "signal.pthread_sigmask", "signal.SIGKILL", "os.kill"} <= found, found

@@ -38,7 +38,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 
 import torch
 
-from gpt_toolkit.core import hardware
+from gpt_toolkit.core import hardware, system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.errors import ConfigError, UserError, run_main
 from gpt_toolkit.core.process import setup_process
@@ -120,8 +120,7 @@ class FaultCounter(StepClock):
         self.faults = []
 
     def after_step(self, step, loss, norm, lr):
-        import resource  # Unix: the page-fault count
-        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+        self.faults.append(system.minor_page_faults())
         super().after_step(step, loss, norm, lr)
 
 

@@ -15,8 +15,6 @@ Extra --key=value arguments reach both runs (e.g. --lora_targets=c_attn, --dtype
 """
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from gpt_toolkit.core.startup import start_script
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.config import load_config, validate
 from gpt_toolkit.core.errors import UserError, run_main
@@ -57,9 +56,7 @@ def make_base(directory, *, data_dir, dataset):
 def rss_peak():
     """This process's peak resident bytes: Linux's VmHWM (ru_maxrss would include the parent's: Linux keeps it across
     exec), else ru_maxrss."""
-    if Path("/proc/self/status").exists():
-        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
+    return system.peak_resident()
 
 
 def measure(argv, steps):

@@ -25,25 +25,10 @@ from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.errors import UserError, run_main
 from gpt_toolkit.core.tokenizer import GPT2Tokenizer
-
-
-def tree_rss(pid):
-    """Resident memory of a process and all its descendants, in bytes (0 once it has ended)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except (OSError, StopIteration):
-            continue
-    return total
 
 
 def run_measured(cmd):
@@ -54,7 +39,7 @@ def run_measured(cmd):
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid))
+            peak[0] = max(peak[0], (system.tree_resident_bytes(proc.pid) or 0))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)

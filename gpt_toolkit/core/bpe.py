@@ -3,9 +3,8 @@
 goes through tiktoken, built from the same merges (the ranks of a trained BPE are its merge order, as GPT-2's are):
 several times faster than the tokenizers library on one thread, and the same ids (tested against it)."""
 import json
-import multiprocessing
-import os
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import child_signals, forking_children
 
 EOT = "<|endoftext|>"
@@ -20,10 +19,11 @@ def train_bpe(texts, vocab_size):
     ids: <|endoftext|> is id 0, the 256 bytes follow, then the merges. A corpus with fewer pairs than that gives a
     smaller vocabulary (its size is the tokenizer's). The training (tokenizers' Rust code: a minute on 100 MB, deaf to
     Ctrl-C) runs in a child process where the platform forks, so that a Ctrl-C ends it at once."""
-    if not hasattr(os, "fork"):
+    if not system.forks():  # a spawned child would pickle the whole corpus over, and start torch afresh
         return _train_bpe(texts, vocab_size)
-    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
-    child = multiprocessing.get_context("fork").Process(target=_train_bpe_into, args=(send, texts, vocab_size),
+    context = system.child_context()
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_train_bpe_into, args=(send, texts, vocab_size),
                                                         daemon=True)
     with forking_children():  # the child dies at the SIGTERM that ends it, even inside Rust
         child.start()

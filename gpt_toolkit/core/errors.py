@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from gpt_toolkit.core import system
+
 
 class UserError(Exception):
     """A problem the user can fix. The message names the problem and the fix."""
@@ -80,18 +82,18 @@ def forking_children():
     inside Rust or C never runs, and one that replaced it just after the signal came swallowed it (a pool ended at once
     waited for ever). In this process a signal that another thread takes meanwhile is only recorded (raised inside a
     fork hook it would be swallowed: a Ctrl-C lost), and raised again once the children exist."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread() or not system.can_block_signals():
         yield  # Windows: no fork, and children start fresh
         return
-    held, caught = (signal.SIGINT, signal.SIGTERM), []
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    held, caught = system.stop_signals(), []
+    system.block_signals(held)
     previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # one that waited for this thread reaches its handler now
+        system.unblock_signals(held)  # one that waited for this thread reaches its handler now
         for signum in caught[:1]:
             signal.raise_signal(signum)
 
@@ -101,8 +103,7 @@ def child_signals():
     fatal, then both unblocked (a SIGTERM that came since the fork ends the child now)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    system.unblock_signals(set(system.stop_signals()))
 
 
 INTERRUPTED = "interrupted: stopped before finishing; no file was left half-written"
@@ -125,7 +126,7 @@ def quiet_interrupts():
     raised inside a library's import can be swallowed by it or leave a module half-imported that fails later with a
     traceback. Also sets sys.excepthook to print a KeyboardInterrupt that escapes otherwise in one line."""
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM) if not _under_torchrun() else (signal.SIGINT,):
+        for sig in system.stop_signals() if not _under_torchrun() else (signal.SIGINT,):
             signal.signal(sig, _exit_at_once)
     previous = sys.excepthook
 
@@ -164,13 +165,14 @@ def run_main(main, argv=None):
     steps is ignored instead of ending a finished tool with no word."""
     if signal.getsignal(signal.SIGINT) is _exit_at_once:  # the imports are done: a Ctrl-C is a KeyboardInterrupt again
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if signal.getsignal(signal.SIGTERM) is _exit_at_once:  # and a SIGTERM one too (Terminated)
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    for sig in system.stop_signals()[1:]:  # and a SIGTERM (or Windows' Ctrl-Break) one too (Terminated)
+        if signal.getsignal(sig) is _exit_at_once:
+            signal.signal(sig, _raise_terminated)
 
     def end(code):
         if argv is None:
             gc.freeze()
-            for sig in () if _under_torchrun() else (signal.SIGINT, signal.SIGTERM):  # the work is over: a signal
+            for sig in () if _under_torchrun() else system.stop_signals():  # the work is over: a signal
                 signal.signal(sig, signal.SIG_IGN)  # now would only kill the exit (Python's last steps reset handlers)
         sys.exit(code)
     try:

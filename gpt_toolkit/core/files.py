@@ -10,6 +10,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import UserError
 
 TEMP_MARKER = "gpt-toolkit-tmp"
@@ -20,21 +21,6 @@ def temp_path(path):
     """Where `path` is written before it is renamed into place: hidden, beside it, named for this process."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{TEMP_MARKER}")
-
-
-def process_alive(pid):
-    """Whether a process with this id runs (on this machine). Where that cannot be told, it counts as alive."""
-    if pid == os.getpid():
-        return True
-    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there; never clean up what may be someone's
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists but is not ours to signal
-        return True
-    return True
 
 
 def open_no_follow(path, flags, mode=0o644):
@@ -51,9 +37,9 @@ def open_no_follow(path, flags, mode=0o644):
                             f"file of that name: move it away")
     if path.exists() and not path.is_file():
         raise not_regular
-    nonblock = getattr(os, "O_NONBLOCK", 0)  # a FIFO put there after the look above must not hang the open either
+    no_follow, nonblock = system.no_follow_flags()  # nor a FIFO put there after the look above: no hang either
     try:
-        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | nonblock, mode)
+        fd = os.open(path, flags | no_follow, mode)
     except OSError as e:
         raise UserError(f"could not open {path} ({e.strerror or e}): check the directory's permissions and free "
                         f"space") from None
@@ -277,7 +263,7 @@ def remove_stale_temps(directory):
     removed = []
     for p in Path(directory).glob(f".*.{TEMP_MARKER}"):
         m = _TEMP_NAME.match(p.name)
-        if m is None or process_alive(int(m.group(1))):
+        if m is None or system.process_alive(int(m.group(1))):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

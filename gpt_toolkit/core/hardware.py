@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import UserError
 from gpt_toolkit.core.files import atomic_write_text
 
@@ -134,14 +135,9 @@ def cpu_has_native_bf16():
 def cpu_name():
     """The CPU's model name and the bf16 units it shows (for benchmark output: every figure names its machine)."""
     name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
-        if "model name" in info:
-            name = f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
-    except OSError:
-        pass
+    info = system.cpu_info()
+    if "model name" in info:
+        name = f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
     units = [f for f in ("amx_bf16", "avx512_bf16") if cpu_flags().get(f)]
     return f"{name}, {os.cpu_count()} cores, {' + '.join(units) if units else 'no bf16 units'}"
 
@@ -277,8 +273,10 @@ def memory_in_use(device):
     """Bytes in use now: CUDA's allocator on GPU, the process's resident set on CPU."""
     if device_type(device) == "cuda":
         return torch.cuda.memory_allocated(device)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    resident = system.resident_bytes()
+    if resident is None:
+        raise UserError(f"the resident memory of a process cannot be read on {system.kind()}: measure on Linux")
+    return resident
 
 
 def reset_peak_memory(device):
@@ -286,22 +284,18 @@ def reset_peak_memory(device):
     if device_type(device) == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        raise UserError("measuring peak memory on CPU needs Linux's /proc/self/clear_refs") from None
+    if not system.reset_peak_resident():
+        raise UserError("measuring peak memory on CPU needs Linux's /proc/self/clear_refs: measure on Linux")
 
 
 def peak_memory(device):
     """Peak bytes since reset_peak_memory."""
     if device_type(device) == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise UserError("no VmHWM in /proc/self/status: cannot read the peak memory on this system")
+    peak = system.peak_resident()
+    if peak is None:
+        raise UserError("no VmHWM in /proc/self/status: cannot read the peak memory on this system")
+    return peak
 
 
 def gpu_spec_peaks(name):
@@ -349,12 +343,8 @@ def peak_flops(device, dtype):
 def machine_is_busy():
     """True when the last minute's load average is above half this process's cores (other work shares them), False
     where the load is unknown (Windows)."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return load > cores / 2
+    load = system.load_average()
+    return load is not None and load > system.usable_cores() / 2
 
 
 def peak_cache_path():
@@ -385,14 +375,13 @@ def cpu_fma_flops():
     16, AVX2 8), one FMA unit counted; None where the clock or the vector width is unknown."""
     flags = cpu_flags()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            mhz = float(next(line.split(":")[1] for line in f if line.startswith("cpu MHz")))
-    except (OSError, StopIteration, ValueError):
+        mhz = float(system.cpu_info()["cpu MHz"])
+    except (KeyError, ValueError):
         return None
     lanes = 16 if flags.get("avx512_f") else 8 if flags.get("avx2") and flags.get("fma3") else 0
     if not lanes or mhz <= 0:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = system.usable_cores()
     return cores * mhz * 1e6 * 2 * lanes, f"{cores} cores x {mhz / 1000:.2f} GHz x {2 * lanes} float32 FLOP per cycle"
 
 

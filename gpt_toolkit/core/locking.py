@@ -8,16 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import UserError
-from gpt_toolkit.core.files import open_no_follow, process_alive
+from gpt_toolkit.core.files import open_no_follow
 
 LOCK_NAME = ".gpt-toolkit.lock"  # the lock file; it stays when its owner ends, unlocked
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-    import msvcrt
 
 
 class DirectoryLock:
@@ -32,7 +27,7 @@ class DirectoryLock:
     def acquire(self):
         f = os.fdopen(open_no_follow(self.path, os.O_RDWR | os.O_CREAT), "r+", encoding="utf-8")  # held while locked
         try:
-            _lock(f)
+            system.lock(f)
         except OSError:
             self._refuse(f)
         try:
@@ -55,14 +50,14 @@ class DirectoryLock:
         f = os.fdopen(open_no_follow(self.path, os.O_RDONLY), encoding="utf-8")
         with f:
             try:
-                _lock(f)
+                system.lock(f)
             except OSError:
                 self._refuse(f)
 
     def _refuse(self, f):
         f.seek(0)
         recorded = f.read().strip()
-        holder = lock_holder(f)
+        holder = system.lock_holder(f)
         f.close()
         raise UserError(f"{self.what} '{self.path.parent}' is being written by {describe_holder(holder, recorded)}: wait "
                         f"for it to finish {self.fix}") from None
@@ -86,45 +81,10 @@ def describe_holder(pid, recorded):
     it started, which shares the lock, goes on; a lock taken by a program that writes nothing)."""
     written = re.match(r"pid (\d+) ", recorded + " ")
     if pid is None:
-        if written and process_alive(int(written.group(1))):
+        if written and system.process_alive(int(written.group(1))):
             return recorded
         return "another process (which one cannot be told here" + (f"; the lock file names {recorded!r}, which has "
                                                                     f"ended" if written else "") + ")"
     if written and int(written.group(1)) == pid:
         return recorded
-    return f"pid {pid} ({command_line(pid) or 'its command line cannot be read'})"
-
-
-def lock_holder(f):
-    """The id of the process holding a flock on the open file f, from /proc/locks (Linux), or None where that cannot
-    be told. Lines read 'N: FLOCK  ADVISORY  WRITE PID MAJOR:MINOR:INODE 0 EOF'; a waiter's line has '->'."""
-    try:
-        st = os.fstat(f.fileno())
-        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
-            lines = locks.read().splitlines()
-    except OSError:
-        return None
-    exact, same_inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}", f":{st.st_ino}"
-    found = [(parts[5], int(parts[4])) for parts in map(str.split, lines)
-             if len(parts) >= 6 and parts[1] == "FLOCK" and "->" not in parts and parts[4].isdigit()]
-    for device in (exact, same_inode):  # an overlay file system reports another device than fstat
-        pids = {pid for where, pid in found if where == device or (device == same_inode and where.endswith(device))}
-        if len(pids) == 1 and 0 not in pids:
-            return pids.pop()
-    return None
-
-
-def command_line(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", errors="replace").strip()[:200]
-    except OSError:
-        return None
-
-
-def _lock(f):
-    if fcntl is not None:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    else:
-        f.seek(0)
-        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    return f"pid {pid} ({system.command_line(pid) or 'its command line cannot be read'})"

@@ -13,21 +13,18 @@ data/openwebtext/prepare.py), char a blank line ("\\n\\n").
 """
 import collections
 import contextlib
-import ctypes
 import functools
 import json
-import multiprocessing
 import os
 import pickle
 import shutil
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.bpe import EOT, MAX_VOCAB, MIN_VOCAB, tiktoken_encoding, train_bpe
 from gpt_toolkit.core.errors import UserError, child_signals, forking_children
 from gpt_toolkit.core.files import atomic_write, fingerprint, remove_stale_temps, replace_together
@@ -279,11 +276,7 @@ def _worker_init(load, parent):
     printing a BrokenPipeError traceback, or waiting for tasks forever (one killed between the fork and the prctl is
     found by its parent's pid: the worker then ends itself)."""
     child_signals()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    system.die_with_parent()
     if os.getppid() != parent:
         os._exit(1)
     if load is not None:
@@ -305,12 +298,12 @@ class _Workers:
 
     def __init__(self, num_proc, kind=None, vocabulary=None):
         self.pool = None
-        fork = os.name == "posix"
+        fork = system.forks()
         if num_proc == 1 or fork:
             _init(kind, vocabulary)  # forked workers inherit the loaded tokenizer instead of each loading it again
         if num_proc > 1:
             with forking_children():
-                self.pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(
+                self.pool = system.child_context().Pool(
                     num_proc, initializer=_worker_init, initargs=(None if fork else (kind, vocabulary), os.getpid()))
         self.limit = 4 * num_proc  # enough queued that no worker waits for the next chunk
 

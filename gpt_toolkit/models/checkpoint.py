@@ -34,9 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import UserError, first_line, interrupt_behind, short
 from gpt_toolkit.core.files import atomic_write, fsync_dir, temp_path, write_failure_cause
-from gpt_toolkit.core.process import mapped_ranges, release_pages
+from gpt_toolkit.core.process import release_pages
+from gpt_toolkit.core.system import mapped_ranges
 from gpt_toolkit.core.tokenizer import check_meta
 from gpt_toolkit.models import sharding
 from model import MODEL_OPTIONS, model_options
@@ -128,7 +130,7 @@ def existing_checkpoints(out_dir):
 def state_checksum(ckpt, mapped=()):
     """sha256 of a checkpoint's contents but its checksum: every tensor's dtype, shape and bytes, every other value's
     repr, dict keys in a fixed order. The same before saving and after loading with weights_only. mapped: the
-    memory mappings of the file the tensors were loaded from (process.mapped_ranges): each tensor's pages are given
+    memory mappings of the file the tensors were loaded from (system.mapped_ranges): each tensor's pages are given
     back once hashed, so verifying does not hold the whole file in memory."""
     h = hashlib.sha256()
 
@@ -346,7 +348,7 @@ def load_checkpoint(path, map_location="cpu", verify=True, optimizer=True):
 def _load(path, map_location, mmap):
     """torch.load, weights only; with mmap the tensors are the file's pages, read when touched (not on Windows, where
     a mapped file could not be replaced by the next save, and not for a file in torch's legacy format)."""
-    if mmap and os.name != "nt" and map_location == "cpu":
+    if mmap and not system.mapped_files_block_replace() and map_location == "cpu":
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         except RuntimeError as e:

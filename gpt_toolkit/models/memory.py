@@ -9,6 +9,7 @@ import re
 
 import torch
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import ConfigError, UserError
 from gpt_toolkit.models import lora
 
@@ -103,38 +104,21 @@ def best_split(cfg, *, n_params, vocab_size, dtype, budget, device_type):
     return None
 
 
-def _cgroup_free():
-    """Memory left under this process's cgroup (v2) limit, or None where there is no limit."""
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit == "max":
-            return None
-        with open("/sys/fs/cgroup/memory.current") as f:
-            return int(limit) - int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
 def available_memory(device):
     """(bytes this run can still allocate on device, what that figure is), or (None, reason) where it cannot
-    be known. CPU: Linux's MemAvailable (and the container's limit, if lower); CUDA: the free device memory;
-    MPS: Metal's recommended working set."""
+    be known. CPU: the system's available RAM (system.available_memory); CUDA: the free device memory; MPS:
+    Metal's recommended working set, or the system's available RAM when lower (unified memory)."""
     kind = torch.device(device).type
     if kind == "cuda":
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return free, f"free memory on {torch.cuda.get_device_name(torch.device(device))}"
-    if kind == "mps":
-        return torch.mps.recommended_max_memory(), "Metal's recommended working set"
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None, "no /proc/meminfo"
-    cgroup = _cgroup_free()
-    if cgroup is not None and cgroup < free:
-        return cgroup, "memory left under this container's limit"
-    return free, "available RAM"
+    system_free, what = system.available_memory()
+    if kind == "mps":  # unified memory: the GPU's working set is the system's RAM too
+        metal = torch.mps.recommended_max_memory()
+        if system_free is not None and system_free < metal:
+            return system_free, f"{what}, shared with the GPU (less than Metal's recommended working set)"
+        return metal, "Metal's recommended working set"
+    return system_free, what
 
 
 def fit_advice(cfg, *, n_params, vocab_size, dtype, budget, device_type):

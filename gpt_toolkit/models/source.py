@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from gpt_toolkit.core.errors import ConfigError, UserError, first_line, short
-from gpt_toolkit.core.process import mapped_ranges, release_pages
+from gpt_toolkit.core.process import release_pages
+from gpt_toolkit.core.system import mapped_ranges
 from gpt_toolkit.core.tokenizer import GPT2_VOCAB_SIZE, read_meta, tokenizer_from_meta
 from gpt_toolkit.models import lora
 from gpt_toolkit.models.checkpoint import BEST, LATEST, MODEL_ARGS, is_run_dir, load_checkpoint, resume_path, run_checkpoint

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.tokenizer import CHAT_TEMPLATE
 from gpt_toolkit.serving.batching import Slots, draw, prefill
 from gpt_toolkit.serving.sampling import StopAtStrings, TextStream, fit_history, stop_token_ids
@@ -773,7 +774,7 @@ def serve(api, *, host, port, report):
 
         @contextlib.contextmanager
         def capture_signals(self):  # uvicorn's, less raising the signal again once stopped: the caller says it
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in system.stop_signals()}
             try:
                 yield
             finally:

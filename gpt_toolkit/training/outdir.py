@@ -7,8 +7,9 @@ import re
 import shutil
 from pathlib import Path
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import UserError
-from gpt_toolkit.core.files import atomic_write_text, fsync_dir, process_alive, remove_stale_temps
+from gpt_toolkit.core.files import atomic_write_text, fsync_dir, remove_stale_temps
 from gpt_toolkit.core.locking import DirectoryLock
 from gpt_toolkit.models.checkpoint import SET_ASIDE, existing_checkpoints
 
@@ -123,7 +124,7 @@ def settle_killed_overwrites(out_dir):
     notes = []
     for d in sorted(Path(out_dir).glob(f".replaced.*.{SET_ASIDE}*")):
         m = _SET_ASIDE_NAME.match(d.name)
-        if m is None or process_alive(int(m.group(1))) or not d.is_dir():
+        if m is None or system.process_alive(int(m.group(1))) or not d.is_dir():
             continue
         journal = _journal(d)
         if m.group(2):  # the new run had saved and was removing it

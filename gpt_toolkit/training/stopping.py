@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import SecondInterrupt
 
 
@@ -44,7 +45,7 @@ class StopRequest:
             self.depth -= 1
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in system.stop_signals():
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
