@@ -368,7 +368,7 @@ def test_a_directory_where_a_run_or_dataset_file_belongs_is_one_line(data_dir, t
 def test_metrics_records_no_run_writes_are_skipped_by_resume_and_the_tools(data_dir, tmp_path):
     out = tmp_path / "runs" / "out"
     assert run_script(*train_args(data_dir, out, "--max_iters=20")).returncode == 0
-    with open(out / "metrics.jsonl", "a") as f:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"type": "eval", "step": "x", "train_loss": 1, "val_loss": 1}\n'
                 '{"type": "train", "iter": {"a": 1}, "loss": 1}\n["not", "a", "record"]\n')
     for args in (train_args(data_dir, out, "--init_from=resume", "--max_iters=30"),

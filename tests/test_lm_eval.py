@@ -52,13 +52,14 @@ def test_lm_eval_through_the_server_scores_what_the_native_evaluator_scores(run,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Using remote tokenizer backend" in r.stderr  # it tokenizes through /tokenizer_info and /tokenize
-    results = json.loads(open(glob.glob(str(out / "toolkit" / "results_*.json"))[0]).read())["results"]
+    results = json.loads(open(glob.glob(str(out / "toolkit" / "results_*.json"))[0], encoding="utf-8").read())["results"]
     model, tokenizer = load_model(ModelSource.run(str(run)), "cpu", checkpoint="ckpt.pt")
     for name, theirs in (("mc", "toolkit_mc"), ("words", "toolkit_words"), ("gen", "toolkit_gen")):
         native = score_task(model.float(), tokenizer, read_task_file(TASKS / f"shakespeare_{name}.jsonl"), device="cpu",
                             ctx=contextlib.nullcontext())
-        samples = sorted((json.loads(line) for line in open(glob.glob(str(out / "toolkit" / f"samples_{theirs}_*.jsonl"))[0])),
-                         key=lambda s: s["doc_id"])
+        found = glob.glob(str(out / "toolkit" / f"samples_{theirs}_*.jsonl"))[0]
+        with open(found, encoding="utf-8") as f:
+            samples = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
         if name == "gen":
             assert [s["filtered_resps"][0] for s in samples] == native.per_item  # the very same greedy texts
             assert results[theirs]["exact_match,none"] == native.metrics["exact_match"]

@@ -397,3 +397,38 @@ def test_the_platform_check_finds_what_it_looks_for():
     found = {what for _, what in platform_calls(SYSTEM)}
     assert {"import fcntl", "import msvcrt", "import ctypes", "os.getloadavg", "open('/proc/meminfo')",
             "signal.pthread_sigmask", "signal.SIGKILL", "os.kill"} <= found, found
+
+
+def text_opens_without_encoding(path):
+    """(line, call) of each text-mode open, read_text, write_text, fdopen or NamedTemporaryFile that does not name
+    its encoding (ruff's PLW1514 misses calls on a path it cannot tell is one, e.g. (Path(d) / "x").write_text)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        if name in ("read_text", "write_text") and not isinstance(node.func, ast.Attribute):
+            continue  # the toolkit's own tokenizer.read_text, which reads UTF-8
+        keywords = {k.arg for k in node.keywords}
+        if name not in ("open", "read_text", "write_text", "fdopen", "NamedTemporaryFile", "TemporaryFile") or \
+                "encoding" in keywords:
+            continue
+        mode_at = {"open": 1, "fdopen": 1, "NamedTemporaryFile": 0, "TemporaryFile": 0}.get(name)
+        mode = next((k.value for k in node.keywords if k.arg == "mode"), None)
+        if mode is None and mode_at is not None and len(node.args) > mode_at:
+            mode = node.args[mode_at]
+        mode_text = mode.value if isinstance(mode, ast.Constant) else None if mode is not None else \
+            ("w+b" if name in ("NamedTemporaryFile", "TemporaryFile") else "r")
+        if name == "open" and isinstance(node.func, ast.Attribute) and node.func.attr == "open" and \
+                getattr(node.func.value, "id", "") in ("os", "gzip", "tarfile", "zipfile", "webbrowser"):
+            continue  # os.open (a descriptor), archives: bytes
+        if isinstance(mode_text, str) and "b" in mode_text:
+            continue
+        found.append((node.lineno, ast.unparse(node)[:80]))
+    return found
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_text_file_is_opened_with_its_encoding(path):
+    """Text is UTF-8 everywhere (issue 54): a Chinese Windows would otherwise read and write it as GBK."""
+    assert text_opens_without_encoding(path) == []

@@ -85,13 +85,13 @@ def measure(setting, sample_dir, work, data_dir, tokens):
     time.sleep(12)
     proc.terminate()
     proc.wait()
-    quiet_step = step_ms((alone / "metrics.jsonl").read_text().splitlines()[8:])  # after allocation, the first steps
+    quiet_step = step_ms((alone / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[8:])  # after allocation
     busy = work / "busy"
     proc = start_training(busy, data_dir, env)
     time.sleep(8)
-    before = len((busy / "metrics.jsonl").read_text().splitlines())
+    before = len((busy / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
     busy_rate = stream_rate(sample_dir, tokens, env)
-    lines = (busy / "metrics.jsonl").read_text().splitlines()[before:]
+    lines = (busy / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[before:]
     proc.terminate()
     proc.wait()
     return quiet_step, step_ms(lines), quiet_rate, busy_rate

@@ -71,7 +71,8 @@ def synthetic_dataset(data_dir, vocab_size, tokens=1 << 20):
         ids.numpy().astype(np.uint16).tofile(path / f"{split}.bin")
     if vocab_size < GPT2_VOCAB_SIZE:
         itos = [chr(32 + i) for i in range(vocab_size)]
-        (path / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": vocab_size, "itos": itos}))
+        (path / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": vocab_size, "itos": itos}),
+                                       encoding="utf-8")
     return path.name
 
 

@@ -1,5 +1,6 @@
 """What every script does first, before it imports torch (seconds): start_script()."""
 import os
+import sys
 
 from gpt_toolkit.core.errors import quiet_interrupts
 
@@ -14,9 +15,14 @@ SPIN_COUNT = "1000"
 
 def start_script():
     """A script's first call, before its other imports: a Ctrl-C during the imports ends it in one line
-    (errors.quiet_interrupts), and OpenMP's idle threads spin only briefly before they sleep (GOMP_SPINCOUNT, read when
-    torch loads OpenMP) unless GOMP_SPINCOUNT or OMP_WAIT_POLICY is set already, or GPT_TOOLKIT_OMP_DEFAULTS=1 asks
-    for OpenMP's own."""
+    (errors.quiet_interrupts); a console that cannot show a character (a GBK console and an emoji) shows '?' instead
+    of ending the run; and OpenMP's idle threads spin only briefly before they sleep (GOMP_SPINCOUNT, read when torch
+    loads OpenMP) unless GOMP_SPINCOUNT or OMP_WAIT_POLICY is set already, or GPT_TOOLKIT_OMP_DEFAULTS=1 asks for
+    OpenMP's own."""
     quiet_interrupts()
+    for stream in (sys.stdout, sys.stderr):  # a console in another code page (GBK on a Chinese Windows, piped to tee)
+        encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("_", "-")
+        if encoding not in ("utf-8", "utf8") and hasattr(stream, "reconfigure"):  # shows what it cannot write as '?'
+            stream.reconfigure(errors="replace")
     if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ) and os.environ.get("GPT_TOOLKIT_OMP_DEFAULTS") != "1":
         os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT

@@ -387,7 +387,7 @@ def export_peft_adapter(model, to):
               "base_model_name_or_path": info["base"]["path"]}
 
     def fill(directory):
-        (Path(directory) / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (Path(directory) / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     remove_stale_temps(Path(to).parent)
