@@ -198,3 +198,21 @@ def test_the_server_starts_serves_and_stops_on_ctrl_c(platform, linux_run):
         out, err = server.communicate(timeout=60)
     assert server.returncode == 0, err
     assert out.startswith("serving ") and "Traceback" not in err, (out, err)
+
+
+@pytest.mark.slow
+def test_chinese_text_prints_to_a_gbk_console_and_what_gbk_lacks_is_a_question_mark(tmp_path):
+    """A Chinese Windows' console (or `| tee` there) writes GBK: Chinese prints, an emoji cannot be written in GBK
+    and shows as '?' instead of ending sample.py with a UnicodeEncodeError."""
+    source = tmp_path / "input.txt"
+    source.write_text("第一章 风起。🌸\n" * 2000, encoding="utf-8")
+    r = run(None, "data/prepare_text.py", f"--input={source}", "--name=zh", f"--data_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    r = run(None, *RUN, "--dataset=zh", "--max_iters=10", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stderr
+    args = ["sample.py", f"--out_dir={tmp_path / 'run'}", "--start=第一章 🌸", "--num_samples=1", "--max_new_tokens=5"]
+    r = run("windows", *args)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.startswith("第一章 ?"), r.stdout
+    bare = run("windows", "-c", "print('第一章 🌸')")  # the same console without the toolkit's start: Python's error
+    assert bare.returncode != 0 and "UnicodeEncodeError" in bare.stderr
