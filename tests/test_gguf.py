@@ -1,7 +1,10 @@
-"""GGUF export, checked by llama.cpp itself (llama-cpp-python, built from PyPI's source by .ci/run): its token ids for a
+"""GGUF export, checked by llama.cpp itself (llama-cpp-python: requirements-gguf.txt, an opt-in install that compiles
+llama.cpp; .ci/run installs it, and the llama.cpp tests skip without it, naming the command): its token ids for a
 text are ours, its logits for a prompt ours within the dtype's tolerance, its greedy continuation sample.py's at
 --temperature=0, for a character vocabulary, GPT-2's, an own BPE and a chat model; bad input is one line and leaves no
 file behind."""
+import os
+import re
 import resource
 import signal
 import subprocess
@@ -18,10 +21,18 @@ from gpt_toolkit.models.gguf_export import gguf_vocabulary, rwkv_escaped
 from gpt_toolkit.models.source import model_from_checkpoint, tokenizer_for_checkpoint
 from model import GPT, GPTConfig
 
+try:  # llama.cpp itself: opt-in, as it is compiled from source (decided here, so a skipped test trains nothing)
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+
 # the models train in the precision dtype=auto picks; llama.cpp loads and runs them (slow: a few seconds a test)
 pytestmark = [pytest.mark.precision, pytest.mark.slow]
 PROMPT = "ROMEO:\nWhat light"  # with the 12 tokens generated, inside the block of 32
 TOLERANCE = {"f32": 1e-2, "f16": 3e-2, "q8_0": 0.3}  # max |logit difference|: llama.cpp's GELU is the tanh form
+NO_LLAMA_CPP = ("needs llama.cpp's Python binding (llama_cpp): pip install -r requirements-gguf.txt (it compiles "
+                "llama.cpp from source: a C++ compiler, about 37 min on 2 cores, once; .ci/run installs it)")
+needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason=NO_LLAMA_CPP)
 
 
 def train(data_dir, out, *extra):
@@ -82,8 +93,8 @@ def test_the_file_holds_gpt2s_tensors_and_our_vocabulary(runs, tmp_path):
 
 @pytest.mark.parametrize("kind,dtype", [("char", "f32"), ("char", "f16"), ("gpt2", "f32"), ("bpe", "f16"),
                                         ("char", "q8_0")])
+@needs_llama_cpp
 def test_llama_cpp_reads_our_ids_logits_and_greedy_text(runs, tmp_path, kind, dtype):
-    llama_cpp = pytest.importorskip("llama_cpp")
     path = export(runs[kind], tmp_path / f"{kind}.gguf", f"--dtype={dtype}")
     model, tokenizer = ours(runs[kind])
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, logits_all=True, n_threads=1, verbose=False)
@@ -107,8 +118,8 @@ def test_llama_cpp_reads_our_ids_logits_and_greedy_text(runs, tmp_path, kind, dt
     assert r.stdout.startswith(PROMPT + out), (r.stdout, out)
 
 
+@needs_llama_cpp
 def test_a_chat_models_tokens_and_template_travel(runs, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
     from test_chat import write_jsonl
     short = [{"prompt": f"Art thou {name}?", "completion": "Ay."} for name in ("Kate", "Romeo", "Puck", "Lear") * 10]
     r = run_script("data/prepare_chat.py", f"--input={write_jsonl(tmp_path / 'c.jsonl', short)}", "--name=c",
@@ -151,3 +162,37 @@ def test_bad_exports_are_one_line_and_leave_nothing(runs, tmp_path):
                         f"--to={tmp_path / 'c.gguf'}"], capture_output=True, text=True, preexec_fn=small_files, timeout=300)
     assert_one_line_error(r, f"could not write {tmp_path / 'c.gguf'}", "nothing was left behind")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.gguf", "empty", "wide"]
+
+
+def test_without_llama_cpp_its_tests_skip_and_bench_gguf_stop_naming_the_install(tmp_path):
+    (tmp_path / "llama_cpp.py").write_text("raise ImportError('llama_cpp is not installed here')\n")  # shadows a real one
+    env = {"PYTHONPATH": str(tmp_path), "COLUMNS": "300"}
+    tests = [f"tests/test_gguf.py::{t.__name__}" for t in (test_llama_cpp_reads_our_ids_logits_and_greedy_text,
+                                                             test_a_chat_models_tokens_and_template_travel)]
+    r = subprocess.run([sys.executable, "-m", "pytest", *tests, "-n0", "-p", "no:cacheprovider", "-rs", "-q"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert r.returncode == 0 and "6 skipped" in r.stdout and "passed" not in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count(NO_LLAMA_CPP) == 2, r.stdout  # the summary's two lines: the parametrized test's, the chat test's
+    assert "pip install -r requirements-gguf.txt" in NO_LLAMA_CPP
+    assert_one_line_error(run_script("tools/bench_gguf.py", f"--out_dir={tmp_path / 'none'}", env=env),
+                          "tools/bench_gguf.py needs llama.cpp", "pip install -r requirements-gguf.txt", "C++ compiler")
+
+
+def requirements(name):
+    """The package names a requirements file installs, through its -r includes."""
+    names = []
+    for line in (ROOT / name).read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            names += requirements(line[3:].strip())
+        elif line:
+            names.append(re.split(r"[\[=<>~ ]", line)[0].lower())
+    return names
+
+
+def test_the_test_install_compiles_nothing_and_ci_keeps_the_llama_cpp_check():
+    assert {"pytest", "gguf", "torch"} <= set(requirements("requirements-dev.txt"))
+    assert "llama-cpp-python" not in requirements("requirements-dev.txt")  # PyPI has its source only: 37 min of C++
+    assert (ROOT / "requirements-gguf.txt").read_text(encoding="utf-8").count("\nllama-cpp-python==0.3.36") == 1
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "-r requirements-gguf.txt" in ci and 'python -c "import llama_cpp"' in ci  # a failed install fails CI

@@ -2,7 +2,8 @@
 
     python tools/bench_gguf.py --out_dir=out-shakespeare-char-fast [--max_new_tokens=500] [--rounds=3] [--threads=N]
 
-Each dtype (f32, f16, q8_0) is exported to a temporary file and run by llama.cpp (llama-cpp-python) generating
+Each dtype (f32, f16, q8_0) is exported to a temporary file and run by llama.cpp (llama-cpp-python: pip install -r
+requirements-gguf.txt, which compiles llama.cpp from source) generating
 --max_new_tokens tokens from one newline at temperature 0.8 (top_k 200, as sample.py's defaults), timed from the first
 token to the last, alternated with our generate() on the same prompt (the KV cache on, dtype=auto). Tokens/s are
 medians over --rounds rounds; every run uses --threads threads (default: every core).
@@ -24,11 +25,21 @@ import torch
 
 from gpt_toolkit.core import hardware
 from gpt_toolkit.core.cli import tool_parser
-from gpt_toolkit.core.errors import UserError, import_optional, run_main
+from gpt_toolkit.core.errors import UserError, run_main
 from gpt_toolkit.core.hardware import cpu_name
 from gpt_toolkit.models.checkpoint import BEST
 from gpt_toolkit.models.gguf_export import DTYPES, write_gguf
 from gpt_toolkit.models.source import ModelSource, load_model
+
+
+def import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError("tools/bench_gguf.py needs llama.cpp's Python binding (llama_cpp): pip install -r "
+                        "requirements-gguf.txt (it compiles llama.cpp from source: a C++ compiler, about 37 min on 2 "
+                        "cores, once)") from None
+    return llama_cpp
 
 
 def time_ours(model, ids, n, ctx):
@@ -58,7 +69,7 @@ def main(argv):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args, _ = parser.parse(argv)
-    llama_cpp = import_optional("llama_cpp", "tools/bench_gguf.py")
+    llama_cpp = import_llama_cpp()
     if min(args.max_new_tokens, args.rounds, args.threads) <= 0:
         raise UserError("--max_new_tokens, --rounds and --threads must be positive")
     model, tokenizer = load_model(ModelSource.run(args.out_dir), "cpu", checkpoint=args.checkpoint)
