@@ -149,8 +149,36 @@ def format_help(defaults, helps, usage):
 
 def format_config(config):
     """The final config, one 'key = value' per line, for the top of a run's log."""
-    width = max(len(k) for k in config)
+    width = max((len(k) for k in config), default=0)
     return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in config.items())
+
+
+def config_files_and_keys(argv):
+    """(the config files on a command line, the names they assign anywhere in them). For the screen's config lines:
+    parse_args has already run and checked them."""
+    files = [arg for arg in argv if not arg.startswith("-")]
+    keys = set()
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read(), filename=path)
+        except (OSError, UnicodeDecodeError, SyntaxError):
+            continue
+        keys |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return files, keys
+
+
+def format_config_summary(config, defaults, argv, cli_keys, full_at):
+    """The config as a run's screen shows it: the keys its config files or --key=value set, and any other that is not
+    its default, under a line naming those sources and where every key is (full_at: training.log)."""
+    files, file_keys = config_files_and_keys(argv)
+    given = file_keys | set(cli_keys)
+    shown = {k: v for k, v in config.items() if k in given or k not in defaults or v != defaults[k]}
+    sources = files + (["--key=value"] if cli_keys else [])
+    what = f"set by {' and '.join(sources)}, or not the default" if sources else "not the default"
+    if not shown:
+        return f"config: every key is its default (all {len(config)} are in {full_at})"
+    return f"config ({what}; all {len(config)} keys are in {full_at}):\n" + format_config(shown)
 
 
 def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="usage: [CONFIG_FILE ...] [--key=value ...]"):

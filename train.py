@@ -26,7 +26,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import format_config
+from configurator import defaults_of, format_config, format_config_summary
 from gpt_toolkit.core import hardware
 from gpt_toolkit.core.config import Config, load_config, validate, validate_lora
 from gpt_toolkit.core.errors import ConfigError, UserError, import_optional, run_main
@@ -122,7 +122,7 @@ def main(argv, *, guards=()):
         try:
             with stop.interruptible():
                 run, compiled, timer = build_run(cfg, world, dataset, model, model_args, log=log, out_dir=out_dir,
-                                                 notes=notes + out_dir.notes + model_notes)
+                                                 notes=notes + out_dir.notes + model_notes, command=(argv, cli_keys))
         except Interrupted as e:
             log.print(f"interrupted ({signal.Signals(e.signum).name}) while building the run: nothing was trained or "
                       f"saved")
@@ -297,11 +297,13 @@ def check_data_and_out_dir(cfg, source, cli_keys, world):
     return cfg, dataset, ckpt, ckpt_path, notes
 
 
-def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir):
+def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, command):
     """(Run, its CompileFallback, its StepTimer): the model on its device with its optimizer and precision, compiled
     and in DDP as the run asks, the config.json that describes the run, and what the loop saves with; the header of
-    the log on the way."""
-    log.print("config:\n" + format_config(dataclasses.asdict(cfg)))
+    the log on the way (command: the command line and the keys it gave as --key=value, for the config's lines)."""
+    config = dataclasses.asdict(cfg)  # every key in training.log; on screen what the command line set or is not a default
+    log.print("config:\n" + format_config(config), screen=format_config_summary(
+        config, defaults_of(Config), *command, full_at=Path(cfg.out_dir) / "training.log"))
     for note in notes:
         log.print(note)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size

@@ -4,7 +4,7 @@ import re
 import pytest
 from conftest import assert_one_line_error, run_script
 
-from configurator import help_of, parse_args
+from configurator import format_config_summary, help_of, parse_args
 from gpt_toolkit.core.config import Config, load_config
 from gpt_toolkit.core.errors import ConfigError
 
@@ -86,6 +86,21 @@ def test_config_file_then_overrides_in_order(tmp_path):
     assert parse(str(f)) == {"batch_size": 7, "dropout": 0.0, "bias": False, "out_dir": "from-file-7", "compile": "auto"}
     assert parse(str(f), "--batch_size=9")["batch_size"] == 9
     assert parse("--batch_size=9", str(f))["batch_size"] == 7  # later wins
+
+
+def test_the_screens_config_is_what_was_set_or_differs(tmp_path):
+    defaults = {k: v for k, v in vars(Defaults).items() if not k.startswith("_")}
+    f = tmp_path / "c.py"
+    f.write_text("bias = False  # the default, but the file sets it\nif True:\n    dropout = 0.3\n")
+    argv = [str(f), "--bs=32", "--compile=auto"]  # an alias, and a default given on the command line
+    config, cli_keys = parse_args(argv, defaults, aliases={"bs": "batch_size"})
+    assert format_config_summary({**config, "out_dir": "o"}, defaults, argv, cli_keys, full_at="o/training.log") == (
+        f"config (set by {f} and --key=value, or not the default; all 5 keys are in o/training.log):\n"
+        "  batch_size = 32\n  dropout    = 0.3\n  bias       = False\n  out_dir    = 'o'\n  compile    = 'auto'")
+    assert format_config_summary({**defaults, "dropout": 0.5}, defaults, [], set(), full_at="t.log") == (
+        "config (not the default; all 5 keys are in t.log):\n  dropout = 0.5")
+    assert format_config_summary(defaults, defaults, [], set(), full_at="t.log") == (
+        "config: every key is its default (all 5 are in t.log)")
 
 
 def test_config_file_errors(tmp_path):

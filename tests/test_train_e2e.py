@@ -1,4 +1,6 @@
 """End to end: train a tiny model on shakespeare_char, read its logs as the tutorial's tools do, sample, resume, DDP."""
+import dataclasses
+import itertools
 import json
 import re
 
@@ -6,6 +8,7 @@ import pytest
 import torch
 from conftest import AUTO_DTYPE, OTHER_DTYPE, TINY_TRAIN, run_script
 
+from gpt_toolkit.core.config import Config
 from gpt_toolkit.models.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.precision  # its code path depends on the precision dtype=auto picks (.ci/run runs it in both)
@@ -60,6 +63,24 @@ def test_metrics_config_and_checkpoint_files(trained):
     assert ckpt["model_args"] == dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=65, dropout=0.2)
     assert ckpt["iter_num"] == 60 and ckpt["best_val_loss"] == pytest.approx(evals[-1]["val_loss"])
     assert ckpt["config"]["batch_size"] == 8
+
+
+def test_the_screen_shows_the_config_that_was_set_and_the_log_keeps_every_key(trained):
+    out, stdout = trained
+    every = [f.name for f in dataclasses.fields(Config)]
+    lines = stdout.splitlines()
+    assert lines[0] == (f"config (set by config/train_shakespeare_char.py and --key=value, or not the default; all "
+                        f"{len(every)} keys are in {out / 'training.log'}):")
+    shown = [line.split("=")[0].strip() for line in itertools.takewhile(lambda x: x.startswith("  "), lines[1:])]
+    file_keys = ["out_dir", "eval_interval", "log_interval", "eval_iters", "always_save_checkpoint", "wandb_log",
+                 "wandb_project", "wandb_run_name", "dataset", "gradient_accumulation_steps", "batch_size", "block_size",
+                 "n_layer", "n_head", "n_embd", "dropout", "learning_rate", "max_iters", "beta2", "warmup_iters",
+                 "lr_decay_iters", "min_lr"]  # wandb_log = False is the default, but the file says so: it shows
+    assert shown == [k for k in every if k in file_keys or k in ("data_dir", "device")] and len(shown) == 24
+    log = (out / "training.log").read_text().splitlines()
+    assert log[0] == "config:" and [line.split("=")[0].strip() for line in log[1:1 + len(every)]] == every
+    assert not log[1 + len(every)].startswith("  ") and "  seed" in "\n".join(log) and "  seed" not in stdout
+    assert list(json.loads((out / "config.json").read_text()))[:len(every)] == every
 
 
 def test_sample_from_checkpoint(trained, tmp_path):

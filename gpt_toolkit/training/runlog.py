@@ -135,10 +135,11 @@ class RunLog:
         self.text, self.jsonl = (os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab",
                                            buffering=0) for path in (self.text_path, self.jsonl_path))
 
-    def print(self, msg=""):
+    def print(self, msg="", screen=None):
+        """msg on stdout and in training.log; screen, where given, is what stdout shows instead (a shorter form)."""
         if not self.enabled:
             return
-        print(msg, flush=True)
+        print(msg if screen is None else screen, flush=True)
         if self.failed is None:
             self._write(self.text, self.text_path, msg + "\n")
 
