@@ -216,3 +216,103 @@ def test_chinese_text_prints_to_a_gbk_console_and_what_gbk_lacks_is_a_question_m
     assert r.stdout.startswith("第一章 ?"), r.stdout
     bare = run("windows", "-c", "print('第一章 🌸')")  # the same console without the toolkit's start: Python's error
     assert bare.returncode != 0 and "UnicodeEncodeError" in bare.stderr
+
+
+# ------------------------------------------------------------------ MPS and Windows by design: the choices, as units
+
+@pytest.fixture
+def on_a_mac(monkeypatch):
+    """A machine whose torch has MPS (Apple silicon) and no CUDA, as torch reports it."""
+    import torch
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    monkeypatch.setattr("platform.system", lambda: "Darwin")
+
+
+def test_mps_is_auto_with_float32_no_scaler_no_compile_and_float32_optimizer_math(on_a_mac):
+    import torch
+
+    from gpt_toolkit.core import hardware
+    device = hardware.resolve_device("auto")
+    assert device == "mps"
+    assert hardware.resolve_dtype("auto", device) == "float32"  # bf16 is opt-in
+    assert hardware.resolve_dtype("bfloat16", device) == "bfloat16"
+    assert hardware.resolve_compile("auto", device) is False and hardware.resolve_compile(True, device) is True
+    assert hardware.optimizer_math_dtype(device) == torch.float32  # Muon's Newton-Schulz: no mixed-dtype ops
+    assert not hardware.grad_scaler(device, "float32").is_enabled()
+    assert not hardware.grad_scaler(device, "bfloat16").is_enabled()
+
+
+def test_mps_refuses_float16_and_bf16_before_macos_14(on_a_mac, monkeypatch):
+    import torch
+
+    from gpt_toolkit.core import hardware
+    from gpt_toolkit.core.errors import UserError
+    with pytest.raises(UserError, match=r"float16 on MPS would need a GradScaler.*--dtype=float32"):
+        hardware.resolve_dtype("float16", "mps")
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)
+    with pytest.raises(UserError, match="bfloat16 on MPS needs macOS 14"):
+        hardware.resolve_dtype("bfloat16", "mps")
+
+
+def test_batches_are_pinned_for_cuda_only(monkeypatch):
+    import torch
+
+    from gpt_toolkit.data import dataset
+    pinned, moved = [], []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(1) or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: moved.append(a) or t)
+    for device in ("mps", "cuda:0"):
+        dataset._to_device(torch.zeros(2), device)
+    assert pinned == [1] and moved == [("mps",), ("cuda:0",)]  # MPS has no pinned memory
+
+
+def test_mps_memory_is_the_systems_when_that_is_lower(on_a_mac, monkeypatch):
+    """Unified memory: Metal's recommended working set is the most a run may take, the system's free RAM when less."""
+    import torch
+
+    from gpt_toolkit.core import system
+    from gpt_toolkit.models import memory
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 16 << 30)
+    monkeypatch.setattr(system, "available_memory", lambda: (5 << 30, "free and inactive RAM (unified)"))
+    assert memory.available_memory("mps") == (5 << 30, "free and inactive RAM (unified), shared with the GPU (less "
+                                                       "than Metal's recommended working set)")
+    monkeypatch.setattr(system, "available_memory", lambda: (30 << 30, "free and inactive RAM (unified)"))
+    assert memory.available_memory("mps") == (16 << 30, "Metal's recommended working set")
+
+
+def test_a_missing_mps_op_names_the_fallback_variable_in_one_line(capsys):
+    from gpt_toolkit.core.errors import run_main
+
+    def main(argv):  # torch's words for an op MPS lacks
+        raise NotImplementedError("The operator 'aten::_fft_r2c' is not currently implemented for the MPS device. If "
+                                  "you want this op to be added in priority during the prototype phase of this feature, "
+                                  "please comment on https://github.com/pytorch/pytorch/issues/77764. As a temporary "
+                                  "fix, you can set the environment variable `PYTORCH_ENABLE_MPS_FALLBACK=1` ...")
+    with pytest.raises(SystemExit) as stop:
+        run_main(main, [])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == ("error: aten::_fft_r2c is not implemented on MPS: set "
+                                       "PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the CPU (slower), or use --device=cpu\n")
+
+
+def test_windows_compiles_nothing_by_default_and_joins_torchrun_with_gloo_without_libuv(monkeypatch):
+    from gpt_toolkit.core import hardware
+    from gpt_toolkit.core.errors import ConfigError
+    from gpt_toolkit.training import distributed
+    monkeypatch.setattr("platform.system", lambda: "Windows")
+    assert hardware.resolve_compile("auto", "cuda:0") is False  # no Triton there
+    assert hardware.resolve_compile(True, "cuda:0") is True  # asked for: tried, with the eager fallback
+    assert distributed.pick_backend("auto", "cuda:0") == "gloo" and distributed.pick_backend("auto", "cpu") == "gloo"
+    with pytest.raises(ConfigError, match="nccl does not exist on Windows: use --backend=gloo"):
+        distributed.pick_backend("nccl", "cuda:0")
+    joined = {}
+    monkeypatch.setenv("USE_LIBUV", "unset")  # recorded, so that the test leaves the variable as it found it
+    monkeypatch.delenv("USE_LIBUV")
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend: joined.update(backend=backend, libuv=os.environ.get("USE_LIBUV")))
+    distributed.init_process_group("auto", "cpu", 2)
+    assert joined == {"backend": "gloo", "libuv": "0"}
+    monkeypatch.setattr("platform.system", lambda: "Linux")  # and Linux as before
+    assert hardware.resolve_compile("auto", "cuda:0") is True and distributed.pick_backend("auto", "cuda:0") == "nccl"

@@ -3,6 +3,7 @@ import contextlib
 import gc
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -157,6 +158,19 @@ def peer_gone(exc):
     return None
 
 
+MPS_FALLBACK = "PYTORCH_ENABLE_MPS_FALLBACK"
+
+
+def missing_mps_op(exc):
+    """A one-line advice for torch's error on an operation MPS does not implement, or None for another error."""
+    text = str(exc)
+    if not isinstance(exc, NotImplementedError) or "MPS" not in text:
+        return None
+    op = re.search(r"operator '([^']+)'", text)
+    return (f"{op.group(1) if op else 'an operation'} is not implemented on MPS: set {MPS_FALLBACK}=1 to run it "
+            f"on the CPU (slower), or use --device=cpu")
+
+
 def run_main(main, argv=None):
     """Run an entry point; turn UserError into 'error: ...' and its exit code, and a Ctrl-C or SIGTERM into one line
     (exit 130 or 143). With argv None (a script's own command line) the process ends here, promptly: gc.freeze first
@@ -197,6 +211,10 @@ def run_main(main, argv=None):
             time.sleep(OTHER_RANKS_WAIT_S)
             print(f"error: another process of this torchrun job failed (its error is above), so this one stopped too "
                   f"(gloo: {gone})", file=sys.stderr, flush=True)
+            end(1)
+        advice = missing_mps_op(e) if interrupt is None else None
+        if advice:
+            print(f"error: {advice}", file=sys.stderr, flush=True)
             end(1)
         if interrupt is None:
             raise

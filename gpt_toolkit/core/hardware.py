@@ -181,7 +181,8 @@ def cpu_bf16_matmul_speedup(n=512, rounds=3, seconds=0.02):
 
 def resolve_dtype(name, device):
     """'auto' -> bfloat16 on CUDA GPUs that support it, else float16 (with GradScaler); on CPU bfloat16 where
-    the CPU multiplies bf16 in hardware (AVX512-BF16/AMX) faster than float32, else float32; float32 on MPS."""
+    the CPU multiplies bf16 in hardware (AVX512-BF16/AMX) faster than float32, else float32; float32 on MPS, where
+    bfloat16 is opt-in (macOS 14 or newer) and float16 is refused (no GradScaler there: nanochat's choices)."""
     kind = device_type(device)
     if name == "auto":
         if kind == "cuda":
@@ -193,7 +194,18 @@ def resolve_dtype(name, device):
         raise UserError(f"unknown dtype '{name}': use auto, float32, bfloat16 or float16")
     if name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"dtype=bfloat16 is not supported by {torch.cuda.get_device_name()}: use --dtype=float16 or --dtype=auto")
+    if name == "float16" and kind == "mps":
+        raise UserError("dtype=float16 on MPS would need a GradScaler, which the toolkit does not use there: use "
+                        "--dtype=float32 (auto) or --dtype=bfloat16 (macOS 14 or newer)")
+    if name == "bfloat16" and kind == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise UserError("dtype=bfloat16 on MPS needs macOS 14 or newer: use --dtype=float32 (auto), or update macOS")
     return name
+
+
+def optimizer_math_dtype(device):
+    """The precision of Muon's Newton-Schulz iteration: bfloat16 where the device multiplies it fast (where auto
+    picks bf16), else float32 (a CPU without bf16 units, and MPS, which refuses ops that mix dtypes)."""
+    return torch.bfloat16 if resolve_dtype("auto", device) == "bfloat16" else torch.float32
 
 
 def dtype_note(dtype, device):
@@ -208,9 +220,10 @@ def dtype_note(dtype, device):
 
 
 def resolve_compile(flag, device):
-    """'auto' compiles on CUDA only: on CPU and MPS compile time is rarely won back."""
+    """'auto' compiles on CUDA only (on CPU and MPS compile time is rarely won back), and not on Windows, where torch
+    has no Triton to compile for the GPU with. True asks for it anywhere (a failure falls back to eager, once)."""
     if flag == "auto":
-        return device_type(device) == "cuda"
+        return device_type(device) == "cuda" and not system.is_windows()
     return bool(flag)
 
 

@@ -5,6 +5,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import ConfigError
 from gpt_toolkit.models.checkpoint import rng_state
 
@@ -43,12 +44,27 @@ def process_device(device, local_rank, world_size):
     return device
 
 
+def pick_backend(backend, device):
+    """The process group's backend: nccl on CUDA, gloo elsewhere and on Windows (where PyTorch has no nccl), unless
+    backend names one; nccl on Windows is refused."""
+    windows = system.is_windows()
+    if backend == "nccl" and windows:
+        raise ConfigError("backend=nccl does not exist on Windows: use --backend=gloo (or auto, which picks it)")
+    if backend != "auto":
+        return backend
+    return "nccl" if torch.device(device).type == "cuda" and not windows else "gloo"
+
+
 def init_process_group(backend, device, world_size):
-    """Join the torchrun job: nccl on CUDA, gloo elsewhere, unless backend names one."""
+    """Join the torchrun job with pick_backend's backend. On Windows the store's client must not ask for libuv,
+    which PyTorch's Windows builds lack since 2.4 (USE_LIBUV=0, unless set; torchrun itself needs it set by the
+    user, docs/distributed.md)."""
     if world_size == 1:
         return
     kind = torch.device(device).type
-    dist.init_process_group(backend=backend if backend != "auto" else ("nccl" if kind == "cuda" else "gloo"))
+    if system.is_windows():
+        os.environ.setdefault("USE_LIBUV", "0")
+    dist.init_process_group(backend=pick_backend(backend, device))
     if kind == "cuda":
         torch.cuda.set_device(device)
 

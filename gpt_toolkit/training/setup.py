@@ -33,10 +33,8 @@ def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None,
     fused = cfg.fused_adamw if fused is None else fused
     lr = learning_rate or cfg.learning_rate
     if cfg.optimizer == "muon":
-        # Newton-Schulz in bfloat16 where the device multiplies it fast (where auto picks it), else in float32
-        fast_bf16 = hardware.resolve_dtype("auto", device) == "bfloat16"
         optimizer = muon_with_adamw(model, weight_decay=cfg.weight_decay, learning_rate=lr, betas=(cfg.beta1, cfg.beta2),
-                                    fused=None if fused else False, ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
+                                    fused=None if fused else False, ns_dtype=hardware.optimizer_math_dtype(device))
     else:
         optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=lr,
                                                betas=(cfg.beta1, cfg.beta2), device_type=kind,
