@@ -142,10 +142,11 @@ def test_the_doctor_says_what_this_machine_picks_in_one_screen():
     r = run_script("tools/doctor.py")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["os", "torch", "cpu", "threads", "auto picks", "MFU peak", "memory",
-                                                      "disk", "data", "tiktoken cache", "packages", "smoke"], lines
-    assert re.match(r"auto picks: device cpu, dtype (float32|bfloat16) \(.+\), compile False$", lines[4]), lines[4]
-    assert "torch 2." in lines[10] and lines[-1].endswith(": ok") and len(lines) <= 25
+    assert [line.split(":")[0] for line in lines] == ["os", "system", "torch", "cpu", "threads", "auto picks", "MFU peak",
+                                                      "memory", "disk", "data", "tiktoken cache", "packages", "smoke"], lines
+    assert lines[1].startswith("system: linux; locks fcntl, workers fork, stop signals SIGINT/SIGTERM, text files utf-8")
+    assert re.match(r"auto picks: device cpu, dtype (float32|bfloat16) \(.+\), compile False$", lines[5]), lines[5]
+    assert "torch 2." in lines[11] and lines[-1].endswith(": ok") and len(lines) <= 25
 
 
 @pytest.mark.slow

@@ -316,3 +316,16 @@ def test_windows_compiles_nothing_by_default_and_joins_torchrun_with_gloo_withou
     assert joined == {"backend": "gloo", "libuv": "0"}
     monkeypatch.setattr("platform.system", lambda: "Linux")  # and Linux as before
     assert hardware.resolve_compile("auto", "cuda:0") is True and distributed.pick_backend("auto", "cuda:0") == "nccl"
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_the_doctor_says_how_the_toolkit_meets_the_platform(platform):
+    r = run(platform, "tools/doctor.py", "--smoke=False", timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.splitlines()[1]
+    assert line == {
+        "windows": "system: windows; locks msvcrt, workers spawn, stop signals SIGINT/SIGTERM/SIGBREAK, text files "
+                   "utf-8 (the default here: cp936), console gbk",
+        "macos": "system: macos; locks fcntl, workers spawn, stop signals SIGINT/SIGTERM, text files utf-8 (the "
+                 f"default here: {r.stdout.split('the default here: ')[1].split(')')[0]}), console utf-8"}[platform]
+    assert "memory: unknown available" in r.stdout  # no /proc/meminfo, and the simulation has no vm_stat nor Win32

@@ -2,16 +2,19 @@
 
     python tools/doctor.py [--smoke=True]
 
-The operating system, Python, the torch build (its CUDA and MPS), the device, dtype and compile setting that `auto`
-picks here and why (the bf16 matmul race on a CPU), the threads and OpenMP settings, free memory and disk, the
-packages' versions, whether the offline data (tinyshakespeare's input.txt, the tiktoken cache) is found, and a smoke
-step: one training step and one generated token of a tiny model on the picked device, timed (about 5 seconds).
-Nothing is written (the smoke step trains in memory).
+The operating system and how the toolkit meets it (locks, worker processes, signals, text encoding), Python, the
+torch build (its CUDA and MPS), the device, dtype and compile setting that `auto` picks here and why (the bf16 matmul
+race on a CPU), the threads and OpenMP settings, free memory and disk, the packages' versions, whether the offline
+data (tinyshakespeare's input.txt, the tiktoken cache) is found, and a smoke step: one training step and one
+generated token of a tiny model on the picked device, timed (about 5 seconds). Nothing is written (the smoke step
+trains in memory).
 """
 import importlib.metadata
+import locale
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 
 import torch
 
-from gpt_toolkit.core import hardware
+from gpt_toolkit.core import hardware, system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.errors import run_main
 from gpt_toolkit.models.memory import available_memory, fmt_bytes
@@ -45,6 +48,11 @@ def version(name):
 
 def machine_lines():
     yield f"os: {platform.platform()} ({platform.machine()}), python {platform.python_version()} ({sys.executable})"
+    signals = "/".join("SIGBREAK" if sig == getattr(signal, "SIGBREAK", None) else signal.Signals(sig).name
+                       for sig in system.stop_signals())
+    yield (f"system: {system.kind()}; locks {'fcntl' if system.fcntl else 'msvcrt'}, workers "
+           f"{'fork' if system.forks() else 'spawn'}, stop signals {signals}, text files utf-8 (the default here: "
+           f"{locale.getpreferredencoding(False)}), console {sys.stdout.encoding}")
     cuda = f"cuda {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)" if torch.version.cuda else "no cuda build"
     mps = "mps available" if torch.backends.mps.is_available() else "no mps"
     yield f"torch: {torch.__version__} ({cuda}; {mps})"

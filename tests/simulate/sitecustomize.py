@@ -118,6 +118,9 @@ def _windows():
     _only_spawn()
     ctypes.CDLL = _refuse_libc(ctypes.CDLL, {None, "libc.so.6", "libc.so", "libSystem.dylib"})
     builtins.open = io.open = _no_proc_open(default_encoding="gbk")
+    import locale
+    locale.getpreferredencoding = lambda do_setlocale=True: "cp936"
+    locale.getencoding = lambda: "cp936"
 
 
 def _macos():
