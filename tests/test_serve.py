@@ -327,6 +327,8 @@ def test_ctrl_c_stops_it_cleanly(base_run):
 # ----------------------------------------------------------------------------- the chat page, in a real browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"]
 
 
 @pytest.mark.slow
@@ -334,26 +336,52 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_the_chat_page_streams_a_reply_in_a_real_browser(chat, tmp_path):
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
             page = browser.new_page()
             page.goto(chat.url + "/")
             page.wait_for_function("document.getElementById('model').textContent === 'tiny-chat'")
-            assert "chat model" in page.inner_text("#info")
+            assert "chat model" in page.inner_text("#info") and page.is_visible("#system")
             page.fill("#temperature", "0")
             page.fill("#max_tokens", "20")
             page.fill("#message", "who is Romeo?")
             page.press("#message", "Enter")
             page.wait_for_selector(".assistant[data-done='1']", state="attached", timeout=60_000)
-            reply = page.inner_text(".assistant")
+            reply = page.inner_text(".assistant .text")
+            labels = page.eval_on_selector_all(".turn .who", "els => els.map(e => e.textContent)")
+            assert page.inner_text(".user") == "you: who is Romeo?"
             page.screenshot(path=str(tmp_path / "chat.png"))
         finally:
             browser.close()
     expected = chat.client().chat.completions.create(model="tiny-chat", temperature=0, max_tokens=20,
                                                      messages=[{"role": "user", "content": "who is Romeo?"}])
-    assert reply == expected.choices[0].message.content and reply
+    assert reply == expected.choices[0].message.content and reply and labels == ["you: ", "model: "]
     assert (tmp_path / "chat.png").stat().st_size > 1000
     if os.environ.get("SCREENSHOT_TO"):  # how docs/chat_page.png is made
         shutil.copy(tmp_path / "chat.png", os.environ["SCREENSHOT_TO"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_chat_page_of_a_base_model_has_no_system_prompt_and_labels_both_turns(base, base_run):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(base.url + "/")
+            page.wait_for_function(f"document.getElementById('model').textContent === {json.dumps(base_run.name)}")
+            assert page.inner_text("#info").startswith("base model: continues your text")
+            assert not page.is_visible("#system") and not page.is_visible("label[for=system]")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "12")
+            page.fill("#message", "ROMEO:")
+            page.press("#message", "Enter")
+            page.wait_for_selector(".assistant[data-done='1']", state="attached", timeout=60_000)
+            turns = page.eval_on_selector_all(".turn", "els => els.map(e => [e.className, e.querySelector('.who')"
+                                                       ".textContent, e.querySelector('.text').textContent])")
+        finally:
+            browser.close()
+    expected = base.client().completions.create(model=base_run.name, prompt="ROMEO:", temperature=0, max_tokens=12)
+    assert turns == [["turn user", "you: ", "ROMEO:"], ["turn assistant", "model: ", expected.choices[0].text]]
+    assert expected.choices[0].text
