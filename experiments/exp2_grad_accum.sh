@@ -15,7 +15,7 @@ run exp2_grad_accum  --batch_size=16 --gradient_accumulation_steps=4 --max_iters
 run exp2_large_batch_nodropout --batch_size=64 --gradient_accumulation_steps=1 --max_iters=500 --dropout=0
 run exp2_grad_accum_nodropout  --batch_size=16 --gradient_accumulation_steps=4 --max_iters=500 --dropout=0 --eval_iters=800
 
-python tools/experiment.py finish exp2 --title "Experiment 2: batch 64 x 1 vs 16 x 4 accumulated"
+python tools/experiment.py finish exp2 --title "Experiment 2: batch {batch} accumulated"  # the runs' own sizes
 # compare_runs.py exits 1 when the curves differ by more than the tolerance: the verdict is in its text, both run
 {
   python tools/compare_runs.py experiments/exp2_large_batch experiments/exp2_grad_accum || true

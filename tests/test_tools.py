@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest
-from conftest import TINY_TRAIN, assert_one_line_error, run_script
+from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 
 from gpt_toolkit.reports.summary import (
     HEADERS,
@@ -360,3 +360,133 @@ def test_the_report_calls_a_difference_inside_the_seeds_spread_no_difference():
     assert "exp3_weight_decay: whole-split val at the end 2.7350 against exp3_overfit's 2.7400 (-0.0050): no " \
            "difference within noise" in text
     assert "end 0.0100 apart" in text
+
+
+def exp2_runs(exp, conditions=None, configs=None):
+    """exp2's four runs as experiments/NAME/ directories at SCALE=cpu's sizes (16 x 1 against 4 x 4); conditions:
+    {name: (start GFLOP/s, end GFLOP/s, start load, end load)} for their conditions.json; configs: {name: {key: value}}
+    on top of their config.json."""
+    shapes = {"exp2_grad_accum": (4, 4, 0.2), "exp2_grad_accum_nodropout": (4, 4, 0.0), "exp2_large_batch": (16, 1, 0.2),
+              "exp2_large_batch_nodropout": (16, 1, 0.0)}
+    for name, (batch, accumulation, dropout) in shapes.items():
+        (exp / name).mkdir(parents=True)
+        config = {"batch_size": batch, "gradient_accumulation_steps": accumulation, "dropout": dropout,
+                  "resolved_device": "cpu", "resolved_dtype": "float32", **(configs or {}).get(name, {})}
+        (exp / name / "config.json").write_text(json.dumps(config))
+        (exp / name / "metrics.jsonl").write_text("".join(json.dumps(
+            {"type": "eval", "step": s, "train_loss": v - 0.05, "val_loss": v}) + "\n" for s, v in ((0, 4.2), (50, 2.5))))
+        if conditions and name in conditions:
+            start, end, load_start, load_end = conditions[name]
+            (exp / name / "conditions.json").write_text(json.dumps(
+                {"start": {"load_avg": load_start, "matmul_gflops": start},
+                 "end": {"load_avg": load_end, "matmul_gflops": end}, "cores": 2}))
+    return exp
+
+
+def test_plot_titles_say_the_runs_own_batch_sizes(tmp_path, monkeypatch):
+    """Experiment 2's plot once said 'batch 64 x 1 vs 16 x 4' (the tutorial's) over runs of 16 x 1 and 4 x 4
+    (SCALE=cpu's): {batch} and {KEY} in a title are the runs' own settings, from their config.json."""
+    from gpt_toolkit.reports import plots
+    from gpt_toolkit.reports.summary import fill_title
+    from tools.experiment import finish
+    from tools.report import build_report
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, output: figures.append(fig) or output)
+    exp = exp2_runs(tmp_path / "experiments")
+    assert finish("exp2", "Experiment 2: batch {batch} accumulated", exp_dir=exp) == 0
+    assert figures[-1].axes[0].get_title() == "Experiment 2: batch 16 x 1 vs 4 x 4 accumulated"
+    script = (ROOT / "experiments" / "exp2_grad_accum.sh").read_text()
+    assert '--title "Experiment 2: batch {batch} accumulated"' in script and "64 x 1 vs 16 x 4 acc" not in script
+    runs = find_runs(exp, "exp2_large*") + [read_run(write_log(tmp_path / "bare.log", {0: (4.0, 4.1)}))]
+    assert fill_title("{batch}; dropout {dropout}; {nothing} {}", runs) == "16 x 1 vs ?; dropout 0.2 vs 0.0 vs ?; " \
+                                                                            "{nothing} {}"
+    r = run_script("tools/plot_loss.py", "compare", exp / "exp2_large_batch", exp / "exp2_grad_accum", "--title",
+                   "batch {batch}", "-o", tmp_path / "c.png")
+    assert r.returncode == 0 and figures[-1].axes[0].get_title() == "batch 16 x 1 vs 4 x 4", r.stderr
+    report = build_report(exp, samples=False, whole_split=False).read_text()
+    assert "## Experiment 2: gradient accumulation vs a large batch (batch 16 x 1 vs 4 x 4)" in report
+    assert figures[-1].axes[0].get_title() == "Experiment 2: gradient accumulation vs a large batch (batch 16 x 1 vs 4 x 4)"
+    assert "- dropout off, batch x accumulation exp2_large_batch_nodropout 16 x 1 vs exp2_grad_accum_nodropout 4 x 4: " \
+           "val curves over 2 evaluations" in report
+
+
+def test_timings_from_a_busier_machine_are_flagged_not_comparable(tmp_path, monkeypatch):
+    """Under load, identical work took 3x as long in one run as in its twin, which read like 'accumulation is 3x
+    slower': each run's conditions.json (the machine's speed and load before and after it) goes with the table, and
+    runs whose machine was more than 1.5x slower than another's get a note that their timings are not comparable."""
+    from gpt_toolkit.reports import plots
+    from gpt_toolkit.reports.summary import timing_note
+    from tools.experiment import finish
+    from tools.report import build_report
+    monkeypatch.setattr(plots, "save_figure", lambda fig, output: output)
+    busy = {"exp2_large_batch": (50.0, 48.0, 0.31, 2.02), "exp2_grad_accum": (17.0, 16.0, None, None),
+            "exp2_large_batch_nodropout": (48.0, 50.0, 2.0, 2.1), "exp2_grad_accum_nodropout": (47.5, 46.0, 2.0, 2.0)}
+    exp = exp2_runs(tmp_path / "busy", busy)
+    note = timing_note(find_runs(exp))
+    assert note.startswith("Time and Tokens/s are not comparable between these runs: the machine was up to 3.0x "
+                           "slower around some of them than around others")  # 48 against 16 GFLOP/s
+    assert "exp2_grad_accum 17.0/16.0 GFLOP/s, load average unknown;" in note  # no load where there is none
+    assert "exp2_large_batch 50.0/48.0 GFLOP/s, load average 0.3/2.0 on 2 cores;" in note
+    assert "busy" not in note  # a load of 2.1 on 2 cores: a run of ours alone
+    assert note.endswith("Compare them by loss; for their speed, run them again on an otherwise idle machine (RERUN=1).")
+    quiet = exp2_runs(tmp_path / "quiet", {name: (50.0, 48.0, 2.0, 2.0) if "large" in name else (36.0, 40.0, 2.0, 2.1)
+                                           for name in busy})
+    assert timing_note(find_runs(quiet)) is None  # 48 against 36: within 1.5x
+    (quiet / "exp2_grad_accum" / "conditions.json").write_text("{not json")  # damaged: as if not recorded
+    assert timing_note(find_runs(quiet)) == (
+        "Time and Tokens/s are not comparable between these runs: the machine's state was not recorded for "
+        "exp2_grad_accum (trained before tools/experiment.py recorded it, or by train.py directly). Compare them by "
+        "loss; for their speed, run them again on an otherwise idle machine (RERUN=1).")
+    # the same speeds before and after, but others' work on the cores all along (measured: a load of 8-10 on the
+    # shared 2-core VM while exp2's times ranged 19.9-47.4 s): not comparable either
+    loaded = exp2_runs(tmp_path / "loaded", {name: (140.0, 135.0, 9.8, 2.0) if name == "exp2_grad_accum" else
+                                             (147.0, 140.0, 2.0, 2.1) for name in busy})
+    assert ("the machine was up to" not in timing_note(find_runs(loaded))
+            and "not comparable between these runs: others' work kept the machine busy around exp2_grad_accum (a load "
+                "average above 1.5x its cores, where a run of ours alone makes about 1x), so their times depend on what "
+                "else ran (a fixed CPU matmul and the 1-minute load average, before/after each run: exp2_grad_accum "
+                "140.0/135.0 GFLOP/s, load average 9.8/2.0 on 2 cores;" in timing_note(find_runs(loaded)))
+    for name in busy:
+        (loaded / name / "conditions.json").write_text(json.dumps(
+            {"start": {"load_avg": 8.5, "matmul_gflops": 140.0}, "end": {"load_avg": 9.0, "matmul_gflops": 150.0},
+             "cores": 2}))
+    assert "busy around all of them (a load" in timing_note(find_runs(loaded))
+    cuda = exp2_runs(tmp_path / "cuda", configs={"exp2_grad_accum": {"resolved_device": "cuda", "resolved_dtype": "bfloat16"}})
+    assert "they trained on different devices or precisions (exp2_grad_accum cuda/bfloat16, exp2_grad_accum_nodropout " \
+           "cpu/float32" in timing_note(find_runs(cuda))
+    assert timing_note(find_runs(exp2_runs(tmp_path / "unrecorded"))) is None  # nothing known: nothing said
+    # the tools that show the table say it under it; a csv stays rows only (the note on stderr)
+    r = run_script("tools/summarize_experiments.py", exp)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith(note), r.stdout
+    r = run_script("tools/summarize_experiments.py", exp, "--format=csv")
+    assert len(r.stdout.splitlines()) == 5 and note in r.stderr
+    assert run_script("tools/summarize_experiments.py", exp, "--format=markdown", "-o", tmp_path / "t.md").returncode == 0
+    assert (tmp_path / "t.md").read_text().endswith(f"\n\n{note}\n")
+    assert finish("exp2", "Experiment 2", exp_dir=exp) == 0
+    assert (exp / "exp2_summary.md").read_text().endswith(f"|\n\n{note}\n")
+    report = build_report(exp, samples=False, whole_split=False).read_text()
+    assert "| exp2_large_batch_nodropout |" in report.split(note)[0] and "![exp2 comparison]" in report.split(note)[1]
+
+
+def test_an_experiment_run_records_the_machines_load_before_and_after(data_dir, tmp_path, monkeypatch):
+    import os
+
+    from tools.experiment import machine_now
+    for knob in ("SCALE", "EXTRA", "DEVICE", "RERUN"):
+        monkeypatch.delenv(knob, raising=False)
+    r = run_script("tools/experiment.py", "run", "exp9_tiny", *TINY_TRAIN, "--max_iters=10", "--eval_interval=10",
+                   f"--data_dir={data_dir}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "experiments" / "exp9_tiny"
+    conditions = json.loads((run / "conditions.json").read_text())
+    assert set(conditions) == {"start", "end", "cores"} and conditions["cores"] >= 1
+    for moment in (conditions["start"], conditions["end"]):
+        assert moment["matmul_gflops"] > 0 and isinstance(moment["load_avg"], float) and moment["time"][:2] == "20"
+    assert (f"exp9_tiny: the machine ran a fixed CPU matmul at {conditions['start']['matmul_gflops']:.1f} GFLOP/s "
+            f"before it trained and {conditions['end']['matmul_gflops']:.1f} after, 1-minute load average "
+            f"{conditions['start']['load_avg']:.2f} and ") in r.stdout
+    log = (tmp_path / "experiments" / "exp9_tiny.log").read_text()  # the tutorial's lines, as they were
+    assert re.search(r"^step 10: train loss [\d.]+, val loss [\d.]+$", log, re.M)
+    assert re.search(r"^training took [\d.]+ seconds$", log, re.M) and "fixed CPU matmul" not in log
+    monkeypatch.delattr(os, "getloadavg")  # Windows has none
+    assert machine_now(seconds=0.01)["load_avg"] is None

@@ -13,7 +13,10 @@ tutorial's command. Environment knobs:
                           --warmup_iters=0 or --weight_decay=0.0, stays 0)
     RERUN=1               train again even if experiments/NAME already finished with these settings
     EXTRA="--key=value .."  appended to every run's overrides, last (e.g. EXTRA="--max_iters=4" tries a script)
-`finish` writes experiments/FAMILY_comparison.png and FAMILY_summary.md and prints the table.
+Each run also gets experiments/NAME/conditions.json: the machine's 1-minute load average and the speed of a fixed CPU
+matmul just before and just after it trains, so a table can say when runs' times are not comparable.
+`finish` writes experiments/FAMILY_comparison.png and FAMILY_summary.md and prints the table; in --title, {batch}
+(batch_size x gradient_accumulation_steps) and {KEY} (any config key) become the runs' own values.
 """
 import argparse
 import json
@@ -22,6 +25,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +35,15 @@ from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
+import torch
+
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.config import load_config, validate
 from gpt_toolkit.core.errors import UserError, run_main
 from gpt_toolkit.core.files import atomic_write_text, remove_stale_temps
 from gpt_toolkit.models.checkpoint import existing_checkpoints
 from gpt_toolkit.reports.plots import plot_compare
-from gpt_toolkit.reports.summary import find_runs, format_table, summary_row
+from gpt_toolkit.reports.summary import CONDITIONS, fill_title, find_runs, format_table, summary_row, timing_note
 from gpt_toolkit.training.timing import timed_steps
 from train import main as train_main  # the entry point: its loop, clocked
 
@@ -88,12 +94,52 @@ def run(name, overrides, exp_dir="experiments"):
         overrides.append("--overwrite=True")  # running the experiment script again asks for exactly this
     cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / BASE_CONFIG), *overrides, f"--out_dir={out_dir}"]
     print("$ python train.py " + " ".join([BASE_CONFIG, *overrides, f"--out_dir={out_dir}"]), flush=True)
+    (out_dir / CONDITIONS).unlink(missing_ok=True)  # an earlier run's: never beside this run's logs
+    start = machine_now()
     with open(exp_dir / f"{name}.log", "w", encoding="utf-8") as log:  # the tutorial's `2>&1 | tee NAME.log`
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)
-        return proc.wait()
+        code = proc.wait()
+    if out_dir.is_dir():
+        conditions = {"start": start, "end": machine_now(), "cores": usable_cores()}
+        atomic_write_text(out_dir / CONDITIONS, json.dumps(conditions, indent=2) + "\n")
+        print(f"{name}: the machine ran a fixed CPU matmul at {start['matmul_gflops']:.1f} GFLOP/s before it trained "
+              f"and {conditions['end']['matmul_gflops']:.1f} after, 1-minute load average {load_text(start)} and "
+              f"{load_text(conditions['end'])} on {conditions['cores']} cores ({out_dir / CONDITIONS})")
+    return code
+
+
+def usable_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_text(moment):
+    return "unknown" if moment["load_avg"] is None else f"{moment['load_avg']:.2f}"
+
+
+def machine_now(seconds=0.3, n=256):
+    """How busy the machine is now: the 1-minute load average (None where the system has none: Windows) and the
+    median speed of a fixed float32 n x n matmul on the CPU over `seconds` (GFLOP/s), which other work on the cores
+    slows down. Taken between runs, when this tool trains nothing, so it measures everyone else's load."""
+    getloadavg = getattr(os, "getloadavg", None)
+    try:
+        load = getloadavg()[0] if getloadavg is not None else None
+    except OSError:  # the system cannot tell
+        load = None
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: nothing a run draws depends on this
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    a @ b
+    rates = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or not rates:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        rates.append(4 * 2 * n**3 / (time.perf_counter() - t0))
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_avg": load,
+            "matmul_gflops": round(statistics.median(rates) / 1e9, 2)}
 
 
 def steps_for(seconds, overrides, probe=8):
@@ -112,12 +158,17 @@ def finish(family, title, exp_dir="experiments", by_time=False):
     runs = find_runs(exp_dir, f"{family}_*")
     if not runs:
         raise UserError(f"no {family}_* runs in {exp_dir}: run the experiment script first")
+    title = fill_title(title, runs)
     png = plot_compare(runs, Path(exp_dir) / f"{family}_comparison.png", title)
     if by_time:
         print(f"wrote {plot_compare(runs, Path(exp_dir) / f'{family}_comparison_time.png', title + ' (by time)', True)}")
     rows = [summary_row(r) for r in runs]
-    atomic_write_text(Path(exp_dir) / f"{family}_summary.md", format_table(rows, "markdown") + "\n")
+    note = timing_note(runs)
+    atomic_write_text(Path(exp_dir) / f"{family}_summary.md",
+                      format_table(rows, "markdown") + "\n" + (f"\n{note}\n" if note else ""))
     print(format_table(rows, "grid"))
+    if note:
+        print(note)
     print(f"wrote {png} and {Path(exp_dir) / f'{family}_summary.md'}")
     return 0
 

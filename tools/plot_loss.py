@@ -18,7 +18,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.errors import UserError, run_main
 from gpt_toolkit.reports.plots import plot_compare, plot_single
-from gpt_toolkit.reports.summary import load_runs
+from gpt_toolkit.reports.summary import fill_title, load_runs
 
 
 def main(argv):
@@ -26,12 +26,14 @@ def main(argv):
     parser.add_argument("inputs", nargs="+", help="logs, metrics.jsonl files or out_dirs (first word 'compare' to compare)")
     parser.add_argument("-o", "--output", help="PNG to write (default loss_curve.png, or comparison.png when comparing); a "
                         "file there is replaced only if it is a plot (a PNG the toolkit or matplotlib wrote)")
-    parser.add_argument("--title", help="figure title when comparing")
+    parser.add_argument("--title", help="figure title when comparing; {batch} (batch_size x gradient_accumulation_steps) "
+                        "and {KEY} (a config key) become the runs' own values, from their config.json")
     args, _ = parser.parse(argv)
     if args.inputs[0] == "compare":
         if len(args.inputs) < 2:
             raise UserError("compare needs at least one log: plot_loss.py compare LOG1 LOG2 ...")
-        out = plot_compare(load_runs(args.inputs[1:]), args.output or "comparison.png", args.title or "Experiment Comparison")
+        runs = load_runs(args.inputs[1:])
+        out = plot_compare(runs, args.output or "comparison.png", fill_title(args.title or "Experiment Comparison", runs))
         print(f"comparison plot saved to {out}")
     else:
         if len(args.inputs) > 1:

@@ -27,18 +27,21 @@ from gpt_toolkit.models.checkpoint import BEST, LATEST, load_checkpoint
 from gpt_toolkit.models.source import ModelSource, load_model
 from gpt_toolkit.reports.plots import plot_compare
 from gpt_toolkit.reports.summary import (
+    batch_shape,
     curve_difference,
+    fill_title,
     find_runs,
     format_table,
     overfitting_verdict,
     summary_row,
+    timing_note,
     tolerance_for,
 )
 from gpt_toolkit.training.evaluation import checkpoint_split
 
 FAMILIES = {
     "exp1": "Experiment 1: configuration parameters (learning rate, batch size, model size)",
-    "exp2": "Experiment 2: gradient accumulation vs a large batch",
+    "exp2": "Experiment 2: gradient accumulation vs a large batch (batch {batch})",  # the runs' own sizes
     "exp3": "Experiment 3: overfitting and regularization",
     "exp4": "Experiment 4: learning-rate schedules",
     "exp5": "Experiment 5: model size",
@@ -163,8 +166,10 @@ def analysis_exp2(runs):
             steps, mean, worst = curve_difference(by[a], by[b], "val")
             tolerance, why = tolerance_for(by[a], by[b])
             verdict = "below" if worst < tolerance else "above"
-            out.append(f"- {what}: val curves over {len(steps)} evaluations differ by {mean:.6f} on average and "
-                       f"{worst:.6f} at most: {verdict} {tolerance} ({why}; the tutorial predicts < 0.01 in float32)")
+            sizes = f"{by[a].name} {batch_shape(by[a]) or '?'} vs {by[b].name} {batch_shape(by[b]) or '?'}"
+            out.append(f"- {what}, batch x accumulation {sizes}: val curves over {len(steps)} evaluations differ by "
+                       f"{mean:.6f} on average and {worst:.6f} at most: {verdict} {tolerance} ({why}; the tutorial "
+                       f"predicts < 0.01 in float32)")
     return "\n".join(out) or "(the exp2 pairs were not found)"
 
 
@@ -363,11 +368,14 @@ def build_report(exp_dir, samples=True, whole_split=True):
     others = [r for r in all_runs if not any(r.name.startswith(f + "_") for f in FAMILIES)]
     for family in known:
         runs = [r for r in all_runs if r.name.startswith(family + "_")]
+        title = fill_title(FAMILIES[family], runs)
         png = exp_dir / f"{family}_comparison.png"
         if not png.exists():
-            plot_compare(runs, png, FAMILIES[family])
-        section = [f"## {FAMILIES[family]}", format_table([summary_row(r) for r in runs], "markdown"),
-                   f"![{family} comparison]({png.name})"]
+            plot_compare(runs, png, title)
+        section = [f"## {title}", format_table([summary_row(r) for r in runs], "markdown")]
+        if note := timing_note(runs):
+            section.append(note)
+        section.append(f"![{family} comparison]({png.name})")
         if (exp_dir / f"{family}_comparison_time.png").exists():
             section.append(f"![{family} comparison by time]({family}_comparison_time.png)")
         if (exp_dir / f"{family}_lr_schedules.png").exists():
@@ -376,7 +384,9 @@ def build_report(exp_dir, samples=True, whole_split=True):
         section += ["### Analysis", analysis]
         parts.append("\n\n".join(section))
     if others:
-        parts.append("## Other runs\n\n" + format_table([summary_row(r) for r in others], "markdown"))
+        note = timing_note(others)
+        parts.append("## Other runs\n\n" + format_table([summary_row(r) for r in others], "markdown")
+                     + (f"\n\n{note}" if note else ""))
     table = whole_split_table(all_runs) if whole_split else None
     if table:
         parts.append(table)

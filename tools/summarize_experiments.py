@@ -5,7 +5,9 @@
     python tools/summarize_experiments.py --format csv -o results.csv
 
 A run is experiments/<name>/ (its metrics.jsonl, training.log and config.json) or experiments/<name>.log.
-The gap is final val loss minus final train loss; the verdict uses the tutorial's bands.
+The gap is final val loss minus final train loss; the verdict uses the tutorial's bands. A note under the table
+(on stderr for csv) says when the runs' Time and Tokens/s are not comparable: the machine was busier around some of
+them (their conditions.json, from tools/experiment.py), or they trained on different devices.
 """
 import sys
 from pathlib import Path
@@ -19,7 +21,15 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.errors import UserError, run_main
 from gpt_toolkit.core.files import write_output
-from gpt_toolkit.reports.summary import SORT_KEYS, find_runs, format_table, is_table, sorted_rows, summary_row
+from gpt_toolkit.reports.summary import (
+    SORT_KEYS,
+    find_runs,
+    format_table,
+    is_table,
+    sorted_rows,
+    summary_row,
+    timing_note,
+)
 
 
 def main(argv):
@@ -37,15 +47,19 @@ def main(argv):
         raise UserError(f"no runs with logs in {args.exp_dir} (matching '{args.match}'): each run needs "
                         f"NAME/training.log, NAME/metrics.jsonl or NAME.log")
     table = format_table(sorted_rows([summary_row(r) for r in runs], args.sort), args.format)
+    note = timing_note(runs)
+    text = table + ("" if table.endswith("\n") else "\n")
+    if note and args.format != "csv":
+        text += f"\n{note}\n"
+    elif note:  # a csv stays rows only
+        print(note, file=sys.stderr)
     if args.output:
-        write_output(args.output, (table + ("" if table.endswith("\n") else "\n")).encode("utf-8"), ours=is_table,
-                     what="summary table", flag="-o")
+        write_output(args.output, text.encode("utf-8"), ours=is_table, what="summary table", flag="-o")
         print(f"summary of {len(runs)} runs written to {args.output}")
-    elif args.format == "grid":
-        print("=" * 80 + "\nExperiment summary\n" + "=" * 80)
-        print(table)
     else:
-        print(table, end="" if table.endswith("\n") else "\n")
+        if args.format == "grid":
+            print("=" * 80 + "\nExperiment summary\n" + "=" * 80)
+        print(text, end="")
     return 0
 
 

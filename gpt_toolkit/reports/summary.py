@@ -4,6 +4,8 @@ apart."""
 import csv
 import fnmatch
 import io
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -118,3 +120,115 @@ def load_runs(paths):
         except ValueError as e:
             raise UserError(f"{e}: pass a train.py log, a metrics.jsonl or an out_dir") from None
     return runs
+
+
+# ----------------------------------------------------------------------------- titles and timings from the runs
+
+def batch_shape(run):
+    """'16 x 1': the run's batch_size x gradient_accumulation_steps from its config.json; None without one."""
+    b, g = run.config.get("batch_size"), run.config.get("gradient_accumulation_steps")
+    return f"{b} x {g}" if b is not None and g is not None else None
+
+
+def fill_title(title, runs):
+    """The title with {batch} (the runs' batch_size x gradient_accumulation_steps, the least accumulated first) and
+    {KEY} (a config.json key, in run order) filled in from the runs' own settings: their distinct values joined by
+    ' vs ', '?' where a run does not record it. A plot's title then says what the runs were (experiment 2 at
+    SCALE=cpu is 16 x 1 vs 4 x 4, not the tutorial's 64 x 1 vs 16 x 4). Other braces stay as they are."""
+    keys = {k for run in runs for k in run.config} | {"batch"}
+
+    def values(match):
+        key = match.group(1)
+        if key not in keys:
+            return match.group(0)
+        if key == "batch":
+            runs_ = sorted(runs, key=lambda r: (batch_shape(r) is None, r.config.get("gradient_accumulation_steps") or 0))
+            found = [batch_shape(run) for run in runs_]
+        else:
+            found = [run.config.get(key) for run in runs]
+        return " vs ".join(dict.fromkeys("?" if v is None else str(v) for v in found))
+    return re.sub(r"\{(\w+)\}", values, title)
+
+
+CONDITIONS = "conditions.json"  # beside a run's config.json: the machine's state before and after it (tools/experiment.py)
+SPEED_SPREAD = 1.5  # runs whose machine ran the fixed matmul this many times faster or slower: timings not comparable
+BUSY_LOAD = 1.5  # a load average above this many times the cores: others' work on top of a run's own (about a load of
+# its cores' count: torch runs a thread per core)
+
+
+def read_conditions(run):
+    """The run's conditions.json ({"start": {...}, "end": {...}, "cores": N}), or None: a bare log, a run trained
+    without tools/experiment.py or before it recorded them, a damaged file."""
+    path = Path(run.path) / CONDITIONS if run.path is not None and Path(run.path).is_dir() else None
+    try:
+        conditions = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(conditions, dict) or not all(isinstance(conditions.get(k), dict) for k in ("start", "end")):
+        return None
+    speeds = [conditions[k].get("matmul_gflops") for k in ("start", "end")]
+    if not all(_number(v) and v > 0 for v in speeds):
+        return None
+    return conditions
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _loads(conditions):
+    """The run's 1-minute load averages before and after it, or [] where the system has none (Windows)."""
+    loads = [conditions[k].get("load_avg") for k in ("start", "end")]
+    return loads if all(_number(v) for v in loads) else []
+
+
+def _busy(conditions):
+    """Whether others' work kept the machine busy before or after the run: a load average above BUSY_LOAD x cores."""
+    cores = conditions.get("cores")
+    return _number(cores) and cores > 0 and any(load > BUSY_LOAD * cores for load in _loads(conditions))
+
+
+def _conditions_text(name, conditions):
+    speeds = "/".join(f"{conditions[k]['matmul_gflops']:.1f}" for k in ("start", "end"))
+    loads = _loads(conditions)
+    cores = f" on {conditions['cores']} cores" if _number(conditions.get("cores")) else ""
+    load = "/".join(f"{v:.1f}" for v in loads) + cores if loads else "unknown"
+    return f"{name} {speeds} GFLOP/s, load average {load}"
+
+
+def timing_note(runs):
+    """Why the Time and Tokens/s columns of these runs are not comparable, or None when nothing says so: the machine
+    ran a fixed CPU matmul more than SPEED_SPREAD x faster around some runs than around others, or others' work kept
+    it busy (a load average above BUSY_LOAD x its cores; the reported first hour saw 3x the time for identical work
+    under load), the runs trained on different devices or precisions, or only some of them recorded the machine's
+    state."""
+    reasons = []
+    devices = {run.name: f"{run.config['resolved_device']}/{run.config.get('resolved_dtype', '?')}"
+               for run in runs if run.config.get("resolved_device")}
+    if len(set(devices.values())) > 1:
+        reasons.append("they trained on different devices or precisions ("
+                       + ", ".join(f"{name} {device}" for name, device in devices.items()) + ")")
+    known = {run.name: c for run in runs if (c := read_conditions(run)) is not None}
+    if known:
+        loaded = []
+        slowest = {name: min(c["start"]["matmul_gflops"], c["end"]["matmul_gflops"]) for name, c in known.items()}
+        spread = max(slowest.values()) / min(slowest.values())
+        if spread > SPEED_SPREAD:
+            loaded.append(f"the machine was up to {spread:.1f}x slower around some of them than around others")
+        busy = [name for name, c in known.items() if _busy(c)]
+        if busy:
+            around = "all of them" if len(busy) == len(known) > 1 else ", ".join(busy)
+            loaded.append(f"others' work kept the machine busy around {around} (a load average above "
+                          f"{BUSY_LOAD:g}x its cores, where a run of ours alone makes about 1x), so their times depend "
+                          f"on what else ran")
+        if loaded:
+            reasons.append("; ".join(loaded) + " (a fixed CPU matmul and the 1-minute load average, before/after each "
+                           "run: " + "; ".join(_conditions_text(name, c) for name, c in known.items()) + ")")
+        unknown = [run.name for run in runs if run.name not in known]
+        if unknown:
+            reasons.append(f"the machine's state was not recorded for {', '.join(unknown)} (trained before "
+                           f"tools/experiment.py recorded it, or by train.py directly)")
+    if not reasons:
+        return None
+    return ("Time and Tokens/s are not comparable between these runs: " + "; ".join(reasons)
+            + ". Compare them by loss; for their speed, run them again on an otherwise idle machine (RERUN=1).")
