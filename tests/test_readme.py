@@ -38,11 +38,11 @@ EXTRA = " ".join(["--max_iters=4 --eval_interval=2 --eval_iters=2 --log_interval
 STDIN = {"--interactive=True": "ROMEO:\n\n", "--chat=True": "Good morrow, sir.\n\n"}
 
 
-def readme_commands():
-    """Every command line of the README's code blocks, in order: joined where a line ends in a backslash, split at
-    &&, without a leading '$ ' (an example with its output) or a trailing comment."""
+def readme_commands(guide=README):
+    """Every command line of a guide's code blocks (the README's unless text is another's), in order: joined where a
+    line ends in a backslash, split at &&, without a leading '$ ' (an example with its output) or a trailing comment."""
     commands, pending = [], ""
-    for line in README.splitlines():
+    for line in guide.splitlines():
         if not line.startswith("    ") and not pending:
             continue
         text = pending + line.strip()
@@ -56,9 +56,9 @@ def readme_commands():
     return commands
 
 
-def skipped(words):
+def skipped(words, skip=SKIP):
     line = " ".join(words)
-    return next((why for fragment, why in SKIP.items() if fragment in line), None)
+    return next((why for fragment, why in skip.items() if fragment in line), None)
 
 
 def shortened(words):
@@ -80,9 +80,14 @@ def shortened(words):
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory, shakespeare_text):
-    """The toolkit's files as a fresh clone has them (no prepared data, runs or exports), tiny-shakespeare where
-    prepare.py looks for it (offline), and the files a reader brings: notes.txt, corpus/ and dump.jsonl."""
-    root = tmp_path_factory.mktemp("readme") / "toolkit"
+    return fresh_clone(tmp_path_factory.mktemp("readme"), shakespeare_text)
+
+
+def fresh_clone(parent, shakespeare_text):
+    """The toolkit's files as a fresh clone has them (no prepared data, runs or exports), in parent/toolkit:
+    tiny-shakespeare where prepare.py looks for it (offline), the files a reader brings (notes.txt, corpus/ and
+    dump.jsonl), and the standard tasks as if downloaded already, in parent/tasks."""
+    root = parent / "toolkit"
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
                             capture_output=True)  # what a clone has, and the files a developer has not added yet
     if listed.returncode != 0:
@@ -109,7 +114,14 @@ def clone(tmp_path_factory, shakespeare_text):
 
 def run(words, clone, monkeypatch):
     """One README command in the clone: the scripts that have a main() in this process (their cwd the clone), the
-    rest (dataset scripts, whose data/ is their own folder; bash) as a new process there."""
+    rest (dataset scripts, whose data/ is their own folder; bash) as a new process there. A command ending in the
+    tutorial's `2>&1 | tee FILE` also leaves its output, both streams, in FILE."""
+    if "|" in words:
+        at = words.index("|")
+        assert words[at - 1:at + 2] == ["2>&1", "|", "tee"] and len(words) == at + 3, words  # nothing else piped
+        r = run(words[:at - 1], clone, monkeypatch)
+        (clone / words[at + 2]).write_text(r.stdout + r.stderr, encoding="utf-8")
+        return r
     env = {}
     while words and "=" in words[0] and not words[0].startswith("-"):
         key, value = words.pop(0).split("=", 1)
