@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
+from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script, signal_and_time
 
 from gpt_toolkit.models.checkpoint import load_checkpoint
 from gpt_toolkit.training.progress import Heartbeat
@@ -49,9 +49,9 @@ def test_the_whole_runs_time_is_said_once_the_first_steps_are_timed(data_dir, tm
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if line.startswith("estimate:")]
     assert len(lines) == 1, r.stdout
-    assert re.fullmatch(r"estimate: about \d+s more on cpu \(57 steps at [\d.]+ s, 3 evaluations at \d+s\); "
-                        r"ends ~\d\d:\d\d", lines[0]), lines[0]
-    assert r.stdout.index("iter 0:") < r.stdout.index("estimate:") < r.stdout.index("iter 10:")
+    assert re.fullmatch(r"estimate: about \d+s more on cpu \(49 steps at [\d.]+ s, 3 evaluations at \d+s\); "
+                        r"ends ~\d\d:\d\d", lines[0]), lines[0]  # after ten steps timed (Eta.settled)
+    assert r.stdout.index("iter 10:") < r.stdout.index("estimate:") < r.stdout.index("iter 20:")
 
 
 def test_a_config_sized_for_another_machine_is_said_at_the_start_and_the_run_goes_on(data_dir, tmp_path):
@@ -122,10 +122,8 @@ def interrupted_then_resumed(data_dir, tmp_path, extra, signal_after, pause, exp
         if line.startswith(signal_after):
             break
     time.sleep(pause)
-    t0 = time.time()
-    proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=60)
-    assert time.time() - t0 < 2.0, time.time() - t0
+    rest, err, took, bound = signal_and_time(proc, signal.SIGINT)
+    assert took < bound, (took, bound)  # at once: within 2 s, or this busy machine's equivalent (conftest says)
     assert proc.returncode == 130, err
     interrupted = "".join(lines) + rest
     assert expect.format(latest=out / "latest.pt") in interrupted, interrupted

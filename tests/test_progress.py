@@ -25,6 +25,28 @@ def test_eta_from_steady_steps_and_evaluations():
     assert Eta(max_iters=1100, eval_interval=250).evals_after(1000) == 1  # the last step is evaluated too
 
 
+def test_the_start_of_run_estimate_waits_for_settled_steps_and_a_busy_moment_moves_it_little():
+    """Two steps slowed 5x by another program (a newcomer's laptop) made the old 3-step mean read 3.7x long."""
+    eta = Eta(max_iters=1000, eval_interval=250)
+    now = 10.0
+    eta.step_done(1, now)  # the clock starts after the first step
+    for step, seconds in enumerate([0.5, 0.5] + [0.1] * 7, start=2):
+        now += seconds
+        eta.step_done(step, now)
+        assert not eta.settled()  # 3 to 9 steps, 1.7 s at most: not yet
+    now += 0.1
+    eta.step_done(11, now)
+    assert eta.settled() and eta.typical_step() == pytest.approx(0.1)
+    assert eta.whole_run(11, per_eval=2.0) == (pytest.approx(0.1 * 989 + 2.0 * 4), 4)
+    eta.evaluation_done(now, now + 30.0)  # an evaluation between two steps is not a step's time
+    eta.step_done(12, now + 30.1)
+    assert len(eta.steps) == 10 and eta.typical_step() == pytest.approx(0.1)
+    slow = Eta(max_iters=100, eval_interval=50)
+    for step, at in enumerate([0.0, 2.0, 4.0, 6.0], start=1):  # 2 s steps: three of them are enough
+        slow.step_done(step, at)
+    assert slow.settled() and slow.typical_step() == pytest.approx(2.0)
+
+
 def test_progress_line_format_is_invisible_to_the_tutorial_regexes():
     line = progress_line(500, 2000, 75.4, 3725, now=0)
     assert re.fullmatch(r"progress: 500/2000 steps \(25%\), 1m15s elapsed, about 1h02m left \(ends ~\d\d:\d\d\)", line)

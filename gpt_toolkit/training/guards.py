@@ -269,7 +269,7 @@ class GradientMonitor(Guard):
 
 class Progress(Guard):
     """Timing: the tutorial's 'iter N: loss X, time Yms, mfu Z%' line every log_interval steps (evaluations left out
-    of the time), the run's estimate once three steps are timed, the progress line and metrics record of each
+    of the time), the run's estimate once its first steps are timed, the progress line and metrics record of each
     evaluation, and a line now and then through a long evaluation or slow steps (rank 0 prints)."""
 
     def __init__(self, cfg, world, timer):
@@ -323,7 +323,7 @@ class Progress(Guard):
         self.eta.step_done(step + 1, time.time())
         if step % self.cfg.log_interval == 0 and self.world.master:
             self.log_step(step, loss.item(), lr)
-        if self.world.master and not self.estimated and step + 1 - self.first_step >= 3:
+        if self.world.master and not self.estimated and self.eta.settled():
             self.estimated = self.print_estimate(step + 1)
         if self.world.master:
             self.heartbeat.beat(lambda: training_line(step + 1, self.cfg.max_iters, self.eta.per_step(time.time())))
@@ -338,12 +338,12 @@ class Progress(Guard):
                           "mfu": self.timer.mfu, "tokens_per_s": tokens_per_iter / dt})
 
     def print_estimate(self, step):
-        """Once the first steps are timed: how long the whole run takes on this device, evaluations included (an
-        evaluation timed already, else its forward passes at the steps' pace). Returns True once printed."""
+        """Once the first steps are timed (Eta.settled): how long the whole run takes on this device, evaluations
+        included (an evaluation timed already, else its forward passes at the steps' pace). Returns True once printed."""
         cfg, now = self.cfg, time.time()
-        rate = self.eta.per_step(now)
+        rate = self.eta.typical_step()
         per_eval = self.eta.last_eval if self.eta.last_eval is not None else rate * eval_to_step_ratio(cfg)
-        estimate = self.eta.whole_run(step, now, per_eval=per_eval)
+        estimate = self.eta.whole_run(step, per_eval=per_eval)
         if estimate is None:
             return False
         left, evals = estimate

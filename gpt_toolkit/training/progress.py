@@ -1,5 +1,6 @@
 """How fast a training run goes and when it will end: the time per iteration and MFU of the log lines (StepTimer),
 and an estimate of the time left from the measured time per step and per evaluation (Eta)."""
+import statistics
 import time
 
 
@@ -39,23 +40,43 @@ class Eta:
     """Seconds a run still needs. The clock starts after the first step of this process, so start-up costs that
     happen once (allocation, compilation) do not inflate the rate; evaluations are timed apart from the steps."""
 
+    # the start-of-run estimate waits for this many timed steps, or fewer that took this long: three steps' mean
+    # read 2-4x long when another program took the cores for a moment (a newcomer's busy laptop)
+    SETTLED_STEPS, SETTLED_SECONDS = 10, 5.0
+
     def __init__(self, *, max_iters, eval_interval):
         self.max_iters, self.eval_interval = max_iters, eval_interval
         self.t0 = self.step0 = self.last_step = None
         self.eval_seconds = 0.0  # evaluation time since the clock started
         self.last_eval = None  # the latest whole evaluation's duration
+        self.steps = []  # each step's seconds since the one before (none across an evaluation)
+        self.previous = None  # when the last step ended, unless an evaluation came since
 
     def step_done(self, step, now):
         """Called after each training step (step = steps completed)."""
         if self.t0 is None:
             self.t0, self.step0 = now, step
-        self.last_step = step
+        if self.previous is not None:
+            self.steps.append(now - self.previous)
+        self.previous, self.last_step = now, step
 
     def evaluation_done(self, started, now):
         """An evaluation (with its save) ran from started to now."""
         self.last_eval = now - started
+        self.previous = None  # the next step's interval would hold the evaluation
         if self.t0 is not None:
             self.eval_seconds += self.last_eval
+
+    def settled(self):
+        """Whether enough steps are timed for the whole run's estimate (3 at least; SETTLED_STEPS, or SETTLED_SECONDS
+        of them for slow steps)."""
+        n = len(self.steps)
+        return n >= 3 and (n >= self.SETTLED_STEPS or sum(self.steps) >= self.SETTLED_SECONDS)
+
+    def typical_step(self):
+        """The median step's seconds, or None before any is timed: a moment when the machine was busy elsewhere
+        moves the median little, the mean much."""
+        return statistics.median(self.steps) if self.steps else None
 
     def evals_after(self, step):
         """Evaluations still to come after step: every eval_interval, and at max_iters."""
@@ -79,10 +100,10 @@ class Eta:
             return None
         return max(0.0, now - self.t0 - self.eval_seconds) / steps
 
-    def whole_run(self, step, now, *, per_eval):
-        """(seconds the run still needs after `step`, evaluations still to come) at the measured rate, with per_eval
-        seconds for each evaluation; None until a rate is measured."""
-        rate = self.per_step(now)
+    def whole_run(self, step, *, per_eval):
+        """(seconds the run still needs after `step`, evaluations still to come) at the typical step's rate, with
+        per_eval seconds for each evaluation; None until a step is timed."""
+        rate = self.typical_step()
         if rate is None:
             return None
         return rate * (self.max_iters - step) + per_eval * self.evals_after(step), self.evals_after(step)
