@@ -37,6 +37,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 
 import torch
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.config import load_config, validate
 from gpt_toolkit.core.errors import UserError, run_main
@@ -70,9 +71,10 @@ def scaled_overrides(overrides, scale, base_config=BASE_CONFIG):
 def already_done(out_dir, overrides):
     """True when out_dir holds a finished run whose config has every override's value."""
     config_json, log = out_dir / "config.json", out_dir / "training.log"
-    if not (config_json.exists() and log.exists() and "training took" in log.read_text(errors="replace")):
+    if not (config_json.exists() and log.exists()
+            and "training took" in log.read_text(encoding="utf-8", errors="replace")):
         return False
-    done = json.loads(config_json.read_text())
+    done = json.loads(config_json.read_text(encoding="utf-8"))
     wanted, _ = load_config([str(ROOT / BASE_CONFIG), *overrides])
     return all(done.get(k) == v for k, v in vars(wanted).items() if k != "out_dir")
 
@@ -103,16 +105,12 @@ def run(name, overrides, exp_dir="experiments"):
             log.write(line)
         code = proc.wait()
     if out_dir.is_dir():
-        conditions = {"start": start, "end": machine_now(), "cores": usable_cores()}
+        conditions = {"start": start, "end": machine_now(), "cores": system.usable_cores()}
         atomic_write_text(out_dir / CONDITIONS, json.dumps(conditions, indent=2) + "\n")
         print(f"{name}: the machine ran a fixed CPU matmul at {start['matmul_gflops']:.1f} GFLOP/s before it trained "
               f"and {conditions['end']['matmul_gflops']:.1f} after, 1-minute load average {load_text(start)} and "
               f"{load_text(conditions['end'])} on {conditions['cores']} cores ({out_dir / CONDITIONS})")
     return code
-
-
-def usable_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def load_text(moment):
@@ -123,11 +121,7 @@ def machine_now(seconds=0.3, n=256):
     """How busy the machine is now: the 1-minute load average (None where the system has none: Windows) and the
     median speed of a fixed float32 n x n matmul on the CPU over `seconds` (GFLOP/s), which other work on the cores
     slows down. Taken between runs, when this tool trains nothing, so it measures everyone else's load."""
-    getloadavg = getattr(os, "getloadavg", None)
-    try:
-        load = getloadavg()[0] if getloadavg is not None else None
-    except OSError:  # the system cannot tell
-        load = None
+    load = system.load_average()
     gen = torch.Generator().manual_seed(0)  # not the global RNG: nothing a run draws depends on this
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     a @ b
