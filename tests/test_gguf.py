@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.precision, pytest.mark.slow]
 PROMPT = "ROMEO:\nWhat light"  # with the 12 tokens generated, inside the block of 32
 TOLERANCE = {"f32": 1e-2, "f16": 3e-2, "q8_0": 0.3}  # max |logit difference|: llama.cpp's GELU is the tanh form
 NO_LLAMA_CPP = ("needs llama.cpp's Python binding (llama_cpp): pip install -r requirements-gguf.txt (it compiles "
-                "llama.cpp from source: a C++ compiler, about 37 min on 2 cores, once; .ci/run installs it)")
+                "llama.cpp from source: a C++ compiler and 8 CPU-minutes, once; .ci/run installs it)")
 needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason=NO_LLAMA_CPP)
 
 
@@ -192,7 +192,7 @@ def requirements(name):
 
 def test_the_test_install_compiles_nothing_and_ci_keeps_the_llama_cpp_check():
     assert {"pytest", "gguf", "torch"} <= set(requirements("requirements-dev.txt"))
-    assert "llama-cpp-python" not in requirements("requirements-dev.txt")  # PyPI has its source only: 37 min of C++
+    assert "llama-cpp-python" not in requirements("requirements-dev.txt")  # PyPI has its source only: 8 CPU-minutes of C++
     assert (ROOT / "requirements-gguf.txt").read_text(encoding="utf-8").count("\nllama-cpp-python==0.3.36") == 1
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "-r requirements-gguf.txt" in ci and 'python -c "import llama_cpp"' in ci  # a failed install fails CI

@@ -37,8 +37,8 @@ def import_llama_cpp():
         import llama_cpp
     except ImportError:
         raise UserError("tools/bench_gguf.py needs llama.cpp's Python binding (llama_cpp): pip install -r "
-                        "requirements-gguf.txt (it compiles llama.cpp from source: a C++ compiler, about 37 min on 2 "
-                        "cores, once)") from None
+                        "requirements-gguf.txt (it compiles llama.cpp from source: a C++ compiler and 8 CPU-minutes, "
+                        "once)") from None
     return llama_cpp
 
 
