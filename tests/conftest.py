@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -164,6 +165,32 @@ def wait_all(commands, timeout, *, preexec_fns=None, check=True):
             pytest.fail(f"torchrun exited {r.returncode}\nerror lines:\n" + "\n".join(named[-20:])
                         + f"\n--- stderr tail ---\n{r.stderr[-3000:]}")
     return results
+
+
+def signal_and_time(proc, sig, timeout=120):
+    """Send proc the signal and wait for its end: (stdout, stderr, took, bound). took: the seconds from the signal to
+    its end. bound: what "at once" means on this machine now, whatever its load: twice the time a Python process that
+    imports torch, started beside the stop, takes to start and end (about 1 s on a quiet 2-core machine; several on a
+    busy one, as the stop itself takes longer there), and never under 2 s. A stop that waited for its phase to end (a
+    BPE's training, an evaluation) takes longer than that, on a quiet machine and a busy one alike. The strict figure,
+    a quiet machine's, is tools/bench_stops.py's."""
+    yardstick = subprocess.Popen([sys.executable, "-c", "import torch"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    ended = []
+
+    def watch():
+        yardstick.wait(timeout=timeout)
+        ended.append(time.monotonic())
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=timeout)  # only against a hang
+    took = time.monotonic() - t0
+    watcher.join()
+    bound = max(2.0, 2 * (ended[0] - t0))
+    print(f"stopped {took:.2f} s after {signal.Signals(sig).name}; at once here: within {bound:.2f} s")
+    return out, err, took, bound
 
 
 def _run_in_process(module_name, argv, cwd, options):
