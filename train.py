@@ -386,7 +386,7 @@ def check_setup(cfg, source):
     if cfg.parallel == "fsdp":
         distributed.check_fsdp(cfg, world_size)
     device = hardware.resolve_device(distributed.process_device(cfg.device, local_rank, world_size))
-    world = World(rank, local_rank, world_size, device, hardware.resolve_dtype(cfg.dtype, device),
+    world = World(rank, local_rank, world_size, device, hardware.resolve_dtype(cfg.dtype, device, training=True),
                   hardware.resolve_compile(cfg.compile, device))
 
     def trackers(cfg):  # opened only once out_dir exists, on rank 0, with the run's config (a resume's)

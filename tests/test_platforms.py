@@ -161,10 +161,11 @@ def test_a_second_run_on_the_same_out_dir_is_refused_in_one_line(platform, data_
         assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr
         errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and f"pid {first.pid} " in errors[0] and "is being written by" in errors[0], errors
-    finally:
-        first.send_signal(signal.SIGINT)
+    finally:  # Windows: the console's Ctrl-Break (SIGBREAK), which Linux does not have; macOS: Ctrl-C
+        stop = 21 if platform == "windows" else signal.SIGINT
+        first.send_signal(stop)
         rest = first.communicate(timeout=120)[0]
-    assert first.returncode == 130 and "saving checkpoint" in rest, rest  # Ctrl-C: saved, then stopped
+    assert first.returncode == 128 + stop and "saving checkpoint" in rest, rest  # saved, then stopped
 
 
 @pytest.mark.slow
@@ -249,8 +250,9 @@ def test_mps_refuses_float16_and_bf16_before_macos_14(on_a_mac, monkeypatch):
 
     from gpt_toolkit.core import hardware
     from gpt_toolkit.core.errors import UserError
-    with pytest.raises(UserError, match=r"float16 on MPS would need a GradScaler.*--dtype=float32"):
-        hardware.resolve_dtype("float16", "mps")
+    with pytest.raises(UserError, match=r"float16 on MPS would need a GradScaler to train.*--dtype=float32"):
+        hardware.resolve_dtype("float16", "mps", training=True)
+    assert hardware.resolve_dtype("float16", "mps") == "float16"  # sampling needs no GradScaler
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)
     with pytest.raises(UserError, match="bfloat16 on MPS needs macOS 14"):
         hardware.resolve_dtype("bfloat16", "mps")
@@ -329,3 +331,89 @@ def test_the_doctor_says_how_the_toolkit_meets_the_platform(platform):
         "macos": "system: macos; locks fcntl, workers spawn, stop signals SIGINT/SIGTERM, text files utf-8 (the "
                  f"default here: {r.stdout.split('the default here: ')[1].split(')')[0]}), console utf-8"}[platform]
     assert "memory: unknown available" in r.stdout  # no /proc/meminfo, and the simulation has no vm_stat nor Win32
+
+
+def test_windows_locks_a_byte_past_the_record_and_unlocks_before_closing(tmp_path, monkeypatch):
+    """Windows' byte-range locks are mandatory: a refused run must still read the holder's record at the file's
+    start, so the lock lies at system.LOCK_OFFSET; and a closed file's lock lingers there, so each lock is given back
+    before its file closes (check_free, then acquire, in one process)."""
+    from gpt_toolkit.core import system
+    from gpt_toolkit.core.locking import DirectoryLock
+    calls = []
+
+    class Msvcrt:  # Windows' msvcrt.locking, recorded
+        LK_UNLCK, LK_NBLCK = 0, 2
+
+        @staticmethod
+        def locking(fd, mode, nbytes):
+            calls.append((mode, os.lseek(fd, 0, os.SEEK_CUR), nbytes))
+    monkeypatch.setattr(system, "fcntl", None)
+    monkeypatch.setattr(system, "msvcrt", Msvcrt)
+    lock = DirectoryLock(tmp_path, what="out_dir", fix="")
+    lock.check_free()  # no lock file yet: nothing locked
+    lock.acquire()
+    lock.release()
+    lock.check_free()
+    at = system.LOCK_OFFSET
+    assert calls == [(2, at, 1), (0, at, 1), (2, at, 1), (0, at, 1)]
+    assert (tmp_path / ".gpt-toolkit.lock").read_text(encoding="utf-8").startswith(f"pid {os.getpid()} (")
+
+
+def test_windows_opens_the_toolkits_files_untranslated(monkeypatch):
+    """os.open's files are in text mode on Windows unless O_BINARY: training.log would get \\r\\n line ends."""
+    from gpt_toolkit.core import system
+    monkeypatch.setattr(os, "O_BINARY", 0x8000, raising=False)
+    assert system.no_follow_flags()[0] & 0x8000
+
+
+def test_windows_reads_checkpoints_whole_instead_of_mapping_them(tmp_path, monkeypatch):
+    """A mapped file cannot be replaced there: a server mapping ckpt.pt would stop training's next save."""
+    import torch
+
+    from gpt_toolkit.models import checkpoint
+    torch.save({"x": torch.zeros(2)}, tmp_path / "c.pt")
+    mapped = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: mapped.append(k.get("mmap", False)) or real(*a, **k))
+    checkpoint._load(tmp_path / "c.pt", "cpu", True)
+    monkeypatch.setattr("platform.system", lambda: "Windows")
+    checkpoint._load(tmp_path / "c.pt", "cpu", True)
+    assert mapped == [True, False]
+
+
+def test_windows_asks_win32_whether_a_process_runs(monkeypatch):
+    """Not os.kill(pid, 0), a Ctrl-C there: OpenProcess and GetExitCodeProcess."""
+    import ctypes
+
+    from gpt_toolkit.core import system
+    state = {}
+
+    class Kernel32:
+        def OpenProcess(self, access, inherit, pid):
+            return state["handle"]
+
+        def GetLastError(self):
+            return state["error"]
+
+        def GetExitCodeProcess(self, handle, code):
+            code._obj.value = state["code"]
+            return 1
+
+        def CloseHandle(self, handle):
+            state["closed"] = handle
+    monkeypatch.setattr(ctypes, "windll", type("windll", (), {"kernel32": Kernel32()})(), raising=False)
+    monkeypatch.setattr("platform.system", lambda: "Windows")
+    monkeypatch.setattr(os, "kill", lambda pid, sig: pytest.fail("os.kill on Windows"))
+    answers = []
+    for handle, error, code in [(0, 87, None), (0, 5, None), (7, 0, 259), (7, 0, 1)]:
+        state.update(handle=handle, error=error, code=code)
+        answers.append(system.process_alive(os.getpid() + 1))
+    assert answers == [False, True, True, False] and state["closed"] == 7
+
+
+def test_linux_workers_fork_and_the_others_spawn(monkeypatch):
+    from gpt_toolkit.core import system
+    assert system.forks() and system.child_context().get_start_method() == "fork"
+    for name in ("Darwin", "Windows"):
+        monkeypatch.setattr("platform.system", lambda name=name: name)
+        assert not system.forks() and system.child_context().get_start_method() == "spawn"

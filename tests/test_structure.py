@@ -355,33 +355,58 @@ def test_the_tutorials_names_are_train_pys_alone():
 
 
 SYSTEM = PACKAGE / "core" / "system.py"
-PLATFORM_MODULES = {"fcntl", "msvcrt", "resource", "ctypes", "multiprocessing", "winreg", "_winapi"}
-PLATFORM_ATTRIBUTES = {"O_NOFOLLOW", "O_NONBLOCK", "pthread_sigmask", "getloadavg", "sched_getaffinity", "sysconf",
-                       "getrusage", "prctl", "mallopt", "madvise", "get_context", "SIGKILL", "SIGBREAK", "fork",
-                       "kill", "platform"}  # os.kill, sys.platform
-PLATFORM_CALLS = {"system"}  # platform.system()
+PLATFORM_MODULES = {"fcntl", "msvcrt", "resource", "ctypes", "multiprocessing", "winreg", "_winapi", "termios", "pty",
+                    "pwd", "grp", "posix", "nt"}
+# what only some systems have, or asks which system this is (os.name, sys.platform, platform.system/mac_ver/...)
+PLATFORM_ATTRIBUTES = {
+    "os": {"O_NOFOLLOW", "O_NONBLOCK", "O_BINARY", "getloadavg", "sched_getaffinity", "sysconf", "fork", "kill",
+           "killpg", "setsid", "getuid", "getpgid", "setpgrp", "statvfs", "uname", "nice", "register_at_fork",
+           "major", "minor", "name"},
+    "signal": {"pthread_sigmask", "SIGKILL", "SIGBREAK", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "alarm",
+               "setitimer", "CTRL_C_EVENT", "CTRL_BREAK_EVENT"},
+    "sys": {"platform", "getwindowsversion"},
+    "platform": {"system", "mac_ver", "win32_ver", "libc_ver"}}
+PLATFORM_KEYWORDS = {"start_new_session", "preexec_fn", "creationflags"}  # subprocess's POSIX- or Windows-only
 
 
 def platform_calls(path):
     """(line, what) for each platform-specific call in a file: an import of a platform module, an attribute that only
-    some systems have, a question about which system this is, or an open of /proc or /sys."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = {a.name for a in node.names} if isinstance(node, ast.Import) else {node.module or ""}
-            found += [(node.lineno, f"import {n}") for n in names if n.split(".")[0] in PLATFORM_MODULES]
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            owner, name = node.value.id, node.attr
-            if (owner in ("os", "signal", "sys", "ctypes") and name in PLATFORM_ATTRIBUTES
-                    or owner == "platform" and name in PLATFORM_CALLS or owner == "os" and name == "name"):
-                found.append((node.lineno, f"{owner}.{name}"))
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open" and node.args:
-            first = node.args[0]
-            text = first.value if isinstance(first, ast.Constant) else \
-                first.values[0].value if isinstance(first, ast.JoinedStr) and isinstance(first.values[0], ast.Constant) \
-                else ""
-            if isinstance(text, str) and text.startswith(("/proc", "/sys")):
-                found.append((node.lineno, f"open({text!r})"))
+    some systems have (however imported or aliased, or asked for by getattr/hasattr), a question about which system
+    this is, a subprocess option of one system only, or a path under /proc or /sys."""
+    tree, found, aliases = ast.parse(path.read_text(encoding="utf-8")), [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[a.asname or a.name] = a.name
+                if a.name.split(".")[0] in PLATFORM_MODULES:
+                    found.append((node.lineno, f"import {a.name}"))
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.split(".")[0] in PLATFORM_MODULES:
+                found.append((node.lineno, f"import {node.module}"))
+            for a in node.names:
+                if a.name in PLATFORM_ATTRIBUTES.get(node.module, ()):
+                    found.append((node.lineno, f"{node.module}.{a.name}"))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            owner = aliases.get(node.value.id, node.value.id)
+            if node.attr in PLATFORM_ATTRIBUTES.get(owner, ()):
+                found.append((node.lineno, f"{owner}.{node.attr}"))
+        elif isinstance(node, ast.Call):
+            func = getattr(node.func, "id", None)
+            if func in ("getattr", "hasattr") and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) and \
+                    isinstance(node.args[1], ast.Constant):
+                owner = aliases.get(node.args[0].id, node.args[0].id)
+                if node.args[1].value in PLATFORM_ATTRIBUTES.get(owner, ()):
+                    found.append((node.lineno, f"{owner}.{node.args[1].value}"))
+            found += [(node.lineno, f"{k.arg}=") for k in node.keywords if k.arg in PLATFORM_KEYWORDS]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings and \
+                node.value.startswith(("/proc/", "/sys/", "/proc")):
+            found.append((node.lineno, repr(node.value)))
+        elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant) and \
+                str(node.values[0].value).startswith(("/proc", "/sys/")):
+            found.append((node.lineno, repr(node.values[0].value)))
     return found
 
 
@@ -395,18 +420,27 @@ def test_only_the_system_module_touches_the_operating_system(path):
 def test_the_platform_check_finds_what_it_looks_for():
     """The check above, on the system module itself, finds its calls (so an empty answer elsewhere means something)."""
     found = {what for _, what in platform_calls(SYSTEM)}
-    assert {"import fcntl", "import msvcrt", "import ctypes", "os.getloadavg", "open('/proc/meminfo')",
-            "signal.pthread_sigmask", "signal.SIGKILL", "os.kill"} <= found, found
+    assert {"import fcntl", "import msvcrt", "import ctypes", "os.getloadavg", "'/proc/meminfo'",
+            "signal.pthread_sigmask", "signal.SIGKILL", "os.kill", "os.O_NOFOLLOW", "signal.SIGBREAK"} <= found, found
+    sneaky = ROOT / "tests" / "data" / "platform_calls_sample.py"  # each way around the rule, once
+    assert sorted(what for _, what in platform_calls(sneaky)) == sorted([
+        "import termios", "os.getloadavg", "signal.SIGKILL", "os.kill", "os.sched_getaffinity", "start_new_session=",
+        "'/proc/self/status'", "platform.mac_ver"]), platform_calls(sneaky)
 
 
 def text_opens_without_encoding(path):
-    """(line, call) of each text-mode open, read_text, write_text, fdopen or NamedTemporaryFile that does not name
-    its encoding (ruff's PLW1514 misses calls on a path it cannot tell is one, e.g. (Path(d) / "x").write_text)."""
+    """(line, call) of each text-mode open, read_text, write_text, fdopen, NamedTemporaryFile or subprocess pipe
+    (text=True) that does not name its encoding (ruff's PLW1514 misses calls on a path it cannot tell is one, e.g.
+    (Path(d) / "x").write_text)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if not isinstance(node, ast.Call):
             continue
         name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        text_pipe = any(k.arg in ("text", "universal_newlines") for k in node.keywords)
+        if text_pipe and "encoding" not in {k.arg for k in node.keywords}:
+            found.append((node.lineno, ast.unparse(node)[:80]))  # a child's pipe in the code page: system.utf8_pipes
+            continue
         if name in ("read_text", "write_text") and not isinstance(node.func, ast.Attribute):
             continue  # the toolkit's own tokenizer.read_text, which reads UTF-8
         keywords = {k.arg for k in node.keywords}

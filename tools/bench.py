@@ -127,7 +127,7 @@ class FaultCounter(StepClock):
 def fresh_process(argv, *names):
     """Run this tool with argv in a new process; the numbers it prints after each of names."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(cmd, capture_output=True, check=True, **system.utf8_pipes()).stdout.split()
     return [float(out[out.index(name) + 1]) for name in names]
 
 

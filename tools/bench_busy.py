@@ -24,6 +24,7 @@ from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.errors import UserError, run_main
 
@@ -106,7 +107,7 @@ def main(argv):
         r = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char_cpu.py", "--n_layer=2",
                             "--n_embd=64", "--n_head=2", "--max_iters=50", "--eval_interval=50",
                             f"--data_dir={args.data_dir}", f"--out_dir={sample_dir}"], cwd=ROOT, capture_output=True,
-                           text=True)
+                           **system.utf8_pipes())
         if r.returncode != 0:
             raise UserError(f"could not train the sample model: {r.stderr.strip().splitlines()[-1]}")
         results = {s: [] for s in SETTINGS}

@@ -48,7 +48,7 @@ def make_base(directory, *, data_dir, dataset):
             "--max_iters=1", "--eval_iters=1", "--eval_interval=1", "--batch_size=1", "--gradient_accumulation_steps=1",
             "--dropout=0.0", "--bias=True", "--compile=False", "--check_memory=False",
             *(f"--{k}={v}" for k, v in GPT2_124M.items() if k != "vocab_size")]
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, **system.utf8_pipes())
     if r.returncode != 0:
         raise UserError(f"training the base failed: {(r.stderr.strip().splitlines() or ['(no output)'])[-1]}")
 
@@ -84,7 +84,7 @@ def child(variant, argv, steps):
     """One measurement in a fresh process: its peak memory is its own."""
     spec = {"sample": argv} if variant == "sample.py" else {"argv": argv, "steps": steps}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    r = subprocess.run(cmd, capture_output=True, **system.utf8_pipes(dict(os.environ, PYTHONUNBUFFERED="1")))
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise UserError(f"the {variant} run failed: {last}")

@@ -34,7 +34,7 @@ from gpt_toolkit.core.tokenizer import GPT2Tokenizer
 def run_measured(cmd):
     """(seconds, peak summed RSS in bytes, stdout) of a command."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **system.utf8_pipes())
     peak = [0]
 
     def sample():

@@ -24,6 +24,7 @@ from gpt_toolkit.core.startup import start_script
 
 start_script()
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.errors import UserError, run_main
 
@@ -84,7 +85,8 @@ def main(argv):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, str(ROOT / "tools" / "serve.py"), f"--out_dir={args.out_dir}",
-                               f"--port={port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               f"--port={port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              **system.utf8_pipes())
     try:
         line = server.stdout.readline()
         if not line.startswith("serving"):

@@ -28,6 +28,7 @@ from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below: a Ctrl-C meanwhile ends in one line, not a traceback
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.errors import INTERRUPTED, UserError, run_main
 from gpt_toolkit.models.checkpoint import BEST
@@ -72,7 +73,7 @@ def clear(paths):
 
 def start(argv, env):
     return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            **system.utf8_pipes(env))
 
 
 def serve_busy(argv, env, port):

@@ -14,7 +14,6 @@ import locale
 import os
 import platform
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -48,8 +47,7 @@ def version(name):
 
 def machine_lines():
     yield f"os: {platform.platform()} ({platform.machine()}), python {platform.python_version()} ({sys.executable})"
-    signals = "/".join("SIGBREAK" if sig == getattr(signal, "SIGBREAK", None) else signal.Signals(sig).name
-                       for sig in system.stop_signals())
+    signals = "/".join(system.signal_name(sig) for sig in system.stop_signals())
     yield (f"system: {system.kind()}; locks {'fcntl' if system.fcntl else 'msvcrt'}, workers "
            f"{'fork' if system.forks() else 'spawn'}, stop signals {signals}, text files utf-8 (the default here: "
            f"{locale.getpreferredencoding(False)}), console {sys.stdout.encoding}")

@@ -99,7 +99,7 @@ def run(name, overrides, exp_dir="experiments"):
     (out_dir / CONDITIONS).unlink(missing_ok=True)  # an earlier run's: never beside this run's logs
     start = machine_now()
     with open(exp_dir / f"{name}.log", "w", encoding="utf-8") as log:  # the tutorial's `2>&1 | tee NAME.log`
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, **system.utf8_pipes())
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)

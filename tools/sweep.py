@@ -23,6 +23,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 from tabulate import tabulate
 
 from configurator import parse_value
+from gpt_toolkit.core import system
 from gpt_toolkit.core.cli import tool_parser, training_config
 from gpt_toolkit.core.config import CHOICES, Config
 from gpt_toolkit.core.errors import ConfigError, UserError, import_optional, run_main
@@ -70,7 +71,7 @@ def run_trial(trial, cmd, metrics_path, poll_s=0.5):
     """Run one training command, report each eval's val loss to the trial, stop it early if the pruner says so.
     Returns the best val loss. Raises optuna.TrialPruned when pruned, UserError when training fails."""
     optuna = import_optional("optuna", "tools/sweep.py")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **system.utf8_pipes())
     seen, best = 0, float("inf")
     try:
         while True:

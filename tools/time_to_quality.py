@@ -33,6 +33,7 @@ start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile 
 
 import torch
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.errors import UserError, run_main
 from gpt_toolkit.models.checkpoint import BEST, load_checkpoint
@@ -75,7 +76,7 @@ def run_once(name, work, data_dir, nanogpt, extra=()):
         cwd, env = ROOT, None
         cmd = [sys.executable, str(ROOT / "train.py"), *RUNS[name], *extra, f"--out_dir={out}", f"--data_dir={data_dir}"]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, **system.utf8_pipes(env))
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise UserError(f"run {name} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1] if r.stderr else ''}")

@@ -179,10 +179,11 @@ def cpu_bf16_matmul_speedup(n=512, rounds=3, seconds=0.02):
     return best["bfloat16"] / best["float32"]
 
 
-def resolve_dtype(name, device):
+def resolve_dtype(name, device, *, training=False):
     """'auto' -> bfloat16 on CUDA GPUs that support it, else float16 (with GradScaler); on CPU bfloat16 where
     the CPU multiplies bf16 in hardware (AVX512-BF16/AMX) faster than float32, else float32; float32 on MPS, where
-    bfloat16 is opt-in (macOS 14 or newer) and float16 is refused (no GradScaler there: nanochat's choices)."""
+    bfloat16 is opt-in (macOS 14 or newer) and float16 is refused for training (no GradScaler there: nanochat's
+    choices; sampling in float16 needs none)."""
     kind = device_type(device)
     if name == "auto":
         if kind == "cuda":
@@ -194,9 +195,9 @@ def resolve_dtype(name, device):
         raise UserError(f"unknown dtype '{name}': use auto, float32, bfloat16 or float16")
     if name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"dtype=bfloat16 is not supported by {torch.cuda.get_device_name()}: use --dtype=float16 or --dtype=auto")
-    if name == "float16" and kind == "mps":
-        raise UserError("dtype=float16 on MPS would need a GradScaler, which the toolkit does not use there: use "
-                        "--dtype=float32 (auto) or --dtype=bfloat16 (macOS 14 or newer)")
+    if name == "float16" and kind == "mps" and training:
+        raise UserError("dtype=float16 on MPS would need a GradScaler to train, which the toolkit does not use there: "
+                        "use --dtype=float32 (auto) or --dtype=bfloat16 (macOS 14 or newer)")
     if name == "bfloat16" and kind == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
         raise UserError("dtype=bfloat16 on MPS needs macOS 14 or newer: use --dtype=float32 (auto), or update macOS")
     return name

@@ -53,10 +53,14 @@ class DirectoryLock:
                 system.lock(f)
             except OSError:
                 self._refuse(f)
+            system.unlock(f)
 
     def _refuse(self, f):
-        f.seek(0)
-        recorded = f.read().strip()
+        try:
+            f.seek(0)
+            recorded = f.read().strip()
+        except (OSError, UnicodeDecodeError):  # a lock file that is not ours to read: its holder is still told
+            recorded = ""
         holder = system.lock_holder(f)
         f.close()
         raise UserError(f"{self.what} '{self.path.parent}' is being written by {describe_holder(holder, recorded)}: wait "
@@ -64,7 +68,10 @@ class DirectoryLock:
 
     def release(self):
         if self.file is not None:
-            self.file.close()  # closing the file releases the lock
+            with contextlib.suppress(OSError):
+                self.file.flush()
+                system.unlock(self.file)
+            self.file.close()
             self.file = None
 
     def __enter__(self):

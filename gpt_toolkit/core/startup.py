@@ -22,7 +22,8 @@ def start_script():
     quiet_interrupts()
     for stream in (sys.stdout, sys.stderr):  # a console in another code page (GBK on a Chinese Windows, piped to tee)
         encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("_", "-")
-        if encoding not in ("utf-8", "utf8") and hasattr(stream, "reconfigure"):  # shows what it cannot write as '?'
+        if encoding not in ("utf-8", "utf8") and getattr(stream, "errors", None) == "strict" and \
+                hasattr(stream, "reconfigure"):  # shows what it cannot write as '?' (stderr's backslashreplace stays)
             stream.reconfigure(errors="replace")
     if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ) and os.environ.get("GPT_TOOLKIT_OMP_DEFAULTS") != "1":
         os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT

@@ -4,8 +4,6 @@ the C allocator's tuning. Nothing else in the toolkit imports fcntl, msvcrt, res
 or asks which platform it runs on (tests/test_structure.py checks it; tests/test_platforms.py runs the main job in
 a Python made to lack what Windows and macOS lack). Where a fact cannot be known here, the answer is None and the
 caller says so; nothing here raises for a missing feature."""
-import ctypes
-import multiprocessing
 import os
 import platform
 import signal
@@ -22,6 +20,8 @@ try:
     import resource
 except ImportError:  # Windows
     resource = None
+# ctypes and multiprocessing are imported where they are used: errors.py imports this module before a script has
+# made Ctrl-C quiet, and that window stays short
 
 
 def kind():
@@ -36,14 +36,35 @@ def is_windows():
 
 # ---- locks and opens ----
 
+# Windows' byte-range locks are mandatory: a locked byte cannot even be read by another process. The lock is on a
+# byte far past the holder's record (which a refused run reads to say who holds it); a lock may lie past the end.
+LOCK_OFFSET = 1 << 30
+
+
 def lock(f):
     """Take an exclusive, non-blocking lock on the open file f; OSError when another process holds it. flock where
     there is fcntl (the lock dies with its process, even on SIGKILL), msvcrt's byte-range lock on Windows."""
     if fcntl is not None:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    else:
-        f.seek(0)
+        return
+    f.seek(LOCK_OFFSET)
+    try:
         msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    finally:
+        f.seek(0)
+
+
+def unlock(f):
+    """Give back lock(f)'s lock before f is closed: Windows frees the locks of a closed file only some time later,
+    so a process that looked (DirectoryLock.check_free) and then locks at once would find its own lock in the way."""
+    if fcntl is not None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return
+    f.seek(LOCK_OFFSET)
+    try:
+        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+    finally:
+        f.seek(0)
 
 
 def lock_holder(f):
@@ -78,8 +99,8 @@ def process_alive(pid):
     """Whether a process with this id runs (on this machine). Where that cannot be told, it counts as alive."""
     if pid == os.getpid():
         return True
-    if is_windows():  # os.kill(pid, 0) would end it there; never clean up what may be someone's
-        return True
+    if is_windows():  # os.kill(pid, 0) would send it a Ctrl-C there: ask Win32 instead
+        return _windows_process_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -89,11 +110,30 @@ def process_alive(pid):
     return True
 
 
+def _windows_process_alive(pid):
+    """Win32's answer: a process that can be opened and has not exited, or one we may not open (it exists)."""
+    import ctypes
+    still_active, query, access_denied = 259, 0x1000, 5  # STILL_ACTIVE, PROCESS_QUERY_LIMITED_INFORMATION
+    try:
+        kernel32 = ctypes.windll.kernel32
+    except AttributeError:  # no Win32 here (the suite's simulation): cannot tell, so alive
+        return True
+    handle = kernel32.OpenProcess(query, False, pid)
+    if not handle:
+        return kernel32.GetLastError() == access_denied  # else ERROR_INVALID_PARAMETER: no such process
+    try:
+        code = ctypes.c_ulong()
+        return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
+
+
 def no_follow_flags():
-    """(flags for os.open that refuse a symbolic link and do not wait on a FIFO, whether the second is among them).
-    Windows has neither: its callers look at the path first."""
+    """(flags for os.open that refuse a symbolic link and do not wait on a FIFO, whether the second is among them),
+    with O_BINARY on Windows (else os.open's file is in text mode there: each \n written becomes \r\n). Windows has
+    neither of the first two: its callers look at the path first."""
     nonblock = getattr(os, "O_NONBLOCK", 0)
-    return getattr(os, "O_NOFOLLOW", 0) | nonblock, bool(nonblock)
+    return getattr(os, "O_NOFOLLOW", 0) | nonblock | getattr(os, "O_BINARY", 0), bool(nonblock)
 
 
 def mapped_files_block_replace():
@@ -105,13 +145,17 @@ def mapped_files_block_replace():
 # ---- child processes ----
 
 def forks():
-    """Whether child processes start by fork here (Linux's default; macOS and Windows spawn: a child imports its
-    module afresh, so worker functions must be importable and their arguments picklable)."""
-    return multiprocessing.get_all_start_methods()[0] == "fork"
+    """Whether the toolkit's child processes start by fork: on Linux (workers inherit a loaded tokenizer, and a
+    child in Rust code dies at its SIGTERM). macOS (where forking a process that has loaded system frameworks is
+    unsafe, so Python spawns by default) and Windows spawn: a child imports its module afresh, so worker functions
+    must be importable and their arguments picklable."""
+    import multiprocessing
+    return kind() == "linux" and "fork" in multiprocessing.get_all_start_methods()
 
 
 def child_context():
-    """The multiprocessing context for the toolkit's workers: fork where it is the platform's default, else spawn."""
+    """The multiprocessing context for the toolkit's workers: fork where forks() says so, else spawn."""
+    import multiprocessing
     return multiprocessing.get_context("fork" if forks() else "spawn")
 
 
@@ -120,10 +164,19 @@ def die_with_parent():
     is killed leaves no worker behind. Returns whether that took; elsewhere the child checks its parent's id."""
     if kind() != "linux":
         return False
+    import ctypes
     try:
         return ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL) == 0
     except (OSError, AttributeError):  # another C library
         return False
+
+
+def utf8_pipes(env=None):
+    """subprocess keywords for text pipes to a child Python process: it writes UTF-8 (PYTHONIOENCODING) and this one
+    reads UTF-8, not the code page (GBK on a Chinese Windows, where parent and child disagree once either is told
+    otherwise); a byte that is not UTF-8 reads as U+FFFD instead of ending the tool."""
+    return {"text": True, "encoding": "utf-8", "errors": "replace",
+            "env": {**(os.environ if env is None else env), "PYTHONIOENCODING": "utf-8"}}
 
 
 # ---- signals ----
@@ -132,6 +185,11 @@ def stop_signals():
     """The signals that ask a run to stop: Ctrl-C (SIGINT), SIGTERM, and on Windows the console's Ctrl-Break."""
     extra = (signal.SIGBREAK,) if is_windows() and hasattr(signal, "SIGBREAK") else ()
     return (signal.SIGINT, signal.SIGTERM, *extra)
+
+
+def signal_name(sig):
+    """'SIGINT', 'SIGTERM', 'SIGBREAK' (Windows' number is another signal's on Linux)."""
+    return "SIGBREAK" if sig == getattr(signal, "SIGBREAK", None) else signal.Signals(sig).name
 
 
 def can_block_signals():
@@ -198,6 +256,8 @@ def _macos_available():
 
 
 def _windows_available():
+    import ctypes
+
     class MemoryStatus(ctypes.Structure):
         _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
                     ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
@@ -320,6 +380,7 @@ def drop_pages(first, length):
     touched. Returns whether it was done."""
     if kind() != "linux":
         return False
+    import ctypes
     try:
         return ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), MADV_DONTNEED) == 0
     except (OSError, AttributeError, TypeError):
@@ -333,6 +394,7 @@ def keep_freed_memory():
     peak stays within a few percent. Linux with glibc only: returns whether the setting took."""
     if kind() != "linux":
         return False
+    import ctypes
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # another C library (musl)

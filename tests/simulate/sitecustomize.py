@@ -9,14 +9,19 @@ Windows (GPT_TOOLKIT_SIMULATE=windows):
   - no fcntl, no resource (importing them fails); an msvcrt whose locking() locks as Windows' does: per open file,
     refused at once (LK_NBLCK) while another holds it;
   - no os.O_NOFOLLOW, os.O_NONBLOCK, os.getloadavg, os.sched_getaffinity, os.sysconf, os.fork (os.register_at_fork
-    stays: torch's Linux build registers with it); no signal.pthread_sigmask, signal.SIGKILL; a signal.SIGBREAK;
+    stays: torch's Linux build registers with it; signal.SIGKILL too: the standard library's Popen.kill uses it);
+    an os.O_BINARY; os.kill(pid, 0) fails (there it is a Ctrl-C to the console); no signal.pthread_sigmask; a
+    signal.SIGBREAK (21, Ctrl-Break);
   - child processes spawn (no fork start method);
   - no libc through ctypes (CDLL('libc.so.6') and CDLL(None) fail);
-  - no /proc and no /sys (opening anything under them is FileNotFoundError);
-  - the ANSI code page: a text open() without encoding= reads and writes GBK (cp936), as on a Chinese Windows.
+  - no /proc and no /sys (opening, listing or stat-ing anything under them is FileNotFoundError);
+  - the ANSI code page: a text open() without encoding= reads and writes GBK (cp936), as on a Chinese Windows; the
+    tests also set PYTHONIOENCODING=gbk, a console's output piped (to tee): a real console writes UTF-16.
+Windows' locks are mandatory (a locked byte cannot be read by others); the stand-in's are not: a unit test checks
+where the toolkit puts its lock instead (tests/test_platforms.py).
 macOS (GPT_TOOLKIT_SIMULATE=macos):
   - platform.system() is 'Darwin' (to the toolkit's modules); child processes spawn by default (fork is there);
-  - no libc.so.6 (ctypes.CDLL('libc.so.6') fails), no os.sched_getaffinity, no /proc, no /sys.
+  - no libc.so.6 (ctypes.CDLL('libc.so.6') fails), no os.sched_getaffinity, no /proc, no /sys (as above).
 """
 import builtins
 import ctypes
@@ -47,6 +52,18 @@ def _no_proc_open(default_encoding=None):
             encoding = default_encoding  # the ANSI code page: what open() without encoding= uses there
         return _real_open(file, mode, buffering, encoding, errors, newline, closefd, opener)
     return open_
+
+
+def _no_proc_paths():
+    """os.stat (and with it os.path.exists), os.listdir and os.scandir find nothing under /proc or /sys."""
+    for name in ("stat", "lstat", "listdir", "scandir"):
+        real = getattr(os, name)
+
+        def hidden(path=".", *args, _real=real, **kwargs):
+            if _is_hidden(path):
+                raise FileNotFoundError(2, "No such file or directory (simulated)", str(path))
+            return _real(path, *args, **kwargs)
+        setattr(os, name, hidden)
 
 
 def _refuse_libc(real_cdll, names):
@@ -111,13 +128,21 @@ def _windows():
     for name in ("O_NOFOLLOW", "O_NONBLOCK", "getloadavg", "sched_getaffinity", "sysconf", "fork"):
         if hasattr(os, name):
             delattr(os, name)
-    for name in ("pthread_sigmask", "SIGKILL"):
-        if hasattr(signal, name):
-            delattr(signal, name)
-    signal.SIGBREAK = 21  # Windows' number; here it is SIGTTIN, which nothing sends
+    if hasattr(signal, "pthread_sigmask"):
+        del signal.pthread_sigmask
+    signal.SIGBREAK = 21  # Windows' number; here it is SIGTTIN, which nothing else sends
+    os.O_BINARY = 0o100000  # Windows' flag for an untranslated os.open; here O_LARGEFILE, which changes nothing
+    real_kill = os.kill
+
+    def kill(pid, sig):
+        if sig == 0:  # there, signal 0 is CTRL_C_EVENT: a Ctrl-C to the whole console, not a question
+            raise RuntimeError("simulated Windows: os.kill(pid, 0) would send Ctrl-C to the console there")
+        real_kill(pid, sig)
+    os.kill = kill
     _only_spawn()
     ctypes.CDLL = _refuse_libc(ctypes.CDLL, {None, "libc.so.6", "libc.so", "libSystem.dylib"})
     builtins.open = io.open = _no_proc_open(default_encoding="gbk")
+    _no_proc_paths()
     import locale
     locale.getpreferredencoding = lambda do_setlocale=True: "cp936"
     locale.getencoding = lambda: "cp936"
@@ -132,6 +157,7 @@ def _macos():
     multiprocessing.set_start_method("spawn", force=True)
     ctypes.CDLL = _refuse_libc(ctypes.CDLL, {"libc.so.6", "libc.so"})
     builtins.open = io.open = _no_proc_open()
+    _no_proc_paths()
 
 
 if SIMULATE == "windows":
