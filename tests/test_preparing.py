@@ -193,3 +193,20 @@ def test_the_command_prepare_text_prints_trains_as_printed(tmp_path, shakespeare
     r = run_script("data/prepare_text.py", f"--input={notes}", "--name=notes", f"--data_dir={tmp_path / 'elsewhere'}",
                    cwd=tmp_path)
     assert f"--dataset=notes --data_dir={tmp_path / 'elsewhere'} --out_dir=out-notes" in r.stdout  # not ./data: named
+
+
+def test_the_encoded_line_comes_after_the_progress_bar_not_under_it(tmp_path, shakespeare_text):
+    """The bar (stderr) is closed before the 'encoded ...' line (stdout): said while the bar was live, the bar's last
+    redraw landed on that line's start in a terminal (issue 55 item 10)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    source = tmp_path / "input.txt"
+    source.write_text(shakespeare_text[:200_000], encoding="utf-8")
+    r = subprocess.run([sys.executable, "data/prepare_text.py", f"--input={source}", "--name=t", f"--data_dir={tmp_path}"],
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=120)
+    assert r.returncode == 0, r.stdout
+    assert "100%|" in r.stdout and r.stdout.rindex("100%|") < r.stdout.index("\nencoded "), r.stdout

@@ -393,7 +393,7 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
         if tokenizer == "bpe":
             bar.clear()
             vocabulary = _train_bpe(source, split if not documents else train_bytes, vocab_size, bpe_sample_mb, report)
-        counts = {}
+        counts, said = {}, []  # said once the bar is closed: a line printed beside a live bar is drawn over
 
         def write_all(files):
             bins = {s: files[out_dir / f"{s}.bin"] for s in ("train", "val")}
@@ -409,10 +409,8 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
             if counts["train"] < 2 or counts["val"] < 2:
                 raise UserError("text is too short to split into train and val: give a longer file")
             seconds = time.perf_counter() - t0
-            if progress:
-                bar.clear()
-            report(f"encoded {source.size / 1e6:,.1f} MB on {num_proc} process(es) in {seconds:.1f} s "
-                   f"({source.size / 1e6 / seconds:,.1f} MB/s)")
+            said.append(f"encoded {source.size / 1e6:,.1f} MB on {num_proc} process(es) in {seconds:.1f} s "
+                        f"({source.size / 1e6 / seconds:,.1f} MB/s)")
             if tokenizer == "char":  # nanoGPT's meta.pkl, so its scripts read our data too
                 files[out_dir / "meta.pkl"].write(pickle.dumps({"vocab_size": len(vocabulary), "itos": dict(
                     enumerate(vocabulary)), "stoi": {c: i for i, c in enumerate(vocabulary)}}))
@@ -421,6 +419,8 @@ def prepare_dataset(source, out_dir, tokenizer="char", *, val_fraction=0.1, num_
             write_meta(files, out_dir, dataset_meta(tokenizer, vocabulary))
 
         commit_dataset(out_dir, {"char": ["meta.pkl"], "gpt2": [], "bpe": [BPE_FILE]}[tokenizer], write_all)
+    for line in said:
+        report(line)
     meta = dataset_meta(tokenizer, vocabulary)
     return {"train": counts["train"], "val": counts["val"], "vocab_size": meta["vocab_size"]}
 
