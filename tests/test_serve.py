@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -261,20 +262,28 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left(base, base_run):
 
 @pytest.mark.slow
 def test_sixteen_concurrent_streams_all_complete_and_models_answers_meanwhile(base, base_run):
+    """/v1/models answers while sixteen generations run: after every stream's first token and before any stream's
+    last. An order, not a time, so that a busy machine cannot fail it: 240 tokens each leave it a second when quiet,
+    and load slows the generations as much as the answer."""
+    begun = threading.Semaphore(0)
+
     def stream(i):
-        chunks = list(base.client().completions.create(model=base_run.name, prompt="ROMEO:", max_tokens=60,
-                                                       temperature=1.0, seed=i, stream=True))
-        return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        chunks = []
+        for chunk in base.client().completions.create(model=base_run.name, prompt="ROMEO:", max_tokens=240,
+                                                      temperature=1.0, seed=i, stream=True):
+            if not chunks:
+                begun.release()
+            chunks.append(chunk)
+        return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason, time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(stream, i) for i in range(16)]
-        time.sleep(0.5)
-        t0 = time.time()
-        assert base.client().models.list().data  # while sixteen generations run
-        models_took = time.time() - t0
+        assert all(begun.acquire(timeout=120) for _ in range(16))  # sixteen generations under way
+        assert base.client().models.list().data
+        answered = time.monotonic()
         results = [f.result(timeout=300) for f in futures]
-    assert all(end == "length" and len(text) == 60 for text, end in results)
-    assert models_took < 1.0, models_took
-    single = [base.client().completions.create(model=base_run.name, prompt="ROMEO:", max_tokens=60, temperature=1.0,
+    assert all(end == "length" and len(text) == 240 for text, end, _ in results)
+    assert answered < min(ended for _, _, ended in results), "/v1/models waited for a generation to end"
+    single = [base.client().completions.create(model=base_run.name, prompt="ROMEO:", max_tokens=240, temperature=1.0,
                                                seed=i).choices[0].text for i in (3, 11)]
     assert single == [results[3][0], results[11][0]]  # interleaved with fifteen others: the same text as alone
 
