@@ -297,7 +297,9 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(base_run):
             if i == 20:
                 break
         stream.close()
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60  # only against a hang: it notices at its next token, not within a set time
+        while "a client went away" not in server.log()[1] and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         code, _, err = server.stop()
     assert "a client went away: its generation stopped after" in err
