@@ -3,8 +3,9 @@
     python tools/bench_stops.py --out_dir=out-shakespeare-char-fast [--config=config/train_shakespeare_char_fast.py]
                                 [--moments=6] [--signals=SIGINT,SIGTERM]
 
-For each command below (train.py resuming a copy of the run, sample.py, tools/evaluate.py, data/prepare_text.py,
-tools/export_hf.py, tools/export_gguf.py, tools/serve.py with a stream open), it first times one whole run, then starts
+For each command below (train.py resuming a copy of the run, sample.py, tools/evaluate.py, data/prepare_text.py with
+GPT-2's tokenizer and training a BPE (tokenizers' Rust, which a signal cannot reach, runs in a child), tools/export_hf.py,
+tools/export_gguf.py, tools/serve.py with a stream open), it first times one whole run, then starts
 it again --moments times per signal and sends the signal at evenly spread moments of that time. It prints, per command
 and signal, the slowest stop (signal to exit), and flags any run whose exit code is not 128 + the signal (0 once it had
 finished; 0 for the server's Ctrl-C), whose last line is not the toolkit's, or that printed a traceback. The promise:
@@ -46,9 +47,11 @@ def parser():
 
 def commands(run, config, tmp, text):
     """name -> (argv after python, what to clear before each start)."""
-    big = tmp / "big.txt"
+    big, varied = tmp / "big.txt", tmp / "varied.txt"
     if not big.exists():
         big.write_text(text * 40, encoding="utf-8")
+        # 18 MB whose words vary (a vowel swapped in each copy): a BPE's training takes most of its run
+        varied.write_text("".join(text.replace("e", c) for c in "eaiouyxz" * 2), encoding="utf-8")
     return {
         "train.py (resume)": (["train.py", config, f"--out_dir={tmp / 'train'}", "--init_from=resume",
                                "--max_iters=100000", "--lr_decay_iters=100000"], []),
@@ -56,6 +59,8 @@ def commands(run, config, tmp, text):
         "tools/evaluate.py": (["tools/evaluate.py", f"--out_dir={run}", "--split=train"], []),
         "data/prepare_text.py": (["data/prepare_text.py", f"--input={big}", "--name=big", "--tokenizer=gpt2",
                                   f"--data_dir={tmp}"], [tmp / "big"]),
+        "data/prepare_text.py (bpe)": (["data/prepare_text.py", f"--input={varied}", "--name=bpe", "--tokenizer=bpe",
+                                        "--vocab_size=4096", f"--data_dir={tmp}"], [tmp / "bpe"]),
         "tools/export_hf.py": (["tools/export_hf.py", f"--out_dir={run}", f"--to={tmp / 'hf'}"], [tmp / "hf"]),
         "tools/export_gguf.py": (["tools/export_gguf.py", f"--out_dir={run}", f"--to={tmp / 'x.gguf'}"],
                                  [tmp / "x.gguf"]),
@@ -153,7 +158,7 @@ def main(argv):
                     problem = verdict(proc, out, err, sig, server)
                     if problem:
                         problems.append(f"{name} {signal.Signals(sig).name} at moment {i}: {problem}")
-                print(f"{name:24} {signal.Signals(sig).name:7} slowest stop {worst:5.2f} s over {args.moments} moments "
+                print(f"{name:26} {signal.Signals(sig).name:7} slowest stop {worst:5.2f} s over {args.moments} moments "
                       f"of a {whole:.1f} s run", flush=True)
         clear([tmp / "train"])
     print("problems: " + ("; ".join(problems) if problems else "none"))
