@@ -1,6 +1,7 @@
 """tools/serve.py: a real server (uvicorn, in its own process) talked to by the official openai client, raw HTTP and a
 real headless browser: the endpoints and their streams, OpenAI's error shapes, concurrency, disconnects, the chat page."""
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -342,28 +343,34 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networkin
                 "--disable-sync", "--no-first-run"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_the_chat_page_streams_a_reply_in_a_real_browser(chat, tmp_path):
+@contextlib.contextmanager
+def chromium_page():
+    """A page of Debian's headless chromium, driven by Playwright (no browser download)."""
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
-            page = browser.new_page()
-            page.goto(chat.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent === 'tiny-chat'")
-            assert "chat model" in page.inner_text("#info") and page.is_visible("#system")
-            page.fill("#temperature", "0")
-            page.fill("#max_tokens", "20")
-            page.fill("#message", "who is Romeo?")
-            page.press("#message", "Enter")
-            page.wait_for_selector(".assistant[data-done='1']", state="attached", timeout=60_000)
-            reply = page.inner_text(".assistant .text")
-            labels = page.eval_on_selector_all(".turn .who", "els => els.map(e => e.textContent)")
-            assert page.inner_text(".user") == "you: who is Romeo?"
-            page.screenshot(path=str(tmp_path / "chat.png"))
+            yield browser.new_page()
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_chat_page_streams_a_reply_in_a_real_browser(chat, tmp_path):
+    with chromium_page() as page:
+        page.goto(chat.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'tiny-chat'")
+        assert "chat model" in page.inner_text("#info") and page.is_visible("#system")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "20")
+        page.fill("#message", "who is Romeo?")
+        page.press("#message", "Enter")
+        page.wait_for_selector(".assistant[data-done='1']", state="attached", timeout=60_000)
+        reply = page.inner_text(".assistant .text")
+        labels = page.eval_on_selector_all(".turn .who", "els => els.map(e => e.textContent)")
+        assert page.inner_text(".user") == "you: who is Romeo?"
+        page.screenshot(path=str(tmp_path / "chat.png"))
     expected = chat.client().chat.completions.create(model="tiny-chat", temperature=0, max_tokens=20,
                                                      messages=[{"role": "user", "content": "who is Romeo?"}])
     assert reply == expected.choices[0].message.content and reply and labels == ["you: ", "model: "]
@@ -375,24 +382,18 @@ def test_the_chat_page_streams_a_reply_in_a_real_browser(chat, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_the_chat_page_of_a_base_model_has_no_system_prompt_and_labels_both_turns(base, base_run):
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(base.url + "/")
-            page.wait_for_function(f"document.getElementById('model').textContent === {json.dumps(base_run.name)}")
-            assert page.inner_text("#info").startswith("base model: continues your text")
-            assert not page.is_visible("#system") and not page.is_visible("label[for=system]")
-            page.fill("#temperature", "0")
-            page.fill("#max_tokens", "12")
-            page.fill("#message", "ROMEO:")
-            page.press("#message", "Enter")
-            page.wait_for_selector(".assistant[data-done='1']", state="attached", timeout=60_000)
-            turns = page.eval_on_selector_all(".turn", "els => els.map(e => [e.className, e.querySelector('.who')"
-                                                       ".textContent, e.querySelector('.text').textContent])")
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(base.url + "/")
+        page.wait_for_function(f"document.getElementById('model').textContent === {json.dumps(base_run.name)}")
+        assert page.inner_text("#info").startswith("base model: continues your text")
+        assert not page.is_visible("#system") and not page.is_visible("label[for=system]")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "12")
+        page.fill("#message", "ROMEO:")
+        page.press("#message", "Enter")
+        page.wait_for_selector(".assistant[data-done='1']", state="attached", timeout=60_000)
+        turns = page.eval_on_selector_all(".turn", "els => els.map(e => [e.className, e.querySelector('.who')"
+                                                   ".textContent, e.querySelector('.text').textContent])")
     expected = base.client().completions.create(model=base_run.name, prompt="ROMEO:", temperature=0, max_tokens=12)
     assert turns == [["turn user", "you: ", "ROMEO:"], ["turn assistant", "model: ", expected.choices[0].text]]
     assert expected.choices[0].text

@@ -46,12 +46,8 @@ def lock(f):
     there is fcntl (the lock dies with its process, even on SIGKILL), msvcrt's byte-range lock on Windows."""
     if fcntl is not None:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    f.seek(LOCK_OFFSET)
-    try:
-        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-    finally:
-        f.seek(0)
+    else:
+        _lock_byte(f, msvcrt.LK_NBLCK)
 
 
 def unlock(f):
@@ -59,10 +55,14 @@ def unlock(f):
     so a process that looked (DirectoryLock.check_free) and then locks at once would find its own lock in the way."""
     if fcntl is not None:
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return
+    else:
+        _lock_byte(f, msvcrt.LK_UNLCK)
+
+
+def _lock_byte(f, mode):
     f.seek(LOCK_OFFSET)
     try:
-        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+        msvcrt.locking(f.fileno(), mode, 1)
     finally:
         f.seek(0)
 
