@@ -38,9 +38,15 @@ def test_the_start_of_run_estimate_waits_for_settled_steps_and_a_busy_moment_mov
     eta.step_done(11, now)
     assert eta.settled() and eta.typical_step() == pytest.approx(0.1)
     assert eta.whole_run(11, per_eval=2.0) == (pytest.approx(0.1 * 989 + 2.0 * 4), 4)
-    eta.evaluation_done(now, now + 30.0)  # an evaluation between two steps is not a step's time
-    eta.step_done(12, now + 30.1)
-    assert len(eta.steps) == 10 and eta.typical_step() == pytest.approx(0.1)
+    eta.step_done(12, now + 0.1)
+    assert len(eta.steps) == 10  # ten are all it keeps
+    early = Eta(max_iters=100, eval_interval=2)
+    for step, at in ((1, 0.0), (2, 0.1)):
+        early.step_done(step, at)
+    early.evaluation_done(0.1, 30.1)  # an evaluation between two steps is not a step's time
+    for step, at in ((3, 30.2), (4, 30.3)):
+        early.step_done(step, at)
+    assert early.steps == pytest.approx([0.1, 0.1])
     slow = Eta(max_iters=100, eval_interval=50)
     for step, at in enumerate([0.0, 2.0, 4.0, 6.0], start=1):  # 2 s steps: three of them are enough
         slow.step_done(step, at)

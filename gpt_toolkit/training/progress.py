@@ -49,14 +49,14 @@ class Eta:
         self.t0 = self.step0 = self.last_step = None
         self.eval_seconds = 0.0  # evaluation time since the clock started
         self.last_eval = None  # the latest whole evaluation's duration
-        self.steps = []  # each step's seconds since the one before (none across an evaluation)
+        self.steps = []  # the first steps' seconds since the one before (none across an evaluation)
         self.previous = None  # when the last step ended, unless an evaluation came since
 
     def step_done(self, step, now):
         """Called after each training step (step = steps completed)."""
         if self.t0 is None:
             self.t0, self.step0 = now, step
-        if self.previous is not None:
+        if self.previous is not None and len(self.steps) < self.SETTLED_STEPS:  # all the estimate needs
             self.steps.append(now - self.previous)
         self.previous, self.last_step = now, step
 
