@@ -36,8 +36,8 @@ def test_the_start_of_run_estimate_waits_for_settled_steps_and_a_busy_moment_mov
         assert not eta.settled()  # 3 to 9 steps, 1.7 s at most: not yet
     now += 0.1
     eta.step_done(11, now)
-    assert eta.settled() and eta.typical_step() == pytest.approx(0.1)
-    assert eta.whole_run(11, per_eval=2.0) == (pytest.approx(0.1 * 989 + 2.0 * 4), 4)
+    assert eta.settled() and eta.typical_step(now) == pytest.approx(0.1)
+    assert eta.whole_run(11, eta.typical_step(now), per_eval=2.0) == (pytest.approx(0.1 * 989 + 2.0 * 4), 4)
     eta.step_done(12, now + 0.1)
     assert len(eta.steps) == 10  # ten are all it keeps
     early = Eta(max_iters=100, eval_interval=2)
@@ -47,10 +47,18 @@ def test_the_start_of_run_estimate_waits_for_settled_steps_and_a_busy_moment_mov
     for step, at in ((3, 30.2), (4, 30.3)):
         early.step_done(step, at)
     assert early.steps == pytest.approx([0.1, 0.1])
+    for step in range(5, 12):  # evaluations between every two steps (eval_interval=1): counted steps settle it
+        early.evaluation_done(30.0 + step, 30.0 + step)
+        early.step_done(step, 30.0 + step + 0.1)
+    assert early.settled()
+    queued = Eta(max_iters=100, eval_interval=50, synchronous=False)  # a GPU: the mean since the clock started
+    for step, at in ((1, 0.0), (2, 0.01), (3, 0.02), (4, 3.0)):  # two steps queued, then a log step's wait
+        queued.step_done(step, at)
+    assert queued.typical_step(3.0) == pytest.approx(1.0)
     slow = Eta(max_iters=100, eval_interval=50)
     for step, at in enumerate([0.0, 2.0, 4.0, 6.0], start=1):  # 2 s steps: three of them are enough
         slow.step_done(step, at)
-    assert slow.settled() and slow.typical_step() == pytest.approx(2.0)
+    assert slow.settled() and slow.typical_step(6.0) == pytest.approx(2.0)
 
 
 def test_progress_line_format_is_invisible_to_the_tutorial_regexes():

@@ -490,3 +490,9 @@ def test_an_experiment_run_records_the_machines_load_before_and_after(data_dir, 
     assert re.search(r"^training took [\d.]+ seconds$", log, re.M) and "fixed CPU matmul" not in log
     monkeypatch.delattr(os, "getloadavg")  # Windows has none
     assert machine_now(seconds=0.01)["load_avg"] is None
+    monkeypatch.undo()
+    for knob in ("SCALE", "EXTRA", "DEVICE", "RERUN"):
+        monkeypatch.delenv(knob, raising=False)
+    r = run_script("tools/experiment.py", "run", "exp9_tiny", *TINY_TRAIN, "--max_iters=12", "--eval_interval=10",
+                   "--block_size=100000", f"--data_dir={data_dir}", cwd=tmp_path)  # train.py refuses it: no memory
+    assert r.returncode != 0 and not (run / "conditions.json").exists()  # none beside the earlier run's records

@@ -104,7 +104,7 @@ def run(name, overrides, exp_dir="experiments"):
             sys.stdout.write(line)
             log.write(line)
         code = proc.wait()
-    if out_dir.is_dir():
+    if code == 0:  # a failed run leaves no conditions beside an earlier run's records
         conditions = {"start": start, "end": machine_now(), "cores": system.usable_cores()}
         atomic_write_text(out_dir / CONDITIONS, json.dumps(conditions, indent=2) + "\n")
         print(f"{name}: the machine ran a fixed CPU matmul at {start['matmul_gflops']:.1f} GFLOP/s before it trained "

@@ -51,7 +51,7 @@ def main(argv):
     tokenizer = run.tokenizer(ckpt)
     step = ckpt.get("iter_num", "?")
     files = export_hf(model, tokenizer, to, dropout=ckpt["model_args"].get("dropout", 0.0),
-                      source=f"{Path(source).parent.name}/{Path(source).name} (step {step})")  # no local path
+                      source=f"{Path(source).resolve().parent.name}/{Path(source).name} (step {step})")  # no local path
     print(f"exported {source} (step {step}, {tokenizer.kind} tokenizer) to {to}: "
           f"{', '.join(files)}")
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(to)!r}), or --init_from={to}")

@@ -274,7 +274,8 @@ class Progress(Guard):
 
     def __init__(self, cfg, world, timer):
         self.cfg, self.world, self.device, self.timer = cfg, world, world.device, timer
-        self.eta = Eta(max_iters=cfg.max_iters, eval_interval=cfg.eval_interval)
+        self.eta = Eta(max_iters=cfg.max_iters, eval_interval=cfg.eval_interval,
+                       synchronous=hardware.device_type(world.device) == "cpu")
         self.eval_started = None
         self.estimated = False
 
@@ -341,9 +342,11 @@ class Progress(Guard):
         """Once the first steps are timed (Eta.settled): how long the whole run takes on this device, evaluations
         included (an evaluation timed already, else its forward passes at the steps' pace). Returns True once printed."""
         cfg, now = self.cfg, time.time()
-        rate = self.eta.typical_step()
+        rate = self.eta.typical_step(now)
+        if rate is None:
+            return False
         per_eval = self.eta.last_eval if self.eta.last_eval is not None else rate * eval_to_step_ratio(cfg)
-        estimate = self.eta.whole_run(step, per_eval=per_eval)
+        estimate = self.eta.whole_run(step, rate, per_eval=per_eval)
         if estimate is None:
             return False
         left, evals = estimate

@@ -44,8 +44,10 @@ class Eta:
     # read 2-4x long when another program took the cores for a moment (a newcomer's busy laptop)
     SETTLED_STEPS, SETTLED_SECONDS = 10, 5.0
 
-    def __init__(self, *, max_iters, eval_interval):
+    def __init__(self, *, max_iters, eval_interval, synchronous=True):
         self.max_iters, self.eval_interval = max_iters, eval_interval
+        # CPU steps end when their work does; a GPU's are queued, and only a log step's loss.item() waits for them
+        self.synchronous = synchronous
         self.t0 = self.step0 = self.last_step = None
         self.eval_seconds = 0.0  # evaluation time since the clock started
         self.last_eval = None  # the latest whole evaluation's duration
@@ -69,14 +71,19 @@ class Eta:
 
     def settled(self):
         """Whether enough steps are timed for the whole run's estimate (3 at least; SETTLED_STEPS, or SETTLED_SECONDS
-        of them for slow steps)."""
+        of them for slow steps; or SETTLED_STEPS steps done, when evaluations come between every two)."""
         n = len(self.steps)
-        return n >= 3 and (n >= self.SETTLED_STEPS or sum(self.steps) >= self.SETTLED_SECONDS)
+        done = (self.last_step or 0) - (self.step0 or 0)
+        return n >= 3 and (n >= self.SETTLED_STEPS or sum(self.steps) >= self.SETTLED_SECONDS) or \
+            done >= self.SETTLED_STEPS
 
-    def typical_step(self):
-        """The median step's seconds, or None before any is timed: a moment when the machine was busy elsewhere
-        moves the median little, the mean much."""
-        return statistics.median(self.steps) if self.steps else None
+    def typical_step(self, now):
+        """A step's seconds, or None before any is timed: on a CPU the median of the first steps (a moment when the
+        machine was busy elsewhere moves it little, the mean much); on a GPU, or with no two steps in a row, the
+        mean since the clock started (its queued steps are paid for at the log steps' waits)."""
+        if self.synchronous and self.steps:
+            return statistics.median(self.steps)
+        return self.per_step(now)
 
     def evals_after(self, step):
         """Evaluations still to come after step: every eval_interval, and at max_iters."""
@@ -92,7 +99,6 @@ class Eta:
         per_eval = self.last_eval if self.last_eval is not None else now - eval_started
         return per_step * (self.max_iters - step) + per_eval * self.evals_after(step)
 
-
     def per_step(self, now):
         """Seconds per training step measured so far in this process (evaluations left out), or None."""
         steps = (self.last_step or 0) - (self.step0 or 0)
@@ -100,10 +106,9 @@ class Eta:
             return None
         return max(0.0, now - self.t0 - self.eval_seconds) / steps
 
-    def whole_run(self, step, *, per_eval):
-        """(seconds the run still needs after `step`, evaluations still to come) at the typical step's rate, with
-        per_eval seconds for each evaluation; None until a step is timed."""
-        rate = self.typical_step()
+    def whole_run(self, step, rate, *, per_eval):
+        """(seconds the run still needs after `step`, evaluations still to come) at `rate` seconds a step (typical_step),
+        with per_eval seconds for each evaluation; None without a rate."""
         if rate is None:
             return None
         return rate * (self.max_iters - step) + per_eval * self.evals_after(step), self.evals_after(step)
