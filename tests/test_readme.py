@@ -39,7 +39,7 @@ STDIN = {"--interactive=True": "ROMEO:\n\n", "--chat=True": "Good morrow, sir.\n
 
 
 def readme_commands(guide=README):
-    """Every command line of a guide's code blocks (the README's unless text is another's), in order: joined where a
+    """Every command line of a guide's code blocks (the README's unless guide names another), in order: joined where a
     line ends in a backslash, split at &&, without a leading '$ ' (an example with its output) or a trailing comment."""
     commands, pending = [], ""
     for line in guide.splitlines():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 from conftest import ROOT
-from test_readme import SKIP, fresh_clone, readme_commands, run, skipped
+from test_readme import fresh_clone, readme_commands, run, skipped
 
 ZH = (ROOT / "README.zh-CN.md").read_text(encoding="utf-8")
 # What tutorial ch01 7.1 adds to the GPU-sized config for a CPU (train.py's note on a CPU names the same)
@@ -20,7 +20,7 @@ def gpu_sized(words):
 
 
 def why_skipped(words):
-    return GPU_SIZED if gpu_sized(words) else skipped(words, SKIP)
+    return GPU_SIZED if gpu_sized(words) else skipped(words)
 
 
 def test_the_chinese_guide_lists_its_commands_in_a_safe_order():
