@@ -60,7 +60,8 @@ def machine_lines():
     yield f"cpu: {hardware.cpu_name()}"
     omp = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
            if k in os.environ}
-    yield f"threads: torch {torch.get_num_threads()} of {os.cpu_count()} cores; {omp or 'no OpenMP variables set'}"
+    omp_text = " ".join(f"{k}={v}" for k, v in omp.items()) or "no OpenMP variables set"
+    yield f"threads: torch {torch.get_num_threads()} of {os.cpu_count()} cores; {omp_text}"
 
 
 def choice_lines():

@@ -350,8 +350,9 @@ class Progress(Guard):
         if estimate is None:
             return False
         left, evals = estimate
+        each = duration(per_eval) if per_eval >= 1 else "under 1s"
         self.log.print(f"estimate: about {duration(left)} more on {self.device} ({plural(cfg.max_iters - step, 'step')} "
-                       f"at {rate:.2f} s, {plural(evals, 'evaluation')} at {duration(per_eval)});"
+                       f"at {rate:.2f} s, {plural(evals, 'evaluation')} at {each});"
                        f"{ends_at(now + left).replace(' (', ' ').rstrip(')')}")
         return True
 
