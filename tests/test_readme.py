@@ -154,25 +154,36 @@ def test_the_readme_lists_what_this_test_runs():
     assert all(any(fragment in c for c in commands) for fragment in SKIP)  # no reason kept for a command gone
 
 
-@pytest.mark.slow
-def test_the_readmes_commands_run_in_order(clone, monkeypatch):
-    monkeypatch.setenv("GPT_TOOLKIT_TASKS_DIR", str(clone.parent / "tasks"))
-    ran = []
-    for words in readme_commands():
-        if skipped(words):
+def run_in_order(commands, clone, monkeypatch, skip):
+    """(command line, its result) of each of a guide's commands that skip() lets through, run in the clone in order,
+    each timed on the test's output."""
+    for words in commands:
+        if skip(words):
             continue
         t0 = time.time()
         r = run(list(words), clone, monkeypatch)
         line = " ".join(words)
-        ran.append(line)
         print(f"{time.time() - t0:5.1f} s  {line}")
+        yield line, r
+
+
+def failed(line, r):
+    return f"{line}\n--- stdout ---\n{r.stdout[-2000:]}\n--- stderr ---\n{r.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_the_readmes_commands_run_in_order(clone, monkeypatch):
+    monkeypatch.setenv("GPT_TOOLKIT_TASKS_DIR", str(clone.parent / "tasks"))
+    ran = []
+    for line, r in run_in_order(readme_commands(), clone, monkeypatch, skipped):
+        ran.append(line)
         if "--block_size=100000" in line:  # the README shows it refused before any work (its figures: float32's;
             # dtype=auto's bfloat16 on a CPU with bf16 units needs slightly less, 356.89 TB)
             assert r.returncode != 0 and re.match(r"error: this run needs about 35\d\.\d\d TB but cpu has .*: even "
                                                   r"batch_size=1 does not fit at block_size=100000: use --batch_size=1 "
                                                   r"--block_size=3125 \(estimate ", r.stderr), r.stderr
             continue
-        assert r.returncode == 0, f"{line}\n--- stdout ---\n{r.stdout[-2000:]}\n--- stderr ---\n{r.stderr[-3000:]}"
+        assert r.returncode == 0, failed(line, r)
     assert len(ran) >= 25
     assert (clone / "out-shakespeare-char-fast" / "ckpt.pt").exists() and (clone / "hf-shakespeare").is_dir()
     assert (clone / "shakespeare.gguf").stat().st_size > 0 and (clone / "out-shakespeare-chat-merged" / "ckpt.pt").exists()

@@ -2,11 +2,10 @@
 of the toolkit, a few steps where a command trains): a reader of the Chinese tutorial's first hour (install, offline
 setup, the CPU-sized configs, then the tutorial's ch04 commands in the order the guide gives them) meets no command
 that needs what only a later one makes, and no GPU-sized run among the ones to type on a CPU."""
-import time
 
 import pytest
 from conftest import ROOT
-from test_readme import fresh_clone, readme_commands, run, skipped
+from test_readme import failed, fresh_clone, readme_commands, run_in_order, skipped
 
 ZH = (ROOT / "README.zh-CN.md").read_text(encoding="utf-8")
 # What tutorial ch01 7.1 adds to the GPU-sized config for a CPU (train.py's note on a CPU names the same)
@@ -56,15 +55,9 @@ def test_the_chinese_guide_lists_its_commands_in_a_safe_order():
 def test_the_chinese_guides_commands_run_in_order(tmp_path_factory, shakespeare_text, monkeypatch):
     clone = fresh_clone(tmp_path_factory.mktemp("readme_zh"), shakespeare_text)
     ran = []
-    for words in readme_commands(ZH):
-        if why_skipped(words):
-            continue
-        t0 = time.time()
-        r = run(list(words), clone, monkeypatch)
-        line = " ".join(words)
+    for line, r in run_in_order(readme_commands(ZH), clone, monkeypatch, why_skipped):
         ran.append(line)
-        print(f"{time.time() - t0:5.1f} s  {line}")
-        assert r.returncode == 0, f"{line}\n--- stdout ---\n{r.stdout[-2000:]}\n--- stderr ---\n{r.stderr[-3000:]}"
+        assert r.returncode == 0, failed(line, r)
     assert len(ran) >= 12
     assert (clone / "out-shakespeare-char-fast" / "ckpt.pt").exists() and (clone / "comparison.png").exists()
     for name in ("exp1_baseline", "exp1_large_lr"):  # the logs the tutorial's tools read: train.py's own lines
