@@ -320,6 +320,28 @@ def test_bench_times_activation_checkpointing(data_dir, monkeypatch):
     assert re.search(r"activation checkpointing: 0.25x the peak memory, [\d.]+x the time per iteration", r.stdout)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_bench_profile_splits_the_step_by_what_its_ops_do_and_when(data_dir, optimizer):
+    """--profile: each kind of op's time per step in the forward pass, the backward pass and the optimizer's step,
+    adding up (with what no op accounts for) to the step; the matmuls of Muon's Newton-Schulz are the optimizer's,
+    AdamW has none."""
+    r = run_script("tools/bench.py", "--profile", "config/train_shakespeare_char_fast.py", f"--data_dir={data_dir}",
+                   "--n_layer=1", "--iters=2", "--warmup=1", f"--optimizer={optimizer}")
+    assert r.returncode == 0, r.stderr
+    step = float(re.search(r"where a step's ([\d.]+) ms go \(2 profiled steps", r.stdout)[1])
+    rows = {m[0].strip(): [float(x) for x in m[1:5]]
+            for m in re.findall(r"^([a-z][a-zA-Z ,()-]+?) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +\d+%$", r.stdout, re.M)}
+    assert {"matmuls", "casts and copies", "loss (log-softmax, NLL)", "other ops"} <= set(rows), r.stdout
+    for kind, (forward, backward, opt, total) in rows.items():
+        assert abs(forward + backward + opt - total) <= 0.15, kind
+    outside = float(re.search(r"^outside torch ops \(Python\) +([\d.]+) +\d+%$", r.stdout, re.M)[1])
+    assert abs(sum(row[3] for row in rows.values()) + outside - step) <= 0.05 * len(rows) + 0.1
+    forward, backward, opt, _ = rows["matmuls"]
+    assert forward > 0 and backward > 0 and (opt > 0 if optimizer == "muon" else opt == 0.0)
+    assert rows["loss (log-softmax, NLL)"][2] == 0.0  # no loss in the optimizer's step
+    assert re.search(r"matmul floor [\d.]+ ms/iter .*: the profiled step takes [\d.]+x that", r.stdout)
+
+
 @pytest.mark.slow
 def test_bench_runs_both_modes(data_dir, monkeypatch):
     import tools.bench

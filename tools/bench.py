@@ -2,6 +2,7 @@
 the KV cache. Figures for README come from here.
 
     python tools/bench.py config/train_shakespeare_char_cpu.py [--key=value ...] [--iters=20] [--rounds=3] [--compare]
+    python tools/bench.py --profile config/train_shakespeare_char_fast.py [--iters=20]
     python tools/bench.py --sample config/train_shakespeare_char.py [--max_new_tokens=500] [--num_samples=1]
     python tools/bench.py --batching config/train_shakespeare.py --dataset=DOCS [--key=value ...]
     python tools/bench.py --checkpointing config/train_shakespeare_char.py --block_size=1024 --n_layer=6 --batch_size=4
@@ -20,7 +21,9 @@ of block_size (--packing=True) and whole documents padded to each batch's longes
 real tokens (targets that are not padding) in tokens/s. --checkpointing times the config with and without
 --activation_checkpointing (ms per iteration, alternated; peak memory each in a fresh process). --allocator times
 the config on CPU with keep_cpu_memory on and off, each round a fresh process per setting, with page faults per
-iteration.
+iteration. --profile runs --iters steps under torch.profiler after the warm-up and prints where a step's time goes:
+each op's own time by what it does (matmuls, attention, casts, GELU, norms, ...) and by phase (forward, backward,
+the optimizer's step), and what no op accounts for (Python, the loop).
 """
 import argparse
 import dataclasses
@@ -44,6 +47,7 @@ from gpt_toolkit.core.errors import ConfigError, UserError, run_main
 from gpt_toolkit.core.process import setup_process
 from gpt_toolkit.data.dataset import BatchPlan, Dataset
 from gpt_toolkit.training.init_from import scratch_model_args
+from gpt_toolkit.training.profiling import ProfiledClock, format_split
 from gpt_toolkit.training.timing import StepClock, train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 from train import main as train_main  # the entry point: its loop, with our clock among its guards
@@ -59,6 +63,7 @@ def parser():
     p.add_flag("--batching", help="time packed rows against padded documents")
     p.add_flag("--allocator", help="time keep_cpu_memory on and off, each in fresh processes (CPU)")
     p.add_flag("--sample", help="time sampling instead of training")
+    p.add_flag("--profile", help="where a training step's time goes, by op kind and phase (torch.profiler)")
     p.add_argument("--max_new_tokens", type=int, default=500, help="--sample: tokens per sample (default 500)")
     p.add_argument("--num_samples", type=int, default=1, help="--sample: samples per batch (default 1)")
     p.add_argument("--temperature", type=float, default=0.8, help="--sample: temperature (default 0.8)")
@@ -180,6 +185,27 @@ def train_bench(cfg, opts, argv):
         print(f"speedup: {rows[1][1] / rows[0][1]:.2f}x faster per iteration with the speed features on")
 
 
+def profile_bench(cfg, opts):
+    """One run of the config: --warmup steps, then --iters under torch.profiler; the step's time split."""
+    device = hardware.resolve_device(cfg.device)
+    dataset = Dataset(cfg.data_dir, cfg.dataset, cfg.max_train_tokens)
+    dataset.check_block_size(cfg.block_size)
+    v = variant("on", cfg, dataset)
+    print(f"{cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x "
+          f"{cfg.gradient_accumulation_steps} on {device} ({v.features})")
+    clock = ProfiledClock(opts["warmup"])
+    try:
+        train_in_process(train_main, cfg, steps=opts["warmup"] + opts["iters"], clock=clock)
+    finally:
+        clock.close()
+    split = clock.split()
+    print(format_split(split, gpu=hardware.device_type(device) == "cuda"))
+    peak, _ = hardware.peak_flops(device, v.dtype)
+    floor = 1000 * clock.flops_per_iter / peak
+    print(f"matmul floor {floor:.1f} ms/iter ({clock.flops_per_iter / 1e9:.2f} GFLOP at {peak / 1e9:,.0f} GFLOP/s "
+          f"{v.dtype}): the profiled step takes {split.step_ms / floor:.1f}x that")
+
+
 def allocator_bench(cfg, opts, argv):
     """keep_cpu_memory on against off, each in fresh processes (glibc's setting holds for a whole process), in
     alternating rounds: ms per iteration and page faults per iteration, medians over the rounds."""
@@ -281,6 +307,8 @@ def main(argv):
         batching_bench(cfg, opts)
     elif opts["allocator"]:
         allocator_bench(cfg, opts, argv)
+    elif opts["profile"]:
+        profile_bench(cfg, opts)
     else:
         train_bench(cfg, opts, argv)
     return 0

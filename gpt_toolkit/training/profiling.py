@@ -1,0 +1,116 @@
+"""Where a training step's time goes: train.py's own steps under torch.profiler (a StepClock that starts it after the
+warm-up steps), each op's own time (self CPU time; on a GPU its self device time) summed by what the op does and by
+the phase of the step it ran in: the forward pass (with the loss and the loop's own ops: the batch, clipping), the
+backward pass, or the optimizer's step.
+What the ops do not account for (Python, the loop, the batch, the log) is the step's wall time minus theirs.
+tools/bench.py --profile prints the table; docs/performance.md keeps the figures."""
+import dataclasses
+
+import torch
+
+from gpt_toolkit.core import hardware
+from gpt_toolkit.training.timing import StepClock
+
+# What an op does, by its name (the first match wins); anything else is "other ops", the time of a scope itself
+# (Optimizer.step#Muon.step, the autograd engine's evaluate_function) included: Python and dispatch inside it.
+KINDS = [
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int")),
+    ("attention (SDPA, softmax)", ("aten::_scaled_dot_product", "aten::_softmax", "aten::_safe_softmax")),
+    ("casts and copies", ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat",
+                          "aten::stack")),
+    ("activation (GELU, ReLU)", ("aten::gelu", "aten::relu", "aten::threshold", "aten::pow")),
+    ("norms (LayerNorm, RMSNorm)", ("aten::native_layer_norm", "aten::_fused_rms_norm", "aten::rms_norm",
+                                    "aten::layer_norm")),
+    ("loss (log-softmax, NLL)", ("aten::_log_softmax", "aten::nll_loss")),
+    ("embeddings", ("aten::embedding", "aten::index_select", "aten::index_add")),
+    ("gradient norm (clipping)", ("aten::linalg_vector_norm", "aten::_foreach_norm")),
+]
+PHASES = ("forward", "backward", "optimizer")
+
+
+def kind_of(name):
+    for kind, prefixes in KINDS:
+        if name.startswith(prefixes):
+            return kind
+    return "other ops"
+
+
+def phase_of(event):
+    """The phase an event ran in: under an Optimizer.step# scope, the optimizer; under the autograd engine, backward."""
+    parent = event
+    while parent is not None:
+        if parent.name.startswith("Optimizer.step#"):
+            return "optimizer"
+        if parent.name.startswith(("autograd::engine", "torch::autograd")) or parent.name.endswith("Backward0"):
+            return "backward"
+        parent = parent.cpu_parent
+    return "forward"
+
+
+@dataclasses.dataclass
+class StepSplit:
+    """Milliseconds per step: ms[kind][phase] of the ops' own time, `outside` the step's wall time not in any op."""
+    steps: int
+    step_ms: float
+    ms: dict
+    outside: float
+
+    def rows(self):
+        """(kind, {phase: ms}, total ms) by total, largest first."""
+        rows = [(kind, phases, sum(phases.values())) for kind, phases in self.ms.items()]
+        return sorted(rows, key=lambda row: -row[2])
+
+
+class ProfiledClock(StepClock):
+    """A StepClock whose steps after the first `warmup` run under torch.profiler."""
+
+    def __init__(self, warmup):
+        super().__init__()
+        self.warmup, self.profiler = warmup, None
+
+    def after_step(self, step, loss, norm, lr):
+        try:
+            super().after_step(step, loss, norm, lr)
+        finally:
+            if len(self.seconds) == self.warmup and self.profiler is None:  # the timed steps begin after this one
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if hardware.device_type(self.device) == "cuda":
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
+    def close(self):
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+
+    def split(self):
+        """The profiled steps' time per step, by kind and phase."""
+        steps = len(self.seconds) - self.warmup
+        gpu = hardware.device_type(self.device) == "cuda"
+        ms = {}
+        own = 0.0
+        for event in self.profiler.events():
+            if event.device_type != torch.autograd.DeviceType.CPU:  # a kernel: counted in the op that launched it
+                continue
+            us = event.self_device_time_total if gpu else event.self_cpu_time_total
+            if us <= 0:
+                continue
+            phases = ms.setdefault(kind_of(event.name), dict.fromkeys(PHASES, 0.0))
+            phases[phase_of(event)] += us / 1000 / steps
+            own += us / 1000 / steps
+        step_ms = 1000 * sum(self.seconds[self.warmup:]) / steps
+        return StepSplit(steps=steps, step_ms=step_ms, ms=ms, outside=max(0.0, step_ms - own))
+
+
+def format_split(split, gpu=False):
+    """The table tools/bench.py --profile prints."""
+    time = "GPU time" if gpu else "CPU time"
+    lines = [f"where a step's {split.step_ms:.1f} ms go ({split.steps} profiled steps; each op's own {time}, ms per "
+             f"step; the profiler's own cost included; forward: the loss and the loop's own ops too):",
+             f"{'':<28}{'forward':>9}{'backward':>10}{'optimizer':>11}{'total':>9}{'share':>8}"]
+    for kind, phases, total in split.rows():
+        lines.append(f"{kind:<28}" + "".join(f"{phases[p]:{w}.1f}" for p, w in zip(PHASES, (9, 10, 11)))
+                     + f"{total:9.1f}{total / split.step_ms:8.0%}")
+    if not gpu:
+        lines.append(f"{'outside torch ops (Python)':<28}{'':>30}{split.outside:9.1f}{split.outside / split.step_ms:8.0%}")
+    return "\n".join(lines)
