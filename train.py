@@ -101,7 +101,7 @@ def main(argv, *, guards=()):
     validate(cfg)
     source = ModelSource.for_training(cfg)  # init_from, resolved once: scratch, resume, a run, a transformers dir, gpt2*
     world, trackers = check_setup(cfg, source)  # the DDP process, its device, dtype (auto: bf16 where fast), compile
-    setup_process(world.device, keep_cpu_memory=cfg.keep_cpu_memory)
+    setup_process(world.device, keep_cpu_memory=cfg.keep_cpu_memory, compile=world.compile)
     cfg, dataset, ckpt, ckpt_path, notes = check_data_and_out_dir(cfg, source, cli_keys, world)
     tasks = EvalTasks(cfg.eval_tasks, cfg.eval_tasks_limit, dataset.meta) if cfg.eval_tasks and world.master else None
     torch.manual_seed(cfg.seed + world.rank)

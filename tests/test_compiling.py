@@ -96,3 +96,19 @@ def test_compile_that_raises_at_once_falls_back_too(data_dir, tmp_path, monkeypa
     assert r.returncode == 0, r.stderr
     assert "warning: torch.compile failed (RuntimeError: Dynamo is not supported on this Python); training goes on" in r.stdout
     assert json.loads((tmp_path / "o" / "config.json").read_text())["resolved_compile"] is False
+
+
+@pytest.mark.slow  # two compiled runs (a CPU compile takes ~20 s on 2 cores)
+def test_compiled_cpu_training_gives_the_same_losses_every_run(data_dir, tmp_path):
+    """Two runs of one seed that compile on a CPU log the same losses, as eager runs do: without torch's
+    deterministic algorithms inductor adds the embedding's scattered gradients with atomic adds (their order varies
+    with the threads), and the record config's runs parted at step 5 (docs/performance.md). Fresh processes: the
+    setting is the process's."""
+    args = ["train.py", "config/train_shakespeare_char_record.py", "--n_layer=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=8", "--max_iters=30", "--lr_decay_iters=30", "--eval_interval=30", "--eval_iters=2",
+            "--log_interval=1", f"--data_dir={data_dir}"]  # the record config compiles: its path, made small
+    for name in ("a", "b"):
+        r = run_script(*args, f"--out_dir={tmp_path / name}", subprocess_only=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads((tmp_path / name / "config.json").read_text())["resolved_compile"] is True
+    assert records(tmp_path / "a") == records(tmp_path / "b")

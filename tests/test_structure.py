@@ -244,7 +244,7 @@ print(before == state(), before, state())
 def test_setup_process_applies_the_fast_exit_tf32_and_the_allocator():
     """The one call that changes process-wide state, made by scripts at start: the fast exit (gc.freeze at exit, so
     the interpreter's last collections skip torch's objects), TF32 on CUDA only, the CPU allocator setting on CPU
-    unless asked not to."""
+    unless asked not to, deterministic algorithms for a CPU run that compiles."""
     code = f"""
 import atexit, gc, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
@@ -258,6 +258,9 @@ print(process.setup_process("cpu", keep_cpu_memory=False), calls)
 print(process.setup_process("cpu"), calls)
 print(process.setup_process("cuda:0"), calls)
 print("handlers added", atexit._ncallbacks() - handlers)
+print(torch.are_deterministic_algorithms_enabled(), process.setup_process("cuda:0", compile=True)[-1])
+print(process.setup_process("cpu", compile=True)[-1], torch.are_deterministic_algorithms_enabled(),
+      torch.is_deterministic_algorithms_warn_only_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -266,7 +269,9 @@ print("handlers added", atexit._ncallbacks() - handlers)
     assert lines[1] == "['fast exit', 'CPU allocator keeps freed memory'] ['mallopt']"
     assert lines[2] == "['fast exit', 'TF32 matmuls'] ['mallopt', 'high']"
     assert lines[3] == "handlers added 1"  # once, however often it is called
-    assert lines[4].startswith("frozen") and int(lines[4].split()[1]) > 10_000  # torch's objects, frozen at exit
+    assert lines[4] == "False TF32 matmuls"  # a GPU run that compiles keeps torch's defaults
+    assert lines[5] == "deterministic algorithms True True False"  # a CPU run that compiles: inductor's determinism
+    assert lines[6].startswith("frozen") and int(lines[6].split()[1]) > 10_000  # torch's objects, frozen at exit
 
 
 @pytest.mark.slow

@@ -10,12 +10,16 @@ from gpt_toolkit.core import system
 _fast_exit_registered = False
 
 
-def setup_process(device=None, *, keep_cpu_memory=True):
+def setup_process(device=None, *, keep_cpu_memory=True, compile=False):
     """Apply the settings a script's run wants, for the whole process (none of them can be undone):
       - a fast exit: at exit the interpreter's last garbage collections would walk every object torch made (~300K
         once torch._dynamo is imported, about a second); gc.freeze at exit makes them skip those objects;
       - on CUDA, TF32 matmuls for float32 (the GPU peak table's float32 figures assume them);
-      - on CPU with keep_cpu_memory, glibc's malloc keeps what a training step frees for the next (keep_freed_memory).
+      - on CPU with keep_cpu_memory, glibc's malloc keeps what a training step frees for the next (keep_freed_memory);
+      - on CPU with compile (the run compiles), torch's deterministic algorithms: inductor's CPU kernels otherwise
+        add up scattered gradients (the embedding's) with atomic adds, in a different order every run, so two runs
+        of one seed drift apart from the first steps (the deterministic kernel is no slower: docs/performance.md).
+        Eager ops on a CPU give the same numbers either way; torch.empty stays unfilled.
     device is a resolved device name ('cpu', 'cuda:0', ...) or None for a script that trains nothing.
     Returns the names of the settings applied."""
     global _fast_exit_registered
@@ -29,6 +33,10 @@ def setup_process(device=None, *, keep_cpu_memory=True):
         applied.append("TF32 matmuls")
     if kind == "cpu" and keep_cpu_memory and system.keep_freed_memory():
         applied.append("CPU allocator keeps freed memory")
+    if kind == "cpu" and compile:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # deterministic mode's NaN fill: time, no gain
+        applied.append("deterministic algorithms")
     return applied
 
 
