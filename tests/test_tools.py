@@ -3,6 +3,8 @@ import csv
 import io
 import json
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
@@ -269,6 +271,20 @@ def test_time_to_quality_says_each_runs_time_against_nanogpts_the_way_round_that
     assert versus(13.9, 66.8) == "4.81x faster"
     assert versus(377.4, 252.0) == "1.50x its time"
     assert versus(252.0, 252.0) == "1.00x faster"
+
+
+def test_time_to_quality_compiles_each_of_our_runs_cold(tmp_path, monkeypatch):
+    """A run that compiles (the record config) pays for compiling as a user's first run does: inductor's cache is a
+    fresh directory for each of our runs, never the one an earlier run filled."""
+    import tools.time_to_quality as ttq
+    seen = []
+    monkeypatch.setattr(ttq.subprocess, "run", lambda cmd, **kw: seen.append((cmd, kw.get("env"))) or
+                        subprocess.CompletedProcess(cmd, 0, "", ""))
+    for _ in range(2):
+        ttq.run_once("record", tmp_path, tmp_path / "data", None)
+    caches = [env["TORCHINDUCTOR_CACHE_DIR"] for _, env in seen]
+    assert len(set(caches)) == 2 and all(Path(c).parent == tmp_path and not Path(c).exists() for c in caches)
+    assert "config/train_shakespeare_char_record.py" in seen[0][0]
 
 
 def test_time_to_quality_refuses_bad_runs_before_running_any(tmp_path):
