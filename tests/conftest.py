@@ -197,12 +197,27 @@ def _run_in_process(module_name, argv, cwd, options):
     main = importlib.import_module(module_name).main
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), determinism_kept():
         try:
             run_main(lambda argv: main(argv, **options), argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return subprocess.CompletedProcess([module_name, *argv], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def determinism_kept():
+    """A run that compiles on CPU turns on torch's deterministic algorithms for its process (setup_process): a run
+    in this process must leave them as a user's next process finds them, off, for the tests after it."""
+    import torch
+    import torch.utils.deterministic
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
 def assert_one_line_error(result, *fragments, code=None):

@@ -18,8 +18,9 @@ def setup_process(device=None, *, keep_cpu_memory=True, compile=False):
       - on CPU with keep_cpu_memory, glibc's malloc keeps what a training step frees for the next (keep_freed_memory);
       - on CPU with compile (the run compiles), torch's deterministic algorithms: inductor's CPU kernels otherwise
         add up scattered gradients (the embedding's) with atomic adds, in a different order every run, so two runs
-        of one seed drift apart from the first steps (the deterministic kernel is no slower: docs/performance.md).
-        Eager ops on a CPU give the same numbers either way; torch.empty stays unfilled.
+        of one seed drift apart from the first steps (no slowdown seen: docs/performance.md). The toolkit's eager
+        CPU steps give the same losses either way (checked); torch.empty stays unfilled. A tool that runs train.py's
+        main several times in one process keeps the setting for its later runs too.
     device is a resolved device name ('cpu', 'cuda:0', ...) or None for a script that trains nothing.
     Returns the names of the settings applied."""
     global _fast_exit_registered

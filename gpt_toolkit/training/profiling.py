@@ -2,36 +2,44 @@
 warm-up steps), each op's own time (self CPU time; on a GPU its self device time) summed by what the op does and by
 the phase of the step it ran in: the forward pass (with the loss and the loop's own ops: the batch, clipping), the
 backward pass, or the optimizer's step.
-What the ops do not account for (Python, the loop, the batch, the log) is the step's wall time minus theirs.
+What the ops do not account for (Python: the loop's, the batch's, the log's) is the step's wall time minus theirs.
 tools/bench.py --profile prints the table; docs/performance.md keeps the figures."""
 import dataclasses
+import time
 
 import torch
 
 from gpt_toolkit.core import hardware
 from gpt_toolkit.training.timing import StepClock
 
-# What an op does, by its name (the first match wins); anything else is "other ops", the time of a scope itself
-# (Optimizer.step#Muon.step, the autograd engine's evaluate_function) included: Python and dispatch inside it.
+# What an op does: the nearest of it and the ops that called it whose name matches (an aten::mul that RMSNorm's
+# fallback calls is RMSNorm's; a copy_ that autocast makes inside a Linear is a cast). Anything else is "other ops",
+# the time of a scope itself (Optimizer.step#Muon.step, the autograd engine's evaluate_function) included: Python and
+# dispatch inside it. A compiled step's fused kernels are other ops too. bf16 attention on a CPU runs as explicit
+# batched matmuls (model.explicit_attention): their time is in matmuls, its softmax in attention.
 KINDS = [
     ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int")),
-    ("attention (SDPA, softmax)", ("aten::_scaled_dot_product", "aten::_softmax", "aten::_safe_softmax")),
+    ("attention (SDPA, softmax)", ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product", "aten::_softmax",
+                                   "aten::_safe_softmax")),
     ("casts and copies", ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat",
                           "aten::stack")),
-    ("activation (GELU, ReLU)", ("aten::gelu", "aten::relu", "aten::threshold", "aten::pow")),
+    ("activation (GELU, ReLU)", ("aten::gelu", "aten::relu", "aten::threshold", "aten::square")),
     ("norms (LayerNorm, RMSNorm)", ("aten::native_layer_norm", "aten::_fused_rms_norm", "aten::rms_norm",
                                     "aten::layer_norm")),
     ("loss (log-softmax, NLL)", ("aten::_log_softmax", "aten::nll_loss")),
     ("embeddings", ("aten::embedding", "aten::index_select", "aten::index_add")),
-    ("gradient norm (clipping)", ("aten::linalg_vector_norm", "aten::_foreach_norm")),
+    ("vector norms (clip, Muon)", ("aten::linalg_vector_norm", "aten::_foreach_norm")),
 ]
 PHASES = ("forward", "backward", "optimizer")
 
 
-def kind_of(name):
-    for kind, prefixes in KINDS:
-        if name.startswith(prefixes):
-            return kind
+def kind_of(event):
+    """What the op of a profiler event does, by its own name or else the nearest caller's that says (KINDS)."""
+    while event is not None:
+        for kind, prefixes in KINDS:
+            if event.name.startswith(prefixes):
+                return kind
+        event = event.cpu_parent
     return "other ops"
 
 
@@ -69,19 +77,18 @@ class ProfiledClock(StepClock):
         self.warmup, self.profiler = warmup, None
 
     def after_step(self, step, loss, norm, lr):
-        try:
-            super().after_step(step, loss, norm, lr)
-        finally:
-            if len(self.seconds) == self.warmup and self.profiler is None:  # the timed steps begin after this one
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if hardware.device_type(self.device) == "cuda":
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.profiler = torch.profiler.profile(activities=activities)
-                self.profiler.__enter__()
+        super().after_step(step, loss, norm, lr)  # raises Enough after the last step (never at the warm-up's last)
+        if len(self.seconds) == self.warmup:  # the profiled steps begin: start it, then the next step's clock
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if hardware.device_type(self.device) == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()  # its start-up (up to a second in a fresh process) is no step's time
+            self.clock = time.perf_counter()
 
     def close(self):
         if self.profiler is not None:
-            self.profiler.__exit__(None, None, None)
+            self.profiler.stop()
 
     def split(self):
         """The profiled steps' time per step, by kind and phase."""
@@ -95,7 +102,7 @@ class ProfiledClock(StepClock):
             us = event.self_device_time_total if gpu else event.self_cpu_time_total
             if us <= 0:
                 continue
-            phases = ms.setdefault(kind_of(event.name), dict.fromkeys(PHASES, 0.0))
+            phases = ms.setdefault(kind_of(event), dict.fromkeys(PHASES, 0.0))
             phases[phase_of(event)] += us / 1000 / steps
             own += us / 1000 / steps
         step_ms = 1000 * sum(self.seconds[self.warmup:]) / steps
