@@ -111,8 +111,8 @@ class ProfiledClock(StepClock):
 
 def format_split(split, gpu=False):
     """The table tools/bench.py --profile prints."""
-    time = "GPU time" if gpu else "CPU time"
-    lines = [f"where a step's {split.step_ms:.1f} ms go ({split.steps} profiled steps; each op's own {time}, ms per "
+    measure = "GPU time" if gpu else "CPU time"
+    lines = [f"where a step's {split.step_ms:.1f} ms go ({split.steps} profiled steps; each op's own {measure}, ms per "
              f"step; the profiler's own cost included; forward: the loss and the loop's own ops too):",
              f"{'':<28}{'forward':>9}{'backward':>10}{'optimizer':>11}{'total':>9}{'share':>8}"]
     for kind, phases, total in split.rows():
