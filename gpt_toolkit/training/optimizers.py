@@ -76,18 +76,21 @@ class Muon(torch.optim.Muon):
             for grad, buf in zip(grads, buffers):
                 buf.lerp_(grad, 1 - momentum)
                 updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
-            # matrices of one shape are orthogonalized together: a few batched matmuls instead of many small ones
+            # matrices of one shape are orthogonalized together, a tall one (A > B) as its transpose (the iteration
+            # works on it so anyway): the MLP's (4C, C) and (C, 4C) share one batch. A few batched matmuls instead of
+            # many small ones, each matrix's result bit for bit what it gets alone
             by_shape = {}
             for i, u in enumerate(updates):
-                by_shape.setdefault(tuple(u.shape), []).append(i)
-            for shape, idx in by_shape.items():
-                ortho = orthogonalize(torch.stack([updates[i] for i in idx]), group["ns_coefficients"], group["ns_steps"],
-                                      group["eps"], self.ns_dtype)
-                A, B = shape
-                scale = 0.2 * math.sqrt(max(A, B)) if group["adjust_lr_fn"] == "match_rms_adamw" else math.sqrt(max(1, A / B))
+                by_shape.setdefault(tuple(sorted(u.shape)), []).append(i)
+            for idx in by_shape.values():
+                wide = [updates[i].mT if updates[i].size(0) > updates[i].size(1) else updates[i] for i in idx]
+                ortho = orthogonalize(torch.stack(wide), group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                      self.ns_dtype)
                 for i, o in zip(idx, ortho):
+                    A, B = params[i].shape
+                    scale = 0.2 * math.sqrt(max(A, B)) if group["adjust_lr_fn"] == "match_rms_adamw" else math.sqrt(max(1, A / B))
                     params[i].mul_(1 - lr * group["weight_decay"])
-                    params[i].add_(o.to(params[i].dtype), alpha=-lr * scale)
+                    params[i].add_((o.mT if A > B else o).to(params[i].dtype), alpha=-lr * scale)
 
 
 def orthogonalize(grads, coefficients, steps, eps, dtype):
