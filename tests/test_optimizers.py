@@ -35,6 +35,21 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert opt.muon.param_groups[0]["lr"] == 0.5
 
 
+def test_muons_adamw_is_fused_where_plain_adamw_is():
+    """--fused_adamw (on by default) reaches the AdamW beside Muon too: torch's own default leaves AdamW unfused on a
+    CPU, whose per-op path gave the tied embedding a different update in about one run of eight (one half of the
+    tensor rounded differently: its two threads disagreed), breaking exact resume; the fused kernel repeated in 24 of
+    24 runs (docs/performance.md)."""
+    from gpt_toolkit.core.config import Config
+    from gpt_toolkit.training.setup import build_training
+    for optimizer in ("muon", "adamw"):
+        for on in (True, False):
+            cfg = Config(optimizer=optimizer, fused_adamw=on)
+            training = build_training(tiny_model(), cfg, device="cpu", dtype="float32")
+            adamw = training.optimizer.adamw if optimizer == "muon" else training.optimizer
+            assert adamw.defaults["fused"] is on, (optimizer, on)
+
+
 def test_our_muon_steps_as_torch_muon():
     model = tiny_model()
     twin = copy.deepcopy(model)
