@@ -1,12 +1,12 @@
 """A busy CPU: how sample.py and train.py fare when they share the machine, under each OpenMP thread setting.
 
-    python tools/bench_busy.py [--rounds=2] [--tokens=1500] [--data_dir=data]
+    python tools/bench_busy.py [--rounds=2] [--tokens=1500] [--data_dir=data] [--config=config/train_shakespeare_char_cpu.py]
 
-Learners train in one terminal and sample in another. For each setting (torch's defaults; GOMP_SPINCOUNT=1000, what
-the toolkit's scripts set unless you set it; 10000; OMP_WAIT_POLICY=PASSIVE; OMP_NUM_THREADS=1), in alternating
+Learners train in one terminal and sample in another. For each setting (torch's defaults; GOMP_SPINCOUNT=1000; 3000,
+what the toolkit's scripts set unless you set it; 10000; OMP_WAIT_POLICY=PASSIVE; OMP_NUM_THREADS=1), in alternating
 rounds: train.py's time per step alone and with sample.py streaming beside it, and sample.py's streaming speed alone
-and with a training beside it (the CPU recipe's model, 2 threads). A sample model of 0.1M parameters is trained first
-(a few seconds). Figures: medians over the rounds; docs/performance.md has them.
+and with a training beside it (--config's model, the CPU recipe's by default; 2 threads). A sample model of 0.1M
+parameters is trained first (a few seconds). Figures: medians over the rounds; docs/performance.md has them.
 """
 import json
 import os
@@ -29,11 +29,12 @@ from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.errors import UserError, run_main
 
 SETTINGS = {"torch's defaults": {},
-            "GOMP_SPINCOUNT=1000 (ours)": {"GOMP_SPINCOUNT": "1000"},
+            "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
+            "GOMP_SPINCOUNT=3000 (ours)": {"GOMP_SPINCOUNT": "3000"},
             "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
             "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
             "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"}}
-TRAIN = ["config/train_shakespeare_char_cpu.py", "--max_iters=100000", "--lr_decay_iters=100000",
+TRAIN = ["--max_iters=100000", "--lr_decay_iters=100000",
          "--eval_interval=100000", "--log_interval=1"]
 
 
@@ -42,6 +43,8 @@ def parser():
     p.add_argument("--rounds", type=int, default=2, help="rounds, alternating the settings (default 2)")
     p.add_argument("--tokens", type=int, default=1500, help="characters sample.py streams (default 1500)")
     p.add_argument("--data_dir", default="data", help="where shakespeare_char is prepared (default data)")
+    p.add_argument("--config", default="config/train_shakespeare_char_cpu.py",
+                   help="the training (default config/train_shakespeare_char_cpu.py, the CPU recipe)")
     return p
 
 
@@ -66,8 +69,8 @@ def stream_rate(out_dir, tokens, env):
     return count / max(last - first, 1e-9)
 
 
-def start_training(out_dir, data_dir, env):
-    cmd = [sys.executable, "train.py", *TRAIN, f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--overwrite=True"]
+def start_training(config, out_dir, data_dir, env):
+    cmd = [sys.executable, "train.py", config, *TRAIN, f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--overwrite=True"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
@@ -77,18 +80,18 @@ def step_ms(lines):
     return statistics.median(times) if times else None
 
 
-def measure(setting, sample_dir, work, data_dir, tokens):
+def measure(setting, sample_dir, work, data_dir, tokens, config):
     """(train ms/step alone, with sample.py beside; sample chars/s alone, with a training beside)."""
     env = env_of(setting)
     quiet_rate = stream_rate(sample_dir, tokens, env)
     alone = work / "alone"
-    proc = start_training(alone, data_dir, env)
+    proc = start_training(config, alone, data_dir, env)
     time.sleep(12)
     proc.terminate()
     proc.wait()
     quiet_step = step_ms((alone / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[8:])  # after allocation
     busy = work / "busy"
-    proc = start_training(busy, data_dir, env)
+    proc = start_training(config, busy, data_dir, env)
     time.sleep(8)
     before = len((busy / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
     busy_rate = stream_rate(sample_dir, tokens, env)
@@ -113,7 +116,8 @@ def main(argv):
         results = {s: [] for s in SETTINGS}
         for _ in range(args.rounds):
             for setting in SETTINGS:
-                results[setting].append(measure(setting, sample_dir, work, args.data_dir, args.tokens))
+                results[setting].append(measure(setting, sample_dir, work, args.data_dir, args.tokens,
+                                                        args.config))
                 print(f"  {setting}: {results[setting][-1]}", file=sys.stderr, flush=True)
     print(f"{'setting':<26} {'train ms/step':>14} {'beside sample':>14} {'x':>6}   {'sample chars/s':>15} "
           f"{'beside training':>16} {'x':>6}")

@@ -7,10 +7,12 @@ from gpt_toolkit.core.errors import quiet_interrupts
 # OpenMP's threads wait for the next parallel region by spinning: GNU OpenMP (torch's on Linux) for 300,000 turns
 # before it sleeps. On a machine that other work shares (a training in one terminal, sample.py in another) the
 # processes' spinning threads take the cores from each other's real work: a training step beside sample.py took 5-18x
-# its time alone, sample.py beside a training streamed at 0.05-0.13x its speed. 1,000 turns keep a quiet machine's speed
-# (within the measurements' noise for training, a few percent for sampling) and make both degrade gracefully
-# (tools/bench_busy.py, docs/performance.md).
-SPIN_COUNT = "1000"
+# its time alone, sample.py beside a training streamed at 0.05-0.13x its speed. Too few turns cost a quiet machine
+# instead: a thread that sleeps between two of a step's hundreds of short parallel regions is woken for the next, so
+# at 1,000 turns the main job's step took 1.58x its time with torch's defaults and sample.py streamed at 0.44x (Xeon
+# with AMX, bf16). 3,000 turns: 1.26x and 0.63x alone; beside each other a step takes under 2x its time alone and
+# sampling keeps 0.72x its speed (tools/bench_busy.py, docs/performance.md).
+SPIN_COUNT = "3000"
 
 
 def start_script():
