@@ -168,6 +168,15 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class HeadNorm(nn.RMSNorm):
+    """QK-norm's RMSNorm (same weight, same state_dict key), computed in float32 and returned in the input's dtype.
+    Under bfloat16 autocast the query and key come out of a bf16 matmul while the gain is float32: torch's fused kernel
+    refuses the pair (a UserWarning) and falls back to exactly this math, so the result is the same bit for bit."""
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -178,8 +187,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         if config.qk_norm:
-            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=1e-5)
-            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=1e-5)
+            self.q_norm = HeadNorm(config.n_embd // config.n_head, eps=1e-5)
+            self.k_norm = HeadNorm(config.n_embd // config.n_head, eps=1e-5)
         self.config = config  # shared with the model: config.fast_cpu_attention can be switched on it
 
     def forward(self, x, mask=None, cache=None, layer=0, rope=None, ve=None):

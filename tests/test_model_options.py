@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, assert_one_line_error, run_script
+from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 from torch.nn import functional as F
 
 import model as model_module
@@ -87,6 +87,38 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
             for block in m.transformer.h:
                 block.attn.c_attn.weight[:64] *= 7.0  # the query and key rows
         assert torch.allclose(m(x, x)[0], before, atol=1e-4) == same
+
+
+def test_qk_norm_under_bf16_autocast_is_torchs_rmsnorm_bit_for_bit_without_its_warning():
+    """Under bfloat16 autocast the heads' query and key are bf16 and QK-norm's gain float32: torch.rms_norm warned
+    (once per run, in every speedrun and record log) and fell back to float32 math. The model's QK-norm does that math
+    itself: the same outputs and gradients, no warning. A fresh interpreter: torch warns once per process."""
+    import subprocess
+    import sys
+    code = """
+import warnings, torch
+from model import GPT, GPTConfig
+torch.manual_seed(0)
+norm = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=1, n_head=4, n_embd=128, qk_norm=True)).transformer.h[0].attn.q_norm
+ref = torch.nn.RMSNorm(32, eps=1e-5)
+with torch.no_grad():
+    norm.weight.uniform_(0.5, 1.5)
+    ref.weight.copy_(norm.weight)
+x = (torch.randn(8, 4, 64, 32) * 3).bfloat16().requires_grad_()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = norm(x)
+g = torch.randn_like(y)
+ours = (y, *torch.autograd.grad(y, (x, norm.weight), g))
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    y_ref = ref(x)
+theirs = (y_ref, *torch.autograd.grad(y_ref, (x, ref.weight), g))
+print(y.dtype, all(torch.equal(a, b) for a, b in zip(ours, theirs)), [str(w.message)[:40] for w in caught])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["torch.bfloat16", "True", "[]"], r.stdout + r.stderr
 
 
 def test_relu2_is_relu_squared():
