@@ -174,7 +174,7 @@ class HeadNorm(nn.RMSNorm):
     refuses the pair (a UserWarning) and falls back to exactly this math, so the result is the same bit for bit."""
 
     def forward(self, x):
-        return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):

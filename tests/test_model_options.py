@@ -89,7 +89,7 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
         assert torch.allclose(m(x, x)[0], before, atol=1e-4) == same
 
 
-def test_qk_norm_under_bf16_autocast_is_torchs_rmsnorm_bit_for_bit_without_its_warning():
+def test_qk_norm_of_a_bf16_query_is_torchs_rmsnorm_bit_for_bit_without_its_warning():
     """Under bfloat16 autocast the heads' query and key are bf16 and QK-norm's gain float32: torch.rms_norm warned
     (once per run, in every speedrun and record log) and fell back to float32 math. The model's QK-norm does that math
     itself: the same outputs and gradients, no warning. A fresh interpreter: torch warns once per process."""

@@ -50,11 +50,32 @@ def test_muons_adamw_is_fused_where_plain_adamw_is():
             assert adamw.defaults["fused"] is on, (optimizer, on)
 
 
-def test_our_muon_steps_as_torch_muon():
+def test_a_muon_state_saved_with_an_unfused_adamw_resumes_fused():
+    """Checkpoints from before the AdamW beside Muon was fused say fused=None in its groups; loading one keeps this
+    optimizer's choice (torch would restore the saved one), and the step goes on."""
+    model = tiny_model()
+    x = torch.randint(0, 30, (4, 16), generator=torch.Generator().manual_seed(1))
+    old = muon_with_adamw(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), fused=False)
+    for group in old.adamw.param_groups:
+        group["fused"] = None  # what muon_with_adamw(fused=None) made until now
+    model(x, x)[1].backward()
+    old.step()
+    saved = copy.deepcopy(old.state_dict())
+    assert {g["fused"] for g in saved["param_groups"] if g["kind"] == "adamw"} == {None}
+    new = muon_with_adamw(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), fused=None)
+    new.load_state_dict(saved)
+    assert [g["fused"] for g in new.adamw.param_groups] == [True, True]
+    model(x, x)[1].backward()
+    new.step()
+    assert all(s["step"].item() == 2 for s in new.adamw.state.values())
+
+
+@pytest.mark.parametrize("adjust", ["match_rms_adamw", "original"])
+def test_our_muon_steps_as_torch_muon(adjust):
     model = tiny_model()
     twin = copy.deepcopy(model)
-    ours = Muon(muon_parameters(model), lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_dtype=torch.bfloat16)
-    theirs = torch.optim.Muon(muon_parameters(twin), lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    ours = Muon(muon_parameters(model), lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust, ns_dtype=torch.bfloat16)
+    theirs = torch.optim.Muon(muon_parameters(twin), lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
     x = torch.randint(0, 30, (4, 16), generator=torch.Generator().manual_seed(1))
     for _ in range(3):
         for m, opt in ((model, ours), (twin, theirs)):

@@ -455,3 +455,10 @@ def test_a_measured_cpu_peak_too_low_to_be_true_gives_way_to_the_cores_fma_rate(
     monkeypatch.setattr(hardware, "measure_matmul_flops", lambda device, dtype: rate[0] / 2)
     assert hardware.peak_flops.__wrapped__("cpu", "float32") == (rate[0] / 2, "measured float32 matmul on cpu")
     assert hardware.flops_text(4e9) == "4.0 GFLOP/s" and hardware.flops_text(1.25e12) == "1.25 TFLOP/s"
+
+
+def test_bench_busy_names_a_missing_config_in_one_line():
+    """tools/bench_busy.py --config: a typo is one line before anything runs (its trainings' output is hidden, so it
+    used to end in a traceback after the first 12 s measurement)."""
+    assert_one_line_error(run_script("tools/bench_busy.py", "--config=config/nope.py"), "--config=config/nope.py",
+                          "no such file")

@@ -264,6 +264,7 @@ def test_a_non_streaming_request_whose_client_hangs_up_is_cancelled(base):
         lines = went_away_lines(base, before)
         if lines:
             break
+    print(f"hung up after a wait of {wait} s")
     assert len(lines) == 2, base.log()[1][before:]
     assert all(int(line.split("stopped after ")[1].split()[0]) < 100000 for line in lines)
     got = base.client().completions.create(model=base.client().models.list().data[0].id, prompt="ROMEO:", max_tokens=4)

@@ -34,8 +34,7 @@ SETTINGS = {"torch's defaults": {},
             "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
             "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
             "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"}}
-TRAIN = ["--max_iters=100000", "--lr_decay_iters=100000",
-         "--eval_interval=100000", "--log_interval=1"]
+TRAIN = ["--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000", "--log_interval=1"]
 
 
 def parser():
@@ -70,7 +69,7 @@ def stream_rate(out_dir, tokens, env):
 
 
 def start_training(config, out_dir, data_dir, env):
-    cmd = [sys.executable, "train.py", config, *TRAIN, f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--overwrite=True"]
+    cmd = [sys.executable, "train.py", str(config), *TRAIN, f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--overwrite=True"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
@@ -105,6 +104,9 @@ def main(argv):
     args = parser().parse(argv)[0]
     if args.rounds < 1 or args.tokens < 10:
         raise UserError("--rounds must be positive and --tokens at least 10")
+    config = Path(args.config).resolve()  # train.py runs from the toolkit's root
+    if not config.is_file():
+        raise UserError(f"--config={args.config}: no such file (e.g. config/train_shakespeare_char_fast.py)")
     with tempfile.TemporaryDirectory() as tmp:
         work, sample_dir = Path(tmp), Path(tmp) / "sample-model"
         r = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char_cpu.py", "--n_layer=2",
@@ -116,8 +118,7 @@ def main(argv):
         results = {s: [] for s in SETTINGS}
         for _ in range(args.rounds):
             for setting in SETTINGS:
-                results[setting].append(measure(setting, sample_dir, work, args.data_dir, args.tokens,
-                                                        args.config))
+                results[setting].append(measure(setting, sample_dir, work, args.data_dir, args.tokens, config))
                 print(f"  {setting}: {results[setting][-1]}", file=sys.stderr, flush=True)
     print(f"{'setting':<26} {'train ms/step':>14} {'beside sample':>14} {'x':>6}   {'sample chars/s':>15} "
           f"{'beside training':>16} {'x':>6}")

@@ -55,6 +55,14 @@ class MuonAdamW:
         self.adamw.load_state_dict({
             "state": {i - n: s for i, s in state_of.items() if i >= n},
             "param_groups": [dict(g, params=[i - n for i in g["params"]]) for g in strip[len(self.muon.param_groups):]]})
+        # a group's settings come back as saved: a checkpoint from before the AdamW here was fused says fused=None
+        # (torch's unfused path, whose threads could disagree); this optimizer's own choice stands
+        fused = self.adamw.defaults["fused"]
+        for group in self.adamw.param_groups:
+            group["fused"] = fused
+            for p in group["params"] if fused else ():
+                if "step" in self.adamw.state.get(p, {}):  # the fused kernel wants the step beside its parameter
+                    self.adamw.state[p]["step"] = self.adamw.state[p]["step"].to(p.device, torch.float32)
 
 
 class Muon(torch.optim.Muon):
@@ -78,7 +86,7 @@ class Muon(torch.optim.Muon):
                 updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
             # matrices of one shape are orthogonalized together, a tall one (A > B) as its transpose (the iteration
             # works on it so anyway): the MLP's (4C, C) and (C, 4C) share one batch. A few batched matmuls instead of
-            # many small ones, each matrix's result bit for bit what it gets alone
+            # many small ones (in bf16 on AVX512/AMX each matrix's result is bit for bit what it gets alone)
             by_shape = {}
             for i, u in enumerate(updates):
                 by_shape.setdefault(tuple(sorted(u.shape)), []).append(i)
