@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -285,6 +286,32 @@ def test_time_to_quality_compiles_each_of_our_runs_cold(tmp_path, monkeypatch):
     caches = [env["TORCHINDUCTOR_CACHE_DIR"] for _, env in seen]
     assert len(set(caches)) == 2 and all(Path(c).parent == tmp_path and not Path(c).exists() for c in caches)
     assert "config/train_shakespeare_char_record.py" in seen[0][0]
+
+
+@pytest.mark.parametrize("users_own", [None, "50"])
+def test_time_to_quality_starts_nanogpt_without_our_openmp_setting(tmp_path, monkeypatch, users_own):
+    """nanoGPT's train.py runs as the user's shell would start it: not with the GOMP_SPINCOUNT our scripts set for
+    themselves (inherited, it made nanoGPT's step 1.35x slower on a Xeon with AMX); a user's own setting reaches it."""
+    import tools.time_to_quality as ttq
+    from gpt_toolkit.core import startup
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("GPT_TOOLKIT_OMP_DEFAULTS", raising=False)
+    monkeypatch.setattr(startup, "_SET_HERE", {})
+    if users_own:
+        monkeypatch.setenv("GOMP_SPINCOUNT", users_own)
+    startup.brief_openmp_spin()  # what start_script does to the environment
+    assert os.environ["GOMP_SPINCOUNT"] == (users_own or startup.SPIN_COUNT)  # what our own runs get
+    nanogpt = tmp_path / "nanoGPT"
+    (nanogpt / "config").mkdir(parents=True)
+    for name in ("config/train_shakespeare_char.py", "configurator.py", "train.py"):
+        (nanogpt / name).write_text("")
+    seen = []
+    monkeypatch.setattr(ttq.subprocess, "run", lambda cmd, **kw: seen.append(kw.get("env")) or
+                        subprocess.CompletedProcess(cmd, 0, "", ""))
+    ttq.run_once("nanogpt", tmp_path, tmp_path / "data", nanogpt)
+    ttq.run_once("fast", tmp_path, tmp_path / "data", nanogpt)
+    assert seen[0].get("GOMP_SPINCOUNT") == users_own and seen[0]["PYTHONPATH"] == str(nanogpt)
+    assert seen[1]["GOMP_SPINCOUNT"] == (users_own or startup.SPIN_COUNT)
 
 
 def test_time_to_quality_refuses_bad_runs_before_running_any(tmp_path):

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt_toolkit.core.startup import start_script
+from gpt_toolkit.core.startup import start_script, users_environment
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
@@ -72,7 +72,7 @@ def run_once(name, work, data_dir, nanogpt, extra=()):
         for name in ("config/train_shakespeare_char.py", "configurator.py"):  # train.py reads them from its cwd
             (cwd / name).write_bytes((Path(nanogpt) / name).read_bytes())
         cmd = [sys.executable, str(Path(nanogpt) / "train.py"), *NANOGPT_RECIPE, f"--out_dir={out}"]
-        env = dict(os.environ, PYTHONPATH=str(Path(nanogpt)))
+        env = dict(users_environment(), PYTHONPATH=str(Path(nanogpt)))  # not our OpenMP setting: as a user runs it
     else:
         # a compiled run compiles cold, as a user's first run does: inductor's cache is a fresh directory each time
         cwd, env = ROOT, dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(out) + "-inductor-cache")
