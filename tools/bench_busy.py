@@ -104,7 +104,8 @@ def main(argv):
     args = parser().parse(argv)[0]
     if args.rounds < 1 or args.tokens < 10:
         raise UserError("--rounds must be positive and --tokens at least 10")
-    config = Path(args.config).resolve()  # train.py runs from the toolkit's root
+    config = Path(args.config)
+    config = (config if config.is_file() else ROOT / config).resolve()  # train.py runs from the toolkit's root
     if not config.is_file():
         raise UserError(f"--config={args.config}: no such file (e.g. config/train_shakespeare_char_fast.py)")
     with tempfile.TemporaryDirectory() as tmp:
