@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 GPT2_PADDED_VOCAB = 50304  # GPT-2's 50257 tokens padded up to a multiple of 64 for speed
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "mps")  # where torch has a fused AdamW kernel
 
 
 @dataclass
@@ -384,7 +385,7 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         if fused is None:
-            fused = device_type in ("cuda", "cpu", "mps")
+            fused = device_type in FUSED_ADAMW_DEVICES
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()

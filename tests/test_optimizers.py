@@ -57,12 +57,12 @@ def test_a_muon_state_saved_with_an_unfused_adamw_resumes_fused():
     x = torch.randint(0, 30, (4, 16), generator=torch.Generator().manual_seed(1))
     old = muon_with_adamw(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), fused=False)
     for group in old.adamw.param_groups:
-        group["fused"] = None  # what muon_with_adamw(fused=None) made until now
+        group["fused"] = None  # what build_training asked of it until now (torch's default: unfused on a CPU)
     model(x, x)[1].backward()
     old.step()
     saved = copy.deepcopy(old.state_dict())
     assert {g["fused"] for g in saved["param_groups"] if g["kind"] == "adamw"} == {None}
-    new = muon_with_adamw(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), fused=None)
+    new = muon_with_adamw(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), fused=True)
     new.load_state_dict(saved)
     assert [g["fused"] for g in new.adamw.param_groups] == [True, True]
     model(x, x)[1].backward()

@@ -124,8 +124,6 @@ def muon_with_adamw(model, *, weight_decay, learning_rate, betas, fused, ns_dtyp
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     muon = Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype)
-    if fused is None:  # fused where the device has the kernel, as model.configure_optimizers (torch's None: not on CPU)
-        fused = bool(rest) and rest[0].device.type in ("cuda", "cpu", "mps")
     adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                                {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
                               lr=learning_rate, betas=betas, fused=fused)

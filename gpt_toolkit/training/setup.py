@@ -8,6 +8,7 @@ import torch
 from gpt_toolkit.core import hardware
 from gpt_toolkit.models import sharding
 from gpt_toolkit.training.optimizers import muon_with_adamw
+from model import FUSED_ADAMW_DEVICES
 
 
 @dataclass
@@ -30,13 +31,13 @@ def build_training(model, cfg, *, device, dtype, fused=None, learning_rate=None,
     model.to(device)
     if shard:
         sharding.shard_model(model)
-    fused = cfg.fused_adamw if fused is None else fused
+    # fused where the device has the kernel, for AdamW alone and beside Muon alike (torch's own None: never on a CPU)
+    fused = bool(cfg.fused_adamw if fused is None else fused) and kind in FUSED_ADAMW_DEVICES
     lr = learning_rate or cfg.learning_rate
     if cfg.optimizer == "muon":
         optimizer = muon_with_adamw(model, weight_decay=cfg.weight_decay, learning_rate=lr, betas=(cfg.beta1, cfg.beta2),
-                                    fused=None if fused else False, ns_dtype=hardware.optimizer_math_dtype(device))
+                                    fused=fused, ns_dtype=hardware.optimizer_math_dtype(device))
     else:
         optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=lr,
-                                               betas=(cfg.beta1, cfg.beta2), device_type=kind,
-                                               fused=None if fused else False)
+                                               betas=(cfg.beta1, cfg.beta2), device_type=kind, fused=fused)
     return Training(model, optimizer, hardware.autocast(device, dtype), hardware.grad_scaler(device, dtype))
