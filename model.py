@@ -261,6 +261,8 @@ class GPT(nn.Module):
             ln_f=norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.rotary:
+            self.make_rotary_tables(self.lm_head.weight.device)
         if not config.untied_head:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
@@ -273,6 +275,15 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(self.lm_head.weight)
         for table in self.transformer.ve if config.value_embeddings else ():
             torch.nn.init.zeros_(table.weight)
+
+    def make_rotary_tables(self, device):
+        """Every position's cos and sin (float32 buffers, not saved: a function of the config), made once on device:
+        torch.compile would otherwise recompute them inside every layer's fused rotation, forward and backward. A model
+        built on the meta device calls this again once its weights are loaded."""
+        cos, sin = rotary_tables(torch.arange(self.config.block_size, device=device),
+                                 self.config.n_embd // self.config.n_head)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -313,7 +324,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         rope = None
         if cfg.rotary:
-            rope = rotary_tables(pos, cfg.n_embd // cfg.n_head)
+            rope = self.rope_cos[pos], self.rope_sin[pos]
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)

@@ -11,7 +11,6 @@ import torch
 from conftest import ROOT, TINY_TRAIN, assert_one_line_error, run_script
 from torch.nn import functional as F
 
-import model as model_module
 from gpt_toolkit.core.config import load_config, validate
 from gpt_toolkit.core.errors import ConfigError
 from gpt_toolkit.models import memory
@@ -58,15 +57,45 @@ def test_rotary_attention_depends_on_relative_position_only():
     assert not torch.allclose(scores[0], q @ k.transpose(-1, -2), atol=1e-2)  # it does rotate
 
 
-def test_a_rotary_model_is_invariant_to_shifting_every_absolute_position(monkeypatch):
+def test_a_rotary_model_is_invariant_to_shifting_every_absolute_position():
     m, x = randomized(tiny(rotary=True)), torch.randint(0, 65, (2, 16))
     assert "transformer.wpe.weight" not in m.state_dict()  # no learned positions
     before = m(x, x)[0]
-    real = model_module.rotary_tables
-    monkeypatch.setattr(model_module, "rotary_tables", lambda pos, hs: real(pos + 11, hs))
+    cos, sin = m.rope_cos, m.rope_sin
+    m.rope_cos, m.rope_sin = rotary_tables(torch.arange(m.config.block_size) + 11, m.config.n_embd // m.config.n_head)
+    assert not torch.equal(m.rope_cos, cos)  # every position shifted by 11
     assert torch.allclose(m(x, x)[0], before, atol=1e-4)
+    m.rope_cos, m.rope_sin = cos, sin
     # the order of the tokens still matters
     assert not torch.allclose(m(x.flip(1), x)[0].flip(1), before, atol=1e-2)
+
+
+def test_rotary_tables_are_made_once_not_saved_and_equal_to_computing_each_position():
+    """A training step computes no cos or sin (torch.compile would fuse them into every layer, forward and backward,
+    and recompute them there): the model keeps every position's in two buffers that are not in its state_dict."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    m, x = randomized(tiny(rotary=True)), torch.randint(0, 65, (2, 16))
+    m.train()
+    with Ops() as ops:
+        m(x, x)[1].backward()
+    assert "mm" in ops.seen and not {"cos", "sin"} & ops.seen
+    pos = torch.tensor([0, 5, 31])
+    for table, computed in zip((m.rope_cos, m.rope_sin), rotary_tables(pos, 16)):
+        assert table.dtype == torch.float32 and torch.equal(table[pos], computed)  # bit for bit
+    assert not any("rope" in k for k in m.state_dict())
+    loaded = model_from_checkpoint({"model": m.state_dict(), "model_args": model_args_of(m.config)}).eval()
+    assert loaded.rope_cos.device.type == "cpu" and torch.equal(loaded.rope_cos, m.rope_cos)  # not left on meta
+    assert torch.equal(loaded(x, x)[0], m.eval()(x, x)[0])
 
 
 def test_rmsnorm_matches_its_formula_and_replaces_every_layernorm():

@@ -196,6 +196,8 @@ def plain_model(ckpt, dropout=0.0):
                               assign=True)
         if not model.config.untied_head:
             model.transformer.wte.weight = model.lm_head.weight  # tied, as GPT() ties them
+        if model.config.rotary:
+            model.make_rotary_tables(model.lm_head.weight.device)  # made on the meta device above
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else first_line(e)
