@@ -346,6 +346,37 @@ def test_bench_profile_splits_the_step_by_what_its_ops_do_and_when(data_dir, opt
     assert re.search(r"matmul floor [\d.]+ ms/iter .*: the profiled step takes [\d.]+x that", r.stdout)
 
 
+@pytest.mark.slow  # compiles (~20 s on 2 cores)
+def test_bench_profile_of_a_compiled_step_names_its_fused_kernels(data_dir, tmp_path):
+    """A compiled CPU step's fused kernels are a row of their own, and the largest are listed by what they fuse (the
+    record's ReLU^2, forward and backward), their time inside that row's; without inductor's kernel profile they
+    were one "other ops" figure. A new process: the inductor setting must not outlive the bench."""
+    r = run_script("tools/bench.py", "--profile", "config/train_shakespeare_char_record.py", f"--data_dir={data_dir}",
+                   "--n_layer=1", "--n_embd=64", "--n_head=2", "--block_size=64", "--batch_size=16", "--iters=2",
+                   "--warmup=1", env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = re.search(r"^fused kernels \(compiled\) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +\d+%$", r.stdout, re.M)
+    assert row, r.stdout
+    forward, backward, opt, total = map(float, row.groups())
+    assert forward > 0 and backward > 0 and opt == 0.0  # Muon runs eagerly
+    kernels = re.findall(r"^ +([\d.]+) ms +([\d.]+)x +(forward|backward) +(\S+)$", r.stdout, re.M)
+    assert 1 <= len(kernels) <= 8 and sum(float(k[0]) for k in kernels) <= total + 0.05 * len(kernels)
+    assert {"forward", "backward"} <= {k[2] for k in kernels if "relu" in k[3]}, r.stdout
+
+
+def test_fused_kernel_names_are_read_from_inductors_profiler_events():
+    from gpt_toolkit.training.profiling import FUSED, fused_kernel, kind_of
+
+    class Event:
+        def __init__(self, name):
+            self.name, self.cpu_parent = name, None
+
+    assert fused_kernel("graph_0_cpp_fused__to_copy_gelu_t_5") == "_to_copy_gelu_t_5"
+    assert fused_kernel("graph_12_cpp_fused_relu_3") == "relu_3"
+    assert fused_kernel("aten::mm") is None and fused_kernel("## Call CompiledFxGraph f2de5") is None
+    assert kind_of(Event("graph_1_cpp_fused__softmax_2")) == FUSED and kind_of(Event("aten::mm")) == "matmuls"
+
+
 @pytest.mark.slow
 def test_bench_runs_both_modes(data_dir, monkeypatch):
     import tools.bench

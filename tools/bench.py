@@ -23,9 +23,11 @@ real tokens (targets that are not padding) in tokens/s. --checkpointing times th
 the config on CPU with keep_cpu_memory on and off, each round a fresh process per setting, with page faults per
 iteration. --profile runs --iters steps under torch.profiler after the warm-up and prints where a step's time goes:
 each op's own time by what it does (matmuls, attention, casts, GELU, norms, ...) and by phase (forward, backward,
-the optimizer's step), and what no op accounts for (Python, the loop).
+the optimizer's step), and what no op accounts for (Python, the loop); a step compiled on a CPU also lists its
+largest fused kernels by the ops each fuses.
 """
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import subprocess
@@ -47,7 +49,7 @@ from gpt_toolkit.core.errors import ConfigError, UserError, run_main
 from gpt_toolkit.core.process import setup_process
 from gpt_toolkit.data.dataset import BatchPlan, Dataset
 from gpt_toolkit.training.init_from import scratch_model_args
-from gpt_toolkit.training.profiling import ProfiledClock, format_split
+from gpt_toolkit.training.profiling import ProfiledClock, format_split, name_compiled_kernels
 from gpt_toolkit.training.timing import StepClock, train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 from train import main as train_main  # the entry point: its loop, with our clock among its guards
@@ -193,9 +195,11 @@ def profile_bench(cfg, opts):
     v = variant("on", cfg, dataset)
     print(f"{cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x "
           f"{cfg.gradient_accumulation_steps} on {device} ({v.features})")
+    compiled_on_cpu = hardware.device_type(device) == "cpu" and hardware.resolve_compile(cfg.compile, device)
     clock = ProfiledClock(opts["warmup"])
-    try:
-        train_in_process(train_main, cfg, steps=opts["warmup"] + opts["iters"], clock=clock)
+    try:  # a compiled step's fused kernels named, else they are one row ("other ops")
+        with name_compiled_kernels() if compiled_on_cpu else contextlib.nullcontext():
+            train_in_process(train_main, cfg, steps=opts["warmup"] + opts["iters"], clock=clock)
     finally:
         clock.close()
     split = clock.split()

@@ -15,8 +15,9 @@ from gpt_toolkit.training.timing import StepClock
 # What an op does: the nearest of it and the ops that called it whose name matches (an aten::mul that RMSNorm's
 # fallback calls is RMSNorm's; a copy_ that autocast makes inside a Linear is a cast). Anything else is "other ops",
 # the time of a scope itself (Optimizer.step#Muon.step, the autograd engine's evaluate_function) included: Python and
-# dispatch inside it. A compiled step's fused kernels are other ops too. bf16 attention on a CPU runs as explicit
-# batched matmuls (model.explicit_attention): their time is in matmuls, its softmax in attention.
+# dispatch inside it. A compiled CPU step's fused kernels are FUSED when named (name_compiled_kernels), else other
+# ops. bf16 attention on a CPU runs as explicit batched matmuls (model.explicit_attention): their time is in matmuls,
+# its softmax in attention.
 KINDS = [
     ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int")),
     ("attention (SDPA, softmax)", ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product", "aten::_softmax",
@@ -31,10 +32,32 @@ KINDS = [
     ("vector norms (clip, Muon)", ("aten::linalg_vector_norm", "aten::_foreach_norm")),
 ]
 PHASES = ("forward", "backward", "optimizer")
+KERNELS_SHOWN = 8
+
+
+FUSED = "fused kernels (compiled)"
+
+
+def fused_kernel(name):
+    """The ops a kernel of torch.compile's CPU code fuses ('gelu_gelu_backward_view_2'), or None for any other event.
+    Inductor names its kernels in the profiler only when asked (name_compiled_kernels); else their time is the
+    compiled graph's call, an "other op"."""
+    head, _, fused = name.partition("_cpp_fused_")
+    return fused if fused and head.startswith("graph_") else None
+
+
+def name_compiled_kernels():
+    """A context in which torch.compile's CPU kernels show in the profiler under their own names (for what compiles
+    inside it)."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch({"cpp.enable_kernel_profile": True})
 
 
 def kind_of(event):
     """What the op of a profiler event does, by its own name or else the nearest caller's that says (KINDS)."""
+    if fused_kernel(event.name):
+        return FUSED
     while event is not None:
         for kind, prefixes in KINDS:
             if event.name.startswith(prefixes):
@@ -62,6 +85,7 @@ class StepSplit:
     step_ms: float
     ms: dict
     outside: float
+    kernels: list = dataclasses.field(default_factory=list)  # (ms, calls, phase, fused ops) per step, largest first
 
     def rows(self):
         """(kind, {phase: ms}, total ms) by total, largest first."""
@@ -94,7 +118,7 @@ class ProfiledClock(StepClock):
         """The profiled steps' time per step, by kind and phase."""
         steps = len(self.seconds) - self.warmup
         gpu = hardware.device_type(self.device) == "cuda"
-        ms = {}
+        ms, kernels = {}, {}
         own = 0.0
         for event in self.profiler.events():
             if event.device_type != torch.autograd.DeviceType.CPU:  # a kernel: counted in the op that launched it
@@ -102,11 +126,17 @@ class ProfiledClock(StepClock):
             us = event.self_device_time_total if gpu else event.self_cpu_time_total
             if us <= 0:
                 continue
+            phase = phase_of(event)
             phases = ms.setdefault(kind_of(event), dict.fromkeys(PHASES, 0.0))
-            phases[phase_of(event)] += us / 1000 / steps
+            phases[phase] += us / 1000 / steps
             own += us / 1000 / steps
+            if fused_kernel(event.name):
+                kernel = kernels.setdefault((fused_kernel(event.name), phase), [0.0, 0])
+                kernel[0] += us / 1000 / steps
+                kernel[1] += 1
         step_ms = 1000 * sum(self.seconds[self.warmup:]) / steps
-        return StepSplit(steps=steps, step_ms=step_ms, ms=ms, outside=max(0.0, step_ms - own))
+        largest = sorted(((t, n / steps, phase, name) for (name, phase), (t, n) in kernels.items()), reverse=True)
+        return StepSplit(steps=steps, step_ms=step_ms, ms=ms, outside=max(0.0, step_ms - own), kernels=largest)
 
 
 def format_split(split, gpu=False):
@@ -120,4 +150,8 @@ def format_split(split, gpu=False):
                      + f"{total:9.1f}{total / split.step_ms:8.0%}")
     if not gpu:
         lines.append(f"{'outside torch ops (Python)':<28}{'':>30}{split.outside:9.1f}{split.outside / split.step_ms:8.0%}")
+    if split.kernels:
+        lines.append("the largest fused kernels (ms per step, calls per step, phase: the ops each fuses):")
+        for t, calls, phase, name in split.kernels[:KERNELS_SHOWN]:
+            lines.append(f"{t:9.2f} ms {calls:4g}x  {phase:<9}  {name[:90]}")
     return "\n".join(lines)
