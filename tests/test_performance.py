@@ -488,6 +488,17 @@ def test_a_measured_cpu_peak_too_low_to_be_true_gives_way_to_the_cores_fma_rate(
     assert hardware.flops_text(4e9) == "4.0 GFLOP/s" and hardware.flops_text(1.25e12) == "1.25 TFLOP/s"
 
 
+def test_bench_refuses_two_benchmarks_at_once_and_rounds_of_a_profile(data_dir):
+    """Each of bench.py's benchmarks runs alone: a second flag, or --rounds for --profile (one run), was silently
+    ignored; now it is one line before anything runs."""
+    config = ["config/train_shakespeare_char_fast.py", f"--data_dir={data_dir}"]
+    assert_one_line_error(run_script("tools/bench.py", "--profile", "--compare", *config),
+                          "--profile and --compare are two different benchmarks")
+    assert_one_line_error(run_script("tools/bench.py", "--sample", "--checkpointing", *config),
+                          "--sample and --checkpointing")
+    assert_one_line_error(run_script("tools/bench.py", "--profile", "--rounds=2", *config), "drop --rounds")
+
+
 def test_bench_busy_names_a_missing_config_in_one_line():
     """tools/bench_busy.py --config: a typo is one line before anything runs (its trainings' output is hidden, so it
     used to end in a traceback after the first 12 s measurement)."""

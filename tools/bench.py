@@ -54,6 +54,8 @@ from gpt_toolkit.training.timing import StepClock, train_in_process
 from model import GPT, GPT2_PADDED_VOCAB, GPTConfig
 from train import main as train_main  # the entry point: its loop, with our clock among its guards
 
+MODES = ("sample", "batching", "allocator", "profile", "checkpointing", "compare")  # the benchmarks besides the default
+
 
 def parser():
     p = tool_parser(__file__, __doc__, training_config=True)
@@ -304,6 +306,12 @@ def main(argv):
     opts = vars(args)
     if opts["iters"] < 1 or opts["rounds"] < 1 or opts["max_new_tokens"] < 1 or opts["warmup"] < 1:
         raise ConfigError("--iters, --rounds, --warmup and --max_new_tokens must be positive")
+    chosen = [m for m in MODES if opts[m]]  # each runs alone: a second would be silently ignored
+    if len(chosen) > 1:
+        raise ConfigError(f"--{chosen[0]} and --{chosen[1]} are two different benchmarks: run them one at a time")
+    if opts["profile"] and any(a.startswith("--rounds") for a in argv):
+        raise ConfigError("--profile profiles one run (--warmup steps, then --iters under the profiler): drop --rounds, "
+                          "or raise --iters")
     setup_process(hardware.resolve_device(cfg.device), keep_cpu_memory=cfg.keep_cpu_memory)
     if opts["sample"]:
         sample_bench(cfg, opts)
