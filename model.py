@@ -280,10 +280,12 @@ class GPT(nn.Module):
         """Every position's cos and sin (float32 buffers, not saved: a function of the config), made once on device:
         torch.compile would otherwise recompute them inside every layer's fused rotation, forward and backward. A model
         built on the meta device calls this again once its weights are loaded."""
-        cos, sin = rotary_tables(torch.arange(self.config.block_size, device=device),
+        # computed on the CPU wherever the model lives: a run built on the CPU and a resume loaded straight onto a GPU
+        # get the same tables bit for bit (a GPU's cos may differ in the last bit), so the resume stays exact
+        cos, sin = rotary_tables(torch.arange(self.config.block_size, device="cpu"),
                                  self.config.n_embd // self.config.n_head)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

@@ -335,7 +335,9 @@ def build_run(cfg, world, dataset, model, model_args, *, notes, log, out_dir, co
     def wrap(m):  # DDP around the (compiled) model when several processes train it; FSDP shards it itself
         if world.size == 1 or sharded:
             return m
-        return DDP(m, device_ids=[world.local_rank] if hardware.device_type(world.device) == "cuda" else None)
+        # its only buffers (rotary tables) are the same in every process: no broadcast of them at every forward
+        return DDP(m, device_ids=[world.local_rank] if hardware.device_type(world.device) == "cuda" else None,
+                   broadcast_buffers=False)
 
     peak, source = cfg.peak_flops or 1.0, "--peak_flops"  # only rank 0 logs MFU, so only it measures the peak
     if world.master and not cfg.peak_flops:

@@ -348,9 +348,9 @@ def test_bench_profile_splits_the_step_by_what_its_ops_do_and_when(data_dir, opt
 
 @pytest.mark.slow  # compiles (~20 s on 2 cores)
 def test_bench_profile_of_a_compiled_step_names_its_fused_kernels(data_dir, tmp_path):
-    """A compiled CPU step's fused kernels are a row of their own, and the largest are listed by what they fuse (the
-    record's ReLU^2, forward and backward), their time inside that row's; without inductor's kernel profile they
-    were one "other ops" figure. A new process: the inductor setting must not outlive the bench."""
+    """A compiled CPU step's fused kernels are a row of their own, and the largest are listed by the ops each fuses,
+    their time inside that row's; without inductor's kernel profile they were one "other ops" figure. A new process:
+    the inductor setting must not outlive the bench."""
     r = run_script("tools/bench.py", "--profile", "config/train_shakespeare_char_record.py", f"--data_dir={data_dir}",
                    "--n_layer=1", "--n_embd=64", "--n_head=2", "--block_size=64", "--batch_size=16", "--iters=2",
                    "--warmup=1", env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}, timeout=600)
@@ -360,8 +360,10 @@ def test_bench_profile_of_a_compiled_step_names_its_fused_kernels(data_dir, tmp_
     forward, backward, opt, total = map(float, row.groups())
     assert forward > 0 and backward > 0 and opt == 0.0  # Muon runs eagerly
     kernels = re.findall(r"^ +([\d.]+) ms +([\d.]+)x +(forward|backward) +(\S+)$", r.stdout, re.M)
-    assert 1 <= len(kernels) <= 8 and sum(float(k[0]) for k in kernels) <= total + 0.05 * len(kernels)
-    assert {"forward", "backward"} <= {k[2] for k in kernels if "relu" in k[3]}, r.stdout
+    assert len(kernels) == 8, r.stdout  # the largest 8 of the step's dozen or more (which ones varies with timing)
+    ms = [float(k[0]) for k in kernels]
+    assert ms == sorted(ms, reverse=True) and sum(ms) <= total + 0.05 + 0.005 * len(kernels)  # printed rounded
+    assert all(re.fullmatch(r"_?[a-z][a-z_0-9]*", k[3]) for k in kernels), kernels  # the ops each fuses
 
 
 def test_fused_kernel_names_are_read_from_inductors_profiler_events():
