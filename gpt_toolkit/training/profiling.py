@@ -32,9 +32,7 @@ KINDS = [
     ("vector norms (clip, Muon)", ("aten::linalg_vector_norm", "aten::_foreach_norm")),
 ]
 PHASES = ("forward", "backward", "optimizer")
-KERNELS_SHOWN = 8
-
-
+KERNELS_SHOWN = 8  # the largest fused kernels format_split lists
 FUSED = "fused kernels (compiled)"
 
 
@@ -130,8 +128,9 @@ class ProfiledClock(StepClock):
             phases = ms.setdefault(kind_of(event), dict.fromkeys(PHASES, 0.0))
             phases[phase] += us / 1000 / steps
             own += us / 1000 / steps
-            if fused_kernel(event.name):
-                kernel = kernels.setdefault((fused_kernel(event.name), phase), [0.0, 0])
+            fused = fused_kernel(event.name)
+            if fused:
+                kernel = kernels.setdefault((fused, phase), [0.0, 0])
                 kernel[0] += us / 1000 / steps
                 kernel[1] += 1
         step_ms = 1000 * sum(self.seconds[self.warmup:]) / steps
