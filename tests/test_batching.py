@@ -102,3 +102,43 @@ def test_a_failed_join_answers_its_job_and_the_engine_serves_on(model, monkeypat
     results, _ = run_jobs(model, [([1, 2], 10, 0.9, 1), ([3], 10, 0.9, 2)])
     assert results[0][1].status == 500 and "can't allocate memory" in results[0][1].body()["error"]["message"]
     assert results[1] == (alone(model, [3], 10, 0.9, 2), "length")
+
+
+def test_one_jobs_failed_draw_answers_it_alone_and_the_others_finish_as_alone(model, monkeypatch):
+    """A failure in one job's own work (here its draw) answers that job with a 500; the jobs beside it in the same
+    steps finish with their own texts, as they would alone."""
+    from gpt_toolkit.serving import server
+    real, draws = server.draw, []
+
+    def draw(logits, controls, previous, generator):
+        if controls["temperature"] == 0.7:  # the one job set up to fail: its first token (at its join) is drawn,
+            draws.append(1)  # its fifth (in a batched step, beside the others) is not
+            if len(draws) == 5:
+                raise RuntimeError("this job's draw broke")
+        return real(logits, controls, previous, generator)
+    monkeypatch.setattr(server, "draw", draw)
+    specs = [([1, 2], 12, 0.9, 1), ([3], 12, 0.7, 2), ([4, 5, 6], 15, 0.0, 3)]
+    results, _ = run_jobs(model, specs)
+    assert results[1][1].status == 500 and "this job's draw broke" in results[1][1].body()["error"]["message"]
+    assert [results[0], results[2]] == [(alone(model, *specs[0]), "length"), (alone(model, *specs[2]), "length")]
+
+
+def test_one_jobs_failed_rebuild_answers_it_alone_and_the_others_finish_as_alone(model, monkeypatch):
+    """A context that fills block_size (32) is rebuilt over its last half block, a prefill of its own that can run out
+    of memory: that job gets the 500, and the others, one of them rebuilt later, finish as they would alone."""
+    from gpt_toolkit.serving import server
+    real, rebuilds = server.prefill, []
+
+    def prefill(model, ids, device):
+        if len(ids) == 15:  # a rebuild (block_size // 2 - 1 tokens; no prompt here is 15 long)
+            rebuilds.append(1)
+            if len(rebuilds) == 1:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(model, ids, device)
+    monkeypatch.setattr(server, "prefill", prefill)
+    # the first fills its context after 12 steps, the third after 22: the first rebuild is the first job's
+    specs = [([2] * 20, 30, 0.9, 1), ([3], 10, 0.9, 2), ([4] * 10, 40, 0.9, 3)]
+    results, _ = run_jobs(model, specs)
+    assert results[0][1].status == 500 and "can't allocate memory" in results[0][1].body()["error"]["message"]
+    assert len(rebuilds) >= 2  # the third job's rebuild ran, and it is still its own text
+    assert [results[1], results[2]] == [(alone(model, *specs[1]), "length"), (alone(model, *specs[2]), "length")]

@@ -149,40 +149,63 @@ class Engine:
                 slots.join(cache)  # may grow the batch's cache: memory can run out here too
                 active.append(flight)
         except Exception as e:  # never the server's end (nor its thread's): the request gets the error
-            flight.job.put(None, RequestError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
+            self._fail(flight.job, e)
 
     def _step(self, active, slots):
         """One token of every job in flight: one forward pass for all of them (a row whose context filled block_size
-        is rebuilt over its last half block first, as GPT.stream does); done jobs leave."""
+        is rebuilt over its last half block first, as GPT.stream does); done jobs leave. A failure of one job's own
+        work (its rebuild, its draw, its text) answers that job alone; only the shared forward pass fails them all."""
         if not active:
             return
-        finished, block = [], self.model.config.block_size
-        try:
-            with torch.no_grad(), self.ctx:
-                for row, flight in enumerate(active):
-                    if slots.lengths[row] == block:  # the last half block before the new token, which the step adds
+        block = self.model.config.block_size
+        with torch.no_grad(), self.ctx:
+            failed = []
+            for row, flight in enumerate(active):
+                if slots.lengths[row] == block:  # the last half block before the new token, which the step adds
+                    try:
                         slots.replace(row, prefill(self.model, flight.ids[-(block // 2):-1], self.device)[1])
+                    except Exception as e:  # never the server's end: this request gets the error
+                        self._fail(flight.job, e)
+                        failed.append(row)
+            self._leave(active, slots, failed)
+            if not active:
+                return
+            try:
                 tokens = torch.tensor([[f.token] for f in active], dtype=torch.long, device=self.device)
                 logits, _ = self.model(tokens, kv_cache=slots, layout=slots.layout(self.device))
-                for row, flight in enumerate(active):
-                    row_logits = logits[row:row + 1]
+            except Exception as e:  # never the server's end: every request in this pass gets the error
+                for flight in active:
+                    self._fail(flight.job, e)
+                active.clear()
+                slots.clear()
+                return
+            finished = []
+            for row, flight in enumerate(active):
+                try:
                     if flight.job.cancelled:
-                        self.report(f"a client went away: its generation stopped after {flight.job.completion_tokens} "
-                                    f"tokens")
+                        self.report(f"a client went away: its generation stopped after "
+                                    f"{flight.job.completion_tokens} tokens")
                         finished.append(row)
-                    elif self._emit(flight, draw(row_logits, flight.job.controls, flight.previous(), flight.job.generator)):
+                    elif self._emit(flight, draw(logits[row:row + 1], flight.job.controls, flight.previous(),
+                                                 flight.job.generator)):
                         finished.append(row)
-        except Exception as e:  # never the server's end: every request in the step gets the error
-            for flight in active:
-                flight.job.put(None, RequestError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
-            active.clear()
-            slots.clear()
-            return
-        for row in sorted(finished, reverse=True):  # the last row moves into a leaving one's place
+                except Exception as e:  # never the server's end, nor the other requests': this one gets the error
+                    self._fail(flight.job, e)
+                    finished.append(row)
+        self._leave(active, slots, finished)
+
+    @staticmethod
+    def _leave(active, slots, rows):
+        """The jobs at `rows` leave the batch: the last row moves into a leaving one's place, in Slots and here."""
+        for row in sorted(rows, reverse=True):
             moved = slots.leave(row)
             flight = active.pop()
             if moved is not None:
                 active[row] = flight
+
+    @staticmethod
+    def _fail(job, error):
+        job.put(None, RequestError(500, f"generation failed: {type(error).__name__}: {error}", kind="server_error"))
 
     def _emit(self, flight, token):
         """A job's new token: its text out; True when the job is done (a stop token or string, max_tokens)."""
