@@ -25,7 +25,7 @@ import torch
 
 from gpt_toolkit.core import hardware
 from gpt_toolkit.core.cli import tool_parser
-from gpt_toolkit.core.errors import UserError, run_main
+from gpt_toolkit.core.errors import UserError, import_optional, run_main
 from gpt_toolkit.core.hardware import cpu_name
 from gpt_toolkit.models.checkpoint import BEST
 from gpt_toolkit.models.gguf_export import DTYPES, write_gguf
@@ -33,13 +33,9 @@ from gpt_toolkit.models.source import ModelSource, load_model
 
 
 def import_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise UserError("tools/bench_gguf.py needs llama.cpp's Python binding (llama_cpp): pip install -r "
-                        "requirements-gguf.txt (it compiles llama.cpp from source: a C++ compiler and 8 CPU-minutes, "
-                        "once)") from None
-    return llama_cpp
+    return import_optional("llama_cpp", "tools/bench_gguf.py", package="llama.cpp's Python binding (llama_cpp)",
+                           install="pip install -r requirements-gguf.txt (it compiles llama.cpp from source: a C++ "
+                                   "compiler and 8 CPU-minutes, once)")
 
 
 def time_ours(model, ids, n, ctx):

@@ -35,9 +35,7 @@ from gpt_toolkit.core.startup import start_script
 
 start_script()  # before the imports below (torch: seconds): a Ctrl-C meanwhile ends in one line, not a traceback
 
-import torch
-
-from gpt_toolkit.core import system
+from gpt_toolkit.core import hardware, system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.config import load_config, validate
 from gpt_toolkit.core.errors import UserError, run_main
@@ -122,16 +120,8 @@ def machine_now(seconds=0.3, n=256):
     median speed of a fixed float32 n x n matmul on the CPU over `seconds` (GFLOP/s), which other work on the cores
     slows down. Taken between runs, when this tool trains nothing, so it measures everyone else's load."""
     load = system.load_average()
-    gen = torch.Generator().manual_seed(0)  # not the global RNG: nothing a run draws depends on this
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-    a @ b
-    rates = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or not rates:
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        rates.append(4 * 2 * n**3 / (time.perf_counter() - t0))
+    rates = hardware.matmul_rates("cpu", "float32", n, seconds)
+    rates = rates[1:] or rates  # the first includes the cold start
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_avg": load,
             "matmul_gflops": round(statistics.median(rates) / 1e9, 2)}
 

@@ -48,12 +48,14 @@ def first_line(exc):
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def import_optional(module, needed_for):
-    """Import a package the core does not need, or say which setting needs it and how to install it."""
+def import_optional(module, needed_for, *, package=None, install=None):
+    """Import a package the core does not need, or say which setting needs it and how to install it (by default
+    "the <module> package" and "pip install <module>")."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"{needed_for} needs the {module} package: pip install {module}") from None
+        raise UserError(f"{needed_for} needs {package or f'the {module} package'}: "
+                        f"{install or f'pip install {module}'}") from None
 
 
 class SecondInterrupt(KeyboardInterrupt):

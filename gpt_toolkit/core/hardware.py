@@ -263,9 +263,15 @@ def measure_matmul_flops(device, dtype, seconds=0.2):
 
 
 def square_matmul_flops(device, dtype, n, seconds):
-    """Best FLOP/s of an n x n matmul seen in `seconds` of repeats (at least one). The operands come
-    from a private generator: a draw from the global RNG here would change the dropout masks of the run that
-    measures (and break its exact resume)."""
+    """Best FLOP/s of an n x n matmul seen in `seconds` of repeats (at least one)."""
+    return max(matmul_rates(device, dtype, n, seconds))
+
+
+def matmul_rates(device, dtype, n, seconds):
+    """FLOP/s of each timing of an n x n matmul over `seconds` (the first, cold one included; at least one): their
+    best is the device's practical speed, their median how fast it runs now, beside whatever else loads it. The
+    operands come from a private generator: a draw from the global RNG here would change the dropout masks of the
+    run that measures (and break its exact resume)."""
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=DTYPES[dtype], generator=gen)
     b = torch.randn(n, n, device=device, dtype=DTYPES[dtype], generator=gen)
@@ -273,14 +279,14 @@ def square_matmul_flops(device, dtype, n, seconds):
     t0 = time.perf_counter()
     a @ b
     synchronize(device)
-    best = 2 * n**3 / (time.perf_counter() - t0)
+    rates = [2 * n**3 / (time.perf_counter() - t0)]
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b
         synchronize(device)
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
-    return best
+        rates.append(4 * 2 * n**3 / (time.perf_counter() - t0))
+    return rates
 
 
 def memory_in_use(device):
