@@ -68,6 +68,14 @@ def test_sample_kv_cache_switch(data_dir, tmp_path):
     assert on.stdout == off.stdout and on.stdout.count("---------------") == 2
 
 
+def test_matmul_rates_time_the_cold_matmul_then_at_least_the_warm_ones_asked_for():
+    """experiment.py's load figure is the median of warm timings: there is one however short the time or slow the
+    machine (a cold first matmul that outlasts the time must not be the only figure)."""
+    assert len(hardware.matmul_rates("cpu", "float32", 64, 0.0)) == 1
+    rates = hardware.matmul_rates("cpu", "float32", 64, 0.0, warm=2)
+    assert len(rates) == 3 and min(rates) > 0
+
+
 def test_measured_peak_is_the_best_of_its_matmul_sizes(monkeypatch):
     """No single square size is fastest everywhere (on a Zen 4 float32 512 beat 1024 by ~30%): the peak is the best.
     A size whose one matmul takes more than its share of the time ends the search (float16 on most CPUs)."""

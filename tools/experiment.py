@@ -120,8 +120,7 @@ def machine_now(seconds=0.3, n=256):
     median speed of a fixed float32 n x n matmul on the CPU over `seconds` (GFLOP/s), which other work on the cores
     slows down. Taken between runs, when this tool trains nothing, so it measures everyone else's load."""
     load = system.load_average()
-    rates = hardware.matmul_rates("cpu", "float32", n, seconds)
-    rates = rates[1:] or rates  # the first includes the cold start
+    rates = hardware.matmul_rates("cpu", "float32", n, seconds, warm=1)[1:]  # the first includes the cold start
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_avg": load,
             "matmul_gflops": round(statistics.median(rates) / 1e9, 2)}
 

@@ -267,11 +267,11 @@ def square_matmul_flops(device, dtype, n, seconds):
     return max(matmul_rates(device, dtype, n, seconds))
 
 
-def matmul_rates(device, dtype, n, seconds):
-    """FLOP/s of each timing of an n x n matmul over `seconds` (the first, cold one included; at least one): their
-    best is the device's practical speed, their median how fast it runs now, beside whatever else loads it. The
-    operands come from a private generator: a draw from the global RNG here would change the dropout masks of the
-    run that measures (and break its exact resume)."""
+def matmul_rates(device, dtype, n, seconds, warm=0):
+    """FLOP/s of each timing of an n x n matmul over `seconds`: the first, cold one, then at least `warm` more. Their
+    best is the device's practical speed; the median of the warm ones (rates[1:]) how fast it runs now, beside
+    whatever else loads it. The operands come from a private generator: a draw from the global RNG here would change
+    the dropout masks of the run that measures (and break its exact resume)."""
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=DTYPES[dtype], generator=gen)
     b = torch.randn(n, n, device=device, dtype=DTYPES[dtype], generator=gen)
@@ -280,7 +280,7 @@ def matmul_rates(device, dtype, n, seconds):
     a @ b
     synchronize(device)
     rates = [2 * n**3 / (time.perf_counter() - t0)]
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline or len(rates) < 1 + warm:
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b
