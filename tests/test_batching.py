@@ -33,12 +33,13 @@ class Chars:
         return self.itos[token].encode()
 
 
-def run_jobs(model, specs):
+def run_jobs(model, specs, report=None):
     """The texts of jobs (prompt ids, max_tokens, temperature, seed) submitted to one engine at once, and how many
-    forward passes the model ran meanwhile."""
+    forward passes the model ran meanwhile (the engine's log lines go to `report`, a list, when given)."""
     calls = []
     hook = model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
-    engine = Engine(model, Chars(), device="cpu", ctx=contextlib.nullcontext(), report=lambda line: None)
+    engine = Engine(model, Chars(), device="cpu", ctx=contextlib.nullcontext(),
+                    report=(lambda line: None) if report is None else report.append)
 
     async def go():
         loop = asyncio.get_running_loop()
@@ -136,9 +137,81 @@ def test_one_jobs_failed_rebuild_answers_it_alone_and_the_others_finish_as_alone
                 raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
         return real(model, ids, device)
     monkeypatch.setattr(server, "prefill", prefill)
-    # the first fills its context after 12 steps, the third after 22: the first rebuild is the first job's
-    specs = [([2] * 20, 30, 0.9, 1), ([3], 10, 0.9, 2), ([4] * 10, 40, 0.9, 3)]
-    results, _ = run_jobs(model, specs)
+    # the first fills its context after 12 steps, the third after 22 (the first rebuild is the first job's); the second
+    # is still in flight then (20 tokens) and never rebuilds
+    specs = [([2] * 20, 30, 0.9, 1), ([3], 20, 0.9, 2), ([4] * 10, 40, 0.9, 3)]
+    log = []
+    results, _ = run_jobs(model, specs, report=log)
     assert results[0][1].status == 500 and "can't allocate memory" in results[0][1].body()["error"]["message"]
+    assert log == ["generation failed: RuntimeError: DefaultCPUAllocator: can't allocate memory (1 request answered "
+                   "with a 500)"]
     assert len(rebuilds) >= 2  # the third job's rebuild ran, and it is still its own text
     assert [results[1], results[2]] == [(alone(model, *specs[1]), "length"), (alone(model, *specs[2]), "length")]
+
+
+def test_a_failed_rebuild_and_a_failed_draw_in_one_step_answer_those_two_and_no_other(model, monkeypatch):
+    """Rows leave twice in one step (a failed rebuild before the shared pass, a failed draw after it): the rows that
+    stay keep their own caches, and their texts are still their own."""
+    from gpt_toolkit.serving import server
+    real_prefill, real_draw, steps = server.prefill, server.draw, []
+
+    def prefill(model, ids, device):
+        if len(ids) == 15:  # the first job's rebuild: its context fills block_size (32) at its 13th step
+            raise RuntimeError("rebuild broke")
+        return real_prefill(model, ids, device)
+
+    def draw(logits, controls, previous, generator):
+        if controls["temperature"] == 0.7:
+            steps.append(1)
+            if len(steps) == 14:  # its join's draw, then its 13th step's: the step of the failed rebuild
+                raise RuntimeError("draw broke")
+        return real_draw(logits, controls, previous, generator)
+    monkeypatch.setattr(server, "prefill", prefill)
+    monkeypatch.setattr(server, "draw", draw)
+    specs = [([2] * 20, 30, 0.9, 1), ([3], 20, 0.9, 2), ([5], 20, 0.7, 3), ([6, 7], 20, 0.0, 4)]
+    results, _ = run_jobs(model, specs)
+    assert [results[0][1].body()["error"]["message"], results[2][1].body()["error"]["message"]] == [
+        "generation failed: RuntimeError: rebuild broke", "generation failed: RuntimeError: draw broke"]
+    assert [results[1], results[3]] == [(alone(model, *specs[1]), "length"), (alone(model, *specs[3]), "length")]
+
+
+def test_a_failed_shared_pass_answers_its_jobs_and_the_engine_serves_on(model, monkeypatch):
+    """The one forward pass for all fails (memory): each of its jobs gets the 500, one line says so, and the next jobs
+    run as they would alone."""
+    real, passes = GPT.forward, []
+
+    def forward(self, idx, *args, **kwargs):
+        if idx.shape == (2, 1):  # a step of the first two jobs together
+            passes.append(1)
+            if len(passes) == 3:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(self, idx, *args, **kwargs)
+    monkeypatch.setattr(GPT, "forward", forward)
+    log = []
+    results, _ = run_jobs(model, [([1, 2], 10, 0.9, 1), ([3], 10, 0.9, 2)], report=log)
+    assert all(end.status == 500 and "can't allocate memory" in end.message for _, end in results)
+    assert log == ["generation failed: RuntimeError: DefaultCPUAllocator: can't allocate memory (2 requests "
+                   "answered with a 500)"]
+    later, _ = run_jobs(model, [([4], 10, 0.9, 3)])
+    assert later == [(alone(model, [4], 10, 0.9, 3), "length")]
+
+
+def test_a_failure_in_the_rows_bookkeeping_answers_the_jobs_in_flight_and_the_engine_thread_lives(model, monkeypatch):
+    """Outside any one job's work (a row that cannot move when another leaves): the jobs in flight get the 500; the
+    thread does not die with them (every later request would wait forever)."""
+    from gpt_toolkit.serving import batching
+    real, leaves = batching.Slots.leave, []
+
+    def leave(self, row):
+        leaves.append(1)
+        if len(leaves) == 1:
+            raise RuntimeError("a row could not move")
+        return real(self, row)
+    monkeypatch.setattr(batching.Slots, "leave", leave)
+    log = []
+    results, _ = run_jobs(model, [([1], 3, 0.9, 1), ([2], 10, 0.9, 2)], report=log)  # the first ends first and leaves
+    assert results[0] == (alone(model, [1], 3, 0.9, 1), "length")  # its answer was out: it keeps it
+    assert results[1][1].message == "generation failed: RuntimeError: a row could not move"
+    assert log == ["generation failed: RuntimeError: a row could not move (1 request answered with a 500)"]
+    later, _ = run_jobs(model, [([4], 10, 0.9, 3)])
+    assert later == [(alone(model, [4], 10, 0.9, 3), "length")]

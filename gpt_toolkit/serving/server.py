@@ -76,8 +76,10 @@ class Job:
     echo: bool = False  # the prompt's tokens are scored too
     generated: list = field(default_factory=list)  # the ids generated (for logprobs)
     scores: dict | None = None  # OpenAI's legacy logprobs object, set by the engine before the job's last event
+    ended: bool = False  # its last event is out
 
     def put(self, text, end=None):  # from the engine's thread
+        self.ended = self.ended or end is not None
         with contextlib.suppress(RuntimeError):  # the event loop has closed (the server stopped): nobody listens
             self.loop.call_soon_threadsafe(self.events.put_nowait, (text, end))
 
@@ -130,12 +132,16 @@ class Engine:
                     flight.job.put(None, STOPPING)
                 active, slots = [], Slots(self.model.config.n_layer, self.model.config.block_size)
                 continue
-            for job in arrived:
-                if job is not None and job.max_tokens == 0:  # scoring only (echo): nothing to generate
-                    self._finish(job, "", "length")
-                elif job is not None and not job.cancelled:  # a client gone before its turn costs no prefill
-                    self._join(Flight(job, self.tokenizer, self.device), active, slots)
-            self._step(active, slots)
+            try:
+                for job in arrived:
+                    if job is not None and job.max_tokens == 0:  # scoring only (echo): nothing to generate
+                        self._finish(job, "", "length")
+                    elif job is not None and not job.cancelled:  # a client gone before its turn costs no prefill
+                        self._join(Flight(job, self.tokenizer, self.device), active, slots)
+                self._step(active, slots)
+            except Exception as e:  # outside any one request's work (the rows' bookkeeping): never the thread's end
+                self._fail([flight.job for flight in active], e)
+                active.clear()
             if not active:
                 slots.clear()  # idle: the rows' memory goes back
 
@@ -149,7 +155,7 @@ class Engine:
                 slots.join(cache)  # may grow the batch's cache: memory can run out here too
                 active.append(flight)
         except Exception as e:  # never the server's end (nor its thread's): the request gets the error
-            self._fail(flight.job, e)
+            self._fail([flight.job], e)
 
     def _step(self, active, slots):
         """One token of every job in flight: one forward pass for all of them (a row whose context filled block_size
@@ -159,23 +165,25 @@ class Engine:
             return
         block = self.model.config.block_size
         with torch.no_grad(), self.ctx:
-            failed = []
+            leaving = []
             for row, flight in enumerate(active):
-                if slots.lengths[row] == block:  # the last half block before the new token, which the step adds
+                if flight.job.cancelled:  # costs no rebuild
+                    self._gone(flight.job)
+                    leaving.append(row)
+                elif slots.lengths[row] == block:  # the last half block before the new token, which the step adds
                     try:
                         slots.replace(row, prefill(self.model, flight.ids[-(block // 2):-1], self.device)[1])
                     except Exception as e:  # never the server's end: this request gets the error
-                        self._fail(flight.job, e)
-                        failed.append(row)
-            self._leave(active, slots, failed)
+                        self._fail([flight.job], e)
+                        leaving.append(row)
+            self._leave(active, slots, leaving)
             if not active:
                 return
             try:
                 tokens = torch.tensor([[f.token] for f in active], dtype=torch.long, device=self.device)
                 logits, _ = self.model(tokens, kv_cache=slots, layout=slots.layout(self.device))
             except Exception as e:  # never the server's end: every request in this pass gets the error
-                for flight in active:
-                    self._fail(flight.job, e)
+                self._fail([flight.job for flight in active], e)
                 active.clear()
                 slots.clear()
                 return
@@ -183,14 +191,13 @@ class Engine:
             for row, flight in enumerate(active):
                 try:
                     if flight.job.cancelled:
-                        self.report(f"a client went away: its generation stopped after "
-                                    f"{flight.job.completion_tokens} tokens")
+                        self._gone(flight.job)
                         finished.append(row)
                     elif self._emit(flight, draw(logits[row:row + 1], flight.job.controls, flight.previous(),
                                                  flight.job.generator)):
                         finished.append(row)
                 except Exception as e:  # never the server's end, nor the other requests': this one gets the error
-                    self._fail(flight.job, e)
+                    self._fail([flight.job], e)
                     finished.append(row)
         self._leave(active, slots, finished)
 
@@ -203,9 +210,17 @@ class Engine:
             if moved is not None:
                 active[row] = flight
 
-    @staticmethod
-    def _fail(job, error):
-        job.put(None, RequestError(500, f"generation failed: {type(error).__name__}: {error}", kind="server_error"))
+    def _fail(self, jobs, error):
+        """Each job ends with a 500 naming the error; the server's log gets one line."""
+        message = f"generation failed: {type(error).__name__}: {error}"
+        jobs = [job for job in jobs if not job.ended]  # one whose answer is out already keeps it
+        if jobs:  # the line first: it is in the log by the time a client reads its 500
+            self.report(f"{message} ({len(jobs)} request{'s' if len(jobs) > 1 else ''} answered with a 500)")
+        for job in jobs:
+            job.put(None, RequestError(500, message, kind="server_error"))
+
+    def _gone(self, job):
+        self.report(f"a client went away: its generation stopped after {job.completion_tokens} tokens")
 
     def _emit(self, flight, token):
         """A job's new token: its text out; True when the job is done (a stop token or string, max_tokens)."""
