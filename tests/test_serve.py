@@ -397,3 +397,17 @@ def test_the_chat_page_of_a_base_model_has_no_system_prompt_and_labels_both_turn
     expected = base.client().completions.create(model=base_run.name, prompt="ROMEO:", temperature=0, max_tokens=12)
     assert turns == [["turn user", "you: ", "ROMEO:"], ["turn assistant", "model: ", expected.choices[0].text]]
     assert expected.choices[0].text
+
+
+def test_bench_serve_counts_the_tokens_the_server_generated_and_a_p90_at_or_above_the_median(base_run):
+    """tools/bench_serve.py: tokens/s from the server's usage counts (requests/s x max_tokens for a model without a
+    stop token), and the 90th percentile by nearest rank (it took the smallest of two values for the p90 of two)."""
+    from tools.bench_serve import p90
+    assert [p90([1.0, 2.0]), p90([float(i) for i in range(1, 11)]), p90([5.0])] == [2.0, 9.0, 5.0]
+    r = run_script("tools/bench_serve.py", f"--out_dir={base_run}", "--tokens=6", "--requests=2", "--clients=1,2")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert [row[0] for row in rows] == ["1", "2"], r.stdout
+    for clients, rps, median, _, ninety, _, tps in rows:
+        assert float(ninety) >= float(median)
+        assert float(tps) == pytest.approx(6 * float(rps), abs=0.6), r.stdout

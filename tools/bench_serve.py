@@ -4,11 +4,13 @@
 
 Starts tools/serve.py on a free port with that run, then, for each number of clients, has every client stream
 --requests completions of --tokens tokens one after another (/v1/completions, stream=true, temperature 0.8), and
-prints the requests completed per second, the median and 90th-percentile time to the first token, and the tokens
-per second of all clients together. docs/serving.md has the figures.
+prints the requests completed per second, the median and 90th-percentile (nearest rank) time to the first token, and
+the tokens per second of all clients together (the tokens the server says it generated: its usage chunk).
+docs/serving.md has the figures.
 """
 import http.client
 import json
+import math
 import socket
 import statistics
 import subprocess
@@ -39,21 +41,27 @@ def parser():
 
 
 def stream_one(port, tokens, seed):
-    """(seconds to the first token, tokens received, seconds in all) of one streamed completion."""
-    body = json.dumps({"prompt": "\n", "max_tokens": tokens, "temperature": 0.8, "seed": seed, "stream": True})
+    """(seconds to the first token, tokens generated, seconds in all) of one streamed completion."""
+    body = json.dumps({"prompt": "\n", "max_tokens": tokens, "temperature": 0.8, "seed": seed, "stream": True,
+                       "stream_options": {"include_usage": True}})
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     response = conn.getresponse()
     if response.status != 200:
         raise UserError(f"the server answered {response.status}: {response.read()[:200]!r}")
-    first, pieces = None, 0
+    first, generated = None, None
     for line in response:
         if line.startswith(b"data: {"):
-            first = first or time.perf_counter() - t0
-            pieces += 1
+            chunk = json.loads(line[len(b"data: "):])
+            if chunk.get("usage"):  # the last chunk: no text, the counts
+                generated = chunk["usage"]["completion_tokens"]
+            elif first is None:
+                first = time.perf_counter() - t0
     conn.close()
-    return first, pieces, time.perf_counter() - t0
+    if first is None or generated is None:
+        raise UserError("the server's stream had no text or no usage chunk: is tools/serve.py this toolkit's?")
+    return first, generated, time.perf_counter() - t0
 
 
 def load(port, clients, requests, tokens):
@@ -73,7 +81,12 @@ def load(port, clients, requests, tokens):
         t.join()
     wall = time.perf_counter() - t0
     ttft = sorted(r[0] for r in results)
-    return len(results) / wall, statistics.median(ttft), ttft[int(0.9 * (len(ttft) - 1))], tokens * len(results) / wall
+    return len(results) / wall, statistics.median(ttft), p90(ttft), sum(r[1] for r in results) / wall
+
+
+def p90(ordered):
+    """The 90th percentile of sorted values, by nearest rank: the smallest value with 90% of them at or below it."""
+    return ordered[math.ceil(0.9 * len(ordered)) - 1]
 
 
 def main(argv):
@@ -101,8 +114,8 @@ def main(argv):
         stream_one(port, 8, 0)  # warm-up
         print(f"{'clients':>7} {'requests/s':>11} {'first token (median)':>21} {'(p90)':>8} {'tokens/s':>9}")
         for c in clients:
-            rps, ttft, p90, tps = load(port, c, args.requests, args.tokens)
-            print(f"{c:>7} {rps:11.2f} {ttft * 1000:18.0f} ms {p90 * 1000:5.0f} ms {tps:9.0f}", flush=True)
+            rps, ttft, ttft90, tps = load(port, c, args.requests, args.tokens)
+            print(f"{c:>7} {rps:11.2f} {ttft * 1000:18.0f} ms {ttft90 * 1000:5.0f} ms {tps:9.0f}", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
