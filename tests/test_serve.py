@@ -330,6 +330,22 @@ def test_it_binds_to_loopback_by_default_and_says_when_it_does_not(base_run):
     assert r.returncode == 1 and r.stderr.startswith("error: cannot listen on 127.0.0.1:") and "Traceback" not in r.stderr
 
 
+def test_the_serving_line_comes_once_a_client_can_connect(base_run):
+    """A script that waits for the "serving" line and then sends its request is answered (the line came ~50 ms
+    before uvicorn listened: connection refused, 3 tries in 3)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "tools/serve.py", f"--out_dir={base_run}", f"--port={port}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().startswith("serving"), "no serving line"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=60) as r:  # at once: no retry
+            assert r.status == 200 and json.loads(r.read())["data"][0]["id"] == base_run.name
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
 def test_ctrl_c_stops_it_cleanly(base_run):
     server = Server(f"--out_dir={base_run}")
     code, out, err = server.stop()
@@ -408,6 +424,6 @@ def test_bench_serve_counts_the_tokens_the_server_generated_and_a_p90_at_or_abov
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
     assert [row[0] for row in rows] == ["1", "2"], r.stdout
-    for clients, rps, median, _, ninety, _, tps in rows:
+    for _, rps, median, _, ninety, _, tps in rows:
         assert float(ninety) >= float(median)
         assert float(tps) == pytest.approx(6 * float(rps), abs=0.6), r.stdout

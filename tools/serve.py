@@ -66,7 +66,7 @@ def main(argv):
     source = ModelSource.parse(args.init_from, out_dir=args.out_dir, allowed=(RESUME,))
     import_optional("fastapi", "tools/serve.py")
     import_optional("uvicorn", "tools/serve.py")
-    check_listen(args.host, args.port)
+    listen(args.host, args.port).close()  # a port that is taken is one line before the model loads
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)
     setup_process(device, keep_cpu_memory=False)
@@ -78,6 +78,7 @@ def main(argv):
     api = API(engine, model_id=model_id, block_size=model.config.block_size, api_key=args.api_key or None,
               limits=Limits(max_tokens=args.max_tokens, n=args.max_n, body_bytes=args.max_body_kb * 1024,
                             messages=args.max_messages, chars=args.max_chars, read_seconds=args.read_timeout))
+    listening = listen(args.host, args.port)  # before the line: a client that connects on it is queued, not refused
     where = f"http://{args.host}:{args.port}"
     kind = "a chat model" if api.is_chat else "a base model (chat requests get a 400: use /v1/completions)"
     print(f"serving '{model_id}' ({kind}, {model.get_num_params() / 1e6:.2f}M parameters, {device}, {dtype}) at "
@@ -85,21 +86,26 @@ def main(argv):
     if not is_loopback(args.host):
         print(f"note: --host={args.host} is reachable from the network: anyone who can reach this machine can use "
               f"the model{'' if args.api_key else ' (--api_key=KEY asks for a key)'}", flush=True)
-    check_listen(args.host, args.port)
-    stopped_by = serve(api, host=args.host, port=args.port, report=engine.report)  # until Ctrl-C or SIGTERM
+    stopped_by = serve(api, sock=listening, report=engine.report)  # until Ctrl-C or SIGTERM
     print("server stopped", flush=True)
     return 128 + signal.SIGTERM if stopped_by == signal.SIGTERM else 0  # 143, as a process SIGTERM ends
 
 
-def check_listen(host, port):
-    """Refuse, in one line, a port that is taken or a host that is not this machine's (before loading anything)."""
+def listen(host, port):
+    """A socket listening on host:port, or one line refusing a port that is taken or a host that is not this
+    machine's."""
+    sock = None
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
     except OSError as e:
+        if sock is not None:
+            sock.close()
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port (or --host)") from None
+    return sock
 
 
 if __name__ == "__main__":

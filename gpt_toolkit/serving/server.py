@@ -753,11 +753,11 @@ def app(api, *, page=PAGE):
     return server
 
 
-def serve(api, *, host, port, report):
-    """Serve api with uvicorn until Ctrl-C or SIGTERM; returns that signal's number. The signal ends every generation
-    in flight at once (its client gets STOPPING: a 503, or an error event in a stream), so a busy server stops within
-    about a second, where uvicorn alone would wait for every stream to finish. A client whose request headers or body
-    arrive slower than limits.read_seconds is let go."""
+def serve(api, *, sock, report):
+    """Serve api with uvicorn on a listening socket until Ctrl-C or SIGTERM; returns that signal's number. The
+    signal ends every generation in flight at once (its client gets STOPPING: a 503, or an error event in a stream),
+    so a busy server stops within about a second, where uvicorn alone would wait for every stream to finish. A client
+    whose request headers or body arrive slower than limits.read_seconds is let go."""
     import signal
 
     import uvicorn
@@ -819,9 +819,9 @@ def serve(api, *, host, port, report):
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    server = Server(uvicorn.Config(app(api), host=host, port=port, http=Protocol, log_level="warning",
-                                   access_log=False, timeout_graceful_shutdown=1))
-    server.run()
+    server = Server(uvicorn.Config(app(api), http=Protocol, log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=1))
+    server.run(sockets=[sock])
     return server.stopped_by
 
 
