@@ -330,6 +330,17 @@ def test_it_binds_to_loopback_by_default_and_says_when_it_does_not(base_run):
     assert r.returncode == 1 and r.stderr.startswith("error: cannot listen on 127.0.0.1:") and "Traceback" not in r.stderr
 
 
+def test_without_fastapi_or_uvicorn_it_names_the_requirements_file(base_run, tmp_path):
+    from conftest import assert_one_line_error
+    for package in ("fastapi", "uvicorn"):
+        hidden = tmp_path / package
+        hidden.mkdir()
+        (hidden / f"{package}.py").write_text("raise ImportError('not installed (simulated)')\n")
+        r = run_script("tools/serve.py", f"--out_dir={base_run}", env={"PYTHONPATH": str(hidden)})
+        assert_one_line_error(r, f"tools/serve.py needs the {package} package: pip install -r "
+                                 f"requirements-optional.txt (FastAPI and uvicorn)")
+
+
 def test_the_serving_line_comes_once_a_client_can_connect(base_run):
     """A script that waits for the "serving" line and then sends its request is answered (the line came ~50 ms
     before uvicorn listened: connection refused, 3 tries in 3)."""

@@ -106,6 +106,26 @@ def test_every_field_of_a_chat_request_and_every_message_shape_is_a_4xx_never_a_
     no_traceback(chat)
 
 
+def test_a_field_the_endpoint_does_not_know_is_a_400_naming_it_and_the_likely_one(base, chat):
+    """A misspelt field would leave its setting at the default without a word (OpenAI refuses unknown fields too)."""
+    cases = [(base, "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 3, "temprature": 0.5}, "temprature",
+              "Unrecognized request argument supplied: temprature: did you mean 'temperature'?"),
+             (base, "/v1/completions", {"prompt": "ROMEO:", "max_token": 5}, "max_token",
+              "Unrecognized request argument supplied: max_token: did you mean 'max_tokens'?"),
+             (base, "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 3, "messages": []}, "messages",
+              "Unrecognized request argument supplied: messages (/v1/completions does not know it)"),
+             (chat, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prompt": "x"}, "prompt",
+              "Unrecognized request argument supplied: prompt (/v1/chat/completions does not know it)")]
+    for server, path, body, param, message in cases:
+        status, answer = server.post(path, json.dumps(body).encode())
+        assert (status, answer["error"]["param"], answer["error"]["message"], answer["error"]["code"]) == (
+            400, param, message, "unknown_parameter")
+    informational = {"metadata": {"a": "b"}, "store": False, "service_tier": "auto", "user": "u"}  # no effect on text
+    assert base.post("/v1/completions", json.dumps({"prompt": "ROMEO:", "max_tokens": 3, **informational}).encode()
+                     )[0] == 200
+    no_traceback(base)
+
+
 # ----------------------------------------------------------------------------- long histories, long stop strings
 
 def test_a_long_history_costs_its_length_and_a_too_long_one_is_a_400(chat, chat_run):  # noqa: F811

@@ -64,8 +64,8 @@ def main(argv):
     if not 0 < args.read_timeout < float("inf"):
         raise UserError(f"--read_timeout={args.read_timeout} must be a positive number of seconds")
     source = ModelSource.parse(args.init_from, out_dir=args.out_dir, allowed=(RESUME,))
-    import_optional("fastapi", "tools/serve.py")
-    import_optional("uvicorn", "tools/serve.py")
+    for package in ("fastapi", "uvicorn"):  # both in one install, so a missing one is not found after the other
+        import_optional(package, "tools/serve.py", install="pip install -r requirements-optional.txt (FastAPI and uvicorn)")
     listen(args.host, args.port).close()  # a port that is taken is one line before the model loads
     device = hardware.resolve_device(args.device)
     dtype = hardware.resolve_dtype(args.dtype, device)

@@ -8,6 +8,7 @@ steps, and /v1/models answers during a long one. Each request draws from its own
 and the controls are sample.py's (model.stream's), so greedy text over the API is sample.py --temperature=0's."""
 import asyncio
 import contextlib
+import difflib
 import json
 import math
 import queue
@@ -342,6 +343,28 @@ class Request:
 
 
 MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
+FIELDS = {  # what each endpoint reads (or refuses by name unless at its default); OpenAI's metadata, store and
+    # service_tier say nothing of the text and are taken without effect
+    "common": {"model", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "top_k", "min_p",
+               "repetition_penalty", "stop", "seed", "stream", "stream_options", "user", "best_of", "presence_penalty",
+               "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "echo", "suffix", "tools", "functions",
+               "metadata", "store", "service_tier"},
+    "/v1/completions": {"prompt"},
+    "/v1/chat/completions": {"messages"},
+}
+
+
+def check_fields(body, endpoint):
+    """Refuse a field the endpoint does not know (OpenAI does too): a misspelt one would otherwise leave its setting
+    at the default without a word."""
+    known = FIELDS["common"] | FIELDS[endpoint]
+    unknown = sorted(key for key in body if key not in known)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
+        hint = f": did you mean '{close[0]}'?" if close else f" ({endpoint} does not know it)"
+        raise RequestError(400, f"Unrecognized request argument supplied: {key}{hint}", param=key,
+                           code="unknown_parameter")
 
 
 def parse_request(body, limits, *, default_max_tokens, scoring=False):
@@ -485,6 +508,7 @@ class API:
 
     def completion(self, body):
         """(Request, [prompt ids, ...]) of a /v1/completions body."""
+        check_fields(body, "/v1/completions")
         self.check_model(body)
         prompts = completion_prompts(body, self.limits)
         request = parse_request(body, self.limits, default_max_tokens=16, scoring=True)
@@ -508,6 +532,7 @@ class API:
     def chat(self, body):
         """(Request, prompt ids) of a /v1/chat/completions body: the model's chat template, the oldest turns dropped
         when the conversation outgrows the context (as sample.py --chat does)."""
+        check_fields(body, "/v1/chat/completions")
         self.check_model(body)
         if not self.is_chat:
             raise RequestError(400, f"'{self.model_id}' is not a chat model (it was trained without the chat tokens): "
