@@ -433,6 +433,8 @@ def test_bench_serve_counts_the_tokens_the_server_generated_and_a_p90_at_or_abov
     assert [p90([1.0, 2.0]), p90([float(i) for i in range(1, 11)]), p90([5.0])] == [2.0, 9.0, 5.0]
     r = run_script("tools/bench_serve.py", f"--out_dir={base_run}", "--tokens=6", "--requests=2", "--clients=1,2")
     assert r.returncode == 0, r.stderr
+    assert "a server for this benchmark (it stops when the benchmark ends): serving" in r.stdout
+    assert "each client streams 2 completions of 6 tokens, one after another" in r.stdout
     rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
     assert [row[0] for row in rows] == ["1", "2"], r.stdout
     for _, rps, median, _, ninety, _, tps in rows:

@@ -104,8 +104,10 @@ def main(argv):
         line = server.stdout.readline()
         if not line.startswith("serving"):
             raise UserError(f"tools/serve.py did not start: {server.communicate(timeout=60)[1].strip()}")
-        print(line.strip())
+        print(f"a server for this benchmark (it stops when the benchmark ends): {line.strip()}")
         stream_one(port, 8, 0)  # warm-up
+        print(f"each client streams {args.requests} completion{'s' if args.requests > 1 else ''} of {args.tokens} "
+              f"tokens, one after another")
         print(f"{'clients':>7} {'requests/s':>11} {'first token (median)':>21} {'(p90)':>8} {'tokens/s':>9}")
         for c in clients:
             rps, ttft, ttft90, tps = load(port, c, args.requests, args.tokens)
