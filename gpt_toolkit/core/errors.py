@@ -203,8 +203,7 @@ def run_main(main, argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         end(e.exit_code)
     except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing is wrong, and nothing to say
-        with contextlib.suppress(OSError, ValueError):  # Python's advice: point stdout at devnull before exiting
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        system.silence_stream(sys.stdout)  # Python's advice: point stdout at devnull before exiting
         end(1)
     except BaseException as e:
         interrupt = interrupt_behind(e)

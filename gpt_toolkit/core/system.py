@@ -179,6 +179,17 @@ def utf8_pipes(env=None):
             "env": {**(os.environ if env is None else env), "PYTHONIOENCODING": "utf-8"}}
 
 
+def silence_stream(stream):
+    """Point a standard stream's file descriptor at the null device once its reader has gone (a closed pipe: `| tee`
+    ended by the same Ctrl-C, `| head`), so that later writes, and Python's last flush, go nowhere without an error."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # not a file (captured), or closed: its writes fail on their own
+        pass
+
+
 # ---- signals ----
 
 def stop_signals():

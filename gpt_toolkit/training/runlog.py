@@ -11,9 +11,11 @@ and, read by no tool, at each evaluation between the first and the last:
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
+from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import UserError
 from gpt_toolkit.core.files import atomic_write_text, open_no_follow
 
@@ -139,7 +141,10 @@ class RunLog:
         """msg on stdout and in training.log; screen, where given, is what stdout shows instead (a shorter form)."""
         if not self.enabled:
             return
-        print(msg if screen is None else screen, flush=True)
+        try:
+            print(msg if screen is None else screen, flush=True)
+        except (OSError, ValueError):  # the screen's reader went away (`2>&1 | tee`, ended by the same Ctrl-C that is
+            system.silence_stream(sys.stdout)  # stopping this run): the run goes on to save, training.log keeps the line
         if self.failed is None:
             self._write(self.text, self.text_path, msg + "\n")
 

@@ -60,10 +60,17 @@ class StopRequest:
         now = self.depth > 0
         message = (f"\n{signal.Signals(signum).name}: {'stopping now' if now else 'finishing this step'}, then saving "
                    f"(send it again to abort without saving)\n")
-        try:  # os.write, not print: a handler can run in the middle of another print
-            os.write(sys.stderr.fileno(), message.encode())
+        try:
+            fd = sys.stderr.fileno()
         except (AttributeError, OSError, ValueError):  # stderr is not a file (captured in this process)
-            sys.stderr.write(message)
+            fd = None
+        try:
+            if fd is None:
+                sys.stderr.write(message)
+            else:  # os.write, not print: a handler can run in the middle of another print
+                os.write(fd, message.encode())
+        except (OSError, ValueError):  # its reader went away (`2>&1 | tee`, ended by this same Ctrl-C): the run still
+            system.silence_stream(sys.stderr)  # saves; this line is lost with the screen
         if now:
             raise Interrupted(signum)
 
