@@ -44,7 +44,7 @@ from gpt_toolkit.training import distributed, evaluation
 from gpt_toolkit.training.diagnostics import check_batch, check_init
 from gpt_toolkit.training.evaluation import token_byte_lengths
 from gpt_toolkit.training.guards import CompileFallback, guards_for
-from gpt_toolkit.training.init_from import build_model, check_init_tokenizer, check_memory, check_resume
+from gpt_toolkit.training.init_from import build_model, check_init_tokenizer, check_memory, check_resume, resume_differences
 from gpt_toolkit.training.outdir import OutDir, check_out_dir
 from gpt_toolkit.training.progress import StepTimer, flops_per_step
 from gpt_toolkit.training.runlog import (
@@ -288,6 +288,7 @@ def check_data_and_out_dir(cfg, source, cli_keys, world):
     ckpt, ckpt_path = source.load_checkpoint(map_location=world.device if source.resumes else "cpu",
                                              verify=cfg.verify_checkpoint, optimizer=source.resumes)
     if source.resumes:
+        notes += resume_differences(ckpt, cfg)  # the command's settings that change the run it continues
         cfg = check_resume(ckpt, cfg, cli_keys, dataset)
         validate_lora(cfg)  # the run's own LoRA settings, as the checkpoint gives them
     check_init_tokenizer(cfg, source, dataset, ckpt if not source.resumes else None)

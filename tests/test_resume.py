@@ -224,6 +224,26 @@ def test_resume_refuses_conflicting_architecture_flags(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr  # agreeing with the checkpoint is fine
 
 
+def test_a_resume_says_which_learning_settings_its_command_changes_and_whose_optimizer_it_keeps(data_dir, tmp_path):
+    """A resume takes the step's settings from its command (nanoGPT's does too): one whose config file or flags differ
+    from the run's changes the run it continues, and the log says so; the same command says nothing."""
+    out = tmp_path / "run"
+    assert run_script(*train_args(data_dir, out, "--max_iters=20", "--optimizer=adamw")).returncode == 0
+    r = run_script(*train_args(data_dir, out, "--max_iters=30", "--init_from=resume", "--optimizer=adamw"))
+    assert r.returncode == 0 and "differ from the run's" not in r.stdout and "run's optimizer" not in r.stdout, r.stdout
+    r = run_script(*train_args(data_dir, out, "--max_iters=40", "--init_from=resume", "--learning_rate=0.02",
+                               "--batch_size=4"))
+    assert r.returncode == 0, r.stderr
+    assert ("resuming with settings that differ from the run's: batch_size 8 -> 4, learning_rate 0.003 -> 0.02 (a "
+            "resume takes these from its command: give the run's own values to continue it exactly)") in r.stdout
+    assert "resuming with settings that differ" in (out / "training.log").read_text()
+    r = run_script("train.py", "config/train_shakespeare_char_fast.py", *TINY_TRAIN, f"--data_dir={data_dir}",
+                   f"--out_dir={out}", "--max_iters=50", "--init_from=resume")  # a config file that trains with Muon
+    assert r.returncode == 0, r.stderr
+    assert ("resuming with the run's optimizer=adamw, not the command's muon (its state belongs to the run)"
+            in r.stdout), r.stdout
+
+
 @pytest.mark.slow
 def test_ddp_resume_is_bit_exact(data_dir, tmp_path):
     def args(out, *extra):

@@ -66,6 +66,30 @@ def check_resume(ckpt, cfg, cli_keys, dataset):
                                **lora_keys)
 
 
+# How the run learns: a resume takes these from its command, as nanoGPT's does, so a config file or flag that differs
+# from the run's own changes the run it continues; resume_differences says which.
+LEARNING_KEYS = ("batch_size", "gradient_accumulation_steps", "dropout", "learning_rate", "min_lr", "warmup_iters",
+                 "lr_decay_iters", "decay_lr", "lr_schedule", "decay_frac", "weight_decay", "beta1", "beta2",
+                 "grad_clip", "mask_prob", "packing", "padding", "max_train_tokens", "seed")
+
+
+def resume_differences(ckpt, cfg):
+    """Lines for the log: the command's learning settings (cfg, before check_resume) that differ from the run's, and
+    an optimizer the command names that the run keeps its own instead of (its state belongs to it)."""
+    run = ckpt.get("config", {})
+    changed = [f"{key} {run[key]!r} -> {getattr(cfg, key)!r}" for key in LEARNING_KEYS
+               if key in run and run[key] != getattr(cfg, key)]
+    notes = []
+    if changed:
+        notes.append(f"resuming with settings that differ from the run's: {', '.join(changed)} (a resume takes these "
+                     f"from its command: give the run's own values to continue it exactly)")
+    trained_with = run.get("optimizer", "adamw")
+    if cfg.optimizer != trained_with:
+        notes.append(f"resuming with the run's optimizer={trained_with}, not the command's {cfg.optimizer} (its state "
+                     f"belongs to the run)")
+    return notes
+
+
 def check_resume_lora(ckpt, cfg, cli_keys):
     """A resume keeps its run's LoRA settings (none for a full fine-tune): refuse flags that change them, and return
     the checkpoint's as Config keys."""
