@@ -372,8 +372,9 @@ def resume(run, ckpt, ckpt_path):
                   f"uninterrupted run")
     log.print(f"resuming from {ckpt_path} at step {state.iter_num}")
     if state.iter_num >= run.cfg.max_iters and state.evaluated and not run.cfg.eval_only:
-        log.print(f"the run is done: it reached max_iters={run.cfg.max_iters}; to train further, resume with a larger "
-                  f"--max_iters (e.g. --max_iters={2 * max(run.cfg.max_iters, 1)}, and --lr_decay_iters to match)")
+        log.print(f"the run is done: it is at step {state.iter_num}, max_iters={run.cfg.max_iters}; to train further, "
+                  f"resume with a larger --max_iters (e.g. --max_iters={2 * max(state.iter_num, 1)}, and "
+                  f"--lr_decay_iters to match)")
     return state
 
 

@@ -235,6 +235,27 @@ def test_flipped_bytes_in_the_optimizer_state_stop_a_resume(data_dir, finished):
     assert r.returncode == 0, r.stderr  # asked for: loaded anyway
 
 
+def test_a_damaged_latest_pt_says_how_a_resume_goes_on_from_ckpt_pt_and_that_works(data_dir, finished):
+    """train.py resumes from latest.pt by name: "use another checkpoint (ckpt.pt)" had no flag to follow. Where ckpt.pt
+    is a file of its own, the message says to move latest.pt aside, and that resume goes on."""
+    shutil.copy(finished / "ckpt.pt", finished / "copy.tmp")
+    os.replace(finished / "copy.tmp", finished / "ckpt.pt")  # its own file, no longer latest.pt's hard link
+    flip_bytes_of(finished / "latest.pt", load_checkpoint(finished / "latest.pt")["model"]["transformer.wte.weight"])
+    r = run_script(*train_args(data_dir, finished, "--init_from=resume", "--max_iters=30"))
+    latest = finished / "latest.pt"
+    assert_one_line_error(r, f"checkpoint {latest} fails its checksum", f"move it aside (e.g. mv {latest} "
+                             f"{latest}.damaged) and resume again: it continues from ckpt.pt")
+    os.replace(latest, finished / "latest.pt.damaged")
+    r = run_script(*train_args(data_dir, finished, "--init_from=resume", "--max_iters=30"))
+    assert r.returncode == 0 and f"resuming from {finished / 'ckpt.pt'} at step 20" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_checkpoint_name_that_is_not_there_lists_those_that_are(finished):
+    r = run_script("sample.py", f"--out_dir={finished}", "--checkpoint=ckpt", "--max_new_tokens=5")
+    assert_one_line_error(r, f"no ckpt in {finished} (its checkpoints: ckpt.pt, latest.pt): pass one of them to "
+                             f"--checkpoint")
+
+
 def test_flipped_bytes_in_the_weights_stop_sample_evaluate_and_export(data_dir, finished, tmp_path):
     shutil.copy(finished / "latest.pt", finished / "ckpt_step00000020.pt")  # another checkpoint to point at
     weights = load_checkpoint(finished / "ckpt.pt")["model"]["transformer.wte.weight"]

@@ -288,7 +288,10 @@ def test_resuming_a_finished_run_says_it_is_done_and_how_to_go_on(data_dir, tmp_
     assert run_script(*args).returncode == 0
     r = run_script(*args, "--init_from=resume")
     assert r.returncode == 0, r.stderr
-    assert "the run is done: it reached max_iters=20; to train further, resume with a larger --max_iters " \
+    assert "the run is done: it is at step 20, max_iters=20; to train further, resume with a larger --max_iters " \
            "(e.g. --max_iters=40, and --lr_decay_iters to match)" in r.stdout
     r = run_script(*args[:-2], "--max_iters=24", f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume")
     assert r.returncode == 0 and "the run is done" not in r.stdout and "step 24: train loss" in r.stdout, r.stdout
+    r = run_script(*args[:-2], "--max_iters=10", f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume")
+    assert r.returncode == 0 and "the run is done: it is at step 24, max_iters=10; to train further, resume with a " \
+           "larger --max_iters (e.g. --max_iters=48," in r.stdout, r.stdout  # not 20: below where it is

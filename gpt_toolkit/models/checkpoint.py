@@ -101,9 +101,12 @@ def run_checkpoint(out_dir, checkpoint=BEST):
         raise UserError(f"out_dir '{out_dir}' does not exist{nearby_runs(out_dir)}: pass the --out_dir you trained "
                         f"with")
     path = out_dir / checkpoint
-    if not path.exists() and (out_dir / LATEST).exists():
+    if not path.exists() and checkpoint == BEST and (out_dir / LATEST).exists():
         raise UserError(f"no {checkpoint} in {out_dir} (no evaluation improved on the first yet): use the newest "
                         f"state with --checkpoint={LATEST}")
+    if not path.exists() and existing_checkpoints(out_dir):
+        names = ", ".join(p.name for p in existing_checkpoints(out_dir))
+        raise UserError(f"no {checkpoint} in {out_dir} (its checkpoints: {names}): pass one of them to --checkpoint")
     return path
 
 
@@ -327,8 +330,8 @@ def load_checkpoint(path, map_location="cpu", verify=True, optimizer=True):
             raise UserError(f"checkpoint {path} holds a Python object that weights-only loading refuses ({culprit}): "
                             f"train.py never writes one, and loading it otherwise could run code; load only "
                             f"checkpoints you trust") from None
-        raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({short(first_line(e))}): {_another(path)}"
-                        ) from None
+        raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({short(first_line(e))}): "
+                        f"{_another(path, optimizer)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not a nanoGPT-style checkpoint (no 'model'/'model_args'): check the path")
     stored = ckpt.get(CHECKSUM) if isinstance(ckpt.get(CHECKSUM), dict) else {}
@@ -337,7 +340,7 @@ def load_checkpoint(path, map_location="cpu", verify=True, optimizer=True):
     key = "sha256" if "optimizer" in ckpt or "weights_sha256" not in stored else "weights_sha256"
     if verify and stored and stored.get(key) != state_checksum(ckpt, mapped):
         raise UserError(f"checkpoint {path} fails its checksum: its bytes changed after it was written (a disk or copy "
-                        f"error): {_another(path)}, or pass --verify_checkpoint=False to load it anyway")
+                        f"error): {_another(path, optimizer)}, or pass --verify_checkpoint=False to load it anyway")
     if not optimizer:
         ckpt.pop("optimizer", None)
     check_contents(ckpt, path)
@@ -357,9 +360,15 @@ def _load(path, map_location, mmap):
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def _another(path):
-    """What to use instead of a damaged checkpoint."""
-    others = [p.name for p in existing_checkpoints(Path(path).parent) if p != Path(path)]
+def _another(path, resuming=False):
+    """What to use instead of a damaged checkpoint (resuming: a resume's latest.pt, which train.py takes by name)."""
+    path = Path(path)
+    others = [p.name for p in existing_checkpoints(path.parent) if p != path]
+    best = path.parent / BEST
+    # a resume takes ckpt.pt when there is no latest.pt (the two are often one file: hard links)
+    if resuming and path.name == LATEST and BEST in others and not os.path.samefile(path, best):
+        return (f"move it aside (e.g. mv {path} {path}.damaged) and resume again: it continues from {BEST}, the state "
+                f"at the best evaluation")
     return f"use another checkpoint ({', '.join(others)})" if others else "train again, or use a copy of it"
 
 
