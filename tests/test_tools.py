@@ -86,6 +86,23 @@ def test_verdict_bands(gap, verdict):
     assert overfitting_verdict(gap) == verdict
 
 
+def test_a_diverged_an_untrained_and_an_unfinished_run_are_said_so_not_given_an_overfitting_band(tmp_path):
+    """The tutorial's large-learning-rate experiment can diverge: its val loss ends above where it started, and the gap
+    bands (ch04 2.3) would call it "severe overfitting". A run stopped by a signal or killed is marked unfinished."""
+    def row(name, evals, took=12.5, extra="", tail=None):
+        path = write_log(tmp_path / f"{name}.log", evals, took=took, extra=extra)
+        if tail is not None:  # a killed run's log ends without its end lines
+            path.write_text("".join(path.read_text().splitlines(keepends=True)[:tail]))
+        return summary_row(read_run(path))[-1]
+    assert row("diverged", {0: (4.2, 4.25), 100: (30.0, 3767.0)}) == "diverged (val loss above its start)"
+    assert row("untrained", {0: (4.2, 4.25)}) == "untrained (step 0 only)"
+    stopped = "interrupted (SIGINT) after step 100: saved out/latest.pt; continue with --init_from=resume"
+    assert row("stopped", {0: (4.2, 4.25), 100: (1.5, 1.55)}, extra=stopped) == "healthy, unfinished"
+    assert row("killed", {0: (4.2, 4.25), 100: (1.5, 1.55)}, tail=-2) == "healthy, unfinished"
+    resumed = f"{stopped}\nresuming from out/latest.pt at step 100"  # then trained on to its end
+    assert row("resumed", {0: (4.2, 4.25), 100: (1.5, 1.55)}, extra=resumed) == "healthy"
+
+
 @pytest.fixture
 def exp_dir(tmp_path):
     """Two runs as out_dirs (one also tee'd to NAME.log) and one only as a NAME.log."""

@@ -32,7 +32,7 @@ from gpt_toolkit.reports.summary import (
     fill_title,
     find_runs,
     format_table,
-    overfitting_verdict,
+    run_verdict,
     summary_row,
     timing_note,
     tolerance_for,
@@ -179,7 +179,7 @@ def analysis_exp3(runs):
         gap = r.val_losses[-1] - r.train_losses[-1]
         lines.append(f"- {r.name} (dropout {setting(r, 'dropout')}, weight_decay {setting(r, 'weight_decay')}): "
                      f"train {r.train_losses[-1]:.4f}, val {r.val_losses[-1]:.4f}, gap {gap:.4f}: "
-                     f"{overfitting_verdict(gap)}; best val {r.best_val()[1]:.4f} at step {r.best_val()[0]}")
+                     f"{run_verdict(r)}; best val {r.best_val()[1]:.4f} at step {r.best_val()[0]}")
     by = {r.name: r for r in runs}
     base = by.get("exp3_overfit")
     if base is not None:

@@ -20,6 +20,20 @@ SORT_KEYS = {"name": None, "val": 2, "best": 5, "bpb": 7}  # --sort: the column 
 BANDS = [(0.1, "healthy"), (0.3, "slight overfitting"), (0.5, "moderate overfitting")]  # tutorial ch04 2.3
 
 
+def run_verdict(run):
+    """The tutorial's overfitting verdict of a run's last evaluation, unless its val loss ended above where it started
+    (diverged: no band of the gap applies) or it has only its first evaluation; ", unfinished" when its log shows it
+    stopped before its end (a signal, or no end line: killed, or still running)."""
+    steps, val = run.steps, run.val_losses
+    if steps[-1] == 0:
+        said = "untrained (step 0 only)"
+    elif val[-1] > val[0]:
+        said = "diverged (val loss above its start)"
+    else:
+        said = overfitting_verdict(val[-1] - run.train_losses[-1])
+    return said + (", unfinished" if run.ended in (None, "interrupted") else "")
+
+
 def overfitting_verdict(gap):
     """the tutorial's bands on val - train: < 0.1 healthy, < 0.3 slight, < 0.5 moderate, else severe."""
     for limit, verdict in BANDS:
@@ -58,7 +72,7 @@ def summary_row(run):
             f"{run.took:.1f}s" if run.took is not None else "N/A", f"{best_val:.4f}", best_step,
             f"{run.val_bpb[run.steps[-1]]:.4f}" if run.steps[-1] in run.val_bpb else "N/A",
             f"{run.num_params / 1e6:.2f}M" if run.num_params else "N/A", f"{rate:,.0f}" if rate else "N/A",
-            overfitting_verdict(val - train)]
+            run_verdict(run)]
 
 
 def sorted_rows(rows, key):

@@ -23,6 +23,8 @@ EVAL_RE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER_RE = re.compile(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms(?:, mfu (-?[\d.]+)%)?")  # -100%: older logs, nanoGPT's
 TOOK_RE = re.compile(r"training took ([\d.]+) seconds")
 TOTAL_TIME_RE = re.compile(r"with the parts before this resume: ([\d.]+) seconds of training in all")
+STOPPED_RE = re.compile(r"^(interrupted \(SIG\w+\)|aborted by a second interrupt)")  # a signal ended this part
+RESUMED_RE = re.compile(r"^resuming from .* at step \d+")
 
 
 def eval_line(step, train_loss, val_loss):
@@ -266,6 +268,9 @@ class LoggedRun:
         self.tasks = {}  # step -> {task: {acc, acc_norm, ..., centered}}, from --eval_tasks' records
         self.core = {}  # step -> the CORE-style mean of the tasks' centered scores
         self.took = None  # seconds, from "training took N seconds"
+        # how the text log's last part ended: "finished", "interrupted", None (no end line: killed, or still running),
+        # or "unknown" (no text log: metrics.jsonl alone)
+        self.ended = "unknown"
         self.num_params = None
         self.tokens_per_iter = None
         self.config = {}
@@ -299,8 +304,15 @@ class LoggedRun:
 
 
 def _read_text_log(run, path):
+    run.ended = None
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
+            if STOPPED_RE.match(line):
+                run.ended = "interrupted"
+            elif RESUMED_RE.match(line):
+                run.ended = None
+            elif TOOK_RE.search(line) and run.ended is None:
+                run.ended = "finished"
             if m := EVAL_RE.search(line):
                 run.evals[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
             elif m := ITER_RE.search(line):
