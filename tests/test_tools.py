@@ -528,6 +528,29 @@ def test_timings_from_a_busier_machine_are_flagged_not_comparable(tmp_path, monk
     assert "| exp2_large_batch_nodropout |" in report.split(note)[0] and "![exp2 comparison]" in report.split(note)[1]
 
 
+def test_an_experiment_run_keeps_the_learners_own_log_of_that_name_and_never_writes_through_a_link(data_dir, tmp_path,
+                                                                                                    monkeypatch):
+    """The learner's `... 2>&1 | tee experiments/exp1_baseline.log`, then the family's script, which trains that run
+    again: the learner's log was overwritten without a copy (train.py keeps its own training.log as .1)."""
+    for knob in ("SCALE", "EXTRA", "DEVICE", "RERUN"):
+        monkeypatch.delenv(knob, raising=False)
+    exp = tmp_path / "experiments"
+    exp.mkdir()
+    (exp / "exp9_mine.log").write_text("step 0: train loss 4.2000, val loss 4.2000\nmy own run\n")
+    args = ("tools/experiment.py", "run", "exp9_mine", *TINY_TRAIN, "--max_iters=10", "--eval_interval=10",
+            f"--data_dir={data_dir}")
+    r = run_script(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "exp9_mine: the earlier exp9_mine.log is kept as exp9_mine.log.1" in r.stdout
+    assert (exp / "exp9_mine.log.1").read_text().endswith("my own run\n") and "step 10:" in (exp / "exp9_mine.log").read_text()
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not a log\n")
+    (exp / "exp9_linked.log").symlink_to(elsewhere)
+    r = run_script(*args[:2], "exp9_linked", *args[3:], cwd=tmp_path)
+    assert_one_line_error(r, "exp9_linked.log is a symbolic link")
+    assert elsewhere.read_text() == "not a log\n"
+
+
 def test_an_experiment_run_records_the_machines_load_before_and_after(data_dir, tmp_path, monkeypatch):
     import os
 

@@ -300,3 +300,16 @@ def fsync_dir(directory):
             os.close(fd)
     except OSError:
         pass
+
+
+def set_aside(path):
+    """Rename an existing non-empty file to path.1, path.2, ... so that a new run never writes over an old log. (A link or
+    a directory there is left as it is: opening the log refuses it.)"""
+    if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    old = path.with_name(f"{path.name}.{n}")
+    os.replace(path, old)
+    return old

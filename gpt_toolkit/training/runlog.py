@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import UserError
-from gpt_toolkit.core.files import atomic_write_text, open_no_follow
+from gpt_toolkit.core.files import atomic_write_text, open_no_follow, set_aside
 
 EVAL_RE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER_RE = re.compile(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms(?:, mfu (-?[\d.]+)%)?")  # -100%: older logs, nanoGPT's
@@ -76,19 +76,6 @@ def progress_line(step, max_iters, elapsed, left, now=None):
     return f"{line}, about {duration(left)} left{ends_at((now or time.time()) + left)}"
 
 
-def _set_aside(path):
-    """Rename an existing non-empty file to path.1, path.2, ... so a new run never writes over an old log. (A link or
-    a directory there is left as it is: opening the log refuses it.)"""
-    if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
-        return None
-    n = 1
-    while path.with_name(f"{path.name}.{n}").exists():
-        n += 1
-    old = path.with_name(f"{path.name}.{n}")
-    os.replace(path, old)
-    return old
-
-
 class LogWriteError(UserError):
     """Writing training.log or metrics.jsonl failed (a full disk, a file-size limit): the run must stop."""
 
@@ -132,7 +119,7 @@ class RunLog:
             for path in (self.text_path, self.jsonl_path):
                 os.close(open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
         if not append:
-            self.set_aside = [p for p in (_set_aside(self.text_path), _set_aside(self.jsonl_path)) if p]
+            self.set_aside = [p for p in (set_aside(self.text_path), set_aside(self.jsonl_path)) if p]
         elif resumed_at is not None and self.jsonl_path.exists():
             _keep_until(self.jsonl_path, resumed_at)
         # unbuffered: a line is on its way to the disk when the call returns, and a failed one can be taken back whole
