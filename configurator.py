@@ -6,7 +6,8 @@ A bare argument is a Python config file, executed in a namespace that starts wit
 config (so a file may read earlier keys). Each --key=value then overrides one key: the value
 goes through ast.literal_eval, falling back to the raw text, and must have the default's type
 (an int is accepted for a float, True/False for a bool). Unknown keys and wrong types are
-errors that name the key, never silently ignored.
+errors that name the key, never silently ignored; so is a --key=value that a config file after
+it would set to another value (in order, the file's would win and the flag would be dropped).
 """
 import ast
 import dataclasses
@@ -190,13 +191,18 @@ def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="us
     choices = choices or {}
     aliases = aliases or {}
     config = dict(defaults)
-    cli_keys = set()
+    cli_keys, given = set(), {}
     for arg in argv:
         if arg in ("-h", "--help"):
             print(format_help(defaults, helps or {}, usage))
             raise SystemExit(0)
         if not arg.startswith("--"):
+            before = dict(config)
             _run_config_file(arg, config, defaults, choices)
+            for key, flag in given.items():  # in order, the file's value wins: the flag would be dropped unseen
+                if config[key] != before[key]:
+                    raise ConfigError(f"config file {arg} sets {key}={config[key]!r} after {flag} was given: put the "
+                                      f"--key=value overrides after the config file (they apply in order)")
             continue
         key, sep, text = arg[2:].partition("=")
         if not sep:
@@ -206,4 +212,5 @@ def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="us
             raise _unknown_key(key, list(defaults) + list(aliases), arg)
         config[key] = parse_value(key, text, defaults[key], choices.get(key), source=arg)
         cli_keys.add(key)
+        given[key] = arg
     return config, cli_keys

@@ -85,7 +85,13 @@ def test_config_file_then_overrides_in_order(tmp_path):
     f.write_text("import math\nbatch_size = 7\ndropout = 0  # int for a float\nout_dir = 'from-file-' + str(batch_size)\n")
     assert parse(str(f)) == {"batch_size": 7, "dropout": 0.0, "bias": False, "out_dir": "from-file-7", "compile": "auto"}
     assert parse(str(f), "--batch_size=9")["batch_size"] == 9
-    assert parse("--batch_size=9", str(f))["batch_size"] == 7  # later wins
+    with pytest.raises(ConfigError, match=re.escape(  # in order, the file's 7 would win: the 9 was dropped unseen
+            f"config file {f} sets batch_size=7 after --batch_size=9 was given: put the --key=value overrides after "
+            f"the config file (they apply in order)")):
+        parse("--batch_size=9", str(f))
+    reads = tmp_path / "reads.py"
+    reads.write_text("out_dir = 'bs' + str(batch_size)\nbatch_size = batch_size  # the same value: nothing dropped\n")
+    assert parse("--batch_size=9", str(reads)) == {**parse(), "batch_size": 9, "out_dir": "bs9"}
 
 
 def test_the_screens_config_is_what_was_set_or_differs(tmp_path):
