@@ -103,6 +103,23 @@ def test_a_diverged_an_untrained_and_an_unfinished_run_are_said_so_not_given_an_
     assert row("resumed", {0: (4.2, 4.25), 100: (1.5, 1.55)}, extra=resumed) == "healthy"
 
 
+def test_a_run_with_one_evaluation_plots_its_points_and_an_emptied_tee_log_points_at_its_runs_own(tmp_path,
+                                                                                                   monkeypatch):
+    """A run stopped after its step-0 evaluation drew an empty chart (a line through one point draws nothing). A tee'd
+    NAME.log that a command typed again emptied (tee truncates before train.py refuses) names NAME/training.log."""
+    from gpt_toolkit.reports import plots
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, output: drawn.append(fig) or output)
+    plots.plot_single(read_run(write_log(tmp_path / "early.log", {0: (4.2, 4.25)})), tmp_path / "early.png")
+    assert [line.get_marker() for line in drawn[0].axes[0].lines] == ["o", "o"]
+    (tmp_path / "exp9_x").mkdir()
+    write_log(tmp_path / "exp9_x" / "training.log", {0: (4.2, 4.25), 100: (1.5, 1.55)})
+    (tmp_path / "exp9_x.log").write_text("error: out_dir 'exp9_x' already holds a checkpoint ...\n")
+    r = run_script("tools/plot_loss.py", tmp_path / "exp9_x.log", "-o", tmp_path / "x.png")
+    assert_one_line_error(r, f"exp9_x.log has no line like 'step N: train loss X, val loss Y': its run's own log is "
+                             f"{tmp_path / 'exp9_x' / 'training.log'} (pass that, or the directory)")
+
+
 @pytest.fixture
 def exp_dir(tmp_path):
     """Two runs as out_dirs (one also tee'd to NAME.log) and one only as a NAME.log."""

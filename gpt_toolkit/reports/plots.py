@@ -22,8 +22,9 @@ def plot_single(run, output):
     and the CORE-style mean)."""
     fig, axes = subplots(2 if run.core else 1, 1, figsize=(12, 9 if run.core else 6), squeeze=False)
     ax = axes[0][0]
-    ax.plot(run.steps, run.train_losses, label="Train Loss", linewidth=2)
-    ax.plot(run.steps, run.val_losses, label="Val Loss", linewidth=2)
+    point = dict(marker="o") if len(run.steps) == 1 else {}  # one evaluation (a run stopped early): a line draws nothing
+    ax.plot(run.steps, run.train_losses, label="Train Loss", linewidth=2, **point)
+    ax.plot(run.steps, run.val_losses, label="Val Loss", linewidth=2, **point)
     ax.set(xlabel="Steps", ylabel="Loss", title=f"Training Progress: {run.name}")
     ax.legend()
     ax.grid(True, alpha=0.3)

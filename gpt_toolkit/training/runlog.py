@@ -396,5 +396,8 @@ def read_run(path, name=None):
     else:
         raise ValueError(f"{path} does not exist")
     if not run.evals:
-        raise ValueError(f"{path} has no line like 'step N: train loss X, val loss Y' (is it a train.py log?)")
+        beside = path.with_suffix("") / "training.log"  # a tee'd NAME.log emptied by a command typed again
+        hint = (f": its run's own log is {beside} (pass that, or the directory)" if path.is_file() and beside.is_file()
+                else " (is it a train.py log?)")
+        raise ValueError(f"{path} has no line like 'step N: train loss X, val loss Y'{hint}")
     return run
