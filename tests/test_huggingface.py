@@ -117,6 +117,9 @@ def test_bad_targets_and_sources_are_one_line_errors(trained, tmp_path):
     assert_one_line_error(run_script("tools/export_hf.py", f"--out_dir={out}", f"--to={hf}"),
                           "already exists and is not an empty directory")
     assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    for tool in ("sample.py", "tools/evaluate.py"):  # an export given as a run's out_dir: the flag that reads it
+        assert_one_line_error(run_script(tool, f"--out_dir={hf}"),
+                              f"{hf} is a Hugging Face model directory, not a run's out_dir: pass --init_from={hf}")
     assert_one_line_error(run_script("train.py", *TINY_TRAIN, f"--init_from={tmp_path / 'nowhere'}"),
                           "nor a directory with a Hugging Face config.json", code=2)
     assert_one_line_error(run_script("sample.py", "--init_from=gtp2"), "is not one of resume, gpt2", code=2)
