@@ -3,6 +3,7 @@ tokenizer, and such directories loaded offline by train.py and sample.py."""
 import contextlib
 import json
 import logging
+import shutil
 import warnings
 
 import pytest
@@ -120,6 +121,11 @@ def test_bad_targets_and_sources_are_one_line_errors(trained, tmp_path):
     for tool in ("sample.py", "tools/evaluate.py"):  # an export given as a run's out_dir: the flag that reads it
         assert_one_line_error(run_script(tool, f"--out_dir={hf}"),
                               f"{hf} is a Hugging Face model directory, not a run's out_dir: pass --init_from={hf}")
+    early = tmp_path / "early"  # a run that stopped before its first save: its own config.json, no checkpoint
+    early.mkdir()
+    shutil.copy(out / "config.json", early / "config.json")
+    assert_one_line_error(run_script("sample.py", f"--out_dir={early}"), f"no checkpoint at {early / 'ckpt.pt'}: train one "
+                                                                        f"first")
     assert_one_line_error(run_script("train.py", *TINY_TRAIN, f"--init_from={tmp_path / 'nowhere'}"),
                           "nor a directory with a Hugging Face config.json", code=2)
     assert_one_line_error(run_script("sample.py", "--init_from=gtp2"), "is not one of resume, gpt2", code=2)

@@ -320,7 +320,8 @@ def load_checkpoint(path, map_location="cpu", verify=True, optimizer=True):
             raise UserError(f"no checkpoint at {path}: a --overwrite=True run that did not finish set the earlier ones "
                             f"aside in {aside[-1]}; train.py puts them back when it next starts there (e.g. with "
                             f"--init_from=resume), or move them back by hand")
-        if (path.parent / "config.json").is_file() and not is_run_dir(path.parent):  # a transformers directory
+        from gpt_toolkit.models.huggingface import is_hf_dir  # here: it imports this module
+        if is_hf_dir(path.parent):
             raise UserError(f"{path.parent} is a Hugging Face model directory, not a run's out_dir: pass "
                             f"--init_from={path.parent}")
         raise UserError(f"no checkpoint at {path}: train one first (init_from=scratch) or check --out_dir")

@@ -40,8 +40,15 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def is_hf_dir(path):
-    """A transformers model directory (config.json), not a run's out_dir (which has a config.json of its own)."""
-    return Path(path).is_dir() and (Path(path) / "config.json").is_file() and not is_run_dir(path)
+    """A transformers model directory: a config.json with its model_type. Not a run's out_dir, which has a config.json
+    of its own (and no checkpoint yet when it stopped before its first save)."""
+    config = Path(path) / "config.json"
+    if not Path(path).is_dir() or not config.is_file() or is_run_dir(path):
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):  # unreadable, or not a JSON object: not a transformers config
+        return False
 
 
 def load_gpt2(model_type, dropout=0.0):
