@@ -2,6 +2,7 @@
 when its config is sized for another machine, stops within about two seconds on Ctrl-C or SIGTERM in any long phase
 and resumes exactly, shows no negative MFU, and errors name what the learner meant."""
 import json
+import os
 import re
 import shutil
 import signal
@@ -182,6 +183,40 @@ def test_ctrl_c_under_tee_saves_though_tee_went_first_and_a_reader_that_goes_cos
     code, log = results["head"]
     assert code == 0 and log[-3].startswith("step 100: train loss") and TOOK_RE.match(log[-1]), log[-3:]
     assert load_checkpoint(tmp_path / "head" / "latest.pt")["iter_num"] == 100
+
+
+def test_a_gone_reader_silences_both_streams_of_its_pipe_and_leaks_no_descriptor(tmp_path):
+    """`2>&1 | tee`: stdout and stderr are one pipe; once its reader is gone, both go to the null device (a later
+    stderr line would raise again), with no file descriptor left open per call."""
+    script = """
+import os, sys
+from gpt_toolkit.core import system
+r, w = os.pipe()
+os.dup2(w, 1); os.dup2(w, 2); os.close(w); os.close(r)  # the reader has gone
+try:
+    print("x" * 100000, flush=True)
+except BrokenPipeError as e:
+    assert system.reader_gone(e)
+before = len(os.listdir("/proc/self/fd"))
+for _ in range(20):
+    system.silence_stream(sys.stdout)
+sys.stderr.write("a later line\\n"); sys.stderr.flush()  # no error: the same pipe, silenced too
+print("and another", flush=True)
+leaked = len(os.listdir("/proc/self/fd")) - before
+open(sys.argv[1], "w").write(str(leaked))
+"""
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "leaked")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and (tmp_path / "leaked").read_text() == "0", r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_screen_on_a_full_disk_is_one_line_not_a_traceback(data_dir, tmp_path):
+    with open("/dev/full", "wb") as full:  # `python train.py ... > file` on a full disk: every write fails
+        r = subprocess.run([sys.executable, *train_args(data_dir, tmp_path / "out", "--max_iters=10")], cwd=ROOT,
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "error: could not write stdout (No space left on device)" in r.stderr, r.stderr
 
 
 def test_mfu_is_left_out_until_measured_never_negative(data_dir, tmp_path):

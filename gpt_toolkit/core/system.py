@@ -4,6 +4,7 @@ the C allocator's tuning. Nothing else in the toolkit imports fcntl, msvcrt, res
 or asks which platform it runs on (tests/test_structure.py checks it; tests/test_platforms.py runs the main job in
 a Python made to lack what Windows and macOS lack). Where a fact cannot be known here, the answer is None and the
 caller says so; nothing here raises for a missing feature."""
+import errno
 import os
 import platform
 import signal
@@ -179,15 +180,34 @@ def utf8_pipes(env=None):
             "env": {**(os.environ if env is None else env), "PYTHONIOENCODING": "utf-8"}}
 
 
+def reader_gone(error):
+    """Whether a write's error means its pipe has no reader any more (EPIPE; EINVAL on a Windows pipe)."""
+    return isinstance(error, BrokenPipeError) or (is_windows() and getattr(error, "errno", None) == errno.EINVAL)
+
+
 def silence_stream(stream):
     """Point a standard stream's file descriptor at the null device once its reader has gone (a closed pipe: `| tee`
-    ended by the same Ctrl-C, `| head`), so that later writes, and Python's last flush, go nowhere without an error."""
+    ended by the same Ctrl-C, `| head`), and the other standard stream's too when it is the same pipe (`2>&1`), so
+    that later writes, and Python's last flush, go nowhere without an error."""
+    import sys
     try:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, stream.fileno())
-        os.close(null)
+        fd = stream.fileno()
+        pipe = os.fstat(fd)
     except (OSError, ValueError, AttributeError):  # not a file (captured), or closed: its writes fail on their own
-        pass
+        return
+    fds = [fd]
+    for other in (sys.stdout, sys.stderr):
+        try:
+            if other.fileno() != fd and os.path.samestat(os.fstat(other.fileno()), pipe):
+                fds.append(other.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for each in fds:
+            os.dup2(null, each)
+    finally:
+        os.close(null)
 
 
 # ---- signals ----

@@ -132,8 +132,11 @@ class RunLog:
             return
         try:
             print(msg if screen is None else screen, flush=True)
-        except (OSError, ValueError):  # the screen's reader went away (`2>&1 | tee`, ended by the same Ctrl-C that is
-            system.silence_stream(sys.stdout)  # stopping this run): the run goes on to save, training.log keeps the line
+        except OSError as e:
+            if not system.reader_gone(e):  # a full disk under `> file`, say: the run stops and saves, as for its log
+                raise LogWriteError("stdout", e) from None
+            # the screen's reader went away (`2>&1 | tee`, ended by the same Ctrl-C that is stopping this run): the run
+            system.silence_stream(sys.stdout)  # goes on to save, and training.log keeps the line
         if self.failed is None:
             self._write(self.text, self.text_path, msg + "\n")
 

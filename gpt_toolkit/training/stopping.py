@@ -69,8 +69,9 @@ class StopRequest:
                 sys.stderr.write(message)
             else:  # os.write, not print: a handler can run in the middle of another print
                 os.write(fd, message.encode())
-        except (OSError, ValueError):  # its reader went away (`2>&1 | tee`, ended by this same Ctrl-C): the run still
-            system.silence_stream(sys.stderr)  # saves; this line is lost with the screen
+        except OSError as e:  # the run saves all the same: this line is lost with the screen (`2>&1 | tee`, whose
+            if system.reader_gone(e):  # reader this same Ctrl-C ended) or with the full disk stderr goes to
+                system.silence_stream(sys.stderr)
         if now:
             raise Interrupted(signum)
 
