@@ -89,10 +89,11 @@ def test_verdict_bands(gap, verdict):
 def test_a_diverged_an_untrained_and_an_unfinished_run_are_said_so_not_given_an_overfitting_band(tmp_path):
     """The tutorial's large-learning-rate experiment can diverge: its val loss ends above where it started, and the gap
     bands (ch04 2.3) would call it "severe overfitting". A run stopped by a signal or killed is marked unfinished."""
-    def row(name, evals, took=12.5, extra="", tail=None):
+    def row(name, evals, took=12.5, extra="", tail=None, ours=True):
         path = write_log(tmp_path / f"{name}.log", evals, took=took, extra=extra)
-        if tail is not None:  # a killed run's log ends without its end lines
-            path.write_text("".join(path.read_text().splitlines(keepends=True)[:tail]))
+        lines = path.read_text().splitlines(keepends=True)[:tail]  # tail: a killed run's log ends without its end lines
+        started = ["device cpu, dtype float32, compile False, 1 process(es); seed 1337\n"] if ours else []
+        path.write_text("".join(lines[:1] + started + lines[1:]))
         return summary_row(read_run(path))[-1]
     assert row("diverged", {0: (4.2, 4.25), 100: (30.0, 3767.0)}) == "diverged (val loss above its start)"
     assert row("untrained", {0: (4.2, 4.25)}) == "untrained (step 0 only)"
@@ -101,6 +102,10 @@ def test_a_diverged_an_untrained_and_an_unfinished_run_are_said_so_not_given_an_
     assert row("killed", {0: (4.2, 4.25), 100: (1.5, 1.55)}, tail=-2) == "healthy, unfinished"
     resumed = f"{stopped}\nresuming from out/latest.pt at step 100"  # then trained on to its end
     assert row("resumed", {0: (4.2, 4.25), 100: (1.5, 1.55)}, extra=resumed) == "healthy"
+    # nanoGPT's own log has none of this toolkit's start and end lines: nothing to say it stopped early
+    assert row("nanogpt", {0: (4.2, 4.25), 100: (1.5, 1.55)}, tail=-2, ours=False) == "healthy"
+    # a fine-tune from a low start: its val loss rises while its train loss falls (overfitting, not divergence)
+    assert row("finetune", {0: (1.6, 1.6), 100: (0.9, 1.7)}) == "severe overfitting"
 
 
 def test_a_run_with_one_evaluation_plots_its_points_and_an_emptied_tee_log_points_at_its_runs_own(tmp_path,

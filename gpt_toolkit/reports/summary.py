@@ -18,16 +18,19 @@ HEADERS = ["Experiment", "Train Loss", "Val Loss", "Gap", "Time", "Best Val", "B
            "Verdict"]
 SORT_KEYS = {"name": None, "val": 2, "best": 5, "bpb": 7}  # --sort: the column a table is ordered by (lowest first)
 BANDS = [(0.1, "healthy"), (0.3, "slight overfitting"), (0.5, "moderate overfitting")]  # tutorial ch04 2.3
+# Both losses ended this far above their step-0 values: the run diverged (its train loss rose too, so it is no
+# overfitting; a fine-tune's val loss can rise above a low start while its train loss falls)
+DIVERGED_MARGIN = 0.05
 
 
 def run_verdict(run):
-    """The tutorial's overfitting verdict of a run's last evaluation, unless its val loss ended above where it started
-    (diverged: no band of the gap applies) or it has only its first evaluation; ", unfinished" when its log shows it
-    stopped before its end (a signal, or no end line: killed, or still running)."""
-    steps, val = run.steps, run.val_losses
+    """The tutorial's overfitting verdict of a run's last evaluation, unless both its losses ended above where they
+    started at step 0 (diverged: no band of the gap applies) or it has only its first evaluation; ", unfinished" when
+    its train.py log shows it stopped before its end (a signal, or no end line: killed, or still running)."""
+    steps, train, val = run.steps, run.train_losses, run.val_losses
     if steps[-1] == 0:
         said = "untrained (step 0 only)"
-    elif val[-1] > val[0]:
+    elif steps[0] == 0 and val[-1] > val[0] + DIVERGED_MARGIN and train[-1] > train[0] + DIVERGED_MARGIN:
         said = "diverged (val loss above its start)"
     else:
         said = overfitting_verdict(val[-1] - run.train_losses[-1])

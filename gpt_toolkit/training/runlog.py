@@ -25,6 +25,7 @@ TOOK_RE = re.compile(r"training took ([\d.]+) seconds")
 TOTAL_TIME_RE = re.compile(r"with the parts before this resume: ([\d.]+) seconds of training in all")
 STOPPED_RE = re.compile(r"^(interrupted \(SIG\w+\)|aborted by a second interrupt)")  # a signal ended this part
 RESUMED_RE = re.compile(r"^resuming from .* at step \d+")
+STARTED_RE = re.compile(r"^device \S+, dtype \S+, compile ")  # this toolkit's train.py started (not nanoGPT's)
 
 
 def eval_line(step, train_loss, val_loss):
@@ -259,7 +260,7 @@ class LoggedRun:
         self.core = {}  # step -> the CORE-style mean of the tasks' centered scores
         self.took = None  # seconds, from "training took N seconds"
         # how the text log's last part ended: "finished", "interrupted", None (no end line: killed, or still running),
-        # or "unknown" (no text log: metrics.jsonl alone)
+        # or "unknown" (no log of this toolkit's train.py: metrics.jsonl alone, or nanoGPT's own log)
         self.ended = "unknown"
         self.num_params = None
         self.tokens_per_iter = None
@@ -294,10 +295,11 @@ class LoggedRun:
 
 
 def _read_text_log(run, path):
-    run.ended = None
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
-            if STOPPED_RE.match(line):
+            if STARTED_RE.match(line):  # a part of the run starts: its end lines are to come
+                run.ended = None
+            elif STOPPED_RE.match(line):
                 run.ended = "interrupted"
             elif RESUMED_RE.match(line):
                 run.ended = None
