@@ -231,6 +231,7 @@ def test_flipped_bytes_in_the_optimizer_state_stop_a_resume(data_dir, finished):
     flip_bytes_of(finished / "latest.pt", state[0]["exp_avg_sq"])
     r = run_script(*train_args(data_dir, finished, "--init_from=resume", "--max_iters=30"))
     assert_one_line_error(r, f"checkpoint {finished / 'latest.pt'} fails its checksum", "--verify_checkpoint=False")
+    assert "ckpt.pt" not in r.stderr  # the same damaged file under another name: no way out
     r = run_script(*train_args(data_dir, finished, "--init_from=resume", "--max_iters=30", "--verify_checkpoint=False"))
     assert r.returncode == 0, r.stderr  # asked for: loaded anyway
 

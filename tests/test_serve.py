@@ -341,6 +341,25 @@ def test_without_fastapi_or_uvicorn_it_names_the_requirements_file(base_run, tmp
                                  f"requirements-optional.txt (FastAPI and uvicorn)")
 
 
+def test_localhost_listens_on_127_0_0_1_where_clients_point(monkeypatch):
+    """getaddrinfo lists ::1 first for localhost on macOS and Fedora: a server there on IPv6 alone refused the clients
+    that hard-code 127.0.0.1 (lm-eval's base_url); uvicorn itself binds IPv4 unless the host has a ':'."""
+    from tools.serve import listen
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, family=0, *args, **kwargs):  # as on macOS: IPv6 first when any family will do
+        found = real(host, port, family, *args, **kwargs)
+        if family == 0 and host == "localhost":
+            found = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))] + found
+        return found
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    sock = listen("localhost", free_port())
+    try:
+        assert sock.family == socket.AF_INET and sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
+
+
 def test_the_serving_line_comes_once_a_client_can_connect(base_run):
     """A script that waits for the "serving" line and then sends its request is answered (the line came ~50 ms
     before uvicorn listened: connection refused, 3 tries in 3)."""

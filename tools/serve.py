@@ -96,10 +96,11 @@ def listen(host, port):
     machine's."""
     sock = None
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn does: localhost is 127.0.0.1, which
+        address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4]  # clients (lm-eval) hard-code
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
-        sock.bind((host, port))
+        sock.bind(address)
         sock.listen(2048)  # uvicorn's default backlog
     except OSError as e:
         if sock is not None:

@@ -367,10 +367,14 @@ def _load(path, map_location, mmap):
 def _another(path, resuming=False):
     """What to use instead of a damaged checkpoint (resuming: a resume's latest.pt, which train.py takes by name)."""
     path = Path(path)
-    others = [p.name for p in existing_checkpoints(path.parent) if p != path]
-    best = path.parent / BEST
-    # a resume takes ckpt.pt when there is no latest.pt (the two are often one file: hard links)
-    if resuming and path.name == LATEST and BEST in others and not os.path.samefile(path, best):
+
+    def another_file(p):  # not the damaged file under another name (latest.pt and ckpt.pt are often hard links)
+        try:
+            return p != path and not os.path.samefile(p, path)
+        except OSError:  # gone, or a dangling link: nothing to use
+            return False
+    others = [p.name for p in existing_checkpoints(path.parent) if another_file(p)]
+    if resuming and path.name == LATEST and BEST in others:  # a resume takes ckpt.pt when there is no latest.pt
         return (f"move it aside (e.g. mv {path} {path}.damaged) and resume again: it continues from {BEST}, the state "
                 f"at the best evaluation")
     return f"use another checkpoint ({', '.join(others)})" if others else "train again, or use a copy of it"
