@@ -123,6 +123,20 @@ def test_a_field_the_endpoint_does_not_know_is_a_400_naming_it_and_the_likely_on
     informational = {"metadata": {"a": "b"}, "store": False, "service_tier": "auto", "user": "u"}  # no effect on text
     assert base.post("/v1/completions", json.dumps({"prompt": "ROMEO:", "max_tokens": 3, **informational}).encode()
                      )[0] == 200
+    # what clients such as LangChain send at values a plain text model gives anyway: answered
+    neutral = {"response_format": {"type": "text"}, "tool_choice": "none", "parallel_tool_calls": False,
+               "modalities": ["text"], "reasoning_effort": "low", "prediction": None}
+    hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    assert chat.post("/v1/chat/completions", json.dumps({**hi, **neutral}).encode())[0] == 200
+    status, answer = chat.post("/v1/chat/completions", json.dumps({**hi, "response_format": {"type": "json_object"}})
+                               .encode())
+    assert (status, answer["error"]["code"], answer["error"]["message"]) == (400, "unsupported_parameter", (
+        "'response_format' is not supported by this server other than {\"type\": \"text\"}: it generates plain text"))
+    status, answer = base.post("/v1/completions", json.dumps({"prompt": "A", "min_tokens": 2}).encode())
+    assert answer["error"]["message"] == ("Unrecognized request argument supplied: min_tokens (a vLLM extension this "
+                                          "server does not support)")  # not "did you mean 'max_tokens'?"
+    status, answer = base.post("/v1/completions", json.dumps({"prompt": "A", "k" * 5000: 1}).encode())
+    assert status == 400 and answer["error"]["param"] == "k" * 37 + "..." and len(answer["error"]["message"]) < 200
     no_traceback(base)
 
 

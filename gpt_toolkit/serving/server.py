@@ -343,15 +343,24 @@ class Request:
 
 
 MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
-FIELDS = {  # what each endpoint reads (or refuses by name unless at its default); OpenAI's metadata, store and
-    # service_tier say nothing of the text and are taken without effect
+# OpenAI's fields that ask for what a text model without tools gives anyway at these values (clients such as LangChain
+# send them so); any other value is refused by name
+NEUTRAL = {"response_format": ({"type": "text"},), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+           "modalities": (["text"],), "parallel_tool_calls": (True, False), "prediction": (), "audio": (),
+           "web_search_options": ()}
+FIELDS = {  # what each endpoint reads (or refuses by name unless at its default); OpenAI's metadata, store,
+    # service_tier and reasoning_effort say nothing of this model's text and are taken without effect
     "common": {"model", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "top_k", "min_p",
                "repetition_penalty", "stop", "seed", "stream", "stream_options", "user", "best_of", "presence_penalty",
                "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "echo", "suffix", "tools", "functions",
-               "metadata", "store", "service_tier"},
+               "metadata", "store", "service_tier", "reasoning_effort", *NEUTRAL},
     "/v1/completions": {"prompt"},
     "/v1/chat/completions": {"messages"},
 }
+VLLM_FIELDS = {"min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens",
+               "spaces_between_special_tokens", "use_beam_search", "length_penalty", "guided_json", "guided_regex",
+               "guided_choice", "guided_grammar", "truncate_prompt_tokens", "add_generation_prompt",
+               "continue_final_message", "chat_template", "chat_template_kwargs"}  # no "did you mean" for these
 
 
 def check_fields(body, endpoint):
@@ -361,10 +370,17 @@ def check_fields(body, endpoint):
     unknown = sorted(key for key in body if key not in known)
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
-        hint = f": did you mean '{close[0]}'?" if close else f" ({endpoint} does not know it)"
-        raise RequestError(400, f"Unrecognized request argument supplied: {key}{hint}", param=key,
+        close = [] if key in VLLM_FIELDS else difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
+        hint = (f": did you mean '{close[0]}'?" if close else " (a vLLM extension this server does not support)"
+                if key in VLLM_FIELDS else f" ({endpoint} does not know it)")
+        shown = key if len(key) <= 40 else key[:37] + "..."
+        raise RequestError(400, f"Unrecognized request argument supplied: {shown}{hint}", param=shown,
                            code="unknown_parameter")
+    for key, neutral in NEUTRAL.items():
+        if body.get(key) is not None and body[key] not in neutral:
+            raise RequestError(400, f"'{key}' is not supported by this server"
+                               + (f" other than {' or '.join(json.dumps(v) for v in neutral)}" if neutral else "")
+                               + ": it generates plain text", param=key, code="unsupported_parameter")
 
 
 def parse_request(body, limits, *, default_max_tokens, scoring=False):
