@@ -191,7 +191,7 @@ def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="us
     choices = choices or {}
     aliases = aliases or {}
     config = dict(defaults)
-    cli_keys, given = set(), {}
+    cli_keys, given, dropped = set(), {}, {}  # dropped: a flag's key that a config file after it changed
     for arg in argv:
         if arg in ("-h", "--help"):
             print(format_help(defaults, helps or {}, usage))
@@ -199,10 +199,7 @@ def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="us
         if not arg.startswith("--"):
             before = dict(config)
             _run_config_file(arg, config, defaults, choices)
-            for key, flag in given.items():  # in order, the file's value wins: the flag would be dropped unseen
-                if config[key] != before[key]:
-                    raise ConfigError(f"config file {arg} sets {key}={config[key]!r} after {flag} was given: put the "
-                                      f"--key=value overrides after the config file (they apply in order)")
+            dropped.update({key: (arg, flag) for key, flag in given.items() if config[key] != before[key]})
             continue
         key, sep, text = arg[2:].partition("=")
         if not sep:
@@ -213,4 +210,8 @@ def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="us
         config[key] = parse_value(key, text, defaults[key], choices.get(key), source=arg)
         cli_keys.add(key)
         given[key] = arg
+        dropped.pop(key, None)  # given again after the file: the flag's value is the one used
+    for key, (path, flag) in dropped.items():  # in order, the file's value won: the flag would be dropped unseen
+        raise ConfigError(f"config file {path} sets {key}={config[key]!r} after {flag} was given: put the --key=value "
+                          f"overrides after the config file (they apply in order)")
     return config, cli_keys

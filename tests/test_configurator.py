@@ -92,6 +92,7 @@ def test_config_file_then_overrides_in_order(tmp_path):
     reads = tmp_path / "reads.py"
     reads.write_text("out_dir = 'bs' + str(batch_size)\nbatch_size = batch_size  # the same value: nothing dropped\n")
     assert parse("--batch_size=9", str(reads)) == {**parse(), "batch_size": 9, "out_dir": "bs9"}
+    assert parse("--batch_size=9", str(f), "--batch_size=5")["batch_size"] == 5  # given again after it: used
 
 
 def test_the_screens_config_is_what_was_set_or_differs(tmp_path):

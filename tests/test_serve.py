@@ -448,8 +448,12 @@ def test_the_chat_page_of_a_base_model_has_no_system_prompt_and_labels_both_turn
 def test_bench_serve_counts_the_tokens_the_server_generated_and_a_p90_at_or_above_the_median(base_run):
     """tools/bench_serve.py: tokens/s from the server's usage counts (requests/s x max_tokens for a model without a
     stop token), and the 90th percentile by nearest rank (it took the smallest of two values for the p90 of two)."""
-    from tools.bench_serve import p90
-    assert [p90([1.0, 2.0]), p90([float(i) for i in range(1, 11)]), p90([5.0])] == [2.0, 9.0, 5.0]
+    from tools import bench_serve
+    assert [bench_serve.p90(v) for v in ([1.0, 2.0], [float(i) for i in range(1, 11)], [5.0])] == [2.0, 9.0, 5.0]
+    with pytest.MonkeyPatch.context() as patch:  # streams that stop early (a stop token): 3 tokens each, not 6
+        patch.setattr(bench_serve, "stream_one", lambda port, tokens, seed: (0.001, 3, 0.002))
+        rps, _, _, tps = bench_serve.load(0, clients=2, requests=2, tokens=6)
+    assert tps == pytest.approx(3 * rps)
     r = run_script("tools/bench_serve.py", f"--out_dir={base_run}", "--tokens=6", "--requests=2", "--clients=1,2")
     assert r.returncode == 0, r.stderr
     assert "a server for this benchmark (it stops when the benchmark ends): serving" in r.stdout

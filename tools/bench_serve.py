@@ -54,6 +54,8 @@ def stream_one(port, tokens, seed):
     for line in response:
         if line.startswith(b"data: {"):
             chunk = json.loads(line[len(b"data: "):])
+            if "error" in chunk:  # the server cut the stream short (stopping, a failed generation)
+                raise UserError(f"the server ended a stream with an error: {chunk['error'].get('message')}")
             if chunk.get("usage"):  # the last chunk: no text, the counts
                 generated = chunk["usage"]["completion_tokens"]
             elif first is None:
