@@ -39,7 +39,7 @@ from gpt_toolkit.core import hardware, system
 from gpt_toolkit.core.cli import tool_parser
 from gpt_toolkit.core.config import load_config, validate
 from gpt_toolkit.core.errors import UserError, run_main
-from gpt_toolkit.core.files import atomic_write_text, open_no_follow, remove_stale_temps, set_aside
+from gpt_toolkit.core.files import atomic_write_text, keep_numbered, open_no_follow, remove_stale_temps
 from gpt_toolkit.models.checkpoint import existing_checkpoints
 from gpt_toolkit.reports.plots import plot_compare
 from gpt_toolkit.reports.summary import CONDITIONS, fill_title, find_runs, format_table, summary_row, timing_note
@@ -96,7 +96,7 @@ def run(name, overrides, exp_dir="experiments"):
     print("$ python train.py " + " ".join([BASE_CONFIG, *overrides, f"--out_dir={out_dir}"]), flush=True)
     (out_dir / CONDITIONS).unlink(missing_ok=True)  # an earlier run's: never beside this run's logs
     start = machine_now()
-    kept = set_aside(exp_dir / f"{name}.log")  # an earlier NAME.log (the learner's own tee, say) is kept as NAME.log.N
+    kept = keep_numbered(exp_dir / f"{name}.log")  # an earlier NAME.log (the learner's own tee, say) is kept as NAME.log.N
     if kept:
         print(f"{name}: the earlier {name}.log is kept as {kept.name}")
     fd = open_no_follow(exp_dir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # never through a link

@@ -302,7 +302,7 @@ def fsync_dir(directory):
         pass
 
 
-def set_aside(path):
+def keep_numbered(path):
     """Rename an existing non-empty file to path.1, path.2, ... so that a new run never writes over an old log. (A link or
     a directory there is left as it is: opening the log refuses it.)"""
     if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:

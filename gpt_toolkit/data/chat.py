@@ -74,8 +74,8 @@ def base_tokenizer(*, tokenizer=None, tokenizer_from=None, vocab_size=None, text
     (char over `texts`, GPT-2's, or a BPE of vocab_size trained on `texts`)."""
     from gpt_toolkit.core.bpe import MAX_VOCAB, MIN_VOCAB, train_bpe
     from gpt_toolkit.core.tokenizer import BPETokenizer, read_meta, vocabulary_of
-    from gpt_toolkit.models.checkpoint import BEST, LATEST, load_checkpoint
-    from gpt_toolkit.models.huggingface import hf_dir_model_args, is_hf_dir, tokenizer_for_hf_dir
+    from gpt_toolkit.models.checkpoint import BEST, LATEST, is_hf_dir, load_checkpoint
+    from gpt_toolkit.models.huggingface import hf_dir_model_args, tokenizer_for_hf_dir
 
     if tokenizer_from:
         source = Path(tokenizer_from)

@@ -21,6 +21,7 @@ error) is refused instead of resumed or sampled.
 """
 import difflib
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -86,6 +87,18 @@ def is_run_dir(path):
     """A training run's out_dir: a directory with ckpt.pt or latest.pt (it has a config.json too, not a transformers
     one)."""
     return Path(path).is_dir() and any((Path(path) / name).is_file() for name in (BEST, LATEST))
+
+
+def is_hf_dir(path):
+    """A transformers model directory: a config.json with its model_type. Not a run's out_dir, which has a config.json
+    of its own (and no checkpoint yet when it stopped before its first save)."""
+    config = Path(path) / "config.json"
+    if not Path(path).is_dir() or not config.is_file() or is_run_dir(path):
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):  # unreadable, or not a JSON object: not a transformers config
+        return False
 
 
 def run_checkpoint(out_dir, checkpoint=BEST):
@@ -320,7 +333,6 @@ def load_checkpoint(path, map_location="cpu", verify=True, optimizer=True):
             raise UserError(f"no checkpoint at {path}: a --overwrite=True run that did not finish set the earlier ones "
                             f"aside in {aside[-1]}; train.py puts them back when it next starts there (e.g. with "
                             f"--init_from=resume), or move them back by hand")
-        from gpt_toolkit.models.huggingface import is_hf_dir  # here: it imports this module
         if is_hf_dir(path.parent):
             raise UserError(f"{path.parent} is a Hugging Face model directory, not a run's out_dir: pass "
                             f"--init_from={path.parent}")

@@ -23,7 +23,6 @@ from gpt_toolkit.core.tokenizer import (
     ChatTokenizer,
     GPT2Tokenizer,
 )
-from gpt_toolkit.models.checkpoint import is_run_dir
 from model import GPT, GPT2_PADDED_VOCAB, config_from_hf, model_options, state_dict_from_hf
 
 CHAR_VOCAB = "char_vocab.json"  # an exported character model's vocabulary: {"tokenizer": "char", "itos": [...]}
@@ -37,18 +36,6 @@ GPT2_BPE_FILES = {
 # GELU variants close enough to our exact GELU (nanoGPT loads OpenAI's gelu_new weights the same way)
 GELUS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def is_hf_dir(path):
-    """A transformers model directory: a config.json with its model_type. Not a run's out_dir, which has a config.json
-    of its own (and no checkpoint yet when it stopped before its first save)."""
-    config = Path(path) / "config.json"
-    if not Path(path).is_dir() or not config.is_file() or is_run_dir(path):
-        return False
-    try:
-        return "model_type" in json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):  # unreadable, or not a JSON object: not a transformers config
-        return False
 
 
 def load_gpt2(model_type, dropout=0.0):

@@ -14,8 +14,17 @@ from gpt_toolkit.core.process import release_pages
 from gpt_toolkit.core.system import mapped_ranges
 from gpt_toolkit.core.tokenizer import GPT2_VOCAB_SIZE, read_meta, tokenizer_from_meta
 from gpt_toolkit.models import lora
-from gpt_toolkit.models.checkpoint import BEST, LATEST, MODEL_ARGS, is_run_dir, load_checkpoint, resume_path, run_checkpoint
-from gpt_toolkit.models.huggingface import hf_dir_config, is_hf_dir, load_gpt2, load_hf_dir, tokenizer_for_hf_dir
+from gpt_toolkit.models.checkpoint import (
+    BEST,
+    LATEST,
+    MODEL_ARGS,
+    is_hf_dir,
+    is_run_dir,
+    load_checkpoint,
+    resume_path,
+    run_checkpoint,
+)
+from gpt_toolkit.models.huggingface import hf_dir_config, load_gpt2, load_hf_dir, tokenizer_for_hf_dir
 from model import GPT, GPT2_SIZES, MODEL_OPTIONS, GPTConfig
 
 SCRATCH, RESUME, RUN, HF, GPT2 = "scratch", "resume", "run", "hf", "gpt2"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gpt_toolkit.core import system
 from gpt_toolkit.core.errors import UserError
-from gpt_toolkit.core.files import atomic_write_text, open_no_follow, set_aside
+from gpt_toolkit.core.files import atomic_write_text, keep_numbered, open_no_follow
 
 EVAL_RE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER_RE = re.compile(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms(?:, mfu (-?[\d.]+)%)?")  # -100%: older logs, nanoGPT's
@@ -120,7 +120,7 @@ class RunLog:
             for path in (self.text_path, self.jsonl_path):
                 os.close(open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
         if not append:
-            self.set_aside = [p for p in (set_aside(self.text_path), set_aside(self.jsonl_path)) if p]
+            self.set_aside = [p for p in (keep_numbered(self.text_path), keep_numbered(self.jsonl_path)) if p]
         elif resumed_at is not None and self.jsonl_path.exists():
             _keep_until(self.jsonl_path, resumed_at)
         # unbuffered: a line is on its way to the disk when the call returns, and a failed one can be taken back whole
