@@ -73,7 +73,9 @@ def check_value(key, value, default, choices=None, source=None):
             return value
     else:
         return value
-    raise ConfigError(f"{where}: {key} must be {_type_name(default)} (default {default!r}), got {value!r}")
+    whole = (f": write {int(value)}" if isinstance(default, int) and not isinstance(default, bool)
+             and isinstance(value, float) and value.is_integer() else "")  # --max_iters=1e3 is the float 1000.0
+    raise ConfigError(f"{where}: {key} must be {_type_name(default)} (default {default!r}), got {value!r}{whole}")
 
 
 def _parse_cli_value(text, default, choices):

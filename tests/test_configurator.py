@@ -62,6 +62,14 @@ def test_wrong_types_name_key_and_default():
         parse("--bias=yes")
 
 
+def test_a_whole_number_written_as_a_float_for_an_int_says_how_to_write_it():
+    with pytest.raises(ConfigError, match=re.escape("--batch_size=1e3: batch_size must be an int (default 12), got "
+                                                    "1000.0: write 1000")):
+        parse("--batch_size=1e3")
+    with pytest.raises(ConfigError, match=r"got 2\.5$"):
+        parse("--batch_size=2.5")
+
+
 def test_unknown_key_names_closest_keys():
     with pytest.raises(ConfigError, match=r"unknown config key 'batchsize' \(closest: batch_size\)"):
         parse("--batchsize=3")

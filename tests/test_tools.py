@@ -125,6 +125,16 @@ def test_a_run_with_one_evaluation_plots_its_points_and_an_emptied_tee_log_point
                              f"{tmp_path / 'exp9_x' / 'training.log'} (pass that, or the directory)")
 
 
+def test_a_plot_named_other_than_png_and_a_log_given_to_the_summary_are_one_line(tmp_path):
+    log = write_log(tmp_path / "exp9_a.log", {0: (4.2, 4.25), 100: (1.5, 1.55)})
+    r = run_script("tools/plot_loss.py", log, "-o", tmp_path / "curve.jpg")  # it wrote PNG bytes under that name
+    assert_one_line_error(r, f"-o {tmp_path / 'curve.jpg'}: plots are written as PNG: give a name ending in .png")
+    assert not (tmp_path / "curve.jpg").exists()
+    r = run_script("tools/summarize_experiments.py", log)  # it said the directory was not found
+    assert_one_line_error(r, f"'{log}' is a file: pass the directory of runs (e.g. {tmp_path}); for one run's log, "
+                             f"tools/plot_loss.py {log}")
+
+
 @pytest.fixture
 def exp_dir(tmp_path):
     """Two runs as out_dirs (one also tee'd to NAME.log) and one only as a NAME.log."""

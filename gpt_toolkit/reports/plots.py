@@ -6,6 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from gpt_toolkit.core.errors import UserError
 from gpt_toolkit.core.files import check_output, write_output
 
 SOFTWARE = "gpt-toolkit"  # the PNG's Software text: how a plot this toolkit wrote is known (and may be replaced)
@@ -81,6 +82,8 @@ def plot_compare(runs, output, title="Experiment Comparison", by_time=False):
 
 def check_plot_output(output):
     """Refuse, before a tool's work, an output save_figure would refuse."""
+    if Path(output).suffix.lower() != ".png":  # the bytes are a PNG's, whatever the name says
+        raise UserError(f"-o {output}: plots are written as PNG: give a name ending in .png")
     check_output(output, ours=is_plot, what="plot", flag="-o")
 
 
@@ -89,6 +92,7 @@ def save_figure(fig, output):
     when it is a plot (a PNG that this toolkit or matplotlib wrote: earlier versions did not mark theirs); a directory,
     anything else there, or a place that cannot be written is a one-line UserError."""
     output = Path(output)
+    check_plot_output(output)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120, metadata={"Software": SOFTWARE})

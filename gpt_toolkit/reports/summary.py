@@ -48,6 +48,9 @@ def overfitting_verdict(gap):
 def find_runs(exp_dir, match="*"):
     """Runs in exp_dir by name: a directory wins over a same-named NAME.log (it has more in it)."""
     exp_dir = Path(exp_dir)
+    if exp_dir.is_file():
+        raise UserError(f"'{exp_dir}' is a file: pass the directory of runs (e.g. {exp_dir.parent}); for one run's "
+                        f"log, tools/plot_loss.py {exp_dir}")
     if not exp_dir.is_dir():
         raise UserError(f"experiments directory '{exp_dir}' not found: run an experiment first or pass its path")
     found = {}
