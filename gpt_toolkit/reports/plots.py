@@ -82,9 +82,9 @@ def plot_compare(runs, output, title="Experiment Comparison", by_time=False):
 
 def check_plot_output(output):
     """Refuse, before a tool's work, an output save_figure would refuse."""
+    check_output(output, ours=is_plot, what="plot", flag="-o")  # first: a file of the user's there is named as such
     if Path(output).suffix.lower() != ".png":  # the bytes are a PNG's, whatever the name says
         raise UserError(f"-o {output}: plots are written as PNG: give a name ending in .png")
-    check_output(output, ours=is_plot, what="plot", flag="-o")
 
 
 def save_figure(fig, output):
