@@ -219,6 +219,33 @@ def test_a_screen_on_a_full_disk_is_one_line_not_a_traceback(data_dir, tmp_path)
     assert "error: could not write stdout (No space left on device)" in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_screen_that_fills_mid_run_stops_it_once_and_the_stops_lines_reach_its_log(tmp_path):
+    """The disk under `> file` fills mid-run: the run stops as for a full log (LogWriteError, whose stop saves), and
+    the stop's own lines after it do not fail again (they would end the save); training.log keeps every line."""
+    script = """
+import os, sys
+from gpt_toolkit.training.runlog import LogWriteError, RunLog
+out = sys.argv[1]
+with RunLog(out) as log:
+    log.print("first")
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, 1)  # the disk is full now
+    try:
+        log.print("second")
+        raise SystemExit("no LogWriteError")
+    except LogWriteError as e:
+        assert "could not write stdout (No space left on device)" in str(e), e
+    log.print("saved the state: the stop's line")
+print("a later print", flush=True)
+"""
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "training.log").read_text().splitlines() == ["first", "second",
+                                                                     "saved the state: the stop's line"]
+
+
 def test_mfu_is_left_out_until_measured_never_negative(data_dir, tmp_path):
     assert iter_line(3, 2.5, 12.0, None) == "iter 3: loss 2.5000, time 12.00ms"
     assert iter_line(5, 2.5, 12.0, 0.25) == "iter 5: loss 2.5000, time 12.00ms, mfu 25.00%"

@@ -131,15 +131,16 @@ class RunLog:
         """msg on stdout and in training.log; screen, where given, is what stdout shows instead (a shorter form)."""
         if not self.enabled:
             return
+        screen_failed = None
         try:
             print(msg if screen is None else screen, flush=True)
-        except OSError as e:
-            if not system.reader_gone(e):  # a full disk under `> file`, say: the run stops and saves, as for its log
-                raise LogWriteError("stdout", e) from None
-            # the screen's reader went away (`2>&1 | tee`, ended by the same Ctrl-C that is stopping this run): the run
-            system.silence_stream(sys.stdout)  # goes on to save, and training.log keeps the line
-        if self.failed is None:
+        except OSError as e:  # its reader went away (`2>&1 | tee`, ended by the same Ctrl-C that is stopping this run),
+            system.silence_stream(sys.stdout)  # or a full disk under `> file`: later lines go nowhere, not fail again
+            screen_failed = None if system.reader_gone(e) else e
+        if self.failed is None:  # training.log keeps the line either way
             self._write(self.text, self.text_path, msg + "\n")
+        if screen_failed is not None:  # a full disk: the run stops and saves, as for a full log
+            raise LogWriteError("stdout", screen_failed)
 
     def metrics(self, record):
         if not self.enabled:
