@@ -213,7 +213,8 @@ def parse_args(argv, defaults, helps=None, choices=None, aliases=None, usage="us
         cli_keys.add(key)
         given[key] = arg
         dropped.pop(key, None)  # given again after the file: the flag's value is the one used
-    for key, (path, flag) in dropped.items():  # in order, the file's value won: the flag would be dropped unseen
+    if dropped:  # in order, the file's value won: the flag would be dropped unseen
+        key, (path, flag) = next(iter(dropped.items()))
         raise ConfigError(f"config file {path} sets {key}={config[key]!r} after {flag} was given: put the --key=value "
                           f"overrides after the config file (they apply in order)")
     return config, cli_keys

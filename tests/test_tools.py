@@ -583,6 +583,31 @@ def test_an_experiment_run_keeps_the_learners_own_log_of_that_name_and_never_wri
     assert elsewhere.read_text() == "not a log\n"
 
 
+@pytest.mark.slow
+def test_an_experiment_stopped_by_ctrl_c_is_trained_again_not_taken_as_finished(data_dir, tmp_path, monkeypatch):
+    """A stopped run says 'training took' too: rerunning the family's script skipped it as finished, and its summary
+    row came from the part that ran."""
+    import signal
+    import sys
+    for knob in ("SCALE", "EXTRA", "DEVICE", "RERUN"):
+        monkeypatch.delenv(knob, raising=False)
+    args = ["tools/experiment.py", "run", "exp9_stop", *TINY_TRAIN, "--max_iters=300", "--lr_decay_iters=300",
+            "--eval_interval=100", "--log_interval=1", f"--data_dir={data_dir}"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("iter 120:"):  # after the save at step 100
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole group, as in a terminal
+    proc.communicate(timeout=120)
+    log = (tmp_path / "experiments" / "exp9_stop" / "training.log").read_text()
+    assert "interrupted (SIGINT)" in log and "training took" in log
+    r = run_script(*args, cwd=tmp_path)
+    assert r.returncode == 0 and "already finished" not in r.stdout and "step 300:" in r.stdout, r.stdout
+    r = run_script(*args, cwd=tmp_path)  # now it is
+    assert "exp9_stop: already finished with these settings" in r.stdout
+
+
 def test_an_experiment_run_records_the_machines_load_before_and_after(data_dir, tmp_path, monkeypatch):
     import os
 

@@ -43,6 +43,7 @@ from gpt_toolkit.core.files import atomic_write_text, keep_numbered, open_no_fol
 from gpt_toolkit.models.checkpoint import existing_checkpoints
 from gpt_toolkit.reports.plots import plot_compare
 from gpt_toolkit.reports.summary import CONDITIONS, fill_title, find_runs, format_table, summary_row, timing_note
+from gpt_toolkit.training.runlog import read_run
 from gpt_toolkit.training.timing import timed_steps
 from train import main as train_main  # the entry point: its loop, clocked
 
@@ -67,14 +68,18 @@ def scaled_overrides(overrides, scale, base_config=BASE_CONFIG):
 
 
 def already_done(out_dir, overrides):
-    """True when out_dir holds a finished run whose config has every override's value."""
+    """True when out_dir holds a run that trained to its end (not one a Ctrl-C stopped: it says 'training took' too)
+    whose config has every override's value."""
     config_json, log = out_dir / "config.json", out_dir / "training.log"
-    if not (config_json.exists() and log.exists()
-            and "training took" in log.read_text(encoding="utf-8", errors="replace")):
+    try:
+        if not (config_json.exists() and log.exists() and read_run(log).ended == "finished"):
+            return False
+    except ValueError:  # no evaluation logged yet
         return False
     done = json.loads(config_json.read_text(encoding="utf-8"))
     wanted, _ = load_config([str(ROOT / BASE_CONFIG), *overrides])
-    return all(done.get(k) == v for k, v in vars(wanted).items() if k != "out_dir")
+    # out_dir, and overwrite (the script's own when it trains a run again), say where and how it ran, not what it is
+    return all(done.get(k) == v for k, v in vars(wanted).items() if k not in ("out_dir", "overwrite"))
 
 
 def run(name, overrides, exp_dir="experiments"):

@@ -33,7 +33,7 @@ def run_verdict(run):
     elif steps[0] == 0 and val[-1] > val[0] + DIVERGED_MARGIN and train[-1] > train[0] + DIVERGED_MARGIN:
         said = "diverged (val loss above its start)"
     else:
-        said = overfitting_verdict(val[-1] - run.train_losses[-1])
+        said = overfitting_verdict(val[-1] - train[-1])
     return said + (", unfinished" if run.ended in (None, "interrupted") else "")
 
 
